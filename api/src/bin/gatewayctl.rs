@@ -1,0 +1,274 @@
+//! `gatewayctl`: the SRE's command line. It reads the same environment as the api
+//! (`DATABASE_URL`, `AMQP_URL`, `AUTH_ISSUER`, …) and goes through the same code paths.
+
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use shared::{
+    Error, Result,
+    auth::{Capabilities, Principal, mint_api_key},
+    db::now_ms,
+    devtoken::{DevClaims, DevSigner},
+    protocol::{Command, CommandOutput},
+    store,
+};
+use tokio_util::sync::CancellationToken;
+
+#[derive(Parser)]
+#[command(
+    name = "gatewayctl",
+    about = "Operate the WhatsApp gateway fleet",
+    version
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Apply the database migrations not applied yet.
+    Migrate,
+    /// Create or revoke API keys.
+    #[command(subcommand)]
+    Apikey(ApiKeyCmd),
+    /// Print a login JWT signed by the local development key (DEV_JWT_KEY_FILE).
+    DevToken {
+        #[arg(long)]
+        org: String,
+        #[arg(long)]
+        user: String,
+        /// owner, admin (read+manage) or member (read).
+        #[arg(long)]
+        role: String,
+        /// Lifetime in seconds.
+        #[arg(long, default_value_t = 3600)]
+        ttl: i64,
+    },
+    /// Drive the simulated phone of a session (the `sim` driver).
+    #[command(subcommand)]
+    Sim(SimCmd),
+    /// The fleet: list gateways, or set one's state.
+    #[command(subcommand)]
+    Gateways(GatewayCmd),
+}
+
+#[derive(Subcommand)]
+enum ApiKeyCmd {
+    /// Mint a key; the key itself is printed alone on the last line, once.
+    Create {
+        #[arg(long)]
+        org: String,
+        /// Comma-separated: read, manage.
+        #[arg(long, value_delimiter = ',', default_value = "read,manage")]
+        capabilities: Vec<String>,
+        #[arg(long, default_value = "")]
+        name: String,
+        /// Days until it expires (never when omitted).
+        #[arg(long)]
+        expires_in_days: Option<i64>,
+    },
+    /// Revoke a key by its public prefix (gwk_<ULID>) or the whole key.
+    Revoke { key: String },
+}
+
+#[derive(Subcommand)]
+enum SimCmd {
+    /// The phone scans the session's current QR code (or enters its pairing code).
+    Scan {
+        #[arg(long)]
+        session: String,
+        #[arg(long)]
+        phone: String,
+    },
+    /// The phone removes the linked device.
+    Unlink {
+        #[arg(long)]
+        session: String,
+    },
+    /// The same device connects elsewhere and replaces the stream.
+    Conflict {
+        #[arg(long)]
+        session: String,
+    },
+    /// The network drops the connection.
+    Drop {
+        #[arg(long)]
+        session: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum GatewayCmd {
+    List,
+    /// active, draining or dead.
+    SetState {
+        id: String,
+        state: String,
+    },
+}
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    match run(cli).await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("gatewayctl: {}", e.body.message);
+            if let Some(cause) = &e.source {
+                eprintln!("  cause: {cause}");
+            }
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn api_config() -> Result<api::Config> {
+    api::Config::try_parse_from(["gatewayctl"]).map_err(|e| Error::invalid(e.to_string()))
+}
+
+async fn run(cli: Cli) -> Result<()> {
+    let cfg = api_config()?;
+    match cli.command {
+        Cmd::Migrate => {
+            let applied = shared::db::migrate(&cfg.db.database_url).await?;
+            if applied.is_empty() {
+                println!("database is up to date");
+            }
+            for m in applied {
+                println!("applied {m}");
+            }
+        }
+        Cmd::Apikey(ApiKeyCmd::Create {
+            org,
+            capabilities,
+            name,
+            expires_in_days,
+        }) => {
+            if org.trim().is_empty() {
+                return Err(Error::invalid("--org must not be empty"));
+            }
+            let caps = Capabilities::parse_list(&capabilities)?;
+            let key = mint_api_key();
+            let now = now_ms();
+            let expires = expires_in_days.map(|d| now + d * 86_400_000);
+            let db = shared::db::pool(&cfg.db.database_url, 1)?;
+            store::api_keys::insert(&db.get().await?, &key, &org, &name, caps, expires, now)
+                .await?;
+            println!(
+                "created API key {} for {org} ({})",
+                key.id,
+                caps.names().join(",")
+            );
+            println!("{}", key.secret);
+        }
+        Cmd::Apikey(ApiKeyCmd::Revoke { key }) => {
+            let id = shared::auth::api_key_id(&key).unwrap_or(&key);
+            let db = shared::db::pool(&cfg.db.database_url, 1)?;
+            if store::api_keys::revoke(&db.get().await?, id, now_ms()).await? {
+                println!("revoked {id}");
+            } else {
+                return Err(Error::not_found(format!("no active API key {id}")));
+            }
+        }
+        Cmd::DevToken {
+            org,
+            user,
+            role,
+            ttl,
+        } => {
+            let path = cfg.dev_jwt_key_file.as_deref().ok_or_else(|| {
+                Error::invalid("DEV_JWT_KEY_FILE is not set: dev tokens need the local signing key")
+            })?;
+            let token = DevSigner::from_pem_file(path)?.sign(&DevClaims {
+                org: &org,
+                user: &user,
+                role: &role,
+                issuer: &cfg.auth_issuer,
+                audience: &cfg.auth_audience,
+                org_claim: &cfg.auth_org_claim,
+                role_claim: &cfg.auth_role_claim,
+                ttl_secs: ttl,
+            })?;
+            println!("{token}");
+        }
+        Cmd::Sim(sim) => {
+            let (session, command) = match sim {
+                SimCmd::Scan { session, phone } => (
+                    session,
+                    Command::SimScan {
+                        phone_number: shared::session::normalize_phone_number(&phone)?,
+                    },
+                ),
+                SimCmd::Unlink { session } => (session, Command::SimUnlink),
+                SimCmd::Conflict { session } => (session, Command::SimConflict),
+                SimCmd::Drop { session } => (session, Command::SimDrop),
+            };
+            let out = operator_command(cfg, &session, command).await?;
+            if let CommandOutput::Session(s) = out {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&s).map_err(Error::internal)?
+                );
+            }
+        }
+        Cmd::Gateways(GatewayCmd::List) => {
+            let db = shared::db::pool(&cfg.db.database_url, 1)?;
+            let now = now_ms();
+            println!(
+                "{:<20} {:<10} {:<9} {:<5} {:>10}",
+                "ID", "REGION", "STATE", "LIVE", "HEARTBEAT"
+            );
+            for g in store::gateways::list(&db.get().await?).await? {
+                let live = g.is_live(now, cfg.gateway_liveness_ms as i64);
+                let ago = if g.heartbeat_at == 0 {
+                    "never".to_owned()
+                } else {
+                    format!("{}s ago", (now - g.heartbeat_at) / 1000)
+                };
+                println!(
+                    "{:<20} {:<10} {:<9} {:<5} {:>10}",
+                    g.id, g.region, g.state, live, ago
+                );
+            }
+        }
+        Cmd::Gateways(GatewayCmd::SetState { id, state }) => {
+            if !["active", "draining", "dead"].contains(&state.as_str()) {
+                return Err(Error::invalid("state must be active, draining or dead"));
+            }
+            let db = shared::db::pool(&cfg.db.database_url, 1)?;
+            if !store::gateways::set_state(&db.get().await?, &id, &state).await? {
+                return Err(Error::not_found(format!("no gateway {id}")));
+            }
+            println!("{id} is now {state}");
+        }
+    }
+    Ok(())
+}
+
+/// Sends a command to a session's worker as an operator, through the api's command path.
+async fn operator_command(
+    cfg: api::Config,
+    session_id: &str,
+    command: Command,
+) -> Result<CommandOutput> {
+    let shutdown = CancellationToken::new();
+    let state = api::build_state(cfg, shutdown.clone()).await?;
+    let session = store::sessions::get_for_operator(&state.db.get().await?, session_id)
+        .await?
+        .ok_or_else(Error::session_not_found)?;
+    let operator = Principal {
+        organization_id: session.organization_id,
+        subject: "gatewayctl".into(),
+        capabilities: Capabilities::parse_list(&["read", "manage"])?,
+    };
+    for _ in 0..100 {
+        if state.bus.is_connected() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let result = api::routes::commands::run(&state, &operator, session_id, command).await;
+    shutdown.cancel();
+    result
+}

@@ -1,0 +1,83 @@
+//! The api's configuration: environment variables (or flags of the same name), with the local
+//! cluster's values as defaults. `README.md` lists them all.
+
+use std::{net::SocketAddr, time::Duration};
+
+use clap::Parser;
+use shared::config::{AmqpConfig, DbConfig, LogConfig};
+
+#[derive(Debug, Clone, Parser)]
+#[command(name = "api", about = "The gateway fleet's REST api", version)]
+pub struct Config {
+    #[command(flatten)]
+    pub db: DbConfig,
+    #[command(flatten)]
+    pub amqp: AmqpConfig,
+    #[command(flatten)]
+    pub log: LogConfig,
+
+    /// Address the HTTP server listens on.
+    #[arg(long, env = "API_LISTEN", default_value = "127.0.0.1:8080")]
+    pub listen: SocketAddr,
+
+    /// The frontend's JWKS; without it, login JWTs are refused and only API keys work.
+    #[arg(long, env = "AUTH_JWKS_URL")]
+    pub auth_jwks_url: Option<String>,
+    /// Required `iss` of login JWTs.
+    #[arg(long, env = "AUTH_ISSUER", default_value = "gateway-dev")]
+    pub auth_issuer: String,
+    /// Required `aud` of login JWTs.
+    #[arg(long, env = "AUTH_AUDIENCE", default_value = "gateway-api")]
+    pub auth_audience: String,
+    /// Accepted JWT algorithms (asymmetric only: RS256, ES256).
+    #[arg(
+        long,
+        env = "AUTH_ALGORITHMS",
+        value_delimiter = ',',
+        default_value = "RS256,ES256"
+    )]
+    pub auth_algorithms: Vec<String>,
+    /// The claim that carries the organization id.
+    #[arg(long, env = "AUTH_ORG_CLAIM", default_value = "org")]
+    pub auth_org_claim: String,
+    /// The claim that carries the role.
+    #[arg(long, env = "AUTH_ROLE_CLAIM", default_value = "role")]
+    pub auth_role_claim: String,
+    /// Least time between two JWKS fetches caused by unknown key ids.
+    #[arg(long, env = "AUTH_JWKS_MIN_REFRESH_SECS", default_value_t = 30)]
+    pub auth_jwks_min_refresh_secs: u64,
+    /// Age after which cached JWKS keys are fetched again.
+    #[arg(long, env = "AUTH_JWKS_MAX_AGE_SECS", default_value_t = 600)]
+    pub auth_jwks_max_age_secs: u64,
+    /// How long a verified API key is trusted before its row is read again (bounds how long a
+    /// revoked key keeps working).
+    #[arg(long, env = "API_KEY_CACHE_TTL_MS", default_value_t = 5_000)]
+    pub api_key_cache_ttl_ms: u64,
+
+    /// How long a command may take, end to end, before the caller gets 504.
+    #[arg(long, env = "COMMAND_TIMEOUT_MS", default_value_t = 10_000)]
+    pub command_timeout_ms: u64,
+    /// Where new sessions go when no gateway or region is asked for and no live gateway exists.
+    #[arg(long, env = "DEFAULT_GATEWAY", default_value = "gw-local-1")]
+    pub default_gateway: String,
+    /// A gateway whose heartbeat is older than this has no live worker.
+    #[arg(long, env = "GATEWAY_LIVENESS_MS", default_value_t = 15_000)]
+    pub gateway_liveness_ms: u64,
+    /// How often the fleet snapshot is re-read.
+    #[arg(long, env = "FLEET_REFRESH_MS", default_value_t = 1_000)]
+    pub fleet_refresh_ms: u64,
+    /// Largest request body accepted.
+    #[arg(long, env = "API_BODY_LIMIT_BYTES", default_value_t = 64 * 1024)]
+    pub body_limit_bytes: usize,
+
+    /// Local development only: a P-256 PKCS#8 PEM key whose public half is served as a JWKS at
+    /// `/dev/jwks.json` (what `gatewayctl dev-token` signs with).
+    #[arg(long, env = "DEV_JWT_KEY_FILE")]
+    pub dev_jwt_key_file: Option<String>,
+}
+
+impl Config {
+    pub fn command_timeout(&self) -> Duration {
+        Duration::from_millis(self.command_timeout_ms)
+    }
+}

@@ -1,0 +1,123 @@
+//! How errors leave the api: the documented envelope, always.
+//!
+//! Handlers return [`ApiError`], a thin wrapper over `shared::Error` (the orphan rule keeps
+//! `IntoResponse` from being implemented on the shared type directly). Axum's own rejections
+//! (bad JSON, wrong content type, a body over the limit, a bad query string) are converted
+//! here too, through the [`ApiJson`] and [`ApiQuery`] extractors, so no caller ever sees a
+//! plain-text error. Internal errors are logged with their cause and answered as an opaque 500.
+
+use axum::{
+    Json,
+    extract::{
+        FromRequest, FromRequestParts,
+        rejection::{JsonRejection, QueryRejection},
+    },
+    http::{HeaderValue, StatusCode, header},
+    response::{IntoResponse, Response},
+};
+use shared::{
+    Error, ErrorCode,
+    error::{ErrorBody, ErrorEnvelope},
+};
+
+#[derive(Debug)]
+pub struct ApiError(pub Error);
+
+pub type ApiResult<T> = Result<T, ApiError>;
+
+impl From<Error> for ApiError {
+    fn from(e: Error) -> Self {
+        ApiError(e)
+    }
+}
+
+impl From<tokio_postgres::Error> for ApiError {
+    fn from(e: tokio_postgres::Error) -> Self {
+        ApiError(e.into())
+    }
+}
+
+impl From<deadpool_postgres::PoolError> for ApiError {
+    fn from(e: deadpool_postgres::PoolError) -> Self {
+        ApiError(e.into())
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let Error { body, source } = self.0;
+        let status = StatusCode::from_u16(body.code.http_status())
+            .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        if status.is_server_error() {
+            match &source {
+                Some(cause) => tracing::warn!(code = body.code.as_str(), %cause, "request failed"),
+                None => {
+                    tracing::warn!(code = body.code.as_str(), message = %body.message, "request failed")
+                }
+            }
+        }
+        metrics::counter!("api_errors_total", "code" => body.code.as_str()).increment(1);
+        let mut response = (status, Json(ErrorEnvelope { error: body })).into_response();
+        if status == StatusCode::UNAUTHORIZED {
+            response
+                .headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
+        response
+    }
+}
+
+fn rejection(status: StatusCode, text: String) -> ApiError {
+    let code = match status {
+        StatusCode::PAYLOAD_TOO_LARGE => ErrorCode::PayloadTooLarge,
+        StatusCode::UNSUPPORTED_MEDIA_TYPE => ErrorCode::UnsupportedMediaType,
+        s if s.is_server_error() => ErrorCode::Internal,
+        _ => ErrorCode::InvalidArgument,
+    };
+    let message = match code {
+        ErrorCode::PayloadTooLarge => "request body is too large".to_owned(),
+        ErrorCode::UnsupportedMediaType => "expected Content-Type: application/json".to_owned(),
+        ErrorCode::Internal => "internal error".to_owned(),
+        _ => text,
+    };
+    ApiError(Error::from(ErrorBody {
+        code,
+        message,
+        details: Default::default(),
+    }))
+}
+
+impl From<JsonRejection> for ApiError {
+    fn from(r: JsonRejection) -> Self {
+        rejection(r.status(), r.body_text())
+    }
+}
+
+impl From<QueryRejection> for ApiError {
+    fn from(r: QueryRejection) -> Self {
+        rejection(r.status(), r.body_text())
+    }
+}
+
+/// `axum::Json` whose rejections are the documented envelope.
+#[derive(Debug, FromRequest)]
+#[from_request(via(axum::Json), rejection(ApiError))]
+pub struct ApiJson<T>(pub T);
+
+/// `axum::extract::Query` whose rejections are the documented envelope.
+#[derive(Debug, FromRequestParts)]
+#[from_request(via(axum::extract::Query), rejection(ApiError))]
+pub struct ApiQuery<T>(pub T);
+
+/// The answer for a route that does not exist.
+pub async fn no_route() -> ApiError {
+    ApiError(Error::not_found("no such route"))
+}
+
+/// The answer for a route that exists but not with this method.
+pub async fn wrong_method() -> ApiError {
+    ApiError(Error::new(
+        ErrorCode::MethodNotAllowed,
+        "method not allowed on this route",
+    ))
+}

@@ -1,0 +1,176 @@
+//! The api tier: a thin, stateless axum server. It authenticates callers, reads Postgres, and
+//! sends session commands to the owning gateway worker over RabbitMQ (see `bus`).
+//!
+//! [`run`] takes its listener and a shutdown token, so `main` only parses configuration and
+//! tests start real servers on port 0 in-process.
+
+pub mod auth;
+pub mod bus;
+pub mod config;
+pub mod error;
+pub mod fleet;
+pub mod openapi;
+pub mod routes;
+
+use std::{sync::Arc, time::Duration};
+
+use axum::{
+    Router,
+    extract::{DefaultBodyLimit, MatchedPath, Request},
+    middleware::{self, Next},
+    response::Response,
+    routing::get,
+};
+use deadpool_postgres::Pool;
+use shared::{Error, Result};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use utoipa::OpenApi;
+
+pub use config::Config;
+
+use crate::{auth::Authenticator, bus::Bus, fleet::Fleet, routes::*};
+
+/// Everything a handler may need; cheap to clone.
+#[derive(Clone)]
+pub struct AppState {
+    pub db: Pool,
+    pub auth: Authenticator,
+    pub bus: Bus,
+    pub fleet: Fleet,
+    pub cfg: Arc<Config>,
+    pub dev_jwks: Option<Arc<serde_json::Value>>,
+    pub shutdown: CancellationToken,
+}
+
+/// Serves the api on `listener` until `shutdown` is cancelled.
+pub async fn run(cfg: Config, listener: TcpListener, shutdown: CancellationToken) -> Result<()> {
+    // reqwest (the JWKS client) uses rustls without a built-in provider; pick ring, as lapin does.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let state = build_state(cfg, shutdown.clone()).await?;
+    let app = router(state);
+    tracing::info!(addr = %listener.local_addr().map_err(Error::internal)?, "api listening");
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown.cancelled_owned())
+        .await
+        .map_err(Error::internal)
+}
+
+pub async fn build_state(cfg: Config, shutdown: CancellationToken) -> Result<AppState> {
+    let db = shared::db::pool(&cfg.db.database_url, cfg.db.database_pool_size)?;
+    let jwt = match &cfg.auth_jwks_url {
+        Some(url) => Some(auth::JwtVerifier::new(auth::JwtConfig {
+            jwks_url: url.clone(),
+            issuer: cfg.auth_issuer.clone(),
+            audience: cfg.auth_audience.clone(),
+            algorithms: cfg
+                .auth_algorithms
+                .iter()
+                .map(|a| {
+                    a.trim().parse().map_err(|_| {
+                        Error::invalid(format!("AUTH_ALGORITHMS: unknown algorithm {a}"))
+                    })
+                })
+                .collect::<Result<_>>()?,
+            org_claim: cfg.auth_org_claim.clone(),
+            role_claim: cfg.auth_role_claim.clone(),
+            min_refresh: Duration::from_secs(cfg.auth_jwks_min_refresh_secs),
+            max_age: Duration::from_secs(cfg.auth_jwks_max_age_secs),
+        })?),
+        None => None,
+    };
+    let api_keys = auth::ApiKeyVerifier::new(
+        db.clone(),
+        Duration::from_millis(cfg.api_key_cache_ttl_ms),
+        100_000,
+    );
+    let dev_jwks = match &cfg.dev_jwt_key_file {
+        Some(path) => {
+            let jwks = shared::devtoken::DevSigner::from_pem_file(path)?.jwks()?;
+            Some(Arc::new(
+                serde_json::to_value(jwks).map_err(Error::internal)?,
+            ))
+        }
+        None => None,
+    };
+    let bus = Bus::start(
+        cfg.amqp.amqp_url.clone(),
+        cfg.amqp.topology(),
+        db.clone(),
+        shutdown.clone(),
+    );
+    let fleet = Fleet::start(
+        db.clone(),
+        Duration::from_millis(cfg.gateway_liveness_ms),
+        Duration::from_millis(cfg.fleet_refresh_ms),
+        shutdown.clone(),
+    );
+    Ok(AppState {
+        db,
+        auth: Authenticator::new(api_keys, jwt),
+        bus,
+        fleet,
+        dev_jwks,
+        shutdown,
+        cfg: Arc::new(cfg),
+    })
+}
+
+pub fn router(state: AppState) -> Router {
+    let body_limit = state.cfg.body_limit_bytes;
+    let api = Router::new()
+        .route("/sessions", get(sessions::list).post(sessions::create))
+        .route(
+            "/sessions/{session}",
+            get(sessions::get)
+                .patch(sessions::update)
+                .delete(sessions::delete)
+                .post(commands::action),
+        )
+        .route("/sessions/{session}/qr", get(commands::qr))
+        .route("/events", get(events::stream))
+        .route("/gateways", get(gateways::list))
+        .route(
+            "/openapi.json",
+            get(|| async { axum::Json(openapi::ApiDoc::openapi()) }),
+        );
+    Router::new()
+        .nest("/api/v1", api)
+        .route("/healthz", get(ops::healthz))
+        .route("/readyz", get(ops::readyz))
+        .route("/metrics", get(ops::metrics))
+        .route("/dev/jwks.json", get(ops::dev_jwks))
+        .fallback(error::no_route)
+        .method_not_allowed_fallback(error::wrong_method)
+        .layer(DefaultBodyLimit::max(body_limit))
+        .layer(middleware::from_fn(observe))
+        .layer(tower_http::catch_panic::CatchPanicLayer::custom(on_panic))
+        .with_state(state)
+}
+
+fn on_panic(_: Box<dyn std::any::Any + Send + 'static>) -> Response {
+    use axum::response::IntoResponse;
+    tracing::error!("a request handler panicked");
+    error::ApiError(Error::internal("handler panicked")).into_response()
+}
+
+/// Request metrics (by route template, never by raw path) and a debug log line.
+async fn observe(req: Request, next: Next) -> Response {
+    let started = std::time::Instant::now();
+    let method = req.method().as_str().to_owned();
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|p| p.as_str().to_owned())
+        .unwrap_or_else(|| "unmatched".to_owned());
+    let response = next.run(req).await;
+    let status = response.status().as_u16();
+    let elapsed = started.elapsed();
+    metrics::counter!("http_requests_total", "method" => method.clone(), "route" => route.clone(),
+        "status" => status.to_string())
+    .increment(1);
+    metrics::histogram!("http_request_duration_seconds", "method" => method.clone(), "route" => route.clone())
+        .record(elapsed.as_secs_f64());
+    tracing::debug!(%method, %route, status, elapsed_us = elapsed.as_micros() as u64, "request");
+    response
+}

@@ -1,0 +1,153 @@
+//! `GET /events`: the organization's session events as Server-Sent Events.
+//!
+//! The `events` table is the stream's source; a live event from the broker is only a signal
+//! that there is something new to read. Reading from the table every time is what makes the
+//! stream gap-free and duplicate-free across reconnects (`Last-Event-ID` is a position in the
+//! table) and across api replicas, and it keeps events in id order even when two workers'
+//! events reach this replica out of order. Event volume per organization is small (a QR every
+//! 20 s while pairing, status changes), so one indexed query per signal is cheap.
+
+use std::{convert::Infallible, sync::Arc, time::Duration};
+
+use axum::{
+    extract::State,
+    http::HeaderMap,
+    response::sse::{Event as SseEvent, KeepAlive, Sse},
+};
+use futures::Stream;
+use serde::Deserialize;
+use shared::{
+    Error,
+    auth::Capability,
+    protocol::Event,
+    session,
+    store::{self, events},
+};
+use tokio::sync::broadcast;
+use utoipa::IntoParams;
+
+use crate::{
+    AppState,
+    auth::Caller,
+    error::{ApiQuery, ApiResult},
+};
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct EventsQuery {
+    /// Only this session's events.
+    pub session: Option<String>,
+}
+
+/// How often a quiet stream re-reads the table anyway (a signal lost with a broker outage).
+const POLL_EVERY: Duration = Duration::from_secs(10);
+const BATCH: i64 = 200;
+
+/// Server-Sent Events: `auth.qr`, `auth.pair_code`, `session.status`, `session.deleted`.
+/// Each event's `id` is its position; reconnect with `Last-Event-ID` to resume without a gap.
+#[utoipa::path(get, path = "/api/v1/events", tag = "events", params(EventsQuery,
+        ("Last-Event-ID" = Option<i64>, Header, description = "Resume after this event id")),
+    responses((status = 200, content_type = "text/event-stream", description = "The event stream"),
+        (status = "4XX", body = shared::error::ErrorEnvelope)))]
+pub async fn stream(
+    State(state): State<AppState>,
+    Caller(caller): Caller,
+    ApiQuery(q): ApiQuery<EventsQuery>,
+    headers: HeaderMap,
+) -> ApiResult<Sse<impl Stream<Item = Result<SseEvent, Infallible>>>> {
+    caller.require(Capability::Read)?;
+    let org = caller.organization_id;
+    let client = state.db.get().await?;
+    if let Some(id) = &q.session {
+        session::parse_session_id(id)?;
+        store::sessions::get(&client, &org, id)
+            .await?
+            .ok_or_else(Error::session_not_found)?;
+    }
+    let resume = headers
+        .get("last-event-id")
+        .map(|v| {
+            v.to_str()
+                .ok()
+                .and_then(|s| s.trim().parse::<i64>().ok())
+                .filter(|id| *id >= 0)
+                .ok_or_else(|| {
+                    Error::invalid_field("Last-Event-ID", "Last-Event-ID must be an event id")
+                })
+        })
+        .transpose()?;
+    // Subscribe before reading the position, so nothing committed in between is missed.
+    let mut signals = state.bus.subscribe_events();
+    let mut cursor = match resume {
+        Some(id) => id,
+        None => events::last_id(&client, &org).await?,
+    };
+    drop(client);
+    let db = state.db.clone();
+    let shutdown = state.shutdown.clone();
+    let session_filter = q.session;
+    metrics::gauge!("api_sse_streams").increment(1.0);
+    let stream = async_stream::stream! {
+        let _open = StreamGauge;
+        loop {
+            loop {
+                let batch = match db.get().await {
+                    Ok(c) => events::list_after(&c, &org, cursor, session_filter.as_deref(), BATCH).await,
+                    Err(e) => Err(e.into()),
+                };
+                let Ok(batch) = batch else { break };
+                let done = (batch.len() as i64) < BATCH;
+                for event in batch {
+                    cursor = event.id;
+                    yield Ok(to_sse(&event));
+                }
+                if done { break }
+            }
+            let wake = tokio::select! {
+                _ = shutdown.cancelled() => false,
+                w = next_signal(&mut signals, &org, session_filter.as_deref()) => w,
+            };
+            if !wake { break }
+        }
+    };
+    Ok(Sse::new(stream).keep_alive(KeepAlive::default()))
+}
+
+struct StreamGauge;
+
+impl Drop for StreamGauge {
+    fn drop(&mut self) {
+        metrics::gauge!("api_sse_streams").decrement(1.0);
+    }
+}
+
+/// Waits for a signal that concerns this stream; `false` when the stream should end.
+async fn next_signal(
+    signals: &mut broadcast::Receiver<Arc<Event>>,
+    org: &str,
+    session: Option<&str>,
+) -> bool {
+    let deadline = tokio::time::sleep(POLL_EVERY);
+    tokio::pin!(deadline);
+    loop {
+        tokio::select! {
+            _ = &mut deadline => return true,
+            r = signals.recv() => match r {
+                Ok(e) if e.organization_id == org && session.is_none_or(|s| s == e.session_id) => return true,
+                Ok(_) => {}
+                // Missed signals: the table has everything, read it.
+                Err(broadcast::error::RecvError::Lagged(_)) => return true,
+                Err(broadcast::error::RecvError::Closed) => return false,
+            },
+        }
+    }
+}
+
+fn to_sse(event: &Event) -> SseEvent {
+    SseEvent::default()
+        .id(event.id.to_string())
+        .event(event.kind.name())
+        .json_data(event)
+        .unwrap_or_default()
+}

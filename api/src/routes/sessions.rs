@@ -1,0 +1,320 @@
+//! `POST/GET /sessions`, `GET/PATCH/DELETE /sessions/{session}`.
+
+use axum::{
+    Json,
+    extract::{Path, State},
+    http::StatusCode,
+    response::{IntoResponse, Response},
+};
+use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD};
+use serde::{Deserialize, Serialize};
+use shared::{
+    Error,
+    auth::Capability,
+    db::now_ms,
+    protocol::{Command, CommandOutput, EventKind},
+    session::{self, Session, SessionStatus, limits},
+    store::{self, sessions::SettingsPatch},
+};
+use ulid::Ulid;
+use utoipa::{IntoParams, ToSchema};
+
+use super::commands::record_command;
+use crate::{
+    AppState,
+    auth::Caller,
+    error::{ApiJson, ApiQuery, ApiResult},
+};
+
+/// Body of `POST /sessions`. Unknown fields are refused (400), so a typo never passes silently.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct CreateSession {
+    /// 1–100 characters.
+    pub label: String,
+    /// Pin the session to this gateway (`gw-sg-1`); otherwise placement chooses.
+    pub gateway_id: Option<String>,
+    /// Place on the least-loaded active gateway of this region (`sg`).
+    pub region: Option<String>,
+    pub auto_read: Option<bool>,
+    pub presence_typing: Option<bool>,
+    /// 1–1000, default 20.
+    pub rate_per_min: Option<i32>,
+    /// 1–60000, default 600.
+    pub rate_per_hour: Option<i32>,
+}
+
+/// Body of `PATCH /sessions/{session}`: only the fields given change.
+#[derive(Debug, Default, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct UpdateSession {
+    pub label: Option<String>,
+    pub auto_read: Option<bool>,
+    pub presence_typing: Option<bool>,
+    pub rate_per_min: Option<i32>,
+    pub rate_per_hour: Option<i32>,
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct ListQuery {
+    /// 1–100, default 50.
+    pub page_size: Option<i64>,
+    /// `nextPageToken` of the previous page.
+    pub page_token: Option<String>,
+    pub status: Option<String>,
+    pub gateway_id: Option<String>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SessionPage {
+    pub sessions: Vec<Session>,
+    /// Absent on the last page.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub next_page_token: Option<String>,
+}
+
+const MAX_PAGE: i64 = 100;
+
+fn rate(
+    field: &str,
+    v: Option<i32>,
+    range: std::ops::RangeInclusive<i32>,
+) -> shared::Result<Option<i32>> {
+    v.map(|v| session::validate_rate(field, v, range))
+        .transpose()
+}
+
+#[utoipa::path(post, path = "/api/v1/sessions", tag = "sessions",
+    request_body = CreateSession,
+    responses((status = 201, body = Session), (status = "4XX", body = shared::error::ErrorEnvelope)))]
+pub async fn create(
+    State(state): State<AppState>,
+    Caller(caller): Caller,
+    ApiJson(body): ApiJson<CreateSession>,
+) -> ApiResult<Response> {
+    caller.require(Capability::Manage)?;
+    let label = session::validate_label(&body.label)?;
+    let rate_per_min = rate("ratePerMin", body.rate_per_min, limits::RATE_PER_MIN)?
+        .unwrap_or(limits::DEFAULT_RATE_PER_MIN);
+    let rate_per_hour = rate("ratePerHour", body.rate_per_hour, limits::RATE_PER_HOUR)?
+        .unwrap_or(limits::DEFAULT_RATE_PER_HOUR);
+    let gateway_id = match (&body.gateway_id, &body.region) {
+        (Some(_), Some(_)) => {
+            return Err(
+                Error::invalid_field("region", "give gatewayId or region, not both").into(),
+            );
+        }
+        (Some(gw), None) => {
+            session::validate_gateway_id(gw)?;
+            gw.clone()
+        }
+        (None, Some(region)) => {
+            session::validate_region(region)?;
+            state.fleet.place(Some(region)).await.ok_or_else(|| {
+                Error::unavailable(format!("no active gateway in region {region}"))
+                    .with_detail("region", region.as_str())
+            })?
+        }
+        (None, None) => match state.fleet.place(None).await {
+            Some(gw) => gw,
+            None => state.cfg.default_gateway.clone(),
+        },
+    };
+    let id = Ulid::new().to_string();
+    let client = state.db.get().await?;
+    let created = store::sessions::insert(
+        &client,
+        &store::sessions::NewSession {
+            id: &id,
+            organization_id: &caller.organization_id,
+            label: &label,
+            gateway_id: &gateway_id,
+            auto_read: body.auto_read.unwrap_or(false),
+            presence_typing: body.presence_typing.unwrap_or(true),
+            rate_per_min,
+            rate_per_hour,
+            created_by_user_id: &caller.subject,
+            now: now_ms(),
+        },
+    )
+    .await?;
+    Ok((StatusCode::CREATED, Json(created)).into_response())
+}
+
+#[utoipa::path(get, path = "/api/v1/sessions", tag = "sessions", params(ListQuery),
+    responses((status = 200, body = SessionPage), (status = "4XX", body = shared::error::ErrorEnvelope)))]
+pub async fn list(
+    State(state): State<AppState>,
+    Caller(caller): Caller,
+    ApiQuery(q): ApiQuery<ListQuery>,
+) -> ApiResult<Json<SessionPage>> {
+    caller.require(Capability::Read)?;
+    let page_size = q.page_size.unwrap_or(50);
+    if !(1..=MAX_PAGE).contains(&page_size) {
+        return Err(Error::invalid_field(
+            "pageSize",
+            format!("pageSize must be between 1 and {MAX_PAGE}"),
+        )
+        .into());
+    }
+    let status = q
+        .status
+        .as_deref()
+        .map(|s| {
+            SessionStatus::parse(s)
+                .ok_or_else(|| Error::invalid_field("status", format!("unknown status '{s}'")))
+        })
+        .transpose()?;
+    let after = q
+        .page_token
+        .as_deref()
+        .map(|t| {
+            URL_SAFE_NO_PAD
+                .decode(t)
+                .ok()
+                .and_then(|b| String::from_utf8(b).ok())
+                .filter(|id| Ulid::from_string(id).is_ok())
+                .ok_or_else(|| Error::invalid_field("pageToken", "pageToken is not valid"))
+        })
+        .transpose()?;
+    let client = state.db.get().await?;
+    let mut sessions = store::sessions::list(
+        &client,
+        &caller.organization_id,
+        &store::sessions::ListFilter {
+            status,
+            gateway_id: q.gateway_id.as_deref(),
+            after_id: after.as_deref(),
+            limit: page_size + 1,
+        },
+    )
+    .await?;
+    let next_page_token = if sessions.len() as i64 > page_size {
+        sessions.truncate(page_size as usize);
+        sessions.last().map(|s| URL_SAFE_NO_PAD.encode(&s.id))
+    } else {
+        None
+    };
+    Ok(Json(SessionPage {
+        sessions,
+        next_page_token,
+    }))
+}
+
+#[utoipa::path(get, path = "/api/v1/sessions/{session}", tag = "sessions",
+    params(("session" = String, Path, description = "The session id (ULID)")),
+    responses((status = 200, body = Session), (status = "4XX", body = shared::error::ErrorEnvelope)))]
+pub async fn get(
+    State(state): State<AppState>,
+    Caller(caller): Caller,
+    Path(id): Path<String>,
+) -> ApiResult<Json<Session>> {
+    caller.require(Capability::Read)?;
+    session::parse_session_id(&id)?;
+    let client = state.db.get().await?;
+    store::sessions::get(&client, &caller.organization_id, &id)
+        .await?
+        .map(Json)
+        .ok_or_else(|| Error::session_not_found().into())
+}
+
+#[utoipa::path(patch, path = "/api/v1/sessions/{session}", tag = "sessions",
+    params(("session" = String, Path, description = "The session id (ULID)")),
+    request_body = UpdateSession,
+    responses((status = 200, body = Session), (status = "4XX", body = shared::error::ErrorEnvelope)))]
+pub async fn update(
+    State(state): State<AppState>,
+    Caller(caller): Caller,
+    Path(id): Path<String>,
+    ApiJson(body): ApiJson<UpdateSession>,
+) -> ApiResult<Json<Session>> {
+    caller.require(Capability::Manage)?;
+    session::parse_session_id(&id)?;
+    let patch = SettingsPatch {
+        label: body
+            .label
+            .as_deref()
+            .map(session::validate_label)
+            .transpose()?,
+        auto_read: body.auto_read,
+        presence_typing: body.presence_typing,
+        rate_per_min: rate("ratePerMin", body.rate_per_min, limits::RATE_PER_MIN)?,
+        rate_per_hour: rate("ratePerHour", body.rate_per_hour, limits::RATE_PER_HOUR)?,
+    };
+    let updated = {
+        let client = state.db.get().await?;
+        store::sessions::update_settings(&client, &caller.organization_id, &id, &patch, now_ms())
+            .await?
+            .ok_or_else(Error::session_not_found)?
+    };
+    // Tell the owning worker; Postgres is the truth, so a worker that is down reads the new
+    // settings when it next starts the session.
+    if state.fleet.is_live(&updated.gateway_id).await {
+        let sent = match record_command(&state, &caller, &id, Command::ApplySettings).await {
+            Ok(env) => state.bus.notify(&env).await,
+            Err(e) => Err(e),
+        };
+        if let Err(e) = sent {
+            tracing::warn!(error = %e, session_id = %id, "could not tell the worker about new settings");
+        }
+    }
+    Ok(Json(updated))
+}
+
+#[utoipa::path(delete, path = "/api/v1/sessions/{session}", tag = "sessions",
+    params(("session" = String, Path, description = "The session id (ULID)")),
+    responses((status = 204), (status = "4XX", body = shared::error::ErrorEnvelope),
+        (status = 503, body = shared::error::ErrorEnvelope)))]
+pub async fn delete(
+    State(state): State<AppState>,
+    Caller(caller): Caller,
+    Path(id): Path<String>,
+) -> ApiResult<StatusCode> {
+    caller.require(Capability::Manage)?;
+    session::parse_session_id(&id)?;
+    let current = {
+        let client = state.db.get().await?;
+        store::sessions::get(&client, &caller.organization_id, &id)
+            .await?
+            .ok_or_else(Error::session_not_found)?
+    };
+    if state.fleet.is_live(&current.gateway_id).await {
+        // The worker stops the connection, unlinks the device and removes the row.
+        let output = super::commands::run(&state, &caller, &id, Command::Delete).await?;
+        return match output {
+            CommandOutput::Deleted => Ok(StatusCode::NO_CONTENT),
+            _ => Err(Error::internal("unexpected reply to delete").into()),
+        };
+    }
+    if current.phone_number.is_some() {
+        // A linked device can only be unlinked by a worker talking to WhatsApp.
+        return Err(Error::unavailable(format!(
+            "gateway {} has no live worker to unlink the device; try again later",
+            current.gateway_id
+        ))
+        .with_detail("gatewayId", current.gateway_id)
+        .into());
+    }
+    // Never paired and no worker holds it: nothing to unlink, remove the row here.
+    let mut client = state.db.get().await?;
+    let tx = client.transaction().await?;
+    if !store::sessions::delete(&tx, &caller.organization_id, &id).await? {
+        return Err(Error::session_not_found().into());
+    }
+    let event = store::events::append(
+        &tx,
+        &caller.organization_id,
+        &id,
+        EventKind::Deleted,
+        now_ms(),
+    )
+    .await?;
+    tx.commit().await?;
+    if let Err(e) = state.bus.publish_event(&event).await {
+        tracing::debug!(error = %e, "session.deleted not published live (it is in the event log)");
+    }
+    Ok(StatusCode::NO_CONTENT)
+}

@@ -1,0 +1,176 @@
+//! Who a caller is and what they may do: capabilities, the role map, API-key secrets.
+//!
+//! Capabilities are `read` and `manage` (SPEC §2). The role → capability map is here and only
+//! here. API keys are `gwk_<ULID>_<64 hex>`: the `gwk_<ULID>` part is the public prefix (the
+//! row's id, safe to log), the rest is 32 random bytes. Only SHA-256 of the whole key is
+//! stored; a fast hash is right here because the secret has 256 bits of entropy, so there is
+//! nothing to brute-force and every request can afford it.
+
+use rand::RngCore;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::error::{Error, Result};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Capability {
+    /// List and get sessions, the event stream, the fleet view.
+    Read,
+    /// Everything that changes a session, and the QR and pairing code.
+    Manage,
+}
+
+impl Capability {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Capability::Read => "read",
+            Capability::Manage => "manage",
+        }
+    }
+
+    pub fn parse(s: &str) -> Result<Self> {
+        match s.trim() {
+            "read" => Ok(Capability::Read),
+            "manage" => Ok(Capability::Manage),
+            other => Err(Error::invalid_field(
+                "capabilities",
+                format!("unknown capability '{other}' (expected read or manage)"),
+            )),
+        }
+    }
+}
+
+/// A set of capabilities.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub struct Capabilities {
+    read: bool,
+    manage: bool,
+}
+
+impl Capabilities {
+    pub fn of(caps: &[Capability]) -> Self {
+        let mut set = Capabilities::default();
+        for c in caps {
+            match c {
+                Capability::Read => set.read = true,
+                Capability::Manage => set.manage = true,
+            }
+        }
+        set
+    }
+
+    pub fn parse_list<S: AsRef<str>>(items: &[S]) -> Result<Self> {
+        let caps = items
+            .iter()
+            .map(|s| Capability::parse(s.as_ref()))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self::of(&caps))
+    }
+
+    pub fn has(self, cap: Capability) -> bool {
+        match cap {
+            Capability::Read => self.read,
+            Capability::Manage => self.manage,
+        }
+    }
+
+    pub fn names(self) -> Vec<&'static str> {
+        [Capability::Read, Capability::Manage]
+            .into_iter()
+            .filter(|c| self.has(*c))
+            .map(Capability::as_str)
+            .collect()
+    }
+}
+
+/// The role → capability map: the only place it is written down.
+pub fn capabilities_of_role(role: &str) -> Capabilities {
+    match role {
+        "owner" | "admin" => Capabilities::of(&[Capability::Read, Capability::Manage]),
+        "member" | "viewer" => Capabilities::of(&[Capability::Read]),
+        _ => Capabilities::default(),
+    }
+}
+
+/// An authenticated caller.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Principal {
+    pub organization_id: String,
+    /// The person's user id (`sub`) or the API key's public prefix.
+    pub subject: String,
+    pub capabilities: Capabilities,
+}
+
+impl Principal {
+    /// 403 unless the caller holds `cap`.
+    pub fn require(&self, cap: Capability) -> Result<()> {
+        if self.capabilities.has(cap) {
+            Ok(())
+        } else {
+            Err(Error::forbidden(format!(
+                "this credential lacks the '{}' capability",
+                cap.as_str()
+            )))
+        }
+    }
+}
+
+pub const API_KEY_PREFIX: &str = "gwk_";
+const PUBLIC_LEN: usize = API_KEY_PREFIX.len() + 26;
+const KEY_LEN: usize = PUBLIC_LEN + 1 + 64;
+
+/// A freshly minted key: shown once, then only its hash exists.
+pub struct NewApiKey {
+    pub id: String,
+    pub secret: String,
+    pub sha256: [u8; 32],
+}
+
+pub fn mint_api_key() -> NewApiKey {
+    let id = format!("{API_KEY_PREFIX}{}", ulid::Ulid::new());
+    let mut bytes = [0u8; 32];
+    rand::rng().fill_bytes(&mut bytes);
+    let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+    let secret = format!("{id}_{hex}");
+    let sha256 = hash_api_key(&secret);
+    NewApiKey { id, secret, sha256 }
+}
+
+/// The public prefix of something shaped like an API key, or `None`.
+pub fn api_key_id(token: &str) -> Option<&str> {
+    let well_formed = token.len() == KEY_LEN
+        && token.starts_with(API_KEY_PREFIX)
+        && token.as_bytes()[PUBLIC_LEN] == b'_'
+        && token[PUBLIC_LEN + 1..]
+            .bytes()
+            .all(|b| b.is_ascii_hexdigit());
+    well_formed.then(|| &token[..PUBLIC_LEN])
+}
+
+pub fn hash_api_key(secret: &str) -> [u8; 32] {
+    Sha256::digest(secret.as_bytes()).into()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn minted_keys_parse_back_to_their_id() {
+        let key = mint_api_key();
+        assert_eq!(api_key_id(&key.secret), Some(key.id.as_str()));
+        assert_eq!(hash_api_key(&key.secret), key.sha256);
+        assert_eq!(api_key_id("gwk_short"), None);
+        assert_eq!(api_key_id("eyJhbGciOi.x.y"), None);
+    }
+
+    #[test]
+    fn roles_map_to_capabilities() {
+        assert!(capabilities_of_role("owner").has(Capability::Manage));
+        assert!(capabilities_of_role("admin").has(Capability::Manage));
+        assert!(capabilities_of_role("member").has(Capability::Read));
+        assert!(!capabilities_of_role("member").has(Capability::Manage));
+        assert_eq!(capabilities_of_role("stranger"), Capabilities::default());
+    }
+}

@@ -1,0 +1,197 @@
+//! The wire protocol between the api tier and the gateway workers.
+//!
+//! A [`CommandEnvelope`] travels on `gw.commands` routed by gateway id; its AMQP
+//! `correlation_id` is the command's ULID and `reply_to` names the publishing api's reply queue.
+//! The worker answers with a [`Reply`] carrying the same id. Workers also publish [`Event`]s to
+//! `gw.events` (topic `<org>.<session>.<type>`), which api replicas fan out over SSE.
+//!
+//! Each command is one variant of [`Command`]; the worker handles each in one place
+//! (`worker/src/session_actor.rs`). Adding a variant makes the compiler list the places to touch.
+
+use serde::{Deserialize, Serialize};
+use ulid::Ulid;
+
+use crate::error::ErrorBody;
+use crate::session::{Session, SessionStatus, StatusReason};
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Command {
+    /// Connect; an unpaired session goes to `scan_qr_code`.
+    Start,
+    /// Disconnect, keeping the pairing.
+    Stop,
+    /// Stop then start in the background, keeping the pairing.
+    Restart,
+    /// Unlink the device; idempotent.
+    Logout,
+    /// The current QR code; starts pairing when none is ready.
+    Qr,
+    /// Pair by phone number instead of QR.
+    RequestPairingCode { phone_number: String },
+    /// The session's settings changed in Postgres; the worker re-reads them.
+    ApplySettings,
+    /// Stop, unlink the device and remove the row.
+    Delete,
+    /// Simulated phone (the `sim` driver only): scan the current QR as this number.
+    SimScan { phone_number: String },
+    /// Simulated phone: remove the linked device.
+    SimUnlink,
+    /// Simulated WhatsApp: the same device connects elsewhere and replaces this stream.
+    SimConflict,
+    /// Simulated network: the connection drops.
+    SimDrop,
+}
+
+impl Command {
+    /// The name used in the audit log, metrics and logs.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Command::Start => "start",
+            Command::Stop => "stop",
+            Command::Restart => "restart",
+            Command::Logout => "logout",
+            Command::Qr => "qr",
+            Command::RequestPairingCode { .. } => "request_pairing_code",
+            Command::ApplySettings => "apply_settings",
+            Command::Delete => "delete",
+            Command::SimScan { .. } => "sim_scan",
+            Command::SimUnlink => "sim_unlink",
+            Command::SimConflict => "sim_conflict",
+            Command::SimDrop => "sim_drop",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CommandEnvelope {
+    pub id: Ulid,
+    pub organization_id: String,
+    pub session_id: String,
+    pub gateway_id: String,
+    /// Epoch ms after which the command must not run.
+    pub deadline_ms: i64,
+    pub command: Command,
+}
+
+/// What a successful command hands back.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum CommandOutput {
+    /// The refreshed session row.
+    Session(Box<Session>),
+    Qr {
+        qr: String,
+        expires_at: i64,
+    },
+    PairingCode {
+        code: String,
+    },
+    Deleted,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Outcome {
+    Ok(CommandOutput),
+    Error(ErrorBody),
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Reply {
+    pub command_id: Ulid,
+    pub outcome: Outcome,
+}
+
+/// An event about a session, as published by workers and streamed to callers.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type")]
+pub enum EventKind {
+    #[serde(rename = "auth.qr", rename_all = "camelCase")]
+    Qr { qr: String, expires_at: i64 },
+    #[serde(rename = "auth.pair_code")]
+    PairCode { code: String },
+    #[serde(rename = "session.status", rename_all = "camelCase")]
+    Status {
+        status: SessionStatus,
+        status_reason: Option<StatusReason>,
+    },
+    #[serde(rename = "session.deleted")]
+    Deleted,
+}
+
+impl EventKind {
+    pub fn name(&self) -> &'static str {
+        match self {
+            EventKind::Qr { .. } => "auth.qr",
+            EventKind::PairCode { .. } => "auth.pair_code",
+            EventKind::Status { .. } => "session.status",
+            EventKind::Deleted => "session.deleted",
+        }
+    }
+}
+
+/// An event as stored in the `events` table (its `id` is the SSE event id).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Event {
+    pub id: i64,
+    pub organization_id: String,
+    pub session_id: String,
+    /// Epoch ms.
+    pub at: i64,
+    #[serde(flatten)]
+    pub kind: EventKind,
+}
+
+impl Event {
+    /// The topic routing key on `gw.events`: `<org>.<session>.<type>`.
+    pub fn routing_key(&self) -> String {
+        format!(
+            "{}.{}.{}",
+            self.organization_id,
+            self.session_id,
+            self.kind.name()
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn commands_are_tagged_by_type() {
+        let json = serde_json::to_value(Command::RequestPairingCode {
+            phone_number: "628".into(),
+        })
+        .ok();
+        assert_eq!(
+            json,
+            Some(serde_json::json!({"type": "request_pairing_code", "phone_number": "628"}))
+        );
+    }
+
+    #[test]
+    fn events_serialize_with_their_documented_names() {
+        let e = Event {
+            id: 7,
+            organization_id: "o".into(),
+            session_id: "s".into(),
+            at: 1,
+            kind: EventKind::Qr {
+                qr: "2@abc".into(),
+                expires_at: 60,
+            },
+        };
+        let v = serde_json::to_value(&e).ok();
+        assert_eq!(
+            v,
+            Some(
+                serde_json::json!({"id": 7, "organizationId": "o", "sessionId": "s", "at": 1,
+                "type": "auth.qr", "qr": "2@abc", "expiresAt": 60})
+            )
+        );
+        assert_eq!(e.routing_key(), "o.s.auth.qr");
+    }
+}

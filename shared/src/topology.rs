@@ -1,0 +1,181 @@
+//! The AMQP topology: every exchange and queue name and argument, in this one place.
+//!
+//! RabbitMQ refuses (406 PRECONDITION_FAILED) a declare whose arguments differ from the
+//! existing entity's, so both tiers declare through these functions and never spell a name or
+//! an argument themselves. All names carry a prefix (`AMQP_PREFIX`, empty in production) so
+//! that tests and parallel environments share one broker without seeing each other's messages.
+//!
+//! - `gw.commands` (direct, durable): commands, routing key = gateway id.
+//! - `gw.commands.<gatewayId>` (quorum, durable): one per gateway; rejected and expired
+//!   messages, and those delivered more than [`DELIVERY_LIMIT`] times, go to `gw.dlx`.
+//!   Quorum queues replicate across a cluster and count deliveries, which is what makes a
+//!   poison command end in the dead-letter queue instead of looping forever.
+//! - `gw.dlx` (fanout) → `gw.commands.dead` (quorum): the api tier consumes it and marks the
+//!   command failed (or expired), answering any caller still waiting.
+//! - `gw.replies.<instance>` (exclusive, auto-delete): one per api process, client-named.
+//! - `gw.events` (topic, durable): `<org>.<session>.<type>`; each api process binds its own
+//!   exclusive `gw.events.<instance>` queue to fan events out to its SSE clients.
+
+use lapin::{
+    Channel, ExchangeKind,
+    options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions},
+    types::{AMQPValue, FieldTable},
+};
+
+/// Deliveries of one command before it is dead-lettered (a crash loop on a poison message).
+pub const DELIVERY_LIMIT: i32 = 5;
+
+#[derive(Debug, Clone, Default)]
+pub struct Topology {
+    prefix: String,
+}
+
+impl Topology {
+    pub fn new(prefix: impl Into<String>) -> Self {
+        Topology {
+            prefix: prefix.into(),
+        }
+    }
+
+    pub fn command_exchange(&self) -> String {
+        format!("{}gw.commands", self.prefix)
+    }
+
+    pub fn command_queue(&self, gateway_id: &str) -> String {
+        format!("{}gw.commands.{gateway_id}", self.prefix)
+    }
+
+    pub fn dead_letter_exchange(&self) -> String {
+        format!("{}gw.dlx", self.prefix)
+    }
+
+    pub fn dead_letter_queue(&self) -> String {
+        format!("{}gw.commands.dead", self.prefix)
+    }
+
+    pub fn reply_queue(&self, instance: &str) -> String {
+        format!("{}gw.replies.{instance}", self.prefix)
+    }
+
+    pub fn event_exchange(&self) -> String {
+        format!("{}gw.events", self.prefix)
+    }
+
+    pub fn event_queue(&self, instance: &str) -> String {
+        format!("{}gw.events.{instance}", self.prefix)
+    }
+
+    /// The command exchange and the dead-letter path; declared by both tiers.
+    pub async fn declare_command_path(&self, ch: &Channel) -> lapin::Result<()> {
+        durable_exchange(ch, &self.command_exchange(), ExchangeKind::Direct).await?;
+        durable_exchange(ch, &self.dead_letter_exchange(), ExchangeKind::Fanout).await?;
+        ch.queue_declare(
+            self.dead_letter_queue().as_str().into(),
+            QueueDeclareOptions::durable(),
+            quorum_args(),
+        )
+        .await?;
+        ch.queue_bind(
+            self.dead_letter_queue().as_str().into(),
+            self.dead_letter_exchange().as_str().into(),
+            "".into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+    }
+
+    /// One gateway's command queue, bound to the command exchange by its id.
+    pub async fn declare_gateway_queue(&self, ch: &Channel, gateway_id: &str) -> lapin::Result<()> {
+        self.declare_command_path(ch).await?;
+        let mut args = quorum_args();
+        args.insert(
+            "x-dead-letter-exchange".into(),
+            AMQPValue::LongString(self.dead_letter_exchange().as_str().into()),
+        );
+        args.insert(
+            "x-delivery-limit".into(),
+            AMQPValue::LongInt(DELIVERY_LIMIT),
+        );
+        let queue = self.command_queue(gateway_id);
+        ch.queue_declare(queue.as_str().into(), QueueDeclareOptions::durable(), args)
+            .await?;
+        ch.queue_bind(
+            queue.as_str().into(),
+            self.command_exchange().as_str().into(),
+            gateway_id.into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+    }
+
+    /// This api process's reply queue: exclusive, so it vanishes with the connection.
+    pub async fn declare_reply_queue(&self, ch: &Channel, instance: &str) -> lapin::Result<String> {
+        let name = self.reply_queue(instance);
+        ch.queue_declare(name.as_str().into(), exclusive(), FieldTable::default())
+            .await?;
+        Ok(name)
+    }
+
+    pub async fn declare_event_exchange(&self, ch: &Channel) -> lapin::Result<()> {
+        durable_exchange(ch, &self.event_exchange(), ExchangeKind::Topic).await
+    }
+
+    /// This api process's event queue, bound to every event.
+    pub async fn declare_event_queue(&self, ch: &Channel, instance: &str) -> lapin::Result<String> {
+        self.declare_event_exchange(ch).await?;
+        let name = self.event_queue(instance);
+        ch.queue_declare(name.as_str().into(), exclusive(), FieldTable::default())
+            .await?;
+        ch.queue_bind(
+            name.as_str().into(),
+            self.event_exchange().as_str().into(),
+            "#".into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+        Ok(name)
+    }
+}
+
+fn quorum_args() -> FieldTable {
+    let mut args = FieldTable::default();
+    args.insert(
+        "x-queue-type".into(),
+        AMQPValue::LongString("quorum".into()),
+    );
+    args
+}
+
+fn exclusive() -> QueueDeclareOptions {
+    QueueDeclareOptions {
+        exclusive: true,
+        auto_delete: true,
+        ..QueueDeclareOptions::default()
+    }
+}
+
+async fn durable_exchange(ch: &Channel, name: &str, kind: ExchangeKind) -> lapin::Result<()> {
+    ch.exchange_declare(
+        name.into(),
+        kind,
+        ExchangeDeclareOptions {
+            durable: true,
+            ..ExchangeDeclareOptions::default()
+        },
+        FieldTable::default(),
+    )
+    .await
+}
+
+/// Connects to the broker, naming the connection so operators can tell processes apart in
+/// the management UI.
+pub async fn connect(url: &str, name: &str) -> lapin::Result<lapin::Connection> {
+    lapin::Connection::connect(
+        url,
+        lapin::ConnectionProperties::default().with_connection_name(name.into()),
+    )
+    .await
+}

@@ -1,0 +1,212 @@
+//! The worker's side of the command bus.
+//!
+//! A supervised loop owns the broker connection: it declares this gateway's quorum queue,
+//! sets the prefetch (on every new channel: lapin does not replay `basic_qos` after a
+//! recovery, and this loop does not rely on lapin's recovery at all; it rebuilds the
+//! connection and channels itself), consumes, and hands each delivery to its session's actor.
+//! Deliveries of a lost channel cannot be acked any more (acks fail or answer `false`); the
+//! broker redelivers them with `redelivered` set and the actors answer those from the
+//! command record when they already ran.
+//!
+//! The [`Outbox`] publishes replies and events on a second channel. Neither is confirmed: a
+//! reply is only the fast path (the outcome is already in Postgres) and an event is only a
+//! signal (it is already in the `events` table).
+
+use std::{
+    sync::{Arc, RwLock},
+    time::Duration,
+};
+
+use futures::StreamExt;
+use lapin::{
+    BasicProperties, Channel,
+    options::{
+        BasicCancelOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
+        BasicRejectOptions,
+    },
+    types::FieldTable,
+};
+use shared::{
+    Error, Result,
+    protocol::{CommandEnvelope, Event, Outcome, Reply},
+    topology::{self, Topology},
+};
+use tokio_util::sync::CancellationToken;
+
+use crate::{registry::Registry, session_actor::Job};
+
+#[derive(Clone)]
+pub struct Outbox {
+    topology: Topology,
+    channel: Arc<RwLock<Option<Channel>>>,
+}
+
+impl Outbox {
+    pub fn new(topology: Topology) -> Self {
+        Outbox {
+            topology,
+            channel: Arc::default(),
+        }
+    }
+
+    fn set(&self, channel: Option<Channel>) {
+        if let Ok(mut c) = self.channel.write() {
+            *c = channel;
+        }
+    }
+
+    fn channel(&self) -> Option<Channel> {
+        self.channel.read().ok().and_then(|c| c.clone())
+    }
+
+    pub async fn reply(&self, job: &Job, outcome: Outcome) {
+        let (Some(reply_to), Some(channel)) = (&job.reply_to, self.channel()) else {
+            return;
+        };
+        let reply = Reply {
+            command_id: job.env.id,
+            outcome,
+        };
+        let Ok(payload) = serde_json::to_vec(&reply) else {
+            return;
+        };
+        let sent = channel
+            .basic_publish(
+                "".into(),
+                reply_to.as_str().into(),
+                BasicPublishOptions::default(),
+                &payload,
+                BasicProperties::default()
+                    .with_correlation_id(job.env.id.to_string().into())
+                    .with_content_type("application/json".into()),
+            )
+            .await;
+        if let Err(e) = sent {
+            tracing::debug!(error = %e, "reply not sent (the outcome is recorded)");
+        }
+    }
+
+    pub async fn events(&self, events: &[Event]) {
+        let Some(channel) = self.channel() else {
+            return;
+        };
+        for event in events {
+            let Ok(payload) = serde_json::to_vec(event) else {
+                continue;
+            };
+            let sent = channel
+                .basic_publish(
+                    self.topology.event_exchange().as_str().into(),
+                    event.routing_key().as_str().into(),
+                    BasicPublishOptions::default(),
+                    &payload,
+                    BasicProperties::default().with_content_type("application/json".into()),
+                )
+                .await;
+            if let Err(e) = sent {
+                tracing::debug!(error = %e, "event not published live (it is in the event log)");
+            }
+        }
+    }
+}
+
+pub struct Consumer {
+    pub url: String,
+    pub topology: Topology,
+    pub gateway_id: String,
+    pub prefetch: u16,
+    pub outbox: Outbox,
+}
+
+impl Consumer {
+    /// Consumes until `stop` is cancelled, reconnecting with backoff; then stops consuming and
+    /// lets the actors finish what they hold (their acks need the channel) before closing.
+    pub async fn run(self, registry: Registry, stop: CancellationToken, grace: Duration) {
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            match self.connection(&registry, &stop, grace).await {
+                Ok(()) => return,
+                Err(e) => {
+                    self.outbox.set(None);
+                    metrics::counter!("amqp_reconnects_total", "tier" => "worker").increment(1);
+                    tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "broker connection lost");
+                }
+            }
+            tokio::select! {
+                _ = stop.cancelled() => {
+                    registry.shutdown(grace).await;
+                    return;
+                }
+                _ = tokio::time::sleep(backoff) => {}
+            }
+            backoff = (backoff * 2).min(Duration::from_secs(5));
+        }
+    }
+
+    async fn connection(
+        &self,
+        registry: &Registry,
+        stop: &CancellationToken,
+        grace: Duration,
+    ) -> Result<()> {
+        let conn = topology::connect(&self.url, &format!("worker-{}", self.gateway_id)).await?;
+        let consume_ch = conn.create_channel().await?;
+        self.topology
+            .declare_gateway_queue(&consume_ch, &self.gateway_id)
+            .await?;
+        consume_ch
+            .basic_qos(self.prefetch, BasicQosOptions::default())
+            .await?;
+        let publish_ch = conn.create_channel().await?;
+        self.topology.declare_event_exchange(&publish_ch).await?;
+        self.outbox.set(Some(publish_ch));
+        let tag = format!("worker-{}", self.gateway_id);
+        let mut deliveries = consume_ch
+            .basic_consume(
+                self.topology
+                    .command_queue(&self.gateway_id)
+                    .as_str()
+                    .into(),
+                tag.as_str().into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+        tracing::info!(gateway_id = %self.gateway_id, "consuming commands");
+        loop {
+            let delivery = tokio::select! {
+                _ = stop.cancelled() => {
+                    let _ = consume_ch.basic_cancel(tag.as_str().into(), BasicCancelOptions::default()).await;
+                    registry.shutdown(grace).await;
+                    self.outbox.set(None);
+                    let _ = conn.close(200, "worker shutting down".into()).await;
+                    return Ok(());
+                }
+                d = deliveries.next() => d.ok_or_else(|| Error::unavailable("the broker ended the consumer"))??,
+            };
+            let env = match serde_json::from_slice::<CommandEnvelope>(&delivery.data) {
+                Ok(env) if env.gateway_id == self.gateway_id => env,
+                _ => {
+                    // Malformed or misrouted: straight to the dead-letter queue.
+                    tracing::warn!("rejecting an unreadable or misrouted command");
+                    let _ = delivery
+                        .acker
+                        .reject(BasicRejectOptions { requeue: false })
+                        .await;
+                    continue;
+                }
+            };
+            let job = Job {
+                reply_to: delivery
+                    .properties
+                    .reply_to()
+                    .as_ref()
+                    .map(|r| r.to_string()),
+                redelivered: delivery.redelivered,
+                acker: delivery.acker,
+                env,
+            };
+            registry.dispatch(job).await;
+        }
+    }
+}

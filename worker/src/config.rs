@@ -1,0 +1,91 @@
+//! The worker's configuration: environment variables (or flags of the same name), with the
+//! local cluster's values as defaults. `README.md` lists them all.
+
+use std::{net::SocketAddr, time::Duration};
+
+use clap::Parser;
+use shared::config::{AmqpConfig, DbConfig, LogConfig};
+
+use crate::driver::sim::SimConfig;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum DriverKind {
+    /// The in-process simulation of WhatsApp (default).
+    Sim,
+}
+
+#[derive(Debug, Clone, Parser)]
+#[command(
+    name = "worker",
+    about = "A gateway worker: owns the WhatsApp connections of one gateway id",
+    version
+)]
+pub struct Config {
+    #[command(flatten)]
+    pub db: DbConfig,
+    #[command(flatten)]
+    pub amqp: AmqpConfig,
+    #[command(flatten)]
+    pub log: LogConfig,
+
+    /// This worker's gateway id (`gw-<region>-<n>`); one process per id.
+    #[arg(long, env = "GATEWAY_ID", default_value = "gw-local-1")]
+    pub gateway_id: String,
+    /// Its region; by default the `<region>` part of the gateway id.
+    #[arg(long, env = "GATEWAY_REGION")]
+    pub region: Option<String>,
+    /// Sessions it is meant to hold (placement weighs load against it).
+    #[arg(long, env = "GATEWAY_CAPACITY", default_value_t = 1000)]
+    pub capacity: i32,
+    #[arg(long, env = "HEARTBEAT_INTERVAL_MS", default_value_t = 2_000)]
+    pub heartbeat_interval_ms: u64,
+    /// Unacknowledged commands the broker may hand this worker at once.
+    #[arg(long, env = "WORKER_PREFETCH", default_value_t = 256)]
+    pub prefetch: u16,
+    /// Time given to in-flight commands at shutdown.
+    #[arg(long, env = "SHUTDOWN_GRACE_MS", default_value_t = 10_000)]
+    pub shutdown_grace_ms: u64,
+    /// Where to serve `/metrics` and `/healthz` (off when unset).
+    #[arg(long, env = "WORKER_METRICS_LISTEN")]
+    pub metrics_listen: Option<SocketAddr>,
+
+    /// The WhatsApp driver.
+    #[arg(long, env = "WA_DRIVER", value_enum, default_value = "sim")]
+    pub driver: DriverKind,
+    #[arg(long, env = "SIM_SEED", default_value_t = 42)]
+    pub sim_seed: u64,
+    #[arg(long, env = "SIM_QR_FIRST_TTL_MS", default_value_t = 60_000)]
+    pub sim_qr_first_ttl_ms: u64,
+    #[arg(long, env = "SIM_QR_NEXT_TTL_MS", default_value_t = 20_000)]
+    pub sim_qr_next_ttl_ms: u64,
+    #[arg(long, env = "SIM_QR_COUNT", default_value_t = 6)]
+    pub sim_qr_count: u32,
+    #[arg(long, env = "SIM_CONNECT_DELAY_MS", default_value_t = 50)]
+    pub sim_connect_delay_ms: u64,
+    #[arg(long, env = "SIM_RECONNECT_BACKOFF_MS", default_value_t = 1_000)]
+    pub sim_reconnect_backoff_ms: u64,
+    /// Added to every driver operation (to exercise timeouts).
+    #[arg(long, env = "SIM_OP_DELAY_MS", default_value_t = 0)]
+    pub sim_op_delay_ms: u64,
+}
+
+impl Config {
+    pub fn region(&self) -> String {
+        self.region
+            .clone()
+            .unwrap_or_else(|| shared::session::region_of_gateway(&self.gateway_id).to_owned())
+    }
+
+    pub fn sim(&self) -> SimConfig {
+        let ms = Duration::from_millis;
+        SimConfig {
+            seed: self.sim_seed,
+            qr_first_ttl: ms(self.sim_qr_first_ttl_ms),
+            qr_next_ttl: ms(self.sim_qr_next_ttl_ms),
+            qr_count: self.sim_qr_count,
+            connect_delay: ms(self.sim_connect_delay_ms),
+            reconnect_backoff: ms(self.sim_reconnect_backoff_ms),
+            op_delay: ms(self.sim_op_delay_ms),
+        }
+    }
+}

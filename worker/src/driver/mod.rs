@@ -1,0 +1,88 @@
+//! The boundary between the worker and WhatsApp.
+//!
+//! A [`Driver`] opens a [`Connection`] for one session. Everything that happens on its own
+//! (a QR code rotating, the phone scanning it, the device removed, the stream replaced, the
+//! network dropping) arrives as a [`DriverEvent`] on the channel handed to `connect`. No
+//! WhatsApp library type crosses this boundary: credentials are an opaque JSON document the
+//! worker stores in Postgres, so any worker of the region can take a session over.
+//!
+//! Implementations: [`sim`] (the default; an in-process simulation of the phone and of
+//! WhatsApp's multi-device pairing) and, in a later issue, a real one.
+
+pub mod sim;
+
+use async_trait::async_trait;
+use shared::session::StatusReason;
+use tokio::sync::mpsc;
+
+/// A linked device's keys, opaque above the driver.
+pub type Credentials = serde_json::Value;
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum DriverEvent {
+    /// A new QR code to show; it replaces the previous one.
+    Qr { code: String, expires_at: i64 },
+    /// No code was scanned before the last one expired; the connection is closed.
+    QrTimeout,
+    /// The phone linked this device.
+    Paired {
+        phone_number: String,
+        jid: String,
+        lid: String,
+        credentials: Credentials,
+    },
+    /// Connected and authenticated.
+    Connected,
+    /// The stream ended; when `reconnecting`, the driver is already trying again.
+    Disconnected {
+        reason: StatusReason,
+        reconnecting: bool,
+    },
+    /// The device was unlinked (from the phone); the credentials are void.
+    LoggedOut { reason: StatusReason },
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DriverError {
+    #[error("not supported by this driver")]
+    Unsupported,
+    #[error("{0}")]
+    Refused(String),
+    #[error("connection failed: {0}")]
+    Connection(String),
+}
+
+/// Test-and-demo actions on the simulated phone and network.
+#[derive(Debug, Clone, PartialEq)]
+pub enum SimAction {
+    Scan { phone_number: String },
+    Unlink,
+    Conflict,
+    Drop,
+}
+
+#[async_trait]
+pub trait Driver: Send + Sync + 'static {
+    /// Opens a connection for `session_id`: with credentials it logs in, without it starts
+    /// pairing. Events flow to `events` until the connection ends.
+    async fn connect(
+        &self,
+        session_id: &str,
+        credentials: Option<Credentials>,
+        events: mpsc::UnboundedSender<DriverEvent>,
+    ) -> Result<Box<dyn Connection>, DriverError>;
+}
+
+#[async_trait]
+pub trait Connection: Send {
+    /// Pair by phone number instead of QR; answers the `XXXX-XXXX` code to type on the phone.
+    async fn request_pairing_code(&mut self, phone_number: &str) -> Result<String, DriverError>;
+    /// Unlinks the device from the account and closes.
+    async fn logout(&mut self) -> Result<(), DriverError>;
+    /// Disconnects, keeping the pairing.
+    async fn close(&mut self);
+    /// Drives the simulated phone or network (the `sim` driver only).
+    async fn simulate(&mut self, _action: SimAction) -> Result<(), DriverError> {
+        Err(DriverError::Unsupported)
+    }
+}

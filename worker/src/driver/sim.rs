@@ -1,0 +1,339 @@
+//! The simulated WhatsApp: an in-process phone and pairing protocol that behaves like the real
+//! multi-device one, so the whole product can be run and tested without WhatsApp's servers.
+//!
+//! - Unpaired, a connection shows QR codes that rotate: the first lives `qr_first_ttl`
+//!   (~60 s in WhatsApp), later ones `qr_next_ttl` (~20 s), `qr_count` (six) in all; then it
+//!   gives up with [`DriverEvent::QrTimeout`].
+//! - Instead of scanning, a pairing code (`XXXX-XXXX`) can be requested for a phone number.
+//! - The simulated phone "scans" on [`SimAction::Scan`] (this also completes a pending pairing
+//!   code for the same number): the device is paired (`<number>@s.whatsapp.net`, a `@lid`) and
+//!   connects.
+//! - Paired: [`SimAction::Unlink`] is the phone removing the device (logged out,
+//!   `device_removed`); [`SimAction::Conflict`] is the same device connecting elsewhere (the
+//!   stream is replaced and the driver does *not* reconnect, as a real client must not);
+//!   [`SimAction::Drop`] is the network dropping (reconnect after a backoff that doubles on
+//!   repeated drops).
+//!
+//! Codes and ids derive from `seed`, the session id and a per-connection counter, so a run is
+//! reproducible; every duration is configurable, which is the controllable clock tests use.
+//! `op_delay` makes every operation slow, to exercise timeouts.
+
+use std::{
+    sync::atomic::{AtomicU64, Ordering},
+    time::Duration,
+};
+
+use async_trait::async_trait;
+use base64::Engine;
+use serde_json::json;
+use sha2::{Digest, Sha256};
+use shared::{db::now_ms, session::StatusReason};
+use tokio::sync::{mpsc, oneshot};
+
+use super::{Connection, Credentials, Driver, DriverError, DriverEvent, SimAction};
+
+#[derive(Debug, Clone)]
+pub struct SimConfig {
+    pub seed: u64,
+    pub qr_first_ttl: Duration,
+    pub qr_next_ttl: Duration,
+    pub qr_count: u32,
+    pub connect_delay: Duration,
+    pub reconnect_backoff: Duration,
+    pub op_delay: Duration,
+}
+
+pub struct SimDriver {
+    cfg: SimConfig,
+    connections: AtomicU64,
+}
+
+impl SimDriver {
+    pub fn new(cfg: SimConfig) -> Self {
+        SimDriver {
+            cfg,
+            connections: AtomicU64::new(0),
+        }
+    }
+}
+
+type Answer<T> = oneshot::Sender<Result<T, DriverError>>;
+
+enum Control {
+    Scan(String, Answer<()>),
+    PairCode(String, Answer<String>),
+    Unlink(Answer<()>),
+    Conflict(Answer<()>),
+    Drop(Answer<()>),
+    Logout(Answer<()>),
+}
+
+struct SimConnection {
+    control: mpsc::UnboundedSender<Control>,
+    op_delay: Duration,
+}
+
+#[async_trait]
+impl Driver for SimDriver {
+    async fn connect(
+        &self,
+        session_id: &str,
+        credentials: Option<Credentials>,
+        events: mpsc::UnboundedSender<DriverEvent>,
+    ) -> Result<Box<dyn Connection>, DriverError> {
+        tokio::time::sleep(self.cfg.op_delay).await;
+        let nonce = self.connections.fetch_add(1, Ordering::Relaxed);
+        let (control, rx) = mpsc::unbounded_channel();
+        let phone = Phone {
+            cfg: self.cfg.clone(),
+            session_id: session_id.to_owned(),
+            nonce,
+            events,
+            control: rx,
+        };
+        tokio::spawn(phone.run(credentials));
+        Ok(Box::new(SimConnection {
+            control,
+            op_delay: self.cfg.op_delay,
+        }))
+    }
+}
+
+impl SimConnection {
+    async fn ask<T>(&self, make: impl FnOnce(Answer<T>) -> Control) -> Result<T, DriverError> {
+        tokio::time::sleep(self.op_delay).await;
+        let (tx, rx) = oneshot::channel();
+        self.control
+            .send(make(tx))
+            .map_err(|_| DriverError::Refused("the session is not connected".into()))?;
+        rx.await
+            .map_err(|_| DriverError::Refused("the session is not connected".into()))?
+    }
+}
+
+#[async_trait]
+impl Connection for SimConnection {
+    async fn request_pairing_code(&mut self, phone_number: &str) -> Result<String, DriverError> {
+        let phone = phone_number.to_owned();
+        self.ask(|tx| Control::PairCode(phone, tx)).await
+    }
+
+    async fn logout(&mut self) -> Result<(), DriverError> {
+        self.ask(Control::Logout).await
+    }
+
+    async fn close(&mut self) {
+        tokio::time::sleep(self.op_delay).await;
+        // Dropping the control channel ends the simulated stream.
+        let (tx, _) = mpsc::unbounded_channel();
+        self.control = tx;
+    }
+
+    async fn simulate(&mut self, action: SimAction) -> Result<(), DriverError> {
+        match action {
+            SimAction::Scan { phone_number } => {
+                self.ask(|tx| Control::Scan(phone_number, tx)).await
+            }
+            SimAction::Unlink => self.ask(Control::Unlink).await,
+            SimAction::Conflict => self.ask(Control::Conflict).await,
+            SimAction::Drop => self.ask(Control::Drop).await,
+        }
+    }
+}
+
+/// One simulated connection: the phone on one side, WhatsApp's servers on the other.
+struct Phone {
+    cfg: SimConfig,
+    session_id: String,
+    nonce: u64,
+    events: mpsc::UnboundedSender<DriverEvent>,
+    control: mpsc::UnboundedReceiver<Control>,
+}
+
+fn refuse<T>(tx: Answer<T>, why: &str) {
+    let _ = tx.send(Err(DriverError::Refused(why.to_owned())));
+}
+
+impl Phone {
+    fn digest(&self, what: &str, n: u64) -> [u8; 32] {
+        Sha256::digest(format!(
+            "{}:{}:{}:{what}:{n}",
+            self.cfg.seed, self.session_id, self.nonce
+        ))
+        .into()
+    }
+
+    fn emit(&self, e: DriverEvent) {
+        let _ = self.events.send(e);
+    }
+
+    async fn run(mut self, credentials: Option<Credentials>) {
+        if credentials.is_none() {
+            match self.pair().await {
+                Some(paired) => self.emit(paired),
+                None => return,
+            }
+        } else {
+            tokio::select! {
+                _ = tokio::time::sleep(self.cfg.connect_delay) => {}
+                c = self.control.recv() => if !self.before_connected(c) { return },
+            }
+        }
+        self.emit(DriverEvent::Connected);
+        self.connected().await;
+    }
+
+    /// Handles a control message that arrives while logging in; `false` ends the connection.
+    fn before_connected(&self, c: Option<Control>) -> bool {
+        match c {
+            None => false,
+            Some(Control::Logout(tx)) => {
+                let _ = tx.send(Ok(()));
+                false
+            }
+            Some(other) => {
+                self.answer_not_now(other);
+                true
+            }
+        }
+    }
+
+    fn answer_not_now(&self, c: Control) {
+        match c {
+            Control::Scan(_, tx)
+            | Control::Unlink(tx)
+            | Control::Conflict(tx)
+            | Control::Drop(tx)
+            | Control::Logout(tx) => refuse(tx, "the session is still connecting"),
+            Control::PairCode(_, tx) => refuse(tx, "the session is already paired"),
+        }
+    }
+
+    /// Rotates QR codes until the phone scans one (or enters a pairing code); `None` when it
+    /// never does or the connection is closed.
+    async fn pair(&mut self) -> Option<DriverEvent> {
+        let mut pending_code: Option<String> = None;
+        for i in 0..self.cfg.qr_count {
+            let ttl = if i == 0 {
+                self.cfg.qr_first_ttl
+            } else {
+                self.cfg.qr_next_ttl
+            };
+            let b64 = |d: [u8; 32]| base64::engine::general_purpose::STANDARD.encode(d);
+            let code = format!(
+                "2@{},{},{},{}",
+                b64(self.digest("ref", u64::from(i))),
+                b64(self.digest("noise", 0)),
+                b64(self.digest("identity", 0)),
+                b64(self.digest("adv", 0)),
+            );
+            self.emit(DriverEvent::Qr {
+                code,
+                expires_at: now_ms() + ttl.as_millis() as i64,
+            });
+            let expiry = tokio::time::sleep(ttl);
+            tokio::pin!(expiry);
+            loop {
+                let control = tokio::select! {
+                    _ = &mut expiry => break,
+                    c = self.control.recv() => c,
+                };
+                match control {
+                    None => return None,
+                    Some(Control::Logout(tx)) => {
+                        let _ = tx.send(Ok(()));
+                        return None;
+                    }
+                    Some(Control::PairCode(phone, tx)) => {
+                        let code = self.pair_code(&phone);
+                        pending_code = Some(phone);
+                        let _ = tx.send(Ok(code));
+                    }
+                    Some(Control::Scan(phone, tx)) => {
+                        if pending_code.as_ref().is_some_and(|p| *p != phone) {
+                            refuse(tx, "this number did not request the pairing code");
+                            continue;
+                        }
+                        let _ = tx.send(Ok(()));
+                        return Some(self.paired(phone));
+                    }
+                    Some(Control::Unlink(tx) | Control::Conflict(tx) | Control::Drop(tx)) => {
+                        refuse(tx, "the session is not paired")
+                    }
+                }
+            }
+        }
+        self.emit(DriverEvent::QrTimeout);
+        None
+    }
+
+    fn pair_code(&self, phone: &str) -> String {
+        const ALPHABET: &[u8] = b"123456789ABCDEFGHJKLMNPQRSTVWXYZ";
+        let d = self.digest(&format!("pair:{phone}"), 0);
+        let c: String = d[..8]
+            .iter()
+            .map(|b| ALPHABET[(*b as usize) % ALPHABET.len()] as char)
+            .collect();
+        format!("{}-{}", &c[..4], &c[4..])
+    }
+
+    fn paired(&self, phone: String) -> DriverEvent {
+        let d = self.digest("lid", 0);
+        let lid_number = u64::from_be_bytes([d[0], d[1], d[2], d[3], d[4], d[5], d[6], d[7]])
+            % 900_000_000_000_000
+            + 100_000_000_000_000;
+        DriverEvent::Paired {
+            jid: format!("{phone}@s.whatsapp.net"),
+            lid: format!("{lid_number}@lid"),
+            credentials: json!({
+                "driver": "sim",
+                "phoneNumber": phone,
+                "deviceKey": base64::engine::general_purpose::STANDARD.encode(self.digest("device", 0)),
+            }),
+            phone_number: phone,
+        }
+    }
+
+    /// Connected: serve until the phone, WhatsApp or the worker ends the stream.
+    async fn connected(&mut self) {
+        let mut backoff = self.cfg.reconnect_backoff;
+        while let Some(control) = self.control.recv().await {
+            match control {
+                Control::Logout(tx) => {
+                    let _ = tx.send(Ok(()));
+                    return;
+                }
+                Control::Unlink(tx) => {
+                    let _ = tx.send(Ok(()));
+                    self.emit(DriverEvent::LoggedOut {
+                        reason: StatusReason::DeviceRemoved,
+                    });
+                    return;
+                }
+                Control::Conflict(tx) => {
+                    let _ = tx.send(Ok(()));
+                    self.emit(DriverEvent::Disconnected {
+                        reason: StatusReason::Conflict,
+                        reconnecting: false,
+                    });
+                    return;
+                }
+                Control::Drop(tx) => {
+                    let _ = tx.send(Ok(()));
+                    self.emit(DriverEvent::Disconnected {
+                        reason: StatusReason::ConnectionLost,
+                        reconnecting: true,
+                    });
+                    tokio::select! {
+                        _ = tokio::time::sleep(backoff) => {}
+                        c = self.control.recv() => if !self.before_connected(c) { return },
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(60));
+                    self.emit(DriverEvent::Connected);
+                }
+                Control::Scan(_, tx) => refuse(tx, "the session is already paired"),
+                Control::PairCode(_, tx) => refuse(tx, "the session is already paired"),
+            }
+        }
+    }
+}
