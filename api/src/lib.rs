@@ -10,6 +10,7 @@ pub mod config;
 pub mod error;
 pub mod fleet;
 pub mod openapi;
+pub mod operator;
 pub mod routes;
 
 use std::{sync::Arc, time::Duration};
@@ -47,6 +48,8 @@ pub struct AppState {
 pub async fn run(cfg: Config, listener: TcpListener, shutdown: CancellationToken) -> Result<()> {
     // reqwest (the JWKS client) uses rustls without a built-in provider; pick ring, as lapin does.
     let _ = rustls::crypto::ring::default_provider().install_default();
+    // Install the recorder before anything records, or early metrics go nowhere.
+    shared::telemetry::prometheus();
     let state = build_state(cfg, shutdown.clone()).await?;
     let app = router(state);
     tracing::info!(addr = %listener.local_addr().map_err(Error::internal)?, "api listening");

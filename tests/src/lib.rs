@@ -1,1 +1,478 @@
+//! The end-to-end test harness: real Postgres, real RabbitMQ, the real api and worker.
+//!
+//! Every [`TestEnv`] has its own database (migrated from scratch), its own AMQP name prefix
+//! and its own gateway ids, so tests run in parallel and again and again on one broker and
+//! one Postgres server. The api runs in-process through `api::run` on port 0; each worker
+//! runs `worker::run` on a runtime of its own thread, so a test can stop it gracefully or
+//! kill it outright (dropping the runtime drops its sockets, as a crash would).
+//!
+//! Connection settings come from `DATABASE_URL` and `AMQP_URL` (the local defaults when
+//! unset); the role needs `CREATEDB`. `deploy/local/test` sets all of this up.
 
+pub mod jwks;
+
+use std::{future::Future, time::Duration};
+
+use clap::Parser;
+use deadpool_postgres::Pool;
+use serde_json::Value;
+use shared::{
+    auth::{Capabilities, mint_api_key},
+    db::now_ms,
+    store,
+};
+use tokio_util::sync::CancellationToken;
+use ulid::Ulid;
+
+pub fn database_url() -> String {
+    std::env::var("DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://gateway:gateway@127.0.0.1:5432/gateway".into())
+}
+
+pub fn amqp_url() -> String {
+    std::env::var("AMQP_URL").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
+}
+
+/// A short unique lower-case token for names.
+pub fn unique() -> String {
+    Ulid::new().to_string()[16..].to_lowercase()
+}
+
+pub struct TestEnv {
+    pub database_url: String,
+    pub amqp_prefix: String,
+    pub db: Pool,
+}
+
+impl TestEnv {
+    /// A fresh database with the schema applied, and a fresh AMQP prefix.
+    pub async fn new() -> TestEnv {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let admin_url = database_url();
+        let name = format!("gw_test_{}", Ulid::new().to_string().to_lowercase());
+        let (client, conn) = tokio_postgres::connect(&admin_url, tokio_postgres::NoTls)
+            .await
+            .expect("Postgres is not reachable: run deploy/local/test, or set DATABASE_URL");
+        tokio::spawn(conn);
+        client
+            .batch_execute(&format!("CREATE DATABASE {name}"))
+            .await
+            .expect("the database role needs CREATEDB");
+        let mut cfg: tokio_postgres::Config = admin_url.parse().expect("DATABASE_URL");
+        cfg.dbname(&name);
+        let database_url = with_dbname(&admin_url, &name);
+        shared::db::migrate(&database_url)
+            .await
+            .expect("migrations apply");
+        let db = shared::db::pool(&database_url, 8).expect("pool");
+        TestEnv {
+            database_url,
+            amqp_prefix: format!("t{}.", unique()),
+            db,
+        }
+    }
+
+    /// A gateway id no other test uses: `gw-<region>-<unique>`.
+    pub fn gateway_id(&self, region: &str) -> String {
+        format!("gw-{region}-{}", unique())
+    }
+
+    pub fn api_config(&self) -> api::Config {
+        let mut cfg = api::Config::parse_from(["api"]);
+        cfg.db.database_url = self.database_url.clone();
+        cfg.db.database_pool_size = 16;
+        cfg.amqp.amqp_url = amqp_url();
+        cfg.amqp.amqp_prefix = self.amqp_prefix.clone();
+        cfg.auth_jwks_url = None;
+        cfg.dev_jwt_key_file = None;
+        cfg.fleet_refresh_ms = 200;
+        cfg.gateway_liveness_ms = 3_000;
+        cfg.command_timeout_ms = 5_000;
+        cfg.api_key_cache_ttl_ms = 300;
+        cfg.default_gateway = "gw-none-0".into();
+        cfg
+    }
+
+    pub fn worker_config(&self, gateway_id: &str) -> worker::Config {
+        let mut cfg = worker::Config::parse_from(["worker"]);
+        cfg.db.database_url = self.database_url.clone();
+        cfg.db.database_pool_size = 8;
+        cfg.amqp.amqp_url = amqp_url();
+        cfg.amqp.amqp_prefix = self.amqp_prefix.clone();
+        cfg.gateway_id = gateway_id.to_owned();
+        cfg.heartbeat_interval_ms = 300;
+        cfg.shutdown_grace_ms = 3_000;
+        cfg.sim_qr_first_ttl_ms = 2_000;
+        cfg.sim_qr_next_ttl_ms = 1_000;
+        cfg.sim_connect_delay_ms = 20;
+        cfg.sim_reconnect_backoff_ms = 100;
+        cfg
+    }
+
+    /// Starts the api with the test defaults, adjusted by `tweak`, and waits until it is ready.
+    pub async fn start_api(&self, tweak: impl FnOnce(&mut api::Config)) -> Api {
+        let api = self.launch_api(tweak).await;
+        eventually(Duration::from_secs(15), || async {
+            api.request(reqwest::Method::GET, "/readyz", None, None)
+                .await
+                .status
+                == 200
+        })
+        .await;
+        api
+    }
+
+    /// Starts the api and waits only until it answers (it may never be ready).
+    pub async fn launch_api(&self, tweak: impl FnOnce(&mut api::Config)) -> Api {
+        let mut cfg = self.api_config();
+        tweak(&mut cfg);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let shutdown = CancellationToken::new();
+        let token = shutdown.clone();
+        tokio::spawn(async move {
+            if let Err(e) = api::run(cfg, listener, token).await {
+                panic!("api failed: {e} ({:?})", e.source);
+            }
+        });
+        let api = Api {
+            base: format!("http://{addr}"),
+            http: reqwest::Client::new(),
+            shutdown,
+        };
+        eventually(Duration::from_secs(15), || async {
+            api.http
+                .get(format!("{}/healthz", api.base))
+                .send()
+                .await
+                .is_ok()
+        })
+        .await;
+        api
+    }
+
+    /// Starts a worker for `gateway_id` and waits until the api side can see it live.
+    pub async fn start_worker(
+        &self,
+        gateway_id: &str,
+        tweak: impl FnOnce(&mut worker::Config),
+    ) -> Worker {
+        let mut cfg = self.worker_config(gateway_id);
+        tweak(&mut cfg);
+        let w = Worker::spawn(cfg);
+        let db = self.db.clone();
+        let id = gateway_id.to_owned();
+        eventually(Duration::from_secs(15), || {
+            let db = db.clone();
+            let id = id.clone();
+            async move {
+                let Ok(client) = db.get().await else {
+                    return false;
+                };
+                let Ok(gws) = store::gateways::list(&client).await else {
+                    return false;
+                };
+                gws.iter()
+                    .any(|g| g.id == id && now_ms() - g.heartbeat_at < 1_000)
+            }
+        })
+        .await;
+        // The consumer is up once the queue has it; give it a moment past registration.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        w
+    }
+
+    /// Mints an API key for `org` with `caps` and returns the secret.
+    pub async fn api_key(&self, org: &str, caps: &[&str]) -> String {
+        self.api_key_expiring(org, caps, None).await
+    }
+
+    pub async fn api_key_expiring(
+        &self,
+        org: &str,
+        caps: &[&str],
+        expires_at: Option<i64>,
+    ) -> String {
+        let key = mint_api_key();
+        let caps = Capabilities::parse_list(caps).expect("capabilities");
+        store::api_keys::insert(
+            &self.db.get().await.expect("db"),
+            &key,
+            org,
+            "test",
+            caps,
+            expires_at,
+            now_ms(),
+        )
+        .await
+        .expect("insert key");
+        key.secret
+    }
+
+    /// Marks a gateway as live without any worker behind it (its queue does not exist).
+    pub async fn fake_live_gateway(&self, gateway_id: &str) {
+        store::gateways::register(
+            &self.db.get().await.expect("db"),
+            gateway_id,
+            shared::session::region_of_gateway(gateway_id),
+            10,
+            "fake",
+            now_ms(),
+        )
+        .await
+        .expect("register");
+    }
+
+    /// Drives the simulated phone of a session, as `gatewayctl sim …` does.
+    pub async fn sim(
+        &self,
+        session_id: &str,
+        command: shared::protocol::Command,
+    ) -> shared::Result<shared::protocol::CommandOutput> {
+        api::operator::send(self.api_config(), session_id, command).await
+    }
+
+    /// A channel on the test's broker, and the test's topology.
+    pub async fn amqp(
+        &self,
+    ) -> (
+        lapin::Connection,
+        lapin::Channel,
+        shared::topology::Topology,
+    ) {
+        let conn = shared::topology::connect(&amqp_url(), "test")
+            .await
+            .expect("broker");
+        let ch = conn.create_channel().await.expect("channel");
+        (
+            conn,
+            ch,
+            shared::topology::Topology::new(self.amqp_prefix.clone()),
+        )
+    }
+
+    /// The command rows of a session, oldest first: (kind, status, error_code).
+    pub async fn commands_of(&self, session_id: &str) -> Vec<(String, String, Option<String>)> {
+        let client = self.db.get().await.expect("db");
+        client
+            .query(
+                "SELECT kind, status, error_code FROM commands WHERE session_id = $1 ORDER BY created_at, id",
+                &[&session_id],
+            )
+            .await
+            .expect("query")
+            .iter()
+            .map(|r| (r.get(0), r.get(1), r.get(2)))
+            .collect()
+    }
+}
+
+fn with_dbname(url: &str, name: &str) -> String {
+    match url.rsplit_once('/') {
+        Some((base, tail)) => match tail.split_once('?') {
+            Some((_, query)) => format!("{base}/{name}?{query}"),
+            None => format!("{base}/{name}"),
+        },
+        None => url.to_owned(),
+    }
+}
+
+/// A worker on its own runtime thread.
+pub struct Worker {
+    pub shutdown: CancellationToken,
+    kill: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Worker {
+    pub fn spawn(cfg: worker::Config) -> Worker {
+        let shutdown = CancellationToken::new();
+        let token = shutdown.clone();
+        let (kill, killed) = tokio::sync::oneshot::channel::<()>();
+        let thread = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .expect("runtime");
+            rt.block_on(async move {
+                tokio::select! {
+                    r = worker::run(cfg, token) => if let Err(e) = r { panic!("worker failed: {e} ({:?})", e.source) },
+                    _ = killed => {}
+                }
+            });
+            // Drops every task of the worker, its sockets with them: a crash, as the broker sees it.
+            rt.shutdown_background();
+        });
+        Worker {
+            shutdown,
+            kill: Some(kill),
+            thread: Some(thread),
+        }
+    }
+
+    /// Graceful: finishes in-flight commands, then returns.
+    pub async fn stop(mut self) {
+        self.shutdown.cancel();
+        if let Some(t) = self.thread.take() {
+            let _ = tokio::task::spawn_blocking(move || t.join()).await;
+        }
+    }
+
+    /// Abrupt: the process dies mid-way.
+    pub async fn kill(mut self) {
+        if let Some(k) = self.kill.take() {
+            let _ = k.send(());
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = tokio::task::spawn_blocking(move || t.join()).await;
+        }
+    }
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        if let Some(k) = self.kill.take() {
+            let _ = k.send(());
+        }
+    }
+}
+
+pub struct Api {
+    pub base: String,
+    pub http: reqwest::Client,
+    pub shutdown: CancellationToken,
+}
+
+impl Drop for Api {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+/// An HTTP answer: status, headers and body (JSON when it parses, else a string).
+#[derive(Debug)]
+pub struct Resp {
+    pub status: u16,
+    pub headers: reqwest::header::HeaderMap,
+    pub body: Value,
+}
+
+impl Resp {
+    /// Asserts the documented error envelope with `status` and `code`.
+    #[track_caller]
+    pub fn assert_error(&self, status: u16, code: &str) {
+        assert_eq!(self.status, status, "status of {:?}", self.body);
+        let err = &self.body["error"];
+        assert_eq!(err["code"], code, "code of {:?}", self.body);
+        assert!(
+            err["message"].as_str().is_some_and(|m| !m.is_empty()),
+            "message of {:?}",
+            self.body
+        );
+        assert!(err["details"].is_object(), "details of {:?}", self.body);
+    }
+
+    #[track_caller]
+    pub fn assert_status(&self, status: u16) -> &Value {
+        assert_eq!(self.status, status, "body: {}", self.body);
+        &self.body
+    }
+}
+
+impl Api {
+    pub async fn request(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        token: Option<&str>,
+        body: Option<&Value>,
+    ) -> Resp {
+        let mut req = self.http.request(method, format!("{}{path}", self.base));
+        if let Some(t) = token {
+            req = req.bearer_auth(t);
+        }
+        if let Some(b) = body {
+            req = req.json(b);
+        }
+        let resp = req.send().await.expect("request");
+        let status = resp.status().as_u16();
+        let headers = resp.headers().clone();
+        let text = resp.text().await.unwrap_or_default();
+        let body = serde_json::from_str(&text).unwrap_or(Value::String(text));
+        Resp {
+            status,
+            headers,
+            body,
+        }
+    }
+
+    pub async fn get(&self, path: &str, token: &str) -> Resp {
+        self.request(reqwest::Method::GET, path, Some(token), None)
+            .await
+    }
+
+    pub async fn post(&self, path: &str, token: &str, body: Option<&Value>) -> Resp {
+        self.request(reqwest::Method::POST, path, Some(token), body)
+            .await
+    }
+
+    pub async fn patch(&self, path: &str, token: &str, body: &Value) -> Resp {
+        self.request(reqwest::Method::PATCH, path, Some(token), Some(body))
+            .await
+    }
+
+    pub async fn delete(&self, path: &str, token: &str) -> Resp {
+        self.request(reqwest::Method::DELETE, path, Some(token), None)
+            .await
+    }
+
+    /// Creates a session and returns its JSON.
+    pub async fn create_session(&self, token: &str, body: Value) -> Value {
+        self.post("/api/v1/sessions", token, Some(&body))
+            .await
+            .assert_status(201)
+            .clone()
+    }
+
+    /// Polls a session until `pred` holds (or panics after 10 s).
+    pub async fn wait_session(
+        &self,
+        token: &str,
+        id: &str,
+        what: &str,
+        pred: impl Fn(&Value) -> bool,
+    ) -> Value {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let s = self.get(&format!("/api/v1/sessions/{id}"), token).await;
+            if s.status == 200 && pred(&s.body) {
+                return s.body;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "session never became {what}: {}",
+                s.body
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+/// Polls `check` until it holds; panics after `limit`.
+pub async fn eventually<F, Fut>(limit: Duration, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + limit;
+    while !check().await {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "condition not met within {limit:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

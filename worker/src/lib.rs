@@ -38,6 +38,7 @@ pub struct Ctx {
 pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<()> {
     shared::session::validate_gateway_id(&cfg.gateway_id)
         .map_err(|_| Error::invalid("GATEWAY_ID must be lower-case letters, digits and dashes"))?;
+    shared::telemetry::prometheus();
     let db = shared::db::pool(&cfg.db.database_url, cfg.db.database_pool_size)?;
     let region = cfg.region();
     gateways::register(

@@ -5,7 +5,6 @@ use tokio_util::sync::CancellationToken;
 async fn main() -> std::process::ExitCode {
     let cfg = worker::Config::parse();
     shared::telemetry::init_logging(&cfg.log);
-    shared::telemetry::prometheus();
     let shutdown = CancellationToken::new();
     let token = shutdown.clone();
     tokio::spawn(async move {

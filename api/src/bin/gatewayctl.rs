@@ -1,18 +1,15 @@
 //! `gatewayctl`: the SRE's command line. It reads the same environment as the api
 //! (`DATABASE_URL`, `AMQP_URL`, `AUTH_ISSUER`, …) and goes through the same code paths.
 
-use std::time::Duration;
-
 use clap::{Parser, Subcommand};
 use shared::{
     Error, Result,
-    auth::{Capabilities, Principal, mint_api_key},
+    auth::{Capabilities, mint_api_key},
     db::now_ms,
     devtoken::{DevClaims, DevSigner},
     protocol::{Command, CommandOutput},
     store,
 };
-use tokio_util::sync::CancellationToken;
 
 #[derive(Parser)]
 #[command(
@@ -204,7 +201,7 @@ async fn run(cli: Cli) -> Result<()> {
                 SimCmd::Conflict { session } => (session, Command::SimConflict),
                 SimCmd::Drop { session } => (session, Command::SimDrop),
             };
-            let out = operator_command(cfg, &session, command).await?;
+            let out = api::operator::send(cfg, &session, command).await?;
             if let CommandOutput::Session(s) = out {
                 println!(
                     "{}",
@@ -244,31 +241,4 @@ async fn run(cli: Cli) -> Result<()> {
         }
     }
     Ok(())
-}
-
-/// Sends a command to a session's worker as an operator, through the api's command path.
-async fn operator_command(
-    cfg: api::Config,
-    session_id: &str,
-    command: Command,
-) -> Result<CommandOutput> {
-    let shutdown = CancellationToken::new();
-    let state = api::build_state(cfg, shutdown.clone()).await?;
-    let session = store::sessions::get_for_operator(&state.db.get().await?, session_id)
-        .await?
-        .ok_or_else(Error::session_not_found)?;
-    let operator = Principal {
-        organization_id: session.organization_id,
-        subject: "gatewayctl".into(),
-        capabilities: Capabilities::parse_list(&["read", "manage"])?,
-    };
-    for _ in 0..100 {
-        if state.bus.is_connected() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    let result = api::routes::commands::run(&state, &operator, session_id, command).await;
-    shutdown.cancel();
-    result
 }

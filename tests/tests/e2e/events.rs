@@ -1,0 +1,207 @@
+//! The live event stream: Server-Sent Events per organization, resumable with Last-Event-ID.
+
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use shared::protocol::Command;
+use tests::{Api, TestEnv};
+
+struct Stream {
+    resp: reqwest::Response,
+    buf: String,
+}
+
+#[derive(Debug, Clone)]
+struct Sse {
+    id: i64,
+    event: String,
+    data: Value,
+}
+
+impl Stream {
+    async fn open(api: &Api, key: &str, query: &str, last_event_id: Option<i64>) -> Stream {
+        let mut req = api
+            .http
+            .get(format!("{}/api/v1/events{query}", api.base))
+            .bearer_auth(key);
+        if let Some(id) = last_event_id {
+            req = req.header("Last-Event-ID", id.to_string());
+        }
+        let resp = req.send().await.expect("stream");
+        assert_eq!(resp.status().as_u16(), 200);
+        assert!(
+            resp.headers()["content-type"]
+                .to_str()
+                .is_ok_and(|c| c.starts_with("text/event-stream"))
+        );
+        Stream {
+            resp,
+            buf: String::new(),
+        }
+    }
+
+    /// The next event, skipping keep-alive comments; `None` after `wait` of silence.
+    async fn next(&mut self, wait: Duration) -> Option<Sse> {
+        loop {
+            if let Some(end) = self.buf.find("\n\n") {
+                let block: String = self.buf.drain(..end + 2).collect();
+                let (mut id, mut event, mut data) = (None, String::new(), String::new());
+                for line in block.lines() {
+                    if let Some(v) = line.strip_prefix("id:") {
+                        id = v.trim().parse().ok();
+                    } else if let Some(v) = line.strip_prefix("event:") {
+                        event = v.trim().to_owned();
+                    } else if let Some(v) = line.strip_prefix("data:") {
+                        data.push_str(v.trim());
+                    }
+                }
+                if let Some(id) = id {
+                    return Some(Sse {
+                        id,
+                        event,
+                        data: serde_json::from_str(&data).expect("json data"),
+                    });
+                }
+                continue;
+            }
+            match tokio::time::timeout(wait, self.resp.chunk()).await {
+                Ok(Ok(Some(bytes))) => self.buf.push_str(&String::from_utf8_lossy(&bytes)),
+                _ => return None,
+            }
+        }
+    }
+
+    /// Events until one satisfies `stop` (inclusive).
+    async fn until(&mut self, stop: impl Fn(&Sse) -> bool) -> Vec<Sse> {
+        let mut seen = vec![];
+        while let Some(e) = self.next(Duration::from_secs(10)).await {
+            let done = stop(&e);
+            seen.push(e);
+            if done {
+                return seen;
+            }
+        }
+        panic!("stream went quiet; saw {seen:?}");
+    }
+}
+
+#[tokio::test]
+async fn the_stream_shows_qr_and_status_events_and_resumes_without_gaps_or_duplicates() {
+    let env = TestEnv::new().await;
+    let gw = env.gateway_id("sg");
+    let _worker = env.start_worker(&gw, |_| {}).await;
+    let api = env.start_api(|_| {}).await;
+    let key = env.api_key("org_a", &["read", "manage"]).await;
+    let other_org = env.api_key("org_b", &["read", "manage"]).await;
+    let s = api
+        .create_session(&key, json!({"label": "x", "gatewayId": gw}))
+        .await;
+    let id = s["id"].as_str().expect("id").to_owned();
+    let quiet = api
+        .create_session(&key, json!({"label": "quiet", "gatewayId": gw}))
+        .await;
+    let quiet_id = quiet["id"].as_str().expect("id").to_owned();
+
+    let mut all = Stream::open(&api, &key, "", None).await;
+    let mut only_quiet = Stream::open(&api, &key, &format!("?session={quiet_id}"), None).await;
+    let mut theirs = Stream::open(&api, &other_org, "", None).await;
+
+    api.get(&format!("/api/v1/sessions/{id}/qr"), &key)
+        .await
+        .assert_error(404, "not_found");
+    let first = all.until(|e| e.event == "auth.qr").await;
+    let qr = first.last().expect("qr");
+    assert_eq!(qr.data["sessionId"], id.as_str());
+    assert!(qr.data["qr"].as_str().is_some_and(|q| q.starts_with("2@")));
+    assert!(qr.data["expiresAt"].as_i64().is_some());
+    let statuses: Vec<&Value> = first
+        .iter()
+        .filter(|e| e.event == "session.status")
+        .map(|e| &e.data["status"])
+        .collect();
+    assert!(statuses.contains(&&json!("scan_qr_code")), "{first:?}");
+    let resume_from = qr.id;
+    drop(all);
+
+    // While nobody listens, the phone scans and the session connects.
+    env.sim(
+        &id,
+        Command::SimScan {
+            phone_number: "6281234567890".into(),
+        },
+    )
+    .await
+    .expect("scan");
+    api.wait_session(&key, &id, "working", |s| s["status"] == "working")
+        .await;
+
+    let mut resumed = Stream::open(&api, &key, "", Some(resume_from)).await;
+    let missed = resumed
+        .until(|e| e.event == "session.status" && e.data["status"] == "working")
+        .await;
+    assert!(
+        missed.iter().all(|e| e.id > resume_from),
+        "nothing from before the resume point"
+    );
+    assert!(
+        missed.windows(2).all(|w| w[0].id < w[1].id),
+        "in order, no duplicate"
+    );
+    let mut replayed_from_db = Stream::open(&api, &key, "", Some(0)).await;
+    let everything = replayed_from_db
+        .until(|e| e.event == "session.status" && e.data["status"] == "working")
+        .await;
+    let after: Vec<i64> = everything
+        .iter()
+        .filter(|e| e.id > resume_from)
+        .map(|e| e.id)
+        .collect();
+    assert_eq!(
+        after,
+        missed.iter().map(|e| e.id).collect::<Vec<_>>(),
+        "no gap"
+    );
+
+    // And live again after the replay.
+    api.post(&format!("/api/v1/sessions/{id}:stop"), &key, None)
+        .await
+        .assert_status(200);
+    let live = resumed
+        .until(|e| e.event == "session.status" && e.data["status"] == "stopped")
+        .await;
+    assert_eq!(
+        live.last().map(|e| e.data["statusReason"].clone()),
+        Some(json!("requested"))
+    );
+
+    // Filters: the other session's stream and the other organization's saw none of it.
+    assert!(only_quiet.next(Duration::from_millis(300)).await.is_none());
+    assert!(theirs.next(Duration::from_millis(300)).await.is_none());
+
+    // Deleting a session is an event too.
+    api.delete(&format!("/api/v1/sessions/{quiet_id}"), &key)
+        .await;
+    let gone = only_quiet.until(|e| e.event == "session.deleted").await;
+    assert_eq!(
+        gone.last().map(|e| e.data["sessionId"].clone()),
+        Some(json!(quiet_id))
+    );
+}
+
+#[tokio::test]
+async fn a_bad_last_event_id_is_refused_with_the_envelope() {
+    let env = TestEnv::new().await;
+    let api = env.start_api(|_| {}).await;
+    let key = env.api_key("org_a", &["read"]).await;
+    let r = api
+        .http
+        .get(format!("{}/api/v1/events", api.base))
+        .bearer_auth(&key)
+        .header("Last-Event-ID", "yesterday")
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(r.status().as_u16(), 400);
+    let body: Value = r.json().await.expect("json");
+    assert_eq!(body["error"]["code"], "invalid_argument");
+}

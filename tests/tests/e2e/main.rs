@@ -1,0 +1,8 @@
+//! End-to-end tests: the real api and workers against real Postgres and RabbitMQ.
+//! One binary (linking is the slow part on a small machine), one module per area.
+
+mod auth;
+mod commands;
+mod events;
+mod ops;
+mod sessions;

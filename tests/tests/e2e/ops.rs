@@ -1,0 +1,87 @@
+//! Operability: health, readiness, metrics and the OpenAPI document.
+
+use serde_json::json;
+use tests::TestEnv;
+
+#[tokio::test]
+async fn health_readiness_and_metrics_answer_without_credentials() {
+    let env = TestEnv::new().await;
+    let api = env.start_api(|_| {}).await;
+    let h = api
+        .request(reqwest::Method::GET, "/healthz", None, None)
+        .await;
+    assert_eq!(h.assert_status(200)["status"], "ok");
+    let r = api
+        .request(reqwest::Method::GET, "/readyz", None, None)
+        .await;
+    let r = r.assert_status(200);
+    assert_eq!(
+        (r["database"].as_str(), r["broker"].as_str()),
+        (Some("ok"), Some("ok"))
+    );
+
+    let key = env.api_key("org_a", &["read"]).await;
+    api.get("/api/v1/sessions", &key).await.assert_status(200);
+    let m = api
+        .http
+        .get(format!("{}/metrics", api.base))
+        .send()
+        .await
+        .expect("metrics");
+    assert_eq!(m.status().as_u16(), 200);
+    let text = m.text().await.expect("text");
+    assert!(text.contains("http_requests_total"), "{text}");
+    assert!(
+        text.contains("route=\"/api/v1/sessions\""),
+        "labelled by route template: {text}"
+    );
+}
+
+#[tokio::test]
+async fn readiness_fails_with_the_envelope_while_the_broker_is_unreachable() {
+    let env = TestEnv::new().await;
+    let api = env
+        .launch_api(|c| c.amqp.amqp_url = "amqp://guest:guest@127.0.0.1:1/%2f".into())
+        .await;
+    let r = api
+        .request(reqwest::Method::GET, "/readyz", None, None)
+        .await;
+    r.assert_error(503, "gateway_unavailable");
+    assert_eq!(r.body["error"]["details"]["broker"], "unreachable");
+    assert_eq!(r.body["error"]["details"]["database"], "ok");
+}
+
+#[tokio::test]
+async fn openapi_document_is_3_1_and_names_every_endpoint() {
+    let env = TestEnv::new().await;
+    let api = env.start_api(|_| {}).await;
+    let doc = api
+        .request(reqwest::Method::GET, "/api/v1/openapi.json", None, None)
+        .await;
+    let doc = doc.assert_status(200);
+    assert!(
+        doc["openapi"]
+            .as_str()
+            .is_some_and(|v| v.starts_with("3.1")),
+        "{}",
+        doc["openapi"]
+    );
+    for path in [
+        "/api/v1/sessions",
+        "/api/v1/sessions/{session}",
+        "/api/v1/sessions/{session}:start",
+        "/api/v1/sessions/{session}:stop",
+        "/api/v1/sessions/{session}:restart",
+        "/api/v1/sessions/{session}:logout",
+        "/api/v1/sessions/{session}:requestPairingCode",
+        "/api/v1/sessions/{session}/qr",
+        "/api/v1/events",
+        "/api/v1/gateways",
+    ] {
+        assert!(doc["paths"].get(path).is_some(), "missing {path}");
+    }
+    assert_eq!(
+        doc["components"]["schemas"]["Session"]["properties"]["waLid"]["type"],
+        json!(["string", "null"])
+    );
+}
