@@ -46,8 +46,6 @@ pub struct AppState {
 
 /// Serves the api on `listener` until `shutdown` is cancelled.
 pub async fn run(cfg: Config, listener: TcpListener, shutdown: CancellationToken) -> Result<()> {
-    // reqwest (the JWKS client) uses rustls without a built-in provider; pick ring, as lapin does.
-    let _ = rustls::crypto::ring::default_provider().install_default();
     // Install the recorder before anything records, or early metrics go nowhere.
     shared::telemetry::prometheus();
     let state = build_state(cfg, shutdown.clone()).await?;

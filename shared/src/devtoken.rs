@@ -17,6 +17,16 @@ pub struct DevSigner {
     key: EncodingKey,
 }
 
+/// A new P-256 key as a PKCS#8 PEM, for `DEV_JWT_KEY_FILE`.
+pub fn generate_pem() -> Result<String> {
+    use p256::pkcs8::EncodePrivateKey;
+    let secret = p256::SecretKey::random(&mut p256::elliptic_curve::rand_core::OsRng);
+    Ok(secret
+        .to_pkcs8_pem(Default::default())
+        .map_err(Error::internal)?
+        .to_string())
+}
+
 impl DevSigner {
     pub fn from_pem_file(path: &str) -> Result<Self> {
         let pem = std::fs::read(path)

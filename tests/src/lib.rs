@@ -9,6 +9,7 @@
 //! Connection settings come from `DATABASE_URL` and `AMQP_URL` (the local defaults when
 //! unset); the role needs `CREATEDB`. `deploy/local/test` sets all of this up.
 
+pub mod bench;
 pub mod jwks;
 
 use std::{future::Future, time::Duration};

@@ -134,7 +134,7 @@ async fn heartbeat(db: Pool, gateway_id: String, every: Duration, stop: Cancella
             tracing::warn!(error = %e, "heartbeat failed");
         }
         // Sessions by status, for dashboards; every fifth beat is plenty.
-        if round % 5 == 0
+        if round.is_multiple_of(5)
             && let Ok(counts) = store::count_by_status(&db, &gateway_id).await
         {
             for status in shared::session::SessionStatus::ALL {

@@ -27,7 +27,7 @@ use tokio::sync::mpsc;
 use crate::{
     Ctx,
     driver::{Connection, Credentials, DriverError, DriverEvent, SimAction},
-    store::{self, Change, Done, Pairing, Written},
+    store::{self, Change, Done, Pairing},
 };
 
 /// A delivered command, waiting for its session's actor.
@@ -573,12 +573,12 @@ impl Actor {
         )
         .await
         {
-            Ok((Written::Row(row), events)) => {
+            Ok((Some(row), events)) => {
                 self.row = row;
                 self.ctx.outbox.events(&events).await;
                 Flow::Continue
             }
-            Ok((Written::Lost, _)) => self.lost(),
+            Ok((None, _)) => self.lost(),
             Err(e) => {
                 tracing::warn!(session_id = %self.row.id, error = %e, "could not record a session change");
                 Flow::Continue
@@ -714,7 +714,7 @@ impl Actor {
         )
         .await
         {
-            Ok((Written::Row(row), events)) => {
+            Ok((Some(row), events)) => {
                 self.row = row;
                 self.ctx.outbox.events(&events).await;
                 let outcome = match answer {
@@ -731,7 +731,7 @@ impl Actor {
                     .increment(1);
                 Flow::Continue
             }
-            Ok((Written::Lost, _)) => {
+            Ok((None, _)) => {
                 finish_without_session(
                     &self.ctx,
                     job,

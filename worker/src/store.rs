@@ -95,12 +95,6 @@ pub struct Done<'a> {
     pub outcome: &'a Value,
 }
 
-pub enum Written {
-    Row(Session),
-    /// The session is gone, or another worker holds its lease now.
-    Lost,
-}
-
 const SESSION_UPDATE: &str = "UPDATE sessions SET status = $3, status_reason = $4, \
     phone_number = CASE $5::text WHEN 'keep' THEN phone_number ELSE $6 END, \
     wa_jid = CASE $5::text WHEN 'keep' THEN wa_jid ELSE $7 END, \
@@ -138,6 +132,7 @@ fn statement(change: bool, command: bool) -> String {
 }
 
 /// Writes a session change and/or a command's end, and appends `events`; fenced by `epoch`.
+/// The session as written, or `None` when it is gone or another worker holds its lease now.
 #[allow(clippy::too_many_arguments)]
 pub async fn write(
     db: &Pool,
@@ -147,7 +142,7 @@ pub async fn write(
     new_events: Vec<EventKind>,
     done: Option<&Done<'_>>,
     now: i64,
-) -> Result<(Written, Vec<Event>)> {
+) -> Result<(Option<Session>, Vec<Event>)> {
     let mut client = db.get().await?;
     let sql = statement(change.is_some(), done.is_some());
     let (mode, phone, jid, lid, creds) = match change.map(|c| &c.pairing) {
@@ -200,22 +195,19 @@ pub async fn write(
     if new_events.is_empty() {
         let stmt = client.prepare_cached(&sql).await?;
         let row = client.query_opt(&stmt, &params).await?;
-        return Ok((
-            row.map_or(Written::Lost, |r| Written::Row(sessions::from_row(&r))),
-            vec![],
-        ));
+        return Ok((row.as_ref().map(sessions::from_row), vec![]));
     }
     let tx = client.transaction().await?;
     let stmt = tx.prepare_cached(&sql).await?;
     let Some(row) = tx.query_opt(&stmt, &params).await? else {
-        return Ok((Written::Lost, vec![]));
+        return Ok((None, vec![]));
     };
     let mut appended = Vec::with_capacity(new_events.len());
     for kind in new_events {
         appended.push(events::append(&tx, &session.organization_id, &session.id, kind, now).await?);
     }
     tx.commit().await?;
-    Ok((Written::Row(sessions::from_row(&row)), appended))
+    Ok((Some(sessions::from_row(&row)), appended))
 }
 
 /// Removes the session (fenced) with its `session.deleted` event and the command's end.

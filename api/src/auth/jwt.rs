@@ -61,6 +61,8 @@ impl JwtVerifier {
                 )));
             }
         }
+        // reqwest is built with rustls but no crypto provider of its own; use ring, as lapin does.
+        let _ = rustls::crypto::ring::default_provider().install_default();
         let http = reqwest::Client::builder()
             .timeout(Duration::from_secs(5))
             .build()

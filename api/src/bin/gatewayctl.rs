@@ -29,6 +29,8 @@ enum Cmd {
     /// Create or revoke API keys.
     #[command(subcommand)]
     Apikey(ApiKeyCmd),
+    /// Write a new development signing key (P-256, PKCS#8 PEM) to a file, if it does not exist.
+    DevKeygen { path: std::path::PathBuf },
     /// Print a login JWT signed by the local development key (DEV_JWT_KEY_FILE).
     DevToken {
         #[arg(long)]
@@ -167,6 +169,16 @@ async fn run(cli: Cli) -> Result<()> {
             } else {
                 return Err(Error::not_found(format!("no active API key {id}")));
             }
+        }
+        Cmd::DevKeygen { path } => {
+            if path.exists() {
+                println!("{} exists; keeping it", path.display());
+                return Ok(());
+            }
+            let pem = shared::devtoken::generate_pem()?;
+            std::fs::write(&path, pem)
+                .map_err(|e| Error::invalid(format!("cannot write {}: {e}", path.display())))?;
+            println!("wrote {}", path.display());
         }
         Cmd::DevToken {
             org,
