@@ -182,8 +182,13 @@ impl From<ErrorBody> for Error {
 
 impl From<tokio_postgres::Error> for Error {
     fn from(e: tokio_postgres::Error) -> Self {
-        // A closed connection or a refused one is the database being down, not a bug.
-        if e.is_closed() || e.as_db_error().is_none() && e.code().is_none() {
+        // The database being down or restarting is not a bug: a closed or refused connection,
+        // or SQLSTATE class 08 (connection exception), 53 (insufficient resources) or 57
+        // (operator intervention: shutdown, terminated backend, cannot connect now).
+        let transient_state = e
+            .code()
+            .is_some_and(|c| matches!(&c.code()[..2], "08" | "53" | "57"));
+        if e.is_closed() || transient_state || e.as_db_error().is_none() && e.code().is_none() {
             Error::dependency_down("database", e)
         } else {
             Error::internal(e)

@@ -43,6 +43,52 @@ pub struct TestEnv {
     pub database_url: String,
     pub amqp_prefix: String,
     pub db: Pool,
+    /// Gateway ids handed out, whose queues are deleted when the test ends.
+    gateways: std::sync::Mutex<Vec<String>>,
+}
+
+impl Drop for TestEnv {
+    /// Deletes what this test declared on the shared broker. Quorum queues are durable and
+    /// not cheap; left behind by every run, they would pile up on a developer's broker.
+    fn drop(&mut self) {
+        let topology = shared::topology::Topology::new(self.amqp_prefix.clone());
+        let gateways =
+            std::mem::take(&mut *self.gateways.lock().unwrap_or_else(|p| p.into_inner()));
+        let cleanup = std::thread::spawn(move || {
+            let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            else {
+                return;
+            };
+            rt.block_on(async move {
+                let Ok(conn) = shared::topology::connect(&amqp_url(), "test-cleanup").await else {
+                    return;
+                };
+                let Ok(ch) = conn.create_channel().await else {
+                    return;
+                };
+                let queues = gateways
+                    .iter()
+                    .map(|g| topology.command_queue(g))
+                    .chain([topology.dead_letter_queue()]);
+                for q in queues {
+                    let _ = ch.queue_delete(q.as_str().into(), Default::default()).await;
+                }
+                for x in [
+                    topology.command_exchange(),
+                    topology.dead_letter_exchange(),
+                    topology.event_exchange(),
+                ] {
+                    let _ = ch
+                        .exchange_delete(x.as_str().into(), Default::default())
+                        .await;
+                }
+                let _ = conn.close(200, "test over".into()).await;
+            });
+        });
+        let _ = cleanup.join();
+    }
 }
 
 impl TestEnv {
@@ -70,12 +116,18 @@ impl TestEnv {
             database_url,
             amqp_prefix: format!("t{}.", unique()),
             db,
+            gateways: Default::default(),
         }
     }
 
     /// A gateway id no other test uses: `gw-<region>-<unique>`.
     pub fn gateway_id(&self, region: &str) -> String {
-        format!("gw-{region}-{}", unique())
+        let id = format!("gw-{region}-{}", unique());
+        self.gateways
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(id.clone());
+        id
     }
 
     pub fn api_config(&self) -> api::Config {
@@ -114,10 +166,13 @@ impl TestEnv {
     pub async fn start_api(&self, tweak: impl FnOnce(&mut api::Config)) -> Api {
         let api = self.launch_api(tweak).await;
         eventually(Duration::from_secs(15), || async {
-            api.request(reqwest::Method::GET, "/readyz", None, None)
-                .await
-                .status
-                == 200
+            let r = api
+                .request(reqwest::Method::GET, "/readyz", None, None)
+                .await;
+            if r.status != 200 && std::env::var_os("TEST_DEBUG").is_some() {
+                eprintln!("readyz: {} {}", r.status, r.body);
+            }
+            r.status == 200
         })
         .await;
         api
@@ -254,6 +309,22 @@ impl TestEnv {
         )
     }
 
+    /// Drops every Postgres connection to this test's database, as a database restart would.
+    pub async fn drop_database_connections(&self) {
+        let (client, conn) = tokio_postgres::connect(&self.database_url, tokio_postgres::NoTls)
+            .await
+            .expect("Postgres");
+        tokio::spawn(conn);
+        client
+            .execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+                 WHERE datname = current_database() AND pid <> pg_backend_pid()",
+                &[],
+            )
+            .await
+            .expect("terminate");
+    }
+
     /// The command rows of a session, oldest first: (kind, status, error_code).
     pub async fn commands_of(&self, session_id: &str) -> Vec<(String, String, Option<String>)> {
         let client = self.db.get().await.expect("db");
@@ -268,6 +339,33 @@ impl TestEnv {
             .map(|r| (r.get(0), r.get(1), r.get(2)))
             .collect()
     }
+}
+
+/// Has the broker close the connection named `name` (as a broker restart or a network cut
+/// would), through `rabbitmqctl`. Returns how many it closed.
+pub async fn close_broker_connection(name: &str) -> usize {
+    let out = tokio::process::Command::new("rabbitmqctl")
+        .args(["list_connections", "pid", "client_properties", "-q"])
+        .output()
+        .await
+        .expect("rabbitmqctl (the tests run on the broker's machine, as root)");
+    let listing = String::from_utf8_lossy(&out.stdout);
+    let needle = format!("{{\"connection_name\",\"{name}\"}}");
+    let mut closed = 0;
+    for line in listing.lines().filter(|l| l.contains(&needle)) {
+        let Some(pid) = line.split_whitespace().next() else {
+            continue;
+        };
+        let status = tokio::process::Command::new("rabbitmqctl")
+            .args(["close_connection", pid, "closed by a test"])
+            .status()
+            .await
+            .expect("rabbitmqctl");
+        if status.success() {
+            closed += 1;
+        }
+    }
+    closed
 }
 
 fn with_dbname(url: &str, name: &str) -> String {

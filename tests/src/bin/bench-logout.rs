@@ -166,15 +166,14 @@ async fn main() {
     }
     let ids = Arc::new(ids);
 
-    // The baseline's own topology, under its own prefix.
-    let (conn, ch, _) = env.amqp().await;
-    let topology = shared::topology::Topology::new(format!("{}baseline.", env.amqp_prefix));
-    let base_gw = "gw-baseline-1";
+    // The baseline: its own gateway queue, beside the product's.
+    let (conn, ch, topology) = env.amqp().await;
+    let base_gw = env.gateway_id("baseline");
     topology
-        .declare_gateway_queue(&ch, base_gw)
+        .declare_gateway_queue(&ch, &base_gw)
         .await
         .expect("queue");
-    spawn_baseline_consumer(env.database_url.clone(), topology.command_queue(base_gw));
+    spawn_baseline_consumer(env.database_url.clone(), topology.command_queue(&base_gw));
     let publish = conn.create_channel().await.expect("channel");
     publish
         .confirm_select(ConfirmSelectOptions::default())
@@ -211,7 +210,7 @@ async fn main() {
     let baseline = Arc::new(BaselineClient {
         channel: publish,
         exchange: topology.command_exchange(),
-        gateway: base_gw.into(),
+        gateway: base_gw.clone(),
         reply_queue,
         waiters,
     });

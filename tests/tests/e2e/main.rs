@@ -5,4 +5,5 @@ mod auth;
 mod commands;
 mod events;
 mod ops;
+mod resilience;
 mod sessions;

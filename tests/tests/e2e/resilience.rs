@@ -1,0 +1,97 @@
+//! Faults the fleet must ride out by itself: the broker or the database dropping connections,
+//! and a worker told to stop while it holds commands.
+
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use tests::{TestEnv, close_broker_connection, eventually};
+
+#[tokio::test]
+async fn a_worker_reconnects_by_itself_when_the_broker_drops_its_connection() {
+    let env = TestEnv::new().await;
+    let gw = env.gateway_id("sg");
+    let _worker = env.start_worker(&gw, |_| {}).await;
+    let api = env.start_api(|c| c.command_timeout_ms = 1_000).await;
+    let key = env.api_key("org_a", &["read", "manage"]).await;
+    let s = api
+        .create_session(&key, json!({"label": "x", "gatewayId": gw}))
+        .await;
+    let id = s["id"].as_str().expect("id").to_owned();
+    api.post(&format!("/api/v1/sessions/{id}:stop"), &key, None)
+        .await
+        .assert_status(200);
+
+    assert_eq!(close_broker_connection(&format!("worker-{gw}")).await, 1);
+    eventually(Duration::from_secs(15), || async {
+        api.post(&format!("/api/v1/sessions/{id}:start"), &key, None)
+            .await
+            .status
+            == 200
+    })
+    .await;
+    api.wait_session(&key, &id, "pairing", |s| s["status"] == "scan_qr_code")
+        .await;
+}
+
+#[tokio::test]
+async fn commands_keep_working_after_postgres_drops_every_connection() {
+    let env = TestEnv::new().await;
+    let gw = env.gateway_id("sg");
+    let _worker = env.start_worker(&gw, |_| {}).await;
+    let api = env.start_api(|c| c.command_timeout_ms = 2_000).await;
+    let key = env.api_key("org_a", &["read", "manage"]).await;
+    let s = api
+        .create_session(&key, json!({"label": "x", "gatewayId": gw}))
+        .await;
+    let id = s["id"].as_str().expect("id").to_owned();
+    api.post(&format!("/api/v1/sessions/{id}:stop"), &key, None)
+        .await
+        .assert_status(200);
+
+    env.drop_database_connections().await;
+    // The first attempts may meet a dead pooled connection (503, never a 500); then it heals.
+    eventually(Duration::from_secs(15), || async {
+        let r = api
+            .post(&format!("/api/v1/sessions/{id}:start"), &key, None)
+            .await;
+        assert_ne!(r.status, 500, "{}", r.body);
+        r.status == 200
+    })
+    .await;
+    api.wait_session(&key, &id, "pairing", |s| s["status"] == "scan_qr_code")
+        .await;
+}
+
+#[tokio::test]
+async fn a_worker_told_to_stop_finishes_the_command_it_holds() {
+    let env = TestEnv::new().await;
+    let gw = env.gateway_id("sg");
+    let worker = env.start_worker(&gw, |c| c.sim_op_delay_ms = 800).await;
+    let api = env.start_api(|_| {}).await;
+    let key = env.api_key("org_a", &["read", "manage"]).await;
+    let s = api
+        .create_session(&key, json!({"label": "x", "gatewayId": gw}))
+        .await;
+    let id = s["id"].as_str().expect("id").to_owned();
+
+    let request = {
+        let (base, key, id) = (api.base.clone(), key.clone(), id.clone());
+        tokio::spawn(async move {
+            let r = reqwest::Client::new()
+                .post(format!("{base}/api/v1/sessions/{id}:start"))
+                .bearer_auth(key)
+                .send()
+                .await
+                .expect("send");
+            (r.status().as_u16(), r.json::<Value>().await.expect("json"))
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    worker.stop().await;
+    let (status, body) = request.await.expect("request");
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        env.commands_of(&id).await,
+        vec![("start".into(), "succeeded".into(), None)]
+    );
+}
