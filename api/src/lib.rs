@@ -32,9 +32,20 @@ pub use config::Config;
 
 use crate::{auth::Authenticator, bus::Bus, fleet::Fleet, routes::*};
 
-/// Everything a handler may need; cheap to clone.
+/// Everything a handler may need. Cloned for every request (that is how axum hands state to
+/// extractors), so it is one `Arc`: one atomic increment rather than one per field.
 #[derive(Clone)]
-pub struct AppState {
+pub struct AppState(Arc<App>);
+
+impl std::ops::Deref for AppState {
+    type Target = App;
+
+    fn deref(&self) -> &App {
+        &self.0
+    }
+}
+
+pub struct App {
     pub db: Pool,
     pub auth: Authenticator,
     pub bus: Bus,
@@ -106,7 +117,7 @@ pub async fn build_state(cfg: Config, shutdown: CancellationToken) -> Result<App
         Duration::from_millis(cfg.fleet_refresh_ms),
         shutdown.clone(),
     );
-    Ok(AppState {
+    Ok(AppState(Arc::new(App {
         db,
         auth: Authenticator::new(api_keys, jwt),
         bus,
@@ -114,29 +125,31 @@ pub async fn build_state(cfg: Config, shutdown: CancellationToken) -> Result<App
         dev_jwks,
         shutdown,
         cfg: Arc::new(cfg),
-    })
+    })))
 }
 
 pub fn router(state: AppState) -> Router {
     let body_limit = state.cfg.body_limit_bytes;
-    let api = Router::new()
-        .route("/sessions", get(sessions::list).post(sessions::create))
+    // Full paths rather than `nest`: nesting rewrites every request's URI.
+    Router::new()
         .route(
-            "/sessions/{session}",
+            "/api/v1/sessions",
+            get(sessions::list).post(sessions::create),
+        )
+        .route(
+            "/api/v1/sessions/{session}",
             get(sessions::get)
                 .patch(sessions::update)
                 .delete(sessions::delete)
                 .post(commands::action),
         )
-        .route("/sessions/{session}/qr", get(commands::qr))
-        .route("/events", get(events::stream))
-        .route("/gateways", get(gateways::list))
+        .route("/api/v1/sessions/{session}/qr", get(commands::qr))
+        .route("/api/v1/events", get(events::stream))
+        .route("/api/v1/gateways", get(gateways::list))
         .route(
-            "/openapi.json",
+            "/api/v1/openapi.json",
             get(|| async { axum::Json(openapi::ApiDoc::openapi()) }),
-        );
-    Router::new()
-        .nest("/api/v1", api)
+        )
         .route("/healthz", get(ops::healthz))
         .route("/readyz", get(ops::readyz))
         .route("/metrics", get(ops::metrics))
@@ -155,23 +168,64 @@ fn on_panic(_: Box<dyn std::any::Any + Send + 'static>) -> Response {
     error::ApiError(Error::internal("handler panicked")).into_response()
 }
 
-/// Request metrics (by route template, never by raw path) and a debug log line.
+/// Request metrics (by route template, never by raw path) and a debug log line. Labels are
+/// `&'static str` (route templates are interned once), so recording allocates nothing.
 async fn observe(req: Request, next: Next) -> Response {
     let started = std::time::Instant::now();
-    let method = req.method().as_str().to_owned();
+    let method = method_label(req.method());
     let route = req
         .extensions()
         .get::<MatchedPath>()
-        .map(|p| p.as_str().to_owned())
-        .unwrap_or_else(|| "unmatched".to_owned());
+        .map_or("unmatched", |p| intern(p.as_str()));
     let response = next.run(req).await;
-    let status = response.status().as_u16();
+    let status = response.status();
     let elapsed = started.elapsed();
-    metrics::counter!("http_requests_total", "method" => method.clone(), "route" => route.clone(),
-        "status" => status.to_string())
+    metrics::counter!("http_requests_total", "method" => method, "route" => route,
+        "status" => intern(status.as_str()))
     .increment(1);
-    metrics::histogram!("http_request_duration_seconds", "method" => method.clone(), "route" => route.clone())
+    metrics::histogram!("http_request_duration_seconds", "method" => method, "route" => route)
         .record(elapsed.as_secs_f64());
-    tracing::debug!(%method, %route, status, elapsed_us = elapsed.as_micros() as u64, "request");
+    tracing::debug!(
+        method,
+        route,
+        status = status.as_u16(),
+        elapsed_us = elapsed.as_micros() as u64,
+        "request"
+    );
     response
+}
+
+fn method_label(m: &axum::http::Method) -> &'static str {
+    use axum::http::Method;
+    match *m {
+        Method::GET => "GET",
+        Method::POST => "POST",
+        Method::PATCH => "PATCH",
+        Method::DELETE => "DELETE",
+        Method::PUT => "PUT",
+        Method::HEAD => "HEAD",
+        Method::OPTIONS => "OPTIONS",
+        _ => "other",
+    }
+}
+
+/// A `'static` copy of a label value from a small, fixed set (route templates, status codes).
+fn intern(s: &str) -> &'static str {
+    use std::{collections::HashSet, sync::RwLock};
+    static SEEN: RwLock<Option<HashSet<&'static str>>> = RwLock::new(None);
+    if let Some(found) = SEEN
+        .read()
+        .ok()
+        .and_then(|set| set.as_ref()?.get(s).copied())
+    {
+        return found;
+    }
+    let mut set = SEEN.write().unwrap_or_else(|p| p.into_inner());
+    let set = set.get_or_insert_with(HashSet::new);
+    if let Some(found) = set.get(s) {
+        return found;
+    }
+    let leaked: &'static str = Box::leak(s.to_owned().into_boxed_str());
+    set.insert(leaked);
+    leaked
 }

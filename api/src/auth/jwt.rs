@@ -44,8 +44,9 @@ pub struct JwtVerifier {
     cfg: JwtConfig,
     http: reqwest::Client,
     keys: RwLock<Arc<KeySet>>,
-    /// Serializes fetches, so concurrent misses make one request.
-    fetch: tokio::sync::Mutex<()>,
+    /// Serializes fetches, so concurrent misses make one request; holds when the last one
+    /// was *attempted*, successful or not, so an outage does not lift the refresh floor.
+    fetch: tokio::sync::Mutex<Option<Instant>>,
 }
 
 fn unauthorized(why: &str) -> Error {
@@ -74,7 +75,7 @@ impl JwtVerifier {
                 keys: HashMap::new(),
                 fetched_at: None,
             })),
-            fetch: tokio::sync::Mutex::new(()),
+            fetch: tokio::sync::Mutex::new(None),
         })
     }
 
@@ -141,13 +142,11 @@ impl JwtVerifier {
         if !stale && let Some(k) = set.keys.get(kid) {
             return Ok(k.clone());
         }
-        let _guard = self.fetch.lock().await;
-        // Someone may have fetched while we waited.
-        let set = self.current();
-        let fetched_recently = set
-            .fetched_at
-            .is_some_and(|t| t.elapsed() < self.cfg.min_refresh);
-        if !fetched_recently {
+        let mut last_attempt = self.fetch.lock().await;
+        // Someone may have fetched (or failed to) while we waited.
+        let tried_recently = last_attempt.is_some_and(|t| t.elapsed() < self.cfg.min_refresh);
+        if !tried_recently {
+            *last_attempt = Some(Instant::now());
             match self.fetch_keys().await {
                 Ok(keys) => {
                     let fresh = Arc::new(KeySet {

@@ -48,6 +48,20 @@ impl Authenticator {
 /// The authenticated caller of a request.
 pub struct Caller(pub Principal);
 
+/// An authenticated caller holding the `manage` capability. As an extractor it runs before the
+/// body is read, so a caller without the capability gets 403 whatever the body holds.
+pub struct Manager(pub Principal);
+
+impl FromRequestParts<AppState> for Manager {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        let Caller(principal) = Caller::from_request_parts(parts, state).await?;
+        principal.require(shared::auth::Capability::Manage)?;
+        Ok(Manager(principal))
+    }
+}
+
 impl FromRequestParts<AppState> for Caller {
     type Rejection = ApiError;
 
@@ -56,14 +70,13 @@ impl FromRequestParts<AppState> for Caller {
             .headers
             .get(axum::http::header::AUTHORIZATION)
             .ok_or_else(|| Error::unauthorized("missing Authorization header"))?;
+        // The scheme name is case-insensitive (RFC 9110 §11.1).
         let token = header
             .to_str()
             .ok()
-            .and_then(|h| {
-                h.strip_prefix("Bearer ")
-                    .or_else(|| h.strip_prefix("bearer "))
-            })
-            .map(str::trim)
+            .and_then(|h| h.split_once(' '))
+            .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+            .map(|(_, token)| token.trim())
             .filter(|t| !t.is_empty())
             .ok_or_else(|| Error::unauthorized("expected 'Authorization: Bearer <token>'"))?;
         let principal = state.auth.authenticate(token).await?;

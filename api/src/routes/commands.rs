@@ -10,7 +10,7 @@ use axum::{
 use serde::{Deserialize, Serialize};
 use shared::{
     Error, Result,
-    auth::{Capability, Principal},
+    auth::Principal,
     db::now_ms,
     protocol::{Command, CommandEnvelope, CommandOutput, Outcome},
     session::{self, Session},
@@ -21,7 +21,7 @@ use utoipa::ToSchema;
 
 use crate::{
     AppState,
-    auth::Caller,
+    auth::Manager,
     error::{ApiJson, ApiResult},
 };
 
@@ -137,7 +137,6 @@ async fn run_for_session(
     id: &str,
     command: Command,
 ) -> ApiResult<Json<Session>> {
-    caller.require(Capability::Manage)?;
     match run(state, caller, id, command).await? {
         CommandOutput::Session(s) => Ok(Json(*s)),
         _ => Err(Error::internal("unexpected reply").into()),
@@ -148,7 +147,7 @@ async fn run_for_session(
 /// every action and each action has its own handler below.
 pub async fn action(
     State(state): State<AppState>,
-    Caller(caller): Caller,
+    Manager(caller): Manager,
     Path(segment): Path<String>,
     request: Request,
 ) -> ApiResult<axum::response::Response> {
@@ -158,22 +157,21 @@ pub async fn action(
     };
     let id = id.to_owned();
     Ok(match action {
-        "start" => start(State(state), Caller(caller), Path(id))
+        "start" => start(State(state), Manager(caller), Path(id))
             .await
             .into_response(),
-        "stop" => stop(State(state), Caller(caller), Path(id))
+        "stop" => stop(State(state), Manager(caller), Path(id))
             .await
             .into_response(),
-        "restart" => restart(State(state), Caller(caller), Path(id))
+        "restart" => restart(State(state), Manager(caller), Path(id))
             .await
             .into_response(),
-        "logout" => logout(State(state), Caller(caller), Path(id))
+        "logout" => logout(State(state), Manager(caller), Path(id))
             .await
             .into_response(),
         "requestPairingCode" => {
-            caller.require(Capability::Manage)?;
             let body = ApiJson::<PairingCodeRequest>::from_request(request, &state).await?;
-            request_pairing_code(State(state), Caller(caller), Path(id), body)
+            request_pairing_code(State(state), Manager(caller), Path(id), body)
                 .await
                 .into_response()
         }
@@ -187,7 +185,7 @@ pub async fn action(
         (status = "5XX", body = shared::error::ErrorEnvelope)))]
 pub async fn start(
     State(state): State<AppState>,
-    Caller(caller): Caller,
+    Manager(caller): Manager,
     Path(id): Path<String>,
 ) -> ApiResult<Json<Session>> {
     run_for_session(&state, &caller, &id, Command::Start).await
@@ -199,7 +197,7 @@ pub async fn start(
         (status = "5XX", body = shared::error::ErrorEnvelope)))]
 pub async fn stop(
     State(state): State<AppState>,
-    Caller(caller): Caller,
+    Manager(caller): Manager,
     Path(id): Path<String>,
 ) -> ApiResult<Json<Session>> {
     run_for_session(&state, &caller, &id, Command::Stop).await
@@ -213,7 +211,7 @@ pub async fn stop(
         (status = "5XX", body = shared::error::ErrorEnvelope)))]
 pub async fn restart(
     State(state): State<AppState>,
-    Caller(caller): Caller,
+    Manager(caller): Manager,
     Path(id): Path<String>,
 ) -> ApiResult<Json<Session>> {
     run_for_session(&state, &caller, &id, Command::Restart).await
@@ -226,7 +224,7 @@ pub async fn restart(
         (status = "5XX", body = shared::error::ErrorEnvelope)))]
 pub async fn logout(
     State(state): State<AppState>,
-    Caller(caller): Caller,
+    Manager(caller): Manager,
     Path(id): Path<String>,
 ) -> ApiResult<Json<Session>> {
     run_for_session(&state, &caller, &id, Command::Logout).await
@@ -239,11 +237,10 @@ pub async fn logout(
         (status = "5XX", body = shared::error::ErrorEnvelope)))]
 pub async fn request_pairing_code(
     State(state): State<AppState>,
-    Caller(caller): Caller,
+    Manager(caller): Manager,
     Path(id): Path<String>,
     ApiJson(body): ApiJson<PairingCodeRequest>,
 ) -> ApiResult<Json<PairingCode>> {
-    caller.require(Capability::Manage)?;
     let phone_number = session::normalize_phone_number(&body.phone_number)?;
     match run(
         &state,
@@ -266,10 +263,9 @@ pub async fn request_pairing_code(
         (status = 409, body = shared::error::ErrorEnvelope), (status = "5XX", body = shared::error::ErrorEnvelope)))]
 pub async fn qr(
     State(state): State<AppState>,
-    Caller(caller): Caller,
+    Manager(caller): Manager,
     Path(id): Path<String>,
 ) -> ApiResult<Json<QrCode>> {
-    caller.require(Capability::Manage)?;
     match run(&state, &caller, &id, Command::Qr).await? {
         CommandOutput::Qr { qr, expires_at } => Ok(Json(QrCode { qr, expires_at })),
         _ => Err(Error::internal("unexpected reply").into()),

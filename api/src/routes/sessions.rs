@@ -22,7 +22,7 @@ use utoipa::{IntoParams, ToSchema};
 use super::commands::record_command;
 use crate::{
     AppState,
-    auth::Caller,
+    auth::{Caller, Manager},
     error::{ApiJson, ApiQuery, ApiResult},
 };
 
@@ -92,10 +92,9 @@ fn rate(
     responses((status = 201, body = Session), (status = "4XX", body = shared::error::ErrorEnvelope)))]
 pub async fn create(
     State(state): State<AppState>,
-    Caller(caller): Caller,
+    Manager(caller): Manager,
     ApiJson(body): ApiJson<CreateSession>,
 ) -> ApiResult<Response> {
-    caller.require(Capability::Manage)?;
     let label = session::validate_label(&body.label)?;
     let rate_per_min = rate("ratePerMin", body.rate_per_min, limits::RATE_PER_MIN)?
         .unwrap_or(limits::DEFAULT_RATE_PER_MIN);
@@ -227,11 +226,10 @@ pub async fn get(
     responses((status = 200, body = Session), (status = "4XX", body = shared::error::ErrorEnvelope)))]
 pub async fn update(
     State(state): State<AppState>,
-    Caller(caller): Caller,
+    Manager(caller): Manager,
     Path(id): Path<String>,
     ApiJson(body): ApiJson<UpdateSession>,
 ) -> ApiResult<Json<Session>> {
-    caller.require(Capability::Manage)?;
     session::parse_session_id(&id)?;
     let patch = SettingsPatch {
         label: body
@@ -270,10 +268,9 @@ pub async fn update(
         (status = 503, body = shared::error::ErrorEnvelope)))]
 pub async fn delete(
     State(state): State<AppState>,
-    Caller(caller): Caller,
+    Manager(caller): Manager,
     Path(id): Path<String>,
 ) -> ApiResult<StatusCode> {
-    caller.require(Capability::Manage)?;
     session::parse_session_id(&id)?;
     let current = {
         let client = state.db.get().await?;

@@ -9,6 +9,7 @@ use axum::{
     extract::{Path, State},
     routing::get,
 };
+use clap::Parser;
 use deadpool_postgres::Pool;
 use serde_json::json;
 use tests::{
@@ -34,7 +35,14 @@ async fn baseline_handler(
 async fn main() {
     let (rounds, secs) = plan();
     let env = TestEnv::new().await;
-    let api = env.start_api(|_| {}).await;
+    // The product as configured by default, not with the tests' short cache lifetimes.
+    let defaults = api::Config::parse_from(["api"]);
+    let api = env
+        .start_api(|c| {
+            c.api_key_cache_ttl_ms = defaults.api_key_cache_ttl_ms;
+            c.fleet_refresh_ms = defaults.fleet_refresh_ms;
+        })
+        .await;
     let key = env.api_key("org_bench", &["read", "manage"]).await;
     let s = api
         .create_session(&key, json!({"label": "bench", "gatewayId": "gw-bench-1"}))

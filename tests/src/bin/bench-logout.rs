@@ -11,6 +11,7 @@ use std::{
     time::Duration,
 };
 
+use clap::Parser;
 use futures::StreamExt;
 use lapin::{
     BasicProperties, Channel, Confirmation,
@@ -151,8 +152,21 @@ async fn main() {
     let (rounds, secs) = plan();
     let env = TestEnv::new().await;
     let gw = env.gateway_id("bench");
-    let _worker = env.start_worker(&gw, |_| {}).await;
-    let api = env.start_api(|_| {}).await;
+    let worker_defaults = worker::Config::parse_from(["worker"]);
+    let _worker = env
+        .start_worker(&gw, |c| {
+            c.db.database_pool_size = worker_defaults.db.database_pool_size;
+            c.heartbeat_interval_ms = worker_defaults.heartbeat_interval_ms;
+        })
+        .await;
+    // The product as configured by default, not with the tests' short cache lifetimes.
+    let defaults = api::Config::parse_from(["api"]);
+    let api = env
+        .start_api(|c| {
+            c.api_key_cache_ttl_ms = defaults.api_key_cache_ttl_ms;
+            c.fleet_refresh_ms = defaults.fleet_refresh_ms;
+        })
+        .await;
     let key = env.api_key("org_bench", &["read", "manage"]).await;
     let mut ids = Vec::new();
     for i in 0..SESSIONS {
