@@ -47,6 +47,9 @@ impl std::ops::Deref for AppState {
 
 pub struct App {
     pub db: Pool,
+    /// For recording pending commands only: its connections commit asynchronously (see
+    /// `routes::commands`).
+    pub commands_db: Pool,
     pub auth: Authenticator,
     pub bus: Bus,
     pub fleet: Fleet,
@@ -70,6 +73,11 @@ pub async fn run(cfg: Config, listener: TcpListener, shutdown: CancellationToken
 
 pub async fn build_state(cfg: Config, shutdown: CancellationToken) -> Result<AppState> {
     let db = shared::db::pool(&cfg.db.database_url, cfg.db.database_pool_size)?;
+    let commands_db = shared::db::pool_with_options(
+        &cfg.db.database_url,
+        cfg.db.database_pool_size,
+        Some("-c synchronous_commit=off"),
+    )?;
     let jwt = match &cfg.auth_jwks_url {
         Some(url) => Some(auth::JwtVerifier::new(auth::JwtConfig {
             jwks_url: url.clone(),
@@ -119,6 +127,7 @@ pub async fn build_state(cfg: Config, shutdown: CancellationToken) -> Result<App
     );
     Ok(AppState(Arc::new(App {
         db,
+        commands_db,
         auth: Authenticator::new(api_keys, jwt),
         bus,
         fleet,

@@ -69,6 +69,8 @@ pub struct CommandEnvelope {
     pub organization_id: String,
     pub session_id: String,
     pub gateway_id: String,
+    /// Who asked (a user id or an API key's prefix), for the audit log.
+    pub requested_by: String,
     /// Epoch ms after which the command must not run.
     pub deadline_ms: i64,
     pub command: Command,

@@ -188,11 +188,10 @@ async fn next_event(rx: &mut Option<mpsc::UnboundedReceiver<DriverEvent>>) -> Op
 
 /// Answers a command whose session this worker does not hold.
 async fn finish_without_session(ctx: &Ctx, job: &Job, error: ErrorBody) {
-    let id = job.env.id.to_string();
     let outcome = Outcome::Error(error.clone());
     let value = serde_json::to_value(&outcome).unwrap_or(Value::Null);
     let done = Done {
-        id: &id,
+        env: &job.env,
         error: Some(&error),
         outcome: &value,
     };
@@ -285,7 +284,14 @@ impl Actor {
         if job.redelivered {
             match store::recorded_outcome(&self.ctx.db, &id).await {
                 Ok(Some(recorded)) => {
-                    if let Ok(outcome) = serde_json::from_value::<Outcome>(recorded) {
+                    // Null: the answer was the session itself, as it is now.
+                    let outcome = match recorded {
+                        Value::Null => Ok(Outcome::Ok(CommandOutput::Session(Box::new(
+                            self.row.clone(),
+                        )))),
+                        v => serde_json::from_value::<Outcome>(v),
+                    };
+                    if let Ok(outcome) = outcome {
                         tracing::info!(command_id = %id, kind, "redelivered command already ran; answering from its record");
                         self.ctx.outbox.reply(&job, outcome).await;
                         job.ack().await;
@@ -611,39 +617,8 @@ impl Actor {
         events
     }
 
-    /// The session as it will read once `change` is written (kept as the command's record).
-    fn predicted(&self, change: Option<&Change>, now: i64) -> Session {
-        let mut s = self.row.clone();
-        if let Some(c) = change {
-            s.status = c.status;
-            s.status_reason = c.reason;
-            s.updated_at = now;
-            if c.connected_now {
-                s.last_connected_at = Some(now);
-            }
-            match &c.pairing {
-                Pairing::Keep => {}
-                Pairing::Clear => (s.phone_number, s.wa_jid, s.wa_lid) = (None, None, None),
-                Pairing::Set {
-                    phone_number,
-                    jid,
-                    lid,
-                    ..
-                } => {
-                    (s.phone_number, s.wa_jid, s.wa_lid) = (
-                        Some(phone_number.clone()),
-                        Some(jid.clone()),
-                        Some(lid.clone()),
-                    )
-                }
-            }
-        }
-        s
-    }
-
     /// Writes a command's effects and outcome, then publishes, replies and acks.
     async fn commit(&mut self, job: &Job, effects: Effects) -> Flow {
-        let id = job.env.id.to_string();
         let kind = job.env.command.kind();
         let now = now_ms();
         let Effects {
@@ -655,7 +630,7 @@ impl Actor {
             let outcome = Outcome::Ok(CommandOutput::Deleted);
             let value = serde_json::to_value(&outcome).unwrap_or(Value::Null);
             let done = Done {
-                id: &id,
+                env: &job.env,
                 error: None,
                 outcome: &value,
             };
@@ -684,21 +659,25 @@ impl Actor {
                 }
             };
         }
-        let predicted = match &answer {
-            Answer::Row => Outcome::Ok(CommandOutput::Session(Box::new(
-                self.predicted(change.as_ref(), now),
-            ))),
-            Answer::Output(o) => Outcome::Ok(o.clone()),
-            Answer::Error(e) => Outcome::Error(e.clone()),
-            Answer::Deleted => Outcome::Ok(CommandOutput::Deleted),
+        // The record a redelivery answers from. An answer that is the session itself is
+        // recorded as null and answered with the session as it is then: keeping a copy of the
+        // whole row in every command row would double what each command writes.
+        let recorded = match &answer {
+            Answer::Row => None,
+            Answer::Output(o) => Some(Outcome::Ok(o.clone())),
+            Answer::Error(e) => Some(Outcome::Error(e.clone())),
+            Answer::Deleted => Some(Outcome::Ok(CommandOutput::Deleted)),
         };
-        let value = serde_json::to_value(&predicted).unwrap_or(Value::Null);
-        let error = match &predicted {
-            Outcome::Error(e) => Some(e),
-            Outcome::Ok(_) => None,
+        let value = recorded
+            .as_ref()
+            .and_then(|o| serde_json::to_value(o).ok())
+            .unwrap_or(Value::Null);
+        let error = match &recorded {
+            Some(Outcome::Error(e)) => Some(e),
+            _ => None,
         };
         let done = Done {
-            id: &id,
+            env: &job.env,
             error,
             outcome: &value,
         };
@@ -717,10 +696,9 @@ impl Actor {
             Ok((Some(row), events)) => {
                 self.row = row;
                 self.ctx.outbox.events(&events).await;
-                let outcome = match answer {
-                    Answer::Row => Outcome::Ok(CommandOutput::Session(Box::new(self.row.clone()))),
-                    _ => predicted,
-                };
+                let outcome = recorded.unwrap_or_else(|| {
+                    Outcome::Ok(CommandOutput::Session(Box::new(self.row.clone())))
+                });
                 let label = match &outcome {
                     Outcome::Ok(_) => "ok",
                     Outcome::Error(e) => e.code.as_str(),

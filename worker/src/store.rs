@@ -15,7 +15,7 @@ use serde_json::Value;
 use shared::{
     Result,
     error::ErrorBody,
-    protocol::{Event, EventKind},
+    protocol::{CommandEnvelope, Event, EventKind},
     session::{Session, SessionStatus, StatusReason},
     store::{events, sessions},
 };
@@ -89,9 +89,10 @@ pub struct Change {
 
 /// A command's end, as written to its row.
 pub struct Done<'a> {
-    pub id: &'a str,
+    pub env: &'a CommandEnvelope,
     pub error: Option<&'a ErrorBody>,
-    /// The reply's outcome, kept so a redelivery can be answered without running again.
+    /// The reply's outcome, kept so a redelivery can be answered without running again
+    /// (null when the answer is the session itself).
     pub outcome: &'a Value,
 }
 
@@ -102,6 +103,99 @@ const SESSION_UPDATE: &str = "UPDATE sessions SET status = $3, status_reason = $
     device_credentials = CASE $5::text WHEN 'keep' THEN device_credentials ELSE $9 END, \
     last_connected_at = CASE WHEN $10 THEN $11 ELSE last_connected_at END, \
     updated_at = $11 WHERE id = $1 AND lease_epoch = $2";
+
+/// Records a command's end. An upsert, not an update: the api commits the pending row
+/// asynchronously, so it may be missing after a database crash, and this write (committed
+/// before the reply) is what makes the record durable. `guarded`: only if the CTE `s` found
+/// the session under our lease.
+fn command_upsert(first: usize, guarded: bool) -> String {
+    let p = |i: usize| format!("${}", first + i);
+    format!(
+        "INSERT INTO commands (id, organization_id, session_id, gateway_id, kind, payload, \
+         requested_by, created_at, deadline_at, status, error_code, error_message, result, \
+         completed_at) SELECT {}::text, {}::text, {}::text, {}::text, {}::text, {}::jsonb, \
+         {}::text, {}::bigint, {}::bigint, {}::text, {}::text, {}::text, {}::jsonb, {}::bigint \
+         {} ON CONFLICT (id) DO UPDATE SET status = EXCLUDED.status, \
+         error_code = EXCLUDED.error_code, error_message = EXCLUDED.error_message, \
+         result = EXCLUDED.result, completed_at = EXCLUDED.completed_at \
+         WHERE commands.status = 'pending'",
+        p(0),
+        p(1),
+        p(2),
+        p(3),
+        p(4),
+        p(5),
+        p(6),
+        p(7),
+        p(8),
+        p(9),
+        p(10),
+        p(11),
+        p(12),
+        p(13),
+        if guarded {
+            "WHERE EXISTS (SELECT 1 FROM s)"
+        } else {
+            ""
+        }
+    )
+}
+
+/// The values [`command_upsert`] takes, in order.
+struct CommandRow<'a> {
+    id: String,
+    kind: &'a str,
+    payload: Value,
+    created_at: i64,
+    status: &'a str,
+    code: Option<&'a str>,
+    message: Option<&'a str>,
+    done: &'a Done<'a>,
+    now: i64,
+}
+
+impl<'a> CommandRow<'a> {
+    fn new(done: &'a Done<'a>, now: i64) -> Self {
+        let (status, code, message) = match done.error {
+            Some(e) if e.code == shared::ErrorCode::GatewayTimeout => {
+                ("expired", Some(e.code.as_str()), Some(e.message.as_str()))
+            }
+            Some(e) => ("failed", Some(e.code.as_str()), Some(e.message.as_str())),
+            None => ("succeeded", None, None),
+        };
+        CommandRow {
+            id: done.env.id.to_string(),
+            kind: done.env.command.kind(),
+            payload: serde_json::to_value(&done.env.command).unwrap_or(Value::Null),
+            created_at: done.env.id.timestamp_ms() as i64,
+            status,
+            code,
+            message,
+            done,
+            now,
+        }
+    }
+
+    fn params(&self) -> [&(dyn ToSql + Sync); 14] {
+        let env = self.done.env;
+        [
+            &self.id,
+            &env.organization_id,
+            &env.session_id,
+            &env.gateway_id,
+            &self.kind,
+            &self.payload,
+            &env.requested_by,
+            &self.created_at,
+            &env.deadline_ms,
+            &self.status,
+            &self.code,
+            &self.message,
+            self.done.outcome,
+            &self.now,
+        ]
+    }
+}
 
 fn statement(change: bool, command: bool) -> String {
     let cols = sessions::COLUMNS;
@@ -114,17 +208,7 @@ fn statement(change: bool, command: bool) -> String {
         )
     };
     let command = if command {
-        format!(
-            ", c AS (UPDATE commands SET status = ${a}, error_code = ${b}, error_message = ${c}, \
-             result = ${d}, completed_at = ${e} WHERE id = ${f} AND status = 'pending' \
-             AND EXISTS (SELECT 1 FROM s))",
-            a = next,
-            b = next + 1,
-            c = next + 2,
-            d = next + 3,
-            e = next + 4,
-            f = next + 5
-        )
+        format!(", c AS ({})", command_upsert(next, true))
     } else {
         String::new()
     };
@@ -164,10 +248,7 @@ pub async fn write(
     let status = change.map(|c| c.status.as_str());
     let reason = change.and_then(|c| c.reason.map(StatusReason::as_str));
     let connected_now = change.is_some_and(|c| c.connected_now);
-    let (cmd_status, err_code, err_msg) = match done.and_then(|d| d.error) {
-        Some(e) => ("failed", Some(e.code.as_str()), Some(e.message.as_str())),
-        None => ("succeeded", None, None),
-    };
+    let command_row = done.map(|d| CommandRow::new(d, now));
     let mut params: Vec<&(dyn ToSql + Sync)> = vec![&session.id, &epoch];
     if change.is_some() {
         params.extend([
@@ -182,15 +263,8 @@ pub async fn write(
             &now,
         ]);
     }
-    if let Some(d) = done {
-        params.extend([
-            &cmd_status as &(dyn ToSql + Sync),
-            &err_code,
-            &err_msg,
-            d.outcome,
-            &now,
-            &d.id,
-        ]);
+    if let Some(row) = &command_row {
+        params.extend(row.params());
     }
     if new_events.is_empty() {
         let stmt = client.prepare_cached(&sql).await?;
@@ -241,28 +315,14 @@ pub async fn delete(
 
 /// Ends a command that changed no session (expired, refused, or the session is gone).
 pub async fn end_command(db: &impl GenericClient, done: &Done<'_>, now: i64) -> Result<()> {
-    let stmt = db
-        .prepare_cached(
-            "UPDATE commands SET status = $2, error_code = $3, error_message = $4, result = $5, \
-             completed_at = $6 WHERE id = $1 AND status = 'pending'",
-        )
-        .await?;
-    let (status, code, message) = match done.error {
-        Some(e) if e.code == shared::ErrorCode::GatewayTimeout => {
-            ("expired", Some(e.code.as_str()), Some(e.message.as_str()))
-        }
-        Some(e) => ("failed", Some(e.code.as_str()), Some(e.message.as_str())),
-        None => ("succeeded", None, None),
-    };
-    db.execute(
-        &stmt,
-        &[&done.id, &status, &code, &message, done.outcome, &now],
-    )
-    .await?;
+    let stmt = db.prepare_cached(&command_upsert(1, false)).await?;
+    let row = CommandRow::new(done, now);
+    db.execute(&stmt, &row.params()).await?;
     Ok(())
 }
 
-/// A command's recorded end, if it has one: what a redelivery must answer instead of running.
+/// A command's recorded end, if it has one: what a redelivery must answer instead of running
+/// (`Value::Null` when the answer was the session itself).
 pub async fn recorded_outcome(db: &Pool, command_id: &str) -> Result<Option<Value>> {
     let client = db.get().await?;
     let stmt = client
@@ -271,7 +331,7 @@ pub async fn recorded_outcome(db: &Pool, command_id: &str) -> Result<Option<Valu
     Ok(client
         .query_opt(&stmt, &[&command_id])
         .await?
-        .and_then(|r| r.get::<_, Option<Value>>(0)))
+        .map(|r| r.get::<_, Option<Value>>(0).unwrap_or(Value::Null)))
 }
 
 pub async fn count_by_status(db: &Pool, gateway_id: &str) -> Result<Vec<(String, i64)>> {

@@ -3,8 +3,8 @@
 //! The cache maps a key's public prefix to its row (or to "no such key", so a flood of made-up
 //! keys costs one lookup each per TTL) for `API_KEY_CACHE_TTL_MS`. It is a read-locked map
 //! rather than a general-purpose cache crate because a hit is on every request's path and
-//! must cost next to nothing (moka's async lookup cost the GET benchmark ~4%); it is bounded
-//! by dropping stale entries, then everything, when full. The secret is checked against the
+//! should cost one uncontended read lock and a hash; it is bounded by dropping stale entries,
+//! then everything, when full. The secret is checked against the
 //! stored SHA-256 in constant time on every request, so the cache never holds or compares
 //! secrets. `last_used_at` is written at most once a minute per key, off the request path.
 

@@ -2,6 +2,13 @@
 //! `GET /qr`. Each follows the command path of ARCHITECTURE.md: record the command (org-scoped;
 //! an unknown session is 404), make sure a live worker serves the session's gateway (else 503
 //! at once), publish, and wait for the reply until the deadline (else 504 with the command id).
+//!
+//! The pending row is committed asynchronously (`synchronous_commit = off`): waiting for its
+//! WAL flush doubled the flushes per command, and Postgres's WAL flush was what limited
+//! command throughput. Nothing depends on that row surviving a database crash: the worker
+//! writes the command's outcome as an upsert, synchronously, before it replies, so every
+//! answered command has a durable record. Only a command that a database crash catches
+//! before any worker ran it can vanish from the audit log, and then it never ran.
 
 use axum::{
     Json,
@@ -61,7 +68,7 @@ pub async fn record_command(
     let now = now_ms();
     let deadline = now + state.cfg.command_timeout_ms as i64;
     let payload = serde_json::to_value(&command).map_err(Error::internal)?;
-    let client = state.db.get().await?;
+    let client = state.commands_db.get().await?;
     let gateway_id = store::commands::insert_for_session(
         &client,
         &NewCommand {
@@ -82,6 +89,7 @@ pub async fn record_command(
         organization_id: caller.organization_id.clone(),
         session_id: session_id.to_owned(),
         gateway_id,
+        requested_by: caller.subject.clone(),
         deadline_ms: deadline,
         command,
     })
@@ -105,7 +113,7 @@ pub async fn run(
         && e.code() == shared::ErrorCode::GatewayUnavailable
     {
         // Never reached a worker: the audit log says so.
-        if let Ok(client) = state.db.get().await {
+        if let Ok(client) = state.commands_db.get().await {
             let _ = store::commands::end_pending(
                 &client,
                 &env.id.to_string(),

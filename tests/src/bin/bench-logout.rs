@@ -165,6 +165,10 @@ async fn main() {
         .start_api(|c| {
             c.api_key_cache_ttl_ms = defaults.api_key_cache_ttl_ms;
             c.fleet_refresh_ms = defaults.fleet_refresh_ms;
+            if std::env::var_os("EXPERIMENT_ASYNC_COMMIT").is_some() {
+                c.db.database_url
+                    .push_str("?options=-c%20synchronous_commit%3Doff");
+            }
         })
         .await;
     let key = env.api_key("org_bench", &["read", "manage"]).await;
@@ -280,6 +284,15 @@ async fn main() {
             } else {
                 rate_ratios.push(p.per_second() / b.per_second());
             }
+        }
+    }
+    if std::env::var_os("BENCH_METRICS").is_some() {
+        let text = shared::telemetry::prometheus().render();
+        for line in text
+            .lines()
+            .filter(|l| (l.contains("_sum") || l.contains("_count")) && l.contains("duration"))
+        {
+            println!("{line}");
         }
     }
     println!(

@@ -498,6 +498,7 @@ async fn a_worker_does_not_run_a_command_delivered_after_its_deadline() {
         organization_id: "org_a".into(),
         session_id: id.clone(),
         gateway_id: gw.clone(),
+        requested_by: "test".into(),
         deadline_ms: now - 5_000,
         command: Command::Start,
     };
@@ -670,4 +671,55 @@ async fn updating_settings_tells_the_owning_worker() {
         env.commands_of(&id).await == vec![("apply_settings".into(), "succeeded".into(), None)]
     })
     .await;
+}
+
+#[tokio::test]
+async fn an_answered_command_is_recorded_even_if_its_pending_row_was_lost() {
+    let env = TestEnv::new().await;
+    let gw = env.gateway_id("sg");
+    let _worker = env.start_worker(&gw, |c| c.sim_op_delay_ms = 600).await;
+    let api = env.start_api(|_| {}).await;
+    let key = env.api_key("org_a", &["read", "manage"]).await;
+    let s = api
+        .create_session(&key, json!({"label": "x", "gatewayId": gw}))
+        .await;
+    let id = s["id"].as_str().expect("id").to_owned();
+
+    let request = {
+        let (base, key, id) = (api.base.clone(), key.clone(), id.clone());
+        tokio::spawn(async move {
+            reqwest::Client::new()
+                .post(format!("{base}/api/v1/sessions/{id}:start"))
+                .bearer_auth(key)
+                .send()
+                .await
+                .expect("send")
+                .status()
+                .as_u16()
+        })
+    };
+    // The asynchronously committed pending row is lost (as in a database crash) while the
+    // worker runs the command.
+    tokio::time::sleep(Duration::from_millis(250)).await;
+    let client = env.db.get().await.expect("db");
+    let removed = client
+        .execute("DELETE FROM commands WHERE session_id = $1", &[&id])
+        .await
+        .expect("delete");
+    assert_eq!(removed, 1);
+    assert_eq!(request.await.expect("request"), 200);
+    let row = client
+        .query_one(
+            "SELECT kind, status, requested_by, organization_id FROM commands WHERE session_id = $1",
+            &[&id],
+        )
+        .await
+        .expect("the worker recorded it");
+    let (kind, status, by, org): (String, String, String, String) =
+        (row.get(0), row.get(1), row.get(2), row.get(3));
+    assert_eq!(
+        (kind.as_str(), status.as_str(), org.as_str()),
+        ("start", "succeeded", "org_a")
+    );
+    assert_eq!(Some(by.as_str()), shared::auth::api_key_id(&key));
 }
