@@ -50,6 +50,8 @@ pub struct App {
     /// For recording pending commands only: its connections commit asynchronously (see
     /// `routes::commands`).
     pub commands_db: Pool,
+    /// Group commit of the pending command rows, over `commands_db`.
+    pub command_writer: shared::db::GroupCommit,
     pub auth: Authenticator,
     pub bus: Bus,
     pub fleet: Fleet,
@@ -127,6 +129,7 @@ pub async fn build_state(cfg: Config, shutdown: CancellationToken) -> Result<App
     );
     Ok(AppState(Arc::new(App {
         db,
+        command_writer: shared::db::GroupCommit::start(commands_db.clone()),
         commands_db,
         auth: Authenticator::new(api_keys, jwt),
         bus,

@@ -69,3 +69,126 @@ pub fn now_ms() -> i64 {
         .map(|d| d.as_millis() as i64)
         .unwrap_or_default()
 }
+
+/// A statement's parameters, owned so the statement can wait in a batch.
+pub type Params = Vec<Box<dyn tokio_postgres::types::ToSql + Send + Sync>>;
+
+struct Queued {
+    sql: std::sync::Arc<str>,
+    params: Params,
+    reply: tokio::sync::oneshot::Sender<Result<Option<tokio_postgres::Row>>>,
+}
+
+/// Group commit: runs single statements of many concurrent callers together, each batch in
+/// one transaction with its statements pipelined.
+///
+/// Under load every small write transaction costs a transaction id, a WAL flush and lock
+/// traffic, and those (not CPU) are what limit throughput: Postgres sessions queue on
+/// `XidGen` and `WALWrite`. A batch pays them once. A caller waits for its batch's commit, so
+/// a statement answered `Ok` is durable exactly as if it had run alone. The price: a batch
+/// fails as a whole, so a statement can fail because another in its batch did. Callers that
+/// must not fail for others' sake do not use this. With one caller at a time a batch is one
+/// statement and the only cost is a channel hop.
+#[derive(Clone)]
+pub struct GroupCommit {
+    queue: tokio::sync::mpsc::Sender<Queued>,
+}
+
+/// Statements in one batch at most.
+const BATCH: usize = 128;
+/// Batches in flight at once (each on its own pooled connection).
+const IN_FLIGHT: usize = 4;
+
+impl GroupCommit {
+    pub fn start(pool: Pool) -> Self {
+        let (queue, mut rx) = tokio::sync::mpsc::channel::<Queued>(4096);
+        tokio::spawn(async move {
+            let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(IN_FLIGHT));
+            while let Some(first) = rx.recv().await {
+                let Ok(slot) = slots.clone().acquire_owned().await else {
+                    return;
+                };
+                // Whatever queued while we waited for a slot joins this batch.
+                let mut batch = vec![first];
+                while batch.len() < BATCH {
+                    match rx.try_recv() {
+                        Ok(q) => batch.push(q),
+                        Err(_) => break,
+                    }
+                }
+                let pool = pool.clone();
+                tokio::spawn(async move {
+                    run_batch(&pool, batch).await;
+                    drop(slot);
+                });
+            }
+        });
+        GroupCommit { queue }
+    }
+
+    /// Runs `sql` in the next batch; the row it returns, if any, once the batch committed.
+    pub async fn query_opt(
+        &self,
+        sql: std::sync::Arc<str>,
+        params: Params,
+    ) -> Result<Option<tokio_postgres::Row>> {
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        self.queue
+            .send(Queued { sql, params, reply })
+            .await
+            .map_err(|_| Error::unavailable("database writer stopped"))?;
+        answer
+            .await
+            .map_err(|_| Error::unavailable("database writer stopped"))?
+    }
+}
+
+async fn run_batch(pool: &Pool, batch: Vec<Queued>) {
+    let result: Result<Vec<Option<tokio_postgres::Row>>> = async {
+        let mut client = pool.get().await?;
+        if let [only] = batch.as_slice() {
+            // A lone statement is atomic by itself: no BEGIN/COMMIT round trips.
+            let stmt = client.prepare_cached(&only.sql).await?;
+            return Ok(vec![
+                client.query_opt(&stmt, &param_refs(&only.params)).await?,
+            ]);
+        }
+        let tx = client.transaction().await?;
+        let rows = futures::future::join_all(batch.iter().map(|q| {
+            let tx = &tx;
+            async move {
+                let stmt = tx.prepare_cached(&q.sql).await?;
+                Ok::<_, Error>(tx.query_opt(&stmt, &param_refs(&q.params)).await?)
+            }
+        }))
+        .await
+        .into_iter()
+        .collect::<Result<Vec<_>>>()?;
+        tx.commit().await?;
+        Ok(rows)
+    }
+    .await;
+    metrics::histogram!("db_group_commit_batch_size").record(batch.len() as f64);
+    match result {
+        Ok(rows) => {
+            for (q, row) in batch.into_iter().zip(rows) {
+                let _ = q.reply.send(Ok(row));
+            }
+        }
+        Err(e) => {
+            for q in batch {
+                let _ = q
+                    .reply
+                    .send(Err(Error::new(e.code(), e.body.message.clone())));
+            }
+        }
+    }
+}
+
+/// Borrows owned parameters the way tokio-postgres takes them.
+pub fn param_refs(params: &Params) -> Vec<&(dyn tokio_postgres::types::ToSql + Sync)> {
+    params
+        .iter()
+        .map(|p| p.as_ref() as &(dyn tokio_postgres::types::ToSql + Sync))
+        .collect()
+}

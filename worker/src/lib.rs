@@ -29,6 +29,8 @@ use crate::{bus::Outbox, driver::Driver, registry::Registry};
 /// What every session actor shares.
 pub struct Ctx {
     pub db: Pool,
+    /// Group commit for the single-statement writes every command ends with.
+    pub writer: shared::db::GroupCommit,
     pub driver: Arc<dyn Driver>,
     pub outbox: Outbox,
     pub gateway_id: String,
@@ -58,6 +60,7 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<()> {
     let topology = cfg.amqp.topology();
     let outbox = Outbox::new(topology.clone());
     let ctx = Arc::new(Ctx {
+        writer: shared::db::GroupCommit::start(db.clone()),
         db: db.clone(),
         driver,
         outbox: outbox.clone(),

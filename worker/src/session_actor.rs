@@ -570,6 +570,7 @@ impl Actor {
         let events = self.with_status_event(change.as_ref(), events);
         match store::write(
             &self.ctx.db,
+            &self.ctx.writer,
             &self.row,
             self.epoch,
             change.as_ref(),
@@ -684,6 +685,7 @@ impl Actor {
         let events = self.with_status_event(change.as_ref(), events);
         match store::write(
             &self.ctx.db,
+            &self.ctx.writer,
             &self.row,
             self.epoch,
             change.as_ref(),

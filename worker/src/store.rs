@@ -12,6 +12,7 @@
 
 use deadpool_postgres::{GenericClient, Pool};
 use serde_json::Value;
+use shared::db::{GroupCommit, Params, param_refs};
 use shared::{
     Result,
     error::ErrorBody,
@@ -142,59 +143,31 @@ fn command_upsert(first: usize, guarded: bool) -> String {
 }
 
 /// The values [`command_upsert`] takes, in order.
-struct CommandRow<'a> {
-    id: String,
-    kind: &'a str,
-    payload: Value,
-    created_at: i64,
-    status: &'a str,
-    code: Option<&'a str>,
-    message: Option<&'a str>,
-    done: &'a Done<'a>,
-    now: i64,
-}
-
-impl<'a> CommandRow<'a> {
-    fn new(done: &'a Done<'a>, now: i64) -> Self {
-        let (status, code, message) = match done.error {
-            Some(e) if e.code == shared::ErrorCode::GatewayTimeout => {
-                ("expired", Some(e.code.as_str()), Some(e.message.as_str()))
-            }
-            Some(e) => ("failed", Some(e.code.as_str()), Some(e.message.as_str())),
-            None => ("succeeded", None, None),
-        };
-        CommandRow {
-            id: done.env.id.to_string(),
-            kind: done.env.command.kind(),
-            payload: serde_json::to_value(&done.env.command).unwrap_or(Value::Null),
-            created_at: done.env.id.timestamp_ms() as i64,
-            status,
-            code,
-            message,
-            done,
-            now,
+fn command_params(done: &Done<'_>, now: i64) -> Params {
+    let (status, code, message) = match done.error {
+        Some(e) if e.code == shared::ErrorCode::GatewayTimeout => {
+            ("expired", Some(e.code.as_str()), Some(e.message.clone()))
         }
-    }
-
-    fn params(&self) -> [&(dyn ToSql + Sync); 14] {
-        let env = self.done.env;
-        [
-            &self.id,
-            &env.organization_id,
-            &env.session_id,
-            &env.gateway_id,
-            &self.kind,
-            &self.payload,
-            &env.requested_by,
-            &self.created_at,
-            &env.deadline_ms,
-            &self.status,
-            &self.code,
-            &self.message,
-            self.done.outcome,
-            &self.now,
-        ]
-    }
+        Some(e) => ("failed", Some(e.code.as_str()), Some(e.message.clone())),
+        None => ("succeeded", None, None),
+    };
+    let env = done.env;
+    vec![
+        Box::new(env.id.to_string()),
+        Box::new(env.organization_id.clone()),
+        Box::new(env.session_id.clone()),
+        Box::new(env.gateway_id.clone()),
+        Box::new(env.command.kind()),
+        Box::new(serde_json::to_value(&env.command).unwrap_or(Value::Null)),
+        Box::new(env.requested_by.clone()),
+        Box::new(env.id.timestamp_ms() as i64),
+        Box::new(env.deadline_ms),
+        Box::new(status),
+        Box::new(code),
+        Box::new(message),
+        Box::new(done.outcome.clone()),
+        Box::new(now),
+    ]
 }
 
 fn statement(change: bool, command: bool) -> String {
@@ -220,6 +193,7 @@ fn statement(change: bool, command: bool) -> String {
 #[allow(clippy::too_many_arguments)]
 pub async fn write(
     db: &Pool,
+    writer: &GroupCommit,
     session: &Session,
     epoch: i64,
     change: Option<&Change>,
@@ -227,53 +201,49 @@ pub async fn write(
     done: Option<&Done<'_>>,
     now: i64,
 ) -> Result<(Option<Session>, Vec<Event>)> {
-    let mut client = db.get().await?;
     let sql = statement(change.is_some(), done.is_some());
-    let (mode, phone, jid, lid, creds) = match change.map(|c| &c.pairing) {
-        None | Some(Pairing::Keep) => ("keep", None, None, None, None),
-        Some(Pairing::Clear) => ("clear", None, None, None, None),
-        Some(Pairing::Set {
-            phone_number,
-            jid,
-            lid,
-            credentials,
-        }) => (
-            "set",
-            Some(phone_number.as_str()),
-            Some(jid.as_str()),
-            Some(lid.as_str()),
-            Some(credentials),
-        ),
-    };
-    let status = change.map(|c| c.status.as_str());
-    let reason = change.and_then(|c| c.reason.map(StatusReason::as_str));
-    let connected_now = change.is_some_and(|c| c.connected_now);
-    let command_row = done.map(|d| CommandRow::new(d, now));
-    let mut params: Vec<&(dyn ToSql + Sync)> = vec![&session.id, &epoch];
-    if change.is_some() {
+    let mut params: Params = vec![Box::new(session.id.clone()), Box::new(epoch)];
+    if let Some(c) = change {
+        let (mode, phone, jid, lid, creds) = match &c.pairing {
+            Pairing::Keep => ("keep", None, None, None, None),
+            Pairing::Clear => ("clear", None, None, None, None),
+            Pairing::Set {
+                phone_number,
+                jid,
+                lid,
+                credentials,
+            } => (
+                "set",
+                Some(phone_number.clone()),
+                Some(jid.clone()),
+                Some(lid.clone()),
+                Some(credentials.clone()),
+            ),
+        };
         params.extend([
-            &status as &(dyn ToSql + Sync),
-            &reason,
-            &mode,
-            &phone,
-            &jid,
-            &lid,
-            &creds,
-            &connected_now,
-            &now,
+            Box::new(c.status.as_str()) as Box<dyn ToSql + Send + Sync>,
+            Box::new(c.reason.map(StatusReason::as_str)),
+            Box::new(mode),
+            Box::new(phone),
+            Box::new(jid),
+            Box::new(lid),
+            Box::new(creds),
+            Box::new(c.connected_now),
+            Box::new(now),
         ]);
     }
-    if let Some(row) = &command_row {
-        params.extend(row.params());
+    if let Some(d) = done {
+        params.extend(command_params(d, now));
     }
     if new_events.is_empty() {
-        let stmt = client.prepare_cached(&sql).await?;
-        let row = client.query_opt(&stmt, &params).await?;
+        // The common case, one statement: it goes through group commit.
+        let row = writer.query_opt(sql.into(), params).await?;
         return Ok((row.as_ref().map(sessions::from_row), vec![]));
     }
+    let mut client = db.get().await?;
     let tx = client.transaction().await?;
     let stmt = tx.prepare_cached(&sql).await?;
-    let Some(row) = tx.query_opt(&stmt, &params).await? else {
+    let Some(row) = tx.query_opt(&stmt, &param_refs(&params)).await? else {
         return Ok((None, vec![]));
     };
     let mut appended = Vec::with_capacity(new_events.len());
@@ -316,8 +286,8 @@ pub async fn delete(
 /// Ends a command that changed no session (expired, refused, or the session is gone).
 pub async fn end_command(db: &impl GenericClient, done: &Done<'_>, now: i64) -> Result<()> {
     let stmt = db.prepare_cached(&command_upsert(1, false)).await?;
-    let row = CommandRow::new(done, now);
-    db.execute(&stmt, &row.params()).await?;
+    db.execute(&stmt, &param_refs(&command_params(done, now)))
+        .await?;
     Ok(())
 }
 

@@ -68,22 +68,22 @@ pub async fn record_command(
     let now = now_ms();
     let deadline = now + state.cfg.command_timeout_ms as i64;
     let payload = serde_json::to_value(&command).map_err(Error::internal)?;
-    let client = state.commands_db.get().await?;
-    let gateway_id = store::commands::insert_for_session(
-        &client,
-        &NewCommand {
-            id: &id.to_string(),
-            organization_id: &caller.organization_id,
-            session_id,
-            kind: command.kind(),
-            payload: &payload,
-            requested_by: &caller.subject,
-            now,
-            deadline,
-        },
-    )
-    .await?
-    .ok_or_else(Error::session_not_found)?;
+    let params = store::commands::insert_params(&NewCommand {
+        id: &id.to_string(),
+        organization_id: &caller.organization_id,
+        session_id,
+        kind: command.kind(),
+        payload: &payload,
+        requested_by: &caller.subject,
+        now,
+        deadline,
+    });
+    let gateway_id: String = state
+        .command_writer
+        .query_opt(store::commands::INSERT_FOR_SESSION.into(), params)
+        .await?
+        .ok_or_else(Error::session_not_found)?
+        .get(0);
     Ok(CommandEnvelope {
         id,
         organization_id: caller.organization_id.clone(),

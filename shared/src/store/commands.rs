@@ -19,36 +19,37 @@ pub struct NewCommand<'a> {
 }
 
 /// Records a pending command for a session of the organization and returns the session's
-/// gateway id, in one statement; `None` when the organization has no such session.
+/// gateway id, in one statement; the row is `None` when the organization has no such session.
+/// Takes [`insert_params`].
+pub const INSERT_FOR_SESSION: &str = "INSERT INTO commands (id, organization_id, session_id, \
+    gateway_id, kind, payload, requested_by, created_at, deadline_at) \
+    SELECT $1, s.organization_id, s.id, s.gateway_id, $4, $5, $6, $7, $8 \
+    FROM sessions s WHERE s.organization_id = $2 AND s.id = $3 RETURNING gateway_id";
+
+pub fn insert_params(c: &NewCommand<'_>) -> crate::db::Params {
+    vec![
+        Box::new(c.id.to_owned()),
+        Box::new(c.organization_id.to_owned()),
+        Box::new(c.session_id.to_owned()),
+        Box::new(c.kind.to_owned()),
+        Box::new(c.payload.clone()),
+        Box::new(c.requested_by.to_owned()),
+        Box::new(c.now),
+        Box::new(c.deadline),
+    ]
+}
+
+/// [`INSERT_FOR_SESSION`] on one connection.
 pub async fn insert_for_session(
     db: &impl GenericClient,
     c: &NewCommand<'_>,
 ) -> Result<Option<String>> {
-    let stmt = db
-        .prepare_cached(
-            "INSERT INTO commands (id, organization_id, session_id, gateway_id, kind, payload, \
-             requested_by, created_at, deadline_at) \
-             SELECT $1, s.organization_id, s.id, s.gateway_id, $4, $5, $6, $7, $8 \
-             FROM sessions s WHERE s.organization_id = $2 AND s.id = $3 \
-             RETURNING gateway_id",
-        )
-        .await?;
-    let row = db
-        .query_opt(
-            &stmt,
-            &[
-                &c.id,
-                &c.organization_id,
-                &c.session_id,
-                &c.kind,
-                c.payload,
-                &c.requested_by,
-                &c.now,
-                &c.deadline,
-            ],
-        )
-        .await?;
-    Ok(row.map(|r| r.get(0)))
+    let stmt = db.prepare_cached(INSERT_FOR_SESSION).await?;
+    let params = insert_params(c);
+    Ok(db
+        .query_opt(&stmt, &crate::db::param_refs(&params))
+        .await?
+        .map(|r| r.get(0)))
 }
 
 /// Marks a still-pending command as ended without running (`failed` or `expired`);
