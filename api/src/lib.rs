@@ -12,6 +12,7 @@ pub mod fleet;
 pub mod openapi;
 pub mod operator;
 pub mod routes;
+pub mod ttl_cache;
 
 use std::{sync::Arc, time::Duration};
 
@@ -52,6 +53,7 @@ pub struct App {
     pub commands_db: Pool,
     /// Group commit of the pending command rows, over `commands_db`.
     pub command_writer: shared::db::GroupCommit,
+
     pub auth: Authenticator,
     pub bus: Bus,
     pub fleet: Fleet,
@@ -130,6 +132,7 @@ pub async fn build_state(cfg: Config, shutdown: CancellationToken) -> Result<App
     Ok(AppState(Arc::new(App {
         db,
         command_writer: shared::db::GroupCommit::start(commands_db.clone()),
+
         commands_db,
         auth: Authenticator::new(api_keys, jwt),
         bus,

@@ -129,10 +129,16 @@ pub async fn run(ctx: Arc<Ctx>, session_id: String, mut jobs: mpsc::Receiver<Job
         Ok(Some(c)) => c,
         Ok(None) => {
             // Deleted, or placed on another gateway since the command was sent.
+            let error = match store::gateway_of(&ctx.db, &session_id).await {
+                Ok(None) => body(ErrorCode::NotFound, "session not found"),
+                _ => body(
+                    ErrorCode::GatewayUnavailable,
+                    "the session moved to another gateway; try again",
+                ),
+            };
             jobs.close();
             while let Some(job) = jobs.recv().await {
-                let error = body(ErrorCode::NotFound, "session not found");
-                finish_without_session(&ctx, &job, error).await;
+                finish_without_session(&ctx, &job, error.clone()).await;
             }
             return;
         }

@@ -50,6 +50,18 @@ pub async fn claim(db: &Pool, session_id: &str, gateway_id: &str) -> Result<Opti
     }))
 }
 
+/// The gateway a session is placed on, if the session exists.
+pub async fn gateway_of(db: &Pool, session_id: &str) -> Result<Option<String>> {
+    let client = db.get().await?;
+    let stmt = client
+        .prepare_cached("SELECT gateway_id FROM sessions WHERE id = $1")
+        .await?;
+    Ok(client
+        .query_opt(&stmt, &[&session_id])
+        .await?
+        .map(|r| r.get(0)))
+}
+
 /// Sessions of this gateway that were running when it last stopped, to resume at boot.
 pub async fn running_sessions(db: &Pool, gateway_id: &str) -> Result<Vec<String>> {
     let client = db.get().await?;

@@ -1,20 +1,17 @@
 //! API keys, verified from a bounded cache.
 //!
-//! The cache maps a key's public prefix to its row (or to "no such key", so a flood of made-up
-//! keys costs one lookup each per TTL) for `API_KEY_CACHE_TTL_MS`. It is a read-locked map
-//! rather than a general-purpose cache crate because a hit is on every request's path and
-//! should cost one uncontended read lock and a hash; it is bounded by dropping stale entries,
-//! then everything, when full. The secret is checked against the
-//! stored SHA-256 in constant time on every request, so the cache never holds or compares
-//! secrets. `last_used_at` is written at most once a minute per key, off the request path.
+//! The cache ([`TtlCache`]) maps a key's public prefix to its row (or to "no such key", so a
+//! flood of made-up keys costs one lookup each per TTL) for `API_KEY_CACHE_TTL_MS`. The
+//! secret is checked against the stored SHA-256 in constant time on every request, so the
+//! cache never holds or compares secrets. `last_used_at` is written at most once a minute per
+//! key, off the request path.
 
 use std::{
-    collections::HashMap,
     sync::{
-        Arc, RwLock,
+        Arc,
         atomic::{AtomicI64, Ordering},
     },
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use deadpool_postgres::Pool;
@@ -26,59 +23,41 @@ use shared::{
 };
 use subtle::ConstantTimeEq;
 
+use crate::ttl_cache::TtlCache;
+
 const TOUCH_EVERY_MS: i64 = 60_000;
 
 struct Entry {
     record: Option<ApiKeyRecord>,
-    loaded: Instant,
     last_touch: AtomicI64,
 }
 
 #[derive(Clone)]
 pub struct ApiKeyVerifier {
     db: Pool,
-    ttl: Duration,
-    capacity: usize,
-    cache: Arc<RwLock<HashMap<String, Arc<Entry>>>>,
+    cache: TtlCache<String, Arc<Entry>>,
 }
 
 impl ApiKeyVerifier {
     pub fn new(db: Pool, ttl: Duration, capacity: usize) -> Self {
         ApiKeyVerifier {
             db,
-            ttl,
-            capacity,
-            cache: Arc::default(),
+            cache: TtlCache::new(ttl, capacity),
         }
-    }
-
-    fn cached(&self, id: &str) -> Option<Arc<Entry>> {
-        let map = self.cache.read().unwrap_or_else(|p| p.into_inner());
-        map.get(id)
-            .filter(|e| e.loaded.elapsed() < self.ttl)
-            .cloned()
     }
 
     async fn load(&self, id: &str) -> Result<Arc<Entry>> {
         let client = self.db.get().await?;
         let entry = Arc::new(Entry {
             record: api_keys::find(&client, id).await?,
-            loaded: Instant::now(),
             last_touch: AtomicI64::new(0),
         });
-        let mut map = self.cache.write().unwrap_or_else(|p| p.into_inner());
-        if map.len() >= self.capacity {
-            map.retain(|_, e| e.loaded.elapsed() < self.ttl);
-            if map.len() >= self.capacity {
-                map.clear();
-            }
-        }
-        map.insert(id.to_owned(), entry.clone());
+        self.cache.insert(id.to_owned(), entry.clone());
         Ok(entry)
     }
 
     pub async fn verify(&self, id: &str, token: &str) -> Result<Principal> {
-        let entry = match self.cached(id) {
+        let entry = match self.cache.get(id) {
             Some(e) => e,
             None => self.load(id).await?,
         };

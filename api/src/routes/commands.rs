@@ -9,6 +9,10 @@
 //! writes the command's outcome as an upsert, synchronously, before it replies, so every
 //! answered command has a durable record. Only a command that a database crash catches
 //! before any worker ran it can vanish from the audit log, and then it never ran.
+//!
+//! The insert stays *before* the publish (it is also the organization-scoped lookup of the
+//! session's gateway): run beside it, it raced the worker's upsert of the same row, and two
+//! group-commit batches taking those row locks in opposite orders deadlocked.
 
 use axum::{
     Json,
@@ -68,7 +72,7 @@ pub async fn record_command(
     let now = now_ms();
     let deadline = now + state.cfg.command_timeout_ms as i64;
     let payload = serde_json::to_value(&command).map_err(Error::internal)?;
-    let params = store::commands::insert_params(&NewCommand {
+    let new = NewCommand {
         id: &id.to_string(),
         organization_id: &caller.organization_id,
         session_id,
@@ -77,10 +81,13 @@ pub async fn record_command(
         requested_by: &caller.subject,
         now,
         deadline,
-    });
+    };
     let gateway_id: String = state
         .command_writer
-        .query_opt(store::commands::INSERT_FOR_SESSION.into(), params)
+        .query_opt(
+            store::commands::INSERT_FOR_SESSION.into(),
+            store::commands::insert_params(&new),
+        )
         .await?
         .ok_or_else(Error::session_not_found)?
         .get(0);

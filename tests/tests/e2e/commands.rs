@@ -144,6 +144,10 @@ async fn the_seed_flow_pair_restart_stop_logout_pair_again_delete() {
     api.delete(&format!("/api/v1/sessions/{id}"), &key)
         .await
         .assert_error(404, "not_found");
+    // Commands too.
+    api.post(&path(&id, ":logout"), &key, None)
+        .await
+        .assert_error(404, "not_found");
 
     // Every command is in the audit log with its outcome.
     let log = env.commands_of(&id).await;
