@@ -489,23 +489,47 @@ impl Api {
         token: Option<&str>,
         body: Option<&Value>,
     ) -> Resp {
-        let mut req = self.http.request(method, format!("{}{path}", self.base));
-        if let Some(t) = token {
-            req = req.bearer_auth(t);
-        }
-        if let Some(b) = body {
-            req = req.json(b);
-        }
-        let resp = req.send().await.expect("request");
-        let status = resp.status().as_u16();
-        let headers = resp.headers().clone();
-        let text = resp.text().await.unwrap_or_default();
-        let body = serde_json::from_str(&text).unwrap_or(Value::String(text));
-        Resp {
-            status,
-            headers,
+        let authorization = token.map(|t| format!("Bearer {t}"));
+        send(
+            &self.http,
+            &self.base,
+            method,
+            path,
+            authorization.as_deref(),
             body,
-        }
+        )
+        .await
+    }
+
+    /// `GET path` with exactly this `Authorization` header (or none).
+    pub async fn get_with_authorization(&self, path: &str, authorization: Option<&str>) -> Resp {
+        send(
+            &self.http,
+            &self.base,
+            reqwest::Method::GET,
+            path,
+            authorization,
+            None,
+        )
+        .await
+    }
+
+    /// `POST path` in a task of its own: the request goes on while the test does other things
+    /// (kills a worker, drops a row) and is awaited later.
+    pub fn post_in_background(&self, path: &str, token: &str) -> tokio::task::JoinHandle<Resp> {
+        let (http, base, path) = (self.http.clone(), self.base.clone(), path.to_owned());
+        let authorization = format!("Bearer {token}");
+        tokio::spawn(async move {
+            send(
+                &http,
+                &base,
+                reqwest::Method::POST,
+                &path,
+                Some(&authorization),
+                None,
+            )
+            .await
+        })
     }
 
     pub async fn get(&self, path: &str, token: &str) -> Resp {
@@ -557,6 +581,33 @@ impl Api {
             );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+    }
+}
+
+async fn send(
+    http: &reqwest::Client,
+    base: &str,
+    method: reqwest::Method,
+    path: &str,
+    authorization: Option<&str>,
+    body: Option<&Value>,
+) -> Resp {
+    let mut req = http.request(method, format!("{base}{path}"));
+    if let Some(a) = authorization {
+        req = req.header(reqwest::header::AUTHORIZATION, a);
+    }
+    if let Some(b) = body {
+        req = req.json(b);
+    }
+    let resp = req.send().await.expect("request");
+    let status = resp.status().as_u16();
+    let headers = resp.headers().clone();
+    let text = resp.text().await.unwrap_or_default();
+    let body = serde_json::from_str(&text).unwrap_or(Value::String(text));
+    Resp {
+        status,
+        headers,
+        body,
     }
 }
 

@@ -42,20 +42,7 @@ async fn jwt_api(env: &TestEnv, keys: &[&SigningKey]) -> (JwksServer, Api) {
 
 /// Sends `GET path` with this exact `Authorization` header (or none).
 async fn get_with_header(api: &Api, path: &str, authorization: Option<&str>) -> Resp {
-    let mut req = api.http.get(format!("{}{path}", api.base));
-    if let Some(h) = authorization {
-        req = req.header(reqwest::header::AUTHORIZATION, h);
-    }
-    let resp = req.send().await.expect("request");
-    let status = resp.status().as_u16();
-    let headers = resp.headers().clone();
-    let text = resp.text().await.unwrap_or_default();
-    let body = serde_json::from_str(&text).unwrap_or(Value::String(text));
-    Resp {
-        status,
-        headers,
-        body,
-    }
+    api.get_with_authorization(path, authorization).await
 }
 
 fn b64(v: &Value) -> String {

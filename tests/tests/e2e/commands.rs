@@ -8,7 +8,7 @@ use lapin::{
     options::{BasicConsumeOptions, BasicPublishOptions},
     types::FieldTable,
 };
-use serde_json::{Value, json};
+use serde_json::json;
 use shared::protocol::{Command, CommandEnvelope, CommandOutput, Outcome};
 use tests::{TestEnv, eventually};
 
@@ -545,23 +545,11 @@ async fn a_command_redelivered_after_its_worker_died_mid_way_runs_once() {
         .await;
     let id = s["id"].as_str().expect("id").to_owned();
 
-    let request = {
-        let (base, key, id) = (api.base.clone(), key.clone(), id.clone());
-        tokio::spawn(async move {
-            let r = reqwest::Client::new()
-                .post(format!("{base}/api/v1/sessions/{id}:start"))
-                .bearer_auth(key)
-                .send()
-                .await
-                .expect("send");
-            (r.status().as_u16(), r.json::<Value>().await.expect("json"))
-        })
-    };
+    let request = api.post_in_background(&format!("/api/v1/sessions/{id}:start"), &key);
     tokio::time::sleep(Duration::from_millis(500)).await;
     slow.kill().await; // mid-way through connecting
     let _worker = env.start_worker(&gw, |_| {}).await;
-    let (status, body) = request.await.expect("request");
-    assert_eq!(status, 200, "{body}");
+    request.await.expect("request").assert_status(200);
     assert_eq!(
         env.commands_of(&id).await,
         vec![("start".into(), "succeeded".into(), None)]
@@ -596,18 +584,7 @@ async fn a_redelivered_command_that_already_ran_is_answered_from_its_record() {
         .await;
     let id = s["id"].as_str().expect("id").to_owned();
 
-    let request = {
-        let (base, key, id) = (api.base.clone(), key.clone(), id.clone());
-        tokio::spawn(async move {
-            let r = reqwest::Client::new()
-                .post(format!("{base}/api/v1/sessions/{id}:start"))
-                .bearer_auth(key)
-                .send()
-                .await
-                .expect("send");
-            (r.status().as_u16(), r.json::<Value>().await.expect("json"))
-        })
-    };
+    let request = api.post_in_background(&format!("/api/v1/sessions/{id}:start"), &key);
     // A worker takes the command, runs it and records the outcome, then dies before the ack.
     let mut consumer = ch
         .basic_consume(
@@ -639,10 +616,10 @@ async fn a_redelivered_command_that_already_ran_is_answered_from_its_record() {
     conn.close(200, "crash".into()).await.expect("close");
 
     let _worker = env.start_worker(&gw, |_| {}).await;
-    let (status, body) = request.await.expect("request");
-    assert_eq!(status, 200, "{body}");
+    let answer = request.await.expect("request");
     assert_eq!(
-        body["label"], "from the record",
+        answer.assert_status(200)["label"],
+        "from the record",
         "answered from the record, not run again"
     );
     let row = api.get(&format!("/api/v1/sessions/{id}"), &key).await;
@@ -689,19 +666,7 @@ async fn an_answered_command_is_recorded_even_if_its_pending_row_was_lost() {
         .await;
     let id = s["id"].as_str().expect("id").to_owned();
 
-    let request = {
-        let (base, key, id) = (api.base.clone(), key.clone(), id.clone());
-        tokio::spawn(async move {
-            reqwest::Client::new()
-                .post(format!("{base}/api/v1/sessions/{id}:start"))
-                .bearer_auth(key)
-                .send()
-                .await
-                .expect("send")
-                .status()
-                .as_u16()
-        })
-    };
+    let request = api.post_in_background(&format!("/api/v1/sessions/{id}:start"), &key);
     // The asynchronously committed pending row is lost (as in a database crash) while the
     // worker runs the command.
     tokio::time::sleep(Duration::from_millis(250)).await;
@@ -711,7 +676,7 @@ async fn an_answered_command_is_recorded_even_if_its_pending_row_was_lost() {
         .await
         .expect("delete");
     assert_eq!(removed, 1);
-    assert_eq!(request.await.expect("request"), 200);
+    request.await.expect("request").assert_status(200);
     let row = client
         .query_one(
             "SELECT kind, status, requested_by, organization_id FROM commands WHERE session_id = $1",

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use serde_json::{Value, json};
+use serde_json::json;
 use tests::{TestEnv, close_broker_connection, eventually};
 
 #[tokio::test]
@@ -74,22 +74,10 @@ async fn a_worker_told_to_stop_finishes_the_command_it_holds() {
         .await;
     let id = s["id"].as_str().expect("id").to_owned();
 
-    let request = {
-        let (base, key, id) = (api.base.clone(), key.clone(), id.clone());
-        tokio::spawn(async move {
-            let r = reqwest::Client::new()
-                .post(format!("{base}/api/v1/sessions/{id}:start"))
-                .bearer_auth(key)
-                .send()
-                .await
-                .expect("send");
-            (r.status().as_u16(), r.json::<Value>().await.expect("json"))
-        })
-    };
+    let request = api.post_in_background(&format!("/api/v1/sessions/{id}:start"), &key);
     tokio::time::sleep(Duration::from_millis(300)).await;
     worker.stop().await;
-    let (status, body) = request.await.expect("request");
-    assert_eq!(status, 200, "{body}");
+    request.await.expect("request").assert_status(200);
     assert_eq!(
         env.commands_of(&id).await,
         vec![("start".into(), "succeeded".into(), None)]
