@@ -1,7 +1,8 @@
-//! The api's view of the gateway fleet: a snapshot of the `gateways` table and session counts,
-//! refreshed in the background, so telling a live gateway from a dead one costs no round trip
-//! per request. A gateway missing from the snapshot (a worker that registered a moment ago)
-//! forces one early refresh before the answer is 503.
+//! The api's view of the gateway fleet: a snapshot of the `gateways` table, refreshed in the
+//! background, so telling a live gateway from a dead one costs no round trip per request. A
+//! gateway missing from the snapshot (a worker that registered a moment ago) forces one early
+//! refresh before the answer is 503. Session counts, which only placement needs, are read when
+//! a session is placed rather than aggregated every second.
 
 use std::{
     collections::HashMap,
@@ -20,7 +21,6 @@ use tokio_util::sync::CancellationToken;
 #[derive(Default)]
 struct Snapshot {
     gateways: Vec<Gateway>,
-    sessions: HashMap<String, i64>,
     taken: Option<Instant>,
 }
 
@@ -70,13 +70,8 @@ impl Fleet {
         let _guard = self.refresh_lock.lock().await;
         let client = self.db.get().await?;
         let gateways = gateways::list(&client).await?;
-        let sessions = sessions::count_by_gateway(&client, None)
-            .await?
-            .into_iter()
-            .collect();
         let fresh = Arc::new(Snapshot {
             gateways,
-            sessions,
             taken: Some(Instant::now()),
         });
         if let Ok(mut s) = self.snapshot.write() {
@@ -116,22 +111,27 @@ impl Fleet {
     }
 
     /// The least-loaded live, active gateway (of `region` when given).
-    pub async fn place(&self, region: Option<&str>) -> Option<String> {
-        let mut snap = self.current();
-        if snap.taken.is_none() && self.refresh().await.is_ok() {
-            snap = self.current();
+    pub async fn place(&self, region: Option<&str>) -> Result<Option<String>> {
+        if self.current().taken.is_none() {
+            self.refresh().await?;
         }
+        let snap = self.current();
+        let counts: HashMap<String, i64> = sessions::count_by_gateway(&self.db.get().await?, None)
+            .await?
+            .into_iter()
+            .collect();
         let now = now_ms();
-        snap.gateways
+        Ok(snap
+            .gateways
             .iter()
             .filter(|g| g.state == "active" && g.is_live(now, self.liveness_ms))
             .filter(|g| region.is_none_or(|r| g.region == r))
             .min_by_key(|g| {
-                let n = snap.sessions.get(&g.id).copied().unwrap_or(0);
+                let n = counts.get(&g.id).copied().unwrap_or(0);
                 // Load as a fraction of capacity, compared in integers.
                 (n * 1_000_000) / i64::from(g.capacity.max(1))
             })
-            .map(|g| g.id.clone())
+            .map(|g| g.id.clone()))
     }
 
     /// Every registered gateway, with whether it is live.

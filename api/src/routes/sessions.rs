@@ -112,12 +112,12 @@ pub async fn create(
         }
         (None, Some(region)) => {
             session::validate_region(region)?;
-            state.fleet.place(Some(region)).await.ok_or_else(|| {
+            state.fleet.place(Some(region)).await?.ok_or_else(|| {
                 Error::unavailable(format!("no active gateway in region {region}"))
                     .with_detail("region", region.as_str())
             })?
         }
-        (None, None) => match state.fleet.place(None).await {
+        (None, None) => match state.fleet.place(None).await? {
             Some(gw) => gw,
             None => state.cfg.default_gateway.clone(),
         },
