@@ -378,6 +378,16 @@ fn with_dbname(url: &str, name: &str) -> String {
     }
 }
 
+/// The runtime a worker gets in tests and benchmarks (and a benchmark's baseline consumer, so
+/// both sides of a comparison run on the same).
+pub fn worker_runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime")
+}
+
 /// A worker on its own runtime thread.
 pub struct Worker {
     pub shutdown: CancellationToken,
@@ -391,11 +401,7 @@ impl Worker {
         let token = shutdown.clone();
         let (kill, killed) = tokio::sync::oneshot::channel::<()>();
         let thread = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(2)
-                .enable_all()
-                .build()
-                .expect("runtime");
+            let rt = worker_runtime();
             rt.block_on(async move {
                 tokio::select! {
                     r = worker::run(cfg, token) => if let Err(e) = r { panic!("worker failed: {e} ({:?})", e.source) },
@@ -558,6 +564,17 @@ impl Api {
             .await
             .assert_status(201)
             .clone()
+    }
+
+    /// Creates a session labelled "x" on `gateway_id` and returns its id.
+    pub async fn session_on(&self, token: &str, gateway_id: &str) -> String {
+        let s = self
+            .create_session(
+                token,
+                serde_json::json!({"label": "x", "gatewayId": gateway_id}),
+            )
+            .await;
+        s["id"].as_str().expect("id").to_owned()
     }
 
     /// Polls a session until `pred` holds (or panics after 10 s).

@@ -76,12 +76,7 @@ impl BaselineClient {
 /// The baseline's consumer, on a runtime of its own as a worker would be.
 fn spawn_baseline_consumer(database_url: String, queue: String) {
     std::thread::spawn(move || {
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .expect("runtime");
-        rt.block_on(async move {
+        tests::worker_runtime().block_on(async move {
             let db = shared::db::pool(&database_url, 16).expect("pool");
             let conn = shared::topology::connect(&amqp_url(), "bench-baseline-consumer")
                 .await

@@ -180,10 +180,7 @@ async fn pairing_code_pairs_the_number_that_asked_for_it() {
     let _worker = env.start_worker(&gw, |_| {}).await;
     let api = env.start_api(|_| {}).await;
     let key = env.api_key("org_a", &["read", "manage"]).await;
-    let s = api
-        .create_session(&key, json!({"label": "x", "gatewayId": gw}))
-        .await;
-    let id = s["id"].as_str().expect("id").to_owned();
+    let id = api.session_on(&key, &gw).await;
 
     let body = json!({"phoneNumber": "+62 812-3456-7890"});
     let code = api
@@ -237,10 +234,7 @@ async fn the_phone_and_the_network_move_the_status_as_whatsapp_would() {
         .await;
     let api = env.start_api(|_| {}).await;
     let key = env.api_key("org_a", &["read", "manage"]).await;
-    let s = api
-        .create_session(&key, json!({"label": "x", "gatewayId": gw}))
-        .await;
-    let id = s["id"].as_str().expect("id").to_owned();
+    let id = api.session_on(&key, &gw).await;
     let pair = || async {
         api.post(&path(&id, ":start"), &key, None)
             .await
@@ -308,10 +302,7 @@ async fn unscanned_qr_codes_rotate_then_the_session_stops_with_qr_timeout() {
         .await;
     let api = env.start_api(|_| {}).await;
     let key = env.api_key("org_a", &["read", "manage"]).await;
-    let s = api
-        .create_session(&key, json!({"label": "x", "gatewayId": gw}))
-        .await;
-    let id = s["id"].as_str().expect("id").to_owned();
+    let id = api.session_on(&key, &gw).await;
     api.get(&path(&id, "/qr"), &key)
         .await
         .assert_error(404, "not_found");
@@ -403,10 +394,7 @@ async fn a_worker_slower_than_the_timeout_gets_504_and_the_outcome_is_recorded()
     let _worker = env.start_worker(&gw, |c| c.sim_op_delay_ms = 1_500).await;
     let api = env.start_api(|c| c.command_timeout_ms = 700).await;
     let key = env.api_key("org_a", &["read", "manage"]).await;
-    let s = api
-        .create_session(&key, json!({"label": "x", "gatewayId": gw}))
-        .await;
-    let id = s["id"].as_str().expect("id").to_owned();
+    let id = api.session_on(&key, &gw).await;
 
     let r = api.post(&path(&id, ":start"), &key, None).await;
     r.assert_error(504, "gateway_timeout");
@@ -441,10 +429,7 @@ async fn a_command_that_expires_in_the_queue_never_runs() {
         .expect("queue");
     let api = env.start_api(|c| c.command_timeout_ms = 400).await;
     let key = env.api_key("org_a", &["read", "manage"]).await;
-    let s = api
-        .create_session(&key, json!({"label": "x", "gatewayId": gw}))
-        .await;
-    let id = s["id"].as_str().expect("id").to_owned();
+    let id = api.session_on(&key, &gw).await;
 
     api.post(&path(&id, ":start"), &key, None)
         .await
@@ -473,10 +458,7 @@ async fn a_worker_does_not_run_a_command_delivered_after_its_deadline() {
     let _worker = env.start_worker(&gw, |_| {}).await;
     let key = env.api_key("org_a", &["read", "manage"]).await;
     let api = env.start_api(|_| {}).await;
-    let s = api
-        .create_session(&key, json!({"label": "x", "gatewayId": gw}))
-        .await;
-    let id = s["id"].as_str().expect("id").to_owned();
+    let id = api.session_on(&key, &gw).await;
 
     // A command whose deadline has passed, delivered without a broker expiration.
     let command_id = ulid::Ulid::new();
@@ -540,10 +522,7 @@ async fn a_command_redelivered_after_its_worker_died_mid_way_runs_once() {
     let slow = env.start_worker(&gw, |c| c.sim_op_delay_ms = 1_500).await;
     let api = env.start_api(|c| c.command_timeout_ms = 15_000).await;
     let key = env.api_key("org_a", &["read", "manage"]).await;
-    let s = api
-        .create_session(&key, json!({"label": "x", "gatewayId": gw}))
-        .await;
-    let id = s["id"].as_str().expect("id").to_owned();
+    let id = api.session_on(&key, &gw).await;
 
     let request = api.post_in_background(&format!("/api/v1/sessions/{id}:start"), &key);
     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -637,10 +616,7 @@ async fn updating_settings_tells_the_owning_worker() {
     let _worker = env.start_worker(&gw, |_| {}).await;
     let api = env.start_api(|_| {}).await;
     let key = env.api_key("org_a", &["read", "manage"]).await;
-    let s = api
-        .create_session(&key, json!({"label": "x", "gatewayId": gw}))
-        .await;
-    let id = s["id"].as_str().expect("id").to_owned();
+    let id = api.session_on(&key, &gw).await;
     api.patch(
         &format!("/api/v1/sessions/{id}"),
         &key,
@@ -661,10 +637,7 @@ async fn an_answered_command_is_recorded_even_if_its_pending_row_was_lost() {
     let _worker = env.start_worker(&gw, |c| c.sim_op_delay_ms = 600).await;
     let api = env.start_api(|_| {}).await;
     let key = env.api_key("org_a", &["read", "manage"]).await;
-    let s = api
-        .create_session(&key, json!({"label": "x", "gatewayId": gw}))
-        .await;
-    let id = s["id"].as_str().expect("id").to_owned();
+    let id = api.session_on(&key, &gw).await;
 
     let request = api.post_in_background(&format!("/api/v1/sessions/{id}:start"), &key);
     // The asynchronously committed pending row is lost (as in a database crash) while the

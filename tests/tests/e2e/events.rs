@@ -93,10 +93,7 @@ async fn the_stream_shows_qr_and_status_events_and_resumes_without_gaps_or_dupli
     let api = env.start_api(|_| {}).await;
     let key = env.api_key("org_a", &["read", "manage"]).await;
     let other_org = env.api_key("org_b", &["read", "manage"]).await;
-    let s = api
-        .create_session(&key, json!({"label": "x", "gatewayId": gw}))
-        .await;
-    let id = s["id"].as_str().expect("id").to_owned();
+    let id = api.session_on(&key, &gw).await;
     let quiet = api
         .create_session(&key, json!({"label": "quiet", "gatewayId": gw}))
         .await;

@@ -3,7 +3,6 @@
 
 use std::time::Duration;
 
-use serde_json::json;
 use tests::{TestEnv, close_broker_connection, eventually};
 
 #[tokio::test]
@@ -13,10 +12,7 @@ async fn a_worker_reconnects_by_itself_when_the_broker_drops_its_connection() {
     let _worker = env.start_worker(&gw, |_| {}).await;
     let api = env.start_api(|c| c.command_timeout_ms = 1_000).await;
     let key = env.api_key("org_a", &["read", "manage"]).await;
-    let s = api
-        .create_session(&key, json!({"label": "x", "gatewayId": gw}))
-        .await;
-    let id = s["id"].as_str().expect("id").to_owned();
+    let id = api.session_on(&key, &gw).await;
     api.post(&format!("/api/v1/sessions/{id}:stop"), &key, None)
         .await
         .assert_status(200);
@@ -40,10 +36,7 @@ async fn commands_keep_working_after_postgres_drops_every_connection() {
     let _worker = env.start_worker(&gw, |_| {}).await;
     let api = env.start_api(|c| c.command_timeout_ms = 2_000).await;
     let key = env.api_key("org_a", &["read", "manage"]).await;
-    let s = api
-        .create_session(&key, json!({"label": "x", "gatewayId": gw}))
-        .await;
-    let id = s["id"].as_str().expect("id").to_owned();
+    let id = api.session_on(&key, &gw).await;
     api.post(&format!("/api/v1/sessions/{id}:stop"), &key, None)
         .await
         .assert_status(200);
@@ -69,10 +62,7 @@ async fn a_worker_told_to_stop_finishes_the_command_it_holds() {
     let worker = env.start_worker(&gw, |c| c.sim_op_delay_ms = 800).await;
     let api = env.start_api(|_| {}).await;
     let key = env.api_key("org_a", &["read", "manage"]).await;
-    let s = api
-        .create_session(&key, json!({"label": "x", "gatewayId": gw}))
-        .await;
-    let id = s["id"].as_str().expect("id").to_owned();
+    let id = api.session_on(&key, &gw).await;
 
     let request = api.post_in_background(&format!("/api/v1/sessions/{id}:start"), &key);
     tokio::time::sleep(Duration::from_millis(300)).await;
