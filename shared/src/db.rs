@@ -179,6 +179,8 @@ async fn run_batch(pool: &Pool, batch: Vec<Queued>) {
             }
         }
         Err(e) => {
+            // Callers get the code and message; the cause is logged here, once per batch.
+            tracing::warn!(error = %e, cause = ?e.source, statements = batch.len(), "group commit batch failed");
             for q in batch {
                 let _ = q
                     .reply
