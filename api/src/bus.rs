@@ -333,38 +333,30 @@ fn death_reason(d: &Delivery) -> String {
 async fn on_dead_letter(inner: &Inner, publish: &Channel, d: Delivery) {
     let reason = death_reason(&d);
     if let Ok(env) = serde_json::from_slice::<CommandEnvelope>(&d.data) {
-        let (status, body) = if reason == "expired" {
-            (
-                "expired",
-                ErrorBody {
-                    code: ErrorCode::GatewayTimeout,
-                    message: "the command expired before a gateway took it".into(),
-                    details: Default::default(),
-                },
-            )
+        // Recorded `expired` (a gateway_timeout) or `failed`, unless a worker ended it first.
+        let body = if reason == "expired" {
+            ErrorBody {
+                code: ErrorCode::GatewayTimeout,
+                message: "the command expired before a gateway took it".into(),
+                details: Default::default(),
+            }
         } else {
-            (
-                "failed",
-                ErrorBody {
-                    code: ErrorCode::Internal,
-                    message: "the gateway could not process the command".into(),
-                    details: Default::default(),
-                },
-            )
+            ErrorBody {
+                code: ErrorCode::Internal,
+                message: "the gateway could not process the command".into(),
+                details: Default::default(),
+            }
         };
         metrics::counter!("api_dead_letters_total", "reason" => reason.clone()).increment(1);
         tracing::warn!(command_id = %env.id, kind = env.command.kind(), %reason, "command dead-lettered");
+        let outcome = serde_json::to_value(Outcome::Error(body.clone())).unwrap_or_default();
+        let done = store::commands::Done {
+            env: &env,
+            error: Some(&body),
+            outcome: &outcome,
+        };
         let marked = match inner.db.get().await {
-            Ok(client) => store::commands::end_pending(
-                &client,
-                &env.id.to_string(),
-                status,
-                body.code.as_str(),
-                &body.message,
-                now_ms(),
-            )
-            .await
-            .map(|_| ()),
+            Ok(client) => store::commands::record_end(&client, &done, now_ms()).await,
             Err(e) => Err(e.into()),
         };
         if let Err(e) = marked {

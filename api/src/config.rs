@@ -53,6 +53,10 @@ pub struct Config {
     /// revoked key keeps working).
     #[arg(long, env = "API_KEY_CACHE_TTL_MS", default_value_t = 5_000)]
     pub api_key_cache_ttl_ms: u64,
+    /// How long a session's gateway is remembered for addressing its commands. A stale entry
+    /// only reaches a worker that answers 404 (the session was deleted meanwhile).
+    #[arg(long, env = "SESSION_CACHE_TTL_MS", default_value_t = 5_000)]
+    pub session_cache_ttl_ms: u64,
 
     /// How long a command may take, end to end, before the caller gets 504.
     #[arg(long, env = "COMMAND_TIMEOUT_MS", default_value_t = 10_000)]

@@ -31,7 +31,7 @@ use utoipa::OpenApi;
 
 pub use config::Config;
 
-use crate::{auth::Authenticator, bus::Bus, fleet::Fleet, routes::*};
+use crate::{auth::Authenticator, bus::Bus, fleet::Fleet, routes::*, ttl_cache::TtlCache};
 
 /// Everything a handler may need. Cloned for every request (that is how axum hands state to
 /// extractors), so it is one `Arc`: one atomic increment rather than one per field.
@@ -48,11 +48,8 @@ impl std::ops::Deref for AppState {
 
 pub struct App {
     pub db: Pool,
-    /// For recording pending commands only: its connections commit asynchronously (see
-    /// `routes::commands`).
-    pub commands_db: Pool,
-    /// Group commit of the pending command rows, over `commands_db`.
-    pub command_writer: shared::db::GroupCommit,
+    /// Session id → (organization, gateway), to address commands (see `routes::commands`).
+    pub session_gateways: TtlCache<String, (String, String)>,
 
     pub auth: Authenticator,
     pub bus: Bus,
@@ -77,11 +74,6 @@ pub async fn run(cfg: Config, listener: TcpListener, shutdown: CancellationToken
 
 pub async fn build_state(cfg: Config, shutdown: CancellationToken) -> Result<AppState> {
     let db = shared::db::pool(&cfg.db.database_url, cfg.db.database_pool_size)?;
-    let commands_db = shared::db::pool_with_options(
-        &cfg.db.database_url,
-        cfg.db.database_pool_size,
-        Some("-c synchronous_commit=off"),
-    )?;
     let jwt = match &cfg.auth_jwks_url {
         Some(url) => Some(auth::JwtVerifier::new(auth::JwtConfig {
             jwks_url: url.clone(),
@@ -131,9 +123,7 @@ pub async fn build_state(cfg: Config, shutdown: CancellationToken) -> Result<App
     );
     Ok(AppState(Arc::new(App {
         db,
-        command_writer: shared::db::GroupCommit::start(commands_db.clone()),
-
-        commands_db,
+        session_gateways: TtlCache::new(Duration::from_millis(cfg.session_cache_ttl_ms), 100_000),
         auth: Authenticator::new(api_keys, jwt),
         bus,
         fleet,

@@ -47,4 +47,15 @@ impl<K: Hash + Eq, V: Clone> TtlCache<K, V> {
         }
         map.insert(key, (value, Instant::now()));
     }
+
+    pub fn remove<Q>(&self, key: &Q)
+    where
+        K: std::borrow::Borrow<Q>,
+        Q: Hash + Eq + ?Sized,
+    {
+        self.map
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(key);
+    }
 }

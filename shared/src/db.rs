@@ -15,19 +15,11 @@ mod embedded {
 }
 
 pub fn pool(url: &str, size: usize) -> Result<Pool> {
-    pool_with_options(url, size, None)
-}
-
-/// A pool whose connections run `SET <options>` at start (e.g. `synchronous_commit=off`).
-pub fn pool_with_options(url: &str, size: usize, options: Option<&str>) -> Result<Pool> {
     let mut pg: tokio_postgres::Config = url.parse().map_err(|e| {
         Error::invalid(format!(
             "DATABASE_URL is not a valid connection string: {e}"
         ))
     })?;
-    if let Some(options) = options {
-        pg.options(options);
-    }
     pg.application_name("gateway");
     let manager = Manager::from_config(
         pg,

@@ -210,6 +210,21 @@ impl TestEnv {
     }
 
     /// Starts a worker for `gateway_id` and waits until the api side can see it live.
+    /// What most command tests start from: a worker on a fresh gateway, an api, a manager key
+    /// of `org_a`, and one session on that gateway.
+    pub async fn stage(
+        &self,
+        worker: impl FnOnce(&mut worker::Config),
+        api: impl FnOnce(&mut api::Config),
+    ) -> Stage {
+        let gw = self.gateway_id("sg");
+        let worker = self.start_worker(&gw, worker).await;
+        let api = self.start_api(api).await;
+        let key = self.api_key("org_a", &["read", "manage"]).await;
+        let id = api.session_on(&key, &gw).await;
+        Stage(gw, worker, api, key, id)
+    }
+
     pub async fn start_worker(
         &self,
         gateway_id: &str,
@@ -387,6 +402,9 @@ pub fn worker_runtime() -> tokio::runtime::Runtime {
         .build()
         .expect("runtime")
 }
+
+/// See [`TestEnv::stage`]: the gateway id, its worker, the api, the key, the session id.
+pub struct Stage(pub String, pub Worker, pub Api, pub String, pub String);
 
 /// A worker on its own runtime thread.
 pub struct Worker {

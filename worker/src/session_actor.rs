@@ -202,7 +202,7 @@ async fn finish_without_session(ctx: &Ctx, job: &Job, error: ErrorBody) {
         outcome: &value,
     };
     if let Ok(client) = ctx.db.get().await {
-        let _ = store::end_command(&client, &done, now_ms()).await;
+        let _ = shared::store::commands::record_end(&client, &done, now_ms()).await;
     }
     ctx.outbox.reply(job, outcome).await;
     job.ack().await;
@@ -287,6 +287,18 @@ impl Actor {
         let started = Instant::now();
         let kind = job.env.command.kind();
         let id = job.env.id.to_string();
+        if job.env.organization_id != self.row.organization_id {
+            // The api routes by an organization-scoped lookup, so this is a bug or a forged
+            // command: the session does not exist for that organization.
+            tracing::warn!(command_id = %id, kind, "command for another organization's session");
+            finish_without_session(
+                &self.ctx,
+                &job,
+                body(ErrorCode::NotFound, "session not found"),
+            )
+            .await;
+            return Flow::Continue;
+        }
         if job.redelivered {
             match store::recorded_outcome(&self.ctx.db, &id).await {
                 Ok(Some(recorded)) => {

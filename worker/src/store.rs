@@ -13,12 +13,12 @@
 use deadpool_postgres::{GenericClient, Pool};
 use serde_json::Value;
 use shared::db::{GroupCommit, Params, param_refs};
+pub use shared::store::commands::Done;
 use shared::{
     Result,
-    error::ErrorBody,
-    protocol::{CommandEnvelope, Event, EventKind},
+    protocol::{Event, EventKind},
     session::{Session, SessionStatus, StatusReason},
-    store::{events, sessions},
+    store::{commands, events, sessions},
 };
 use tokio_postgres::types::ToSql;
 
@@ -100,15 +100,6 @@ pub struct Change {
     pub connected_now: bool,
 }
 
-/// A command's end, as written to its row.
-pub struct Done<'a> {
-    pub env: &'a CommandEnvelope,
-    pub error: Option<&'a ErrorBody>,
-    /// The reply's outcome, kept so a redelivery can be answered without running again
-    /// (null when the answer is the session itself).
-    pub outcome: &'a Value,
-}
-
 const SESSION_UPDATE: &str = "UPDATE sessions SET status = $3, status_reason = $4, \
     phone_number = CASE $5::text WHEN 'keep' THEN phone_number ELSE $6 END, \
     wa_jid = CASE $5::text WHEN 'keep' THEN wa_jid ELSE $7 END, \
@@ -116,71 +107,6 @@ const SESSION_UPDATE: &str = "UPDATE sessions SET status = $3, status_reason = $
     device_credentials = CASE $5::text WHEN 'keep' THEN device_credentials ELSE $9 END, \
     last_connected_at = CASE WHEN $10 THEN $11 ELSE last_connected_at END, \
     updated_at = $11 WHERE id = $1 AND lease_epoch = $2";
-
-/// Records a command's end. An upsert, not an update: the api commits the pending row
-/// asynchronously, so it may be missing after a database crash, and this write (committed
-/// before the reply) is what makes the record durable. `guarded`: only if the CTE `s` found
-/// the session under our lease.
-fn command_upsert(first: usize, guarded: bool) -> String {
-    let p = |i: usize| format!("${}", first + i);
-    format!(
-        "INSERT INTO commands (id, organization_id, session_id, gateway_id, kind, payload, \
-         requested_by, created_at, deadline_at, status, error_code, error_message, result, \
-         completed_at) SELECT {}::text, {}::text, {}::text, {}::text, {}::text, {}::jsonb, \
-         {}::text, {}::bigint, {}::bigint, {}::text, {}::text, {}::text, {}::jsonb, {}::bigint \
-         {} ON CONFLICT (id) DO UPDATE SET status = EXCLUDED.status, \
-         error_code = EXCLUDED.error_code, error_message = EXCLUDED.error_message, \
-         result = EXCLUDED.result, completed_at = EXCLUDED.completed_at \
-         WHERE commands.status = 'pending'",
-        p(0),
-        p(1),
-        p(2),
-        p(3),
-        p(4),
-        p(5),
-        p(6),
-        p(7),
-        p(8),
-        p(9),
-        p(10),
-        p(11),
-        p(12),
-        p(13),
-        if guarded {
-            "WHERE EXISTS (SELECT 1 FROM s)"
-        } else {
-            ""
-        }
-    )
-}
-
-/// The values [`command_upsert`] takes, in order.
-fn command_params(done: &Done<'_>, now: i64) -> Params {
-    let (status, code, message) = match done.error {
-        Some(e) if e.code == shared::ErrorCode::GatewayTimeout => {
-            ("expired", Some(e.code.as_str()), Some(e.message.clone()))
-        }
-        Some(e) => ("failed", Some(e.code.as_str()), Some(e.message.clone())),
-        None => ("succeeded", None, None),
-    };
-    let env = done.env;
-    vec![
-        Box::new(env.id.to_string()),
-        Box::new(env.organization_id.clone()),
-        Box::new(env.session_id.clone()),
-        Box::new(env.gateway_id.clone()),
-        Box::new(env.command.kind()),
-        Box::new(serde_json::to_value(&env.command).unwrap_or(Value::Null)),
-        Box::new(env.requested_by.clone()),
-        Box::new(env.id.timestamp_ms() as i64),
-        Box::new(env.deadline_ms),
-        Box::new(status),
-        Box::new(code),
-        Box::new(message),
-        Box::new(done.outcome.clone()),
-        Box::new(now),
-    ]
-}
 
 fn statement(change: bool, command: bool) -> String {
     let cols = sessions::COLUMNS;
@@ -193,7 +119,7 @@ fn statement(change: bool, command: bool) -> String {
         )
     };
     let command = if command {
-        format!(", c AS ({})", command_upsert(next, true))
+        format!(", c AS ({})", commands::upsert_sql(next, true))
     } else {
         String::new()
     };
@@ -245,7 +171,7 @@ pub async fn write(
         ]);
     }
     if let Some(d) = done {
-        params.extend(command_params(d, now));
+        params.extend(commands::upsert_params(d, now));
     }
     if new_events.is_empty() {
         // The common case, one statement: it goes through group commit.
@@ -290,17 +216,9 @@ pub async fn delete(
         now,
     )
     .await?;
-    end_command(&tx, done, now).await?;
+    commands::record_end(&tx, done, now).await?;
     tx.commit().await?;
     Ok(Some(event))
-}
-
-/// Ends a command that changed no session (expired, refused, or the session is gone).
-pub async fn end_command(db: &impl GenericClient, done: &Done<'_>, now: i64) -> Result<()> {
-    let stmt = db.prepare_cached(&command_upsert(1, false)).await?;
-    db.execute(&stmt, &param_refs(&command_params(done, now)))
-        .await?;
-    Ok(())
 }
 
 /// A command's recorded end, if it has one: what a redelivery must answer instead of running

@@ -1,18 +1,21 @@
 //! The session commands: `:start`, `:stop`, `:restart`, `:logout`, `:requestPairingCode` and
-//! `GET /qr`. Each follows the command path of ARCHITECTURE.md: record the command (org-scoped;
-//! an unknown session is 404), make sure a live worker serves the session's gateway (else 503
-//! at once), publish, and wait for the reply until the deadline (else 504 with the command id).
+//! `GET /qr`. Each follows the command path of ARCHITECTURE.md: find the session's gateway
+//! (org-scoped; an unknown session is 404), make sure a live worker serves it (else 503 at
+//! once), publish, and wait for the reply until the deadline (else 504 with the command id).
 //!
-//! The pending row is committed asynchronously (`synchronous_commit = off`): waiting for its
-//! WAL flush doubled the flushes per command, and Postgres's WAL flush was what limited
-//! command throughput. Nothing depends on that row surviving a database crash: the worker
-//! writes the command's outcome as an upsert, synchronously, before it replies, so every
-//! answered command has a durable record. Only a command that a database crash catches
-//! before any worker ran it can vanish from the audit log, and then it never ran.
+//! Where the architecture has the api insert a `pending` command row before publishing, the
+//! command's row is written by whoever learns how it ended (see `shared::store::commands`):
+//! the worker, in the statement that writes the session change, before it replies. The api
+//! writes one only for a command no worker got (503) or whose caller gets 504, and then before
+//! it answers, so a command id a caller sees always has its row. That write on every command
+//! (its own round trip, its own commit) was a third of the api's share of a command's
+//! latency, and half of Postgres's write load.
 //!
-//! The insert stays *before* the publish (it is also the organization-scoped lookup of the
-//! session's gateway): run beside it, it raced the worker's upsert of the same row, and two
-//! group-commit batches taking those row locks in opposite orders deadlocked.
+//! The gateway comes from the session's row, cached for a few seconds
+//! ([`Config::session_cache_ttl_ms`](crate::Config)) per session and organization: a session
+//! never changes gateway or organization, and the worker checks both against the row it
+//! holds, so a stale entry (a session deleted through another replica) is answered 404 by the
+//! worker, as it should be.
 
 use axum::{
     Json,
@@ -20,12 +23,12 @@ use axum::{
 };
 use serde::{Deserialize, Serialize};
 use shared::{
-    Error, Result,
+    Error, ErrorCode, Result,
     auth::Principal,
     db::now_ms,
     protocol::{Command, CommandEnvelope, CommandOutput, Outcome},
     session::{self, Session},
-    store::{self, commands::NewCommand},
+    store::{self, commands::Done},
 };
 use ulid::Ulid;
 use utoipa::ToSchema;
@@ -59,45 +62,36 @@ pub struct QrCode {
     pub expires_at: i64,
 }
 
-/// Records the command for the caller's session and returns it ready to publish; 404 when the
-/// organization has no such session.
-pub async fn record_command(
+/// The command, addressed to the gateway of the caller's session; 404 when the organization
+/// has no such session.
+async fn address(
     state: &AppState,
     caller: &Principal,
     session_id: &str,
     command: Command,
 ) -> Result<CommandEnvelope> {
     session::parse_session_id(session_id)?;
-    let id = Ulid::new();
-    let now = now_ms();
-    let deadline = now + state.cfg.command_timeout_ms as i64;
-    let payload = serde_json::to_value(&command).map_err(Error::internal)?;
-    let new = NewCommand {
-        id: &id.to_string(),
-        organization_id: &caller.organization_id,
-        session_id,
-        kind: command.kind(),
-        payload: &payload,
-        requested_by: &caller.subject,
-        now,
-        deadline,
+    let org = &caller.organization_id;
+    let gateway_id = match state.session_gateways.get(session_id) {
+        Some((owner, gateway)) if owner == *org => gateway,
+        _ => {
+            let client = state.db.get().await?;
+            let gateway = store::sessions::gateway(&client, org, session_id)
+                .await?
+                .ok_or_else(Error::session_not_found)?;
+            state
+                .session_gateways
+                .insert(session_id.to_owned(), (org.clone(), gateway.clone()));
+            gateway
+        }
     };
-    let gateway_id: String = state
-        .command_writer
-        .query_opt(
-            store::commands::INSERT_FOR_SESSION.into(),
-            store::commands::insert_params(&new),
-        )
-        .await?
-        .ok_or_else(Error::session_not_found)?
-        .get(0);
     Ok(CommandEnvelope {
-        id,
-        organization_id: caller.organization_id.clone(),
+        id: Ulid::new(),
+        organization_id: org.clone(),
         session_id: session_id.to_owned(),
         gateway_id,
         requested_by: caller.subject.clone(),
-        deadline_ms: deadline,
+        deadline_ms: now_ms() + state.cfg.command_timeout_ms as i64,
         command,
     })
 }
@@ -111,26 +105,13 @@ pub async fn run(
 ) -> Result<CommandOutput> {
     let kind = command.kind();
     let started = std::time::Instant::now();
-    let env = record_command(state, caller, session_id, command).await?;
+    let env = address(state, caller, session_id, command).await?;
     let result = match state.fleet.require_live(&env.gateway_id).await {
         Ok(()) => state.bus.call(&env).await,
         Err(e) => Err(e),
     };
-    if let Err(e) = &result
-        && e.code() == shared::ErrorCode::GatewayUnavailable
-    {
-        // Never reached a worker: the audit log says so.
-        if let Ok(client) = state.commands_db.get().await {
-            let _ = store::commands::end_pending(
-                &client,
-                &env.id.to_string(),
-                "failed",
-                e.code().as_str(),
-                &e.body.message,
-                now_ms(),
-            )
-            .await;
-        }
+    if let Err(e) = &result {
+        record_unanswered(state, &env, e).await;
     }
     let outcome = result.and_then(|o| match o {
         Outcome::Ok(output) => Ok(output),
@@ -144,6 +125,47 @@ pub async fn run(
     metrics::histogram!("api_command_duration_seconds", "kind" => kind)
         .record(started.elapsed().as_secs_f64());
     outcome
+}
+
+/// Sends a command without waiting for its reply; the worker records it when it runs it.
+pub async fn notify(
+    state: &AppState,
+    caller: &Principal,
+    session_id: &str,
+    command: Command,
+) -> Result<()> {
+    let env = address(state, caller, session_id, command).await?;
+    let sent = state.bus.notify(&env).await;
+    if let Err(e) = &sent {
+        record_unanswered(state, &env, e).await;
+    }
+    sent
+}
+
+/// The row of a command the api answers without the worker's reply: `failed` when no worker
+/// could get it, `pending` when the caller's wait ran out (the worker or the dead-letter
+/// consumer ends it). A row that already ended is left as it is.
+async fn record_unanswered(state: &AppState, env: &CommandEnvelope, error: &Error) {
+    let written = async {
+        let client = state.db.get().await?;
+        match error.code() {
+            ErrorCode::GatewayUnavailable => {
+                let outcome = Outcome::Error(error.body.clone());
+                let value = serde_json::to_value(&outcome).map_err(Error::internal)?;
+                let done = Done {
+                    env,
+                    error: Some(&error.body),
+                    outcome: &value,
+                };
+                store::commands::record_end(&client, &done, now_ms()).await
+            }
+            _ => store::commands::record_pending(&client, env).await,
+        }
+    }
+    .await;
+    if let Err(e) = written {
+        tracing::warn!(command_id = %env.id, error = %e, "could not record an unanswered command");
+    }
 }
 
 async fn run_for_session(

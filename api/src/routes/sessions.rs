@@ -19,7 +19,6 @@ use shared::{
 use ulid::Ulid;
 use utoipa::{IntoParams, ToSchema};
 
-use super::commands::record_command;
 use crate::{
     AppState,
     auth::{Caller, Manager},
@@ -251,10 +250,7 @@ pub async fn update(
     // Tell the owning worker; Postgres is the truth, so a worker that is down reads the new
     // settings when it next starts the session.
     if state.fleet.is_live(&updated.gateway_id).await {
-        let sent = match record_command(&state, &caller, &id, Command::ApplySettings).await {
-            Ok(env) => state.bus.notify(&env).await,
-            Err(e) => Err(e),
-        };
+        let sent = super::commands::notify(&state, &caller, &id, Command::ApplySettings).await;
         if let Err(e) = sent {
             tracing::warn!(error = %e, session_id = %id, "could not tell the worker about new settings");
         }
@@ -281,6 +277,7 @@ pub async fn delete(
     if state.fleet.is_live(&current.gateway_id).await {
         // The worker stops the connection, unlinks the device and removes the row.
         let output = super::commands::run(&state, &caller, &id, Command::Delete).await?;
+        state.session_gateways.remove(&id);
         return match output {
             CommandOutput::Deleted => Ok(StatusCode::NO_CONTENT),
             _ => Err(Error::internal("unexpected reply to delete").into()),
@@ -310,6 +307,7 @@ pub async fn delete(
     )
     .await?;
     tx.commit().await?;
+    state.session_gateways.remove(&id);
     if let Err(e) = state.bus.publish_event(&event).await {
         tracing::debug!(error = %e, "session.deleted not published live (it is in the event log)");
     }

@@ -1,77 +1,126 @@
 //! The `commands` table: every command sent to a gateway, who asked, and what became of it.
 //! It is the durable twin of the reply (a caller whose reply timed out can learn the outcome
 //! here) and the audit log.
+//!
+//! A command gets its row from whoever learns how it ended, not before it is sent: the worker
+//! that ran it (in the same statement as the session change, before it replies), the api when
+//! no worker could get it or the caller's wait ran out (504: the row exists, `pending`, before
+//! the caller learns the command id), or the dead-letter consumer when it expired or kept
+//! failing. A published command is in a quorum queue until one of those takes it, so every
+//! command that could run gets its row; one refused before it was sent (404, 403) never
+//! existed.
 
 use deadpool_postgres::GenericClient;
 use serde_json::Value;
 
-use crate::error::Result;
+use crate::{
+    ErrorCode,
+    db::{Params, param_refs},
+    error::{ErrorBody, Result},
+    protocol::CommandEnvelope,
+};
 
-pub struct NewCommand<'a> {
-    pub id: &'a str,
-    pub organization_id: &'a str,
-    pub session_id: &'a str,
-    pub kind: &'a str,
-    pub payload: &'a Value,
-    pub requested_by: &'a str,
-    pub now: i64,
-    pub deadline: i64,
+/// A command's end, as written to its row.
+pub struct Done<'a> {
+    pub env: &'a CommandEnvelope,
+    pub error: Option<&'a ErrorBody>,
+    /// The reply's outcome, kept so a redelivery can be answered without running again
+    /// (null when the answer is the session itself).
+    pub outcome: &'a Value,
 }
 
-/// Records a pending command for a session of the organization and returns the session's
-/// gateway id, in one statement; the row is `None` when the organization has no such session.
-/// Takes [`insert_params`].
-pub const INSERT_FOR_SESSION: &str = "INSERT INTO commands (id, organization_id, session_id, \
-    gateway_id, kind, payload, requested_by, created_at, deadline_at) \
-    SELECT $1, s.organization_id, s.id, s.gateway_id, $4, $5, $6, $7, $8 \
-    FROM sessions s WHERE s.organization_id = $2 AND s.id = $3 RETURNING gateway_id";
+/// Records a command as a whole row from its envelope: an upsert that never overwrites an
+/// ended command. Every writer of the table goes through it (the worker that ran the
+/// command, the api for commands no worker got or whose caller got 504, the dead-letter
+/// consumer), so no writer depends on a row another one wrote. Its parameters start at
+/// `$first` ([`upsert_params`], or those of a command still under way); `guarded` makes it a no-op unless the
+/// enclosing statement's CTE `s` found the session.
+pub fn upsert_sql(first: usize, guarded: bool) -> String {
+    let p = |i: usize| format!("${}", first + i);
+    format!(
+        "INSERT INTO commands (id, organization_id, session_id, gateway_id, kind, payload, \
+         requested_by, created_at, deadline_at, status, error_code, error_message, result, \
+         completed_at) SELECT {}::text, {}::text, {}::text, {}::text, {}::text, {}::jsonb, \
+         {}::text, {}::bigint, {}::bigint, {}::text, {}::text, {}::text, {}::jsonb, {}::bigint \
+         {} ON CONFLICT (id) DO UPDATE SET status = EXCLUDED.status, \
+         error_code = EXCLUDED.error_code, error_message = EXCLUDED.error_message, \
+         result = EXCLUDED.result, completed_at = EXCLUDED.completed_at \
+         WHERE commands.status = 'pending'",
+        p(0),
+        p(1),
+        p(2),
+        p(3),
+        p(4),
+        p(5),
+        p(6),
+        p(7),
+        p(8),
+        p(9),
+        p(10),
+        p(11),
+        p(12),
+        p(13),
+        if guarded {
+            "WHERE EXISTS (SELECT 1 FROM s)"
+        } else {
+            ""
+        }
+    )
+}
 
-pub fn insert_params(c: &NewCommand<'_>) -> crate::db::Params {
+/// The values of [`upsert_sql`] for a command that ended at `now`.
+pub fn upsert_params(done: &Done<'_>, now: i64) -> Params {
+    let (status, error) = match done.error {
+        Some(e) if e.code == ErrorCode::GatewayTimeout => ("expired", Some(e)),
+        Some(e) => ("failed", Some(e)),
+        None => ("succeeded", None),
+    };
+    params(done.env, status, error, done.outcome.clone(), Some(now))
+}
+
+/// The values of [`upsert_sql`] for a command still under way.
+fn pending_params(env: &CommandEnvelope) -> Params {
+    params(env, "pending", None, Value::Null, None)
+}
+
+fn params(
+    env: &CommandEnvelope,
+    status: &'static str,
+    error: Option<&ErrorBody>,
+    outcome: Value,
+    completed_at: Option<i64>,
+) -> Params {
     vec![
-        Box::new(c.id.to_owned()),
-        Box::new(c.organization_id.to_owned()),
-        Box::new(c.session_id.to_owned()),
-        Box::new(c.kind.to_owned()),
-        Box::new(c.payload.clone()),
-        Box::new(c.requested_by.to_owned()),
-        Box::new(c.now),
-        Box::new(c.deadline),
+        Box::new(env.id.to_string()),
+        Box::new(env.organization_id.clone()),
+        Box::new(env.session_id.clone()),
+        Box::new(env.gateway_id.clone()),
+        Box::new(env.command.kind()),
+        Box::new(serde_json::to_value(&env.command).unwrap_or(Value::Null)),
+        Box::new(env.requested_by.clone()),
+        Box::new(env.id.timestamp_ms() as i64),
+        Box::new(env.deadline_ms),
+        Box::new(status),
+        Box::new(error.map(|e| e.code.as_str())),
+        Box::new(error.map(|e| e.message.clone())),
+        Box::new(outcome),
+        Box::new(completed_at),
     ]
 }
 
-/// [`INSERT_FOR_SESSION`] on one connection.
-pub async fn insert_for_session(
-    db: &impl GenericClient,
-    c: &NewCommand<'_>,
-) -> Result<Option<String>> {
-    let stmt = db.prepare_cached(INSERT_FOR_SESSION).await?;
-    let params = insert_params(c);
-    Ok(db
-        .query_opt(&stmt, &crate::db::param_refs(&params))
-        .await?
-        .map(|r| r.get(0)))
+/// Records a command's end (see [`upsert_sql`]).
+pub async fn record_end(db: &impl GenericClient, done: &Done<'_>, now: i64) -> Result<()> {
+    let stmt = db.prepare_cached(&upsert_sql(1, false)).await?;
+    db.execute(&stmt, &param_refs(&upsert_params(done, now)))
+        .await?;
+    Ok(())
 }
 
-/// Marks a still-pending command as ended without running (`failed` or `expired`);
-/// `false` when it had already ended.
-pub async fn end_pending(
-    db: &impl GenericClient,
-    id: &str,
-    status: &str,
-    error_code: &str,
-    error_message: &str,
-    now: i64,
-) -> Result<bool> {
-    let stmt = db
-        .prepare_cached(
-            "UPDATE commands SET status = $2, error_code = $3, error_message = $4, \
-             completed_at = $5 WHERE id = $1 AND status = 'pending'",
-        )
-        .await?;
-    Ok(db
-        .execute(&stmt, &[&id, &status, &error_code, &error_message, &now])
-        .await?
-        == 1)
+/// Records a command still under way, unless it already has a row.
+pub async fn record_pending(db: &impl GenericClient, env: &CommandEnvelope) -> Result<()> {
+    let stmt = db.prepare_cached(&upsert_sql(1, false)).await?;
+    db.execute(&stmt, &param_refs(&pending_params(env))).await?;
+    Ok(())
 }
 
 #[derive(Debug, Clone)]

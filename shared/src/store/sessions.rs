@@ -90,6 +90,14 @@ pub async fn get(db: &impl GenericClient, org: &str, id: &str) -> Result<Option<
         .map(from_row))
 }
 
+/// The gateway the organization's session is placed on; `None` when it has no such session.
+pub async fn gateway(db: &impl GenericClient, org: &str, id: &str) -> Result<Option<String>> {
+    let stmt = db
+        .prepare_cached("SELECT gateway_id FROM sessions WHERE organization_id = $1 AND id = $2")
+        .await?;
+    Ok(db.query_opt(&stmt, &[&org, &id]).await?.map(|r| r.get(0)))
+}
+
 pub struct ListFilter<'a> {
     pub status: Option<SessionStatus>,
     pub gateway_id: Option<&'a str>,

@@ -160,10 +160,7 @@ async fn main() {
         .start_api(|c| {
             c.api_key_cache_ttl_ms = defaults.api_key_cache_ttl_ms;
             c.fleet_refresh_ms = defaults.fleet_refresh_ms;
-            if std::env::var_os("EXPERIMENT_ASYNC_COMMIT").is_some() {
-                c.db.database_url
-                    .push_str("?options=-c%20synchronous_commit%3Doff");
-            }
+            c.session_cache_ttl_ms = defaults.session_cache_ttl_ms;
         })
         .await;
     let key = env.api_key("org_bench", &["read", "manage"]).await;

@@ -543,9 +543,17 @@ async fn another_organizations_session_is_404_on_every_route() {
     let a = env.api_key(&org_a, &["read", "manage"]).await;
     let b = env.api_key(&org_b, &["read", "manage"]).await;
     let b_read = env.api_key(&org_b, &["read"]).await;
-    let created = api.create_session(&a, json!({"label": "org a's"})).await;
+    let gw = env.gateway_id("sg");
+    let _worker = env.start_worker(&gw, |_| {}).await;
+    let created = api
+        .create_session(&a, json!({"label": "org a's", "gatewayId": gw}))
+        .await;
     let id = created["id"].as_str().expect("id");
     let one = format!("{SESSIONS}/{id}");
+    // Org A's own command first: the api now remembers where the session lives.
+    api.post(&format!("{one}:stop"), &a, None)
+        .await
+        .assert_status(200);
 
     api.get(&one, &b).await.assert_error(404, "not_found");
     api.patch(&one, &b, &json!({"label": "hijacked"}))
@@ -583,13 +591,12 @@ async fn another_organizations_session_is_404_on_every_route() {
 
     api.get(&one, &b_read).await.assert_error(404, "not_found");
 
-    // Org A's session is untouched: not renamed, not deleted, no command recorded.
+    // Org A's session is untouched: not renamed, not deleted, only its own command recorded.
     let after = api.get(&one, &a).await;
     assert_eq!(after.assert_status(200)["label"], "org a's");
-    assert!(
-        env.commands_of(id).await.is_empty(),
-        "{:?}",
-        env.commands_of(id).await
+    assert_eq!(
+        env.commands_of(id).await,
+        vec![("stop".into(), "succeeded".into(), None)]
     );
 }
 

@@ -10,7 +10,7 @@ use lapin::{
 };
 use serde_json::json;
 use shared::protocol::{Command, CommandEnvelope, CommandOutput, Outcome};
-use tests::{TestEnv, eventually};
+use tests::{Stage, TestEnv, eventually};
 
 const PHONE: &str = "6281234567890";
 
@@ -27,6 +27,52 @@ async fn scan(env: &TestEnv, id: &str, phone: &str) {
     )
     .await
     .expect("the simulated phone scans");
+}
+
+/// Publishes a `start` of the staged session straight to its gateway's queue, as no api would
+/// address it, and checks that the worker refused it: recorded with `error_code`, not run.
+async fn refused_behind_the_apis_back(
+    env: &TestEnv,
+    stage: &Stage,
+    organization_id: &str,
+    deadline_ms: i64,
+    error_code: &str,
+) {
+    let Stage(gw, _, api, key, id) = stage;
+    let command = CommandEnvelope {
+        id: ulid::Ulid::new(),
+        organization_id: organization_id.into(),
+        session_id: id.clone(),
+        gateway_id: gw.clone(),
+        requested_by: "test".into(),
+        deadline_ms,
+        command: Command::Start,
+    };
+    let (_conn, ch, topology) = env.amqp().await;
+    ch.basic_publish(
+        topology.command_exchange().as_str().into(),
+        gw.as_str().into(),
+        BasicPublishOptions::default(),
+        &serde_json::to_vec(&command).expect("json"),
+        BasicProperties::default().with_delivery_mode(2),
+    )
+    .await
+    .expect("publish");
+    let status = if error_code == "gateway_timeout" {
+        "expired"
+    } else {
+        "failed"
+    };
+    eventually(Duration::from_secs(5), || async {
+        env.commands_of(id).await == vec![("start".into(), status.into(), Some(error_code.into()))]
+    })
+    .await;
+    let after = api.get(&format!("/api/v1/sessions/{id}"), key).await;
+    assert_eq!(
+        after.assert_status(200)["status"],
+        "stopped",
+        "it did not run"
+    );
 }
 
 #[tokio::test]
@@ -176,11 +222,7 @@ async fn the_seed_flow_pair_restart_stop_logout_pair_again_delete() {
 #[tokio::test]
 async fn pairing_code_pairs_the_number_that_asked_for_it() {
     let env = TestEnv::new().await;
-    let gw = env.gateway_id("sg");
-    let _worker = env.start_worker(&gw, |_| {}).await;
-    let api = env.start_api(|_| {}).await;
-    let key = env.api_key("org_a", &["read", "manage"]).await;
-    let id = api.session_on(&key, &gw).await;
+    let Stage(_, _worker, api, key, id) = env.stage(|_| {}, |_| {}).await;
 
     let body = json!({"phoneNumber": "+62 812-3456-7890"});
     let code = api
@@ -228,13 +270,9 @@ async fn pairing_code_pairs_the_number_that_asked_for_it() {
 #[tokio::test]
 async fn the_phone_and_the_network_move_the_status_as_whatsapp_would() {
     let env = TestEnv::new().await;
-    let gw = env.gateway_id("sg");
-    let _worker = env
-        .start_worker(&gw, |c| c.sim_reconnect_backoff_ms = 400)
+    let Stage(_, _worker, api, key, id) = env
+        .stage(|c| c.sim_reconnect_backoff_ms = 400, |_| {})
         .await;
-    let api = env.start_api(|_| {}).await;
-    let key = env.api_key("org_a", &["read", "manage"]).await;
-    let id = api.session_on(&key, &gw).await;
     let pair = || async {
         api.post(&path(&id, ":start"), &key, None)
             .await
@@ -390,11 +428,12 @@ async fn a_gateway_without_a_live_worker_answers_503_at_once() {
 #[tokio::test]
 async fn a_worker_slower_than_the_timeout_gets_504_and_the_outcome_is_recorded() {
     let env = TestEnv::new().await;
-    let gw = env.gateway_id("sg");
-    let _worker = env.start_worker(&gw, |c| c.sim_op_delay_ms = 1_500).await;
-    let api = env.start_api(|c| c.command_timeout_ms = 700).await;
-    let key = env.api_key("org_a", &["read", "manage"]).await;
-    let id = api.session_on(&key, &gw).await;
+    let Stage(_, _worker, api, key, id) = env
+        .stage(
+            |c| c.sim_op_delay_ms = 1_500,
+            |c| c.command_timeout_ms = 700,
+        )
+        .await;
 
     let r = api.post(&path(&id, ":start"), &key, None).await;
     r.assert_error(504, "gateway_timeout");
@@ -402,6 +441,17 @@ async fn a_worker_slower_than_the_timeout_gets_504_and_the_outcome_is_recorded()
         .as_str()
         .expect("commandId")
         .to_owned();
+    // The id the caller got already has its row, still pending: the worker is on it.
+    let status: String = env
+        .db
+        .get()
+        .await
+        .expect("db")
+        .query_one("SELECT status FROM commands WHERE id = $1", &[&command_id])
+        .await
+        .expect("a row for the command id the caller got")
+        .get(0);
+    assert_eq!(status, "pending");
     // The worker took it before its deadline and finished it: the command row says so.
     eventually(Duration::from_secs(5), || async {
         let client = env.db.get().await.expect("db");
@@ -454,75 +504,21 @@ async fn a_command_that_expires_in_the_queue_never_runs() {
 #[tokio::test]
 async fn a_worker_does_not_run_a_command_delivered_after_its_deadline() {
     let env = TestEnv::new().await;
-    let gw = env.gateway_id("sg");
-    let _worker = env.start_worker(&gw, |_| {}).await;
-    let key = env.api_key("org_a", &["read", "manage"]).await;
-    let api = env.start_api(|_| {}).await;
-    let id = api.session_on(&key, &gw).await;
-
-    // A command whose deadline has passed, delivered without a broker expiration.
-    let command_id = ulid::Ulid::new();
-    let now = shared::db::now_ms();
-    let payload = json!({"type": "start"});
-    shared::store::commands::insert_for_session(
-        &env.db.get().await.expect("db"),
-        &shared::store::commands::NewCommand {
-            id: &command_id.to_string(),
-            organization_id: "org_a",
-            session_id: &id,
-            kind: "start",
-            payload: &payload,
-            requested_by: "test",
-            now: now - 10_000,
-            deadline: now - 5_000,
-        },
-    )
-    .await
-    .expect("command row");
-    let env_json = CommandEnvelope {
-        id: command_id,
-        organization_id: "org_a".into(),
-        session_id: id.clone(),
-        gateway_id: gw.clone(),
-        requested_by: "test".into(),
-        deadline_ms: now - 5_000,
-        command: Command::Start,
-    };
-    let (_conn, ch, topology) = env.amqp().await;
-    ch.basic_publish(
-        topology.command_exchange().as_str().into(),
-        gw.as_str().into(),
-        BasicPublishOptions::default(),
-        &serde_json::to_vec(&env_json).expect("json"),
-        BasicProperties::default().with_delivery_mode(2),
-    )
-    .await
-    .expect("publish");
-    eventually(Duration::from_secs(5), || async {
-        env.commands_of(&id).await
-            == vec![(
-                "start".into(),
-                "expired".into(),
-                Some("gateway_timeout".into()),
-            )]
-    })
-    .await;
-    let after = api.get(&format!("/api/v1/sessions/{id}"), &key).await;
-    assert_eq!(
-        after.assert_status(200)["status"],
-        "stopped",
-        "it did not run"
-    );
+    let stage = env.stage(|_| {}, |_| {}).await;
+    // Its deadline has passed, and it is delivered without a broker expiration.
+    let deadline = shared::db::now_ms() - 5_000;
+    refused_behind_the_apis_back(&env, &stage, "org_a", deadline, "gateway_timeout").await;
 }
 
 #[tokio::test]
 async fn a_command_redelivered_after_its_worker_died_mid_way_runs_once() {
     let env = TestEnv::new().await;
-    let gw = env.gateway_id("sg");
-    let slow = env.start_worker(&gw, |c| c.sim_op_delay_ms = 1_500).await;
-    let api = env.start_api(|c| c.command_timeout_ms = 15_000).await;
-    let key = env.api_key("org_a", &["read", "manage"]).await;
-    let id = api.session_on(&key, &gw).await;
+    let Stage(gw, slow, api, key, id) = env
+        .stage(
+            |c| c.sim_op_delay_ms = 1_500,
+            |c| c.command_timeout_ms = 15_000,
+        )
+        .await;
 
     let request = api.post_in_background(&format!("/api/v1/sessions/{id}:start"), &key);
     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -581,16 +577,17 @@ async fn a_redelivered_command_that_already_ran_is_answered_from_its_record() {
     recorded.label = "from the record".into();
     let outcome = serde_json::to_value(Outcome::Ok(CommandOutput::Session(Box::new(recorded))))
         .expect("json");
-    env.db
-        .get()
-        .await
-        .expect("db")
-        .execute(
-            "UPDATE commands SET status = 'succeeded', result = $2, completed_at = 1 WHERE id = $1",
-            &[&envelope.id.to_string(), &outcome],
-        )
-        .await
-        .expect("record");
+    shared::store::commands::record_end(
+        &env.db.get().await.expect("db"),
+        &shared::store::commands::Done {
+            env: &envelope,
+            error: None,
+            outcome: &outcome,
+        },
+        shared::db::now_ms(),
+    )
+    .await
+    .expect("record");
     drop(consumer);
     conn.close(200, "crash".into()).await.expect("close");
 
@@ -612,11 +609,7 @@ async fn a_redelivered_command_that_already_ran_is_answered_from_its_record() {
 #[tokio::test]
 async fn updating_settings_tells_the_owning_worker() {
     let env = TestEnv::new().await;
-    let gw = env.gateway_id("sg");
-    let _worker = env.start_worker(&gw, |_| {}).await;
-    let api = env.start_api(|_| {}).await;
-    let key = env.api_key("org_a", &["read", "manage"]).await;
-    let id = api.session_on(&key, &gw).await;
+    let Stage(_, _worker, api, key, id) = env.stage(|_| {}, |_| {}).await;
     api.patch(
         &format!("/api/v1/sessions/{id}"),
         &key,
@@ -631,37 +624,74 @@ async fn updating_settings_tells_the_owning_worker() {
 }
 
 #[tokio::test]
-async fn an_answered_command_is_recorded_even_if_its_pending_row_was_lost() {
+async fn the_worker_records_who_asked_what_when_and_how_it_ended() {
     let env = TestEnv::new().await;
-    let gw = env.gateway_id("sg");
-    let _worker = env.start_worker(&gw, |c| c.sim_op_delay_ms = 600).await;
-    let api = env.start_api(|_| {}).await;
-    let key = env.api_key("org_a", &["read", "manage"]).await;
-    let id = api.session_on(&key, &gw).await;
+    let Stage(gw, _worker, api, key, id) = env.stage(|_| {}, |_| {}).await;
 
-    let request = api.post_in_background(&format!("/api/v1/sessions/{id}:start"), &key);
-    // The asynchronously committed pending row is lost (as in a database crash) while the
-    // worker runs the command.
-    tokio::time::sleep(Duration::from_millis(250)).await;
-    let client = env.db.get().await.expect("db");
-    let removed = client
-        .execute("DELETE FROM commands WHERE session_id = $1", &[&id])
+    let before = shared::db::now_ms();
+    api.post(&path(&id, ":start"), &key, None)
         .await
-        .expect("delete");
-    assert_eq!(removed, 1);
-    request.await.expect("request").assert_status(200);
-    let row = client
+        .assert_status(200);
+    let row = env
+        .db
+        .get()
+        .await
+        .expect("db")
         .query_one(
-            "SELECT kind, status, requested_by, organization_id FROM commands WHERE session_id = $1",
+            "SELECT kind, status, requested_by, organization_id, gateway_id, payload, \
+             created_at, deadline_at, completed_at FROM commands WHERE session_id = $1",
             &[&id],
         )
         .await
-        .expect("the worker recorded it");
-    let (kind, status, by, org): (String, String, String, String) =
-        (row.get(0), row.get(1), row.get(2), row.get(3));
+        .expect("the command's row");
+    let (kind, status, by, org, gateway): (String, String, String, String, String) =
+        (row.get(0), row.get(1), row.get(2), row.get(3), row.get(4));
     assert_eq!(
-        (kind.as_str(), status.as_str(), org.as_str()),
-        ("start", "succeeded", "org_a")
+        (
+            kind.as_str(),
+            status.as_str(),
+            org.as_str(),
+            gateway.as_str()
+        ),
+        ("start", "succeeded", "org_a", gw.as_str())
     );
     assert_eq!(Some(by.as_str()), shared::auth::api_key_id(&key));
+    assert_eq!(row.get::<_, serde_json::Value>(5), json!({"type": "start"}));
+    let (created, deadline, completed): (i64, i64, Option<i64>) =
+        (row.get(6), row.get(7), row.get(8));
+    assert!(
+        created >= before && deadline > created,
+        "{created} {deadline}"
+    );
+    assert!(completed.is_some_and(|c| c >= created), "{completed:?}");
+}
+
+#[tokio::test]
+async fn a_session_deleted_through_another_replica_is_404_not_a_stale_route() {
+    let env = TestEnv::new().await;
+    let Stage(_, _worker, one, key, id) = env.stage(|_| {}, |_| {}).await;
+    let two = env.start_api(|c| c.session_cache_ttl_ms = 60_000).await;
+    // Replica two remembers the session's gateway...
+    two.post(&path(&id, ":stop"), &key, None)
+        .await
+        .assert_status(200);
+    // ...and replica one deletes the session.
+    one.delete(&format!("/api/v1/sessions/{id}"), &key)
+        .await
+        .assert_status(204);
+    two.post(&path(&id, ":logout"), &key, None)
+        .await
+        .assert_error(404, "not_found");
+    two.get(&path(&id, "/qr"), &key)
+        .await
+        .assert_error(404, "not_found");
+}
+
+#[tokio::test]
+async fn a_command_for_another_organizations_session_does_not_run() {
+    let env = TestEnv::new().await;
+    let stage = env.stage(|_| {}, |_| {}).await;
+    // It claims org B: the session is org A's.
+    let deadline = shared::db::now_ms() + 10_000;
+    refused_behind_the_apis_back(&env, &stage, "org_b", deadline, "not_found").await;
 }

@@ -3,16 +3,13 @@
 
 use std::time::Duration;
 
-use tests::{TestEnv, close_broker_connection, eventually};
+use tests::{Stage, TestEnv, close_broker_connection, eventually};
 
 #[tokio::test]
 async fn a_worker_reconnects_by_itself_when_the_broker_drops_its_connection() {
     let env = TestEnv::new().await;
-    let gw = env.gateway_id("sg");
-    let _worker = env.start_worker(&gw, |_| {}).await;
-    let api = env.start_api(|c| c.command_timeout_ms = 1_000).await;
-    let key = env.api_key("org_a", &["read", "manage"]).await;
-    let id = api.session_on(&key, &gw).await;
+    let Stage(gw, _worker, api, key, id) =
+        env.stage(|_| {}, |c| c.command_timeout_ms = 1_000).await;
     api.post(&format!("/api/v1/sessions/{id}:stop"), &key, None)
         .await
         .assert_status(200);
@@ -32,11 +29,7 @@ async fn a_worker_reconnects_by_itself_when_the_broker_drops_its_connection() {
 #[tokio::test]
 async fn commands_keep_working_after_postgres_drops_every_connection() {
     let env = TestEnv::new().await;
-    let gw = env.gateway_id("sg");
-    let _worker = env.start_worker(&gw, |_| {}).await;
-    let api = env.start_api(|c| c.command_timeout_ms = 2_000).await;
-    let key = env.api_key("org_a", &["read", "manage"]).await;
-    let id = api.session_on(&key, &gw).await;
+    let Stage(_, _worker, api, key, id) = env.stage(|_| {}, |c| c.command_timeout_ms = 2_000).await;
     api.post(&format!("/api/v1/sessions/{id}:stop"), &key, None)
         .await
         .assert_status(200);
@@ -58,11 +51,7 @@ async fn commands_keep_working_after_postgres_drops_every_connection() {
 #[tokio::test]
 async fn a_worker_told_to_stop_finishes_the_command_it_holds() {
     let env = TestEnv::new().await;
-    let gw = env.gateway_id("sg");
-    let worker = env.start_worker(&gw, |c| c.sim_op_delay_ms = 800).await;
-    let api = env.start_api(|_| {}).await;
-    let key = env.api_key("org_a", &["read", "manage"]).await;
-    let id = api.session_on(&key, &gw).await;
+    let Stage(_, worker, api, key, id) = env.stage(|c| c.sim_op_delay_ms = 800, |_| {}).await;
 
     let request = api.post_in_background(&format!("/api/v1/sessions/{id}:start"), &key);
     tokio::time::sleep(Duration::from_millis(300)).await;
