@@ -33,8 +33,8 @@ pub struct Done<'a> {
 /// ended command. Every writer of the table goes through it (the worker that ran the
 /// command, the api for commands no worker got or whose caller got 504, the dead-letter
 /// consumer), so no writer depends on a row another one wrote. Its parameters start at
-/// `$first` ([`upsert_params`], or those of a command still under way); `guarded` makes it a no-op unless the
-/// enclosing statement's CTE `s` found the session.
+/// `$first` ([`upsert_params`], or those of a command still under way); `guarded` makes it a
+/// no-op unless the enclosing statement's CTE `s` found the session.
 pub fn upsert_sql(first: usize, guarded: bool) -> String {
     let p = |i: usize| format!("${}", first + i);
     format!(
