@@ -136,7 +136,8 @@ impl Bus {
                     .increment(1);
                 Err(Error::new(
                     ErrorCode::GatewayTimeout,
-                    "the gateway did not answer in time; the command's outcome is recorded",
+                    "the gateway did not answer in time; GET /api/v1/commands/{commandId} \
+                     tells the command's outcome",
                 )
                 .with_detail("commandId", env.id.to_string()))
             }
@@ -173,7 +174,13 @@ impl Bus {
                 props,
             )
             .await?
-            .await?;
+            .await
+            .map_err(|e| {
+                // Sent, but the connection went before the broker confirmed: the command may
+                // be queued and run. Naming it lets the caller look it up.
+                Error::dependency_down("message broker", e)
+                    .with_detail("commandId", env.id.to_string())
+            })?;
         match confirm {
             Confirmation::Ack(None) | Confirmation::NotRequested => Ok(()),
             Confirmation::Ack(Some(_returned)) => Err(Error::unavailable(format!(

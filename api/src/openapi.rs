@@ -17,12 +17,13 @@ use crate::routes::{commands, events, gateways, sessions};
     paths(
         sessions::create, sessions::list, sessions::get, sessions::update, sessions::delete,
         commands::start, commands::stop, commands::restart, commands::logout,
-        commands::request_pairing_code, commands::qr,
+        commands::request_pairing_code, commands::qr, commands::get,
         events::stream, gateways::list,
     ),
     components(schemas(
         shared::session::Session, shared::session::SessionStatus, shared::session::StatusReason,
         shared::error::ErrorEnvelope, shared::error::ErrorBody, shared::error::ErrorCode,
+        shared::store::commands::CommandRecord,
     )),
     modifiers(&BearerAuth),
     security(("bearer" = [])),

@@ -23,19 +23,22 @@ use axum::{
 };
 use serde::{Deserialize, Serialize};
 use shared::{
-    Error, ErrorCode, Result,
-    auth::Principal,
+    Error, Result,
+    auth::{Capability, Principal},
     db::now_ms,
     protocol::{Command, CommandEnvelope, CommandOutput, Outcome},
     session::{self, Session},
-    store::{self, commands::Done},
+    store::{
+        self,
+        commands::{CommandRecord, Done},
+    },
 };
 use ulid::Ulid;
 use utoipa::ToSchema;
 
 use crate::{
     AppState,
-    auth::Manager,
+    auth::{Caller, Manager},
     error::{ApiJson, ApiResult},
 };
 
@@ -142,30 +145,49 @@ pub async fn notify(
     sent
 }
 
-/// The row of a command the api answers without the worker's reply: `failed` when no worker
-/// could get it, `pending` when the caller's wait ran out (the worker or the dead-letter
-/// consumer ends it). A row that already ended is left as it is.
+/// The row of a command the api answers without the worker's reply. An error that names the
+/// command (504, or a broker lost before it confirmed) leaves it `pending`: it may still run,
+/// and the worker or the dead-letter consumer ends it. Any other error means no worker can get
+/// it: `failed`. A row that already ended is left as it is.
 async fn record_unanswered(state: &AppState, env: &CommandEnvelope, error: &Error) {
     let written = async {
         let client = state.db.get().await?;
-        match error.code() {
-            ErrorCode::GatewayUnavailable => {
-                let outcome = Outcome::Error(error.body.clone());
-                let value = serde_json::to_value(&outcome).map_err(Error::internal)?;
-                let done = Done {
-                    env,
-                    error: Some(&error.body),
-                    outcome: &value,
-                };
-                store::commands::record_end(&client, &done, now_ms()).await
-            }
-            _ => store::commands::record_pending(&client, env).await,
+        if error.body.details.contains_key("commandId") {
+            return store::commands::record_pending(&client, env).await;
         }
+        let outcome = Outcome::Error(error.body.clone());
+        let value = serde_json::to_value(&outcome).map_err(Error::internal)?;
+        let done = Done {
+            env,
+            error: Some(&error.body),
+            outcome: &value,
+        };
+        store::commands::record_end(&client, &done, now_ms()).await
     }
     .await;
     if let Err(e) = written {
         tracing::warn!(command_id = %env.id, error = %e, "could not record an unanswered command");
     }
+}
+
+/// `GET /commands/{command}`: how a command ended, for a caller that got 504 (or 503 with a
+/// `commandId`), and the audit trail.
+#[utoipa::path(get, path = "/api/v1/commands/{command}", tag = "commands",
+    params(("command" = String, Path, description = "The command id (ULID), as given in an error's `details.commandId`")),
+    responses((status = 200, body = CommandRecord), (status = "4XX", body = shared::error::ErrorEnvelope)))]
+pub async fn get(
+    State(state): State<AppState>,
+    Caller(caller): Caller,
+    Path(id): Path<String>,
+) -> ApiResult<Json<CommandRecord>> {
+    caller.require(Capability::Read)?;
+    let not_found = || Error::not_found("command not found");
+    Ulid::from_string(&id).map_err(|_| not_found())?;
+    let client = state.db.get().await?;
+    store::commands::get(&client, &caller.organization_id, &id)
+        .await?
+        .map(Json)
+        .ok_or_else(|| not_found().into())
 }
 
 async fn run_for_session(

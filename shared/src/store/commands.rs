@@ -123,35 +123,58 @@ pub async fn record_pending(db: &impl GenericClient, env: &CommandEnvelope) -> R
     Ok(())
 }
 
-#[derive(Debug, Clone)]
+/// A command as its organization may see it: what was asked, by whom, and how it ended. Not
+/// its result: for `qr` and `request_pairing_code` that is a code that hands the number over,
+/// which only callers that may manage the session get (in the command's reply).
+#[derive(Debug, Clone, serde::Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase")]
 pub struct CommandRecord {
     pub id: String,
     pub session_id: String,
+    /// `start`, `stop`, `restart`, `logout`, `qr`, `request_pairing_code`, `delete`, ...
+    #[schema(example = "logout")]
     pub kind: String,
+    /// `pending` (sent, not ended yet), `succeeded`, `failed` or `expired`.
+    #[schema(example = "succeeded")]
     pub status: String,
-    pub error_code: Option<String>,
-    pub result: Option<Value>,
+    /// Why it failed or expired, as the caller was (or would have been) answered.
+    pub error: Option<ErrorBody>,
+    /// The user id of the login, or the API key's id (`gwk_...`).
     pub requested_by: String,
+    /// Epoch ms.
+    pub created_at: i64,
+    /// Epoch ms after which it is not run.
+    pub deadline_at: i64,
+    /// Epoch ms; null while pending.
+    pub completed_at: Option<i64>,
 }
 
 /// A command of the organization, for the audit trail and for callers whose reply timed out.
 pub async fn get(db: &impl GenericClient, org: &str, id: &str) -> Result<Option<CommandRecord>> {
     let stmt = db
         .prepare_cached(
-            "SELECT id, session_id, kind, status, error_code, result, requested_by \
+            "SELECT id, session_id, kind, status, error_code, error_message, requested_by, \
+             created_at, deadline_at, completed_at \
              FROM commands WHERE organization_id = $1 AND id = $2",
         )
         .await?;
-    Ok(db
-        .query_opt(&stmt, &[&org, &id])
-        .await?
-        .map(|r| CommandRecord {
+    Ok(db.query_opt(&stmt, &[&org, &id]).await?.map(|r| {
+        let code: Option<String> = r.get(4);
+        let error = code.map(|code| ErrorBody {
+            code: serde_json::from_value(Value::String(code)).unwrap_or(ErrorCode::Internal),
+            message: r.get::<_, Option<String>>(5).unwrap_or_default(),
+            details: Default::default(),
+        });
+        CommandRecord {
             id: r.get(0),
             session_id: r.get(1),
             kind: r.get(2),
             status: r.get(3),
-            error_code: r.get(4),
-            result: r.get(5),
+            error,
             requested_by: r.get(6),
-        }))
+            created_at: r.get(7),
+            deadline_at: r.get(8),
+            completed_at: r.get(9),
+        }
+    }))
 }

@@ -590,6 +590,23 @@ async fn another_organizations_session_is_404_on_every_route() {
     );
 
     api.get(&one, &b_read).await.assert_error(404, "not_found");
+    let (command_id,): (String,) = {
+        let row = env
+            .db
+            .get()
+            .await
+            .expect("db")
+            .query_one("SELECT id FROM commands WHERE session_id = $1", &[&id])
+            .await
+            .expect("org A's command");
+        (row.get(0),)
+    };
+    let command = format!("/api/v1/commands/{command_id}");
+    api.get(&command, &b).await.assert_error(404, "not_found");
+    assert_eq!(
+        api.get(&command, &a).await.assert_status(200)["kind"],
+        "stop"
+    );
 
     // Org A's session is untouched: not renamed, not deleted, only its own command recorded.
     let after = api.get(&one, &a).await;

@@ -441,25 +441,19 @@ async fn a_worker_slower_than_the_timeout_gets_504_and_the_outcome_is_recorded()
         .as_str()
         .expect("commandId")
         .to_owned();
-    // The id the caller got already has its row, still pending: the worker is on it.
-    let status: String = env
-        .db
-        .get()
-        .await
-        .expect("db")
-        .query_one("SELECT status FROM commands WHERE id = $1", &[&command_id])
-        .await
-        .expect("a row for the command id the caller got")
-        .get(0);
-    assert_eq!(status, "pending");
-    // The worker took it before its deadline and finished it: the command row says so.
+    // The caller can look the command up at once: still pending, the worker is on it.
+    let lookup = format!("/api/v1/commands/{command_id}");
+    let pending = api.get(&lookup, &key).await;
+    let pending = pending.assert_status(200);
+    assert_eq!(
+        (&pending["status"], &pending["kind"], &pending["sessionId"]),
+        (&json!("pending"), &json!("start"), &json!(id))
+    );
+    assert_eq!(pending["completedAt"], json!(null));
+    // The worker took it before its deadline and finished it: the lookup says so.
     eventually(Duration::from_secs(5), || async {
-        let client = env.db.get().await.expect("db");
-        let row = client
-            .query_one("SELECT status FROM commands WHERE id = $1", &[&command_id])
-            .await
-            .expect("row");
-        row.get::<_, String>(0) == "succeeded"
+        let r = api.get(&lookup, &key).await;
+        r.status == 200 && r.body["status"] == "succeeded" && r.body["error"].is_null()
     })
     .await;
     api.wait_session(&key, &id, "started", |s| s["status"] != "stopped")

@@ -77,6 +77,7 @@ async fn openapi_document_is_3_1_and_names_every_endpoint() {
         "/api/v1/sessions/{session}/qr",
         "/api/v1/events",
         "/api/v1/gateways",
+        "/api/v1/commands/{command}",
     ] {
         assert!(doc["paths"].get(path).is_some(), "missing {path}");
     }
