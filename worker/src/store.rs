@@ -10,6 +10,8 @@
 //! transaction that also appends the events under the per-organization lock (see
 //! `shared::store::events`).
 
+use std::sync::{Arc, LazyLock};
+
 use deadpool_postgres::{GenericClient, Pool};
 use serde_json::Value;
 use shared::db::{GroupCommit, Params, param_refs};
@@ -108,7 +110,17 @@ const SESSION_UPDATE: &str = "UPDATE sessions SET status = $3, status_reason = $
     last_connected_at = CASE WHEN $10 THEN $11 ELSE last_connected_at END, \
     updated_at = $11 WHERE id = $1 AND lease_epoch = $2";
 
-fn statement(change: bool, command: bool) -> String {
+/// The statement of [`write`] for each of its four shapes, built once: it runs on every
+/// command, and building it (and the `Arc` group commit takes) each time was work repeated.
+fn statement(change: bool, command: bool) -> Arc<str> {
+    static STATEMENTS: LazyLock<[Arc<str>; 4]> = LazyLock::new(|| {
+        [(false, false), (false, true), (true, false), (true, true)]
+            .map(|(change, command)| build_statement(change, command).into())
+    });
+    STATEMENTS[usize::from(change) * 2 + usize::from(command)].clone()
+}
+
+fn build_statement(change: bool, command: bool) -> String {
     let cols = sessions::COLUMNS;
     let (session, next) = if change {
         (format!("{SESSION_UPDATE} RETURNING {cols}"), 12)
@@ -175,7 +187,7 @@ pub async fn write(
     }
     if new_events.is_empty() {
         // The common case, one statement: it goes through group commit.
-        let row = writer.query_opt(sql.into(), params).await?;
+        let row = writer.query_opt(sql, params).await?;
         return Ok((row.as_ref().map(sessions::from_row), vec![]));
     }
     let mut client = db.get().await?;

@@ -108,9 +108,12 @@ fn params(
     ]
 }
 
+/// [`upsert_sql`] as a statement of its own.
+static RECORD: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| upsert_sql(1, false));
+
 /// Records a command's end (see [`upsert_sql`]).
 pub async fn record_end(db: &impl GenericClient, done: &Done<'_>, now: i64) -> Result<()> {
-    let stmt = db.prepare_cached(&upsert_sql(1, false)).await?;
+    let stmt = db.prepare_cached(&RECORD).await?;
     db.execute(&stmt, &param_refs(&upsert_params(done, now)))
         .await?;
     Ok(())
@@ -118,7 +121,7 @@ pub async fn record_end(db: &impl GenericClient, done: &Done<'_>, now: i64) -> R
 
 /// Records a command still under way, unless it already has a row.
 pub async fn record_pending(db: &impl GenericClient, env: &CommandEnvelope) -> Result<()> {
-    let stmt = db.prepare_cached(&upsert_sql(1, false)).await?;
+    let stmt = db.prepare_cached(&RECORD).await?;
     db.execute(&stmt, &param_refs(&pending_params(env))).await?;
     Ok(())
 }
