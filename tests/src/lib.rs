@@ -296,6 +296,26 @@ impl TestEnv {
         .expect("register");
     }
 
+    /// A gateway that looks live, with its command queue declared but nobody consuming it
+    /// (yet): commands sent to it wait in the queue. With a broker connection to act on it.
+    pub async fn gateway_without_consumer(
+        &self,
+    ) -> (
+        String,
+        lapin::Connection,
+        lapin::Channel,
+        shared::topology::Topology,
+    ) {
+        let gw = self.gateway_id("sg");
+        self.fake_live_gateway(&gw).await;
+        let (conn, ch, topology) = self.amqp().await;
+        topology
+            .declare_gateway_queue(&ch, &gw)
+            .await
+            .expect("queue");
+        (gw, conn, ch, topology)
+    }
+
     /// Drives the simulated phone of a session, as `gatewayctl sim …` does.
     pub async fn sim(
         &self,

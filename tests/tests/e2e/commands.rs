@@ -463,14 +463,8 @@ async fn a_worker_slower_than_the_timeout_gets_504_and_the_outcome_is_recorded()
 #[tokio::test]
 async fn a_command_that_expires_in_the_queue_never_runs() {
     let env = TestEnv::new().await;
-    let gw = env.gateway_id("sg");
     // The gateway looks live and its queue exists, but nothing consumes it yet.
-    env.fake_live_gateway(&gw).await;
-    let (_conn, ch, topology) = env.amqp().await;
-    topology
-        .declare_gateway_queue(&ch, &gw)
-        .await
-        .expect("queue");
+    let (gw, _conn, _ch, _topology) = env.gateway_without_consumer().await;
     let api = env.start_api(|c| c.command_timeout_ms = 400).await;
     let key = env.api_key("org_a", &["read", "manage"]).await;
     let id = api.session_on(&key, &gw).await;
@@ -539,13 +533,7 @@ async fn a_command_redelivered_after_its_worker_died_mid_way_runs_once() {
 #[tokio::test]
 async fn a_redelivered_command_that_already_ran_is_answered_from_its_record() {
     let env = TestEnv::new().await;
-    let gw = env.gateway_id("sg");
-    env.fake_live_gateway(&gw).await;
-    let (conn, ch, topology) = env.amqp().await;
-    topology
-        .declare_gateway_queue(&ch, &gw)
-        .await
-        .expect("queue");
+    let (gw, conn, ch, topology) = env.gateway_without_consumer().await;
     let api = env.start_api(|c| c.command_timeout_ms = 15_000).await;
     let key = env.api_key("org_a", &["read", "manage"]).await;
     let s = api
