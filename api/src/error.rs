@@ -57,7 +57,16 @@ impl IntoResponse for ApiError {
             }
         }
         metrics::counter!("api_errors_total", "code" => body.code.as_str()).increment(1);
+        let retry_after = body
+            .details
+            .get("retryAfterSeconds")
+            .and_then(serde_json::Value::as_u64);
         let mut response = (status, Json(ErrorEnvelope { error: body })).into_response();
+        if let Some(secs) = retry_after {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        }
         if status == StatusCode::UNAUTHORIZED {
             response
                 .headers_mut()

@@ -3,6 +3,10 @@
 //! gateway missing from the snapshot (a worker that registered a moment ago) forces one early
 //! refresh before the answer is 503. Session counts, which only placement needs, are read when
 //! a session is placed rather than aggregated every second.
+//!
+//! Heartbeats are on the database's clock; the snapshot keeps the database's time at the
+//! read and ages it on this process's monotonic clock, so liveness never depends on this
+//! machine's wall clock agreeing with the workers'.
 
 use std::{
     collections::HashMap,
@@ -12,8 +16,8 @@ use std::{
 
 use deadpool_postgres::Pool;
 use shared::{
-    Error, Result,
-    db::now_ms,
+    Result,
+    fleet::{self, Candidate, GatewayState},
     store::{gateways, gateways::Gateway, sessions},
 };
 use tokio_util::sync::CancellationToken;
@@ -21,7 +25,16 @@ use tokio_util::sync::CancellationToken;
 #[derive(Default)]
 struct Snapshot {
     gateways: Vec<Gateway>,
+    /// The database's time at the read.
+    db_now: i64,
     taken: Option<Instant>,
+}
+
+impl Snapshot {
+    /// The database's time now, as this snapshot estimates it.
+    fn now(&self) -> i64 {
+        self.db_now + self.taken.map_or(0, |t| t.elapsed().as_millis() as i64)
+    }
 }
 
 #[derive(Clone)]
@@ -69,9 +82,10 @@ impl Fleet {
     async fn refresh(&self) -> Result<()> {
         let _guard = self.refresh_lock.lock().await;
         let client = self.db.get().await?;
-        let gateways = gateways::list(&client).await?;
+        let (gateways, db_now) = gateways::list(&client).await?;
         let fresh = Arc::new(Snapshot {
             gateways,
+            db_now,
             taken: Some(Instant::now()),
         });
         if let Ok(mut s) = self.snapshot.write() {
@@ -81,7 +95,7 @@ impl Fleet {
     }
 
     fn live_in(&self, snap: &Snapshot, id: &str) -> bool {
-        let now = now_ms();
+        let now = snap.now();
         snap.gateways
             .iter()
             .any(|g| g.id == id && g.is_live(now, self.liveness_ms))
@@ -98,19 +112,8 @@ impl Fleet {
         stale && self.refresh().await.is_ok() && self.live_in(&self.current(), gateway_id)
     }
 
-    /// 503 `gateway_unavailable` unless a live worker serves the gateway.
-    pub async fn require_live(&self, gateway_id: &str) -> Result<()> {
-        if self.is_live(gateway_id).await {
-            Ok(())
-        } else {
-            Err(
-                Error::unavailable(format!("gateway {gateway_id} has no live worker"))
-                    .with_detail("gatewayId", gateway_id),
-            )
-        }
-    }
-
-    /// The least-loaded live, active gateway (of `region` when given).
+    /// The least-loaded (sessions ÷ capacity) live, active gateway with room, of `region`
+    /// when given. Draining, cordoned and dead gateways take no new session.
     pub async fn place(&self, region: Option<&str>) -> Result<Option<String>> {
         if self.current().taken.is_none() {
             self.refresh().await?;
@@ -120,29 +123,49 @@ impl Fleet {
             .await?
             .into_iter()
             .collect();
-        let now = now_ms();
+        let now = snap.now();
+        let candidates: Vec<Candidate> = snap
+            .gateways
+            .iter()
+            .filter(|g| g.state == GatewayState::Active && g.is_live(now, self.liveness_ms))
+            .filter(|g| region.is_none_or(|r| g.region == r))
+            .map(|g| Candidate {
+                id: g.id.clone(),
+                capacity: i64::from(g.capacity),
+                load: counts.get(&g.id).copied().unwrap_or(0),
+            })
+            .collect();
+        Ok(fleet::least_loaded(&candidates).map(|i| candidates[i].id.clone()))
+    }
+
+    /// The stored state of a gateway as last read, if it is registered.
+    pub fn state_of(&self, gateway_id: &str) -> Option<GatewayState> {
+        self.current()
+            .gateways
+            .iter()
+            .find(|g| g.id == gateway_id)
+            .map(|g| g.state)
+    }
+
+    /// Every registered gateway as the fleet sees it now (its state `dead` once its
+    /// heartbeat lapsed), with its load and the heartbeat's age in ms.
+    pub async fn gateways(&self) -> Result<Vec<(Gateway, GatewayState, gateways::Load, i64)>> {
+        self.refresh().await?;
+        let load: HashMap<String, gateways::Load> =
+            gateways::load(&self.db.get().await?).await?.into_iter().collect();
+        let snap = self.current();
+        let now = snap.now();
         Ok(snap
             .gateways
             .iter()
-            .filter(|g| g.state == "active" && g.is_live(now, self.liveness_ms))
-            .filter(|g| region.is_none_or(|r| g.region == r))
-            .min_by_key(|g| {
-                let n = counts.get(&g.id).copied().unwrap_or(0);
-                // Load as a fraction of capacity, compared in integers.
-                (n * 1_000_000) / i64::from(g.capacity.max(1))
+            .map(|g| {
+                (
+                    g.clone(),
+                    g.effective_state(now, self.liveness_ms),
+                    load.get(&g.id).copied().unwrap_or_default(),
+                    (now - g.heartbeat_at).max(0),
+                )
             })
-            .map(|g| g.id.clone()))
-    }
-
-    /// Every registered gateway, with whether it is live.
-    pub async fn gateways(&self) -> Result<Vec<(Gateway, bool)>> {
-        self.refresh().await?;
-        let now = now_ms();
-        Ok(self
-            .current()
-            .gateways
-            .iter()
-            .map(|g| (g.clone(), g.is_live(now, self.liveness_ms)))
             .collect())
     }
 }

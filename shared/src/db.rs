@@ -54,6 +54,12 @@ pub async fn migrate(url: &str) -> Result<Vec<String>> {
         .collect())
 }
 
+/// The database's clock in epoch milliseconds, as SQL. Leases and heartbeats are written and
+/// compared on this one clock, so the fleet's processes need not agree on the time: a worker
+/// that renews a lease reads its expiry as "my send time + TTL" on its own monotonic clock,
+/// which is never later than the database's.
+pub const DB_NOW_MS: &str = "(extract(epoch from clock_timestamp()) * 1000)::bigint";
+
 /// Epoch milliseconds now.
 pub fn now_ms() -> i64 {
     std::time::SystemTime::now()

@@ -6,6 +6,7 @@ pub mod config;
 pub mod db;
 pub mod devtoken;
 pub mod error;
+pub mod fleet;
 pub mod protocol;
 pub mod session;
 pub mod store;

@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 use ulid::Ulid;
 
 use crate::error::ErrorBody;
-use crate::session::{Session, SessionStatus, StatusReason};
+use crate::session::{DesiredState, Session, SessionStatus, StatusReason};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
@@ -44,6 +44,18 @@ pub enum Command {
 }
 
 impl Command {
+    /// What the command asks the session to be from now on, if it says: what the fleet
+    /// brings back after a move.
+    pub fn desired_state(&self) -> Option<DesiredState> {
+        match self {
+            Command::Start | Command::Restart | Command::Qr | Command::RequestPairingCode { .. } => {
+                Some(DesiredState::Running)
+            }
+            Command::Stop | Command::Logout => Some(DesiredState::Stopped),
+            _ => None,
+        }
+    }
+
     /// The name used in the audit log, metrics and logs.
     pub fn kind(&self) -> &'static str {
         match self {
@@ -97,6 +109,9 @@ pub enum CommandOutput {
 pub enum Outcome {
     Ok(CommandOutput),
     Error(ErrorBody),
+    /// The worker does not own the session (any more): a drain or a failover moved it. The
+    /// command did not run and has no record; the api re-reads the owner and sends it there.
+    Moved,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

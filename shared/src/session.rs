@@ -50,6 +50,35 @@ impl SessionStatus {
     }
 }
 
+/// What the session's owner asked for, kept apart from what it is (`status`): after a move
+/// (drain, failover) or a worker restart, the new owner connects `running` sessions and
+/// leaves `stopped` ones alone. Start, restart, QR and pairing code set `running`; stop and
+/// logout set `stopped`, and so do the ends a session cannot come back from by itself (QR
+/// codes exhausted, the device removed, the stream replaced elsewhere).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum DesiredState {
+    Running,
+    Stopped,
+}
+
+impl DesiredState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DesiredState::Running => "running",
+            DesiredState::Stopped => "stopped",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "running" => Some(DesiredState::Running),
+            "stopped" => Some(DesiredState::Stopped),
+            _ => None,
+        }
+    }
+}
+
 /// Why a session is in its status, where that matters.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "snake_case")]
@@ -124,6 +153,9 @@ pub struct Session {
     pub updated_at: i64,
     /// Epoch milliseconds; null where never connected.
     pub last_connected_at: Option<i64>,
+    /// What the owner asked for (`running` or `stopped`): what the fleet brings back after
+    /// the session moves to another gateway. An extra field; the seed's are as they were.
+    pub desired_state: DesiredState,
 }
 
 /// Limits on what callers may set; one place, used by validation and the OpenAPI text.

@@ -242,11 +242,10 @@ impl TestEnv {
                 let Ok(client) = db.get().await else {
                     return false;
                 };
-                let Ok(gws) = store::gateways::list(&client).await else {
+                let Ok((gws, now)) = store::gateways::list(&client).await else {
                     return false;
                 };
-                gws.iter()
-                    .any(|g| g.id == id && now_ms() - g.heartbeat_at < 1_000)
+                gws.iter().any(|g| g.id == id && now - g.heartbeat_at < 1_000)
             }
         })
         .await;
@@ -290,7 +289,6 @@ impl TestEnv {
             shared::session::region_of_gateway(gateway_id),
             10,
             "fake",
-            now_ms(),
         )
         .await
         .expect("register");

@@ -45,6 +45,29 @@ pub struct Config {
     /// Time given to in-flight commands at shutdown.
     #[arg(long, env = "SHUTDOWN_GRACE_MS", default_value_t = 10_000)]
     pub shutdown_grace_ms: u64,
+    /// How long a session's lease lasts unless renewed; renewed in bulk every third of it. A
+    /// dead worker's sessions move to its peers once it has run out, never before.
+    #[arg(long, env = "LEASE_TTL_MS", default_value_t = 15_000)]
+    pub lease_ttl_ms: u64,
+    /// A gateway whose heartbeat is older than this is dead (failover may begin).
+    #[arg(long, env = "GATEWAY_LIVENESS_MS", default_value_t = 10_000)]
+    pub gateway_liveness_ms: u64,
+    /// How often the worker looks for sessions moved to it that it does not hold yet.
+    #[arg(long, env = "ADOPT_INTERVAL_MS", default_value_t = 500)]
+    pub adopt_interval_ms: u64,
+    /// How often the region's reaper (one elected worker) looks for dead gateways.
+    #[arg(long, env = "REAPER_INTERVAL_MS", default_value_t = 1_000)]
+    pub reaper_interval_ms: u64,
+    /// Connections being set up at once (a cold start of thousands of sessions, a failover).
+    #[arg(long, env = "CONNECT_CONCURRENCY", default_value_t = 512)]
+    pub connect_concurrency: usize,
+    /// Sessions handed to peers at once during a drain.
+    #[arg(long, env = "DRAIN_PARALLELISM", default_value_t = 32)]
+    pub drain_parallelism: usize,
+    /// On SIGTERM with live peers in the region, how long the worker may spend moving its
+    /// sessions to them before it exits (keep it under the orchestrator's grace period).
+    #[arg(long, env = "DRAIN_GRACE_MS", default_value_t = 60_000)]
+    pub drain_grace_ms: u64,
     /// Where to serve `/metrics` and `/healthz` (off when unset).
     #[arg(long, env = "WORKER_METRICS_LISTEN")]
     pub metrics_listen: Option<SocketAddr>,
@@ -74,6 +97,10 @@ impl Config {
         self.region
             .clone()
             .unwrap_or_else(|| shared::session::region_of_gateway(&self.gateway_id).to_owned())
+    }
+
+    pub fn lease_ttl(&self) -> Duration {
+        Duration::from_millis(self.lease_ttl_ms)
     }
 
     pub fn sim(&self) -> SimConfig {

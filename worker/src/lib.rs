@@ -3,28 +3,42 @@
 //!
 //! Follow a command from the broker to the driver and back by file: `bus.rs` (consume,
 //! dispatch, publish replies and events) → `registry.rs` (the session's actor) →
-//! `session_actor.rs` (one match arm per command) → `driver/` (WhatsApp, or its simulation)
-//! → `store.rs` (the fenced write of the outcome).
+//! `session_actor/` (one match arm per command in `commands.rs`) → `driver/` (WhatsApp, or
+//! its simulation) → `store/` (the fenced write of the outcome).
+//!
+//! The fleet, by file: `leases.rs` (claim in bulk at start-up, renew in bulk, adopt sessions
+//! moved here), `drain.rs` (move this gateway's sessions to its peers), `reaper.rs` (the
+//! region's elected failover).
 //!
 //! [`run`] takes a shutdown token; `main` only parses configuration and calls it, and tests
 //! start workers in-process the same way.
 
 pub mod bus;
 pub mod config;
+pub mod drain;
 pub mod driver;
+pub mod leases;
+pub mod reaper;
 pub mod registry;
 pub mod session_actor;
 pub mod store;
 
-use std::{sync::Arc, time::Duration};
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Duration,
+};
 
 use deadpool_postgres::Pool;
-use shared::{Error, Result, db::now_ms, store::gateways};
+use shared::{Error, Result, fleet::GatewayState, store::gateways};
+use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
 pub use config::Config;
 
-use crate::{bus::Outbox, driver::Driver, registry::Registry};
+use crate::{bus::Outbox, drain::Drain, driver::Driver, registry::Registry, store::leases::Whose};
 
 /// What every session actor shares.
 pub struct Ctx {
@@ -34,9 +48,14 @@ pub struct Ctx {
     pub driver: Arc<dyn Driver>,
     pub outbox: Outbox,
     pub gateway_id: String,
+    pub lease_ttl: Duration,
+    /// Bounds the connections being set up at once (a cold start, a failover).
+    pub connects: Arc<Semaphore>,
 }
 
-/// Runs the worker until `shutdown` is cancelled, then finishes in-flight commands.
+/// Runs the worker until `shutdown` is cancelled. Then, when live peers exist in its region,
+/// it first moves its sessions to them (a drain, within `DRAIN_GRACE_MS`); either way it
+/// finishes in-flight commands and releases its leases before it returns.
 pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<()> {
     shared::session::validate_gateway_id(&cfg.gateway_id)
         .map_err(|_| Error::invalid("GATEWAY_ID must be lower-case letters, digits and dashes"))?;
@@ -49,7 +68,6 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<()> {
         &region,
         cfg.capacity,
         env!("CARGO_PKG_VERSION"),
-        now_ms(),
     )
     .await?;
     tracing::info!(gateway_id = %cfg.gateway_id, %region, "gateway registered");
@@ -65,65 +83,157 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<()> {
         driver,
         outbox: outbox.clone(),
         gateway_id: cfg.gateway_id.clone(),
+        lease_ttl: cfg.lease_ttl(),
+        connects: Arc::new(Semaphore::new(cfg.connect_concurrency.max(1))),
     });
-    let registry = Registry::new(ctx);
+    let registry = Registry::new(ctx.clone());
+    let drain = Arc::new(Drain {
+        ctx: ctx.clone(),
+        registry: registry.clone(),
+        region: region.clone(),
+        liveness_ms: cfg.gateway_liveness_ms as i64,
+        parallelism: cfg.drain_parallelism,
+    });
+
+    // Sessions that were running when this gateway last stopped connect again, their leases
+    // taken in bulk before the first command can arrive.
+    let started = std::time::Instant::now();
+    match leases::claim(&ctx, &registry, Whose::Any).await {
+        Ok(0) => {}
+        Ok(n) => tracing::info!(
+            sessions = n,
+            claim_ms = started.elapsed().as_millis() as u64,
+            "resuming sessions"
+        ),
+        Err(e) => tracing::warn!(error = %e, "could not claim sessions to resume; adoption retries"),
+    }
 
     // Background duties stop with `background`, after the consumer has drained.
     let background = CancellationToken::new();
-    let heartbeat = tokio::spawn(heartbeat(
+    let mut duties = tokio::task::JoinSet::new();
+    duties.spawn(heartbeat(
         db.clone(),
         cfg.gateway_id.clone(),
         Duration::from_millis(cfg.heartbeat_interval_ms),
+        drain.clone(),
         background.clone(),
     ));
+    duties.spawn(leases::keep(
+        ctx.clone(),
+        registry.clone(),
+        Duration::from_millis(cfg.adopt_interval_ms),
+        background.clone(),
+    ));
+    duties.spawn(
+        reaper::Reaper {
+            db: shared::db::pool(&cfg.db.database_url, 1)?,
+            region: region.clone(),
+            liveness_ms: cfg.gateway_liveness_ms as i64,
+            every: Duration::from_millis(cfg.reaper_interval_ms),
+        }
+        .run(background.clone()),
+    );
     if let Some(addr) = cfg.metrics_listen {
         let listener = tokio::net::TcpListener::bind(addr)
             .await
             .map_err(|e| Error::invalid(format!("WORKER_METRICS_LISTEN {addr}: {e}")))?;
-        tokio::spawn(serve_metrics(listener, background.clone()));
+        duties.spawn(serve_metrics(listener, background.clone()));
     }
 
-    // Sessions that were running when this gateway last stopped connect again.
-    match store::running_sessions(&db, &cfg.gateway_id).await {
-        Ok(ids) => {
-            for id in &ids {
-                registry.ensure(id).await;
-            }
-            if !ids.is_empty() {
-                tracing::info!(count = ids.len(), "resuming sessions");
-            }
+    let consuming = CancellationToken::new();
+    let consumer = tokio::spawn(
+        bus::Consumer {
+            url: cfg.amqp.amqp_url.clone(),
+            topology,
+            gateway_id: cfg.gateway_id.clone(),
+            prefetch: cfg.prefetch,
+            outbox,
         }
-        Err(e) => tracing::warn!(error = %e, "could not list sessions to resume"),
-    }
-
-    let consumer = bus::Consumer {
-        url: cfg.amqp.amqp_url.clone(),
-        topology,
-        gateway_id: cfg.gateway_id.clone(),
-        prefetch: cfg.prefetch,
-        outbox,
-    };
-    consumer
         .run(
-            registry,
-            shutdown,
+            registry.clone(),
+            consuming.clone(),
             Duration::from_millis(cfg.shutdown_grace_ms),
-        )
-        .await;
+        ),
+    );
 
+    shutdown.cancelled().await;
+    // The consumer keeps running while sessions move: a command for one that moved is
+    // answered "moved", and the api sends it on.
+    let restore = drain_before_exit(&drain, &cfg).await;
+    consuming.cancel();
+    let _ = consumer.await;
+    let held = registry.shutdown(Duration::from_millis(cfg.shutdown_grace_ms)).await;
     background.cancel();
-    let _ = heartbeat.await;
-    // Tell the fleet at once that nobody serves this gateway now.
+    while duties.join_next().await.is_some() {}
     if let Ok(client) = db.get().await {
-        let _ = gateways::heartbeat(&client, &cfg.gateway_id, 0).await;
+        // Nobody drives these any more: a peer may take them over without waiting.
+        if let Err(e) = store::leases::release(&client, &held).await {
+            tracing::warn!(error = %e, "could not release leases; they expire by themselves");
+        }
+        // Tell the fleet at once that nobody serves this gateway now.
+        let _ = gateways::signed_off(&client, &cfg.gateway_id, restore).await;
     }
     tracing::info!(gateway_id = %cfg.gateway_id, "worker stopped");
     Ok(())
 }
 
-async fn heartbeat(db: Pool, gateway_id: String, every: Duration, stop: CancellationToken) {
+/// On SIGTERM: when live peers exist in the region, mark the gateway draining and move its
+/// sessions to them within `DRAIN_GRACE_MS`. Answers the state to restore when the worker
+/// signs off (a gateway it drained only to exit comes back `active` on its next start).
+async fn drain_before_exit(drain: &Drain, cfg: &Config) -> Option<GatewayState> {
+    let (state, peers) = match async {
+        let client = drain.ctx.db.get().await?;
+        let state = gateways::heartbeat(&client, &cfg.gateway_id).await?;
+        let peers = gateways::peers(
+            &client,
+            &drain.region,
+            &cfg.gateway_id,
+            cfg.gateway_liveness_ms as i64,
+        )
+        .await?;
+        if !peers.is_empty() && state != Some(GatewayState::Draining) {
+            gateways::set_state(&client, &cfg.gateway_id, GatewayState::Draining).await?;
+        }
+        Ok::<_, Error>((state, peers))
+    }
+    .await
+    {
+        Ok(found) => found,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot drain before exiting");
+            return None;
+        }
+    };
+    if peers.is_empty() {
+        tracing::info!("no live peer in the region; sessions wait for this gateway to return");
+        return None;
+    }
+    tracing::info!(peers = peers.len(), "draining to peers before exiting");
+    let until = tokio::time::Instant::now() + Duration::from_millis(cfg.drain_grace_ms);
+    match drain.run(Some(until), || async { true }).await {
+        Ok(0) => {}
+        Ok(left) => tracing::warn!(sessions = left, "exiting with sessions not moved"),
+        Err(e) => tracing::warn!(error = %e, "drain before exit failed"),
+    }
+    // The state it had before, unless an SRE had drained it already.
+    match state {
+        Some(GatewayState::Draining) | None => None,
+        Some(other) => Some(other),
+    }
+}
+
+/// Heartbeats; every fifth beat also publishes session counts. A gateway an SRE marked
+/// `draining` is drained from here, one drain at a time, until it owns nothing.
+async fn heartbeat(
+    db: Pool,
+    gateway_id: String,
+    every: Duration,
+    drain: Arc<Drain>,
+    stop: CancellationToken,
+) {
     let mut tick = tokio::time::interval(every);
     let mut round: u64 = 0;
+    let draining = Arc::new(AtomicBool::new(false));
     loop {
         tokio::select! {
             _ = stop.cancelled() => return,
@@ -131,10 +241,28 @@ async fn heartbeat(db: Pool, gateway_id: String, every: Duration, stop: Cancella
         }
         let beat = async {
             let client = db.get().await?;
-            gateways::heartbeat(&client, &gateway_id, now_ms()).await
+            gateways::heartbeat(&client, &gateway_id).await
         };
-        if let Err(e) = beat.await {
-            tracing::warn!(error = %e, "heartbeat failed");
+        match beat.await {
+            Ok(Some(GatewayState::Draining)) if !draining.swap(true, Ordering::AcqRel) => {
+                let (drain, db, gateway_id, flag) =
+                    (drain.clone(), db.clone(), gateway_id.clone(), draining.clone());
+                tokio::spawn(async move {
+                    let still_draining = || async {
+                        match db.get().await {
+                            Ok(c) => gateways::heartbeat(&c, &gateway_id).await.ok().flatten()
+                                == Some(GatewayState::Draining),
+                            Err(_) => true,
+                        }
+                    };
+                    if let Err(e) = drain.run(None, still_draining).await {
+                        tracing::warn!(error = %e, "drain failed; retrying on the next heartbeat");
+                    }
+                    flag.store(false, Ordering::Release);
+                });
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "heartbeat failed"),
         }
         // Sessions by status, for dashboards; every fifth beat is plenty.
         if round.is_multiple_of(5)

@@ -1,12 +1,15 @@
 //! `gatewayctl`: the SRE's command line. It reads the same environment as the api
 //! (`DATABASE_URL`, `AMQP_URL`, `AUTH_ISSUER`, …) and goes through the same code paths.
 
+use std::{collections::HashMap, time::Duration};
+
 use clap::{Parser, Subcommand};
 use shared::{
     Error, Result,
     auth::{Capabilities, mint_api_key},
     db::now_ms,
     devtoken::{DevClaims, DevSigner},
+    fleet::GatewayState,
     protocol::{Command, CommandOutput},
     store,
 };
@@ -99,12 +102,22 @@ enum SimCmd {
 
 #[derive(Subcommand)]
 enum GatewayCmd {
+    /// Every gateway: state, region, capacity, load, live sessions, version, heartbeat age.
     List,
-    /// active, draining or dead.
-    SetState {
+    /// Move every session of the gateway to the least-loaded active peers of its region (its
+    /// worker does it: each number is disconnected before its new owner connects it, with no
+    /// re-pairing). Shows progress; returns when the gateway is empty, or says which sessions
+    /// could not move and why. The gateway stays `draining` (no new sessions) until uncordoned.
+    Drain {
         id: String,
-        state: String,
+        /// Give up waiting after this many seconds (the drain goes on).
+        #[arg(long, default_value_t = 600)]
+        timeout_secs: u64,
     },
+    /// Keep the gateway's sessions, but place no new ones on it.
+    Cordon { id: String },
+    /// Make the gateway active again (ends a drain or a cordon).
+    Uncordon { id: String },
 }
 
 #[tokio::main]
@@ -221,36 +234,113 @@ async fn run(cli: Cli) -> Result<()> {
                 );
             }
         }
-        Cmd::Gateways(GatewayCmd::List) => {
-            let db = shared::db::pool(&cfg.db.database_url, 1)?;
-            let now = now_ms();
-            println!(
-                "{:<20} {:<10} {:<9} {:<5} {:>10}",
-                "ID", "REGION", "STATE", "LIVE", "HEARTBEAT"
-            );
-            for g in store::gateways::list(&db.get().await?).await? {
-                let live = g.is_live(now, cfg.gateway_liveness_ms as i64);
-                let ago = if g.heartbeat_at == 0 {
-                    "never".to_owned()
-                } else {
-                    format!("{}s ago", (now - g.heartbeat_at) / 1000)
-                };
-                println!(
-                    "{:<20} {:<10} {:<9} {:<5} {:>10}",
-                    g.id, g.region, g.state, live, ago
-                );
-            }
-        }
-        Cmd::Gateways(GatewayCmd::SetState { id, state }) => {
-            if !["active", "draining", "dead"].contains(&state.as_str()) {
-                return Err(Error::invalid("state must be active, draining or dead"));
-            }
-            let db = shared::db::pool(&cfg.db.database_url, 1)?;
-            if !store::gateways::set_state(&db.get().await?, &id, &state).await? {
+        Cmd::Gateways(cmd) => fleet(&cfg, cmd).await?,
+    }
+    Ok(())
+}
+
+async fn fleet(cfg: &api::Config, cmd: GatewayCmd) -> Result<()> {
+    let db = shared::db::pool(&cfg.db.database_url, 1)?;
+    let set = |id: String, state: GatewayState| {
+        let db = db.clone();
+        async move {
+            if !store::gateways::set_state(&db.get().await?, &id, state).await? {
                 return Err(Error::not_found(format!("no gateway {id}")));
             }
-            println!("{id} is now {state}");
+            println!("{id} is now {}", state.as_str());
+            Ok(())
+        }
+    };
+    match cmd {
+        GatewayCmd::List => print_gateways(&db, cfg).await,
+        GatewayCmd::Cordon { id } => set(id, GatewayState::Cordoned).await,
+        GatewayCmd::Uncordon { id } => set(id, GatewayState::Active).await,
+        GatewayCmd::Drain { id, timeout_secs } => {
+            set(id.clone(), GatewayState::Draining).await?;
+            drain_progress(&db, cfg, &id, Duration::from_secs(timeout_secs)).await
+        }
+    }
+}
+
+async fn print_gateways(db: &deadpool_postgres::Pool, cfg: &api::Config) -> Result<()> {
+    let client = db.get().await?;
+    let (gateways, now) = store::gateways::list(&client).await?;
+    let load: HashMap<String, store::gateways::Load> =
+        store::gateways::load(&client).await?.into_iter().collect();
+    println!(
+        "{:<20} {:<8} {:<9} {:>8} {:>8} {:>8} {:<10} {:>10}",
+        "ID", "REGION", "STATE", "CAPACITY", "SESSIONS", "LIVE", "VERSION", "HEARTBEAT"
+    );
+    for g in gateways {
+        let l = load.get(&g.id).copied().unwrap_or_default();
+        let ago = if g.heartbeat_at == 0 {
+            "never".to_owned()
+        } else {
+            format!("{:.1}s ago", (now - g.heartbeat_at) as f64 / 1000.0)
+        };
+        println!(
+            "{:<20} {:<8} {:<9} {:>8} {:>8} {:>8} {:<10} {:>10}",
+            g.id,
+            g.region,
+            g.effective_state(now, cfg.gateway_liveness_ms as i64).as_str(),
+            g.capacity,
+            l.sessions,
+            l.leased,
+            g.version,
+            ago
+        );
+        if let Some(note) = g.note {
+            println!("  note: {note}");
         }
     }
     Ok(())
+}
+
+/// Follows a drain until the gateway owns no session, printing progress.
+async fn drain_progress(
+    db: &deadpool_postgres::Pool,
+    cfg: &api::Config,
+    id: &str,
+    timeout: Duration,
+) -> Result<()> {
+    let started = std::time::Instant::now();
+    let mut last = None;
+    loop {
+        let client = db.get().await?;
+        let (gateways, now) = store::gateways::list(&client).await?;
+        let g = gateways
+            .into_iter()
+            .find(|g| g.id == id)
+            .ok_or_else(|| Error::not_found(format!("no gateway {id}")))?;
+        let left = store::gateways::load(&client)
+            .await?
+            .into_iter()
+            .find(|(gw, _)| gw == id)
+            .map_or(0, |(_, l)| l.sessions);
+        if left == 0 {
+            println!("{id} is drained ({:.1} s)", started.elapsed().as_secs_f64());
+            return Ok(());
+        }
+        if last != Some(left) {
+            println!("{id}: {left} session(s) to move");
+            last = Some(left);
+        }
+        if !g.is_live(now, cfg.gateway_liveness_ms as i64) {
+            return Err(Error::unavailable(format!(
+                "{id} has no live worker to drain it; its {left} session(s) move by failover \
+                 once their leases expire"
+            )));
+        }
+        if started.elapsed() > timeout {
+            let why = g.note.unwrap_or_else(|| "the drain is still under way".into());
+            return Err(Error::unavailable(format!(
+                "{left} session(s) still on {id} after {} s: {why}",
+                timeout.as_secs()
+            )));
+        }
+        if let Some(note) = &g.note {
+            println!("  {note}");
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
 }

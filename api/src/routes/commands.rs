@@ -12,10 +12,12 @@
 //! latency, and half of Postgres's write load.
 //!
 //! The gateway comes from the session's row, cached for a few seconds
-//! ([`Config::session_cache_ttl_ms`](crate::Config)) per session and organization: a session
-//! never changes gateway or organization, and the worker checks both against the row it
-//! holds, so a stale entry (a session deleted through another replica) is answered 404 by the
-//! worker, as it should be.
+//! ([`Config::session_cache_ttl_ms`](crate::Config)) per session and organization. A session
+//! never changes organization, but it changes gateway when it moves (drain, failover): a
+//! worker that no longer owns it answers "moved", and the api drops the cached route,
+//! re-reads the owner and sends the command there once; a cached owner that is not live is
+//! re-read before the answer is 503. The worker checks the organization against the row it
+//! holds, so a stale entry of a deleted session is answered 404.
 
 use axum::{
     Json,
@@ -99,7 +101,9 @@ async fn address(
     })
 }
 
-/// Runs a command through the owning worker and returns what it answered.
+/// Runs a command through the owning worker and returns what it answered. A session that
+/// moved to another gateway since its route was cached (a drain, a failover) is followed
+/// there once, invisibly to the caller.
 pub async fn run(
     state: &AppState,
     caller: &Principal,
@@ -108,17 +112,27 @@ pub async fn run(
 ) -> Result<CommandOutput> {
     let kind = command.kind();
     let started = std::time::Instant::now();
-    let env = address(state, caller, session_id, command).await?;
-    let result = match state.fleet.require_live(&env.gateway_id).await {
-        Ok(()) => state.bus.call(&env).await,
-        Err(e) => Err(e),
-    };
+    let mut env = address(state, caller, session_id, command).await?;
+    let mut result = send(state, &mut env).await;
+    if matches!(result, Ok(Outcome::Moved)) {
+        metrics::counter!("api_command_redirects_total", "kind" => kind).increment(1);
+        state.session_gateways.remove(session_id);
+        result = match follow(state, &mut env).await {
+            Ok(()) => send(state, &mut env).await,
+            Err(e) => Err(e),
+        };
+    }
     if let Err(e) = &result {
         record_unanswered(state, &env, e).await;
     }
     let outcome = result.and_then(|o| match o {
         Outcome::Ok(output) => Ok(output),
         Outcome::Error(body) => Err(Error::from(body)),
+        // Moved again within one request: it is between owners right now.
+        Outcome::Moved => Err(Error::unavailable(
+            "the session is moving between gateways; try again in a moment",
+        )
+        .with_detail("retryAfterSeconds", 1)),
     });
     let label = match &outcome {
         Ok(_) => "ok",
@@ -128,6 +142,55 @@ pub async fn run(
     metrics::histogram!("api_command_duration_seconds", "kind" => kind)
         .record(started.elapsed().as_secs_f64());
     outcome
+}
+
+/// Publishes to the session's gateway when a live worker serves it. When none does, the
+/// cached route may be stale (the session moved): it is read again and followed; a session
+/// still on a dead gateway answers 503 with how long until failover can move it.
+async fn send(state: &AppState, env: &mut CommandEnvelope) -> Result<Outcome> {
+    if !state.fleet.is_live(&env.gateway_id).await {
+        let before = env.gateway_id.clone();
+        follow(state, env).await?;
+        if env.gateway_id == before || !state.fleet.is_live(&env.gateway_id).await {
+            return Err(dead_gateway(state, env).await);
+        }
+    }
+    state.bus.call(env).await
+}
+
+/// Re-reads the session's owner and readdresses the command to it.
+async fn follow(state: &AppState, env: &mut CommandEnvelope) -> Result<()> {
+    let client = state.db.get().await?;
+    let route = store::sessions::route(&client, &env.organization_id, &env.session_id)
+        .await?
+        .ok_or_else(Error::session_not_found)?;
+    state.session_gateways.insert(
+        env.session_id.clone(),
+        (env.organization_id.clone(), route.gateway_id.clone()),
+    );
+    env.gateway_id = route.gateway_id;
+    Ok(())
+}
+
+/// 503 for a session whose gateway has no live worker, with `Retry-After`: the lease's time
+/// left (failover moves the session only after it) plus a moment for the move itself.
+async fn dead_gateway(state: &AppState, env: &CommandEnvelope) -> Error {
+    let lease_left_ms = match state.db.get().await {
+        Ok(client) => store::sessions::route(&client, &env.organization_id, &env.session_id)
+            .await
+            .ok()
+            .flatten()
+            .map_or(0, |r| r.lease_left_ms),
+        Err(_) => 0,
+    };
+    let retry_after = (lease_left_ms + 999) / 1000 + 2;
+    Error::unavailable(format!(
+        "gateway {} has no live worker; its sessions move to a live gateway of its region \
+         once their leases expire",
+        env.gateway_id
+    ))
+    .with_detail("gatewayId", env.gateway_id.as_str())
+    .with_detail("retryAfterSeconds", retry_after)
 }
 
 /// Sends a command without waiting for its reply; the worker records it when it runs it.

@@ -9,8 +9,9 @@ use axum::{
 use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD};
 use serde::{Deserialize, Serialize};
 use shared::{
-    Error,
+    Error, ErrorCode,
     auth::Capability,
+    fleet::GatewayState,
     db::now_ms,
     protocol::{Command, CommandOutput, EventKind},
     session::{self, Session, SessionStatus, limits},
@@ -88,7 +89,8 @@ fn rate(
 
 #[utoipa::path(post, path = "/api/v1/sessions", tag = "sessions",
     request_body = CreateSession,
-    responses((status = 201, body = Session), (status = "4XX", body = shared::error::ErrorEnvelope)))]
+    responses((status = 201, body = Session), (status = "4XX", body = shared::error::ErrorEnvelope),
+        (status = 503, body = shared::error::ErrorEnvelope)))]
 pub async fn create(
     State(state): State<AppState>,
     Manager(caller): Manager,
@@ -107,12 +109,22 @@ pub async fn create(
         }
         (Some(gw), None) => {
             session::validate_gateway_id(gw)?;
+            if let Some(s @ (GatewayState::Draining | GatewayState::Cordoned)) =
+                state.fleet.state_of(gw)
+            {
+                return Err(Error::new(
+                    ErrorCode::Conflict,
+                    format!("gateway {gw} is {} and takes no new sessions", s.as_str()),
+                )
+                .with_detail("gatewayId", gw.as_str())
+                .into());
+            }
             gw.clone()
         }
         (None, Some(region)) => {
             session::validate_region(region)?;
             state.fleet.place(Some(region)).await?.ok_or_else(|| {
-                Error::unavailable(format!("no active gateway in region {region}"))
+                Error::unavailable(format!("no active gateway with room in region {region}"))
                     .with_detail("region", region.as_str())
             })?
         }

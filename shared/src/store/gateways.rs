@@ -1,88 +1,225 @@
 //! The `gateways` table: the fleet registry. Workers register and heartbeat; the api caches
-//! it to tell a live gateway from a dead one without a round trip per request.
+//! it to tell a live gateway from a dead one without a round trip per request; the drain and
+//! the reaper read it to find the peers a session can move to.
+//!
+//! Heartbeats are written on the database's clock ([`DB_NOW_MS`]) and read with the
+//! database's time beside them, so no two processes need agree on the time.
 
 use deadpool_postgres::GenericClient;
 use serde::Serialize;
 
-use crate::error::Result;
+use crate::{
+    db::DB_NOW_MS,
+    error::Result,
+    fleet::{Candidate, GatewayState},
+};
 
 #[derive(Debug, Clone, PartialEq, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Gateway {
     pub id: String,
     pub region: String,
-    /// `active`, `draining` or `dead`.
-    pub state: String,
+    /// The state an SRE (or a draining worker) set: `active`, `draining` or `cordoned`.
+    pub state: GatewayState,
     pub capacity: i32,
     pub version: String,
     pub started_at: i64,
-    /// Epoch ms of the last heartbeat.
+    /// Epoch ms of the last heartbeat (0 after a clean exit).
     pub heartbeat_at: i64,
+    /// What a drain could not do, for the SRE.
+    pub note: Option<String>,
 }
 
 impl Gateway {
     /// Alive: heartbeating recently and not marked dead.
     pub fn is_live(&self, now_ms: i64, liveness_ms: i64) -> bool {
-        self.state != "dead" && now_ms - self.heartbeat_at <= liveness_ms
+        self.state != GatewayState::Dead && now_ms - self.heartbeat_at <= liveness_ms
+    }
+
+    /// The state as the fleet sees it: `dead` once the heartbeat lapsed, else the stored one.
+    pub fn effective_state(&self, now_ms: i64, liveness_ms: i64) -> GatewayState {
+        if self.is_live(now_ms, liveness_ms) {
+            self.state
+        } else {
+            GatewayState::Dead
+        }
     }
 }
 
+/// Registers (or re-registers) a gateway as heartbeating now. A gateway an SRE drained or
+/// cordoned stays so across restarts of its worker; anything else comes back `active`.
 pub async fn register(
     db: &impl GenericClient,
     id: &str,
     region: &str,
     capacity: i32,
     version: &str,
-    now: i64,
+) -> Result<()> {
+    let stmt = db
+        .prepare_cached(&format!(
+            "INSERT INTO gateways (id, region, state, capacity, version, started_at, heartbeat_at) \
+             VALUES ($1, $2, 'active', $3, $4, {DB_NOW_MS}, {DB_NOW_MS}) ON CONFLICT (id) DO UPDATE SET \
+             region = EXCLUDED.region, capacity = EXCLUDED.capacity, version = EXCLUDED.version, \
+             started_at = EXCLUDED.started_at, heartbeat_at = EXCLUDED.heartbeat_at, \
+             state = CASE WHEN gateways.state IN ('draining', 'cordoned') THEN gateways.state \
+             ELSE 'active' END"
+        ))
+        .await?;
+    db.execute(&stmt, &[&id, &region, &capacity, &version])
+        .await?;
+    Ok(())
+}
+
+/// A heartbeat; answers the gateway's stored state, so a worker learns it is to drain.
+pub async fn heartbeat(db: &impl GenericClient, id: &str) -> Result<Option<GatewayState>> {
+    let stmt = db
+        .prepare_cached(&format!(
+            "UPDATE gateways SET heartbeat_at = {DB_NOW_MS} WHERE id = $1 RETURNING state"
+        ))
+        .await?;
+    Ok(db
+        .query_opt(&stmt, &[&id])
+        .await?
+        .and_then(|r| GatewayState::parse(r.get(0))))
+}
+
+/// A clean exit: nobody serves the gateway from now on (it shows `dead` at once).
+/// `restore` puts back the state a gateway had before its worker drained it to exit, so it
+/// comes back as it was on its next start.
+pub async fn signed_off(
+    db: &impl GenericClient,
+    id: &str,
+    restore: Option<GatewayState>,
 ) -> Result<()> {
     let stmt = db
         .prepare_cached(
-            "INSERT INTO gateways (id, region, state, capacity, version, started_at, heartbeat_at) \
-             VALUES ($1, $2, 'active', $3, $4, $5, $5) ON CONFLICT (id) DO UPDATE SET \
-             region = EXCLUDED.region, capacity = EXCLUDED.capacity, version = EXCLUDED.version, \
-             started_at = EXCLUDED.started_at, heartbeat_at = EXCLUDED.heartbeat_at, \
-             state = CASE WHEN gateways.state = 'draining' THEN 'draining' ELSE 'active' END",
+            "UPDATE gateways SET heartbeat_at = 0, state = COALESCE($2, state) WHERE id = $1",
         )
         .await?;
-    db.execute(&stmt, &[&id, &region, &capacity, &version, &now])
+    db.execute(&stmt, &[&id, &restore.map(GatewayState::as_str)])
         .await?;
     Ok(())
 }
 
-pub async fn heartbeat(db: &impl GenericClient, id: &str, now: i64) -> Result<()> {
+pub async fn set_state(db: &impl GenericClient, id: &str, state: GatewayState) -> Result<bool> {
     let stmt = db
-        .prepare_cached("UPDATE gateways SET heartbeat_at = $2 WHERE id = $1")
+        .prepare_cached("UPDATE gateways SET state = $2, note = NULL WHERE id = $1")
         .await?;
-    db.execute(&stmt, &[&id, &now]).await?;
+    Ok(db.execute(&stmt, &[&id, &state.as_str()]).await? == 1)
+}
+
+pub async fn set_note(db: &impl GenericClient, id: &str, note: Option<&str>) -> Result<()> {
+    let stmt = db
+        .prepare_cached("UPDATE gateways SET note = $2 WHERE id = $1 AND note IS DISTINCT FROM $2")
+        .await?;
+    db.execute(&stmt, &[&id, &note]).await?;
     Ok(())
 }
 
-pub async fn set_state(db: &impl GenericClient, id: &str, state: &str) -> Result<bool> {
-    let stmt = db
-        .prepare_cached("UPDATE gateways SET state = $2 WHERE id = $1")
-        .await?;
-    Ok(db.execute(&stmt, &[&id, &state]).await? == 1)
+const COLUMNS: &str =
+    "g.id, g.region, g.state, g.capacity, g.version, g.started_at, g.heartbeat_at, g.note";
+
+fn from_row(r: &tokio_postgres::Row) -> Gateway {
+    Gateway {
+        id: r.get(0),
+        region: r.get(1),
+        state: GatewayState::parse(r.get(2)).unwrap_or(GatewayState::Dead),
+        capacity: r.get(3),
+        version: r.get(4),
+        started_at: r.get(5),
+        heartbeat_at: r.get(6),
+        note: r.get(7),
+    }
 }
 
-pub async fn list(db: &impl GenericClient) -> Result<Vec<Gateway>> {
+/// Every gateway, and the database's time when they were read.
+pub async fn list(db: &impl GenericClient) -> Result<(Vec<Gateway>, i64)> {
     let stmt = db
-        .prepare_cached(
-            "SELECT id, region, state, capacity, version, started_at, heartbeat_at \
-             FROM gateways ORDER BY id",
-        )
+        .prepare_cached(&format!(
+            "SELECT {COLUMNS}, n.now FROM (SELECT {DB_NOW_MS} AS now) n \
+             LEFT JOIN gateways g ON true ORDER BY g.id"
+        ))
+        .await?;
+    let rows = db.query(&stmt, &[]).await?;
+    let now = rows.first().map_or(0, |r| r.get(8));
+    let gateways = rows
+        .iter()
+        .filter(|r| r.get::<_, Option<String>>(0).is_some())
+        .map(from_row)
+        .collect();
+    Ok((gateways, now))
+}
+
+/// Sessions per gateway: owned, and held under a live lease now.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Load {
+    pub sessions: i64,
+    pub leased: i64,
+}
+
+/// The load of every gateway that owns a session (of every organization).
+pub async fn load(db: &impl GenericClient) -> Result<Vec<(String, Load)>> {
+    let stmt = db
+        .prepare_cached(&format!(
+            "SELECT gateway_id, count(*), count(*) FILTER (WHERE lease_expires_at > {DB_NOW_MS}) \
+             FROM sessions GROUP BY gateway_id"
+        ))
         .await?;
     Ok(db
         .query(&stmt, &[])
         .await?
         .iter()
-        .map(|r| Gateway {
-            id: r.get(0),
-            region: r.get(1),
-            state: r.get(2),
-            capacity: r.get(3),
-            version: r.get(4),
-            started_at: r.get(5),
-            heartbeat_at: r.get(6),
+        .map(|r| {
+            (
+                r.get(0),
+                Load {
+                    sessions: r.get(1),
+                    leased: r.get(2),
+                },
+            )
         })
+        .collect())
+}
+
+/// The gateways of `region` that can take sessions now (active and heartbeating within
+/// `liveness_ms`), but `except`, with how many sessions each owns.
+pub async fn peers(
+    db: &impl GenericClient,
+    region: &str,
+    except: &str,
+    liveness_ms: i64,
+) -> Result<Vec<Candidate>> {
+    let stmt = db
+        .prepare_cached(&format!(
+            "SELECT g.id, g.capacity, (SELECT count(*) FROM sessions s WHERE s.gateway_id = g.id) \
+             FROM gateways g WHERE g.region = $1 AND g.id <> $2 AND g.state = 'active' \
+             AND g.heartbeat_at >= {DB_NOW_MS} - $3 ORDER BY g.id"
+        ))
+        .await?;
+    Ok(db
+        .query(&stmt, &[&region, &except, &liveness_ms])
+        .await?
+        .iter()
+        .map(|r| Candidate {
+            id: r.get(0),
+            capacity: i64::from(r.get::<_, i32>(1)),
+            load: r.get(2),
+        })
+        .collect())
+}
+
+/// The gateways of `region` whose heartbeat lapsed (or that are marked dead).
+pub async fn dead_in(db: &impl GenericClient, region: &str, liveness_ms: i64) -> Result<Vec<String>> {
+    let stmt = db
+        .prepare_cached(&format!(
+            "SELECT id FROM gateways WHERE region = $1 \
+             AND (state = 'dead' OR heartbeat_at < {DB_NOW_MS} - $2) ORDER BY id"
+        ))
+        .await?;
+    Ok(db
+        .query(&stmt, &[&region, &liveness_ms])
+        .await?
+        .iter()
+        .map(|r| r.get(0))
         .collect())
 }

@@ -3,16 +3,17 @@
 use deadpool_postgres::GenericClient;
 use tokio_postgres::Row;
 
+use crate::db::DB_NOW_MS;
 use crate::error::Result;
-use crate::session::{Session, SessionStatus, StatusReason};
+use crate::session::{DesiredState, Session, SessionStatus, StatusReason};
 
 /// How many columns [`COLUMNS`] names; a query may return more after them.
-pub const COLUMN_COUNT: usize = 18;
+pub const COLUMN_COUNT: usize = 19;
 
 /// The columns [`from_row`] reads, in order.
 pub const COLUMNS: &str = "id, organization_id, label, gateway_id, phone_number, wa_jid, wa_lid, \
     status, status_reason, auto_read, presence_typing, rate_per_min, rate_per_hour, \
-    is_admin_session, created_by_user_id, created_at, updated_at, last_connected_at";
+    is_admin_session, created_by_user_id, created_at, updated_at, last_connected_at, desired_state";
 
 pub fn from_row(row: &Row) -> Session {
     let status: &str = row.get(7);
@@ -37,6 +38,7 @@ pub fn from_row(row: &Row) -> Session {
         created_at: row.get(15),
         updated_at: row.get(16),
         last_connected_at: row.get(17),
+        desired_state: DesiredState::parse(row.get(18)).unwrap_or(DesiredState::Stopped),
     }
 }
 
@@ -96,6 +98,26 @@ pub async fn gateway(db: &impl GenericClient, org: &str, id: &str) -> Result<Opt
         .prepare_cached("SELECT gateway_id FROM sessions WHERE organization_id = $1 AND id = $2")
         .await?;
     Ok(db.query_opt(&stmt, &[&org, &id]).await?.map(|r| r.get(0)))
+}
+
+/// Where a session's commands go now, read fresh: its owner, how long the owner's lease
+/// still holds (ms, on the database's clock; 0 when unheld or expired).
+pub struct Route {
+    pub gateway_id: String,
+    pub lease_left_ms: i64,
+}
+
+pub async fn route(db: &impl GenericClient, org: &str, id: &str) -> Result<Option<Route>> {
+    let stmt = db
+        .prepare_cached(&format!(
+            "SELECT gateway_id, GREATEST(COALESCE(lease_expires_at - {DB_NOW_MS}, 0), 0) \
+             FROM sessions WHERE organization_id = $1 AND id = $2"
+        ))
+        .await?;
+    Ok(db.query_opt(&stmt, &[&org, &id]).await?.map(|r| Route {
+        gateway_id: r.get(0),
+        lease_left_ms: r.get(1),
+    }))
 }
 
 pub struct ListFilter<'a> {

@@ -5,7 +5,8 @@ use reqwest::Method;
 use serde_json::{Value, json};
 use tests::TestEnv;
 
-const SEED_FIELDS: [&str; 18] = [
+/// The seed's fields, and the two extras: `statusReason` and `desiredState`.
+const SEED_FIELDS: [&str; 19] = [
     "autoRead",
     "createdAt",
     "createdByUserId",
@@ -24,6 +25,7 @@ const SEED_FIELDS: [&str; 18] = [
     "waJid",
     "waLid",
     "statusReason",
+    "desiredState",
 ];
 
 #[tokio::test]
@@ -47,6 +49,7 @@ async fn created_session_has_exactly_the_seed_fields_with_their_types() {
     assert_eq!(s["gatewayId"], "gw-sg-1");
     assert_eq!(s["organizationId"], "org_a");
     assert_eq!(s["status"], "stopped");
+    assert_eq!(s["desiredState"], "stopped");
     assert_eq!(s["autoRead"], false);
     assert_eq!(s["presenceTyping"], true);
     assert_eq!(s["ratePerMin"], 20);

@@ -5,10 +5,14 @@
 //! failover, a misconfigured duplicate), the write matches no row and this worker lets go:
 //! this is what keeps one number from being driven from two places.
 //!
+//! Claiming, renewing and handing over leases is [`leases`].
+//!
 //! A command's outcome and the session change it caused are written together: one statement
 //! (a data-modifying CTE, one round trip) when there is no event to append, else one
 //! transaction that also appends the events under the per-organization lock (see
 //! `shared::store::events`).
+
+pub mod leases;
 
 use std::sync::{Arc, LazyLock};
 
@@ -19,40 +23,12 @@ pub use shared::store::commands::Done;
 use shared::{
     Result,
     protocol::{Event, EventKind},
-    session::{Session, SessionStatus, StatusReason},
+    session::{DesiredState, Session, SessionStatus, StatusReason},
     store::{commands, events, sessions},
 };
 use tokio_postgres::types::ToSql;
 
-pub struct Claimed {
-    pub session: Session,
-    pub epoch: i64,
-    pub credentials: Option<Value>,
-}
-
-/// Takes the session's lease for this gateway; `None` when no such session is on it.
-pub async fn claim(db: &Pool, session_id: &str, gateway_id: &str) -> Result<Option<Claimed>> {
-    let client = db.get().await?;
-    let sql = format!(
-        "UPDATE sessions SET lease_epoch = lease_epoch + 1 WHERE id = $1 AND gateway_id = $2 \
-         RETURNING {}, lease_epoch, device_credentials",
-        sessions::COLUMNS
-    );
-    let stmt = client.prepare_cached(&sql).await?;
-    let Some(row) = client.query_opt(&stmt, &[&session_id, &gateway_id]).await? else {
-        return Ok(None);
-    };
-    let session = sessions::from_row(&row);
-    let epoch: i64 = row.get(sessions::COLUMN_COUNT);
-    let credentials: Option<Value> = row.get(sessions::COLUMN_COUNT + 1);
-    Ok(Some(Claimed {
-        session,
-        epoch,
-        credentials,
-    }))
-}
-
-/// The gateway a session is placed on, if the session exists.
+/// The gateway that owns a session, if the session exists.
 pub async fn gateway_of(db: &Pool, session_id: &str) -> Result<Option<String>> {
     let client = db.get().await?;
     let stmt = client
@@ -62,23 +38,6 @@ pub async fn gateway_of(db: &Pool, session_id: &str) -> Result<Option<String>> {
         .query_opt(&stmt, &[&session_id])
         .await?
         .map(|r| r.get(0)))
-}
-
-/// Sessions of this gateway that were running when it last stopped, to resume at boot.
-pub async fn running_sessions(db: &Pool, gateway_id: &str) -> Result<Vec<String>> {
-    let client = db.get().await?;
-    let stmt = client
-        .prepare_cached(
-            "SELECT id FROM sessions WHERE gateway_id = $1 \
-             AND status IN ('working', 'starting', 'scan_qr_code')",
-        )
-        .await?;
-    Ok(client
-        .query(&stmt, &[&gateway_id])
-        .await?
-        .iter()
-        .map(|r| r.get(0))
-        .collect())
 }
 
 /// What happens to the pairing columns.
@@ -100,6 +59,8 @@ pub struct Change {
     pub reason: Option<StatusReason>,
     pub pairing: Pairing,
     pub connected_now: bool,
+    /// A new desired state, when the change sets one.
+    pub desired: Option<DesiredState>,
 }
 
 const SESSION_UPDATE: &str = "UPDATE sessions SET status = $3, status_reason = $4, \
@@ -108,6 +69,7 @@ const SESSION_UPDATE: &str = "UPDATE sessions SET status = $3, status_reason = $
     wa_lid = CASE $5::text WHEN 'keep' THEN wa_lid ELSE $8 END, \
     device_credentials = CASE $5::text WHEN 'keep' THEN device_credentials ELSE $9 END, \
     last_connected_at = CASE WHEN $10 THEN $11 ELSE last_connected_at END, \
+    desired_state = COALESCE($12, desired_state), \
     updated_at = $11 WHERE id = $1 AND lease_epoch = $2";
 
 /// The statement of [`write`] for each of its four shapes, built once: it runs on every
@@ -123,7 +85,7 @@ fn statement(change: bool, command: bool) -> Arc<str> {
 fn build_statement(change: bool, command: bool) -> String {
     let cols = sessions::COLUMNS;
     let (session, next) = if change {
-        (format!("{SESSION_UPDATE} RETURNING {cols}"), 12)
+        (format!("{SESSION_UPDATE} RETURNING {cols}"), 13)
     } else {
         (
             format!("SELECT {cols} FROM sessions WHERE id = $1 AND lease_epoch = $2"),
@@ -180,6 +142,7 @@ pub async fn write(
             Box::new(creds),
             Box::new(c.connected_now),
             Box::new(now),
+            Box::new(c.desired.map(DesiredState::as_str)),
         ]);
     }
     if let Some(d) = done {

@@ -1,0 +1,98 @@
+//! Failover: one elected reaper per region re-places the sessions of its dead gateways.
+//!
+//! Every worker runs this loop; the one whose connection holds the region's Postgres
+//! advisory lock (`pg_try_advisory_lock`, session-scoped) is the reaper. If it dies, its
+//! connection closes and the lock passes to the next worker that asks: no home-made
+//! election. The reaper finds the region's gateways whose heartbeat lapsed and moves their
+//! sessions whose lease is unheld or expired — never before — to the region's active, live
+//! gateways by load and capacity. It only changes the owner; each new owner adopts its
+//! running sessions and connects them (`leases.rs`), and stopped ones stay stopped. A region
+//! with no live gateway keeps its sessions where they are, `dead`, until one comes.
+
+use std::time::Duration;
+
+use deadpool_postgres::{GenericClient, Object, Pool};
+use shared::{Result, fleet, store::gateways};
+use tokio_util::sync::CancellationToken;
+
+use crate::store::leases;
+
+/// Sessions re-placed per statement.
+const BATCH: i64 = 5_000;
+
+pub struct Reaper {
+    /// A pool of one: the connection that holds the lock while this worker leads.
+    pub db: Pool,
+    pub region: String,
+    pub liveness_ms: i64,
+    pub every: Duration,
+}
+
+impl Reaper {
+    pub async fn run(self, stop: CancellationToken) {
+        let mut leader: Option<Object> = None;
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tokio::time::sleep(self.every) => {}
+            }
+            if leader.is_none() {
+                leader = self.elect().await;
+            }
+            let Some(client) = &leader else { continue };
+            if let Err(e) = self.reap(client).await {
+                // Give the connection back: if it broke, the lock went with it.
+                tracing::warn!(error = %e, "reaper round failed");
+                leader = None;
+            }
+        }
+    }
+
+    /// The connection holding the region's lock, if this worker got it.
+    async fn elect(&self) -> Option<Object> {
+        let client = self.db.get().await.ok()?;
+        let won: bool = client
+            .query_one(
+                "SELECT pg_try_advisory_lock(hashtext('reaper:' || $1))",
+                &[&self.region],
+            )
+            .await
+            .ok()?
+            .get(0);
+        if won {
+            tracing::info!(region = %self.region, "this worker is the region's reaper");
+        }
+        won.then_some(client)
+    }
+
+    async fn reap(&self, client: &impl GenericClient) -> Result<()> {
+        for dead in gateways::dead_in(client, &self.region, self.liveness_ms).await? {
+            loop {
+                let ids = leases::unheld(client, &dead, BATCH).await?;
+                if ids.is_empty() {
+                    break;
+                }
+                let mut peers =
+                    gateways::peers(client, &self.region, &dead, self.liveness_ms).await?;
+                let placed = fleet::spread(ids.len(), &mut peers);
+                if placed.is_empty() {
+                    tracing::warn!(gateway_id = %dead, sessions = ids.len(), region = %self.region,
+                        "a dead gateway's sessions wait: no live, active gateway with room in the region");
+                    break;
+                }
+                let moves: Vec<(String, String)> = ids
+                    .iter()
+                    .zip(&placed)
+                    .map(|(id, &i)| (id.clone(), peers[i].id.clone()))
+                    .collect();
+                let moved = leases::reassign(client, &dead, &moves).await?;
+                metrics::counter!("worker_sessions_failed_over_total").increment(moved.len() as u64);
+                tracing::info!(from = %dead, sessions = moved.len(), "failover: sessions re-placed");
+                if (ids.len() as i64) < BATCH || moved.is_empty() {
+                    break;
+                }
+            }
+        }
+        Ok(())
+    }
+}

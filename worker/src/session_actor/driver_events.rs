@@ -1,0 +1,104 @@
+//! What WhatsApp (or its simulation) says on its own: a QR code rotating, the phone pairing,
+//! the connection coming up or going down, the device removed. Each becomes a session change
+//! written like a command's, fenced by the lease ([`Actor::apply`]).
+
+use shared::{
+    protocol::EventKind,
+    session::{DesiredState, SessionStatus, StatusReason},
+};
+
+use super::{Actor, Flow};
+use crate::{
+    driver::DriverEvent,
+    store::{Change, Pairing},
+};
+
+impl Actor {
+    pub(super) async fn on_driver_event(&mut self, event: DriverEvent) -> Flow {
+        // The connection answered: it no longer counts as one being set up.
+        self.connecting = None;
+        let stopped = Some(DesiredState::Stopped);
+        let (change, events) = match event {
+            DriverEvent::Qr { code, expires_at } => {
+                self.qr = Some((code.clone(), expires_at));
+                (
+                    Some(self.change(SessionStatus::ScanQrCode, None)),
+                    vec![EventKind::Qr {
+                        qr: code,
+                        expires_at,
+                    }],
+                )
+            }
+            DriverEvent::QrTimeout => {
+                self.disconnect().await;
+                (
+                    Some(Change {
+                        desired: stopped,
+                        ..self.change(SessionStatus::Stopped, Some(StatusReason::QrTimeout))
+                    }),
+                    vec![],
+                )
+            }
+            DriverEvent::Paired {
+                phone_number,
+                jid,
+                lid,
+                credentials,
+            } => {
+                self.qr = None;
+                self.credentials = Some(credentials.clone());
+                (
+                    Some(Change {
+                        pairing: Pairing::Set {
+                            phone_number,
+                            jid,
+                            lid,
+                            credentials,
+                        },
+                        ..self.change(SessionStatus::Starting, None)
+                    }),
+                    vec![],
+                )
+            }
+            DriverEvent::Connected => (
+                Some(Change {
+                    connected_now: true,
+                    ..self.change(SessionStatus::Working, None)
+                }),
+                vec![],
+            ),
+            DriverEvent::Disconnected {
+                reason,
+                reconnecting: true,
+            } => (
+                Some(self.change(SessionStatus::Starting, Some(reason))),
+                vec![],
+            ),
+            DriverEvent::Disconnected { reason, .. } => {
+                // Replaced elsewhere (conflict) or failed for good: do not reconnect, here or
+                // on another gateway after a move.
+                self.disconnect().await;
+                (
+                    Some(Change {
+                        desired: stopped,
+                        ..self.change(SessionStatus::Failed, Some(reason))
+                    }),
+                    vec![],
+                )
+            }
+            DriverEvent::LoggedOut { reason } => {
+                self.disconnect().await;
+                self.credentials = None;
+                (
+                    Some(Change {
+                        pairing: Pairing::Clear,
+                        desired: stopped,
+                        ..self.change(SessionStatus::LoggedOut, Some(reason))
+                    }),
+                    vec![],
+                )
+            }
+        };
+        self.apply(change, events).await
+    }
+}

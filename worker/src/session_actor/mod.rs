@@ -1,0 +1,418 @@
+//! One task per session: its commands run in order, sessions run in parallel.
+//!
+//! The actor owns the session's driver connection and its lease. Read it by file:
+//! - here, the actor itself: claiming the session, the loop that serves its inbox, its
+//!   connection's events and its lease, resuming a session after a start-up or a move, and
+//!   handing it to a peer (drain);
+//! - [`commands`]: every command, one match arm per [`Command`](shared::protocol::Command);
+//! - [`driver_events`]: what WhatsApp (or its simulation) says on its own;
+//! - [`commit`]: how both end — the session change, its events and the command's outcome
+//!   written to Postgres fenced by the lease, then the events published, the reply sent and
+//!   the delivery acked, in that order, so a crash anywhere before the ack leaves a command
+//!   either not done (redelivered, runs) or done and recorded (redelivered, answered from the
+//!   record without running again).
+//!
+//! A lost lease (another worker claimed the session, or this one could not renew in time)
+//! closes the connection at once and ends the actor: it writes nothing more.
+
+mod commands;
+mod commit;
+mod driver_events;
+
+use std::{sync::Arc, time::Duration};
+
+use lapin::{
+    Acker,
+    options::{BasicAckOptions, BasicNackOptions},
+};
+use shared::{
+    ErrorCode,
+    error::ErrorBody,
+    protocol::{CommandEnvelope, CommandOutput, EventKind},
+    session::{DesiredState, Session, SessionStatus, StatusReason},
+};
+use tokio::sync::{OwnedSemaphorePermit, mpsc, oneshot};
+
+use crate::{
+    Ctx,
+    driver::{Connection, Credentials, DriverError, DriverEvent},
+    registry::Lease,
+    store::{
+        self, Change, Pairing,
+        leases::{self, Claimed},
+    },
+};
+
+/// A delivered command, waiting for its session's actor.
+pub struct Job {
+    pub env: CommandEnvelope,
+    pub acker: Acker,
+    pub reply_to: Option<String>,
+    pub redelivered: bool,
+}
+
+impl Job {
+    async fn ack(&self) {
+        // After a broker reconnect this delivery's channel is gone and the ack fails (or
+        // answers false): the message is redelivered and answered from its record.
+        let _ = self.acker.ack(BasicAckOptions::default()).await;
+    }
+
+    pub(crate) async fn requeue(&self) {
+        let _ = self
+            .acker
+            .nack(BasicNackOptions {
+                requeue: true,
+                ..BasicNackOptions::default()
+            })
+            .await;
+    }
+}
+
+/// What an actor's inbox carries.
+pub enum Msg {
+    /// A command (boxed: inboxes are many and small).
+    Job(Box<Job>),
+    /// Disconnect, then make `to` the session's owner (a drain); answered on `done`.
+    HandOff {
+        to: String,
+        done: oneshot::Sender<Result<(), String>>,
+    },
+}
+
+/// What a command asks to answer once its effects are written.
+enum Answer {
+    /// The refreshed session row.
+    Row,
+    Output(CommandOutput),
+    Error(ErrorBody),
+    Deleted,
+}
+
+struct Effects {
+    change: Option<Change>,
+    events: Vec<EventKind>,
+    answer: Answer,
+}
+
+impl Effects {
+    fn row() -> Self {
+        Effects {
+            change: None,
+            events: vec![],
+            answer: Answer::Row,
+        }
+    }
+
+    fn error(code: ErrorCode, message: impl Into<String>) -> Self {
+        Effects {
+            change: None,
+            events: vec![],
+            answer: Answer::Error(body(code, message)),
+        }
+    }
+}
+
+fn body(code: ErrorCode, message: impl Into<String>) -> ErrorBody {
+    ErrorBody {
+        code,
+        message: message.into(),
+        details: Default::default(),
+    }
+}
+
+fn driver_error(e: DriverError) -> ErrorBody {
+    match e {
+        DriverError::Unsupported => body(
+            ErrorCode::InvalidArgument,
+            "this gateway's WhatsApp driver does not support that",
+        ),
+        DriverError::Refused(why) => body(ErrorCode::Conflict, why),
+        DriverError::Connection(why) => body(ErrorCode::GatewayUnavailable, why),
+    }
+}
+
+enum Flow {
+    Continue,
+    Stop,
+}
+
+struct Actor {
+    ctx: Arc<Ctx>,
+    row: Session,
+    epoch: i64,
+    lease: Arc<Lease>,
+    credentials: Option<Credentials>,
+    conn: Option<Box<dyn Connection>>,
+    conn_events: Option<mpsc::UnboundedReceiver<DriverEvent>>,
+    /// Held while a connection is being set up, so only so many are at once.
+    connecting: Option<OwnedSemaphorePermit>,
+    qr: Option<(String, i64)>,
+}
+
+/// Serves one session until its inbox closes (shutdown), it loses the lease, or it hands the
+/// session over. `claimed`: the lease was already taken in bulk.
+pub async fn run(
+    ctx: Arc<Ctx>,
+    session_id: String,
+    lease: Arc<Lease>,
+    mut inbox: mpsc::Receiver<Msg>,
+    claimed: Option<Claimed>,
+) {
+    let claimed = match claimed {
+        Some(c) => c,
+        None => match claim(&ctx, &session_id).await {
+            Ok(c) => c,
+            Err(refusal) => {
+                inbox.close();
+                while let Some(msg) = inbox.recv().await {
+                    refusal.answer(&ctx, msg).await;
+                }
+                return;
+            }
+        },
+    };
+    lease.set_epoch(claimed.epoch);
+    let mut actor = Actor {
+        ctx,
+        row: claimed.session,
+        epoch: claimed.epoch,
+        lease,
+        credentials: claimed.credentials,
+        conn: None,
+        conn_events: None,
+        connecting: None,
+        qr: None,
+    };
+    let lost = actor.lease.lost.clone();
+    let mut flow = actor.resume().await;
+    while let Flow::Continue = flow {
+        flow = tokio::select! {
+            _ = lost.cancelled() => actor.lost(),
+            msg = inbox.recv() => match msg {
+                Some(Msg::Job(job)) => actor.on_job(*job).await,
+                Some(Msg::HandOff { to, done }) => actor.hand_off(&to, done).await,
+                None => Flow::Stop,
+            },
+            event = next_event(&mut actor.conn_events) => match event {
+                Some(event) => actor.on_driver_event(event).await,
+                None => {
+                    actor.conn_events = None;
+                    Flow::Continue
+                }
+            },
+        };
+    }
+    actor.disconnect().await;
+    inbox.close();
+    while let Some(msg) = inbox.recv().await {
+        match msg {
+            Msg::Job(job) => job.requeue().await,
+            Msg::HandOff { done, .. } => {
+                let _ = done.send(Err("the session's actor ended".into()));
+            }
+        }
+    }
+}
+
+/// Why an actor could not claim its session, and how it answers what it was sent.
+enum Refusal {
+    /// Deleted, or never was.
+    Gone,
+    /// Another gateway owns it now.
+    Moved,
+    /// The database could not be asked: the broker will redeliver.
+    Unknown,
+}
+
+impl Refusal {
+    async fn answer(&self, ctx: &Ctx, msg: Msg) {
+        let job = match msg {
+            Msg::Job(job) => job,
+            Msg::HandOff { done, .. } => {
+                let _ = done.send(Err("this worker does not hold the session".into()));
+                return;
+            }
+        };
+        match self {
+            Refusal::Gone => {
+                commit::finish_without_session(
+                    ctx,
+                    &job,
+                    body(ErrorCode::NotFound, "session not found"),
+                )
+                .await
+            }
+            Refusal::Moved => commit::moved(ctx, &job).await,
+            Refusal::Unknown => job.requeue().await,
+        }
+    }
+}
+
+async fn claim(ctx: &Ctx, session_id: &str) -> Result<Claimed, Refusal> {
+    let ttl = ctx.lease_ttl.as_millis() as i64;
+    match leases::claim(&ctx.writer, session_id, &ctx.gateway_id, ttl).await {
+        Ok(Some(c)) => Ok(c),
+        Ok(None) => match store::gateway_of(&ctx.db, session_id).await {
+            Ok(None) => Err(Refusal::Gone),
+            Ok(Some(_)) => Err(Refusal::Moved),
+            Err(_) => Err(Refusal::Unknown),
+        },
+        Err(e) => {
+            tracing::warn!(session_id, error = %e, "cannot claim the session; requeueing");
+            Err(Refusal::Unknown)
+        }
+    }
+}
+
+async fn next_event(rx: &mut Option<mpsc::UnboundedReceiver<DriverEvent>>) -> Option<DriverEvent> {
+    match rx {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+impl Actor {
+    fn paired(&self) -> bool {
+        self.credentials.is_some()
+    }
+
+    fn change(&self, status: SessionStatus, reason: Option<StatusReason>) -> Change {
+        Change {
+            status,
+            reason,
+            pairing: Pairing::Keep,
+            connected_now: false,
+            desired: None,
+        }
+    }
+
+    async fn connect(&mut self) -> Result<(), ErrorBody> {
+        let permit = self
+            .ctx
+            .connects
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|_| body(ErrorCode::GatewayUnavailable, "the worker is shutting down"))?;
+        let (tx, rx) = mpsc::unbounded_channel();
+        let conn = self
+            .ctx
+            .driver
+            .connect(&self.row.id, self.credentials.clone(), tx)
+            .await
+            .map_err(driver_error)?;
+        self.conn = Some(conn);
+        self.conn_events = Some(rx);
+        self.connecting = Some(permit);
+        self.qr = None;
+        Ok(())
+    }
+
+    async fn disconnect(&mut self) {
+        if let Some(mut conn) = self.conn.take() {
+            conn.close().await;
+        }
+        self.conn_events = None;
+        self.connecting = None;
+        self.qr = None;
+    }
+
+    /// Unlinks the device, connecting first if need be.
+    async fn unlink(&mut self) -> Result<(), ErrorBody> {
+        if self.conn.is_none() && self.paired() {
+            self.connect().await?;
+        }
+        if let Some(mut conn) = self.conn.take() {
+            // A device the phone already removed cannot be unlinked twice: that is fine.
+            if let Err(e) = conn.logout().await {
+                tracing::debug!(session_id = %self.row.id, error = %e, "logout on a closed stream");
+            }
+        }
+        self.conn_events = None;
+        self.connecting = None;
+        self.qr = None;
+        self.credentials = None;
+        Ok(())
+    }
+
+    /// After a claim: bring back what the owner wants running. A paired session connects
+    /// again from its stored credentials (a row that still says `working` is left so until
+    /// the connection is up, which then writes it once); a pairing cannot survive its worker,
+    /// so an unpaired one stops. A stale status of a stopped session is corrected.
+    async fn resume(&mut self) -> Flow {
+        let status = self.row.status;
+        let stale = matches!(
+            status,
+            SessionStatus::Working | SessionStatus::Starting | SessionStatus::ScanQrCode
+        );
+        let change = match self.row.desired_state {
+            DesiredState::Running if self.paired() => match self.connect().await {
+                Ok(()) if status == SessionStatus::Working => return Flow::Continue,
+                Ok(()) => self.change(SessionStatus::Starting, None),
+                Err(e) => {
+                    tracing::warn!(session_id = %self.row.id, error = %e.message, "cannot reconnect");
+                    self.change(SessionStatus::Failed, Some(StatusReason::ConnectionLost))
+                }
+            },
+            DesiredState::Running => Change {
+                desired: Some(DesiredState::Stopped),
+                ..self.change(SessionStatus::Stopped, None)
+            },
+            DesiredState::Stopped if stale => self.change(SessionStatus::Stopped, None),
+            DesiredState::Stopped => return Flow::Continue,
+        };
+        self.apply(Some(change), vec![]).await
+    }
+
+    /// The lease is gone: stop driving the number at once, write nothing.
+    fn lost(&self) -> Flow {
+        tracing::info!(session_id = %self.row.id, "lease lost (taken over, moved or deleted); letting go");
+        metrics::counter!("worker_leases_lost_total").increment(1);
+        Flow::Stop
+    }
+
+    /// Drain: disconnect first, then make `to` the owner and release the lease, so the new
+    /// owner can only connect after this connection is closed. Never re-pairs: the
+    /// credentials stay in the row.
+    async fn hand_off(&mut self, to: &str, done: oneshot::Sender<Result<(), String>>) -> Flow {
+        self.disconnect().await;
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            let written = async {
+                let client = self.ctx.db.get().await?;
+                leases::hand_off(&client, &self.row.id, self.epoch, &self.ctx.gateway_id, to).await
+            }
+            .await;
+            match written {
+                Ok(true) => {
+                    let _ = done.send(Ok(()));
+                    metrics::counter!("worker_sessions_handed_off_total").increment(1);
+                    return Flow::Stop;
+                }
+                Ok(false) => {
+                    let _ = done.send(Err("the lease was lost before the hand-off".into()));
+                    return self.lost();
+                }
+                Err(e) => {
+                    tracing::warn!(session_id = %self.row.id, error = %e, "hand-off not recorded; retrying");
+                    if !back_off(&self.lease.clone(), &mut backoff).await {
+                        let _ = done.send(Err("the lease was lost before the hand-off".into()));
+                        return self.lost();
+                    }
+                }
+            }
+        }
+    }
+
+}
+
+/// Waits before retrying a write; `false` when the lease was lost meanwhile.
+async fn back_off(lease: &Lease, backoff: &mut Duration) -> bool {
+    let wait = *backoff;
+    *backoff = (*backoff * 2).min(Duration::from_secs(5));
+    tokio::select! {
+        _ = lease.lost.cancelled() => false,
+        _ = tokio::time::sleep(wait) => true,
+    }
+}
