@@ -151,8 +151,10 @@ impl Fleet {
     /// heartbeat lapsed), with its load and the heartbeat's age in ms.
     pub async fn gateways(&self) -> Result<Vec<(Gateway, GatewayState, gateways::Load, i64)>> {
         self.refresh().await?;
-        let load: HashMap<String, gateways::Load> =
-            gateways::load(&self.db.get().await?).await?.into_iter().collect();
+        let load: HashMap<String, gateways::Load> = gateways::load(&self.db.get().await?)
+            .await?
+            .into_iter()
+            .collect();
         let snap = self.current();
         let now = snap.now();
         Ok(snap

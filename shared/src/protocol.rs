@@ -48,9 +48,10 @@ impl Command {
     /// brings back after a move.
     pub fn desired_state(&self) -> Option<DesiredState> {
         match self {
-            Command::Start | Command::Restart | Command::Qr | Command::RequestPairingCode { .. } => {
-                Some(DesiredState::Running)
-            }
+            Command::Start
+            | Command::Restart
+            | Command::Qr
+            | Command::RequestPairingCode { .. } => Some(DesiredState::Running),
             Command::Stop | Command::Logout => Some(DesiredState::Stopped),
             _ => None,
         }

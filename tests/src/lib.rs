@@ -245,7 +245,8 @@ impl TestEnv {
                 let Ok((gws, now)) = store::gateways::list(&client).await else {
                     return false;
                 };
-                gws.iter().any(|g| g.id == id && now - g.heartbeat_at < 1_000)
+                gws.iter()
+                    .any(|g| g.id == id && now - g.heartbeat_at < 1_000)
             }
         })
         .await;
@@ -371,6 +372,109 @@ impl TestEnv {
             .iter()
             .map(|r| (r.get(0), r.get(1), r.get(2)))
             .collect()
+    }
+}
+
+/// Fleet timings short enough for tests: leases of 2 s, a gateway dead after 1 s of silence.
+pub fn fast_fleet(cfg: &mut worker::Config) {
+    cfg.heartbeat_interval_ms = 200;
+    cfg.lease_ttl_ms = 2_000;
+    cfg.gateway_liveness_ms = 1_000;
+    cfg.adopt_interval_ms = 100;
+    cfg.reaper_interval_ms = 200;
+    cfg.drain_grace_ms = 10_000;
+}
+
+/// A session as the fleet tests look at it, read straight from Postgres.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Placed {
+    pub id: String,
+    pub gateway_id: String,
+    pub status: String,
+    pub desired_state: String,
+    pub phone_number: Option<String>,
+    pub wa_jid: Option<String>,
+    pub last_connected_at: Option<i64>,
+}
+
+impl TestEnv {
+    /// Inserts `n` sessions of `org` on `gateway_id` that were paired and `working` when
+    /// their worker last ran (sim credentials, a phone number, a JID); every
+    /// `stopped_every`-th one (when not 0) was stopped by its owner instead. Answers their ids.
+    pub async fn paired_sessions(
+        &self,
+        org: &str,
+        gateway_id: &str,
+        n: usize,
+        stopped_every: usize,
+    ) -> Vec<String> {
+        let ids: Vec<String> = (0..n).map(|_| Ulid::new().to_string()).collect();
+        let phones: Vec<String> = (0..n).map(|i| format!("62811{:07}", i)).collect();
+        let running: Vec<bool> = (0..n)
+            .map(|i| stopped_every == 0 || i % stopped_every != 0)
+            .collect();
+        let client = self.db.get().await.expect("db");
+        client
+            .execute(
+                "INSERT INTO sessions (id, organization_id, label, gateway_id, phone_number, wa_jid,                  wa_lid, status, desired_state, created_by_user_id, created_at, updated_at,                  device_credentials)                  SELECT id, $2, 'paired', $3, phone, phone || '@s.whatsapp.net', '1' || phone || '@lid',                  CASE WHEN running THEN 'working' ELSE 'stopped' END,                  CASE WHEN running THEN 'running' ELSE 'stopped' END, 'test', $5, $5,                  jsonb_build_object('driver', 'sim', 'phoneNumber', phone)                  FROM unnest($1::text[], $4::text[], $6::bool[]) AS t(id, phone, running)",
+                &[&ids, &org, &gateway_id, &phones, &now_ms(), &running],
+            )
+            .await
+            .expect("insert sessions");
+        ids
+    }
+
+    /// Every session of the test, from Postgres, by id.
+    pub async fn placed(&self) -> Vec<Placed> {
+        let client = self.db.get().await.expect("db");
+        client
+            .query(
+                "SELECT id, gateway_id, status, desired_state, phone_number, wa_jid,                  last_connected_at FROM sessions ORDER BY id",
+                &[],
+            )
+            .await
+            .expect("query")
+            .iter()
+            .map(|r| Placed {
+                id: r.get(0),
+                gateway_id: r.get(1),
+                status: r.get(2),
+                desired_state: r.get(3),
+                phone_number: r.get(4),
+                wa_jid: r.get(5),
+                last_connected_at: r.get(6),
+            })
+            .collect()
+    }
+
+    /// Waits until every session satisfies `pred` (panics after `limit`, showing one that
+    /// does not).
+    pub async fn all_sessions(&self, limit: Duration, what: &str, pred: impl Fn(&Placed) -> bool) {
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            let placed = self.placed().await;
+            let Some(odd) = placed.iter().find(|p| !pred(p)) else {
+                return;
+            };
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "not every session {what} within {limit:?}; for one: {odd:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Registers a gateway that heartbeats once, with this capacity, and no worker.
+    pub async fn fake_gateway(&self, gateway_id: &str, capacity: i32) {
+        store::gateways::register(
+            &self.db.get().await.expect("db"),
+            gateway_id,
+            shared::session::region_of_gateway(gateway_id),
+            capacity,
+            "fake",
+        )
+        .await
+        .expect("register");
     }
 }
 

@@ -60,10 +60,19 @@ impl Drain {
                 let _ = gateways::set_note(&client, &self.ctx.gateway_id, note.as_deref()).await;
             }
             if round.remaining == 0 {
-                tracing::info!(moved = total, elapsed_ms = started.elapsed().as_millis() as u64, "drained");
+                tracing::info!(
+                    moved = total,
+                    elapsed_ms = started.elapsed().as_millis() as u64,
+                    "drained"
+                );
                 return Ok(0);
             }
-            tracing::info!(moved = total, remaining = round.remaining, note = note.as_deref().unwrap_or(""), "draining");
+            tracing::info!(
+                moved = total,
+                remaining = round.remaining,
+                note = note.as_deref().unwrap_or(""),
+                "draining"
+            );
             if until.is_some_and(|u| Instant::now() >= u) || !go_on().await {
                 return Ok(round.remaining);
             }
@@ -92,7 +101,10 @@ impl Drain {
         }
         if peers.is_empty() {
             round.failures.insert(
-                format!("no active, live gateway in region {} to move to", self.region),
+                format!(
+                    "no active, live gateway in region {} to move to",
+                    self.region
+                ),
                 ids,
             );
             return Ok(round);
@@ -100,7 +112,10 @@ impl Drain {
         let placed = fleet::spread(ids.len(), &mut peers);
         if placed.len() < ids.len() {
             round.failures.insert(
-                format!("the region's active gateways are at capacity ({})", capacities(&peers)),
+                format!(
+                    "the region's active gateways are at capacity ({})",
+                    capacities(&peers)
+                ),
                 ids[placed.len()..].to_vec(),
             );
         }
@@ -163,8 +178,16 @@ fn describe(round: &Round) -> Option<String> {
             .map(|(why, ids)| {
                 let shown: Vec<&str> = ids.iter().take(5).map(String::as_str).collect();
                 let more = ids.len().saturating_sub(shown.len());
-                let tail = if more > 0 { format!(" and {more} more") } else { String::new() };
-                format!("{} session(s) cannot move: {why} ({}{tail})", ids.len(), shown.join(", "))
+                let tail = if more > 0 {
+                    format!(" and {more} more")
+                } else {
+                    String::new()
+                };
+                format!(
+                    "{} session(s) cannot move: {why} ({}{tail})",
+                    ids.len(),
+                    shown.join(", ")
+                )
             })
             .collect::<Vec<_>>()
             .join("; "),

@@ -14,11 +14,7 @@
 //! - **Every `ADOPT_INTERVAL_MS`** it claims the running sessions of its gateway that nobody
 //!   holds: moved here by a drain or by failover, or left by a lease that ran out.
 
-use std::{
-    collections::HashSet,
-    sync::Arc,
-    time::Duration,
-};
+use std::{collections::HashSet, sync::Arc, time::Duration};
 
 use shared::Result;
 use tokio::time::Instant;
@@ -62,7 +58,12 @@ pub async fn claim(ctx: &Ctx, registry: &Registry, whose: Whose) -> Result<usize
 }
 
 /// Renews and adopts until `stop`.
-pub async fn keep(ctx: Arc<Ctx>, registry: Registry, adopt_every: Duration, stop: CancellationToken) {
+pub async fn keep(
+    ctx: Arc<Ctx>,
+    registry: Registry,
+    adopt_every: Duration,
+    stop: CancellationToken,
+) {
     let ttl = ctx.lease_ttl;
     let every = ttl / 3;
     // Stop driving sessions this long before the leases could run out.
@@ -73,11 +74,10 @@ pub async fn keep(ctx: Arc<Ctx>, registry: Registry, adopt_every: Duration, stop
     let mut next_adoption = Instant::now() + adopt_every;
     loop {
         let fence_at = valid_until - margin;
-        let wake = next_renewal.min(next_adoption).min(if fenced {
+        let wake =
             next_renewal
-        } else {
-            fence_at
-        });
+                .min(next_adoption)
+                .min(if fenced { next_renewal } else { fence_at });
         tokio::select! {
             _ = stop.cancelled() => return,
             _ = tokio::time::sleep_until(wake) => {}
@@ -126,7 +126,12 @@ async fn renew(ctx: &Ctx, registry: &Registry) -> Result<()> {
             .await?
             .into_iter()
             .collect();
-        lost.extend(chunk.iter().filter(|(id, _)| !renewed.contains(id)).cloned());
+        lost.extend(
+            chunk
+                .iter()
+                .filter(|(id, _)| !renewed.contains(id))
+                .cloned(),
+        );
     }
     metrics::gauge!("worker_leases_held").set((held.len() - lost.len()) as f64);
     if !lost.is_empty() {

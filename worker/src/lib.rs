@@ -105,7 +105,9 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<()> {
             claim_ms = started.elapsed().as_millis() as u64,
             "resuming sessions"
         ),
-        Err(e) => tracing::warn!(error = %e, "could not claim sessions to resume; adoption retries"),
+        Err(e) => {
+            tracing::warn!(error = %e, "could not claim sessions to resume; adoption retries")
+        }
     }
 
     // Background duties stop with `background`, after the consumer has drained.
@@ -162,7 +164,9 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<()> {
     let restore = drain_before_exit(&drain, &cfg).await;
     consuming.cancel();
     let _ = consumer.await;
-    let held = registry.shutdown(Duration::from_millis(cfg.shutdown_grace_ms)).await;
+    let held = registry
+        .shutdown(Duration::from_millis(cfg.shutdown_grace_ms))
+        .await;
     background.cancel();
     while duties.join_next().await.is_some() {}
     if let Ok(client) = db.get().await {
@@ -245,13 +249,19 @@ async fn heartbeat(
         };
         match beat.await {
             Ok(Some(GatewayState::Draining)) if !draining.swap(true, Ordering::AcqRel) => {
-                let (drain, db, gateway_id, flag) =
-                    (drain.clone(), db.clone(), gateway_id.clone(), draining.clone());
+                let (drain, db, gateway_id, flag) = (
+                    drain.clone(),
+                    db.clone(),
+                    gateway_id.clone(),
+                    draining.clone(),
+                );
                 tokio::spawn(async move {
                     let still_draining = || async {
                         match db.get().await {
-                            Ok(c) => gateways::heartbeat(&c, &gateway_id).await.ok().flatten()
-                                == Some(GatewayState::Draining),
+                            Ok(c) => {
+                                gateways::heartbeat(&c, &gateway_id).await.ok().flatten()
+                                    == Some(GatewayState::Draining)
+                            }
                             Err(_) => true,
                         }
                     };

@@ -86,7 +86,8 @@ impl Reaper {
                     .map(|(id, &i)| (id.clone(), peers[i].id.clone()))
                     .collect();
                 let moved = leases::reassign(client, &dead, &moves).await?;
-                metrics::counter!("worker_sessions_failed_over_total").increment(moved.len() as u64);
+                metrics::counter!("worker_sessions_failed_over_total")
+                    .increment(moved.len() as u64);
                 tracing::info!(from = %dead, sessions = moved.len(), "failover: sessions re-placed");
                 if (ids.len() as i64) < BATCH || moved.is_empty() {
                     break;

@@ -282,7 +282,8 @@ async fn print_gateways(db: &deadpool_postgres::Pool, cfg: &api::Config) -> Resu
             "{:<20} {:<8} {:<9} {:>8} {:>8} {:>8} {:<10} {:>10}",
             g.id,
             g.region,
-            g.effective_state(now, cfg.gateway_liveness_ms as i64).as_str(),
+            g.effective_state(now, cfg.gateway_liveness_ms as i64)
+                .as_str(),
             g.capacity,
             l.sessions,
             l.leased,
@@ -332,7 +333,9 @@ async fn drain_progress(
             )));
         }
         if started.elapsed() > timeout {
-            let why = g.note.unwrap_or_else(|| "the drain is still under way".into());
+            let why = g
+                .note
+                .unwrap_or_else(|| "the drain is still under way".into());
             return Err(Error::unavailable(format!(
                 "{left} session(s) still on {id} after {} s: {why}",
                 timeout.as_secs()

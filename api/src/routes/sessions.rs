@@ -11,8 +11,8 @@ use serde::{Deserialize, Serialize};
 use shared::{
     Error, ErrorCode,
     auth::Capability,
-    fleet::GatewayState,
     db::now_ms,
+    fleet::GatewayState,
     protocol::{Command, CommandOutput, EventKind},
     session::{self, Session, SessionStatus, limits},
     store::{self, sessions::SettingsPatch},

@@ -209,7 +209,11 @@ pub async fn peers(
 }
 
 /// The gateways of `region` whose heartbeat lapsed (or that are marked dead).
-pub async fn dead_in(db: &impl GenericClient, region: &str, liveness_ms: i64) -> Result<Vec<String>> {
+pub async fn dead_in(
+    db: &impl GenericClient,
+    region: &str,
+    liveness_ms: i64,
+) -> Result<Vec<String>> {
     let stmt = db
         .prepare_cached(&format!(
             "SELECT id FROM gateways WHERE region = $1 \

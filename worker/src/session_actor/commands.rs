@@ -12,7 +12,9 @@ use shared::{
     session::{SessionStatus, StatusReason},
 };
 
-use super::{Actor, Answer, Effects, Flow, Job, body, commit::finish_without_session, driver_error};
+use super::{
+    Actor, Answer, Effects, Flow, Job, body, commit::finish_without_session, driver_error,
+};
 use crate::{
     driver::SimAction,
     store::{self, Change, Pairing},
@@ -241,5 +243,4 @@ impl Actor {
             },
         }
     }
-
 }

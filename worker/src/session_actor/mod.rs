@@ -404,7 +404,6 @@ impl Actor {
             }
         }
     }
-
 }
 
 /// Waits before retrying a write; `false` when the lease was lost meanwhile.

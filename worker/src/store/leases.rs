@@ -159,7 +159,10 @@ pub async fn hand_off(
              WHERE id = $1 AND lease_epoch = $2 AND gateway_id = $3",
         )
         .await?;
-    Ok(db.execute(&stmt, &[&session_id, &epoch, &from, &to]).await? == 1)
+    Ok(db
+        .execute(&stmt, &[&session_id, &epoch, &from, &to])
+        .await?
+        == 1)
 }
 
 /// Sessions owned by `gateway_id`, in id order after `after`.
@@ -221,10 +224,8 @@ pub async fn reassign(
              AND (s.lease_expires_at IS NULL OR s.lease_expires_at < {DB_NOW_MS}) RETURNING s.id"
         ))
         .await?;
-    let (ids, owners): (Vec<&str>, Vec<&str>) = moves
-        .iter()
-        .map(|(i, o)| (i.as_str(), o.as_str()))
-        .unzip();
+    let (ids, owners): (Vec<&str>, Vec<&str>) =
+        moves.iter().map(|(i, o)| (i.as_str(), o.as_str())).unzip();
     Ok(db
         .query(&stmt, &[&ids, &owners, &from])
         .await?

@@ -1,0 +1,317 @@
+//! The fleet: sessions that move between the gateways of a region — drained by an SRE,
+//! failed over when a worker dies, followed by the commands sent to them — and placement
+//! that respects region, state and capacity.
+
+use std::time::Duration;
+
+use reqwest::Method;
+use serde_json::json;
+use shared::{fleet::GatewayState, store};
+use tests::{Placed, TestEnv, fast_fleet};
+
+const PAIRED: usize = 200;
+
+fn working_on(p: &Placed, gateways: &[&str], since: i64) -> bool {
+    gateways.contains(&p.gateway_id.as_str())
+        && if p.desired_state == "running" {
+            p.status == "working" && p.last_connected_at.is_some_and(|t| t >= since)
+        } else {
+            p.status == "stopped"
+        }
+}
+
+/// The pairing of each session (phone number, JID), by id: what must survive a move.
+fn pairings(placed: &[Placed]) -> Vec<(String, Option<String>, Option<String>)> {
+    placed
+        .iter()
+        .map(|p| (p.id.clone(), p.phone_number.clone(), p.wa_jid.clone()))
+        .collect()
+}
+
+async fn set_state(env: &TestEnv, gateway_id: &str, state: GatewayState) {
+    let client = env.db.get().await.expect("db");
+    assert!(
+        store::gateways::set_state(&client, gateway_id, state)
+            .await
+            .expect("set state")
+    );
+}
+
+#[tokio::test]
+async fn a_drained_gateways_sessions_end_working_on_its_region_peers_with_no_repairing() {
+    let env = TestEnv::new().await;
+    let (a, b, c) = (
+        env.gateway_id("sg"),
+        env.gateway_id("sg"),
+        env.gateway_id("sg"),
+    );
+    let elsewhere = env.gateway_id("eu");
+    env.paired_sessions("org_a", &a, PAIRED, 4).await;
+    let before = pairings(&env.placed().await);
+    let started = shared::db::now_ms();
+    let _wa = env.start_worker(&a, fast_fleet).await;
+    env.all_sessions(Duration::from_secs(20), "back on their gateway", |p| {
+        working_on(p, &[&a], started)
+    })
+    .await;
+    let _wb = env.start_worker(&b, fast_fleet).await;
+    let _wc = env.start_worker(&c, fast_fleet).await;
+    let _we = env.start_worker(&elsewhere, fast_fleet).await;
+
+    let drained_at = shared::db::now_ms();
+    set_state(&env, &a, GatewayState::Draining).await;
+    env.all_sessions(Duration::from_secs(30), "moved to a peer", |p| {
+        working_on(p, &[&b, &c], drained_at)
+    })
+    .await;
+
+    let after = env.placed().await;
+    assert_eq!(pairings(&after), before, "the same numbers, no re-pairing");
+    let on_b = after.iter().filter(|p| p.gateway_id == b).count();
+    assert!(
+        on_b > PAIRED / 4 && on_b < PAIRED * 3 / 4,
+        "spread over both peers by load: {on_b} of {PAIRED} on one"
+    );
+    // The drained gateway stays draining and empty: no new session is placed on it.
+    let gateways = store::gateways::list(&env.db.get().await.expect("db"))
+        .await
+        .expect("list")
+        .0;
+    let ga = gateways.iter().find(|g| g.id == a).expect("gateway a");
+    assert_eq!(ga.state, GatewayState::Draining);
+    assert_eq!(ga.note, None, "nothing failed to move");
+}
+
+#[tokio::test]
+async fn a_killed_workers_running_sessions_come_back_on_a_peer_after_their_leases_expire() {
+    let env = TestEnv::new().await;
+    let (a, b) = (env.gateway_id("sg"), env.gateway_id("sg"));
+    env.paired_sessions("org_a", &a, PAIRED, 5).await;
+    let before = pairings(&env.placed().await);
+    let started = shared::db::now_ms();
+    let wa = env.start_worker(&a, fast_fleet).await;
+    env.all_sessions(Duration::from_secs(20), "back on their gateway", |p| {
+        working_on(p, &[&a], started)
+    })
+    .await;
+    let _wb = env.start_worker(&b, fast_fleet).await;
+
+    let killed_at = shared::db::now_ms();
+    wa.kill().await;
+    // Its leases (2 s) still hold: nothing moves yet.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        env.placed().await.iter().all(|p| p.gateway_id == a),
+        "no session moves while its lease holds"
+    );
+    env.all_sessions(Duration::from_secs(15), "failed over", |p| {
+        working_on(p, &[&b], killed_at)
+    })
+    .await;
+    assert_eq!(pairings(&env.placed().await), before, "no re-pairing");
+}
+
+#[tokio::test]
+async fn a_command_sent_to_a_session_that_moved_is_followed_to_its_new_owner() {
+    let env = TestEnv::new().await;
+    let (a, b) = (env.gateway_id("sg"), env.gateway_id("sg"));
+    let wa = env.start_worker(&a, fast_fleet).await;
+    let _wb = env.start_worker(&b, fast_fleet).await;
+    let api = env.start_api(|c| c.session_cache_ttl_ms = 60_000).await;
+    let key = env.api_key("org_a", &["read", "manage"]).await;
+    let (first, second) = (
+        api.session_on(&key, &a).await,
+        api.session_on(&key, &a).await,
+    );
+    // The api now remembers both routes to `a`.
+    for id in [&first, &second] {
+        api.post(&format!("/api/v1/sessions/{id}:stop"), &key, None)
+            .await
+            .assert_status(200);
+    }
+
+    set_state(&env, &a, GatewayState::Draining).await;
+    env.all_sessions(Duration::from_secs(10), "moved", |p| p.gateway_id == b)
+        .await;
+    // `a` is alive and answers "moved": the api follows to `b`, invisibly.
+    let s = api
+        .post(&format!("/api/v1/sessions/{first}:start"), &key, None)
+        .await;
+    assert_eq!(s.assert_status(200)["gatewayId"], b.as_str());
+    assert_eq!(s.body["desiredState"], "running");
+
+    // With `a` gone (and the api's fleet snapshot, refreshed every 200 ms here, knowing it),
+    // its stale route is read again rather than answered 503.
+    wa.stop().await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let s = api
+        .post(&format!("/api/v1/sessions/{second}:start"), &key, None)
+        .await;
+    assert_eq!(s.assert_status(200)["gatewayId"], b.as_str());
+    for id in [&first, &second] {
+        let statuses: Vec<_> = env.commands_of(id).await;
+        assert!(
+            statuses.iter().all(|(_, status, _)| status == "succeeded") && statuses.len() == 2,
+            "each command recorded once, as run by the owner: {statuses:?}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_command_in_flight_during_a_drain_is_answered_never_404_or_500() {
+    let env = TestEnv::new().await;
+    let (a, b) = (env.gateway_id("sg"), env.gateway_id("sg"));
+    let ids = env.paired_sessions("org_a", &a, 40, 0).await;
+    let _wa = env.start_worker(&a, fast_fleet).await;
+    let _wb = env.start_worker(&b, fast_fleet).await;
+    let api = env.start_api(|_| {}).await;
+    let key = env.api_key("org_a", &["read", "manage"]).await;
+    // Restarts keep going to every session while the drain moves them.
+    let requests: Vec<_> = ids
+        .iter()
+        .flat_map(|id| (0..3).map(move |_| id.clone()))
+        .map(|id| api.post_in_background(&format!("/api/v1/sessions/{id}:restart"), &key))
+        .collect();
+    set_state(&env, &a, GatewayState::Draining).await;
+    for r in requests {
+        r.await.expect("request").assert_status(200);
+    }
+    env.all_sessions(Duration::from_secs(20), "moved and working", |p| {
+        p.gateway_id == b && p.status == "working"
+    })
+    .await;
+    for id in &ids[..5] {
+        let r = api
+            .post(&format!("/api/v1/sessions/{id}:restart"), &key, None)
+            .await;
+        assert_eq!(r.assert_status(200)["gatewayId"], b.as_str());
+    }
+}
+
+#[tokio::test]
+async fn a_session_of_a_dead_gateway_answers_503_with_retry_after_while_its_lease_holds() {
+    let env = TestEnv::new().await;
+    let a = env.gateway_id("sg");
+    let wa = env
+        .start_worker(&a, |c| {
+            fast_fleet(c);
+            c.lease_ttl_ms = 30_000;
+        })
+        .await;
+    let api = env.start_api(|c| c.gateway_liveness_ms = 1_000).await;
+    let key = env.api_key("org_a", &["read", "manage"]).await;
+    let id = api.session_on(&key, &a).await;
+    api.post(&format!("/api/v1/sessions/{id}:start"), &key, None)
+        .await
+        .assert_status(200);
+    wa.kill().await;
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    let r = api
+        .post(&format!("/api/v1/sessions/{id}:stop"), &key, None)
+        .await;
+    r.assert_error(503, "gateway_unavailable");
+    let retry_after: u64 = r.headers["retry-after"]
+        .to_str()
+        .expect("ascii")
+        .parse()
+        .expect("seconds");
+    assert!(
+        (20..=33).contains(&retry_after),
+        "about the lease's 30 s left: {retry_after}"
+    );
+    assert_eq!(r.body["error"]["details"]["gatewayId"], a.as_str());
+}
+
+#[tokio::test]
+async fn placement_respects_region_state_and_capacity() {
+    let env = TestEnv::new().await;
+    let roomy = env.gateway_id("sg");
+    let full = env.gateway_id("sg");
+    let cordoned = env.gateway_id("sg");
+    let draining = env.gateway_id("sg");
+    let other_region = env.gateway_id("eu");
+    env.fake_gateway(&roomy, 100).await;
+    env.fake_gateway(&full, 1).await;
+    env.fake_gateway(&cordoned, 1_000).await;
+    env.fake_gateway(&draining, 1_000).await;
+    env.fake_gateway(&other_region, 1_000).await;
+    set_state(&env, &cordoned, GatewayState::Cordoned).await;
+    set_state(&env, &draining, GatewayState::Draining).await;
+    env.paired_sessions("org_b", &full, 1, 0).await;
+    let api = env.start_api(|_| {}).await;
+    let key = env.api_key("org_a", &["read", "manage"]).await;
+
+    for _ in 0..5 {
+        let s = api
+            .create_session(&key, json!({"label": "x", "region": "sg"}))
+            .await;
+        assert_eq!(s["gatewayId"], roomy.as_str());
+    }
+    for pinned in [&cordoned, &draining] {
+        api.post(
+            "/api/v1/sessions",
+            &key,
+            Some(&json!({"label": "x", "gatewayId": pinned})),
+        )
+        .await
+        .assert_error(409, "conflict");
+    }
+    set_state(&env, &roomy, GatewayState::Cordoned).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    api.post(
+        "/api/v1/sessions",
+        &key,
+        Some(&json!({"label": "x", "region": "sg"})),
+    )
+    .await
+    .assert_error(503, "gateway_unavailable");
+
+    let view = api.get("/api/v1/gateways", &key).await;
+    let gateways = view.assert_status(200)["gateways"]
+        .as_array()
+        .expect("gateways")
+        .clone();
+    let g = gateways
+        .iter()
+        .find(|g| g["id"] == roomy.as_str())
+        .expect("listed");
+    assert_eq!(g["state"], "cordoned");
+    assert_eq!(g["region"], "sg");
+    assert_eq!(g["capacity"], 100);
+    assert_eq!(g["load"], 5);
+    assert_eq!(g["sessionCount"], 5);
+    assert_eq!(g["version"], "fake");
+    assert!(g["heartbeatAgeMs"].as_i64().is_some());
+    let f = gateways
+        .iter()
+        .find(|g| g["id"] == full.as_str())
+        .expect("listed");
+    assert_eq!(
+        (f["load"].as_i64(), f["sessionCount"].as_i64()),
+        (Some(1), Some(0))
+    );
+}
+
+#[tokio::test]
+async fn the_desired_state_follows_what_the_owner_asked_for() {
+    let env = TestEnv::new().await;
+    let tests::Stage(_, _worker, api, key, id) = env.stage(fast_fleet, |_| {}).await;
+    let path = |action: &str| format!("/api/v1/sessions/{id}:{action}");
+    let r = api.get(&format!("/api/v1/sessions/{id}"), &key).await;
+    assert_eq!(r.assert_status(200)["desiredState"], "stopped");
+    let r = api.post(&path("start"), &key, None).await;
+    assert_eq!(r.assert_status(200)["desiredState"], "running");
+    let r = api.post(&path("stop"), &key, None).await;
+    assert_eq!(r.assert_status(200)["desiredState"], "stopped");
+    // Asking for a QR code starts pairing: the owner wants it running.
+    api.request(
+        Method::GET,
+        &format!("/api/v1/sessions/{id}/qr"),
+        Some(&key),
+        None,
+    )
+    .await
+    .assert_error(404, "not_found");
+    let r = api.get(&format!("/api/v1/sessions/{id}"), &key).await;
+    assert_eq!(r.assert_status(200)["desiredState"], "running");
+}
