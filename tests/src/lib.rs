@@ -383,6 +383,7 @@ pub fn fast_fleet(cfg: &mut worker::Config) {
     cfg.adopt_interval_ms = 100;
     cfg.reaper_interval_ms = 200;
     cfg.drain_grace_ms = 10_000;
+    cfg.sim_keepalive_ms = 600;
 }
 
 /// A session as the fleet tests look at it, read straight from Postgres.
@@ -462,6 +463,19 @@ impl TestEnv {
             );
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
+    }
+
+    /// The devices the simulated WhatsApp saw connected twice at once (`conflict`), from its
+    /// server-side record shared by every worker.
+    pub async fn sim_conflicts(&self) -> Vec<String> {
+        let client = self.db.get().await.expect("db");
+        client
+            .query("SELECT device FROM sim_conflicts ORDER BY id", &[])
+            .await
+            .expect("query")
+            .iter()
+            .map(|r| r.get(0))
+            .collect()
     }
 
     /// Registers a gateway that heartbeats once, with this capacity, and no worker.

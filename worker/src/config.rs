@@ -87,6 +87,10 @@ pub struct Config {
     pub sim_connect_delay_ms: u64,
     #[arg(long, env = "SIM_RECONNECT_BACKOFF_MS", default_value_t = 1_000)]
     pub sim_reconnect_backoff_ms: u64,
+    /// How long the simulated WhatsApp keeps the streams of a worker process it no longer
+    /// hears from (a frozen one); keep it under LEASE_TTL_MS, as WhatsApp's is.
+    #[arg(long, env = "SIM_KEEPALIVE_MS", default_value_t = 5_000)]
+    pub sim_keepalive_ms: u64,
     /// Added to every driver operation (to exercise timeouts).
     #[arg(long, env = "SIM_OP_DELAY_MS", default_value_t = 0)]
     pub sim_op_delay_ms: u64,
@@ -113,6 +117,7 @@ impl Config {
             connect_delay: ms(self.sim_connect_delay_ms),
             reconnect_backoff: ms(self.sim_reconnect_backoff_ms),
             op_delay: ms(self.sim_op_delay_ms),
+            keepalive: ms(self.sim_keepalive_ms),
         }
     }
 }

@@ -73,7 +73,9 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<()> {
     tracing::info!(gateway_id = %cfg.gateway_id, %region, "gateway registered");
 
     let driver: Arc<dyn Driver> = match cfg.driver {
-        config::DriverKind::Sim => Arc::new(driver::sim::SimDriver::new(cfg.sim())),
+        config::DriverKind::Sim => {
+            Arc::new(driver::sim::SimDriver::start(cfg.sim(), &cfg.db.database_url).await?)
+        }
     };
     let topology = cfg.amqp.topology();
     let outbox = Outbox::new(topology.clone());

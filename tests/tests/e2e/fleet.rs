@@ -80,6 +80,11 @@ async fn a_drained_gateways_sessions_end_working_on_its_region_peers_with_no_rep
     let ga = gateways.iter().find(|g| g.id == a).expect("gateway a");
     assert_eq!(ga.state, GatewayState::Draining);
     assert_eq!(ga.note, None, "nothing failed to move");
+    assert_eq!(
+        env.sim_conflicts().await,
+        Vec::<String>::new(),
+        "never two connections"
+    );
 }
 
 #[tokio::test]
@@ -109,6 +114,53 @@ async fn a_killed_workers_running_sessions_come_back_on_a_peer_after_their_lease
     })
     .await;
     assert_eq!(pairings(&env.placed().await), before, "no re-pairing");
+    assert_eq!(
+        env.sim_conflicts().await,
+        Vec::<String>::new(),
+        "never two connections"
+    );
+}
+
+#[tokio::test]
+async fn a_device_connected_from_two_workers_is_a_conflict_and_the_older_stream_loses() {
+    // What the fleet must never do, done on purpose: a session moved without waiting for its
+    // owner's lease, so the simulated WhatsApp sees its device connect twice.
+    let env = TestEnv::new().await;
+    let (a, b) = (env.gateway_id("sg"), env.gateway_id("sg"));
+    let ids = env.paired_sessions("org_a", &a, 1, 0).await;
+    let started = shared::db::now_ms();
+    // a renews its lease rarely, so it cannot notice the theft before b connects.
+    let _wa = env
+        .start_worker(&a, |c| {
+            fast_fleet(c);
+            c.lease_ttl_ms = 30_000;
+        })
+        .await;
+    env.all_sessions(Duration::from_secs(10), "working", |p| {
+        working_on(p, &[&a], started)
+    })
+    .await;
+    let _wb = env.start_worker(&b, fast_fleet).await;
+    env.db
+        .get()
+        .await
+        .expect("db")
+        .execute(
+            "UPDATE sessions SET gateway_id = $1, lease_expires_at = NULL",
+            &[&b],
+        )
+        .await
+        .expect("move by force");
+    tests::eventually(Duration::from_secs(10), || async {
+        env.sim_conflicts().await == ids
+    })
+    .await;
+    // The newer connection (b's) stands; a's stream was replaced and a let go without
+    // writing: its lease was taken.
+    env.all_sessions(Duration::from_secs(10), "working on b", |p| {
+        p.gateway_id == b && p.status == "working"
+    })
+    .await;
 }
 
 #[tokio::test]
@@ -174,7 +226,12 @@ async fn a_command_in_flight_during_a_drain_is_answered_never_404_or_500() {
         .collect();
     set_state(&env, &a, GatewayState::Draining).await;
     for r in requests {
-        r.await.expect("request").assert_status(200);
+        let r = r.await.expect("request");
+        assert_eq!(
+            r.status, 200,
+            "a restart during the drain answered {}",
+            r.body
+        );
     }
     env.all_sessions(Duration::from_secs(20), "moved and working", |p| {
         p.gateway_id == b && p.status == "working"

@@ -17,9 +17,19 @@
 //! Codes and ids derive from `seed`, the session id and a per-connection counter, so a run is
 //! reproducible; every duration is configurable, which is the controllable clock tests use.
 //! `op_delay` makes every operation slow, to exercise timeouts.
+//!
+//! WhatsApp's server side — one connection per device, a second one replacing the first —
+//! is shared by every worker process through Postgres ([`server`]), so a device connected
+//! from two workers shows up as `conflict` exactly as it would in production.
+
+pub mod server;
 
 use std::{
-    sync::atomic::{AtomicU64, Ordering},
+    collections::HashMap,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
     time::Duration,
 };
 
@@ -30,6 +40,7 @@ use sha2::{Digest, Sha256};
 use shared::{db::now_ms, session::StatusReason};
 use tokio::sync::{mpsc, oneshot};
 
+use self::server::SimServer;
 use super::{Connection, Credentials, Driver, DriverError, DriverEvent, SimAction};
 
 #[derive(Debug, Clone)]
@@ -41,19 +52,42 @@ pub struct SimConfig {
     pub connect_delay: Duration,
     pub reconnect_backoff: Duration,
     pub op_delay: Duration,
+    /// How long the simulated server keeps the streams of a process it no longer hears from.
+    pub keepalive: Duration,
 }
+
+/// This process's connections by device, to tell one it was replaced.
+type Phones = Arc<Mutex<HashMap<String, (u64, mpsc::WeakUnboundedSender<Control>)>>>;
 
 pub struct SimDriver {
     cfg: SimConfig,
     connections: AtomicU64,
+    server: Arc<SimServer>,
+    phones: Phones,
 }
 
 impl SimDriver {
-    pub fn new(cfg: SimConfig) -> Self {
-        SimDriver {
+    pub async fn start(cfg: SimConfig, database_url: &str) -> shared::Result<Self> {
+        let phones: Phones = Arc::default();
+        let known = phones.clone();
+        let on_replaced: server::OnReplaced = Arc::new(move |device, connection| {
+            let phone = known
+                .lock()
+                .ok()
+                .and_then(|p| p.get(device).cloned())
+                .filter(|(c, _)| *c == connection)
+                .and_then(|(_, control)| control.upgrade());
+            if let Some(control) = phone {
+                let _ = control.send(Control::Replaced);
+            }
+        });
+        let server = SimServer::start(database_url, cfg.keepalive, on_replaced).await?;
+        Ok(SimDriver {
             cfg,
             connections: AtomicU64::new(0),
-        }
+            server,
+            phones,
+        })
     }
 }
 
@@ -66,11 +100,16 @@ enum Control {
     Conflict(Answer<()>),
     Drop(Answer<()>),
     Logout(Answer<()>),
+    /// The server says another connection of the device replaced this one.
+    Replaced,
 }
 
 struct SimConnection {
     control: mpsc::UnboundedSender<Control>,
     op_delay: Duration,
+    server: Arc<SimServer>,
+    device: String,
+    nonce: u64,
 }
 
 #[async_trait]
@@ -84,17 +123,25 @@ impl Driver for SimDriver {
         tokio::time::sleep(self.cfg.op_delay).await;
         let nonce = self.connections.fetch_add(1, Ordering::Relaxed);
         let (control, rx) = mpsc::unbounded_channel();
+        if let Ok(mut phones) = self.phones.lock() {
+            phones.retain(|_, (_, c)| c.strong_count() > 0);
+            phones.insert(session_id.to_owned(), (nonce, control.downgrade()));
+        }
         let phone = Phone {
             cfg: self.cfg.clone(),
             session_id: session_id.to_owned(),
             nonce,
             events,
             control: rx,
+            server: self.server.clone(),
         };
         tokio::spawn(phone.run(credentials));
         Ok(Box::new(SimConnection {
             control,
             op_delay: self.cfg.op_delay,
+            server: self.server.clone(),
+            device: session_id.to_owned(),
+            nonce,
         }))
     }
 }
@@ -119,14 +166,18 @@ impl Connection for SimConnection {
     }
 
     async fn logout(&mut self) -> Result<(), DriverError> {
-        self.ask(Control::Logout).await
+        let done = self.ask(Control::Logout).await;
+        self.server.logoff(&self.device, self.nonce).await;
+        done
     }
 
     async fn close(&mut self) {
         tokio::time::sleep(self.op_delay).await;
-        // Dropping the control channel ends the simulated stream.
+        // Dropping the control channel ends the simulated stream; the server forgets it
+        // before this returns, so whoever connects the device next meets no live stream.
         let (tx, _) = mpsc::unbounded_channel();
         self.control = tx;
+        self.server.logoff(&self.device, self.nonce).await;
     }
 
     async fn simulate(&mut self, action: SimAction) -> Result<(), DriverError> {
@@ -148,6 +199,7 @@ struct Phone {
     nonce: u64,
     events: mpsc::UnboundedSender<DriverEvent>,
     control: mpsc::UnboundedReceiver<Control>,
+    server: Arc<SimServer>,
 }
 
 fn refuse<T>(tx: Answer<T>, why: &str) {
@@ -179,8 +231,30 @@ impl Phone {
                 c = self.control.recv() => if !self.before_connected(c) { return },
             }
         }
+        if !self.log_in().await {
+            return;
+        }
         self.emit(DriverEvent::Connected);
         self.connected().await;
+    }
+
+    /// Logs the device in at the server, retrying while it is unreachable; `false` when the
+    /// connection was closed meanwhile.
+    async fn log_in(&mut self) -> bool {
+        let mut backoff = self.cfg.reconnect_backoff;
+        loop {
+            match self.server.login(&self.session_id, self.nonce).await {
+                Ok(()) => return true,
+                Err(e) => {
+                    tracing::debug!(session_id = %self.session_id, error = %e, "simulated login failed; retrying");
+                    tokio::select! {
+                        _ = tokio::time::sleep(backoff) => {}
+                        c = self.control.recv() => if !self.before_connected(c) { return false },
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
     }
 
     /// Handles a control message that arrives while logging in; `false` ends the connection.
@@ -189,6 +263,10 @@ impl Phone {
             None => false,
             Some(Control::Logout(tx)) => {
                 let _ = tx.send(Ok(()));
+                false
+            }
+            Some(Control::Replaced) => {
+                self.replaced();
                 false
             }
             Some(other) => {
@@ -206,7 +284,17 @@ impl Phone {
             | Control::Drop(tx)
             | Control::Logout(tx) => refuse(tx, "the session is still connecting"),
             Control::PairCode(_, tx) => refuse(tx, "the session is already paired"),
+            Control::Replaced => self.replaced(),
         }
+    }
+
+    /// Another connection of this device logged in: WhatsApp replaces this stream.
+    fn replaced(&self) {
+        tracing::warn!(session_id = %self.session_id, "simulated stream replaced by another connection of the device");
+        self.emit(DriverEvent::Disconnected {
+            reason: StatusReason::Conflict,
+            reconnecting: false,
+        });
     }
 
     /// Rotates QR codes until the phone scans one (or enters a pairing code); `None` when it
@@ -260,6 +348,7 @@ impl Phone {
                     Some(Control::Unlink(tx) | Control::Conflict(tx) | Control::Drop(tx)) => {
                         refuse(tx, "the session is not paired")
                     }
+                    Some(Control::Replaced) => {}
                 }
             }
         }
@@ -305,6 +394,7 @@ impl Phone {
                 }
                 Control::Unlink(tx) => {
                     let _ = tx.send(Ok(()));
+                    self.server.logoff(&self.session_id, self.nonce).await;
                     self.emit(DriverEvent::LoggedOut {
                         reason: StatusReason::DeviceRemoved,
                     });
@@ -312,10 +402,15 @@ impl Phone {
                 }
                 Control::Conflict(tx) => {
                     let _ = tx.send(Ok(()));
+                    self.server.logoff(&self.session_id, self.nonce).await;
                     self.emit(DriverEvent::Disconnected {
                         reason: StatusReason::Conflict,
                         reconnecting: false,
                     });
+                    return;
+                }
+                Control::Replaced => {
+                    self.replaced();
                     return;
                 }
                 Control::Drop(tx) => {
@@ -329,6 +424,9 @@ impl Phone {
                         c = self.control.recv() => if !self.before_connected(c) { return },
                     }
                     backoff = (backoff * 2).min(Duration::from_secs(60));
+                    if !self.log_in().await {
+                        return;
+                    }
                     self.emit(DriverEvent::Connected);
                 }
                 Control::Scan(_, tx) => refuse(tx, "the session is already paired"),
