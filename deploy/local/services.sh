@@ -68,7 +68,28 @@ ensure_postgres() {
     as_postgres psql -p "$PG_PORT" -qtAc "SELECT 1 FROM pg_database WHERE datname = '$PG_DATABASE'" | grep -q 1 ||
       as_postgres createdb -p "$PG_PORT" -O "$PG_ROLE" "$PG_DATABASE" || die "could not create database $PG_DATABASE"
   fi
+  ensure_pg_connections
   log "PostgreSQL is up on $PG_HOST:$PG_PORT"
+}
+
+# Tests run several fleets at once (an api and up to four workers each, every worker with
+# its pool, its reaper's connection and the simulator's): more than the default 100
+# connections. Raised on the local cluster only (it needs a restart); a server named by
+# DATABASE_URL elsewhere is left as it is.
+PG_MAX_CONNECTIONS=${PG_MAX_CONNECTIONS:-500}
+ensure_pg_connections() {
+  [ "$PG_HOST" = 127.0.0.1 ] || [ "$PG_HOST" = localhost ] || return 0
+  command -v pg_lsclusters >/dev/null || return 0
+  local have version
+  have=$(PGPASSWORD=$PG_PASSWORD psql -h "$PG_HOST" -p "$PG_PORT" -U "$PG_ROLE" -d "$PG_DATABASE" -qtAc 'SHOW max_connections' 2>/dev/null || echo 0)
+  [ "${have:-0}" -ge "$PG_MAX_CONNECTIONS" ] && return 0
+  version=$(pg_lsclusters -h 2>/dev/null | awk -v p="$PG_PORT" '$3 == p {print $1; exit}')
+  [ -n "$version" ] || return 0
+  log "raising PostgreSQL max_connections from $have to $PG_MAX_CONNECTIONS (restart)"
+  as_postgres psql -p "$PG_PORT" -qtAc "ALTER SYSTEM SET max_connections = $PG_MAX_CONNECTIONS" >/dev/null ||
+    die "could not raise max_connections"
+  pg_ctlcluster "$version" main restart || die "PostgreSQL did not restart: see /var/log/postgresql/"
+  wait_port "$PG_HOST" "$PG_PORT" 30 PostgreSQL
 }
 
 ensure_rabbitmq() {

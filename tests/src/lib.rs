@@ -11,6 +11,7 @@
 
 pub mod bench;
 pub mod jwks;
+pub mod process;
 
 use std::{future::Future, time::Duration};
 

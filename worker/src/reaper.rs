@@ -3,7 +3,10 @@
 //! Every worker runs this loop; the one whose connection holds the region's Postgres
 //! advisory lock (`pg_try_advisory_lock`, session-scoped) is the reaper. If it dies, its
 //! connection closes and the lock passes to the next worker that asks: no home-made
-//! election. The reaper finds the region's gateways whose heartbeat lapsed and moves their
+//! election. A leader that is alive but frozen (SIGSTOP, a stalled VM) keeps its connection
+//! open, so the connection sets `idle_session_timeout`: Postgres closes a connection that
+//! has been silent for longer than the gateway liveness, which releases the lock, while a
+//! working leader queries every `REAPER_INTERVAL_MS` and is never that idle. The reaper finds the region's gateways whose heartbeat lapsed and moves their
 //! sessions whose lease is unheld or expired — never before — to the region's active, live
 //! gateways by load and capacity. It only changes the owner; each new owner adopts its
 //! running sessions and connects them (`leases.rs`), and stopped ones stay stopped. A region
@@ -51,6 +54,13 @@ impl Reaper {
     /// The connection holding the region's lock, if this worker got it.
     async fn elect(&self) -> Option<Object> {
         let client = self.db.get().await.ok()?;
+        // A frozen leader's connection is closed by Postgres after this long: never less
+        // than a few rounds, so a working leader keeps it.
+        let idle_ms = self.liveness_ms.max(3 * self.every.as_millis() as i64);
+        client
+            .batch_execute(&format!("SET idle_session_timeout = {idle_ms}"))
+            .await
+            .ok()?;
         let won: bool = client
             .query_one(
                 "SELECT pg_try_advisory_lock(hashtext('reaper:' || $1))",

@@ -4,6 +4,7 @@
 mod auth;
 mod commands;
 mod events;
+mod failover;
 mod fleet;
 mod ops;
 mod resilience;

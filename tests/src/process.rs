@@ -1,0 +1,119 @@
+//! Workers as real processes, for what a thread cannot show: `kill -9`, and a process frozen
+//! with SIGSTOP and resumed with SIGCONT.
+//!
+//! The binary is the workspace's `worker`, built beside the test binary (`cargo test
+//! --workspace` builds it; `deploy/local/test` runs that). It gets the same settings the
+//! in-process workers get, as environment variables, and logs to a file under the system's
+//! temporary directory.
+
+use std::{
+    path::PathBuf,
+    process::{Child, Command, Stdio},
+};
+
+use crate::{TestEnv, amqp_url};
+
+/// The `worker` binary beside this test binary (`target/<profile>/worker`).
+pub fn worker_binary() -> PathBuf {
+    let exe = std::env::current_exe().expect("test binary path");
+    let profile_dir = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .expect("target/<profile>/deps");
+    let bin = profile_dir.join("worker");
+    assert!(
+        bin.exists(),
+        "{} is missing: run the tests with `cargo test --workspace` (deploy/local/test does)",
+        bin.display()
+    );
+    bin
+}
+
+pub struct WorkerProcess {
+    child: Child,
+    pub log: PathBuf,
+}
+
+impl WorkerProcess {
+    /// Starts a worker process for `gateway_id` with the test's database and broker, the
+    /// fast fleet timings of [`crate::fast_fleet`], and `extra` settings on top.
+    pub fn spawn(env: &TestEnv, gateway_id: &str, extra: &[(&str, String)]) -> WorkerProcess {
+        let log = std::env::temp_dir().join(format!("gw-test-{gateway_id}.log"));
+        let out = std::fs::File::create(&log).expect("log file");
+        let err = out.try_clone().expect("log file");
+        let mut cmd = Command::new(worker_binary());
+        cmd.env_clear()
+            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+            .env("DATABASE_URL", &env.database_url)
+            .env("DATABASE_POOL_SIZE", "8")
+            .env("AMQP_URL", amqp_url())
+            .env("AMQP_PREFIX", &env.amqp_prefix)
+            .env("GATEWAY_ID", gateway_id)
+            .env("LOG_FORMAT", "text")
+            .env("RUST_LOG", "info")
+            .env("HEARTBEAT_INTERVAL_MS", "200")
+            .env("LEASE_TTL_MS", "2000")
+            .env("GATEWAY_LIVENESS_MS", "1000")
+            .env("ADOPT_INTERVAL_MS", "100")
+            .env("REAPER_INTERVAL_MS", "200")
+            .env("SIM_KEEPALIVE_MS", "600")
+            .env("SIM_CONNECT_DELAY_MS", "20")
+            .env("SHUTDOWN_GRACE_MS", "3000");
+        for (k, v) in extra {
+            cmd.env(k, v);
+        }
+        let child = cmd
+            .stdout(Stdio::from(out))
+            .stderr(Stdio::from(err))
+            .spawn()
+            .expect("start the worker binary");
+        WorkerProcess { child, log }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    fn signal(&self, signal: &str) {
+        let ok = Command::new("kill")
+            .args([signal, &self.pid().to_string()])
+            .status()
+            .expect("kill")
+            .success();
+        assert!(ok, "kill {signal} {}", self.pid());
+    }
+
+    /// SIGKILL: the process dies at once, its sockets closed by the kernel.
+    pub fn kill_9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// SIGSTOP: the process is frozen, its sockets left open.
+    pub fn freeze(&self) {
+        self.signal("-STOP");
+    }
+
+    /// SIGCONT: the frozen process runs again.
+    pub fn thaw(&self) {
+        self.signal("-CONT");
+    }
+
+    /// SIGTERM, then waits for the process to exit; answers whether it exited cleanly.
+    pub fn terminate(mut self) -> bool {
+        self.signal("-TERM");
+        self.child.wait().map(|s| s.success()).unwrap_or(false)
+    }
+
+    /// What the process logged so far.
+    pub fn logged(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for WorkerProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

@@ -1,0 +1,206 @@
+//! Failover: workers that die (`kill -9`), freeze (SIGSTOP, then SIGCONT) or are told to
+//! stop (SIGTERM, a rolling deploy), as real processes, and what the fleet does about it —
+//! with the simulated WhatsApp's record to show no number was ever connected twice.
+
+use std::time::Duration;
+
+use tests::{TestEnv, fast_fleet, process::WorkerProcess};
+
+use crate::fleet::{PAIRED, pairings, working_on};
+
+const NEVER: Vec<String> = Vec::new();
+
+/// A free port on loopback for a worker's metrics.
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+/// A counter from a worker's `/metrics` (0 when absent).
+async fn counter(port: u16, name: &str) -> f64 {
+    let Ok(resp) = reqwest::get(format!("http://127.0.0.1:{port}/metrics")).await else {
+        return -1.0;
+    };
+    let text = resp.text().await.unwrap_or_default();
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
+#[tokio::test]
+async fn a_kill_9d_workers_running_sessions_work_on_a_peer_within_the_lease_and_10_s() {
+    let env = TestEnv::new().await;
+    let (a, b) = (env.gateway_id("sg"), env.gateway_id("sg"));
+    env.paired_sessions("org_a", &a, PAIRED, 5).await;
+    let before = pairings(&env.placed().await);
+    let started = shared::db::now_ms();
+    let mut wa = WorkerProcess::spawn(&env, &a, &[]);
+    env.all_sessions(Duration::from_secs(30), "back on their gateway", |p| {
+        working_on(p, &[&a], started)
+    })
+    .await;
+    let _wb = env.start_worker(&b, fast_fleet).await;
+
+    let killed_at = shared::db::now_ms();
+    wa.kill_9();
+    // Its leases (2 s) still hold: nothing moves yet.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        env.placed().await.iter().all(|p| p.gateway_id == a),
+        "no session moves while its lease holds"
+    );
+    // Within the lease TTL (2 s) + 10 s; stopped ones stay stopped.
+    env.all_sessions(Duration::from_millis(11_500), "failed over", |p| {
+        working_on(p, &[&b], killed_at)
+    })
+    .await;
+    assert_eq!(pairings(&env.placed().await), before, "no re-pairing");
+    assert_eq!(env.sim_conflicts().await, NEVER, "never two connections");
+}
+
+#[tokio::test]
+async fn a_frozen_worker_whose_sessions_moved_writes_nothing_when_it_wakes_and_drops_them() {
+    let env = TestEnv::new().await;
+    let (a, b) = (env.gateway_id("sg"), env.gateway_id("sg"));
+    let running = 50;
+    env.paired_sessions("org_a", &a, running, 0).await;
+    let port = free_port();
+    let started = shared::db::now_ms();
+    let wa = WorkerProcess::spawn(
+        &env,
+        &a,
+        &[("WORKER_METRICS_LISTEN", format!("127.0.0.1:{port}"))],
+    );
+    env.all_sessions(Duration::from_secs(30), "back on their gateway", |p| {
+        working_on(p, &[&a], started)
+    })
+    .await;
+    let _wb = env.start_worker(&b, fast_fleet).await;
+
+    let frozen_at = shared::db::now_ms();
+    wa.freeze();
+    env.all_sessions(
+        Duration::from_secs(15),
+        "moved off the frozen worker",
+        |p| working_on(p, &[&b], frozen_at),
+    )
+    .await;
+    let snapshot = rows_and_events(&env).await;
+
+    wa.thaw();
+    tests::eventually(Duration::from_secs(10), || async {
+        counter(port, "worker_leases_lost_total").await >= running as f64
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        rows_and_events(&env).await,
+        snapshot,
+        "the woken worker wrote nothing: no session row changed, no event was added"
+    );
+    assert_eq!(counter(port, "worker_lease_fences_total").await, 1.0);
+    env.all_sessions(Duration::from_secs(1), "still working on the peer", |p| {
+        working_on(p, &[&b], frozen_at)
+    })
+    .await;
+    assert_eq!(env.sim_conflicts().await, NEVER, "never two connections");
+}
+
+/// Every session's status and last write, and the newest event id.
+async fn rows_and_events(env: &TestEnv) -> (Vec<(String, String, String, i64)>, i64) {
+    let client = env.db.get().await.expect("db");
+    let rows = client
+        .query(
+            "SELECT id, gateway_id, status, updated_at FROM sessions ORDER BY id",
+            &[],
+        )
+        .await
+        .expect("sessions")
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3)))
+        .collect();
+    let last_event: i64 = client
+        .query_one("SELECT COALESCE(max(id), 0) FROM events", &[])
+        .await
+        .expect("events")
+        .get(0);
+    (rows, last_event)
+}
+
+#[tokio::test]
+async fn a_worker_told_to_stop_moves_its_sessions_to_its_peers_before_it_exits() {
+    let env = TestEnv::new().await;
+    let (a, b) = (env.gateway_id("sg"), env.gateway_id("sg"));
+    env.paired_sessions("org_a", &a, 100, 4).await;
+    let before = pairings(&env.placed().await);
+    let started = shared::db::now_ms();
+    let wa = WorkerProcess::spawn(&env, &a, &[]);
+    env.all_sessions(Duration::from_secs(30), "back on their gateway", |p| {
+        working_on(p, &[&a], started)
+    })
+    .await;
+    let _wb = env.start_worker(&b, fast_fleet).await;
+
+    let stopped_at = shared::db::now_ms();
+    let log = wa.log.clone();
+    assert!(wa.terminate(), "exits cleanly; log in {}", log.display());
+    // Already moved when the process is gone: nothing waited for a lease to expire.
+    env.all_sessions(Duration::from_secs(5), "moved before the exit", |p| {
+        working_on(p, &[&b], stopped_at)
+    })
+    .await;
+    assert_eq!(pairings(&env.placed().await), before, "no re-pairing");
+    assert_eq!(env.sim_conflicts().await, NEVER, "never two connections");
+    // It comes back `active` on its next start: it drained only to exit.
+    let gateways = shared::store::gateways::list(&env.db.get().await.expect("db"))
+        .await
+        .expect("list")
+        .0;
+    let ga = gateways.iter().find(|g| g.id == a).expect("gateway a");
+    assert_eq!(ga.state, shared::fleet::GatewayState::Active);
+    assert_eq!(ga.heartbeat_at, 0, "signed off");
+}
+
+#[tokio::test]
+async fn a_device_connected_from_two_workers_is_a_conflict_and_the_older_stream_loses() {
+    // What the fleet must never do, done on purpose: a session moved without waiting for its
+    // owner's lease, so the simulated WhatsApp sees its device connect twice.
+    let env = TestEnv::new().await;
+    let (a, b) = (env.gateway_id("sg"), env.gateway_id("sg"));
+    let ids = env.paired_sessions("org_a", &a, 1, 0).await;
+    let started = shared::db::now_ms();
+    // a renews its lease rarely, so it cannot notice the theft before b connects.
+    let _wa = env
+        .start_worker(&a, |c| {
+            fast_fleet(c);
+            c.lease_ttl_ms = 30_000;
+        })
+        .await;
+    env.all_sessions(Duration::from_secs(10), "working", |p| {
+        working_on(p, &[&a], started)
+    })
+    .await;
+    let _wb = env.start_worker(&b, fast_fleet).await;
+    env.db
+        .get()
+        .await
+        .expect("db")
+        .execute(
+            "UPDATE sessions SET gateway_id = $1, lease_expires_at = NULL",
+            &[&b],
+        )
+        .await
+        .expect("move by force");
+    tests::eventually(Duration::from_secs(10), || async {
+        env.sim_conflicts().await == ids
+    })
+    .await;
+    // The newer connection (b's) stands; a's stream was replaced and a let go without
+    // writing: its lease was taken.
+    env.all_sessions(Duration::from_secs(10), "working on b", |p| {
+        p.gateway_id == b && p.status == "working"
+    })
+    .await;
+}
