@@ -7,6 +7,11 @@ ALTER TABLE gateways ADD CONSTRAINT gateways_state_check
     CHECK (state IN ('active', 'draining', 'cordoned', 'dead'));
 -- What a drain could not do, in words for the SRE (null when nothing is wrong).
 ALTER TABLE gateways ADD COLUMN note text;
+-- The lease of the gateway's worker process on every session it holds: the process
+-- (`instance`) and until when (the database's clock, epoch ms). One row renewed per tick,
+-- however many sessions the worker holds.
+ALTER TABLE gateways ADD COLUMN instance text;
+ALTER TABLE gateways ADD COLUMN lease_expires_at bigint;
 
 -- What the session's owner asked for, apart from what it is: the fleet brings `running`
 -- sessions back after a move, and leaves `stopped` ones stopped.
@@ -14,9 +19,7 @@ ALTER TABLE sessions ADD COLUMN desired_state text NOT NULL DEFAULT 'stopped'
     CHECK (desired_state IN ('running', 'stopped'));
 UPDATE sessions SET desired_state = 'running' WHERE status IN ('working', 'starting', 'scan_qr_code');
 
--- The lease: `gateway_id` is the owner, `lease_epoch` the fencing token, and this the time
--- (the database's clock, epoch ms) until which the owner's worker holds it; null when no
--- worker holds it (never claimed, released by a drain, or re-placed by failover).
-ALTER TABLE sessions ADD COLUMN lease_expires_at bigint;
-DROP INDEX sessions_gateway;
-CREATE INDEX sessions_gateway_lease ON sessions (gateway_id, lease_expires_at);
+-- Which worker process holds the session (its owner gateway's `instance`), null when none
+-- does (never claimed, handed to a peer, re-placed by failover). With `lease_epoch`, the
+-- fencing token, and the gateway's lease, this is the session's lease.
+ALTER TABLE sessions ADD COLUMN lease_holder text;

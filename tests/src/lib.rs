@@ -285,15 +285,7 @@ impl TestEnv {
 
     /// Marks a gateway as live without any worker behind it (its queue does not exist).
     pub async fn fake_live_gateway(&self, gateway_id: &str) {
-        store::gateways::register(
-            &self.db.get().await.expect("db"),
-            gateway_id,
-            shared::session::region_of_gateway(gateway_id),
-            10,
-            "fake",
-        )
-        .await
-        .expect("register");
+        self.fake_gateway(gateway_id, 10).await;
     }
 
     /// A gateway that looks live, with its command queue declared but nobody consuming it
@@ -479,14 +471,19 @@ impl TestEnv {
             .collect()
     }
 
-    /// Registers a gateway that heartbeats once, with this capacity, and no worker.
+    /// Registers a gateway that heartbeats once, with this capacity, and no worker (its
+    /// lease lapses at once).
     pub async fn fake_gateway(&self, gateway_id: &str, capacity: i32) {
         store::gateways::register(
             &self.db.get().await.expect("db"),
-            gateway_id,
-            shared::session::region_of_gateway(gateway_id),
-            capacity,
-            "fake",
+            &store::gateways::Registration {
+                id: gateway_id,
+                region: shared::session::region_of_gateway(gateway_id),
+                capacity,
+                version: "fake",
+                instance: "fake",
+                lease_ttl_ms: 0,
+            },
         )
         .await
         .expect("register");

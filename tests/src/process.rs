@@ -13,20 +13,27 @@ use std::{
 
 use crate::{TestEnv, amqp_url};
 
-/// The `worker` binary beside this test binary (`target/<profile>/worker`).
+/// The `worker` binary of this build's profile (`target/<profile>/worker`), found from the
+/// running binary: a test in `target/<profile>/deps/`, or a benchmark in `target/<profile>/`.
 pub fn worker_binary() -> PathBuf {
-    let exe = std::env::current_exe().expect("test binary path");
-    let profile_dir = exe
-        .parent()
-        .and_then(|deps| deps.parent())
-        .expect("target/<profile>/deps");
-    let bin = profile_dir.join("worker");
-    assert!(
-        bin.exists(),
-        "{} is missing: run the tests with `cargo test --workspace` (deploy/local/test does)",
-        bin.display()
-    );
-    bin
+    let exe = std::env::current_exe().expect("binary path");
+    let candidates: Vec<PathBuf> = exe
+        .ancestors()
+        .skip(1)
+        .take(2)
+        .map(|dir| dir.join("worker"))
+        .collect();
+    candidates
+        .iter()
+        .find(|bin| bin.is_file())
+        .cloned()
+        .unwrap_or_else(|| {
+            panic!(
+                "no worker binary at {}: tests need `cargo test --workspace` (deploy/local/test \
+                 does), benchmarks `cargo build --release --bin worker` first",
+                candidates[0].display()
+            )
+        })
 }
 
 pub struct WorkerProcess {
@@ -72,6 +79,20 @@ impl WorkerProcess {
 
     pub fn pid(&self) -> u32 {
         self.child.id()
+    }
+
+    /// Resident memory in bytes, from `/proc`.
+    pub fn rss_bytes(&self) -> Option<u64> {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).ok()?;
+        let kb: u64 = status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))?
+            .trim()
+            .trim_end_matches("kB")
+            .trim()
+            .parse()
+            .ok()?;
+        Some(kb * 1024)
     }
 
     fn signal(&self, signal: &str) {

@@ -5,7 +5,7 @@
 //! deploy moves numbers instead of dropping them.
 //!
 //! A session its actor holds is handed over by that actor: it closes the connection, then
-//! makes the peer the owner and releases the lease in one fenced write, so the peer (which
+//! makes the peer the owner, with no holder, in one fenced write, so the peer (which
 //! adopts sessions moved to it) can only connect after this connection is gone — never two
 //! connections, and never a re-pairing, since the credentials stay in the row. A session no
 //! actor holds (a stopped one) only changes owner. Hand-offs run `DRAIN_PARALLELISM` at a
@@ -148,7 +148,10 @@ impl Drain {
         }
         if !unheld.is_empty() {
             let client = self.ctx.db.get().await?;
-            round.moved += leases::reassign(&client, me, &unheld).await?.len();
+            let mover = leases::Mover::Owner {
+                instance: &self.ctx.instance,
+            };
+            round.moved += leases::reassign(&client, me, &unheld, mover).await?.len();
         }
         round.remaining = {
             let client = self.ctx.db.get().await?;

@@ -1,18 +1,21 @@
 //! The lease keeper: this worker's hold on its sessions, kept in bulk.
 //!
-//! - **At start-up** it claims every session of its gateway whose owner wants it running, a
-//!   page of statements for all of them (not one per session), and starts their actors,
-//!   which reconnect them with bounded concurrency ([`Ctx::connects`](crate::Ctx)).
-//! - **Every third of the lease TTL** it renews every lease its actors hold in one statement;
-//!   a lease missing from the answer was lost (another worker claimed it, it moved, it was
-//!   deleted) and its actor is told to let go at once.
+//! - **At start-up** it takes its gateway's lease (registration) and claims every session of
+//!   the gateway whose owner wants it running, a page of statements for all of them (not one
+//!   per session), and starts their actors, which reconnect them with bounded concurrency
+//!   ([`Ctx::connects`](crate::Ctx)).
+//! - **Every third of the lease TTL** it renews the gateway's lease — one single-row
+//!   statement, the expiry of every session it holds — and checks, reading only, that each
+//!   session it holds is still its own; the actor of a lost one (another worker claimed it,
+//!   it moved, it was deleted) is told to let go at once.
 //! - **When it cannot renew in time** (the database is out of reach) it stops driving every
-//!   session before the leases could expire: from then on a peer may take them over, and
-//!   two workers must never drive one number. The time is measured on this process's
-//!   monotonic clock from when the last successful renewal was *sent*, which can only be
-//!   earlier than the database's expiry.
-//! - **Every `ADOPT_INTERVAL_MS`** it claims the running sessions of its gateway that nobody
-//!   holds: moved here by a drain or by failover, or left by a lease that ran out.
+//!   session before the lease could expire: from then on a peer may take them over, and two
+//!   workers must never drive one number. The time is measured on this process's monotonic
+//!   clock from when the last successful renewal was *sent*, which can only be earlier than
+//!   the database's expiry. Once it renews again it claims its gateway's sessions afresh.
+//!   When another process took its gateway over, it stays fenced.
+//! - **Every `ADOPT_INTERVAL_MS`** it claims the running sessions of its gateway it does not
+//!   hold: moved here by a drain or by failover.
 
 use std::{collections::HashSet, sync::Arc, time::Duration};
 
@@ -28,19 +31,19 @@ use crate::{
 
 /// Sessions claimed per statement.
 const PAGE: i64 = 2_000;
-/// Leases renewed per statement.
-const RENEW_CHUNK: usize = 10_000;
+/// Held sessions checked per statement.
+const CHECK_CHUNK: usize = 10_000;
 
 /// Claims the running sessions of this gateway (`whose` decides which) and starts their
 /// actors; answers how many actors were started.
 pub async fn claim(ctx: &Ctx, registry: &Registry, whose: Whose) -> Result<usize> {
-    let ttl = ctx.lease_ttl.as_millis() as i64;
     let mut after = String::new();
     let mut started = 0;
     loop {
         let page = {
             let client = ctx.db.get().await?;
-            leases::claim_running(&client, &ctx.gateway_id, whose, &after, PAGE, ttl).await?
+            leases::claim_running(&client, &ctx.gateway_id, &ctx.instance, whose, &after, PAGE)
+                .await?
         };
         let full = page.len() as i64 == PAGE;
         if let Some(last) = page.last() {
@@ -57,7 +60,15 @@ pub async fn claim(ctx: &Ctx, registry: &Registry, whose: Whose) -> Result<usize
     }
 }
 
-/// Renews and adopts until `stop`.
+/// How the last renewal went.
+enum Renewal {
+    Held,
+    /// Another process of this gateway holds its lease now.
+    TakenOver,
+    Failed,
+}
+
+/// Renews, checks and adopts until `stop`.
 pub async fn keep(
     ctx: Arc<Ctx>,
     registry: Registry,
@@ -66,18 +77,19 @@ pub async fn keep(
 ) {
     let ttl = ctx.lease_ttl;
     let every = ttl / 3;
-    // Stop driving sessions this long before the leases could run out.
+    // Stop driving sessions this long before the lease could run out.
     let margin = ttl / 5;
     let mut valid_until = Instant::now() + ttl;
     let mut fenced = false;
+    let mut taken_over = false;
     let mut next_renewal = Instant::now() + every;
     let mut next_adoption = Instant::now() + adopt_every;
     loop {
         let fence_at = valid_until - margin;
-        let wake =
-            next_renewal
-                .min(next_adoption)
-                .min(if fenced { next_renewal } else { fence_at });
+        let mut wake = next_renewal.min(next_adoption);
+        if !fenced {
+            wake = wake.min(fence_at);
+        }
         tokio::select! {
             _ = stop.cancelled() => return,
             _ = tokio::time::sleep_until(wake) => {}
@@ -85,8 +97,8 @@ pub async fn keep(
         let now = Instant::now();
         if now >= fence_at && !fenced {
             tracing::error!(
-                "leases could not be renewed in time; disconnecting every session so no peer \
-                 that takes one over meets a second connection"
+                "the gateway's lease could not be renewed in time; disconnecting every session \
+                 so no peer that takes one over meets a second connection"
             );
             metrics::counter!("worker_lease_fences_total").increment(1);
             registry.lose_all();
@@ -94,17 +106,38 @@ pub async fn keep(
         }
         if now >= next_renewal {
             let sent = Instant::now();
-            match tokio::time::timeout(every, renew(&ctx, &registry)).await {
-                Ok(Ok(())) => {
+            // A renewal may take until the fence: only then is it too late.
+            let deadline = (valid_until - margin).max(sent + every);
+            match tokio::time::timeout_at(deadline, renew(&ctx, &registry)).await {
+                Ok(Renewal::Held) => {
                     valid_until = sent + ttl;
-                    fenced = false;
+                    if fenced && !taken_over && registry.held().is_empty() {
+                        match claim(&ctx, &registry, Whose::Any).await {
+                            Ok(n) => {
+                                tracing::info!(
+                                    sessions = n,
+                                    "lease renewed again; sessions reclaimed"
+                                );
+                                fenced = false;
+                            }
+                            Err(e) => tracing::warn!(error = %e, "could not reclaim sessions"),
+                        }
+                    }
                 }
-                Ok(Err(e)) => tracing::warn!(error = %e, "lease renewal failed"),
+                Ok(Renewal::TakenOver) if !taken_over => {
+                    tracing::error!(
+                        "another process took this gateway over; letting every session go"
+                    );
+                    registry.lose_all();
+                    fenced = true;
+                    taken_over = true;
+                }
+                Ok(Renewal::TakenOver | Renewal::Failed) => {}
                 Err(_) => tracing::warn!("lease renewal timed out"),
             }
             next_renewal = Instant::now() + every;
         }
-        if now >= next_adoption {
+        if now >= next_adoption && !fenced {
             match claim(&ctx, &registry, Whose::Unheld).await {
                 Ok(0) => {}
                 Ok(n) => tracing::info!(sessions = n, "adopted sessions moved to this gateway"),
@@ -115,23 +148,38 @@ pub async fn keep(
     }
 }
 
-/// One renewal of every lease held; tells the actors of the lost ones.
-async fn renew(ctx: &Ctx, registry: &Registry) -> Result<()> {
+/// Renews the gateway's lease, then tells the actors of sessions no longer held.
+async fn renew(ctx: &Ctx, registry: &Registry) -> Renewal {
+    let renewed = async {
+        let client = ctx.db.get().await?;
+        let ttl = ctx.lease_ttl.as_millis() as i64;
+        leases::renew(&client, &ctx.gateway_id, &ctx.instance, ttl).await
+    };
+    match renewed.await {
+        Ok(true) => {}
+        Ok(false) => return Renewal::TakenOver,
+        Err(e) => {
+            tracing::warn!(error = %e, "lease renewal failed");
+            return Renewal::Failed;
+        }
+    }
+    if let Err(e) = check_held(ctx, registry).await {
+        tracing::warn!(error = %e, "could not check the sessions held; checking next tick");
+    }
+    Renewal::Held
+}
+
+/// Tells the actors of sessions this worker no longer holds to let go.
+async fn check_held(ctx: &Ctx, registry: &Registry) -> Result<()> {
     let held = registry.held();
-    let ttl = ctx.lease_ttl.as_millis() as i64;
     let client = ctx.db.get().await?;
     let mut lost = Vec::new();
-    for chunk in held.chunks(RENEW_CHUNK) {
-        let renewed: HashSet<String> = leases::renew(&client, &ctx.gateway_id, chunk, ttl)
+    for chunk in held.chunks(CHECK_CHUNK) {
+        let ours: HashSet<String> = leases::still_held(&client, &ctx.gateway_id, chunk)
             .await?
             .into_iter()
             .collect();
-        lost.extend(
-            chunk
-                .iter()
-                .filter(|(id, _)| !renewed.contains(id))
-                .cloned(),
-        );
+        lost.extend(chunk.iter().filter(|(id, _)| !ours.contains(id)).cloned());
     }
     metrics::gauge!("worker_leases_held").set((held.len() - lost.len()) as f64);
     if !lost.is_empty() {

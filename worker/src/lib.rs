@@ -48,6 +48,9 @@ pub struct Ctx {
     pub driver: Arc<dyn Driver>,
     pub outbox: Outbox,
     pub gateway_id: String,
+    /// This worker process: the holder its claims name, and whose lease on the gateway
+    /// covers them.
+    pub instance: String,
     pub lease_ttl: Duration,
     /// Bounds the connections being set up at once (a cold start, a failover).
     pub connects: Arc<Semaphore>,
@@ -62,12 +65,17 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<()> {
     shared::telemetry::prometheus();
     let db = shared::db::pool(&cfg.db.database_url, cfg.db.database_pool_size)?;
     let region = cfg.region();
+    let instance = ulid::Ulid::new().to_string();
     gateways::register(
         &db.get().await?,
-        &cfg.gateway_id,
-        &region,
-        cfg.capacity,
-        env!("CARGO_PKG_VERSION"),
+        &gateways::Registration {
+            id: &cfg.gateway_id,
+            region: &region,
+            capacity: cfg.capacity,
+            version: env!("CARGO_PKG_VERSION"),
+            instance: &instance,
+            lease_ttl_ms: cfg.lease_ttl_ms as i64,
+        },
     )
     .await?;
     tracing::info!(gateway_id = %cfg.gateway_id, %region, "gateway registered");
@@ -85,6 +93,7 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<()> {
         driver,
         outbox: outbox.clone(),
         gateway_id: cfg.gateway_id.clone(),
+        instance: instance.clone(),
         lease_ttl: cfg.lease_ttl(),
         connects: Arc::new(Semaphore::new(cfg.connect_concurrency.max(1))),
     });
@@ -166,15 +175,15 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<()> {
     let restore = drain_before_exit(&drain, &cfg).await;
     consuming.cancel();
     let _ = consumer.await;
-    let held = registry
+    registry
         .shutdown(Duration::from_millis(cfg.shutdown_grace_ms))
         .await;
     background.cancel();
     while duties.join_next().await.is_some() {}
     if let Ok(client) = db.get().await {
-        // Nobody drives these any more: a peer may take them over without waiting.
-        if let Err(e) = store::leases::release(&client, &held).await {
-            tracing::warn!(error = %e, "could not release leases; they expire by themselves");
+        // Nobody drives its sessions any more: a peer may take them over without waiting.
+        if let Err(e) = store::leases::release(&client, &cfg.gateway_id, &instance).await {
+            tracing::warn!(error = %e, "could not release the lease; it expires by itself");
         }
         // Tell the fleet at once that nobody serves this gateway now.
         let _ = gateways::signed_off(&client, &cfg.gateway_id, restore).await;

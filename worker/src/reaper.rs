@@ -6,11 +6,14 @@
 //! election. A leader that is alive but frozen (SIGSTOP, a stalled VM) keeps its connection
 //! open, so the connection sets `idle_session_timeout`: Postgres closes a connection that
 //! has been silent for longer than the gateway liveness, which releases the lock, while a
-//! working leader queries every `REAPER_INTERVAL_MS` and is never that idle. The reaper finds the region's gateways whose heartbeat lapsed and moves their
-//! sessions whose lease is unheld or expired — never before — to the region's active, live
-//! gateways by load and capacity. It only changes the owner; each new owner adopts its
-//! running sessions and connects them (`leases.rs`), and stopped ones stay stopped. A region
-//! with no live gateway keeps its sessions where they are, `dead`, until one comes.
+//! working leader queries every `REAPER_INTERVAL_MS` and is never that idle.
+//!
+//! The reaper finds the region's gateways whose heartbeat lapsed and moves their sessions
+//! once the dead worker's lease on its gateway expired — never before — to the region's
+//! active, live gateways by load and capacity. It only changes the owner; each new owner
+//! adopts its running sessions and connects them (`leases.rs`), and stopped ones stay
+//! stopped. A region with no live gateway keeps its sessions where they are, `dead`, until
+//! one comes.
 
 use std::time::Duration;
 
@@ -78,7 +81,7 @@ impl Reaper {
     async fn reap(&self, client: &impl GenericClient) -> Result<()> {
         for dead in gateways::dead_in(client, &self.region, self.liveness_ms).await? {
             loop {
-                let ids = leases::unheld(client, &dead, BATCH).await?;
+                let ids = leases::owned(client, &dead, "", BATCH).await?;
                 if ids.is_empty() {
                     break;
                 }
@@ -95,7 +98,7 @@ impl Reaper {
                     .zip(&placed)
                     .map(|(id, &i)| (id.clone(), peers[i].id.clone()))
                     .collect();
-                let moved = leases::reassign(client, &dead, &moves).await?;
+                let moved = leases::reassign(client, &dead, &moves, leases::Mover::Reaper).await?;
                 metrics::counter!("worker_sessions_failed_over_total")
                     .increment(moved.len() as u64);
                 tracing::info!(from = %dead, sessions = moved.len(), "failover: sessions re-placed");

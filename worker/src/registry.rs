@@ -8,8 +8,8 @@
 //!
 //! Each actor's [`Lease`] is shared with the lease keeper (`leases.rs`), which renews all of
 //! them in one statement and cancels the ones it finds lost: the actor then closes its
-//! connection at once and writes nothing more. Shutdown drops every inbox, waits (up to a
-//! grace period) for the actors to finish what they hold, and answers the leases to release.
+//! connection at once and writes nothing more. Shutdown drops every inbox and waits (up to a
+//! grace period) for the actors to finish what they hold.
 
 use std::{
     collections::HashMap,
@@ -230,10 +230,8 @@ impl Registry {
         }
     }
 
-    /// Drops every inbox and waits up to `grace` for the actors to finish; answers the leases
-    /// they held, for the caller to release.
-    pub async fn shutdown(&self, grace: Duration) -> Vec<(String, i64)> {
-        let held = self.held();
+    /// Drops every inbox and waits up to `grace` for the actors to finish.
+    pub async fn shutdown(&self, grace: Duration) {
         self.actors().clear();
         let mut tasks = self.tasks.lock().await;
         let drained =
@@ -244,6 +242,5 @@ impl Registry {
             );
             tasks.abort_all();
         }
-        held
     }
 }

@@ -46,27 +46,46 @@ impl Gateway {
     }
 }
 
-/// Registers (or re-registers) a gateway as heartbeating now. A gateway an SRE drained or
-/// cordoned stays so across restarts of its worker; anything else comes back `active`.
-pub async fn register(
-    db: &impl GenericClient,
-    id: &str,
-    region: &str,
-    capacity: i32,
-    version: &str,
-) -> Result<()> {
+/// How a worker process registers its gateway.
+pub struct Registration<'a> {
+    pub id: &'a str,
+    pub region: &'a str,
+    pub capacity: i32,
+    pub version: &'a str,
+    /// This process, which takes the gateway's lease (fencing out an earlier one).
+    pub instance: &'a str,
+    pub lease_ttl_ms: i64,
+}
+
+/// Registers (or re-registers) a gateway as heartbeating now, its lease held by this
+/// process. A gateway an SRE drained or cordoned stays so across restarts of its worker;
+/// anything else comes back `active`.
+pub async fn register(db: &impl GenericClient, r: &Registration<'_>) -> Result<()> {
     let stmt = db
         .prepare_cached(&format!(
-            "INSERT INTO gateways (id, region, state, capacity, version, started_at, heartbeat_at) \
-             VALUES ($1, $2, 'active', $3, $4, {DB_NOW_MS}, {DB_NOW_MS}) ON CONFLICT (id) DO UPDATE SET \
+            "INSERT INTO gateways (id, region, state, capacity, version, started_at, heartbeat_at, \
+             instance, lease_expires_at) \
+             VALUES ($1, $2, 'active', $3, $4, {DB_NOW_MS}, {DB_NOW_MS}, $5, {DB_NOW_MS} + $6) \
+             ON CONFLICT (id) DO UPDATE SET \
              region = EXCLUDED.region, capacity = EXCLUDED.capacity, version = EXCLUDED.version, \
              started_at = EXCLUDED.started_at, heartbeat_at = EXCLUDED.heartbeat_at, \
+             instance = EXCLUDED.instance, lease_expires_at = EXCLUDED.lease_expires_at, \
              state = CASE WHEN gateways.state IN ('draining', 'cordoned') THEN gateways.state \
              ELSE 'active' END"
         ))
         .await?;
-    db.execute(&stmt, &[&id, &region, &capacity, &version])
-        .await?;
+    db.execute(
+        &stmt,
+        &[
+            &r.id,
+            &r.region,
+            &r.capacity,
+            &r.version,
+            &r.instance,
+            &r.lease_ttl_ms,
+        ],
+    )
+    .await?;
     Ok(())
 }
 
@@ -161,8 +180,9 @@ pub struct Load {
 pub async fn load(db: &impl GenericClient) -> Result<Vec<(String, Load)>> {
     let stmt = db
         .prepare_cached(&format!(
-            "SELECT gateway_id, count(*), count(*) FILTER (WHERE lease_expires_at > {DB_NOW_MS}) \
-             FROM sessions GROUP BY gateway_id"
+            "SELECT s.gateway_id, count(*), count(*) FILTER (WHERE s.lease_holder = g.instance \
+             AND g.lease_expires_at > {DB_NOW_MS}) \
+             FROM sessions s LEFT JOIN gateways g ON g.id = s.gateway_id GROUP BY s.gateway_id"
         ))
         .await?;
     Ok(db

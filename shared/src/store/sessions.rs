@@ -100,8 +100,8 @@ pub async fn gateway(db: &impl GenericClient, org: &str, id: &str) -> Result<Opt
     Ok(db.query_opt(&stmt, &[&org, &id]).await?.map(|r| r.get(0)))
 }
 
-/// Where a session's commands go now, read fresh: its owner, how long the owner's lease
-/// still holds (ms, on the database's clock; 0 when unheld or expired).
+/// Where a session's commands go now, read fresh: its owner, how long the owner's lease on
+/// it still holds (ms, on the database's clock; 0 when unheld or expired).
 pub struct Route {
     pub gateway_id: String,
     pub lease_left_ms: i64,
@@ -110,8 +110,10 @@ pub struct Route {
 pub async fn route(db: &impl GenericClient, org: &str, id: &str) -> Result<Option<Route>> {
     let stmt = db
         .prepare_cached(&format!(
-            "SELECT gateway_id, GREATEST(COALESCE(lease_expires_at - {DB_NOW_MS}, 0), 0) \
-             FROM sessions WHERE organization_id = $1 AND id = $2"
+            "SELECT s.gateway_id, CASE WHEN s.lease_holder = g.instance \
+             THEN GREATEST(COALESCE(g.lease_expires_at - {DB_NOW_MS}, 0), 0) ELSE 0 END \
+             FROM sessions s LEFT JOIN gateways g ON g.id = s.gateway_id \
+             WHERE s.organization_id = $1 AND s.id = $2"
         ))
         .await?;
     Ok(db.query_opt(&stmt, &[&org, &id]).await?.map(|r| Route {

@@ -188,7 +188,7 @@ async fn a_device_connected_from_two_workers_is_a_conflict_and_the_older_stream_
         .await
         .expect("db")
         .execute(
-            "UPDATE sessions SET gateway_id = $1, lease_expires_at = NULL",
+            "UPDATE sessions SET gateway_id = $1, lease_holder = NULL",
             &[&b],
         )
         .await

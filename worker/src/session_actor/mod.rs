@@ -185,17 +185,19 @@ pub async fn run(
         qr: None,
     };
     let lost = actor.lease.lost.clone();
-    let mut flow = actor.resume().await;
+    // The work of one message is boxed: an idle actor (most of a worker's tens of thousands)
+    // then keeps only this loop's small state, not the largest path through a command.
+    let mut flow = Box::pin(actor.resume()).await;
     while let Flow::Continue = flow {
         flow = tokio::select! {
             _ = lost.cancelled() => actor.lost(),
             msg = inbox.recv() => match msg {
-                Some(Msg::Job(job)) => actor.on_job(*job).await,
-                Some(Msg::HandOff { to, done }) => actor.hand_off(&to, done).await,
+                Some(Msg::Job(job)) => Box::pin(actor.on_job(*job)).await,
+                Some(Msg::HandOff { to, done }) => Box::pin(actor.hand_off(&to, done)).await,
                 None => Flow::Stop,
             },
             event = next_event(&mut actor.conn_events) => match event {
-                Some(event) => actor.on_driver_event(event).await,
+                Some(event) => Box::pin(actor.on_driver_event(event)).await,
                 None => {
                     actor.conn_events = None;
                     Flow::Continue
@@ -250,8 +252,7 @@ impl Refusal {
 }
 
 async fn claim(ctx: &Ctx, session_id: &str) -> Result<Claimed, Refusal> {
-    let ttl = ctx.lease_ttl.as_millis() as i64;
-    match leases::claim(&ctx.writer, session_id, &ctx.gateway_id, ttl).await {
+    match leases::claim(&ctx.writer, session_id, &ctx.gateway_id, &ctx.instance).await {
         Ok(Some(c)) => Ok(c),
         Ok(None) => match store::gateway_of(&ctx.db, session_id).await {
             Ok(None) => Err(Refusal::Gone),
@@ -372,8 +373,8 @@ impl Actor {
         Flow::Stop
     }
 
-    /// Drain: disconnect first, then make `to` the owner and release the lease, so the new
-    /// owner can only connect after this connection is closed. Never re-pairs: the
+    /// Drain: disconnect first, then make `to` the owner with no holder, so the new owner can
+    /// only connect after this connection is closed. Never re-pairs: the
     /// credentials stay in the row.
     async fn hand_off(&mut self, to: &str, done: oneshot::Sender<Result<(), String>>) -> Flow {
         self.disconnect().await;

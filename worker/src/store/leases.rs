@@ -1,14 +1,17 @@
 //! Leases: who may drive a session, until when.
 //!
-//! A session's `gateway_id` is its owner; `lease_epoch` is the fencing token every write of
-//! its worker names; `lease_expires_at` (the database's clock) is how long that worker holds
-//! it unless it renews. A worker *claims* a session of its gateway by bumping the epoch and
-//! setting the expiry: the new epoch fences any earlier holder (a crashed process of the same
-//! gateway, a paused one). Leases are claimed in bulk at start-up and when sessions are moved
-//! here, renewed in bulk (one statement a tick for all of them), and released (expiry null)
-//! when a worker hands a session to a peer or exits. Only an unheld or expired lease lets a
-//! session change owner ([`reassign`]): that is why a dead worker's numbers move only after
-//! its leases ran out, and never while it could still be driving them.
+//! A session's `gateway_id` is its owner; `lease_holder` is the worker process (its
+//! gateway's `instance`) that holds it; `lease_epoch` is the fencing token every write of
+//! that process names. The expiry is the gateway's: a worker process holds one lease on its
+//! gateway (`gateways.lease_expires_at`, the database's clock) that covers every session it
+//! holds, renewed with one single-row statement a tick however many sessions that is. A
+//! session of a gateway whose lease expired is free to move, and only then.
+//!
+//! A worker *claims* a session of its gateway by bumping the epoch and naming itself holder:
+//! the new epoch fences any earlier holder (a crashed process of the same gateway, a paused
+//! one). Sessions are claimed in bulk at start-up and when they are moved here; whether the
+//! ones it holds are still its own is checked in bulk, reading only. A session handed to a
+//! peer or re-placed by failover has no holder until its new owner claims it.
 
 use std::sync::{Arc, LazyLock};
 
@@ -37,19 +40,18 @@ fn claimed(row: &Row) -> Claimed {
     }
 }
 
-/// Claims one session of this gateway (a command reached a session no actor holds);
-/// `None` when the gateway owns no such session.
+/// Claims one session of this gateway for this process (a command reached a session no
+/// actor holds); `None` when the gateway owns no such session.
 pub async fn claim(
     writer: &GroupCommit,
     session_id: &str,
     gateway_id: &str,
-    ttl_ms: i64,
+    instance: &str,
 ) -> Result<Option<Claimed>> {
     static SQL: LazyLock<Arc<str>> = LazyLock::new(|| {
         format!(
-            "UPDATE sessions SET lease_epoch = lease_epoch + 1, \
-             lease_expires_at = {DB_NOW_MS} + $3 WHERE id = $1 AND gateway_id = $2 \
-             RETURNING {}, lease_epoch, device_credentials",
+            "UPDATE sessions SET lease_epoch = lease_epoch + 1, lease_holder = $3 \
+             WHERE id = $1 AND gateway_id = $2 RETURNING {}, lease_epoch, device_credentials",
             sessions::COLUMNS
         )
         .into()
@@ -60,7 +62,7 @@ pub async fn claim(
             vec![
                 Box::new(session_id.to_owned()),
                 Box::new(gateway_id.to_owned()),
-                Box::new(ttl_ms),
+                Box::new(instance.to_owned()),
             ],
         )
         .await?;
@@ -72,80 +74,96 @@ pub async fn claim(
 pub enum Whose {
     /// At start-up: every one, held or not (an earlier process of this gateway is gone).
     Any,
-    /// Later: those nobody holds (moved here, or whose lease ran out).
+    /// Later: those this process does not hold (moved here: no holder).
     Unheld,
 }
 
-/// Claims, in id order after `after`, up to `limit` sessions of the gateway whose owner
-/// wants them running.
+/// Claims for this process (`instance`), in id order after `after`, up to `limit` sessions
+/// of the gateway whose owner wants them running; one being written at this moment is left
+/// to the next round.
 pub async fn claim_running(
     db: &impl GenericClient,
     gateway_id: &str,
+    instance: &str,
     whose: Whose,
     after: &str,
     limit: i64,
-    ttl_ms: i64,
 ) -> Result<Vec<Claimed>> {
     let stmt = db
         .prepare_cached(&format!(
-            "UPDATE sessions SET lease_epoch = lease_epoch + 1, lease_expires_at = {DB_NOW_MS} + $5 \
+            "UPDATE sessions SET lease_epoch = lease_epoch + 1, lease_holder = $5 \
              WHERE id IN (SELECT id FROM sessions WHERE gateway_id = $1 \
                AND desired_state = 'running' AND id > $3 \
-               AND ($2 OR lease_expires_at IS NULL OR lease_expires_at < {DB_NOW_MS}) \
-               ORDER BY id LIMIT $4) \
+               AND ($2 OR lease_holder IS DISTINCT FROM $5) \
+               ORDER BY id LIMIT $4 FOR UPDATE SKIP LOCKED) \
              AND gateway_id = $1 RETURNING {}, lease_epoch, device_credentials",
             sessions::COLUMNS
         ))
         .await?;
     let any = whose == Whose::Any;
     let rows = db
-        .query(&stmt, &[&gateway_id, &any, &after, &limit, &ttl_ms])
+        .query(&stmt, &[&gateway_id, &any, &after, &limit, &instance])
         .await?;
     let mut claimed: Vec<Claimed> = rows.iter().map(claimed).collect();
     claimed.sort_by(|a, b| a.session.id.cmp(&b.session.id));
     Ok(claimed)
 }
 
-/// Renews the leases this worker holds (id, epoch) for another `ttl_ms`; answers the ids
-/// renewed. One it holds but that is missing from the answer is lost: another worker
-/// claimed it, or it moved, or it was deleted.
+/// Renews this process's lease on its gateway for another `ttl_ms`: the expiry of every
+/// session it holds. `false` when another process of the gateway has taken it over.
 pub async fn renew(
     db: &impl GenericClient,
     gateway_id: &str,
-    held: &[(String, i64)],
+    instance: &str,
     ttl_ms: i64,
-) -> Result<Vec<String>> {
+) -> Result<bool> {
     let stmt = db
         .prepare_cached(&format!(
-            "UPDATE sessions s SET lease_expires_at = {DB_NOW_MS} + $3 \
-             FROM unnest($1::text[], $2::bigint[]) AS h(id, epoch) \
-             WHERE s.id = h.id AND s.lease_epoch = h.epoch AND s.gateway_id = $4 RETURNING s.id"
+            "UPDATE gateways SET lease_expires_at = {DB_NOW_MS} + $3 \
+             WHERE id = $1 AND instance = $2"
         ))
+        .await?;
+    Ok(db
+        .execute(&stmt, &[&gateway_id, &instance, &ttl_ms])
+        .await?
+        == 1)
+}
+
+/// Of the sessions this worker holds (id, epoch), the ones still its own: one missing from
+/// the answer was lost (another worker claimed it, it moved, it was deleted). Reads only.
+pub async fn still_held(
+    db: &impl GenericClient,
+    gateway_id: &str,
+    held: &[(String, i64)],
+) -> Result<Vec<String>> {
+    let stmt = db
+        .prepare_cached(
+            "SELECT s.id FROM unnest($1::text[], $2::bigint[]) AS h(id, epoch) \
+             JOIN sessions s ON s.id = h.id AND s.lease_epoch = h.epoch AND s.gateway_id = $3",
+        )
         .await?;
     let (ids, epochs): (Vec<&str>, Vec<i64>) = held.iter().map(|(i, e)| (i.as_str(), *e)).unzip();
     Ok(db
-        .query(&stmt, &[&ids, &epochs, &ttl_ms, &gateway_id])
+        .query(&stmt, &[&ids, &epochs, &gateway_id])
         .await?
         .iter()
         .map(|r| r.get(0))
         .collect())
 }
 
-/// Lets go of leases (a worker exiting): nobody holds them from now on.
-pub async fn release(db: &impl GenericClient, held: &[(String, i64)]) -> Result<u64> {
+/// Lets go of the gateway's lease (a worker exiting): its sessions may move at once.
+pub async fn release(db: &impl GenericClient, gateway_id: &str, instance: &str) -> Result<()> {
     let stmt = db
         .prepare_cached(
-            "UPDATE sessions s SET lease_expires_at = NULL \
-             FROM unnest($1::text[], $2::bigint[]) AS h(id, epoch) \
-             WHERE s.id = h.id AND s.lease_epoch = h.epoch",
+            "UPDATE gateways SET lease_expires_at = NULL WHERE id = $1 AND instance = $2",
         )
         .await?;
-    let (ids, epochs): (Vec<&str>, Vec<i64>) = held.iter().map(|(i, e)| (i.as_str(), *e)).unzip();
-    Ok(db.execute(&stmt, &[&ids, &epochs]).await?)
+    db.execute(&stmt, &[&gateway_id, &instance]).await?;
+    Ok(())
 }
 
-/// Hands a session this worker holds to `to`, releasing the lease; `false` when the epoch is
-/// not ours any more.
+/// Hands a session this worker holds to `to`, with no holder until `to` claims it; `false`
+/// when the epoch is not ours any more.
 pub async fn hand_off(
     db: &impl GenericClient,
     session_id: &str,
@@ -155,7 +173,7 @@ pub async fn hand_off(
 ) -> Result<bool> {
     let stmt = db
         .prepare_cached(
-            "UPDATE sessions SET gateway_id = $4, lease_expires_at = NULL \
+            "UPDATE sessions SET gateway_id = $4, lease_holder = NULL \
              WHERE id = $1 AND lease_epoch = $2 AND gateway_id = $3",
         )
         .await?;
@@ -193,41 +211,44 @@ pub async fn count_owned(db: &impl GenericClient, gateway_id: &str) -> Result<i6
     Ok(db.query_one(&stmt, &[&gateway_id]).await?.get(0))
 }
 
-/// Sessions of `gateway_id` that no live lease holds (up to `limit`): what may move.
-pub async fn unheld(db: &impl GenericClient, gateway_id: &str, limit: i64) -> Result<Vec<String>> {
-    let stmt = db
-        .prepare_cached(&format!(
-            "SELECT id FROM sessions WHERE gateway_id = $1 \
-             AND (lease_expires_at IS NULL OR lease_expires_at < {DB_NOW_MS}) ORDER BY id LIMIT $2"
-        ))
-        .await?;
-    Ok(db
-        .query(&stmt, &[&gateway_id, &limit])
-        .await?
-        .iter()
-        .map(|r| r.get(0))
-        .collect())
+/// Who may let a session change owner in [`reassign`].
+#[derive(Debug, Clone, Copy)]
+pub enum Mover<'a> {
+    /// The owner's own worker process (a drain): only sessions it does not hold.
+    Owner { instance: &'a str },
+    /// The region's reaper: only while the owner gateway's lease is expired.
+    Reaper,
 }
 
-/// Moves sessions of `from` that no live lease holds to their new owners (`moves`: session
-/// id, gateway id). A session someone holds is left where it is. Answers the ids moved.
+/// Moves sessions of `from` to their new owners (`moves`: session id, gateway id), with no
+/// holder until the new owner claims them. A session being written at this moment is left
+/// to the next round (`SKIP LOCKED`). Answers the ids moved.
 pub async fn reassign(
     db: &impl GenericClient,
     from: &str,
     moves: &[(String, String)],
+    mover: Mover<'_>,
 ) -> Result<Vec<String>> {
     let stmt = db
         .prepare_cached(&format!(
-            "UPDATE sessions s SET gateway_id = m.owner, lease_expires_at = NULL \
+            "UPDATE sessions s SET gateway_id = m.owner, lease_holder = NULL \
              FROM unnest($1::text[], $2::text[]) AS m(id, owner) \
              WHERE s.id = m.id AND s.gateway_id = $3 \
-             AND (s.lease_expires_at IS NULL OR s.lease_expires_at < {DB_NOW_MS}) RETURNING s.id"
+             AND s.id IN (SELECT id FROM sessions WHERE id = ANY($1) FOR UPDATE SKIP LOCKED) \
+             AND ($4::text IS NULL OR s.lease_holder IS DISTINCT FROM $4) \
+             AND (NOT $5 OR EXISTS (SELECT 1 FROM gateways g WHERE g.id = $3 \
+               AND (g.lease_expires_at IS NULL OR g.lease_expires_at < {DB_NOW_MS}))) \
+             RETURNING s.id"
         ))
         .await?;
     let (ids, owners): (Vec<&str>, Vec<&str>) =
         moves.iter().map(|(i, o)| (i.as_str(), o.as_str())).unzip();
+    let (instance, reaper) = match mover {
+        Mover::Owner { instance } => (Some(instance), false),
+        Mover::Reaper => (None, true),
+    };
     Ok(db
-        .query(&stmt, &[&ids, &owners, &from])
+        .query(&stmt, &[&ids, &owners, &from, &instance, &reaper])
         .await?
         .iter()
         .map(|r| r.get(0))

@@ -108,8 +108,22 @@ struct SimConnection {
     control: mpsc::UnboundedSender<Control>,
     op_delay: Duration,
     server: Arc<SimServer>,
+    phones: Phones,
     device: String,
     nonce: u64,
+}
+
+impl Drop for SimConnection {
+    /// Forgets this connection in the driver's map (a newer one of the device stays).
+    fn drop(&mut self) {
+        if let Ok(mut phones) = self.phones.lock()
+            && phones
+                .get(&self.device)
+                .is_some_and(|(n, _)| *n == self.nonce)
+        {
+            phones.remove(&self.device);
+        }
+    }
 }
 
 #[async_trait]
@@ -124,7 +138,6 @@ impl Driver for SimDriver {
         let nonce = self.connections.fetch_add(1, Ordering::Relaxed);
         let (control, rx) = mpsc::unbounded_channel();
         if let Ok(mut phones) = self.phones.lock() {
-            phones.retain(|_, (_, c)| c.strong_count() > 0);
             phones.insert(session_id.to_owned(), (nonce, control.downgrade()));
         }
         let phone = Phone {
@@ -140,6 +153,7 @@ impl Driver for SimDriver {
             control,
             op_delay: self.cfg.op_delay,
             server: self.server.clone(),
+            phones: self.phones.clone(),
             device: session_id.to_owned(),
             nonce,
         }))
@@ -221,7 +235,8 @@ impl Phone {
 
     async fn run(mut self, credentials: Option<Credentials>) {
         if credentials.is_none() {
-            match self.pair().await {
+            // Boxed, like the connected phase: an idle phone keeps only what it waits on.
+            match Box::pin(self.pair()).await {
                 Some(paired) => self.emit(paired),
                 None => return,
             }
@@ -235,7 +250,7 @@ impl Phone {
             return;
         }
         self.emit(DriverEvent::Connected);
-        self.connected().await;
+        Box::pin(self.connected()).await;
     }
 
     /// Logs the device in at the server, retrying while it is unreachable; `false` when the

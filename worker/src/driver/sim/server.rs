@@ -187,18 +187,21 @@ async fn login_batches(
     keepalive_ms: i64,
     mut queue: mpsc::UnboundedReceiver<Login>,
 ) {
+    // The live processes are computed once per statement (materialized): `pg_locks` is a
+    // function, and a correlated use would read it again for every replaced row.
     let sql = format!(
         "WITH req AS (SELECT * FROM unnest($1::text[], $2::bigint[]) AS r(device, connection)), \
+         live AS MATERIALIZED (SELECT p.id FROM sim_processes p JOIN pg_locks l \
+           ON l.locktype = 'advisory' AND l.granted AND l.objsubid = 1 \
+           AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database()) \
+           AND l.classid = (p.lock_key >> 32)::oid AND l.objid = (p.lock_key & 4294967295)::oid \
+           WHERE p.heartbeat_at >= {DB_NOW_MS} - $4), \
          replaced AS (INSERT INTO sim_conflicts (device, replaced_process, replaced_connection, \
            by_process, by_connection, at) \
            SELECT c.device, c.process, c.connection, $3, r.connection, {DB_NOW_MS} \
            FROM sim_connections c JOIN req r USING (device) \
-           WHERE (c.process, c.connection) <> ($3, r.connection) AND EXISTS ( \
-             SELECT 1 FROM sim_processes p JOIN pg_locks l ON l.locktype = 'advisory' \
-               AND l.granted AND l.objsubid = 1 \
-               AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database()) \
-               AND l.classid = (p.lock_key >> 32)::oid AND l.objid = (p.lock_key & 4294967295)::oid \
-             WHERE p.id = c.process AND p.heartbeat_at >= {DB_NOW_MS} - $4) \
+           WHERE (c.process, c.connection) <> ($3, r.connection) \
+           AND c.process IN (SELECT id FROM live) \
            RETURNING 1) \
          INSERT INTO sim_connections (device, process, connection, since) \
          SELECT device, $3, connection, {DB_NOW_MS} FROM req \
