@@ -13,15 +13,21 @@ use std::{
 
 use crate::{TestEnv, amqp_url};
 
-/// The `worker` binary of this build's profile (`target/<profile>/worker`), found from the
-/// running binary: a test in `target/<profile>/deps/`, or a benchmark in `target/<profile>/`.
+/// The `worker` binary of this build's profile (`target/<profile>/worker`).
 pub fn worker_binary() -> PathBuf {
+    binary("worker")
+}
+
+/// A binary of the workspace built in this build's profile (`target/<profile>/<name>`),
+/// found from the running binary: a test in `target/<profile>/deps/`, or a benchmark in
+/// `target/<profile>/`.
+pub fn binary(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("binary path");
     let candidates: Vec<PathBuf> = exe
         .ancestors()
         .skip(1)
         .take(2)
-        .map(|dir| dir.join("worker"))
+        .map(|dir| dir.join(name))
         .collect();
     candidates
         .iter()
@@ -29,7 +35,7 @@ pub fn worker_binary() -> PathBuf {
         .cloned()
         .unwrap_or_else(|| {
             panic!(
-                "no worker binary at {}: tests need `cargo test --workspace` (deploy/local/test \
+                "no {name} binary at {}: tests need `cargo test --workspace` (deploy/local/test \
                  does), benchmarks `cargo build --release --bin worker` first",
                 candidates[0].display()
             )

@@ -296,3 +296,78 @@ async fn the_desired_state_follows_what_the_owner_asked_for() {
     let r = api.get(&format!("/api/v1/sessions/{id}"), &key).await;
     assert_eq!(r.assert_status(200)["desiredState"], "running");
 }
+
+/// Runs `gatewayctl` as an SRE would, against the test's database; (success, output).
+async fn gatewayctl(env: &TestEnv, args: &[&str]) -> (bool, String) {
+    let out = tokio::process::Command::new(tests::process::binary("gatewayctl"))
+        .args(args)
+        .env("DATABASE_URL", &env.database_url)
+        .env("AMQP_PREFIX", &env.amqp_prefix)
+        .output()
+        .await
+        .expect("gatewayctl runs");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
+#[tokio::test]
+async fn an_sre_drains_cordons_and_lists_gateways_with_gatewayctl() {
+    let env = TestEnv::new().await;
+    let (a, b) = (env.gateway_id("sg"), env.gateway_id("sg"));
+    env.paired_sessions("org_a", &a, 30, 3).await;
+    let started = shared::db::now_ms();
+    let _wa = env.start_worker(&a, fast_fleet).await;
+    env.all_sessions(Duration::from_secs(10), "working", |p| {
+        working_on(p, &[&a], started)
+    })
+    .await;
+
+    // No peer yet: the drain says which sessions cannot move, and why.
+    let (ok, out) = gatewayctl(&env, &["gateways", "drain", &a, "--timeout-secs", "2"]).await;
+    assert!(!ok, "{out}");
+    assert!(
+        out.contains("30 session(s) still on")
+            && out.contains("no active, live gateway in region sg"),
+        "{out}"
+    );
+
+    // The gateway stays draining: once a peer comes, the sessions move, and the command
+    // returns when the gateway is empty.
+    let drained_at = shared::db::now_ms();
+    let _wb = env.start_worker(&b, fast_fleet).await;
+    let (ok, out) = gatewayctl(&env, &["gateways", "drain", &a]).await;
+    assert!(ok, "{out}");
+    assert!(out.contains(&format!("{a} is drained")), "{out}");
+    env.all_sessions(Duration::from_secs(10), "on the peer", |p| {
+        working_on(p, &[&b], drained_at)
+    })
+    .await;
+
+    let (ok, out) = gatewayctl(&env, &["gateways", "cordon", &b]).await;
+    assert!(ok && out.contains("cordoned"), "{out}");
+    let (ok, out) = gatewayctl(&env, &["gateways", "list"]).await;
+    assert!(ok, "{out}");
+    let row = |id: &str| {
+        out.lines()
+            .find(|l| l.starts_with(id))
+            .unwrap_or_default()
+            .split_whitespace()
+            .map(str::to_owned)
+            .collect::<Vec<_>>()
+    };
+    // ID REGION STATE CAPACITY SESSIONS LIVE VERSION HEARTBEAT
+    let (ra, rb) = (row(&a), row(&b));
+    assert_eq!(&ra[1..5], ["sg", "draining", "1000", "0"], "{out}");
+    assert_eq!(&rb[1..5], ["sg", "cordoned", "1000", "30"], "{out}");
+    assert_eq!(
+        rb[5], "20",
+        "running sessions held under a live lease: {out}"
+    );
+    let (ok, out) = gatewayctl(&env, &["gateways", "uncordon", &a]).await;
+    assert!(ok && out.contains("active"), "{out}");
+    assert_eq!(env.sim_conflicts().await, Vec::<String>::new());
+}
