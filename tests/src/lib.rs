@@ -368,15 +368,35 @@ impl TestEnv {
     }
 }
 
-/// Fleet timings short enough for tests: leases of 2 s, a gateway dead after 1 s of silence.
+/// Fleet timings short enough for tests, as the worker's settings: leases of 2 s, a gateway
+/// dead after 1 s of silence. One table for in-process workers ([`fast_fleet`]) and worker
+/// processes ([`process::WorkerProcess`]).
+pub const FAST_FLEET: &[(&str, &str)] = &[
+    ("HEARTBEAT_INTERVAL_MS", "200"),
+    ("LEASE_TTL_MS", "2000"),
+    ("GATEWAY_LIVENESS_MS", "1000"),
+    ("ADOPT_INTERVAL_MS", "100"),
+    ("REAPER_INTERVAL_MS", "200"),
+    ("DRAIN_GRACE_MS", "10000"),
+    ("SIM_KEEPALIVE_MS", "600"),
+];
+
+/// Applies [`FAST_FLEET`] to an in-process worker's configuration.
 pub fn fast_fleet(cfg: &mut worker::Config) {
-    cfg.heartbeat_interval_ms = 200;
-    cfg.lease_ttl_ms = 2_000;
-    cfg.gateway_liveness_ms = 1_000;
-    cfg.adopt_interval_ms = 100;
-    cfg.reaper_interval_ms = 200;
-    cfg.drain_grace_ms = 10_000;
-    cfg.sim_keepalive_ms = 600;
+    let ms = |name: &str| -> u64 {
+        FAST_FLEET
+            .iter()
+            .find(|(n, _)| *n == name)
+            .and_then(|(_, v)| v.parse().ok())
+            .unwrap_or_else(|| panic!("FAST_FLEET has no {name}"))
+    };
+    cfg.heartbeat_interval_ms = ms("HEARTBEAT_INTERVAL_MS");
+    cfg.lease_ttl_ms = ms("LEASE_TTL_MS");
+    cfg.gateway_liveness_ms = ms("GATEWAY_LIVENESS_MS");
+    cfg.adopt_interval_ms = ms("ADOPT_INTERVAL_MS");
+    cfg.reaper_interval_ms = ms("REAPER_INTERVAL_MS");
+    cfg.drain_grace_ms = ms("DRAIN_GRACE_MS");
+    cfg.sim_keepalive_ms = ms("SIM_KEEPALIVE_MS");
 }
 
 /// A session as the fleet tests look at it, read straight from Postgres.

@@ -1,8 +1,8 @@
 //! Workers as real processes, for what a thread cannot show: `kill -9`, and a process frozen
 //! with SIGSTOP and resumed with SIGCONT.
 //!
-//! The binary is the workspace's `worker`, built beside the test binary (`cargo test
-//! --workspace` builds it; `deploy/local/test` runs that). It gets the same settings the
+//! The binary is the workspace's `worker`, built beside the test binary by `cargo build
+//! --workspace --bins` (`deploy/local/test` does that before the tests). It gets the same settings the
 //! in-process workers get, as environment variables, and logs to a file under the system's
 //! temporary directory.
 
@@ -11,7 +11,7 @@ use std::{
     process::{Child, Command, Stdio},
 };
 
-use crate::{TestEnv, amqp_url};
+use crate::{FAST_FLEET, TestEnv, amqp_url};
 
 /// The `worker` binary of this build's profile (`target/<profile>/worker`).
 pub fn worker_binary() -> PathBuf {
@@ -35,8 +35,8 @@ pub fn binary(name: &str) -> PathBuf {
         .cloned()
         .unwrap_or_else(|| {
             panic!(
-                "no {name} binary at {}: tests need `cargo test --workspace` (deploy/local/test \
-                 does), benchmarks `cargo build --release --bin worker` first",
+                "no {name} binary at {}: tests need `cargo build --workspace --bins` first \
+                 (deploy/local/test does), benchmarks `cargo build --release --bin worker`",
                 candidates[0].display()
             )
         })
@@ -49,7 +49,7 @@ pub struct WorkerProcess {
 
 impl WorkerProcess {
     /// Starts a worker process for `gateway_id` with the test's database and broker, the
-    /// fast fleet timings of [`crate::fast_fleet`], and `extra` settings on top.
+    /// fast fleet timings of [`FAST_FLEET`], and `extra` settings on top.
     pub fn spawn(env: &TestEnv, gateway_id: &str, extra: &[(&str, String)]) -> WorkerProcess {
         let log = std::env::temp_dir().join(format!("gw-test-{gateway_id}.log"));
         let out = std::fs::File::create(&log).expect("log file");
@@ -64,14 +64,9 @@ impl WorkerProcess {
             .env("GATEWAY_ID", gateway_id)
             .env("LOG_FORMAT", "text")
             .env("RUST_LOG", "info")
-            .env("HEARTBEAT_INTERVAL_MS", "200")
-            .env("LEASE_TTL_MS", "2000")
-            .env("GATEWAY_LIVENESS_MS", "1000")
-            .env("ADOPT_INTERVAL_MS", "100")
-            .env("REAPER_INTERVAL_MS", "200")
-            .env("SIM_KEEPALIVE_MS", "600")
             .env("SIM_CONNECT_DELAY_MS", "20")
-            .env("SHUTDOWN_GRACE_MS", "3000");
+            .env("SHUTDOWN_GRACE_MS", "3000")
+            .envs(FAST_FLEET.iter().copied());
         for (k, v) in extra {
             cmd.env(k, v);
         }

@@ -225,7 +225,22 @@ async fn drain_before_exit(drain: &Drain, cfg: &Config) -> Option<GatewayState> 
     }
     tracing::info!(peers = peers.len(), "draining to peers before exiting");
     let until = tokio::time::Instant::now() + Duration::from_millis(cfg.drain_grace_ms);
-    match drain.run(Some(until), || async { true }).await {
+    // Go on while a peer can take sessions: when the whole region stops at once, each
+    // worker soon sees only draining peers, and waiting out the grace period would help none.
+    let peers_left = || async {
+        match drain.ctx.db.get().await {
+            Ok(client) => gateways::peers(
+                &client,
+                &drain.region,
+                &cfg.gateway_id,
+                cfg.gateway_liveness_ms as i64,
+            )
+            .await
+            .is_ok_and(|p| !p.is_empty()),
+            Err(_) => false,
+        }
+    };
+    match drain.run(Some(until), peers_left).await {
         Ok(0) => {}
         Ok(left) => tracing::warn!(sessions = left, "exiting with sessions not moved"),
         Err(e) => tracing::warn!(error = %e, "drain before exit failed"),

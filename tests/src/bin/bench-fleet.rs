@@ -89,16 +89,17 @@ async fn until_working(
     }
 }
 
-async fn cold_start(n: usize) -> Duration {
+/// A worker process started on a fresh gateway holding `n` paired running sessions, and the
+/// time until all of them were working again.
+async fn resumed(n: usize, limit: Duration) -> (TestEnv, WorkerProcess, Duration) {
     let env = TestEnv::new().await;
     let gw = env.gateway_id("bench");
     env.paired_sessions("org_bench", &gw, n, 0).await;
     let since = shared::db::now_ms();
     let started = Instant::now();
     let worker = WorkerProcess::spawn(&env, &gw, &settings());
-    let took = until_working(&env, &[&gw], since, started, Duration::from_secs(120)).await;
-    drop(worker);
-    took
+    let took = until_working(&env, &[&gw], since, started, limit).await;
+    (env, worker, took)
 }
 
 /// The database work of a cold start of `n` sessions, bare: one bulk claim of every row,
@@ -212,13 +213,7 @@ async fn trace(env: &TestEnv, dead: &str, since: i64, from: Instant) {
 }
 
 async fn memory(n: usize) -> (Duration, u64) {
-    let env = TestEnv::new().await;
-    let gw = env.gateway_id("bench");
-    env.paired_sessions("org_bench", &gw, n, 0).await;
-    let since = shared::db::now_ms();
-    let started = Instant::now();
-    let worker = WorkerProcess::spawn(&env, &gw, &settings());
-    let took = until_working(&env, &[&gw], since, started, Duration::from_secs(300)).await;
+    let (_env, worker, took) = resumed(n, Duration::from_secs(300)).await;
     // Let the start-up's transient buffers settle, then read the resident set.
     tokio::time::sleep(Duration::from_secs(3)).await;
     (took, worker.rss_bytes().unwrap_or(0))
@@ -229,7 +224,7 @@ async fn main() {
     let secs = |d: Duration| d.as_secs_f64();
     for n in count("BENCH_COLD", "10000") {
         let base = cold_start_baseline(n).await;
-        let took = cold_start(n).await;
+        let (_env, _worker, took) = resumed(n, Duration::from_secs(120)).await;
         println!(
             "cold start, {n} sessions: {:.2} s to all working (target ≤ 5 s); bare database \
              work {:.2} s in the same run (ratio {:.1}×)",

@@ -10,6 +10,21 @@ use crate::fleet::{PAIRED, pairings, working_on};
 
 const NEVER: Vec<String> = Vec::new();
 
+/// Starts a worker process for `gateway_id` and waits until its sessions work again.
+async fn resumed_process(
+    env: &TestEnv,
+    gateway_id: &str,
+    extra: &[(&str, String)],
+) -> WorkerProcess {
+    let started = shared::db::now_ms();
+    let worker = WorkerProcess::spawn(env, gateway_id, extra);
+    env.all_sessions(Duration::from_secs(30), "back on their gateway", |p| {
+        working_on(p, &[gateway_id], started)
+    })
+    .await;
+    worker
+}
+
 /// A free port on loopback for a worker's metrics.
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
@@ -35,12 +50,7 @@ async fn a_kill_9d_workers_running_sessions_work_on_a_peer_within_the_lease_and_
     let (a, b) = (env.gateway_id("sg"), env.gateway_id("sg"));
     env.paired_sessions("org_a", &a, PAIRED, 5).await;
     let before = pairings(&env.placed().await);
-    let started = shared::db::now_ms();
-    let mut wa = WorkerProcess::spawn(&env, &a, &[]);
-    env.all_sessions(Duration::from_secs(30), "back on their gateway", |p| {
-        working_on(p, &[&a], started)
-    })
-    .await;
+    let mut wa = resumed_process(&env, &a, &[]).await;
     let _wb = env.start_worker(&b, fast_fleet).await;
 
     let killed_at = shared::db::now_ms();
@@ -67,16 +77,8 @@ async fn a_frozen_worker_whose_sessions_moved_writes_nothing_when_it_wakes_and_d
     let running = 50;
     env.paired_sessions("org_a", &a, running, 0).await;
     let port = free_port();
-    let started = shared::db::now_ms();
-    let wa = WorkerProcess::spawn(
-        &env,
-        &a,
-        &[("WORKER_METRICS_LISTEN", format!("127.0.0.1:{port}"))],
-    );
-    env.all_sessions(Duration::from_secs(30), "back on their gateway", |p| {
-        working_on(p, &[&a], started)
-    })
-    .await;
+    let metrics = [("WORKER_METRICS_LISTEN", format!("127.0.0.1:{port}"))];
+    let wa = resumed_process(&env, &a, &metrics).await;
     let _wb = env.start_worker(&b, fast_fleet).await;
 
     let frozen_at = shared::db::now_ms();
@@ -135,12 +137,7 @@ async fn a_worker_told_to_stop_moves_its_sessions_to_its_peers_before_it_exits()
     let (a, b) = (env.gateway_id("sg"), env.gateway_id("sg"));
     env.paired_sessions("org_a", &a, 100, 4).await;
     let before = pairings(&env.placed().await);
-    let started = shared::db::now_ms();
-    let wa = WorkerProcess::spawn(&env, &a, &[]);
-    env.all_sessions(Duration::from_secs(30), "back on their gateway", |p| {
-        working_on(p, &[&a], started)
-    })
-    .await;
+    let wa = resumed_process(&env, &a, &[]).await;
     let _wb = env.start_worker(&b, fast_fleet).await;
 
     let stopped_at = shared::db::now_ms();
@@ -203,4 +200,33 @@ async fn a_device_connected_from_two_workers_is_a_conflict_and_the_older_stream_
         p.gateway_id == b && p.status == "working"
     })
     .await;
+}
+
+#[tokio::test]
+async fn a_dead_gateways_sessions_wait_for_a_live_peer_and_move_when_one_comes() {
+    let env = TestEnv::new().await;
+    let (a, b) = (env.gateway_id("sg"), env.gateway_id("sg"));
+    env.paired_sessions("org_a", &a, 20, 4).await;
+    let before = pairings(&env.placed().await);
+    let started = shared::db::now_ms();
+    let wa = env.start_worker(&a, fast_fleet).await;
+    env.all_sessions(Duration::from_secs(10), "working", |p| {
+        working_on(p, &[&a], started)
+    })
+    .await;
+    wa.kill().await;
+    // Well past its 2 s lease, with nowhere to go: every session stays, nothing is lost.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let waiting = env.placed().await;
+    assert_eq!(waiting.len(), 20);
+    assert!(waiting.iter().all(|p| p.gateway_id == a), "{waiting:?}");
+
+    let revived_at = shared::db::now_ms();
+    let _wb = env.start_worker(&b, fast_fleet).await;
+    env.all_sessions(Duration::from_secs(10), "moved to the newcomer", |p| {
+        working_on(p, &[&b], revived_at)
+    })
+    .await;
+    assert_eq!(pairings(&env.placed().await), before, "no re-pairing");
+    assert_eq!(env.sim_conflicts().await, NEVER, "never two connections");
 }
