@@ -24,13 +24,9 @@ pub enum DriverEvent {
     Qr { code: String, expires_at: i64 },
     /// No code was scanned before the last one expired; the connection is closed.
     QrTimeout,
-    /// The phone linked this device.
-    Paired {
-        phone_number: String,
-        jid: String,
-        lid: String,
-        credentials: Credentials,
-    },
+    /// The phone linked this device. Boxed: every connection's event channel allocates room
+    /// for 32 of its largest event up front, and a worker holds tens of thousands of them.
+    Paired(Box<Paired>),
     /// Connected and authenticated.
     Connected,
     /// The stream ended; when `reconnecting`, the driver is already trying again.
@@ -40,6 +36,15 @@ pub enum DriverEvent {
     },
     /// The device was unlinked (from the phone); the credentials are void.
     LoggedOut { reason: StatusReason },
+}
+
+/// What pairing gave the device.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Paired {
+    pub phone_number: String,
+    pub jid: String,
+    pub lid: String,
+    pub credentials: Credentials,
 }
 
 #[derive(Debug, thiserror::Error)]

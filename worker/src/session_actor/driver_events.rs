@@ -9,7 +9,7 @@ use shared::{
 
 use super::{Actor, Flow};
 use crate::{
-    driver::DriverEvent,
+    driver::{DriverEvent, Paired},
     store::{Change, Pairing},
 };
 
@@ -39,12 +39,13 @@ impl Actor {
                     vec![],
                 )
             }
-            DriverEvent::Paired {
-                phone_number,
-                jid,
-                lid,
-                credentials,
-            } => {
+            DriverEvent::Paired(paired) => {
+                let Paired {
+                    phone_number,
+                    jid,
+                    lid,
+                    credentials,
+                } = *paired;
                 self.qr = None;
                 self.credentials = Some(credentials.clone());
                 (

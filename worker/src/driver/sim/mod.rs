@@ -41,7 +41,7 @@ use shared::{db::now_ms, session::StatusReason};
 use tokio::sync::{mpsc, oneshot};
 
 use self::server::SimServer;
-use super::{Connection, Credentials, Driver, DriverError, DriverEvent, SimAction};
+use super::{Connection, Credentials, Driver, DriverError, DriverEvent, Paired, SimAction};
 
 #[derive(Debug, Clone)]
 pub struct SimConfig {
@@ -386,7 +386,7 @@ impl Phone {
         let lid_number = u64::from_be_bytes([d[0], d[1], d[2], d[3], d[4], d[5], d[6], d[7]])
             % 900_000_000_000_000
             + 100_000_000_000_000;
-        DriverEvent::Paired {
+        DriverEvent::Paired(Box::new(Paired {
             jid: format!("{phone}@s.whatsapp.net"),
             lid: format!("{lid_number}@lid"),
             credentials: json!({
@@ -395,7 +395,7 @@ impl Phone {
                 "deviceKey": base64::engine::general_purpose::STANDARD.encode(self.digest("device", 0)),
             }),
             phone_number: phone,
-        }
+        }))
     }
 
     /// Connected: serve until the phone, WhatsApp or the worker ends the stream.
