@@ -45,8 +45,9 @@ pub struct Config {
     /// Time given to in-flight commands at shutdown.
     #[arg(long, env = "SHUTDOWN_GRACE_MS", default_value_t = 10_000)]
     pub shutdown_grace_ms: u64,
-    /// How long a session's lease lasts unless renewed; renewed in bulk every third of it. A
-    /// dead worker's sessions move to its peers once it has run out, never before.
+    /// How long the worker's lease on its gateway lasts unless renewed: one lease covering
+    /// every session it holds, renewed every third of it. A dead worker's sessions move to its
+    /// peers once it has run out, never before.
     #[arg(long, env = "LEASE_TTL_MS", default_value_t = 15_000)]
     pub lease_ttl_ms: u64,
     /// A gateway whose heartbeat is older than this is dead (failover may begin).
