@@ -228,7 +228,8 @@ pub async fn peers(
         .collect())
 }
 
-/// The gateways of `region` whose heartbeat lapsed (or that are marked dead).
+/// The gateways of `region` whose heartbeat lapsed (or that are marked dead) and whose
+/// worker's lease expired: their sessions are free to move.
 pub async fn dead_in(
     db: &impl GenericClient,
     region: &str,
@@ -237,7 +238,8 @@ pub async fn dead_in(
     let stmt = db
         .prepare_cached(&format!(
             "SELECT id FROM gateways WHERE region = $1 \
-             AND (state = 'dead' OR heartbeat_at < {DB_NOW_MS} - $2) ORDER BY id"
+             AND (state = 'dead' OR heartbeat_at < {DB_NOW_MS} - $2) \
+             AND (lease_expires_at IS NULL OR lease_expires_at < {DB_NOW_MS}) ORDER BY id"
         ))
         .await?;
     Ok(db
