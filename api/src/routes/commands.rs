@@ -118,7 +118,7 @@ pub async fn run(
         metrics::counter!("api_command_redirects_total", "kind" => kind).increment(1);
         state.session_gateways.remove(session_id);
         result = match follow(state, &mut env).await {
-            Ok(()) => send(state, &mut env).await,
+            Ok(_) => send(state, &mut env).await,
             Err(e) => Err(e),
         };
     }
@@ -150,16 +150,17 @@ pub async fn run(
 async fn send(state: &AppState, env: &mut CommandEnvelope) -> Result<Outcome> {
     if !state.fleet.is_live(&env.gateway_id).await {
         let before = env.gateway_id.clone();
-        follow(state, env).await?;
+        let lease_left_ms = follow(state, env).await?;
         if env.gateway_id == before || !state.fleet.is_live(&env.gateway_id).await {
-            return Err(dead_gateway(state, env).await);
+            return Err(dead_gateway(env, lease_left_ms));
         }
     }
     state.bus.call(env).await
 }
 
-/// Re-reads the session's owner and readdresses the command to it.
-async fn follow(state: &AppState, env: &mut CommandEnvelope) -> Result<()> {
+/// Re-reads the session's owner and readdresses the command to it; answers how long the
+/// owner's lease on the session still holds (ms).
+async fn follow(state: &AppState, env: &mut CommandEnvelope) -> Result<i64> {
     let client = state.db.get().await?;
     let route = store::sessions::route(&client, &env.organization_id, &env.session_id)
         .await?
@@ -169,20 +170,12 @@ async fn follow(state: &AppState, env: &mut CommandEnvelope) -> Result<()> {
         (env.organization_id.clone(), route.gateway_id.clone()),
     );
     env.gateway_id = route.gateway_id;
-    Ok(())
+    Ok(route.lease_left_ms)
 }
 
 /// 503 for a session whose gateway has no live worker, with `Retry-After`: the lease's time
 /// left (failover moves the session only after it) plus a moment for the move itself.
-async fn dead_gateway(state: &AppState, env: &CommandEnvelope) -> Error {
-    let lease_left_ms = match state.db.get().await {
-        Ok(client) => store::sessions::route(&client, &env.organization_id, &env.session_id)
-            .await
-            .ok()
-            .flatten()
-            .map_or(0, |r| r.lease_left_ms),
-        Err(_) => 0,
-    };
+fn dead_gateway(env: &CommandEnvelope, lease_left_ms: i64) -> Error {
     let retry_after = (lease_left_ms + 999) / 1000 + 2;
     Error::unavailable(format!(
         "gateway {} has no live worker; its sessions move to a live gateway of its region \
