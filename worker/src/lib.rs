@@ -23,17 +23,11 @@ pub mod registry;
 pub mod session_actor;
 pub mod store;
 
-use std::{
-    sync::{
-        Arc,
-        atomic::{AtomicBool, Ordering},
-    },
-    time::Duration,
-};
+use std::{sync::Arc, time::Duration};
 
 use deadpool_postgres::Pool;
 use shared::{Error, Result, fleet::GatewayState, store::gateways};
-use tokio::sync::Semaphore;
+use tokio::sync::{Semaphore, watch};
 use tokio_util::sync::CancellationToken;
 
 pub use config::Config;
@@ -196,37 +190,8 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<()> {
 /// sessions to them within `DRAIN_GRACE_MS`. Answers the state to restore when the worker
 /// signs off (a gateway it drained only to exit comes back `active` on its next start).
 async fn drain_before_exit(drain: &Drain, cfg: &Config) -> Option<GatewayState> {
-    let (state, peers) = match async {
-        let client = drain.ctx.db.get().await?;
-        let state = gateways::heartbeat(&client, &cfg.gateway_id).await?;
-        let peers = gateways::peers(
-            &client,
-            &drain.region,
-            &cfg.gateway_id,
-            cfg.gateway_liveness_ms as i64,
-        )
-        .await?;
-        if !peers.is_empty() && state != Some(GatewayState::Draining) {
-            gateways::set_state(&client, &cfg.gateway_id, GatewayState::Draining).await?;
-        }
-        Ok::<_, Error>((state, peers))
-    }
-    .await
-    {
-        Ok(found) => found,
-        Err(e) => {
-            tracing::warn!(error = %e, "cannot drain before exiting");
-            return None;
-        }
-    };
-    if peers.is_empty() {
-        tracing::info!("no live peer in the region; sessions wait for this gateway to return");
-        return None;
-    }
-    tracing::info!(peers = peers.len(), "draining to peers before exiting");
-    let until = tokio::time::Instant::now() + Duration::from_millis(cfg.drain_grace_ms);
-    // Go on while a peer can take sessions: when the whole region stops at once, each
-    // worker soon sees only draining peers, and waiting out the grace period would help none.
+    // Drain while a peer can take sessions: when the whole region stops at once, each worker
+    // soon sees only draining peers, and waiting out the grace period would help none.
     let peers_left = || async {
         match drain.ctx.db.get().await {
             Ok(client) => gateways::peers(
@@ -240,6 +205,28 @@ async fn drain_before_exit(drain: &Drain, cfg: &Config) -> Option<GatewayState> 
             Err(_) => false,
         }
     };
+    if !peers_left().await {
+        tracing::info!("no live peer in the region; sessions wait for this gateway to return");
+        return None;
+    }
+    let state = match async {
+        let client = drain.ctx.db.get().await?;
+        let state = gateways::heartbeat(&client, &cfg.gateway_id).await?;
+        if state != Some(GatewayState::Draining) {
+            gateways::set_state(&client, &cfg.gateway_id, GatewayState::Draining).await?;
+        }
+        Ok::<_, Error>(state)
+    }
+    .await
+    {
+        Ok(state) => state,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot drain before exiting");
+            return None;
+        }
+    };
+    tracing::info!("draining to peers before exiting");
+    let until = tokio::time::Instant::now() + Duration::from_millis(cfg.drain_grace_ms);
     match drain.run(Some(until), peers_left).await {
         Ok(0) => {}
         Ok(left) => tracing::warn!(sessions = left, "exiting with sessions not moved"),
@@ -263,7 +250,10 @@ async fn heartbeat(
 ) {
     let mut tick = tokio::time::interval(every);
     let mut round: u64 = 0;
-    let draining = Arc::new(AtomicBool::new(false));
+    // Whether the gateway is to drain, as the last heartbeat read it (the drain goes on while
+    // it says so), and the drain under way.
+    let (draining, still) = watch::channel(false);
+    let mut under_way: Option<tokio::task::JoinHandle<()>> = None;
     loop {
         tokio::select! {
             _ = stop.cancelled() => return,
@@ -274,31 +264,22 @@ async fn heartbeat(
             gateways::heartbeat(&client, &gateway_id).await
         };
         match beat.await {
-            Ok(Some(GatewayState::Draining)) if !draining.swap(true, Ordering::AcqRel) => {
-                let (drain, db, gateway_id, flag) = (
-                    drain.clone(),
-                    db.clone(),
-                    gateway_id.clone(),
-                    draining.clone(),
-                );
-                tokio::spawn(async move {
-                    let still_draining = || async {
-                        match db.get().await {
-                            Ok(c) => {
-                                gateways::heartbeat(&c, &gateway_id).await.ok().flatten()
-                                    == Some(GatewayState::Draining)
-                            }
-                            Err(_) => true,
-                        }
-                    };
-                    if let Err(e) = drain.run(None, still_draining).await {
-                        tracing::warn!(error = %e, "drain failed; retrying on the next heartbeat");
-                    }
-                    flag.store(false, Ordering::Release);
-                });
+            Ok(state) => {
+                draining.send_replace(state == Some(GatewayState::Draining));
             }
-            Ok(_) => {}
             Err(e) => tracing::warn!(error = %e, "heartbeat failed"),
+        }
+        if *draining.borrow() && under_way.as_ref().is_none_or(|t| t.is_finished()) {
+            let (drain, still) = (drain.clone(), still.clone());
+            under_way = Some(tokio::spawn(async move {
+                let still_draining = || {
+                    let draining = *still.borrow();
+                    async move { draining }
+                };
+                if let Err(e) = drain.run(None, still_draining).await {
+                    tracing::warn!(error = %e, "drain failed; retrying on the next heartbeat");
+                }
+            }));
         }
         // Sessions by status, for dashboards; every fifth beat is plenty.
         if round.is_multiple_of(5)

@@ -6,9 +6,9 @@
 //! the session to a peer, or could not claim it) has closed its inbox; the next delivery
 //! starts a fresh one.
 //!
-//! Each actor's [`Lease`] is shared with the lease keeper (`leases.rs`), which renews all of
-//! them in one statement and cancels the ones it finds lost: the actor then closes its
-//! connection at once and writes nothing more. Shutdown drops every inbox and waits (up to a
+//! Each actor's [`Lease`] (the epoch it claimed) is shared with the lease keeper
+//! (`leases.rs`), which checks them all in one read each tick and cancels the ones it finds
+//! lost: the actor then closes its connection at once and writes nothing more. Shutdown drops every inbox and waits (up to a
 //! grace period) for the actors to finish what they hold.
 
 use std::{
