@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use tests::{TestEnv, fast_fleet, process::WorkerProcess};
 
-use crate::fleet::{PAIRED, pairings, working_on};
+use crate::fleet::{PAIRED, pairings, resumed_worker, working_on};
 
 const NEVER: Vec<String> = Vec::new();
 
@@ -167,16 +167,9 @@ async fn a_device_connected_from_two_workers_is_a_conflict_and_the_older_stream_
     let env = TestEnv::new().await;
     let (a, b) = (env.gateway_id("sg"), env.gateway_id("sg"));
     let ids = env.paired_sessions("org_a", &a, 1, 0).await;
-    let started = shared::db::now_ms();
     // a renews its lease rarely, so it cannot notice the theft before b connects.
-    let _wa = env
-        .start_worker(&a, |c| {
-            fast_fleet(c);
-            c.lease_ttl_ms = 30_000;
-        })
-        .await;
-    env.all_sessions(Duration::from_secs(10), "working", |p| {
-        working_on(p, &[&a], started)
+    let _wa = resumed_worker(&env, &a, Duration::from_secs(10), |c| {
+        c.lease_ttl_ms = 30_000
     })
     .await;
     let _wb = env.start_worker(&b, fast_fleet).await;
@@ -208,12 +201,7 @@ async fn a_dead_gateways_sessions_wait_for_a_live_peer_and_move_when_one_comes()
     let (a, b) = (env.gateway_id("sg"), env.gateway_id("sg"));
     env.paired_sessions("org_a", &a, 20, 4).await;
     let before = pairings(&env.placed().await);
-    let started = shared::db::now_ms();
-    let wa = env.start_worker(&a, fast_fleet).await;
-    env.all_sessions(Duration::from_secs(10), "working", |p| {
-        working_on(p, &[&a], started)
-    })
-    .await;
+    let wa = resumed_worker(&env, &a, Duration::from_secs(10), |_| {}).await;
     wa.kill().await;
     // Well past its 2 s lease, with nowhere to go: every session stays, nothing is lost.
     tokio::time::sleep(Duration::from_secs(4)).await;

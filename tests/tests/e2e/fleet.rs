@@ -20,6 +20,28 @@ pub(crate) fn working_on(p: &Placed, gateways: &[&str], since: i64) -> bool {
         }
 }
 
+/// Starts an in-process worker for `gateway_id` (fast fleet timings, then `tweak`) and waits,
+/// up to `limit`, until its sessions work again.
+pub(crate) async fn resumed_worker(
+    env: &TestEnv,
+    gateway_id: &str,
+    limit: Duration,
+    tweak: impl FnOnce(&mut worker::Config),
+) -> tests::Worker {
+    let started = shared::db::now_ms();
+    let worker = env
+        .start_worker(gateway_id, |c| {
+            fast_fleet(c);
+            tweak(c);
+        })
+        .await;
+    env.all_sessions(limit, "back on their gateway", |p| {
+        working_on(p, &[gateway_id], started)
+    })
+    .await;
+    worker
+}
+
 /// The pairing of each session (phone number, JID), by id: what must survive a move.
 pub(crate) fn pairings(placed: &[Placed]) -> Vec<(String, Option<String>, Option<String>)> {
     placed
@@ -48,12 +70,7 @@ async fn a_drained_gateways_sessions_end_working_on_its_region_peers_with_no_rep
     let elsewhere = env.gateway_id("eu");
     env.paired_sessions("org_a", &a, PAIRED, 4).await;
     let before = pairings(&env.placed().await);
-    let started = shared::db::now_ms();
-    let _wa = env.start_worker(&a, fast_fleet).await;
-    env.all_sessions(Duration::from_secs(20), "back on their gateway", |p| {
-        working_on(p, &[&a], started)
-    })
-    .await;
+    let _wa = resumed_worker(&env, &a, Duration::from_secs(20), |_| {}).await;
     let _wb = env.start_worker(&b, fast_fleet).await;
     let _wc = env.start_worker(&c, fast_fleet).await;
     let _we = env.start_worker(&elsewhere, fast_fleet).await;
@@ -319,12 +336,7 @@ async fn an_sre_drains_cordons_and_lists_gateways_with_gatewayctl() {
     let env = TestEnv::new().await;
     let (a, b) = (env.gateway_id("sg"), env.gateway_id("sg"));
     env.paired_sessions("org_a", &a, 30, 3).await;
-    let started = shared::db::now_ms();
-    let _wa = env.start_worker(&a, fast_fleet).await;
-    env.all_sessions(Duration::from_secs(10), "working", |p| {
-        working_on(p, &[&a], started)
-    })
-    .await;
+    let _wa = resumed_worker(&env, &a, Duration::from_secs(10), |_| {}).await;
 
     // No peer yet: the drain says which sessions cannot move, and why.
     let (ok, out) = gatewayctl(&env, &["gateways", "drain", &a, "--timeout-secs", "2"]).await;
