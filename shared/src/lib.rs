@@ -8,6 +8,7 @@ pub mod devtoken;
 pub mod error;
 pub mod fleet;
 pub mod protocol;
+pub mod sealed;
 pub mod session;
 pub mod store;
 pub mod telemetry;

@@ -53,6 +53,24 @@ enum Cmd {
     /// The fleet: list gateways, or set one's state.
     #[command(subcommand)]
     Gateways(GatewayCmd),
+    /// Secrets at rest: the WhatsApp driver's device keys, sealed with CREDENTIALS_KEYS.
+    #[command(subcommand)]
+    Credentials(CredentialsCmd),
+}
+
+#[derive(Subcommand)]
+enum CredentialsCmd {
+    /// Re-seal every stored secret under the first key of CREDENTIALS_KEYS. Put the new key
+    /// first on every worker, then run this; once it reports nothing left, the old key can go.
+    /// Safe while workers run: a value a worker rewrites meanwhile is not overwritten.
+    Rotate {
+        /// `id:base64key[,id:base64key…]`: the new key first, then every key still in use.
+        #[arg(long, env = "CREDENTIALS_KEYS", hide_env_values = true)]
+        credentials_keys: String,
+        /// Values re-sealed per statement.
+        #[arg(long, default_value_t = 500)]
+        batch: i64,
+    },
 }
 
 #[derive(Subcommand)]
@@ -235,6 +253,19 @@ async fn run(cli: Cli) -> Result<()> {
             }
         }
         Cmd::Gateways(cmd) => fleet(&cfg, cmd).await?,
+        Cmd::Credentials(CredentialsCmd::Rotate {
+            credentials_keys,
+            batch,
+        }) => {
+            let keyring = shared::sealed::Keyring::parse(&credentials_keys)
+                .map_err(|e| Error::invalid(e.to_string()))?;
+            let db = shared::db::pool(&cfg.db.database_url, 1)?;
+            let resealed = store::wa_keys::rotate(&db.get().await?, &keyring, batch).await?;
+            println!(
+                "re-sealed {resealed} value(s) under key `{}`",
+                keyring.current()
+            );
+        }
     }
     Ok(())
 }

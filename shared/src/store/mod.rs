@@ -9,3 +9,4 @@ pub mod commands;
 pub mod events;
 pub mod gateways;
 pub mod sessions;
+pub mod wa_keys;

@@ -316,13 +316,26 @@ async fn the_desired_state_follows_what_the_owner_asked_for() {
 
 /// Runs `gatewayctl` as an SRE would, against the test's database; (success, output).
 async fn gatewayctl(env: &TestEnv, args: &[&str]) -> (bool, String) {
-    let out = tokio::process::Command::new(tests::process::binary("gatewayctl"))
-        .args(args)
+    gatewayctl_with(env, &[], args).await
+}
+
+/// [`gatewayctl`] with `vars` set (`None`: removed) in its environment.
+pub(crate) async fn gatewayctl_with(
+    env: &TestEnv,
+    vars: &[(&str, Option<&str>)],
+    args: &[&str],
+) -> (bool, String) {
+    let mut cmd = tokio::process::Command::new(tests::process::binary("gatewayctl"));
+    cmd.args(args)
         .env("DATABASE_URL", &env.database_url)
-        .env("AMQP_PREFIX", &env.amqp_prefix)
-        .output()
-        .await
-        .expect("gatewayctl runs");
+        .env("AMQP_PREFIX", &env.amqp_prefix);
+    for (k, v) in vars {
+        match v {
+            Some(v) => cmd.env(k, v),
+            None => cmd.env_remove(k),
+        };
+    }
+    let out = cmd.output().await.expect("gatewayctl runs");
     let text = format!(
         "{}{}",
         String::from_utf8_lossy(&out.stdout),
