@@ -133,6 +133,8 @@ pub enum EventKind {
     Status {
         status: SessionStatus,
         status_reason: Option<StatusReason>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        status_details: Option<serde_json::Value>,
     },
     #[serde(rename = "session.deleted")]
     Deleted,

@@ -94,6 +94,11 @@ pub enum StatusReason {
     ConnectionLost,
     /// A caller asked for it (stop, logout).
     Requested,
+    /// No connection could be made within the deadline; the worker tries again with backoff
+    /// while the session should run. `statusDetails.message` says what failed.
+    ConnectFailed,
+    /// WhatsApp refuses this client version: the operator must update the pinned one.
+    ClientOutdated,
 }
 
 impl StatusReason {
@@ -106,6 +111,8 @@ impl StatusReason {
             StatusReason::TemporaryBan => "temporary_ban",
             StatusReason::ConnectionLost => "connection_lost",
             StatusReason::Requested => "requested",
+            StatusReason::ConnectFailed => "connect_failed",
+            StatusReason::ClientOutdated => "client_outdated",
         }
     }
 
@@ -118,6 +125,8 @@ impl StatusReason {
             StatusReason::TemporaryBan,
             StatusReason::ConnectionLost,
             StatusReason::Requested,
+            StatusReason::ConnectFailed,
+            StatusReason::ClientOutdated,
         ]
         .into_iter()
         .find(|v| v.as_str() == s)
@@ -156,6 +165,12 @@ pub struct Session {
     /// What the owner asked for (`running` or `stopped`): what the fleet brings back after
     /// the session moves to another gateway. An extra field; the seed's are as they were.
     pub desired_state: DesiredState,
+    /// More about the status where there is more to say, e.g. `{"expiresAt": ms}` of a
+    /// `temporary_ban`, or `{"message": "…"}` of a connection that could not be made. An
+    /// extra field, absent when there is nothing to add.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Object>)]
+    pub status_details: Option<serde_json::Value>,
 }
 
 /// Limits on what callers may set; one place, used by validation and the OpenAPI text.

@@ -12,6 +12,9 @@ use crate::driver::sim::SimConfig;
 pub enum DriverKind {
     /// The in-process simulation of WhatsApp (default).
     Sim,
+    /// Real WhatsApp, through the `whatsapp-rust` crate (a worker built with the cargo
+    /// feature `whatsapp`); needs `CREDENTIALS_KEYS` and egress to WhatsApp.
+    Whatsapp,
 }
 
 #[derive(Debug, Clone, Parser)]
@@ -95,6 +98,22 @@ pub struct Config {
     /// Added to every driver operation (to exercise timeouts).
     #[arg(long, env = "SIM_OP_DELAY_MS", default_value_t = 0)]
     pub sim_op_delay_ms: u64,
+
+    /// The keys that seal the WhatsApp driver's device keys in Postgres: `id:base64key`
+    /// (32 bytes, `openssl rand -base64 32`), comma-separated; the first seals, all open.
+    #[arg(long, env = "CREDENTIALS_KEYS", hide_env_values = true)]
+    pub credentials_keys: Option<String>,
+    /// Where the WhatsApp driver connects instead of WhatsApp (tests, proxies).
+    #[arg(long, env = "WA_WS_URL")]
+    pub wa_ws_url: Option<String>,
+    /// The WhatsApp Web client version the driver announces, pinned so no worker fetches it
+    /// at run time; update it when WhatsApp reports the client outdated.
+    #[arg(long, env = "WA_CLIENT_VERSION", default_value = "2.3000.1042742319")]
+    pub wa_client_version: String,
+    /// A WhatsApp connection not up within this is closed, marked failed
+    /// (`connect_failed`) and tried again later with backoff.
+    #[arg(long, env = "WA_CONNECT_TIMEOUT_MS", default_value_t = 20_000)]
+    pub wa_connect_timeout_ms: u64,
 }
 
 impl Config {

@@ -78,6 +78,7 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<()> {
         config::DriverKind::Sim => {
             Arc::new(driver::sim::SimDriver::start(cfg.sim(), &cfg.db.database_url).await?)
         }
+        config::DriverKind::Whatsapp => whatsapp_driver(&cfg, &db)?,
     };
     let topology = cfg.amqp.topology();
     let outbox = Outbox::new(topology.clone());
@@ -309,4 +310,33 @@ async fn serve_metrics(listener: tokio::net::TcpListener, stop: CancellationToke
     let _ = axum::serve(listener, app)
         .with_graceful_shutdown(stop.cancelled_owned())
         .await;
+}
+
+/// The real WhatsApp driver, as configured (`WA_DRIVER=whatsapp`).
+#[cfg(feature = "whatsapp")]
+fn whatsapp_driver(cfg: &Config, db: &Pool) -> Result<Arc<dyn Driver>> {
+    use driver::whatsapp::{WhatsAppConfig, WhatsAppDriver, parse_version};
+    let keys = cfg.credentials_keys.as_deref().ok_or_else(|| {
+        Error::invalid("WA_DRIVER=whatsapp needs CREDENTIALS_KEYS (`id:base64key`, 32-byte keys)")
+    })?;
+    let keyring =
+        shared::sealed::Keyring::parse(keys).map_err(|e| Error::invalid(e.to_string()))?;
+    let version = parse_version(&cfg.wa_client_version)
+        .map_err(|e| Error::invalid(format!("WA_CLIENT_VERSION: {e}")))?;
+    Ok(Arc::new(WhatsAppDriver::new(
+        db.clone(),
+        Arc::new(keyring),
+        WhatsAppConfig {
+            ws_url: cfg.wa_ws_url.clone(),
+            version,
+            connect_timeout: Duration::from_millis(cfg.wa_connect_timeout_ms),
+        },
+    )))
+}
+
+#[cfg(not(feature = "whatsapp"))]
+fn whatsapp_driver(_: &Config, _: &Pool) -> Result<Arc<dyn Driver>> {
+    Err(Error::invalid(
+        "this worker was built without the real WhatsApp driver: build it with `--features whatsapp`",
+    ))
 }

@@ -8,12 +8,13 @@ use crate::error::Result;
 use crate::session::{DesiredState, Session, SessionStatus, StatusReason};
 
 /// How many columns [`COLUMNS`] names; a query may return more after them.
-pub const COLUMN_COUNT: usize = 19;
+pub const COLUMN_COUNT: usize = 20;
 
 /// The columns [`from_row`] reads, in order.
 pub const COLUMNS: &str = "id, organization_id, label, gateway_id, phone_number, wa_jid, wa_lid, \
     status, status_reason, auto_read, presence_typing, rate_per_min, rate_per_hour, \
-    is_admin_session, created_by_user_id, created_at, updated_at, last_connected_at, desired_state";
+    is_admin_session, created_by_user_id, created_at, updated_at, last_connected_at, desired_state, \
+    status_details";
 
 pub fn from_row(row: &Row) -> Session {
     let status: &str = row.get(7);
@@ -39,6 +40,7 @@ pub fn from_row(row: &Row) -> Session {
         updated_at: row.get(16),
         last_connected_at: row.get(17),
         desired_state: DesiredState::parse(row.get(18)).unwrap_or(DesiredState::Stopped),
+        status_details: row.get(19),
     }
 }
 

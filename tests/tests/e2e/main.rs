@@ -9,3 +9,5 @@ mod fleet;
 mod ops;
 mod resilience;
 mod sessions;
+mod wa_store;
+mod whatsapp;

@@ -7,9 +7,12 @@
 //! worker stores in Postgres, so any worker of the region can take a session over.
 //!
 //! Implementations: [`sim`] (the default; an in-process simulation of the phone and of
-//! WhatsApp's multi-device pairing) and, in a later issue, a real one.
+//! WhatsApp's multi-device pairing) and [`whatsapp`] (cargo feature `whatsapp`: real
+//! multi-device connections through the `whatsapp-rust` crate, the device's keys in Postgres).
 
 pub mod sim;
+#[cfg(feature = "whatsapp")]
+pub mod whatsapp;
 
 use async_trait::async_trait;
 use shared::session::StatusReason;
@@ -36,6 +39,14 @@ pub enum DriverEvent {
     },
     /// The device was unlinked (from the phone); the credentials are void.
     LoggedOut { reason: StatusReason },
+    /// The connection is closed and failed: `retry` when the worker should try again later
+    /// (it could not connect in time), not when trying again would do harm (the stream was
+    /// replaced elsewhere, the number is banned for a while, the client is outdated).
+    Failed {
+        reason: StatusReason,
+        details: Option<serde_json::Value>,
+        retry: bool,
+    },
 }
 
 /// What pairing gave the device.
@@ -69,10 +80,12 @@ pub enum SimAction {
 #[async_trait]
 pub trait Driver: Send + Sync + 'static {
     /// Opens a connection for `session_id`: with credentials it logs in, without it starts
-    /// pairing. Events flow to `events` until the connection ends.
+    /// pairing. Events flow to `events` until the connection ends. `epoch` is the worker's
+    /// lease on the session: a driver that keeps state in Postgres fences its writes by it.
     async fn connect(
         &self,
         session_id: &str,
+        epoch: i64,
         credentials: Option<Credentials>,
         events: mpsc::UnboundedSender<DriverEvent>,
     ) -> Result<Box<dyn Connection>, DriverError>;

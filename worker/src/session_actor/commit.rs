@@ -96,13 +96,16 @@ impl Actor {
         mut events: Vec<EventKind>,
     ) -> Vec<EventKind> {
         if let Some(c) = change
-            && (c.status != self.row.status || c.reason != self.row.status_reason)
+            && (c.status != self.row.status
+                || c.reason != self.row.status_reason
+                || c.details != self.row.status_details)
         {
             events.insert(
                 0,
                 EventKind::Status {
                     status: c.status,
                     status_reason: c.reason,
+                    status_details: c.details.clone(),
                 },
             );
         }
@@ -127,7 +130,10 @@ impl Actor {
             && (change.is_some() || !matches!(answer, Answer::Error(_)))
         {
             change
-                .get_or_insert_with(|| self.change(self.row.status, self.row.status_reason))
+                .get_or_insert_with(|| Change {
+                    details: self.row.status_details.clone(),
+                    ..self.change(self.row.status, self.row.status_reason)
+                })
                 .desired = Some(desired);
         }
         // The record a redelivery answers from. An answer that is the session itself is

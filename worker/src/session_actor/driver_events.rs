@@ -2,6 +2,7 @@
 //! the connection coming up or going down, the device removed. Each becomes a session change
 //! written like a command's, fenced by the lease ([`Actor::apply`]).
 
+use serde_json::Value;
 use shared::{
     protocol::EventKind,
     session::{DesiredState, SessionStatus, StatusReason},
@@ -61,13 +62,17 @@ impl Actor {
                     vec![],
                 )
             }
-            DriverEvent::Connected => (
-                Some(Change {
-                    connected_now: true,
-                    ..self.change(SessionStatus::Working, None)
-                }),
-                vec![],
-            ),
+            DriverEvent::Connected => {
+                // Up: the next failure starts its backoff afresh.
+                self.retry_backoff = super::RETRY_FIRST;
+                (
+                    Some(Change {
+                        connected_now: true,
+                        ..self.change(SessionStatus::Working, None)
+                    }),
+                    vec![],
+                )
+            }
             DriverEvent::Disconnected {
                 reason,
                 reconnecting: true,
@@ -82,6 +87,36 @@ impl Actor {
                 (
                     Some(Change {
                         desired: stopped,
+                        ..self.change(SessionStatus::Failed, Some(reason))
+                    }),
+                    vec![],
+                )
+            }
+            DriverEvent::Failed {
+                reason,
+                details,
+                retry: true,
+            } => {
+                self.disconnect().await;
+                let mut change = self.connect_failed(String::new());
+                change.reason = Some(reason);
+                if let (Some(Value::Object(planned)), Some(Value::Object(said))) =
+                    (change.details.as_mut(), details)
+                {
+                    planned.extend(said);
+                }
+                (Some(change), vec![])
+            }
+            DriverEvent::Failed {
+                reason, details, ..
+            } => {
+                // Trying again would do harm (a replaced stream, a ban): stop, here and after
+                // a move, until the owner starts the session again.
+                self.disconnect().await;
+                (
+                    Some(Change {
+                        desired: stopped,
+                        details,
                         ..self.change(SessionStatus::Failed, Some(reason))
                     }),
                     vec![],

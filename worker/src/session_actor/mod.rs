@@ -148,7 +148,15 @@ struct Actor {
     /// Held while a connection is being set up, so only so many are at once.
     connecting: Option<OwnedSemaphorePermit>,
     qr: Option<(String, i64)>,
+    /// When to try connecting again after a connection could not be made, and the wait
+    /// before the next try after that one.
+    retry: Option<tokio::time::Instant>,
+    retry_backoff: Duration,
 }
+
+/// The first wait before connecting again after a failed connect, and the longest.
+const RETRY_FIRST: Duration = Duration::from_secs(2);
+const RETRY_MAX: Duration = Duration::from_secs(300);
 
 /// Serves one session until its inbox closes (shutdown), it loses the lease, or it hands the
 /// session over. `claimed`: the lease was already taken in bulk.
@@ -183,6 +191,8 @@ pub async fn run(
         conn_events: None,
         connecting: None,
         qr: None,
+        retry: None,
+        retry_backoff: RETRY_FIRST,
     };
     let lost = actor.lease.lost.clone();
     // The work of one message is boxed: an idle actor (most of a worker's tens of thousands)
@@ -203,6 +213,7 @@ pub async fn run(
                     Flow::Continue
                 }
             },
+            _ = retry_at(actor.retry) => Box::pin(actor.retry_connect()).await,
         };
     }
     actor.disconnect().await;
@@ -266,6 +277,13 @@ async fn claim(ctx: &Ctx, session_id: &str) -> Result<Claimed, Refusal> {
     }
 }
 
+async fn retry_at(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
 async fn next_event(rx: &mut Option<mpsc::UnboundedReceiver<DriverEvent>>) -> Option<DriverEvent> {
     match rx {
         Some(rx) => rx.recv().await,
@@ -285,6 +303,7 @@ impl Actor {
             pairing: Pairing::Keep,
             connected_now: false,
             desired: None,
+            details: None,
         }
     }
 
@@ -300,16 +319,19 @@ impl Actor {
         let conn = self
             .ctx
             .driver
-            .connect(&self.row.id, self.credentials.clone(), tx)
+            .connect(&self.row.id, self.epoch, self.credentials.clone(), tx)
             .await
             .map_err(driver_error)?;
         self.conn = Some(conn);
         self.conn_events = Some(rx);
         self.connecting = Some(permit);
         self.qr = None;
+        self.retry = None;
         Ok(())
     }
 
+    /// Closes the connection, and forgets a planned retry: whoever disconnects decides what
+    /// comes next.
     async fn disconnect(&mut self) {
         if let Some(mut conn) = self.conn.take() {
             conn.close().await;
@@ -317,6 +339,41 @@ impl Actor {
         self.conn_events = None;
         self.connecting = None;
         self.qr = None;
+        self.retry = None;
+    }
+
+    /// Plans the next connect after a failed one, each wait twice the last (up to
+    /// [`RETRY_MAX`]); a connection that comes up resets it.
+    fn schedule_retry(&mut self) -> Duration {
+        let wait = self.retry_backoff;
+        self.retry_backoff = (wait * 2).min(RETRY_MAX);
+        self.retry = Some(tokio::time::Instant::now() + wait);
+        wait
+    }
+
+    /// A connection could not be made: `failed`, and a retry planned.
+    fn connect_failed(&mut self, message: String) -> Change {
+        let wait = self.schedule_retry();
+        Change {
+            details: Some(serde_json::json!({
+                "message": message,
+                "retryInMs": wait.as_millis() as u64,
+            })),
+            ..self.change(SessionStatus::Failed, Some(StatusReason::ConnectFailed))
+        }
+    }
+
+    /// The planned retry is due: connect again if the owner still wants the session running.
+    async fn retry_connect(&mut self) -> Flow {
+        self.retry = None;
+        if self.conn.is_some() || self.row.desired_state != DesiredState::Running {
+            return Flow::Continue;
+        }
+        let change = match self.connect().await {
+            Ok(()) => self.change(SessionStatus::Starting, None),
+            Err(e) => self.connect_failed(e.message),
+        };
+        self.apply(Some(change), vec![]).await
     }
 
     /// Unlinks the device, connecting first if need be.
@@ -353,7 +410,7 @@ impl Actor {
                 Ok(()) => self.change(SessionStatus::Starting, None),
                 Err(e) => {
                     tracing::warn!(session_id = %self.row.id, error = %e.message, "cannot reconnect");
-                    self.change(SessionStatus::Failed, Some(StatusReason::ConnectionLost))
+                    self.connect_failed(e.message)
                 }
             },
             DesiredState::Running => Change {

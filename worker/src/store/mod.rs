@@ -61,6 +61,8 @@ pub struct Change {
     pub connected_now: bool,
     /// A new desired state, when the change sets one.
     pub desired: Option<DesiredState>,
+    /// The status's details (`statusDetails`); `None` clears them.
+    pub details: Option<Value>,
 }
 
 const SESSION_UPDATE: &str = "UPDATE sessions SET status = $3, status_reason = $4, \
@@ -69,7 +71,7 @@ const SESSION_UPDATE: &str = "UPDATE sessions SET status = $3, status_reason = $
     wa_lid = CASE $5::text WHEN 'keep' THEN wa_lid ELSE $8 END, \
     device_credentials = CASE $5::text WHEN 'keep' THEN device_credentials ELSE $9 END, \
     last_connected_at = CASE WHEN $10 THEN $11 ELSE last_connected_at END, \
-    desired_state = COALESCE($12, desired_state), \
+    desired_state = COALESCE($12, desired_state), status_details = $13, \
     updated_at = $11 WHERE id = $1 AND lease_epoch = $2";
 
 /// The statement of [`write`] for each of its four shapes, built once: it runs on every
@@ -85,7 +87,7 @@ fn statement(change: bool, command: bool) -> Arc<str> {
 fn build_statement(change: bool, command: bool) -> String {
     let cols = sessions::COLUMNS;
     let (session, next) = if change {
-        (format!("{SESSION_UPDATE} RETURNING {cols}"), 13)
+        (format!("{SESSION_UPDATE} RETURNING {cols}"), 14)
     } else {
         (
             format!("SELECT {cols} FROM sessions WHERE id = $1 AND lease_epoch = $2"),
@@ -143,6 +145,7 @@ pub async fn write(
             Box::new(c.connected_now),
             Box::new(now),
             Box::new(c.desired.map(DesiredState::as_str)),
+            Box::new(c.details.clone()),
         ]);
     }
     if let Some(d) = done {

@@ -131,6 +131,7 @@ impl Driver for SimDriver {
     async fn connect(
         &self,
         session_id: &str,
+        _epoch: i64,
         credentials: Option<Credentials>,
         events: mpsc::UnboundedSender<DriverEvent>,
     ) -> Result<Box<dyn Connection>, DriverError> {

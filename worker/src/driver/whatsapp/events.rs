@@ -1,0 +1,254 @@
+//! What `whatsapp-rust` says, in our words: its events mapped to [`DriverEvent`]s, the
+//! statuses and reasons the API shows. A pure function, so every mapping is unit-tested.
+
+use serde_json::{Value, json};
+use shared::session::StatusReason;
+use whatsapp_rust::types::events::{ConnectFailureReason, Event};
+
+use crate::driver::{DriverEvent, Paired};
+
+/// What the worker stores in `device_credentials` for a device of this driver: the keys
+/// themselves are in the `wa_*` tables (sealed, fenced), this only says where.
+pub fn credentials() -> Value {
+    json!({"driver": "whatsapp", "store": "postgres"})
+}
+
+/// Our event for one of the crate's, or `None` for those the session's status does not
+/// depend on (messages, receipts, presence, app-state sync, …).
+pub fn map(event: &Event, now_ms: i64) -> Option<DriverEvent> {
+    Some(match event {
+        Event::PairingQrCode(qr) => DriverEvent::Qr {
+            code: qr.code.clone(),
+            expires_at: now_ms + qr.timeout.as_millis() as i64,
+        },
+        Event::PairingQrCodesExhausted(_) => DriverEvent::QrTimeout,
+        Event::PairSuccess(p) => DriverEvent::Paired(Box::new(Paired {
+            phone_number: p.id.user.to_string(),
+            jid: p.id.to_non_ad_string(),
+            lid: p.lid.to_non_ad_string(),
+            credentials: credentials(),
+        })),
+        Event::Connected(_) => DriverEvent::Connected,
+        // The crate reconnects by itself after these; the worker's deadline watches it.
+        Event::Disconnected(_) => DriverEvent::Disconnected {
+            reason: StatusReason::ConnectionLost,
+            reconnecting: true,
+        },
+        Event::LoggedOut(out) => DriverEvent::LoggedOut {
+            reason: logged_out_reason(out.reason),
+        },
+        Event::ConnectFailure(f) if f.reason.is_logged_out() => DriverEvent::LoggedOut {
+            reason: logged_out_reason(f.reason),
+        },
+        Event::StreamReplaced(_) => DriverEvent::Failed {
+            reason: StatusReason::Conflict,
+            details: Some(json!({
+                "message": "this device connected from somewhere else; WhatsApp closed this stream",
+            })),
+            retry: false,
+        },
+        Event::TemporaryBan(ban) => DriverEvent::Failed {
+            reason: StatusReason::TemporaryBan,
+            details: Some(json!({
+                "expiresAt": now_ms + ban.expire.num_milliseconds(),
+                "code": ban.code.to_string(),
+                "message": ban.message.clone().unwrap_or_else(|| ban.code.to_string()),
+            })),
+            retry: false,
+        },
+        Event::ClientOutdated(_) => outdated(),
+        Event::ConnectFailure(f) if f.reason == ConnectFailureReason::ClientOutdated => outdated(),
+        _ => return None,
+    })
+}
+
+fn outdated() -> DriverEvent {
+    DriverEvent::Failed {
+        reason: StatusReason::ClientOutdated,
+        details: Some(json!({
+            "message": "WhatsApp refuses this client version; update WA_CLIENT_VERSION",
+        })),
+        retry: false,
+    }
+}
+
+/// Why WhatsApp unlinked the device: locked accounts are banned, anything else was removed.
+fn logged_out_reason(reason: ConnectFailureReason) -> StatusReason {
+    match reason {
+        ConnectFailureReason::AccountLocked => StatusReason::Banned,
+        _ => StatusReason::DeviceRemoved,
+    }
+}
+
+/// Whether an event shows the connection is up (or pairing is under way): the end of the
+/// connect deadline.
+pub fn is_up(event: &DriverEvent) -> bool {
+    matches!(
+        event,
+        DriverEvent::Qr { .. } | DriverEvent::Paired(_) | DriverEvent::Connected
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use whatsapp_rust::types::events::{
+        ClientOutdated, ConnectFailure, Connected, Disconnected, LoggedOut, PairSuccess,
+        PairingQrCode, PairingQrCodesExhausted, StreamReplaced, TempBanReason, TemporaryBan,
+    };
+
+    use super::*;
+
+    const NOW: i64 = 1_700_000_000_000;
+
+    fn jid(s: &str) -> whatsapp_rust::Jid {
+        s.parse().unwrap_or_else(|e| panic!("{s}: {e:?}"))
+    }
+
+    #[test]
+    fn a_qr_code_rotating_is_auth_qr_with_its_expiry() {
+        let event = Event::PairingQrCode(
+            PairingQrCode::builder()
+                .code("2@abc,def".into())
+                .timeout(Duration::from_secs(60))
+                .build(),
+        );
+        assert_eq!(
+            map(&event, NOW),
+            Some(DriverEvent::Qr {
+                code: "2@abc,def".into(),
+                expires_at: NOW + 60_000
+            })
+        );
+        let exhausted = Event::PairingQrCodesExhausted(
+            PairingQrCodesExhausted::builder()
+                .disconnected(true)
+                .build(),
+        );
+        assert_eq!(map(&exhausted, NOW), Some(DriverEvent::QrTimeout));
+    }
+
+    #[test]
+    fn pair_success_gives_the_phone_number_jid_and_lid() {
+        let event = Event::PairSuccess(
+            PairSuccess::builder()
+                .id(jid("15551234567:12@s.whatsapp.net"))
+                .lid(jid("100000012345678:12@lid"))
+                .business_name(String::new())
+                .platform("android".into())
+                .build(),
+        );
+        let Some(DriverEvent::Paired(p)) = map(&event, NOW) else {
+            panic!("not paired");
+        };
+        assert_eq!(p.phone_number, "15551234567");
+        assert_eq!(p.jid, "15551234567@s.whatsapp.net");
+        assert_eq!(p.lid, "100000012345678@lid");
+        assert_eq!(p.credentials, credentials());
+    }
+
+    #[test]
+    fn connection_events() {
+        assert_eq!(
+            map(&Event::Connected(Connected::builder().build()), NOW),
+            Some(DriverEvent::Connected)
+        );
+        let dropped = Event::Disconnected(
+            Disconnected::builder()
+                .reason(wacore::net::DisconnectReason::StreamEnded)
+                .build(),
+        );
+        assert_eq!(
+            map(&dropped, NOW),
+            Some(DriverEvent::Disconnected {
+                reason: StatusReason::ConnectionLost,
+                reconnecting: true
+            })
+        );
+    }
+
+    #[test]
+    fn logged_out_keeps_its_reason() {
+        for (reason, ours) in [
+            (ConnectFailureReason::LoggedOut, StatusReason::DeviceRemoved),
+            (ConnectFailureReason::AccountLocked, StatusReason::Banned),
+            (
+                ConnectFailureReason::UnknownLogout,
+                StatusReason::DeviceRemoved,
+            ),
+        ] {
+            let event =
+                Event::LoggedOut(LoggedOut::builder().on_connect(true).reason(reason).build());
+            assert_eq!(
+                map(&event, NOW),
+                Some(DriverEvent::LoggedOut { reason: ours }),
+                "{reason:?}"
+            );
+            let failure = Event::ConnectFailure(ConnectFailure::builder().reason(reason).build());
+            assert_eq!(
+                map(&failure, NOW),
+                Some(DriverEvent::LoggedOut { reason: ours })
+            );
+        }
+    }
+
+    #[test]
+    fn a_replaced_stream_fails_for_good_as_conflict() {
+        let Some(DriverEvent::Failed { reason, retry, .. }) = map(
+            &Event::StreamReplaced(StreamReplaced::builder().build()),
+            NOW,
+        ) else {
+            panic!("not failed");
+        };
+        assert_eq!((reason, retry), (StatusReason::Conflict, false));
+    }
+
+    #[test]
+    fn a_temporary_ban_says_when_it_ends() {
+        let event = Event::TemporaryBan(
+            TemporaryBan::builder()
+                .code(TempBanReason::SentToTooManyPeople)
+                .expire(wacore::chrono::TimeDelta::seconds(3600))
+                .build(),
+        );
+        let Some(DriverEvent::Failed {
+            reason,
+            details: Some(details),
+            retry,
+        }) = map(&event, NOW)
+        else {
+            panic!("not failed");
+        };
+        assert_eq!((reason, retry), (StatusReason::TemporaryBan, false));
+        assert_eq!(details["expiresAt"], NOW + 3_600_000);
+        assert!(details["message"].as_str().is_some_and(|m| !m.is_empty()));
+    }
+
+    #[test]
+    fn an_outdated_client_fails_for_good() {
+        for event in [
+            Event::ClientOutdated(ClientOutdated::builder().build()),
+            Event::ConnectFailure(
+                ConnectFailure::builder()
+                    .reason(ConnectFailureReason::ClientOutdated)
+                    .build(),
+            ),
+        ] {
+            let Some(DriverEvent::Failed { reason, retry, .. }) = map(&event, NOW) else {
+                panic!("not failed");
+            };
+            assert_eq!((reason, retry), (StatusReason::ClientOutdated, false));
+        }
+    }
+
+    #[test]
+    fn a_passing_connect_failure_is_left_to_the_reconnect() {
+        let event = Event::ConnectFailure(
+            ConnectFailure::builder()
+                .reason(ConnectFailureReason::ServiceUnavailable)
+                .build(),
+        );
+        assert_eq!(map(&event, NOW), None);
+    }
+}

@@ -1,0 +1,339 @@
+//! The real WhatsApp driver: multi-device connections through the `whatsapp-rust` crate
+//! (cargo feature `whatsapp`, selected per worker with `WA_DRIVER=whatsapp`).
+//!
+//! Read it by file:
+//! - here, a connection's life: the crate's client built on our Postgres store, its events
+//!   forwarded in order, and a deadline on coming up — the crate retries a failed connect by
+//!   itself with backoff for up to 15 minutes and no event says so, so the driver watches:
+//!   a connection not up (a QR code shown, or logged in) within `WA_CONNECT_TIMEOUT_MS` is
+//!   closed and reported [`DriverEvent::Failed`] with `retry`, and the worker tries again with
+//!   its own backoff while the session should run;
+//! - [`events`]: the crate's events mapped to our statuses and reasons;
+//! - [`store`]: the crate's storage traits on Postgres, every device's keys sealed with
+//!   AES-256-GCM and every write fenced by the worker's lease on the session, so any worker of
+//!   the region can carry the number after a drain or a failover, and one that lost the
+//!   session cannot write its keys.
+//!
+//! Logout unlinks the device and wipes its keys; stop disconnects and keeps them; a new
+//! pairing starts from none.
+
+pub mod events;
+pub mod store;
+
+use std::{sync::Arc, time::Duration};
+
+use async_trait::async_trait;
+use deadpool_postgres::Pool;
+use serde_json::json;
+use shared::{db::now_ms, sealed::Keyring, session::StatusReason};
+use tokio::sync::{mpsc, watch};
+use tokio_util::sync::CancellationToken;
+use whatsapp_rust::{
+    TokioRuntime,
+    bot::{Bot, BotHandle},
+    http::UreqHttpClient,
+    pair_code::PairCodeOptions,
+    transport::TokioWebSocketTransportFactory,
+    types::events::{Event, EventHandler},
+};
+
+use super::{Connection, Credentials, Driver, DriverError, DriverEvent};
+
+#[derive(Debug, Clone)]
+pub struct WhatsAppConfig {
+    /// Where to connect instead of WhatsApp's endpoint (tests, proxies).
+    pub ws_url: Option<String>,
+    /// The WhatsApp Web client version to announce, pinned so no worker fetches it at run time.
+    pub version: (u32, u32, u32),
+    /// How long a connection may take to come up before it counts as failed.
+    pub connect_timeout: Duration,
+}
+
+pub struct WhatsAppDriver {
+    db: Pool,
+    keyring: Arc<Keyring>,
+    cfg: WhatsAppConfig,
+}
+
+impl WhatsAppDriver {
+    pub fn new(db: Pool, keyring: Arc<Keyring>, cfg: WhatsAppConfig) -> Self {
+        WhatsAppDriver { db, keyring, cfg }
+    }
+}
+
+/// Parses `WA_CLIENT_VERSION` (`2.3000.1042742319`).
+pub fn parse_version(s: &str) -> Result<(u32, u32, u32), String> {
+    let parts: Vec<u32> = s
+        .split('.')
+        .map(|p| p.trim().parse::<u32>())
+        .collect::<Result<_, _>>()
+        .map_err(|_| format!("`{s}` is not a version like 2.3000.1042742319"))?;
+    match parts[..] {
+        [a, b, c] => Ok((a, b, c)),
+        _ => Err(format!("`{s}` is not a version like 2.3000.1042742319")),
+    }
+}
+
+/// Forwards the crate's events, mapped, in the order it dispatches them (a raw handler runs
+/// inline on its event bus), and tells the deadline whether the connection is up.
+struct Forward {
+    events: mpsc::UnboundedSender<DriverEvent>,
+    up: watch::Sender<bool>,
+}
+
+impl EventHandler for Forward {
+    fn handle_event(&self, event: Arc<Event>) {
+        let Some(mapped) = events::map(&event, now_ms()) else {
+            return;
+        };
+        if events::is_up(&mapped) {
+            self.up.send_replace(true);
+        } else if matches!(mapped, DriverEvent::Disconnected { .. }) {
+            self.up.send_replace(false);
+        }
+        let _ = self.events.send(mapped);
+    }
+}
+
+fn store_error(e: impl std::fmt::Display) -> DriverError {
+    DriverError::Connection(format!("the device store is unavailable: {e}"))
+}
+
+#[async_trait]
+impl Driver for WhatsAppDriver {
+    async fn connect(
+        &self,
+        session_id: &str,
+        epoch: i64,
+        credentials: Option<Credentials>,
+        events: mpsc::UnboundedSender<DriverEvent>,
+    ) -> Result<Box<dyn Connection>, DriverError> {
+        if credentials.is_none() {
+            // A new pairing starts from no keys: whatever an earlier device left goes.
+            if !store::wipe(&self.db, session_id, epoch)
+                .await
+                .map_err(store_error)?
+            {
+                return Err(DriverError::Refused(
+                    "this worker no longer holds the session".into(),
+                ));
+            }
+        }
+        let backend = store::PgBackend::new(
+            self.db.clone(),
+            self.keyring.clone(),
+            session_id.to_owned(),
+            epoch,
+        );
+        self.open(Arc::new(backend), session_id, epoch, events)
+            .await
+    }
+}
+
+impl WhatsAppDriver {
+    /// Starts a client on `backend` (ours; the benchmark also runs the crate's in-memory one
+    /// for comparison) and the deadline that watches it.
+    pub async fn open(
+        &self,
+        backend: Arc<dyn wacore::store::traits::Backend>,
+        session_id: &str,
+        epoch: i64,
+        events: mpsc::UnboundedSender<DriverEvent>,
+    ) -> Result<Box<dyn Connection>, DriverError> {
+        let mut transport = TokioWebSocketTransportFactory::new();
+        if let Some(url) = &self.cfg.ws_url {
+            transport = transport.with_url(url.clone());
+        }
+        let (up, up_rx) = watch::channel(false);
+        let bot = Bot::builder()
+            .with_backend_arc(backend)
+            .with_transport_factory(transport)
+            .with_http_client(UreqHttpClient::new())
+            .with_runtime(TokioRuntime)
+            .with_version(self.cfg.version)
+            .skip_history_sync()
+            .with_event_handler(Forward {
+                events: events.clone(),
+                up,
+            })
+            .build()
+            .await
+            .map_err(store_error)?;
+        let handle = bot.spawn();
+        let closed = CancellationToken::new();
+        tokio::spawn(deadline(
+            handle.client(),
+            up_rx,
+            events,
+            self.cfg.clone(),
+            closed.clone(),
+        ));
+        Ok(Box::new(WhatsAppConnection {
+            handle: Some(handle),
+            db: self.db.clone(),
+            session_id: session_id.to_owned(),
+            epoch,
+            connect_timeout: self.cfg.connect_timeout,
+            closed,
+        }))
+    }
+}
+
+/// Watches a connection come up, and come back after each drop: one that is not up within
+/// the timeout is closed and reported failed (to be retried by the worker).
+async fn deadline(
+    client: Arc<whatsapp_rust::Client>,
+    mut up: watch::Receiver<bool>,
+    events: mpsc::UnboundedSender<DriverEvent>,
+    cfg: WhatsAppConfig,
+    closed: CancellationToken,
+) {
+    loop {
+        let came_up = tokio::select! {
+            _ = closed.cancelled() => return,
+            r = tokio::time::timeout(cfg.connect_timeout, up.wait_for(|up| *up)) => r.map(|r| r.map(|_| ())),
+        };
+        match came_up {
+            Ok(Ok(())) => {}
+            Ok(Err(_)) => return,
+            Err(_) => {
+                client.disconnect().await;
+                let endpoint = cfg.ws_url.as_deref().unwrap_or("WhatsApp");
+                let _ = events.send(DriverEvent::Failed {
+                    reason: StatusReason::ConnectFailed,
+                    details: Some(json!({
+                        "message": format!(
+                            "could not connect to {endpoint} within {} ms",
+                            cfg.connect_timeout.as_millis()
+                        ),
+                    })),
+                    retry: true,
+                });
+                return;
+            }
+        }
+        tokio::select! {
+            _ = closed.cancelled() => return,
+            r = up.wait_for(|up| !*up) => if r.is_err() { return },
+        }
+    }
+}
+
+struct WhatsAppConnection {
+    handle: Option<BotHandle>,
+    db: Pool,
+    session_id: String,
+    epoch: i64,
+    connect_timeout: Duration,
+    closed: CancellationToken,
+}
+
+impl WhatsAppConnection {
+    fn client(&self) -> Result<Arc<whatsapp_rust::Client>, DriverError> {
+        self.handle
+            .as_ref()
+            .map(BotHandle::client)
+            .ok_or_else(|| DriverError::Connection("the connection is closed".into()))
+    }
+}
+
+#[async_trait]
+impl Connection for WhatsAppConnection {
+    async fn request_pairing_code(&mut self, phone_number: &str) -> Result<String, DriverError> {
+        let client = self.client()?;
+        // The code can only be asked for over an open stream.
+        let opened = async {
+            while !client.is_connected() {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        };
+        if tokio::time::timeout(self.connect_timeout, opened)
+            .await
+            .is_err()
+        {
+            return Err(DriverError::Connection(
+                "could not reach WhatsApp to ask for a pairing code".into(),
+            ));
+        }
+        client
+            .pair_with_code(PairCodeOptions {
+                phone_number: phone_number.trim_start_matches('+').to_owned(),
+                ..PairCodeOptions::default()
+            })
+            .await
+            .map(|code| format_code(&code))
+            .map_err(|e| DriverError::Refused(format!("WhatsApp refused a pairing code: {e}")))
+    }
+
+    async fn logout(&mut self) -> Result<(), DriverError> {
+        let client = self.client()?;
+        // Unlinking needs the stream up; a device that cannot connect is still wiped here
+        // (WhatsApp drops a linked device that never comes back).
+        if client
+            .wait_for_connected(self.connect_timeout)
+            .await
+            .is_err()
+        {
+            tracing::warn!(session_id = %self.session_id, "logging out without reaching WhatsApp; wiping the keys only");
+        }
+        client.logout().await;
+        self.close().await;
+        match store::wipe(&self.db, &self.session_id, self.epoch).await {
+            Ok(true) => Ok(()),
+            Ok(false) => Err(DriverError::Refused(
+                "this worker no longer holds the session".into(),
+            )),
+            Err(e) => Err(store_error(e)),
+        }
+    }
+
+    async fn close(&mut self) {
+        self.closed.cancel();
+        if let Some(handle) = self.handle.take() {
+            // Flushes the device's state to the store, then ends the client's tasks.
+            if tokio::time::timeout(Duration::from_secs(10), handle.shutdown())
+                .await
+                .is_err()
+            {
+                tracing::warn!(session_id = %self.session_id, "the WhatsApp client did not stop in time");
+            }
+        }
+    }
+}
+
+impl Drop for WhatsAppConnection {
+    fn drop(&mut self) {
+        // Dropping the handle aborts the client; the deadline goes with it.
+        self.closed.cancel();
+    }
+}
+
+/// `ABCD1234` → `ABCD-1234`, the form the API promises.
+fn format_code(code: &str) -> String {
+    let code: String = code.chars().filter(|c| *c != '-').collect();
+    match code.len() {
+        8 => format!("{}-{}", &code[..4], &code[4..]),
+        _ => code,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn versions_parse_or_say_why_not() {
+        assert_eq!(
+            parse_version("2.3000.1042742319"),
+            Ok((2, 3000, 1042742319))
+        );
+        assert!(parse_version("2.3000").is_err());
+        assert!(parse_version("2.x.1").is_err());
+    }
+
+    #[test]
+    fn pairing_codes_read_as_two_halves() {
+        assert_eq!(format_code("ABCD1234"), "ABCD-1234");
+        assert_eq!(format_code("ABCD-1234"), "ABCD-1234");
+    }
+}
