@@ -264,6 +264,17 @@ async fn device_keys_written_by_one_worker_are_read_by_another_after_a_drain() {
     api.post(&format!("/api/v1/sessions/{id}:stop"), &key, None)
         .await
         .assert_status(200);
+    assert_eq!(device_keys(&env, &id).await, Some(keys.clone()));
+
+    // A restart reconnects from the same keys too.
+    api.post(&format!("/api/v1/sessions/{id}:restart"), &key, None)
+        .await
+        .assert_status(200);
+    api.wait_session(&key, &id, "failed to connect again", connect_failed)
+        .await;
+    api.post(&format!("/api/v1/sessions/{id}:stop"), &key, None)
+        .await
+        .assert_status(200);
     assert_eq!(device_keys(&env, &id).await, Some(keys));
     let s = api.get(&format!("/api/v1/sessions/{id}"), &key).await;
     assert_eq!(s.body["phoneNumber"], "15551234567", "{}", s.body);

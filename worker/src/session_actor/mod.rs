@@ -353,6 +353,7 @@ impl Actor {
 
     /// A connection could not be made: `failed`, and a retry planned.
     fn connect_failed(&mut self, message: String) -> Change {
+        metrics::counter!("worker_connect_failures_total").increment(1);
         let wait = self.schedule_retry();
         Change {
             details: Some(serde_json::json!({
