@@ -149,6 +149,14 @@ pub fn router(state: AppState) -> Router {
                 .post(commands::action),
         )
         .route("/api/v1/sessions/{session}/qr", get(commands::qr))
+        .route(
+            "/api/v1/sessions/{session}/messages",
+            get(messages::list).post(messages::send),
+        )
+        .route(
+            "/api/v1/sessions/{session}/messages/{message}",
+            get(messages::get),
+        )
         .route("/api/v1/commands/{command}", get(commands::get))
         .route("/api/v1/events", get(events::stream))
         .route("/api/v1/gateways", get(gateways::list))

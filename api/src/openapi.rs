@@ -6,7 +6,7 @@ use utoipa::{
     openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme},
 };
 
-use crate::routes::{commands, events, gateways, sessions};
+use crate::routes::{commands, events, gateways, messages, sessions};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -18,12 +18,14 @@ use crate::routes::{commands, events, gateways, sessions};
         sessions::create, sessions::list, sessions::get, sessions::update, sessions::delete,
         commands::start, commands::stop, commands::restart, commands::logout,
         commands::request_pairing_code, commands::qr, commands::get,
+        messages::send, messages::list, messages::get,
         events::stream, gateways::list,
     ),
     components(schemas(
         shared::session::Session, shared::session::SessionStatus, shared::session::StatusReason,
         shared::error::ErrorEnvelope, shared::error::ErrorBody, shared::error::ErrorCode,
         shared::store::commands::CommandRecord,
+        shared::message::Message, shared::message::MessageStatus,
     )),
     modifiers(&BearerAuth),
     security(("bearer" = [])),

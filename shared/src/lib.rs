@@ -7,6 +7,7 @@ pub mod db;
 pub mod devtoken;
 pub mod error;
 pub mod fleet;
+pub mod message;
 pub mod protocol;
 pub mod sealed;
 pub mod session;

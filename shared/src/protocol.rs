@@ -41,6 +41,11 @@ pub enum Command {
     SimConflict,
     /// Simulated network: the connection drops.
     SimDrop,
+    /// Simulated contact: `from` sends the session a text.
+    SimMessage { from: String, text: String },
+    /// Messages of the session were queued in Postgres: the worker sends what its rate
+    /// limits allow (a notice; nobody waits for an answer).
+    SendMessages,
 }
 
 impl Command {
@@ -72,6 +77,8 @@ impl Command {
             Command::SimUnlink => "sim_unlink",
             Command::SimConflict => "sim_conflict",
             Command::SimDrop => "sim_drop",
+            Command::SimMessage { .. } => "sim_message",
+            Command::SendMessages => "send_messages",
         }
     }
 }
@@ -138,6 +145,26 @@ pub enum EventKind {
     },
     #[serde(rename = "session.deleted")]
     Deleted,
+    /// A message reached the session.
+    #[serde(rename = "message.received", rename_all = "camelCase")]
+    MessageReceived {
+        /// Our id of the stored message.
+        message_id: String,
+        /// The sender's JID, the chat's (the sender's own, or a group), and the text.
+        from: String,
+        chat: String,
+        text: String,
+        /// When it was sent, epoch milliseconds.
+        timestamp: i64,
+    },
+    /// An outgoing message changed status.
+    #[serde(rename = "message.status", rename_all = "camelCase")]
+    MessageStatus {
+        message_id: String,
+        status: crate::message::MessageStatus,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        error: Option<String>,
+    },
 }
 
 impl EventKind {
@@ -147,6 +174,8 @@ impl EventKind {
             EventKind::PairCode { .. } => "auth.pair_code",
             EventKind::Status { .. } => "session.status",
             EventKind::Deleted => "session.deleted",
+            EventKind::MessageStatus { .. } => "message.status",
+            EventKind::MessageReceived { .. } => "message.received",
         }
     }
 }

@@ -1,7 +1,9 @@
-//! The HTTP routes, one file per resource.
+//! The HTTP routes, one file per resource, and the cursor pagination their lists share.
 
 pub mod commands;
 pub mod events;
 pub mod gateways;
+pub mod messages;
 pub mod ops;
+pub mod pagination;
 pub mod sessions;

@@ -6,7 +6,6 @@ use axum::{
     http::StatusCode,
     response::{IntoResponse, Response},
 };
-use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD};
 use serde::{Deserialize, Serialize};
 use shared::{
     Error, ErrorCode,
@@ -20,6 +19,7 @@ use shared::{
 use ulid::Ulid;
 use utoipa::{IntoParams, ToSchema};
 
+use super::pagination::Page;
 use crate::{
     AppState,
     auth::{Caller, Manager},
@@ -75,8 +75,6 @@ pub struct SessionPage {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub next_page_token: Option<String>,
 }
-
-const MAX_PAGE: i64 = 100;
 
 fn rate(
     field: &str,
@@ -162,32 +160,13 @@ pub async fn list(
     ApiQuery(q): ApiQuery<ListQuery>,
 ) -> ApiResult<Json<SessionPage>> {
     caller.require(Capability::Read)?;
-    let page_size = q.page_size.unwrap_or(50);
-    if !(1..=MAX_PAGE).contains(&page_size) {
-        return Err(Error::invalid_field(
-            "pageSize",
-            format!("pageSize must be between 1 and {MAX_PAGE}"),
-        )
-        .into());
-    }
+    let page = Page::parse(q.page_size, q.page_token.as_deref())?;
     let status = q
         .status
         .as_deref()
         .map(|s| {
             SessionStatus::parse(s)
                 .ok_or_else(|| Error::invalid_field("status", format!("unknown status '{s}'")))
-        })
-        .transpose()?;
-    let after = q
-        .page_token
-        .as_deref()
-        .map(|t| {
-            URL_SAFE_NO_PAD
-                .decode(t)
-                .ok()
-                .and_then(|b| String::from_utf8(b).ok())
-                .filter(|id| Ulid::from_string(id).is_ok())
-                .ok_or_else(|| Error::invalid_field("pageToken", "pageToken is not valid"))
         })
         .transpose()?;
     let client = state.db.get().await?;
@@ -197,17 +176,12 @@ pub async fn list(
         &store::sessions::ListFilter {
             status,
             gateway_id: q.gateway_id.as_deref(),
-            after_id: after.as_deref(),
-            limit: page_size + 1,
+            after_id: page.after.as_deref(),
+            limit: page.limit(),
         },
     )
     .await?;
-    let next_page_token = if sessions.len() as i64 > page_size {
-        sessions.truncate(page_size as usize);
-        sessions.last().map(|s| URL_SAFE_NO_PAD.encode(&s.id))
-    } else {
-        None
-    };
+    let next_page_token = page.finish(&mut sessions, |s| &s.id);
     Ok(Json(SessionPage {
         sessions,
         next_page_token,

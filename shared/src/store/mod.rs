@@ -8,5 +8,6 @@ pub mod api_keys;
 pub mod commands;
 pub mod events;
 pub mod gateways;
+pub mod messages;
 pub mod sessions;
 pub mod wa_keys;

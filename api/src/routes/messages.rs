@@ -1,0 +1,245 @@
+//! `POST/GET /sessions/{session}/messages`, `GET /sessions/{session}/messages/{message}`.
+//!
+//! Sending is asynchronous. The api validates a message, queues it in Postgres (the
+//! `messages` table is each session's queue) and answers 202; the session's worker sends it
+//! within the session's rate limits and moves it through `sending`, `sent`, `delivered`, `read`
+//! (or `failed`), announcing each step as a `message.status` event. When the session's gateway
+//! is live its worker gets a `send_messages` notice; that is only a nudge, so a notice that
+//! cannot be sent is logged and the request still succeeds: Postgres is the truth, and a worker
+//! reads the queue whenever it (re)starts the session.
+//!
+//! Back-pressure: a session whose queue already holds an hour of sending (`ratePerHour`)
+//! refuses more with 429 and `Retry-After`, rather than accept messages that would go out hours
+//! late. The count and the insert are two statements, so concurrent requests can overshoot the
+//! bound by their number: it bounds the queue, it is not a quota. With an `idempotencyKey` a
+//! retry is safe: it is answered the message first accepted under the key (202), and never
+//! counts against the queue.
+
+use axum::{
+    Json,
+    extract::{Path, State},
+    http::{StatusCode, header},
+    response::{IntoResponse, Response},
+};
+use serde::{Deserialize, Serialize};
+use shared::{
+    Error, ErrorCode,
+    auth::Capability,
+    db::now_ms,
+    message::{self, Message, MessageStatus},
+    protocol::Command,
+    session,
+    store::{self, messages::NewMessage},
+};
+use ulid::Ulid;
+use utoipa::{IntoParams, ToSchema};
+
+use super::pagination::Page;
+use crate::{
+    AppState,
+    auth::{Caller, Manager},
+    error::{ApiJson, ApiQuery, ApiResult},
+};
+
+/// Body of `POST /sessions/{session}/messages`. Unknown fields are refused (400).
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct SendMessage {
+    /// A phone number with its country code (`+62 812-3456-7890`) or a WhatsApp JID
+    /// (`6281234567890@s.whatsapp.net`, a group's `…@g.us`).
+    #[schema(example = "+6281234567890")]
+    pub to: String,
+    /// 1–4096 characters.
+    pub text: String,
+    /// 1–128 printable characters. A retry with a key already used for this session answers
+    /// the message first accepted under it instead of sending again.
+    pub idempotency_key: Option<String>,
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct ListQuery {
+    /// 1–100, default 50.
+    pub page_size: Option<i64>,
+    /// `nextPageToken` of the previous page.
+    pub page_token: Option<String>,
+    /// Only messages in this status (`queued`, `sending`, `sent`, `delivered`, `read`,
+    /// `failed`).
+    pub status: Option<String>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct MessagePage {
+    /// Oldest first.
+    pub messages: Vec<Message>,
+    /// Absent on the last page.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub next_page_token: Option<String>,
+}
+
+/// Queues a text message; the session's worker sends it within the session's rate limits.
+#[utoipa::path(post, path = "/api/v1/sessions/{session}/messages", tag = "messages",
+    params(("session" = String, Path, description = "The session id (ULID)")),
+    request_body = SendMessage,
+    responses(
+        (status = 202, description = "Queued (or, for a known idempotency key, the first message)",
+            body = Message,
+            headers(("Location" = String, description = "Where to read the message"))),
+        (status = 429, description = "The session's queue already holds an hour of sending",
+            body = shared::error::ErrorEnvelope,
+            headers(("Retry-After" = u64, description = "Seconds until the queue has room"))),
+        (status = "4XX", body = shared::error::ErrorEnvelope),
+        (status = "5XX", body = shared::error::ErrorEnvelope)))]
+pub async fn send(
+    State(state): State<AppState>,
+    Manager(caller): Manager,
+    Path(session_id): Path<String>,
+    ApiJson(body): ApiJson<SendMessage>,
+) -> ApiResult<Response> {
+    session::parse_session_id(&session_id)?;
+    let to = message::normalize_recipient(&body.to)?;
+    message::validate_text(&body.text)?;
+    let key = body.idempotency_key.as_deref();
+    if let Some(key) = key {
+        message::validate_idempotency_key(key)?;
+    }
+    let (queued, gateway_id) = {
+        let client = state.db.get().await?;
+        let session = store::sessions::get(&client, &caller.organization_id, &session_id)
+            .await?
+            .ok_or_else(Error::session_not_found)?;
+        if let Some(key) = key {
+            let first = store::messages::by_idempotency_key(&client, &session_id, key).await?;
+            if let Some(first) = first {
+                return Ok(accepted(first));
+            }
+        }
+        let backlog = store::messages::backlog(&client, &session_id).await?;
+        if backlog >= i64::from(session.rate_per_hour) {
+            return Err(queue_full(backlog, session.rate_per_hour).into());
+        }
+        let new = NewMessage {
+            id: &Ulid::new().to_string(),
+            organization_id: &caller.organization_id,
+            session_id: &session_id,
+            to: &to,
+            text: &body.text,
+            idempotency_key: key,
+            now: now_ms(),
+        };
+        // `false`: a concurrent request with the same key got there first; answer its message.
+        let (message, inserted) = store::messages::insert(&client, &new).await?;
+        if !inserted {
+            return Ok(accepted(message));
+        }
+        (message, session.gateway_id)
+    };
+    if state.fleet.is_live(&gateway_id).await {
+        let sent = super::commands::notify(&state, &caller, &session_id, Command::SendMessages);
+        if let Err(e) = sent.await {
+            // The worker sends it anyway, when it next starts the session.
+            tracing::warn!(error = %e, session_id = %session_id,
+                "could not tell the worker about a queued message");
+        }
+    }
+    Ok(accepted(queued))
+}
+
+/// 202 with the message and where to read it.
+fn accepted(message: Message) -> Response {
+    let location = format!(
+        "/api/v1/sessions/{}/messages/{}",
+        message.session_id, message.id
+    );
+    (
+        StatusCode::ACCEPTED,
+        [(header::LOCATION, location)],
+        Json(message),
+    )
+        .into_response()
+}
+
+/// 429 for a session whose queue holds an hour of sending. `Retry-After` (from
+/// `retryAfterSeconds`) is when, at `ratePerHour`, enough of the queue will have gone for one
+/// more message to fit.
+fn queue_full(backlog: i64, rate_per_hour: i32) -> Error {
+    let rate = i64::from(rate_per_hour.max(1));
+    let excess = backlog - rate + 1;
+    let retry_after = ((3_600 * excess + rate - 1) / rate).max(1);
+    Error::new(
+        ErrorCode::RateLimited,
+        format!(
+            "the session already has {backlog} messages queued, an hour of sending at its \
+             ratePerHour of {rate}; try again later"
+        ),
+    )
+    .with_detail("backlog", backlog)
+    .with_detail("ratePerHour", rate)
+    .with_detail("retryAfterSeconds", retry_after)
+}
+
+/// The session's outgoing messages, oldest first.
+#[utoipa::path(get, path = "/api/v1/sessions/{session}/messages", tag = "messages",
+    params(("session" = String, Path, description = "The session id (ULID)"), ListQuery),
+    responses((status = 200, body = MessagePage), (status = "4XX", body = shared::error::ErrorEnvelope)))]
+pub async fn list(
+    State(state): State<AppState>,
+    Caller(caller): Caller,
+    Path(session_id): Path<String>,
+    ApiQuery(q): ApiQuery<ListQuery>,
+) -> ApiResult<Json<MessagePage>> {
+    caller.require(Capability::Read)?;
+    session::parse_session_id(&session_id)?;
+    let page = Page::parse(q.page_size, q.page_token.as_deref())?;
+    let status = q
+        .status
+        .as_deref()
+        .map(|s| {
+            MessageStatus::parse(s)
+                .ok_or_else(|| Error::invalid_field("status", format!("unknown status '{s}'")))
+        })
+        .transpose()?;
+    let client = state.db.get().await?;
+    // Another organization's session is not found, rather than an empty list.
+    store::sessions::gateway(&client, &caller.organization_id, &session_id)
+        .await?
+        .ok_or_else(Error::session_not_found)?;
+    let mut messages = store::messages::list(
+        &client,
+        &caller.organization_id,
+        &session_id,
+        &store::messages::ListFilter {
+            status,
+            after_id: page.after.as_deref(),
+            limit: page.limit(),
+        },
+    )
+    .await?;
+    let next_page_token = page.finish(&mut messages, |m| &m.id);
+    Ok(Json(MessagePage {
+        messages,
+        next_page_token,
+    }))
+}
+
+#[utoipa::path(get, path = "/api/v1/sessions/{session}/messages/{message}", tag = "messages",
+    params(("session" = String, Path, description = "The session id (ULID)"),
+        ("message" = String, Path, description = "The message id (ULID)")),
+    responses((status = 200, body = Message), (status = "4XX", body = shared::error::ErrorEnvelope)))]
+pub async fn get(
+    State(state): State<AppState>,
+    Caller(caller): Caller,
+    Path((session_id, id)): Path<(String, String)>,
+) -> ApiResult<Json<Message>> {
+    caller.require(Capability::Read)?;
+    let not_found = || Error::not_found("message not found");
+    session::parse_session_id(&session_id).map_err(|_| not_found())?;
+    Ulid::from_string(&id).map_err(|_| not_found())?;
+    let client = state.db.get().await?;
+    store::messages::get(&client, &caller.organization_id, &session_id, &id)
+        .await?
+        .map(Json)
+        .ok_or_else(|| not_found().into())
+}

@@ -1,0 +1,145 @@
+//! The `messages` table, as the api reads and writes it: accepting a message (idempotently),
+//! reading one, listing a session's, and the size of a session's queue. The worker's side
+//! (sending under the lease) is `worker/src/store/messages.rs`.
+
+use deadpool_postgres::GenericClient;
+use tokio_postgres::Row;
+
+use crate::error::Result;
+use crate::message::{Message, MessageStatus};
+
+/// The columns [`from_row`] reads, in order.
+pub const COLUMNS: &str =
+    "id, session_id, peer, text, status, created_at, sent_at, delivered_at, read_at, error";
+
+pub fn from_row(row: &Row) -> Message {
+    let status: &str = row.get(4);
+    Message {
+        id: row.get(0),
+        session_id: row.get(1),
+        to: row.get(2),
+        text: row.get(3),
+        // The CHECK constraint keeps `status` to the known values.
+        status: MessageStatus::parse(status).unwrap_or(MessageStatus::Failed),
+        created_at: row.get(5),
+        sent_at: row.get(6),
+        delivered_at: row.get(7),
+        read_at: row.get(8),
+        error: row.get(9),
+    }
+}
+
+pub struct NewMessage<'a> {
+    pub id: &'a str,
+    pub organization_id: &'a str,
+    pub session_id: &'a str,
+    pub to: &'a str,
+    pub text: &'a str,
+    pub idempotency_key: Option<&'a str>,
+    pub now: i64,
+}
+
+/// Queues a message; with an idempotency key already used for the session, answers the
+/// message first accepted under it instead (`false`: not new).
+pub async fn insert(db: &impl GenericClient, m: &NewMessage<'_>) -> Result<(Message, bool)> {
+    let sql = format!(
+        "INSERT INTO messages (id, organization_id, session_id, peer, text, status, \
+         idempotency_key, created_at) VALUES ($1, $2, $3, $4, $5, 'queued', $6, $7) \
+         ON CONFLICT (session_id, idempotency_key) DO NOTHING RETURNING {COLUMNS}"
+    );
+    let stmt = db.prepare_cached(&sql).await?;
+    let inserted = db
+        .query_opt(
+            &stmt,
+            &[
+                &m.id,
+                &m.organization_id,
+                &m.session_id,
+                &m.to,
+                &m.text,
+                &m.idempotency_key,
+                &m.now,
+            ],
+        )
+        .await?;
+    if let Some(row) = inserted {
+        return Ok((from_row(&row), true));
+    }
+    let sql =
+        format!("SELECT {COLUMNS} FROM messages WHERE session_id = $1 AND idempotency_key = $2");
+    let stmt = db.prepare_cached(&sql).await?;
+    let row = db
+        .query_one(&stmt, &[&m.session_id, &m.idempotency_key])
+        .await?;
+    Ok((from_row(&row), false))
+}
+
+/// The message first accepted for the session under an idempotency key, if any.
+pub async fn by_idempotency_key(
+    db: &impl GenericClient,
+    session_id: &str,
+    key: &str,
+) -> Result<Option<Message>> {
+    let sql =
+        format!("SELECT {COLUMNS} FROM messages WHERE session_id = $1 AND idempotency_key = $2");
+    let stmt = db.prepare_cached(&sql).await?;
+    Ok(db
+        .query_opt(&stmt, &[&session_id, &key])
+        .await?
+        .as_ref()
+        .map(from_row))
+}
+
+/// One message of the organization's session.
+pub async fn get(
+    db: &impl GenericClient,
+    org: &str,
+    session_id: &str,
+    id: &str,
+) -> Result<Option<Message>> {
+    let sql = format!(
+        "SELECT {COLUMNS} FROM messages WHERE organization_id = $1 AND session_id = $2 \
+         AND id = $3 AND direction = 'out'"
+    );
+    let stmt = db.prepare_cached(&sql).await?;
+    Ok(db
+        .query_opt(&stmt, &[&org, &session_id, &id])
+        .await?
+        .as_ref()
+        .map(from_row))
+}
+
+pub struct ListFilter<'a> {
+    pub status: Option<MessageStatus>,
+    /// Exclusive lower bound on the id (the cursor).
+    pub after_id: Option<&'a str>,
+    pub limit: i64,
+}
+
+/// One page of the session's outgoing messages in id (creation) order.
+pub async fn list(
+    db: &impl GenericClient,
+    org: &str,
+    session_id: &str,
+    f: &ListFilter<'_>,
+) -> Result<Vec<Message>> {
+    let sql = format!(
+        "SELECT {COLUMNS} FROM messages WHERE organization_id = $1 AND session_id = $2 \
+         AND direction = 'out' AND ($3::text IS NULL OR status = $3) \
+         AND ($4::text IS NULL OR id > $4) ORDER BY id LIMIT $5"
+    );
+    let stmt = db.prepare_cached(&sql).await?;
+    let status = f.status.map(MessageStatus::as_str);
+    let rows = db
+        .query(&stmt, &[&org, &session_id, &status, &f.after_id, &f.limit])
+        .await?;
+    Ok(rows.iter().map(from_row).collect())
+}
+
+/// How many messages of the session wait to be sent.
+pub async fn backlog(db: &impl GenericClient, session_id: &str) -> Result<i64> {
+    let stmt = db
+        .prepare_cached("SELECT count(*) FROM messages WHERE session_id = $1 AND status = 'queued'")
+        .await?;
+    Ok(db.query_one(&stmt, &[&session_id]).await?.get(0))
+}
