@@ -98,6 +98,29 @@ pub struct Config {
     /// Added to every driver operation (to exercise timeouts).
     #[arg(long, env = "SIM_OP_DELAY_MS", default_value_t = 0)]
     pub sim_op_delay_ms: u64,
+    /// After a simulated send, when the recipient's phone acknowledges it delivered.
+    #[arg(long, env = "SIM_DELIVER_DELAY_MS", default_value_t = 500)]
+    pub sim_deliver_delay_ms: u64,
+    /// After a simulated send, when the recipient reads it.
+    #[arg(long, env = "SIM_READ_DELAY_MS", default_value_t = 2_000)]
+    pub sim_read_delay_ms: u64,
+
+    /// The length of the "minute" of the sessions' `ratePerMin` (and a sixtieth of the hour
+    /// of `ratePerHour`). A real minute in production; tests shorten it.
+    #[arg(long, env = "MESSAGE_RATE_MINUTE_MS", default_value_t = 60_000)]
+    pub message_rate_minute_ms: u64,
+    /// With `presenceTyping`, "typing…" is shown this long per character before a send…
+    #[arg(long, env = "TYPING_MS_PER_CHAR", default_value_t = 50)]
+    pub typing_ms_per_char: u64,
+    /// …and never longer than this.
+    #[arg(long, env = "TYPING_MAX_MS", default_value_t = 3_000)]
+    pub typing_max_ms: u64,
+    /// Messages and events are kept this many days (fractions allowed), then pruned.
+    #[arg(long, env = "MESSAGE_RETENTION_DAYS", default_value_t = 7.0)]
+    pub message_retention_days: f64,
+    /// How often the region's reaper prunes them.
+    #[arg(long, env = "PRUNE_INTERVAL_MS", default_value_t = 60_000)]
+    pub prune_interval_ms: u64,
 
     /// The keys that seal the WhatsApp driver's device keys in Postgres: `id:base64key`
     /// (32 bytes, `openssl rand -base64 32`), comma-separated; the first seals, all open.
@@ -123,6 +146,10 @@ impl Config {
             .unwrap_or_else(|| shared::session::region_of_gateway(&self.gateway_id).to_owned())
     }
 
+    pub fn message_retention_ms(&self) -> i64 {
+        (self.message_retention_days.max(0.0) * 86_400_000.0) as i64
+    }
+
     pub fn lease_ttl(&self) -> Duration {
         Duration::from_millis(self.lease_ttl_ms)
     }
@@ -138,6 +165,8 @@ impl Config {
             reconnect_backoff: ms(self.sim_reconnect_backoff_ms),
             op_delay: ms(self.sim_op_delay_ms),
             keepalive: ms(self.sim_keepalive_ms),
+            deliver_delay: ms(self.sim_deliver_delay_ms),
+            read_delay: ms(self.sim_read_delay_ms),
         }
     }
 }

@@ -48,6 +48,11 @@ pub struct Ctx {
     pub lease_ttl: Duration,
     /// Bounds the connections being set up at once (a cold start, a failover).
     pub connects: Arc<Semaphore>,
+    /// The length of the sessions' rate "minute" (`MESSAGE_RATE_MINUTE_MS`).
+    pub rate_minute_ms: i64,
+    /// "typing…" before a send: this long per character, at most `typing_max`.
+    pub typing_per_char: Duration,
+    pub typing_max: Duration,
 }
 
 /// Runs the worker until `shutdown` is cancelled. Then, when live peers exist in its region,
@@ -91,6 +96,9 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<()> {
         instance: instance.clone(),
         lease_ttl: cfg.lease_ttl(),
         connects: Arc::new(Semaphore::new(cfg.connect_concurrency.max(1))),
+        rate_minute_ms: i64::try_from(cfg.message_rate_minute_ms.max(1)).unwrap_or(60_000),
+        typing_per_char: Duration::from_millis(cfg.typing_ms_per_char),
+        typing_max: Duration::from_millis(cfg.typing_max_ms),
     });
     let registry = Registry::new(ctx.clone());
     let drain = Arc::new(Drain {
@@ -138,6 +146,8 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<()> {
             region: region.clone(),
             liveness_ms: cfg.gateway_liveness_ms as i64,
             every: Duration::from_millis(cfg.reaper_interval_ms),
+            retention_ms: cfg.message_retention_ms(),
+            prune_every: Duration::from_millis(cfg.prune_interval_ms),
         }
         .run(background.clone()),
     );
@@ -293,6 +303,12 @@ async fn heartbeat(
                     .map_or(0, |(_, n)| *n);
                 metrics::gauge!("worker_sessions", "gateway" => gateway_id.clone(), "status" => status.as_str())
                     .set(n as f64);
+            }
+            if let Ok((depth, oldest_ms)) = store::messages::queue_depth(&db, &gateway_id).await {
+                metrics::gauge!("worker_message_queue_depth", "gateway" => gateway_id.clone())
+                    .set(depth as f64);
+                metrics::gauge!("worker_message_queue_oldest_seconds", "gateway" => gateway_id.clone())
+                    .set(oldest_ms as f64 / 1000.0);
             }
         }
         round += 1;

@@ -32,11 +32,19 @@ pub struct Reaper {
     pub region: String,
     pub liveness_ms: i64,
     pub every: Duration,
+    /// Messages and events older than this are pruned, in batches, every `prune_every`
+    /// (by each region's reaper: deleting what another already deleted costs nothing).
+    pub retention_ms: i64,
+    pub prune_every: Duration,
 }
+
+/// Rows deleted per pruning statement: short transactions, no long locks.
+const PRUNE_BATCH: i64 = 5_000;
 
 impl Reaper {
     pub async fn run(self, stop: CancellationToken) {
         let mut leader: Option<Object> = None;
+        let mut pruned_at: Option<tokio::time::Instant> = None;
         loop {
             tokio::select! {
                 _ = stop.cancelled() => return,
@@ -50,6 +58,13 @@ impl Reaper {
                 // Give the connection back: if it broke, the lock went with it.
                 tracing::warn!(error = %e, "reaper round failed");
                 leader = None;
+                continue;
+            }
+            if pruned_at.is_none_or(|at| at.elapsed() >= self.prune_every) {
+                pruned_at = Some(tokio::time::Instant::now());
+                if let Err(e) = self.prune(client).await {
+                    tracing::warn!(error = %e, "pruning old messages and events failed");
+                }
             }
         }
     }
@@ -76,6 +91,28 @@ impl Reaper {
             tracing::info!(region = %self.region, "this worker is the region's reaper");
         }
         won.then_some(client)
+    }
+
+    /// Deletes messages (but never one still waiting or being sent) and events older than
+    /// the retention, oldest first, a batch at a time.
+    async fn prune(&self, client: &impl GenericClient) -> Result<()> {
+        let cutoff = shared::db::now_ms() - self.retention_ms;
+        for sql in [
+            "DELETE FROM messages WHERE id IN (SELECT id FROM messages WHERE created_at < $1 \
+             AND status NOT IN ('queued', 'sending') ORDER BY id LIMIT $2)",
+            "DELETE FROM events WHERE id IN (SELECT id FROM events WHERE created_at < $1 \
+             ORDER BY id LIMIT $2)",
+        ] {
+            let stmt = client.prepare_cached(sql).await?;
+            loop {
+                let n = client.execute(&stmt, &[&cutoff, &PRUNE_BATCH]).await?;
+                metrics::counter!("worker_rows_pruned_total").increment(n);
+                if (n as i64) < PRUNE_BATCH {
+                    break;
+                }
+            }
+        }
+        Ok(())
     }
 
     async fn reap(&self, client: &impl GenericClient) -> Result<()> {

@@ -116,6 +116,16 @@ enum SimCmd {
         #[arg(long)]
         session: String,
     },
+    /// A contact sends the session's number a text.
+    Message {
+        #[arg(long)]
+        session: String,
+        /// The contact's phone number.
+        #[arg(long)]
+        from: String,
+        #[arg(long)]
+        text: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -243,6 +253,20 @@ async fn run(cli: Cli) -> Result<()> {
                 SimCmd::Unlink { session } => (session, Command::SimUnlink),
                 SimCmd::Conflict { session } => (session, Command::SimConflict),
                 SimCmd::Drop { session } => (session, Command::SimDrop),
+                SimCmd::Message {
+                    session,
+                    from,
+                    text,
+                } => {
+                    shared::message::validate_text(&text)?;
+                    (
+                        session,
+                        Command::SimMessage {
+                            from: shared::message::normalize_recipient(&from)?,
+                            text,
+                        },
+                    )
+                }
             };
             let out = api::operator::send(cfg, &session, command).await?;
             if let CommandOutput::Session(s) = out {

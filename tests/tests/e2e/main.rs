@@ -6,6 +6,8 @@ mod commands;
 mod events;
 mod failover;
 mod fleet;
+mod messages;
+mod messages_api;
 mod ops;
 mod resilience;
 mod sessions;

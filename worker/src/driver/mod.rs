@@ -47,6 +47,22 @@ pub enum DriverEvent {
         details: Option<serde_json::Value>,
         retry: bool,
     },
+    /// The recipient's phone got (or read) a message this connection sent.
+    Receipt { message_id: String, read: bool },
+    /// A message reached the number (boxed: see `Paired`).
+    Message(Box<Inbound>),
+}
+
+/// A message that reached the number.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Inbound {
+    /// WhatsApp's id of the message.
+    pub id: String,
+    pub from: String,
+    pub chat: String,
+    pub text: String,
+    /// Epoch milliseconds.
+    pub timestamp: i64,
 }
 
 /// What pairing gave the device.
@@ -71,10 +87,17 @@ pub enum DriverError {
 /// Test-and-demo actions on the simulated phone and network.
 #[derive(Debug, Clone, PartialEq)]
 pub enum SimAction {
-    Scan { phone_number: String },
+    Scan {
+        phone_number: String,
+    },
     Unlink,
     Conflict,
     Drop,
+    /// A contact sends the number a text.
+    Message {
+        from: String,
+        text: String,
+    },
 }
 
 #[async_trait]
@@ -99,6 +122,19 @@ pub trait Connection: Send {
     async fn logout(&mut self) -> Result<(), DriverError>;
     /// Disconnects, keeping the pairing.
     async fn close(&mut self);
+    /// Sends a text to `to` (a JID); answers WhatsApp's id of the message, which its
+    /// receipts name.
+    async fn send_text(&mut self, _to: &str, _text: &str) -> Result<String, DriverError> {
+        Err(DriverError::Unsupported)
+    }
+    /// Shows "typing…" in the chat with `to`.
+    async fn typing(&mut self, _to: &str) -> Result<(), DriverError> {
+        Err(DriverError::Unsupported)
+    }
+    /// Marks a message that reached the number read.
+    async fn mark_read(&mut self, _message: &Inbound) -> Result<(), DriverError> {
+        Err(DriverError::Unsupported)
+    }
     /// Drives the simulated phone or network (the `sim` driver only).
     async fn simulate(&mut self, _action: SimAction) -> Result<(), DriverError> {
         Err(DriverError::Unsupported)

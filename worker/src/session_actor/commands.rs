@@ -96,6 +96,9 @@ impl Actor {
             }
             Command::Stop => {
                 self.disconnect().await;
+                if let Flow::Stop = self.fail_queued("the session was stopped").await {
+                    return Effects::error(ErrorCode::GatewayUnavailable, "the lease was lost");
+                }
                 Effects {
                     change: Some(
                         self.change(SessionStatus::Stopped, Some(StatusReason::Requested)),
@@ -117,6 +120,9 @@ impl Actor {
                         answer: Answer::Error(e),
                         ..Effects::row()
                     };
+                }
+                if let Flow::Stop = self.fail_queued("the session was logged out").await {
+                    return Effects::error(ErrorCode::GatewayUnavailable, "the lease was lost");
                 }
                 Effects {
                     change: Some(Change {
@@ -186,8 +192,12 @@ impl Actor {
                 }
                 effects
             }
-            // Settings are read from the row on every use; re-reading it is all there is to do.
-            Command::ApplySettings => Effects::row(),
+            // Settings are read from the row on every use; re-reading it is all there is to do,
+            // and new rate limits apply to the queue at once.
+            Command::ApplySettings | Command::SendMessages => {
+                self.pump_soon();
+                Effects::row()
+            }
             Command::Delete => {
                 let result = if self.paired() {
                     self.unlink().await
@@ -215,6 +225,13 @@ impl Actor {
             Command::SimUnlink => self.simulate(SimAction::Unlink).await,
             Command::SimConflict => self.simulate(SimAction::Conflict).await,
             Command::SimDrop => self.simulate(SimAction::Drop).await,
+            Command::SimMessage { from, text } => {
+                self.simulate(SimAction::Message {
+                    from: from.clone(),
+                    text: text.clone(),
+                })
+                .await
+            }
         }
     }
 

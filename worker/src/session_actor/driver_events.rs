@@ -18,6 +18,13 @@ impl Actor {
     pub(super) async fn on_driver_event(&mut self, event: DriverEvent) -> Flow {
         // The connection answered: it no longer counts as one being set up.
         self.connecting = None;
+        let event = match event {
+            DriverEvent::Receipt { message_id, read } => {
+                return self.on_receipt(&message_id, read).await;
+            }
+            DriverEvent::Message(m) => return self.on_inbound(*m).await,
+            event => event,
+        };
         let stopped = Some(DesiredState::Stopped);
         let (change, events) = match event {
             DriverEvent::Qr { code, expires_at } => {
@@ -63,8 +70,9 @@ impl Actor {
                 )
             }
             DriverEvent::Connected => {
-                // Up: the next failure starts its backoff afresh.
+                // Up: the next failure starts its backoff afresh, and messages may go.
                 self.retry_backoff = super::RETRY_FIRST;
+                self.pump_soon();
                 (
                     Some(Change {
                         connected_now: true,
@@ -122,6 +130,8 @@ impl Actor {
                     vec![],
                 )
             }
+            // Handled above: they are about messages, not the session.
+            DriverEvent::Receipt { .. } | DriverEvent::Message(_) => (None, vec![]),
             DriverEvent::LoggedOut { reason } => {
                 self.disconnect().await;
                 self.credentials = None;

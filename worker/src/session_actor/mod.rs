@@ -18,6 +18,7 @@
 mod commands;
 mod commit;
 mod driver_events;
+mod messages;
 
 use std::{sync::Arc, time::Duration};
 
@@ -152,6 +153,10 @@ struct Actor {
     /// before the next try after that one.
     retry: Option<tokio::time::Instant>,
     retry_backoff: Duration,
+    /// When to look at the message queue next ([`messages`]), and the send attempts of the
+    /// last hour (read from Postgres on first use).
+    send_at: Option<tokio::time::Instant>,
+    attempts: Option<std::collections::VecDeque<i64>>,
 }
 
 /// The first wait before connecting again after a failed connect, and the longest.
@@ -193,6 +198,8 @@ pub async fn run(
         qr: None,
         retry: None,
         retry_backoff: RETRY_FIRST,
+        send_at: None,
+        attempts: None,
     };
     let lost = actor.lease.lost.clone();
     // The work of one message is boxed: an idle actor (most of a worker's tens of thousands)
@@ -214,6 +221,7 @@ pub async fn run(
                 }
             },
             _ = retry_at(actor.retry) => Box::pin(actor.retry_connect()).await,
+            _ = retry_at(actor.send_at) => Box::pin(actor.pump()).await,
         };
     }
     actor.disconnect().await;
@@ -400,6 +408,9 @@ impl Actor {
     /// the connection is up, which then writes it once); a pairing cannot survive its worker,
     /// so an unpaired one stops. A stale status of a stopped session is corrected.
     async fn resume(&mut self) -> Flow {
+        if let Flow::Stop = self.forget_unknown_sends().await {
+            return Flow::Stop;
+        }
         let status = self.row.status;
         let stale = matches!(
             status,

@@ -13,6 +13,7 @@
 //! `shared::store::events`).
 
 pub mod leases;
+pub mod messages;
 
 use std::sync::{Arc, LazyLock};
 

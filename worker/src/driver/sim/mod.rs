@@ -54,6 +54,9 @@ pub struct SimConfig {
     pub op_delay: Duration,
     /// How long the simulated server keeps the streams of a process it no longer hears from.
     pub keepalive: Duration,
+    /// After a send, when the recipient's phone acknowledges it delivered, then read.
+    pub deliver_delay: Duration,
+    pub read_delay: Duration,
 }
 
 /// This process's connections by device, to tell one it was replaced.
@@ -100,6 +103,13 @@ enum Control {
     Conflict(Answer<()>),
     Drop(Answer<()>),
     Logout(Answer<()>),
+    /// Send a text (to, text); answers the message's id.
+    Send(String, String, Answer<String>),
+    /// Show "typing…", or mark a message read: the simulated contact takes note.
+    Typing(Answer<()>),
+    MarkRead(Answer<()>),
+    /// A contact sends the number a text (from, text).
+    Inbound(String, String, Answer<()>),
     /// The server says another connection of the device replaced this one.
     Replaced,
 }
@@ -203,7 +213,23 @@ impl Connection for SimConnection {
             SimAction::Unlink => self.ask(Control::Unlink).await,
             SimAction::Conflict => self.ask(Control::Conflict).await,
             SimAction::Drop => self.ask(Control::Drop).await,
+            SimAction::Message { from, text } => {
+                self.ask(|tx| Control::Inbound(from, text, tx)).await
+            }
         }
+    }
+
+    async fn send_text(&mut self, to: &str, text: &str) -> Result<String, DriverError> {
+        let (to, text) = (to.to_owned(), text.to_owned());
+        self.ask(|tx| Control::Send(to, text, tx)).await
+    }
+
+    async fn typing(&mut self, _to: &str) -> Result<(), DriverError> {
+        self.ask(Control::Typing).await
+    }
+
+    async fn mark_read(&mut self, _message: &super::Inbound) -> Result<(), DriverError> {
+        self.ask(Control::MarkRead).await
     }
 }
 
@@ -300,6 +326,10 @@ impl Phone {
             | Control::Drop(tx)
             | Control::Logout(tx) => refuse(tx, "the session is still connecting"),
             Control::PairCode(_, tx) => refuse(tx, "the session is already paired"),
+            Control::Send(_, _, tx) => refuse(tx, "the session is not connected"),
+            Control::Typing(tx) | Control::MarkRead(tx) | Control::Inbound(_, _, tx) => {
+                refuse(tx, "the session is not connected")
+            }
             Control::Replaced => self.replaced(),
         }
     }
@@ -364,6 +394,10 @@ impl Phone {
                     Some(Control::Unlink(tx) | Control::Conflict(tx) | Control::Drop(tx)) => {
                         refuse(tx, "the session is not paired")
                     }
+                    Some(Control::Send(_, _, tx)) => refuse(tx, "the session is not paired"),
+                    Some(
+                        Control::Typing(tx) | Control::MarkRead(tx) | Control::Inbound(_, _, tx),
+                    ) => refuse(tx, "the session is not paired"),
                     Some(Control::Replaced) => {}
                 }
             }
@@ -445,9 +479,49 @@ impl Phone {
                     }
                     self.emit(DriverEvent::Connected);
                 }
+                Control::Typing(tx) | Control::MarkRead(tx) => {
+                    let _ = tx.send(Ok(()));
+                }
+                Control::Inbound(from, text, tx) => {
+                    let _ = tx.send(Ok(()));
+                    self.emit(DriverEvent::Message(Box::new(super::Inbound {
+                        id: format!("SIMIN{}", ulid::Ulid::new()),
+                        chat: from.clone(),
+                        from,
+                        text,
+                        timestamp: now_ms(),
+                    })));
+                }
+                Control::Send(to, _text, tx) => {
+                    let id = format!("SIM{}", ulid::Ulid::new());
+                    let _ = tx.send(Ok(id.clone()));
+                    self.recipient_reads(to, id);
+                }
                 Control::Scan(_, tx) => refuse(tx, "the session is already paired"),
                 Control::PairCode(_, tx) => refuse(tx, "the session is already paired"),
             }
         }
+    }
+
+    /// The recipient's phone: it acknowledges a message delivered, then read.
+    fn recipient_reads(&self, to: String, message_id: String) {
+        let (events, deliver, read) = (
+            self.events.clone(),
+            self.cfg.deliver_delay,
+            self.cfg.read_delay,
+        );
+        tokio::spawn(async move {
+            tracing::debug!(%to, %message_id, "simulated recipient got a message");
+            tokio::time::sleep(deliver).await;
+            let receipt = |read| DriverEvent::Receipt {
+                message_id: message_id.clone(),
+                read,
+            };
+            if events.send(receipt(false)).is_err() {
+                return;
+            }
+            tokio::time::sleep(read.saturating_sub(deliver)).await;
+            let _ = events.send(receipt(true));
+        });
     }
 }

@@ -3,9 +3,10 @@
 
 use serde_json::{Value, json};
 use shared::session::StatusReason;
+use wacore::{proto_helpers::MessageExt, types::presence::ReceiptType};
 use whatsapp_rust::types::events::{ConnectFailureReason, Event};
 
-use crate::driver::{DriverEvent, Paired};
+use crate::driver::{DriverEvent, Inbound, Paired};
 
 /// What the worker stores in `device_credentials` for a device of this driver: the keys
 /// themselves are in the `wa_*` tables (sealed, fenced), this only says where.
@@ -13,8 +14,45 @@ pub fn credentials() -> Value {
     json!({"driver": "whatsapp", "store": "postgres"})
 }
 
+/// Our events for one of the crate's: a batch of messages and a receipt naming several
+/// messages give several; the rest is [`map`].
+pub fn map_all(event: &Event, now_ms: i64) -> Vec<DriverEvent> {
+    match event {
+        Event::Messages(batch) => batch
+            .messages
+            .iter()
+            .filter(|m| !m.info.source.is_from_me)
+            .filter_map(|m| {
+                let text = m.message.text_content()?;
+                Some(DriverEvent::Message(Box::new(Inbound {
+                    id: m.info.id.to_string(),
+                    from: m.info.source.sender.to_non_ad_string(),
+                    chat: m.info.source.chat.to_non_ad_string(),
+                    text: text.to_owned(),
+                    timestamp: m.info.timestamp.timestamp_millis(),
+                })))
+            })
+            .collect(),
+        Event::Receipt(r) => {
+            let read = match r.r#type {
+                ReceiptType::Delivered => false,
+                ReceiptType::Read | ReceiptType::Played => true,
+                _ => return vec![],
+            };
+            r.message_ids
+                .iter()
+                .map(|id| DriverEvent::Receipt {
+                    message_id: id.to_string(),
+                    read,
+                })
+                .collect()
+        }
+        _ => map(event, now_ms).into_iter().collect(),
+    }
+}
+
 /// Our event for one of the crate's, or `None` for those the session's status does not
-/// depend on (messages, receipts, presence, app-state sync, …).
+/// depend on (presence, app-state sync, …; messages and receipts are [`map_all`]'s).
 pub fn map(event: &Event, now_ms: i64) -> Option<DriverEvent> {
     Some(match event {
         Event::PairingQrCode(qr) => DriverEvent::Qr {

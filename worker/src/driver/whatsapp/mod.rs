@@ -83,15 +83,14 @@ struct Forward {
 
 impl EventHandler for Forward {
     fn handle_event(&self, event: Arc<Event>) {
-        let Some(mapped) = events::map(&event, now_ms()) else {
-            return;
-        };
-        if events::is_up(&mapped) {
-            self.up.send_replace(true);
-        } else if matches!(mapped, DriverEvent::Disconnected { .. }) {
-            self.up.send_replace(false);
+        for mapped in events::map_all(&event, now_ms()) {
+            if events::is_up(&mapped) {
+                self.up.send_replace(true);
+            } else if matches!(mapped, DriverEvent::Disconnected { .. }) {
+                self.up.send_replace(false);
+            }
+            let _ = self.events.send(mapped);
         }
-        let _ = self.events.send(mapped);
     }
 }
 
@@ -287,6 +286,43 @@ impl Connection for WhatsAppConnection {
         }
     }
 
+    async fn send_text(&mut self, to: &str, text: &str) -> Result<String, DriverError> {
+        use wacore::proto_helpers::MessageBuilderExt;
+        let client = self.client()?;
+        let jid = parse_jid(to)?;
+        if !client.is_logged_in() {
+            return Err(DriverError::Connection(
+                "the session is not connected to WhatsApp".into(),
+            ));
+        }
+        client
+            .send_message(jid, whatsapp_rust::waproto::whatsapp::Message::text(text))
+            .await
+            .map(|sent| sent.message_id)
+            .map_err(|e| DriverError::Connection(format!("WhatsApp did not take the message: {e}")))
+    }
+
+    async fn typing(&mut self, to: &str) -> Result<(), DriverError> {
+        let client = self.client()?;
+        let jid = parse_jid(to)?;
+        client
+            .chatstate()
+            .send_composing(&jid)
+            .await
+            .map_err(|e| DriverError::Connection(format!("cannot show typing: {e}")))
+    }
+
+    async fn mark_read(&mut self, message: &super::Inbound) -> Result<(), DriverError> {
+        let client = self.client()?;
+        let chat = parse_jid(&message.chat)?;
+        let sender = parse_jid(&message.from)?;
+        let sender = (message.chat != message.from).then_some(&sender);
+        client
+            .mark_as_read(&chat, sender, &[message.id.as_str()])
+            .await
+            .map_err(|e| DriverError::Connection(format!("cannot mark read: {e}")))
+    }
+
     async fn close(&mut self) {
         self.closed.cancel();
         if let Some(handle) = self.handle.take() {
@@ -306,6 +342,11 @@ impl Drop for WhatsAppConnection {
         // Dropping the handle aborts the client; the deadline goes with it.
         self.closed.cancel();
     }
+}
+
+fn parse_jid(s: &str) -> Result<whatsapp_rust::Jid, DriverError> {
+    s.parse()
+        .map_err(|_| DriverError::Refused(format!("`{s}` is not a WhatsApp JID")))
 }
 
 /// `ABCD1234` → `ABCD-1234`, the form the API promises.

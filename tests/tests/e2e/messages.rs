@@ -1,0 +1,407 @@
+//! Sending messages through the simulator: in order, within the session's rate limits (a
+//! short "minute" here, `MESSAGE_RATE_MINUTE_MS`; a real one in production), delivered and
+//! read receipts as events, the limits holding across a worker restart, the queue failed by
+//! a stop, and a send whose worker died never repeated. The API's own rules (validation,
+//! idempotency, 429) are `messages_api.rs`.
+
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use shared::protocol::Command;
+use tests::{Api, TestEnv, eventually, fast_fleet};
+
+use super::fleet::resumed_worker;
+
+const MINUTE_MS: i64 = 2_000;
+
+const TYPING_MS_PER_CHAR: i64 = 20;
+
+fn quick_rates(c: &mut worker::Config) {
+    c.message_rate_minute_ms = MINUTE_MS as u64;
+    c.typing_ms_per_char = TYPING_MS_PER_CHAR as u64;
+    c.sim_deliver_delay_ms = 100;
+    c.sim_read_delay_ms = 300;
+}
+
+/// A paired session of `org_a` working on a fresh worker, with the given rate per minute.
+async fn working_session(
+    env: &TestEnv,
+    per_min: i32,
+) -> (String, tests::Worker, Api, String, String) {
+    let gw = env.gateway_id("sg");
+    let id = env.paired_sessions("org_a", &gw, 1, 0).await.remove(0);
+    let worker = resumed_worker(env, &gw, Duration::from_secs(15), quick_rates).await;
+    let api = env.start_api(|_| {}).await;
+    let key = env.api_key("org_a", &["read", "manage"]).await;
+    api.patch(
+        &format!("/api/v1/sessions/{id}"),
+        &key,
+        &json!({"ratePerMin": per_min}),
+    )
+    .await
+    .assert_status(200);
+    (gw, worker, api, key, id)
+}
+
+async fn send(api: &Api, key: &str, id: &str, text: &str) -> String {
+    let r = api
+        .post(
+            &format!("/api/v1/sessions/{id}/messages"),
+            key,
+            Some(&json!({"to": "+62 811 0000 0001", "text": text})),
+        )
+        .await;
+    r.assert_status(202);
+    r.body["id"].as_str().expect("id").to_owned()
+}
+
+/// The session's messages in creation order.
+async fn messages(api: &Api, key: &str, id: &str) -> Vec<Value> {
+    let r = api
+        .get(&format!("/api/v1/sessions/{id}/messages?pageSize=100"), key)
+        .await;
+    r.assert_status(200);
+    r.body["messages"].as_array().cloned().unwrap_or_default()
+}
+
+async fn wait_messages(
+    api: &Api,
+    key: &str,
+    id: &str,
+    limit: Duration,
+    what: &str,
+    pred: impl Fn(&[Value]) -> bool,
+) -> Vec<Value> {
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        let m = messages(api, key, id).await;
+        if pred(&m) {
+            return m;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "messages never {what}: {m:#?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// When each message's send began (`attempted_at`), in creation order.
+async fn attempts(env: &TestEnv, id: &str) -> Vec<i64> {
+    env.db
+        .get()
+        .await
+        .expect("db")
+        .query(
+            "SELECT attempted_at FROM messages WHERE session_id = $1 AND attempted_at IS NOT NULL \
+             ORDER BY id",
+            &[&id],
+        )
+        .await
+        .expect("attempts")
+        .iter()
+        .map(|r| r.get(0))
+        .collect()
+}
+
+/// No `per_min` + 1 attempts within one "minute", and they went in creation order.
+fn within_rate(attempts: &[i64], per_min: usize) {
+    assert!(
+        attempts.windows(2).all(|w| w[0] <= w[1]),
+        "out of order: {attempts:?}"
+    );
+    for w in attempts.windows(per_min + 1) {
+        assert!(
+            w[per_min] - w[0] >= MINUTE_MS,
+            "{} sends within {} ms: {attempts:?}",
+            per_min + 1,
+            w[per_min] - w[0]
+        );
+    }
+}
+
+#[tokio::test]
+async fn messages_go_out_in_order_at_the_sessions_rate_then_are_delivered_and_read() {
+    let env = TestEnv::new().await;
+    let (_, _w, api, key, id) = working_session(&env, 5).await;
+
+    let started = shared::db::now_ms();
+    let mut ids = vec![];
+    for i in 0..12 {
+        ids.push(send(&api, &key, &id, &format!("hello {i}")).await);
+    }
+    // Five in the first window, the rest after it.
+    let first = wait_messages(&api, &key, &id, Duration::from_secs(5), "sent five", |m| {
+        m.iter().filter(|m| m["sentAt"].is_i64()).count() >= 5
+    })
+    .await;
+    assert!(
+        first.iter().filter(|m| m["status"] == "queued").count() >= 6,
+        "more than five went out in the first window: {first:#?}"
+    );
+    let done = wait_messages(&api, &key, &id, Duration::from_secs(15), "all read", |m| {
+        m.len() == 12 && m.iter().all(|m| m["status"] == "read")
+    })
+    .await;
+    let listed: Vec<&str> = done.iter().filter_map(|m| m["id"].as_str()).collect();
+    assert_eq!(listed, ids.iter().map(String::as_str).collect::<Vec<_>>());
+    for m in &done {
+        assert!(m["deliveredAt"].as_i64() >= m["sentAt"].as_i64(), "{m}");
+        assert!(m["readAt"].as_i64() >= m["deliveredAt"].as_i64(), "{m}");
+    }
+    let attempts = attempts(&env, &id).await;
+    assert_eq!(attempts.len(), 12);
+    within_rate(&attempts, 5);
+    assert!(
+        attempts[11] - started >= 2 * MINUTE_MS,
+        "twelve at five a minute take more than two minutes: {attempts:?}"
+    );
+
+    // Every status change is an event, in order, on the organization's stream.
+    let events = env
+        .db
+        .get()
+        .await
+        .expect("db")
+        .query(
+            "SELECT payload FROM events WHERE session_id = $1 AND type = 'message.status' \
+             ORDER BY id",
+            &[&id],
+        )
+        .await
+        .expect("events");
+    let of_first: Vec<String> = events
+        .iter()
+        .map(|r| r.get::<_, Value>(0))
+        .filter(|p| p["messageId"] == ids[0].as_str())
+        .map(|p| p["status"].as_str().unwrap_or_default().to_owned())
+        .collect();
+    assert_eq!(of_first, ["sending", "sent", "delivered", "read"]);
+
+    // With `presenceTyping` (the default), each send was preceded by "typing…" for as long
+    // as its text takes to type.
+    let typed = env
+        .db
+        .get()
+        .await
+        .expect("db")
+        .query(
+            "SELECT sent_at - attempted_at, length(text) FROM messages WHERE session_id = $1",
+            &[&id],
+        )
+        .await
+        .expect("typing");
+    for r in typed {
+        let (took, chars): (i64, i32) = (r.get(0), r.get(1));
+        assert!(
+            took >= i64::from(chars) * TYPING_MS_PER_CHAR,
+            "{took} ms for {chars} chars"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_contacts_message_reaches_the_stream_and_is_marked_read_with_auto_read() {
+    let env = TestEnv::new().await;
+    let (_, _w, api, key, id) = working_session(&env, 5).await;
+    api.patch(
+        &format!("/api/v1/sessions/{id}"),
+        &key,
+        &json!({"autoRead": true}),
+    )
+    .await
+    .assert_status(200);
+    env.sim(
+        &id,
+        Command::SimMessage {
+            from: "6281100000002@s.whatsapp.net".into(),
+            text: "hi there".into(),
+        },
+    )
+    .await
+    .expect("the contact sends a message");
+    let client = env.db.get().await.expect("db");
+    eventually(Duration::from_secs(5), || async {
+        client
+            .query_opt(
+                "SELECT 1 FROM messages WHERE session_id = $1 AND direction = 'in' \
+                 AND text = 'hi there' AND read_at IS NOT NULL",
+                &[&id],
+            )
+            .await
+            .expect("query")
+            .is_some()
+    })
+    .await;
+    let event: Value = client
+        .query_one(
+            "SELECT payload FROM events WHERE session_id = $1 AND type = 'message.received'",
+            &[&id],
+        )
+        .await
+        .expect("event")
+        .get(0);
+    assert_eq!(event["from"], "6281100000002@s.whatsapp.net", "{event}");
+    assert_eq!(event["chat"], "6281100000002@s.whatsapp.net", "{event}");
+    assert_eq!(event["text"], "hi there", "{event}");
+    assert!(event["timestamp"].is_i64(), "{event}");
+}
+
+#[tokio::test]
+async fn the_limits_hold_across_a_worker_restart_mid_queue() {
+    let env = TestEnv::new().await;
+    let (gw, worker, api, key, id) = working_session(&env, 3).await;
+    for i in 0..6 {
+        send(&api, &key, &id, &format!("m{i}")).await;
+    }
+    wait_messages(&api, &key, &id, Duration::from_secs(5), "sent three", |m| {
+        m.iter().filter(|m| m["sentAt"].is_i64()).count() >= 3
+    })
+    .await;
+    worker.stop().await;
+    let _again = env
+        .start_worker(&gw, |c| {
+            fast_fleet(c);
+            quick_rates(c);
+        })
+        .await;
+    wait_messages(&api, &key, &id, Duration::from_secs(15), "all sent", |m| {
+        m.iter().all(|m| m["sentAt"].is_i64())
+    })
+    .await;
+    let attempts = attempts(&env, &id).await;
+    assert_eq!(attempts.len(), 6);
+    within_rate(&attempts, 3);
+}
+
+#[tokio::test]
+async fn stopping_a_session_fails_its_queue_and_a_send_cut_short_is_never_repeated() {
+    let env = TestEnv::new().await;
+    let (gw, worker, api, key, id) = working_session(&env, 1).await;
+    for i in 0..3 {
+        send(&api, &key, &id, &format!("m{i}")).await;
+    }
+    wait_messages(&api, &key, &id, Duration::from_secs(5), "one sent", |m| {
+        m.iter().any(|m| m["sentAt"].is_i64())
+    })
+    .await;
+    api.post(&format!("/api/v1/sessions/{id}:stop"), &key, None)
+        .await
+        .assert_status(200);
+    let m = messages(&api, &key, &id).await;
+    let failed: Vec<&Value> = m.iter().filter(|m| m["status"] == "failed").collect();
+    assert_eq!(failed.len(), 2, "{m:#?}");
+    assert!(
+        failed
+            .iter()
+            .all(|m| m["error"] == "the session was stopped"),
+        "{m:#?}"
+    );
+
+    // A worker that died between recording an attempt and its outcome: the next owner
+    // fails the message as `unknown` instead of sending it again.
+    worker.kill().await;
+    let cut_short = send(&api, &key, &id, "cut short").await;
+    env.db
+        .get()
+        .await
+        .expect("db")
+        .execute(
+            "UPDATE messages SET status = 'sending', attempted_at = $2 WHERE id = $1",
+            &[&cut_short, &shared::db::now_ms()],
+        )
+        .await
+        .expect("mark sending");
+    let _again = env.start_worker(&gw, quick_rates).await;
+    api.post(&format!("/api/v1/sessions/{id}:start"), &key, None)
+        .await
+        .assert_status(200);
+    let m = wait_messages(
+        &api,
+        &key,
+        &id,
+        Duration::from_secs(10),
+        "failed unknown",
+        |m| {
+            m.iter()
+                .any(|m| m["id"] == cut_short.as_str() && m["status"] == "failed")
+        },
+    )
+    .await;
+    let m = m
+        .iter()
+        .find(|m| m["id"] == cut_short.as_str())
+        .expect("listed");
+    assert!(
+        m["error"]
+            .as_str()
+            .is_some_and(|e| e.starts_with("unknown")),
+        "{m}"
+    );
+    assert_eq!(m["sentAt"], Value::Null, "{m}");
+}
+
+#[tokio::test]
+async fn messages_and_events_older_than_the_retention_are_pruned() {
+    let env = TestEnv::new().await;
+    let gw = env.gateway_id("sg");
+    // Stopped: its queued message waits rather than goes out.
+    let id = env.paired_sessions("org_a", &gw, 1, 1).await.remove(0);
+    let now = shared::db::now_ms();
+    let old = now - 8 * 86_400_000;
+    let client = env.db.get().await.expect("db");
+    for (mid, status, at) in [
+        ("01OLDREAD", "read", old),
+        ("01OLDQUEUED", "queued", old),
+        ("01NEWREAD", "read", now),
+    ] {
+        client
+            .execute(
+                "INSERT INTO messages (id, organization_id, session_id, peer, text, status, \
+                 created_at) VALUES ($1, 'org_a', $2, '1@s.whatsapp.net', 'x', $3, $4)",
+                &[&mid, &id, &status, &at],
+            )
+            .await
+            .expect("message");
+    }
+    for at in [old, now] {
+        client
+            .execute(
+                "INSERT INTO events (organization_id, session_id, type, payload, created_at) \
+                 VALUES ('org_a', $1, 'session.deleted', '{\"type\":\"session.deleted\"}', $2)",
+                &[&id, &at],
+            )
+            .await
+            .expect("event");
+    }
+    let _w = env
+        .start_worker(&gw, |c| {
+            fast_fleet(c);
+            c.prune_interval_ms = 100;
+        })
+        .await;
+    eventually(Duration::from_secs(10), || async {
+        let events: i64 = client
+            .query_one(
+                "SELECT count(*) FROM events WHERE session_id = $1 AND created_at < $2",
+                &[&id, &(now - 86_400_000)],
+            )
+            .await
+            .expect("events")
+            .get(0);
+        events == 0
+    })
+    .await;
+    let left: Vec<String> = client
+        .query(
+            "SELECT id FROM messages WHERE session_id = $1 ORDER BY id",
+            &[&id],
+        )
+        .await
+        .expect("messages")
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    // A message still waiting is never pruned, however old.
+    assert_eq!(left, ["01NEWREAD", "01OLDQUEUED"]);
+}

@@ -1,0 +1,319 @@
+//! Sending a session's messages: in order, one at a time, never more than `ratePerMin` in any
+//! minute nor `ratePerHour` in any hour.
+//!
+//! The queue is the session's `queued` rows in Postgres; the actor is woken to look at it
+//! ([`Actor::pump`]) when messages are queued (`SendMessages`), when the session's settings
+//! change, when its connection comes up, and when the rate windows let the next one go. The
+//! windows count send *attempts* as recorded in Postgres, so they hold across a restart, a
+//! drain and a failover. An attempt is recorded before the send: a message whose worker died
+//! mid-send is found `sending` by the next owner and ends `failed` (`unknown`), never sent
+//! twice.
+
+use std::{collections::VecDeque, time::Duration};
+
+use shared::{db::now_ms, message::MessageStatus, protocol::EventKind, session::SessionStatus};
+
+use super::{Actor, Flow, back_off};
+use crate::{
+    driver::Inbound,
+    store::messages::{self, Change, Which},
+};
+
+/// What a message left `sending` by a worker that stopped says.
+pub(super) const UNKNOWN: &str =
+    "unknown: the worker sending it stopped before recording the outcome; not sent again";
+
+/// When the next attempt may start, given the earlier attempts (oldest first, all within the
+/// last hour): `None` when it may start now.
+pub(super) fn next_allowed(
+    attempts: &VecDeque<i64>,
+    now: i64,
+    per_min: i64,
+    per_hour: i64,
+    minute_ms: i64,
+) -> Option<i64> {
+    // With `n` allowed per window `w`, the next may go once the n-th latest attempt has left it.
+    let free_at = |n: i64, w: i64| {
+        let n = usize::try_from(n.max(1)).unwrap_or(usize::MAX);
+        match attempts.len().checked_sub(n) {
+            Some(i) => attempts[i] + w,
+            None => i64::MIN,
+        }
+    };
+    let at = free_at(per_min, minute_ms).max(free_at(per_hour, minute_ms * 60));
+    (at > now).then_some(at)
+}
+
+impl Actor {
+    /// Wakes the sender as soon as the actor is free.
+    pub(super) fn pump_soon(&mut self) {
+        self.send_at = Some(tokio::time::Instant::now());
+    }
+
+    fn pump_in(&mut self, ms: i64) {
+        let wait = Duration::from_millis(u64::try_from(ms).unwrap_or(0));
+        self.send_at = Some(tokio::time::Instant::now() + wait);
+    }
+
+    /// Sends the session's next queued message if it is connected and its limits allow, then
+    /// plans the next look.
+    pub(super) async fn pump(&mut self) -> Flow {
+        self.send_at = None;
+        if self.row.status != SessionStatus::Working || self.conn.is_none() {
+            return Flow::Continue;
+        }
+        let now = now_ms();
+        let minute = self.ctx.rate_minute_ms;
+        let hour = minute * 60;
+        let mut attempts = match self.attempts.take() {
+            Some(a) => a,
+            None => match messages::attempts_since(&self.ctx.db, &self.row.id, now - hour).await {
+                Ok(a) => VecDeque::from(a),
+                Err(e) => {
+                    tracing::warn!(session_id = %self.row.id, error = %e, "cannot read the send window; retrying");
+                    self.pump_in(1_000);
+                    return Flow::Continue;
+                }
+            },
+        };
+        while attempts.front().is_some_and(|t| *t <= now - hour) {
+            attempts.pop_front();
+        }
+        let limits = (
+            i64::from(self.row.rate_per_min),
+            i64::from(self.row.rate_per_hour),
+        );
+        let wait = next_allowed(&attempts, now, limits.0, limits.1, minute);
+        self.attempts = Some(attempts);
+        if let Some(at) = wait {
+            metrics::counter!("worker_message_rate_waits_total").increment(1);
+            self.pump_in(at - now);
+            return Flow::Continue;
+        }
+        let message = match messages::next_queued(&self.ctx.db, &self.row.id).await {
+            Ok(Some(m)) => m,
+            Ok(None) => return Flow::Continue,
+            Err(e) => {
+                tracing::warn!(session_id = %self.row.id, error = %e, "cannot read the message queue; retrying");
+                self.pump_in(1_000);
+                return Flow::Continue;
+            }
+        };
+        // The attempt is on record before anything goes out.
+        let sending = Change {
+            from: &[MessageStatus::Queued],
+            to: MessageStatus::Sending,
+            error: None,
+            wa_message_id: None,
+        };
+        match messages::set_status(
+            &self.ctx.db,
+            &self.row,
+            self.epoch,
+            Which::Id(&message.id),
+            &sending,
+            now,
+        )
+        .await
+        {
+            Ok(Some(events)) if events.is_empty() => {
+                // Failed or moved meanwhile: on to the next.
+                self.pump_soon();
+                return Flow::Continue;
+            }
+            Ok(Some(events)) => self.ctx.outbox.events(&events).await,
+            Ok(None) => return self.lost(),
+            Err(e) => {
+                tracing::warn!(session_id = %self.row.id, error = %e, "cannot record a send attempt; retrying");
+                self.pump_in(1_000);
+                return Flow::Continue;
+            }
+        }
+        if let Some(a) = self.attempts.as_mut() {
+            a.push_back(now);
+        }
+        if self.row.presence_typing {
+            // "typing…" for as long as a person would take to type it, within bounds.
+            let chars = u64::try_from(message.text.chars().count()).unwrap_or(u64::MAX);
+            let wait = self
+                .ctx
+                .typing_per_char
+                .saturating_mul(chars.min(u64::from(u32::MAX)) as u32);
+            let wait = wait.min(self.ctx.typing_max);
+            if let Some(conn) = self.conn.as_mut()
+                && let Err(e) = conn.typing(&message.to).await
+            {
+                tracing::debug!(session_id = %self.row.id, error = %e, "cannot show typing");
+            }
+            let lost = self.lease.lost.clone();
+            let cut = tokio::select! {
+                _ = lost.cancelled() => true,
+                _ = tokio::time::sleep(wait) => false,
+            };
+            if cut {
+                return self.lost();
+            }
+        }
+        let Some(conn) = self.conn.as_mut() else {
+            return Flow::Continue;
+        };
+        let sent = conn.send_text(&message.to, &message.text).await;
+        let error = sent.as_ref().err().map(ToString::to_string);
+        let outcome = match &sent {
+            Ok(wa_id) => Change {
+                from: &[MessageStatus::Sending],
+                to: MessageStatus::Sent,
+                error: None,
+                wa_message_id: Some(wa_id),
+            },
+            Err(_) => Change {
+                from: &[MessageStatus::Sending],
+                to: MessageStatus::Failed,
+                error: error.as_deref(),
+                wa_message_id: None,
+            },
+        };
+        metrics::counter!("worker_messages_total", "gateway" => self.ctx.gateway_id.clone(), "outcome" => outcome.to.as_str())
+            .increment(1);
+        let flow = self.set_messages(Which::Id(&message.id), &outcome).await;
+        self.pump_soon();
+        flow
+    }
+
+    /// The recipient's phone got or read a message.
+    pub(super) async fn on_receipt(&mut self, wa_message_id: &str, read: bool) -> Flow {
+        let change = if read {
+            Change {
+                from: &[MessageStatus::Sent, MessageStatus::Delivered],
+                to: MessageStatus::Read,
+                error: None,
+                wa_message_id: None,
+            }
+        } else {
+            Change {
+                from: &[MessageStatus::Sent],
+                to: MessageStatus::Delivered,
+                error: None,
+                wa_message_id: None,
+            }
+        };
+        self.set_messages(Which::WaId(wa_message_id), &change).await
+    }
+
+    /// A message reached the number: stored, streamed, and marked read with `autoRead`.
+    pub(super) async fn on_inbound(&mut self, m: Inbound) -> Flow {
+        let mut backoff = Duration::from_millis(100);
+        let event = loop {
+            match messages::insert_inbound(&self.ctx.db, &self.row, self.epoch, &m, now_ms()).await
+            {
+                Ok(Some(event)) => break event,
+                Ok(None) => return self.lost(),
+                Err(e) => {
+                    tracing::warn!(session_id = %self.row.id, error = %e, "could not store a received message; retrying");
+                    if !back_off(&self.lease.clone(), &mut backoff).await {
+                        return self.lost();
+                    }
+                }
+            }
+        };
+        let Some(event) = event else {
+            return Flow::Continue; // delivered twice
+        };
+        metrics::counter!("worker_messages_received_total").increment(1);
+        self.ctx.outbox.events(std::slice::from_ref(&event)).await;
+        if self.row.auto_read
+            && let Some(conn) = self.conn.as_mut()
+        {
+            match conn.mark_read(&m).await {
+                Ok(()) => {
+                    if let EventKind::MessageReceived { message_id, .. } = &event.kind
+                        && let Err(e) =
+                            messages::mark_inbound_read(&self.ctx.db, message_id, now_ms()).await
+                    {
+                        tracing::warn!(session_id = %self.row.id, error = %e, "could not record a read receipt");
+                    }
+                }
+                Err(e) => {
+                    tracing::debug!(session_id = %self.row.id, error = %e, "cannot mark a message read")
+                }
+            }
+        }
+        Flow::Continue
+    }
+
+    /// Fails every queued message of the session (it was stopped or logged out).
+    pub(super) async fn fail_queued(&mut self, why: &str) -> Flow {
+        self.send_at = None;
+        let change = Change {
+            from: &[MessageStatus::Queued],
+            to: MessageStatus::Failed,
+            error: Some(why),
+            wa_message_id: None,
+        };
+        self.set_messages(Which::All, &change).await
+    }
+
+    /// A message a previous owner was sending when it stopped may or may not have gone out:
+    /// it ends `failed` rather than risk sending it twice.
+    pub(super) async fn forget_unknown_sends(&mut self) -> Flow {
+        let change = Change {
+            from: &[MessageStatus::Sending],
+            to: MessageStatus::Failed,
+            error: Some(UNKNOWN),
+            wa_message_id: None,
+        };
+        self.set_messages(Which::All, &change).await
+    }
+
+    /// Writes a status change of messages with its events and publishes them, retrying a
+    /// failed write until it lands or the lease is lost.
+    async fn set_messages(&mut self, which: Which<'_>, change: &Change<'_>) -> Flow {
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            match messages::set_status(&self.ctx.db, &self.row, self.epoch, which, change, now_ms())
+                .await
+            {
+                Ok(Some(events)) => {
+                    self.ctx.outbox.events(&events).await;
+                    return Flow::Continue;
+                }
+                Ok(None) => return self.lost(),
+                Err(e) => {
+                    tracing::warn!(session_id = %self.row.id, error = %e, "could not record a message's status; retrying");
+                    if !back_off(&self.lease.clone(), &mut backoff).await {
+                        return self.lost();
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MIN: i64 = 60_000;
+
+    #[test]
+    fn the_minute_window_lets_the_next_go_when_the_oldest_leaves_it() {
+        let a: VecDeque<i64> = [1_000, 2_000, 3_000].into();
+        assert_eq!(next_allowed(&a, 3_500, 5, 600, MIN), None);
+        assert_eq!(next_allowed(&a, 3_500, 3, 600, MIN), Some(1_000 + MIN));
+        assert_eq!(next_allowed(&a, 3_500, 2, 600, MIN), Some(2_000 + MIN));
+        assert_eq!(next_allowed(&a, 1_000 + MIN, 3, 600, MIN), None);
+    }
+
+    #[test]
+    fn the_hour_window_binds_when_it_is_tighter() {
+        let a: VecDeque<i64> = (0..10).map(|i| i * MIN).collect();
+        let now = 9 * MIN + 1;
+        assert_eq!(next_allowed(&a, now, 5, 10, MIN), Some(60 * MIN));
+        assert_eq!(next_allowed(&a, now, 5, 11, MIN), None);
+    }
+
+    #[test]
+    fn nothing_sent_means_free_to_send() {
+        assert_eq!(next_allowed(&VecDeque::new(), 0, 1, 1, MIN), None);
+    }
+}

@@ -1,0 +1,231 @@
+//! The worker's side of the `messages` table: the next message of a session's queue, the
+//! send attempts its rate windows count, and every status change of a message, written with
+//! its `message.status` event in one transaction, fenced by the session's lease.
+
+use deadpool_postgres::{GenericClient, Pool};
+
+use crate::driver::Inbound;
+use shared::{
+    Result,
+    message::{Message, MessageStatus},
+    protocol::{Event, EventKind},
+    session::Session,
+    store::{events, messages},
+};
+
+/// A transaction holding the session's row share-locked at `epoch` (a claim by another
+/// worker waits for it), or `None` when the lease is no longer `epoch`.
+async fn fenced<'a>(
+    client: &'a mut deadpool_postgres::Object,
+    session_id: &str,
+    epoch: i64,
+) -> Result<Option<deadpool_postgres::Transaction<'a>>> {
+    let tx = client.transaction().await?;
+    let fence = tx
+        .prepare_cached("SELECT 1 FROM sessions WHERE id = $1 AND lease_epoch = $2 FOR SHARE")
+        .await?;
+    if tx
+        .query_opt(&fence, &[&session_id, &epoch])
+        .await?
+        .is_none()
+    {
+        return Ok(None);
+    }
+    Ok(Some(tx))
+}
+
+/// The oldest queued message of the session.
+pub async fn next_queued(db: &Pool, session_id: &str) -> Result<Option<Message>> {
+    let client = db.get().await?;
+    let sql = format!(
+        "SELECT {} FROM messages WHERE session_id = $1 AND status = 'queued' \
+         ORDER BY id LIMIT 1",
+        messages::COLUMNS
+    );
+    let stmt = client.prepare_cached(&sql).await?;
+    Ok(client
+        .query_opt(&stmt, &[&session_id])
+        .await?
+        .as_ref()
+        .map(messages::from_row))
+}
+
+/// When the session's send attempts since `since` began, oldest first: what its rate
+/// windows count, whichever worker made them.
+pub async fn attempts_since(db: &Pool, session_id: &str, since: i64) -> Result<Vec<i64>> {
+    let client = db.get().await?;
+    let stmt = client
+        .prepare_cached(
+            "SELECT attempted_at FROM messages WHERE session_id = $1 AND attempted_at > $2 \
+             ORDER BY attempted_at",
+        )
+        .await?;
+    Ok(client
+        .query(&stmt, &[&session_id, &since])
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect())
+}
+
+/// Which messages a status change applies to.
+#[derive(Debug, Clone, Copy)]
+pub enum Which<'a> {
+    /// One message, by id.
+    Id(&'a str),
+    /// The message WhatsApp knows by this id (a receipt).
+    WaId(&'a str),
+    /// Every message of the session in one of the `from` statuses.
+    All,
+}
+
+/// A status change: to `to`, from any of `from`, stamping what it says.
+pub struct Change<'a> {
+    pub from: &'a [MessageStatus],
+    pub to: MessageStatus,
+    pub error: Option<&'a str>,
+    pub wa_message_id: Option<&'a str>,
+}
+
+/// Applies `change` to the session's messages that `which` names, with one `message.status`
+/// event each; `None` when the session's lease is no longer `epoch` (nothing written).
+pub async fn set_status(
+    db: &Pool,
+    session: &Session,
+    epoch: i64,
+    which: Which<'_>,
+    change: &Change<'_>,
+    now: i64,
+) -> Result<Option<Vec<Event>>> {
+    let mut client = db.get().await?;
+    let Some(tx) = fenced(&mut client, &session.id, epoch).await? else {
+        return Ok(None);
+    };
+    let stmt = tx
+        .prepare_cached(
+            "UPDATE messages SET status = $3, error = COALESCE($4, error), \
+             wa_message_id = COALESCE($5, wa_message_id), \
+             attempted_at = CASE WHEN $3 = 'sending' THEN $6 ELSE attempted_at END, \
+             sent_at = CASE WHEN $3 = 'sent' THEN $6 ELSE sent_at END, \
+             delivered_at = CASE WHEN $3 = 'delivered' THEN $6 \
+                 WHEN $3 = 'read' THEN COALESCE(delivered_at, $6) ELSE delivered_at END, \
+             read_at = CASE WHEN $3 = 'read' THEN $6 ELSE read_at END \
+             WHERE session_id = $1 AND status = ANY($2) AND direction = 'out' \
+             AND CASE $7::text WHEN 'id' THEN id = $8 WHEN 'wa' THEN wa_message_id = $8 \
+                 ELSE true END \
+             RETURNING id",
+        )
+        .await?;
+    let from: Vec<&str> = change.from.iter().map(|s| s.as_str()).collect();
+    let (mode, key) = match which {
+        Which::Id(id) => ("id", Some(id)),
+        Which::WaId(id) => ("wa", Some(id)),
+        Which::All => ("all", None),
+    };
+    let rows = tx
+        .query(
+            &stmt,
+            &[
+                &session.id,
+                &from,
+                &change.to.as_str(),
+                &change.error,
+                &change.wa_message_id,
+                &now,
+                &mode,
+                &key,
+            ],
+        )
+        .await?;
+    let mut appended = Vec::with_capacity(rows.len());
+    for row in rows {
+        let kind = EventKind::MessageStatus {
+            message_id: row.get(0),
+            status: change.to,
+            error: change.error.map(str::to_owned),
+        };
+        appended.push(events::append(&tx, &session.organization_id, &session.id, kind, now).await?);
+    }
+    tx.commit().await?;
+    Ok(Some(appended))
+}
+
+/// Stores a message that reached the session, with its `message.received` event; `None` when
+/// the lease is no longer `epoch`. A message WhatsApp delivers twice is stored once.
+pub async fn insert_inbound(
+    db: &Pool,
+    session: &Session,
+    epoch: i64,
+    m: &Inbound,
+    now: i64,
+) -> Result<Option<Option<Event>>> {
+    let mut client = db.get().await?;
+    let Some(tx) = fenced(&mut client, &session.id, epoch).await? else {
+        return Ok(None);
+    };
+    let stmt = tx
+        .prepare_cached(
+            "INSERT INTO messages (id, organization_id, session_id, direction, peer, text, \
+             status, wa_message_id, created_at, sent_at) \
+             SELECT $1, $2, $3, 'in', $4, $5, 'received', $6, $7, $8 \
+             WHERE NOT EXISTS (SELECT 1 FROM messages WHERE session_id = $3 \
+                 AND wa_message_id = $6 AND direction = 'in') \
+             RETURNING id",
+        )
+        .await?;
+    let id = ulid::Ulid::new().to_string();
+    let inserted = tx
+        .query_opt(
+            &stmt,
+            &[
+                &id,
+                &session.organization_id,
+                &session.id,
+                &m.from,
+                &m.text,
+                &m.id,
+                &now,
+                &m.timestamp,
+            ],
+        )
+        .await?;
+    if inserted.is_none() {
+        return Ok(Some(None));
+    }
+    let kind = EventKind::MessageReceived {
+        message_id: id,
+        from: m.from.clone(),
+        chat: m.chat.clone(),
+        text: m.text.clone(),
+        timestamp: m.timestamp,
+    };
+    let event = events::append(&tx, &session.organization_id, &session.id, kind, now).await?;
+    tx.commit().await?;
+    Ok(Some(Some(event)))
+}
+
+/// Records that the session marked a message it received read.
+pub async fn mark_inbound_read(db: &Pool, message_id: &str, now: i64) -> Result<()> {
+    let client = db.get().await?;
+    let stmt = client
+        .prepare_cached("UPDATE messages SET read_at = $2 WHERE id = $1 AND direction = 'in'")
+        .await?;
+    client.execute(&stmt, &[&message_id, &now]).await?;
+    Ok(())
+}
+
+/// How many messages wait on the gateway's sessions, and how long the oldest has (ms).
+pub async fn queue_depth(db: &Pool, gateway_id: &str) -> Result<(i64, i64)> {
+    let client = db.get().await?;
+    let stmt = client
+        .prepare_cached(
+            "SELECT count(*), COALESCE($2 - min(m.created_at), 0) FROM messages m \
+             JOIN sessions s ON s.id = m.session_id \
+             WHERE s.gateway_id = $1 AND m.status = 'queued'",
+        )
+        .await?;
+    let row = client
+        .query_one(&stmt, &[&gateway_id, &shared::db::now_ms()])
+        .await?;
+    Ok((row.get(0), row.get(1)))
+}
