@@ -94,3 +94,50 @@ pub fn median(mut xs: Vec<f64>) -> f64 {
         xs[xs.len() / 2]
     }
 }
+
+/// An api as the product is configured by default, not with the tests' short cache lifetimes.
+pub async fn default_api(env: &crate::TestEnv) -> crate::Api {
+    use clap::Parser;
+    let defaults = api::Config::parse_from(["api"]);
+    env.start_api(|c| {
+        c.api_key_cache_ttl_ms = defaults.api_key_cache_ttl_ms;
+        c.fleet_refresh_ms = defaults.fleet_refresh_ms;
+        c.session_cache_ttl_ms = defaults.session_cache_ttl_ms;
+    })
+    .await
+}
+
+/// A worker for `gateway_id` with the product's default pool size and heartbeat.
+pub async fn default_worker(env: &crate::TestEnv, gateway_id: &str) -> crate::Worker {
+    use clap::Parser;
+    let defaults = worker::Config::parse_from(["worker"]);
+    env.start_worker(gateway_id, |c| {
+        c.db.database_pool_size = defaults.db.database_pool_size;
+        c.heartbeat_interval_ms = defaults.heartbeat_interval_ms;
+    })
+    .await
+}
+
+/// A load's answer: read whole when it succeeded, its status and body as the error if not.
+pub async fn success(r: reqwest::Response) -> Result<(), String> {
+    if !r.status().is_success() {
+        return Err(format!(
+            "status {}: {}",
+            r.status(),
+            r.text().await.unwrap_or_default()
+        ));
+    }
+    r.bytes().await.map_err(|e| e.to_string())?;
+    Ok(())
+}
+
+/// `n` new (unpaired) sessions on `gateway_id`, created through the api; their ids.
+pub async fn new_sessions(api: &crate::Api, key: &str, gateway_id: &str, n: usize) -> Vec<String> {
+    let mut ids = Vec::with_capacity(n);
+    for i in 0..n {
+        let body = serde_json::json!({"label": format!("bench {i}"), "gatewayId": gateway_id});
+        let s = api.create_session(key, body).await;
+        ids.push(s["id"].as_str().expect("id").to_owned());
+    }
+    ids
+}

@@ -11,7 +11,6 @@ use std::{
     time::Duration,
 };
 
-use clap::Parser;
 use futures::StreamExt;
 use lapin::{
     BasicProperties, Channel, Confirmation,
@@ -21,10 +20,9 @@ use lapin::{
     },
     types::FieldTable,
 };
-use serde_json::json;
 use tests::{
     TestEnv, amqp_url,
-    bench::{Round, load, median, ms, plan},
+    bench::{Round, default_api, default_worker, load, median, ms, new_sessions, plan, success},
 };
 use tokio::sync::oneshot;
 
@@ -147,33 +145,10 @@ async fn main() {
     let (rounds, secs) = plan();
     let env = TestEnv::new().await;
     let gw = env.gateway_id("bench");
-    let worker_defaults = worker::Config::parse_from(["worker"]);
-    let _worker = env
-        .start_worker(&gw, |c| {
-            c.db.database_pool_size = worker_defaults.db.database_pool_size;
-            c.heartbeat_interval_ms = worker_defaults.heartbeat_interval_ms;
-        })
-        .await;
-    // The product as configured by default, not with the tests' short cache lifetimes.
-    let defaults = api::Config::parse_from(["api"]);
-    let api = env
-        .start_api(|c| {
-            c.api_key_cache_ttl_ms = defaults.api_key_cache_ttl_ms;
-            c.fleet_refresh_ms = defaults.fleet_refresh_ms;
-            c.session_cache_ttl_ms = defaults.session_cache_ttl_ms;
-        })
-        .await;
+    let _worker = default_worker(&env, &gw).await;
+    let api = default_api(&env).await;
     let key = env.api_key("org_bench", &["read", "manage"]).await;
-    let mut ids = Vec::new();
-    for i in 0..SESSIONS {
-        let s = api
-            .create_session(
-                &key,
-                json!({"label": format!("bench {i}"), "gatewayId": gw}),
-            )
-            .await;
-        ids.push(s["id"].as_str().expect("id").to_owned());
-    }
+    let ids = new_sessions(&api, &key, &gw, SESSIONS).await;
     let ids = Arc::new(ids);
 
     // The baseline: its own gateway queue, beside the product's.
@@ -248,15 +223,7 @@ async fn main() {
                     .send()
                     .await
                     .map_err(|e| e.to_string())?;
-                if r.status() != 200 {
-                    return Err(format!(
-                        "status {}: {}",
-                        r.status(),
-                        r.text().await.unwrap_or_default()
-                    ));
-                }
-                r.bytes().await.map_err(|e| e.to_string())?;
-                Ok(())
+                success(r).await
             }
         })
     };

@@ -275,6 +275,52 @@ async fn the_limits_hold_across_a_worker_restart_mid_queue() {
 }
 
 #[tokio::test]
+async fn a_drained_sessions_queue_moves_with_it_and_keeps_its_rate() {
+    let env = TestEnv::new().await;
+    let (a, _wa, api, key, id) = working_session(&env, 3).await;
+    let b = env.gateway_id("sg");
+    let _wb = env
+        .start_worker(&b, |c| {
+            fast_fleet(c);
+            quick_rates(c);
+        })
+        .await;
+    for i in 0..8 {
+        send(&api, &key, &id, &format!("m{i}")).await;
+    }
+    wait_messages(&api, &key, &id, Duration::from_secs(5), "sent three", |m| {
+        m.iter().filter(|m| m["sentAt"].is_i64()).count() >= 3
+    })
+    .await;
+    super::fleet::set_state(&env, &a, shared::fleet::GatewayState::Draining).await;
+    let done = wait_messages(&api, &key, &id, Duration::from_secs(20), "all sent", |m| {
+        m.iter().all(|m| m["sentAt"].is_i64())
+    })
+    .await;
+    let session = api.get(&format!("/api/v1/sessions/{id}"), &key).await;
+    assert_eq!(session.body["gatewayId"], b.as_str(), "moved to the peer");
+    // The peer went on where the drained worker stopped: in order, within the rate the
+    // drained worker's sends had already used, each text once.
+    within_rate(&attempts(&env, &id).await, 3);
+    let texts: Vec<String> = env
+        .db
+        .get()
+        .await
+        .expect("db")
+        .query(
+            "SELECT text FROM sim_messages WHERE device = $1 ORDER BY at, id",
+            &[&id],
+        )
+        .await
+        .expect("sim messages")
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let sent: Vec<&str> = done.iter().filter_map(|m| m["text"].as_str()).collect();
+    assert_eq!(texts, sent, "each once, in order");
+}
+
+#[tokio::test]
 async fn stopping_a_session_fails_its_queue_and_a_send_cut_short_is_never_repeated() {
     let env = TestEnv::new().await;
     let (gw, worker, api, key, id) = working_session(&env, 1).await;
@@ -404,4 +450,107 @@ async fn messages_and_events_older_than_the_retention_are_pruned() {
         .collect();
     // A message still waiting is never pruned, however old.
     assert_eq!(left, ["01NEWREAD", "01OLDQUEUED"]);
+}
+
+#[tokio::test]
+async fn a_worker_killed_mid_send_sends_nothing_twice() {
+    let env = TestEnv::new().await;
+    let gw = env.gateway_id("sg");
+    let id = env.paired_sessions("org_a", &gw, 1, 0).await.remove(0);
+    let quick = [
+        ("TYPING_MS_PER_CHAR", "5".to_owned()),
+        ("SIM_DELIVER_DELAY_MS", "50".to_owned()),
+        ("SIM_READ_DELAY_MS", "100".to_owned()),
+    ];
+    let mut first = tests::process::WorkerProcess::spawn(&env, &gw, &quick);
+    let api = env.start_api(|_| {}).await;
+    let key = env.api_key("org_a", &["read", "manage"]).await;
+    api.wait_session(&key, &id, "working", |s| s["status"] == "working")
+        .await;
+    api.patch(
+        &format!("/api/v1/sessions/{id}"),
+        &key,
+        &json!({"ratePerMin": 1000, "ratePerHour": 60000}),
+    )
+    .await
+    .assert_status(200);
+    for i in 0..60 {
+        send(&api, &key, &id, &format!("unique text {i:02}")).await;
+    }
+    // Killed while the queue drains.
+    wait_messages(&api, &key, &id, Duration::from_secs(10), "some sent", |m| {
+        m.iter().filter(|m| m["sentAt"].is_i64()).count() >= 10
+    })
+    .await;
+    first.kill_9();
+
+    let _second = tests::process::WorkerProcess::spawn(&env, &gw, &quick);
+    let done = wait_messages(
+        &api,
+        &key,
+        &id,
+        Duration::from_secs(40),
+        "all settled",
+        |m| {
+            m.len() == 60
+                && m.iter()
+                    .all(|m| !matches!(m["status"].as_str(), Some("queued" | "sending")))
+        },
+    )
+    .await;
+
+    // What the recipient's phone got: each text at most once, and every message the API
+    // says went out, exactly once.
+    let client = env.db.get().await.expect("db");
+    let received: Vec<(String, i64)> = client
+        .query(
+            "SELECT text, count(*) FROM sim_messages WHERE device = $1 GROUP BY text",
+            &[&id],
+        )
+        .await
+        .expect("sim messages")
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    assert!(received.iter().all(|(_, n)| *n == 1), "{received:?}");
+    for m in &done {
+        let got = received.iter().any(|(t, _)| m["text"] == t.as_str());
+        match m["status"].as_str() {
+            Some("sent" | "delivered" | "read") => assert!(got, "{m}"),
+            // Sent or not, it is never sent again: a cut-short attempt is `unknown`.
+            _ => assert!(
+                m["error"]
+                    .as_str()
+                    .is_some_and(|e| e.starts_with("unknown")),
+                "{m}"
+            ),
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_send_the_network_refuses_fails_with_its_reason() {
+    let env = TestEnv::new().await;
+    let (_, _w, api, key, id) = working_session(&env, 5).await;
+    let r = api
+        .post(
+            &format!("/api/v1/sessions/{id}/messages"),
+            &key,
+            Some(&json!({"to": "+999 1234 5678", "text": "anyone there?"})),
+        )
+        .await;
+    r.assert_status(202);
+    let mid = r.body["id"].as_str().expect("id").to_owned();
+    let m = wait_messages(&api, &key, &id, Duration::from_secs(5), "failed", |m| {
+        m.iter()
+            .any(|m| m["id"] == mid.as_str() && m["status"] == "failed")
+    })
+    .await;
+    let m = m.iter().find(|m| m["id"] == mid.as_str()).expect("listed");
+    assert!(
+        m["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("not on WhatsApp")),
+        "{m}"
+    );
 }

@@ -492,10 +492,15 @@ impl Phone {
                         timestamp: now_ms(),
                     })));
                 }
-                Control::Send(to, _text, tx) => {
-                    let id = format!("SIM{}", ulid::Ulid::new());
-                    let _ = tx.send(Ok(id.clone()));
-                    self.recipient_reads(to, id);
+                Control::Send(to, text, tx) => {
+                    let sent = self
+                        .server
+                        .accept_message(&self.session_id, &to, &text)
+                        .await;
+                    if let Ok(id) = &sent {
+                        self.recipient_reads(to, id.clone());
+                    }
+                    let _ = tx.send(sent);
                 }
                 Control::Scan(_, tx) => refuse(tx, "the session is already paired"),
                 Control::PairCode(_, tx) => refuse(tx, "the session is already paired"),

@@ -90,6 +90,40 @@ impl SimServer {
         answer.await.map_err(|_| unavailable())?
     }
 
+    /// The device sends `text` to `recipient`: recorded as received by the recipient's phone,
+    /// answering WhatsApp's id of the message. Numbers starting with 999 are not on
+    /// WhatsApp: a send to one fails, as a real one would.
+    pub async fn accept_message(
+        &self,
+        device: &str,
+        recipient: &str,
+        text: &str,
+    ) -> Result<String, DriverError> {
+        if recipient.starts_with("999") {
+            return Err(DriverError::Refused(format!(
+                "{recipient} is not on WhatsApp (the simulator's numbers starting with 999 are not)"
+            )));
+        }
+        let id = format!("SIM{}", ulid::Ulid::new());
+        let recorded = async {
+            let client = self.db.get().await?;
+            let stmt = client
+                .prepare_cached(&format!(
+                    "INSERT INTO sim_messages (id, device, recipient, text, at) \
+                     VALUES ($1, $2, $3, $4, {DB_NOW_MS})"
+                ))
+                .await?;
+            client
+                .execute(&stmt, &[&id, &device, &recipient, &text])
+                .await?;
+            Ok::<_, Error>(())
+        };
+        recorded.await.map_err(|e| {
+            DriverError::Connection(format!("the simulated server is unreachable: {e}"))
+        })?;
+        Ok(id)
+    }
+
     /// The connection closed; the server forgets it (not a newer one of the device).
     pub async fn logoff(&self, device: &str, connection: u64) {
         let gone = async {

@@ -136,6 +136,17 @@ mod tests {
         PairingQrCode, PairingQrCodesExhausted, StreamReplaced, TempBanReason, TemporaryBan,
     };
 
+    use std::sync::Arc;
+
+    use wacore::{
+        proto_helpers::MessageBuilderExt,
+        types::{
+            events::{BatchOrigin, InboundMessage, MessageBatch, Receipt},
+            message::{MessageInfo, MessageSource},
+        },
+    };
+    use whatsapp_rust::waproto::whatsapp as wa;
+
     use super::*;
 
     const NOW: i64 = 1_700_000_000_000;
@@ -278,6 +289,91 @@ mod tests {
             };
             assert_eq!((reason, retry), (StatusReason::ClientOutdated, false));
         }
+    }
+
+    fn inbound(id: &str, from: &str, from_me: bool, message: wa::Message) -> InboundMessage {
+        let info = MessageInfo {
+            source: MessageSource {
+                chat: jid(from),
+                sender: jid(from),
+                is_from_me: from_me,
+                ..Default::default()
+            },
+            id: id.into(),
+            timestamp: wacore::chrono::DateTime::from_timestamp_millis(NOW).expect("time"),
+            ..Default::default()
+        };
+        InboundMessage::builder()
+            .message(Arc::new(message))
+            .info(Arc::new(info))
+            .build()
+    }
+
+    #[test]
+    fn a_batch_gives_the_texts_others_wrote_and_nothing_else() {
+        let batch = MessageBatch::builder()
+            .messages(Arc::from(vec![
+                inbound(
+                    "A1",
+                    "6281100000002:3@s.whatsapp.net",
+                    false,
+                    wa::Message::text("hi"),
+                ),
+                // Our own send echoed back, and a message with no text (a sticker, say).
+                inbound(
+                    "A2",
+                    "6281100000009@s.whatsapp.net",
+                    true,
+                    wa::Message::text("mine"),
+                ),
+                inbound(
+                    "A3",
+                    "6281100000002@s.whatsapp.net",
+                    false,
+                    wa::Message::default(),
+                ),
+            ]))
+            .origin(BatchOrigin::Live)
+            .build();
+        assert_eq!(
+            map_all(&Event::Messages(batch), NOW),
+            [DriverEvent::Message(Box::new(Inbound {
+                id: "A1".into(),
+                from: "6281100000002@s.whatsapp.net".into(),
+                chat: "6281100000002@s.whatsapp.net".into(),
+                text: "hi".into(),
+                timestamp: NOW,
+            }))]
+        );
+    }
+
+    #[test]
+    fn receipts_say_delivered_or_read_for_each_message_they_name() {
+        let receipt = |t: ReceiptType| {
+            Event::Receipt(
+                Receipt::builder()
+                    .source(MessageSource::default())
+                    .message_ids(vec!["M1".into(), "M2".into()])
+                    .timestamp(wacore::chrono::Utc::now())
+                    .r#type(t)
+                    .offline(false)
+                    .build(),
+            )
+        };
+        let each = |read| {
+            ["M1", "M2"]
+                .map(|id| DriverEvent::Receipt {
+                    message_id: id.into(),
+                    read,
+                })
+                .to_vec()
+        };
+        assert_eq!(map_all(&receipt(ReceiptType::Delivered), NOW), each(false));
+        assert_eq!(map_all(&receipt(ReceiptType::Read), NOW), each(true));
+        assert_eq!(map_all(&receipt(ReceiptType::Played), NOW), each(true));
+        // Not about the recipient's phone: nothing to record.
+        assert_eq!(map_all(&receipt(ReceiptType::Retry), NOW), []);
+        assert_eq!(map_all(&receipt(ReceiptType::Sender), NOW), []);
     }
 
     #[test]

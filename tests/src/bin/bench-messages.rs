@@ -1,0 +1,160 @@
+//! Messages through one worker, end to end: `POST …/messages` (HTTP, auth, a row in Postgres,
+//! the notice on the gateway's queue) → the session's actor (rate windows, the attempt
+//! recorded, the send, the outcome and its `message.status` events) → the simulator. Limits
+//! set high (1,000 a minute per session, 64 sessions, no typing), so the worker is the limit.
+//!
+//! Baseline, in the same run: the `:logout` command path through the same api and worker, at
+//! the same concurrency (every command a full round trip through the broker and Postgres).
+//! Reported per round: messages per second from the first accepted to the last sent, against
+//! logouts per second; and the api's p50 for accepting a message under that load, against its
+//! p50 for a logout.
+//!
+//! Run with the services up: `cargo run --release -p tests --bin bench-messages`.
+//! `BENCH_ROUNDS` (3) and `BENCH_SECS` (4) change the rounds.
+
+use std::{sync::Arc, time::Duration};
+
+use serde_json::json;
+use tests::{
+    TestEnv,
+    bench::{Round, default_api, default_worker, load, median, ms, new_sessions, plan, success},
+};
+
+const SESSIONS: usize = 64;
+const CONCURRENCY: usize = 64;
+
+/// One request of a load: the `i`th task's next call.
+type Op = Arc<
+    dyn Fn(usize) -> std::pin::Pin<Box<dyn Future<Output = Result<(), String>> + Send>>
+        + Send
+        + Sync,
+>;
+
+fn post(
+    http: reqwest::Client,
+    base: String,
+    key: String,
+    ids: Arc<Vec<String>>,
+    path: &'static str,
+    body: Option<serde_json::Value>,
+) -> Op {
+    Arc::new(move |i| {
+        let (http, base, key, ids, body) = (
+            http.clone(),
+            base.clone(),
+            key.clone(),
+            ids.clone(),
+            body.clone(),
+        );
+        Box::pin(async move {
+            let id = &ids[i % ids.len()];
+            let mut req = http
+                .post(format!("{base}/api/v1/sessions/{id}{path}"))
+                .bearer_auth(key);
+            if let Some(b) = &body {
+                req = req.json(b);
+            }
+            success(req.send().await.map_err(|e| e.to_string())?).await
+        })
+    })
+}
+
+/// How many of the messages accepted so far are out, and when the last went (ms).
+async fn sent(env: &TestEnv) -> (i64, i64, i64) {
+    let row = env
+        .db
+        .get()
+        .await
+        .expect("db")
+        .query_one(
+            "SELECT count(*), count(sent_at), COALESCE(max(sent_at), 0) FROM messages",
+            &[],
+        )
+        .await
+        .expect("count");
+    (row.get(0), row.get(1), row.get(2))
+}
+
+#[tokio::main]
+async fn main() {
+    let (rounds, secs) = plan();
+    let env = TestEnv::new().await;
+    let gw = env.gateway_id("bench");
+    let ids = env.paired_sessions("org_bench", &gw, SESSIONS, 0).await;
+    {
+        let client = env.db.get().await.expect("db");
+        client
+            .execute(
+                "UPDATE sessions SET rate_per_min = 1000, rate_per_hour = 60000, \
+                 presence_typing = false",
+                &[],
+            )
+            .await
+            .expect("limits");
+    }
+    let _worker = default_worker(&env, &gw).await;
+    let api = default_api(&env).await;
+    let key = env.api_key("org_bench", &["read", "manage"]).await;
+    let ids = Arc::new(ids);
+    // The baseline's own sessions, unpaired: a logout runs the whole command path and leaves
+    // them as they were, while the paired ones keep sending.
+    let unpaired = new_sessions(&api, &key, &gw, SESSIONS).await;
+    let http = reqwest::Client::builder()
+        .pool_max_idle_per_host(CONCURRENCY)
+        .build()
+        .expect("client");
+    let message = post(
+        http.clone(),
+        api.base.clone(),
+        key.clone(),
+        ids.clone(),
+        "/messages",
+        Some(json!({"to": "+62 811 0000 0001", "text": "bench"})),
+    );
+    let logout = post(
+        http.clone(),
+        api.base.clone(),
+        key.clone(),
+        Arc::new(unpaired),
+        ":logout",
+        None,
+    );
+    let run = |op: Op, d: Duration| load(CONCURRENCY, d, move |i| op(i));
+    let _ = run(message.clone(), Duration::from_secs(1)).await;
+    let _ = run(logout.clone(), Duration::from_secs(1)).await;
+
+    let (mut rate_ratios, mut p50_ratios) = (vec![], vec![]);
+    for round in 1..=rounds {
+        // Messages: accepted during the round, then until the last of them is sent.
+        let (before, _, _) = sent(&env).await;
+        let started = shared::db::now_ms();
+        let accepted: Round = run(message.clone(), secs).await;
+        let total = loop {
+            let (all, out, last) = sent(&env).await;
+            if out == all {
+                break (all - before, last);
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        let msg_rate = total.0 as f64 / ((total.1 - started).max(1) as f64 / 1000.0);
+        let logouts: Round = run(logout.clone(), secs).await;
+        println!(
+            "round {round}: messages {msg_rate:>6.0}/s sent (accept p50 {:.2} ms, p99 {:.2} ms) | \
+             logouts {:>6.0}/s (p50 {:.2} ms) | rate ratio {:.2}, p50 ratio {:.2}",
+            ms(accepted.percentile(0.5)),
+            ms(accepted.percentile(0.99)),
+            logouts.per_second(),
+            ms(logouts.percentile(0.5)),
+            msg_rate / logouts.per_second(),
+            ms(accepted.percentile(0.5)) / ms(logouts.percentile(0.5)),
+        );
+        rate_ratios.push(msg_rate / logouts.per_second());
+        p50_ratios.push(ms(accepted.percentile(0.5)) / ms(logouts.percentile(0.5)));
+    }
+    println!(
+        "median over {rounds} rounds at concurrency {CONCURRENCY}: messages/s ÷ logouts/s {:.2}; \
+         accept p50 ÷ logout p50 {:.2}",
+        median(rate_ratios),
+        median(p50_ratios)
+    );
+}
