@@ -100,29 +100,43 @@ const BATCH: usize = 128;
 /// latency at one caller lower.
 const IN_FLIGHT: usize = 2;
 
+/// The loop behind a group commit: what concurrent callers queue is handed to `run` in
+/// batches of at most [`BATCH`], at most [`IN_FLIGHT`] batches at once. A batch takes
+/// whatever queued while the previous ones ran, so batches grow with the load.
+pub fn batched<T, F, Fut>(pool: Pool, run: F) -> tokio::sync::mpsc::Sender<T>
+where
+    T: Send + 'static,
+    F: Fn(Pool, Vec<T>) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let (queue, mut rx) = tokio::sync::mpsc::channel::<T>(4096);
+    tokio::spawn(async move {
+        let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(IN_FLIGHT));
+        while let Some(first) = rx.recv().await {
+            let Ok(slot) = slots.clone().acquire_owned().await else {
+                return;
+            };
+            let mut batch = vec![first];
+            while batch.len() < BATCH {
+                match rx.try_recv() {
+                    Ok(q) => batch.push(q),
+                    Err(_) => break,
+                }
+            }
+            let done = run(pool.clone(), batch);
+            tokio::spawn(async move {
+                done.await;
+                drop(slot);
+            });
+        }
+    });
+    queue
+}
+
 impl GroupCommit {
     pub fn start(pool: Pool) -> Self {
-        let (queue, mut rx) = tokio::sync::mpsc::channel::<Queued>(4096);
-        tokio::spawn(async move {
-            let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(IN_FLIGHT));
-            while let Some(first) = rx.recv().await {
-                let Ok(slot) = slots.clone().acquire_owned().await else {
-                    return;
-                };
-                // Whatever queued while we waited for a slot joins this batch.
-                let mut batch = vec![first];
-                while batch.len() < BATCH {
-                    match rx.try_recv() {
-                        Ok(q) => batch.push(q),
-                        Err(_) => break,
-                    }
-                }
-                let pool = pool.clone();
-                tokio::spawn(async move {
-                    run_batch(&pool, batch).await;
-                    drop(slot);
-                });
-            }
+        let queue = batched(pool, |pool, batch| async move {
+            run_batch(&pool, batch).await;
         });
         GroupCommit { queue }
     }
@@ -176,15 +190,19 @@ async fn run_batch(pool: &Pool, batch: Vec<Queued>) {
                 let _ = q.reply.send(Ok(row));
             }
         }
-        Err(e) => {
-            // Callers get the code and message; the cause is logged here, once per batch.
-            tracing::warn!(error = %e, cause = ?e.source, statements = batch.len(), "group commit batch failed");
-            for q in batch {
-                let _ = q
-                    .reply
-                    .send(Err(Error::new(e.code(), e.body.message.clone())));
-            }
-        }
+        Err(e) => batch_failed(&e, batch.into_iter().map(|q| q.reply)),
+    }
+}
+
+/// Tells each caller of a failed batch that it failed: the code and message; the cause is
+/// logged here, once per batch.
+pub fn batch_failed<R>(
+    e: &Error,
+    replies: impl ExactSizeIterator<Item = tokio::sync::oneshot::Sender<Result<R>>>,
+) {
+    tracing::warn!(error = %e, cause = ?e.source, writes = replies.len(), "group commit batch failed");
+    for reply in replies {
+        let _ = reply.send(Err(Error::new(e.code(), e.body.message.clone())));
     }
 }
 

@@ -39,6 +39,8 @@ pub struct Ctx {
     pub db: Pool,
     /// Group commit for the single-statement writes every command ends with.
     pub writer: shared::db::GroupCommit,
+    /// Group commit for messages' status changes and their events.
+    pub statuses: store::messages::StatusWriter,
     pub driver: Arc<dyn Driver>,
     pub outbox: Outbox,
     pub gateway_id: String,
@@ -89,6 +91,7 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<()> {
     let outbox = Outbox::new(topology.clone());
     let ctx = Arc::new(Ctx {
         writer: shared::db::GroupCommit::start(db.clone()),
+        statuses: store::messages::StatusWriter::start(db.clone()),
         db: db.clone(),
         driver,
         outbox: outbox.clone(),

@@ -462,11 +462,15 @@ async fn a_worker_killed_mid_send_sends_nothing_twice() {
         ("SIM_DELIVER_DELAY_MS", "50".to_owned()),
         ("SIM_READ_DELAY_MS", "100".to_owned()),
     ];
+    let started = shared::db::now_ms();
     let mut first = tests::process::WorkerProcess::spawn(&env, &gw, &quick);
+    // Connected by that process (the row said `working` before it started).
+    env.all_sessions(Duration::from_secs(30), "connected by the process", |p| {
+        super::fleet::working_on(p, &[&gw], started)
+    })
+    .await;
     let api = env.start_api(|_| {}).await;
     let key = env.api_key("org_a", &["read", "manage"]).await;
-    api.wait_session(&key, &id, "working", |s| s["status"] == "working")
-        .await;
     api.patch(
         &format!("/api/v1/sessions/{id}"),
         &key,
@@ -478,7 +482,7 @@ async fn a_worker_killed_mid_send_sends_nothing_twice() {
         send(&api, &key, &id, &format!("unique text {i:02}")).await;
     }
     // Killed while the queue drains.
-    wait_messages(&api, &key, &id, Duration::from_secs(10), "some sent", |m| {
+    wait_messages(&api, &key, &id, Duration::from_secs(30), "some sent", |m| {
         m.iter().filter(|m| m["sentAt"].is_i64()).count() >= 10
     })
     .await;

@@ -106,15 +106,9 @@ impl Actor {
             error: None,
             wa_message_id: None,
         };
-        match messages::set_status(
-            &self.ctx.db,
-            &self.row,
-            self.epoch,
-            Which::Id(&message.id),
-            &sending,
-            now,
-        )
-        .await
+        match self
+            .write_status(Which::Id(message.id.clone()), sending, now)
+            .await
         {
             Ok(Some(events)) if events.is_empty() => {
                 // Failed or moved meanwhile: on to the next.
@@ -157,25 +151,23 @@ impl Actor {
         let Some(conn) = self.conn.as_mut() else {
             return Flow::Continue;
         };
-        let sent = conn.send_text(&message.to, &message.text).await;
-        let error = sent.as_ref().err().map(ToString::to_string);
-        let outcome = match &sent {
+        let outcome = match conn.send_text(&message.to, &message.text).await {
             Ok(wa_id) => Change {
                 from: &[MessageStatus::Sending],
                 to: MessageStatus::Sent,
                 error: None,
                 wa_message_id: Some(wa_id),
             },
-            Err(_) => Change {
+            Err(e) => Change {
                 from: &[MessageStatus::Sending],
                 to: MessageStatus::Failed,
-                error: error.as_deref(),
+                error: Some(e.to_string()),
                 wa_message_id: None,
             },
         };
         metrics::counter!("worker_messages_total", "gateway" => self.ctx.gateway_id.clone(), "outcome" => outcome.to.as_str())
             .increment(1);
-        let flow = self.set_messages(Which::Id(&message.id), &outcome).await;
+        let flow = self.set_messages(Which::Id(message.id), outcome).await;
         self.pump_soon();
         flow
     }
@@ -197,7 +189,8 @@ impl Actor {
                 wa_message_id: None,
             }
         };
-        self.set_messages(Which::WaId(wa_message_id), &change).await
+        self.set_messages(Which::WaId(wa_message_id.to_owned()), change)
+            .await
     }
 
     /// A message reached the number: stored, streamed, and marked read with `autoRead`.
@@ -247,10 +240,10 @@ impl Actor {
         let change = Change {
             from: &[MessageStatus::Queued],
             to: MessageStatus::Failed,
-            error: Some(why),
+            error: Some(why.to_owned()),
             wa_message_id: None,
         };
-        self.set_messages(Which::All, &change).await
+        self.set_messages(Which::All, change).await
     }
 
     /// A message a previous owner was sending when it stopped may or may not have gone out:
@@ -259,18 +252,33 @@ impl Actor {
         let change = Change {
             from: &[MessageStatus::Sending],
             to: MessageStatus::Failed,
-            error: Some(UNKNOWN),
+            error: Some(UNKNOWN.to_owned()),
             wa_message_id: None,
         };
-        self.set_messages(Which::All, &change).await
+        self.set_messages(Which::All, change).await
+    }
+
+    /// Writes a status change of the session's messages with its events, under this
+    /// actor's lease: the events, or `None` when the lease is lost.
+    async fn write_status(
+        &mut self,
+        which: Which,
+        change: Change,
+        now: i64,
+    ) -> shared::Result<Option<Vec<shared::protocol::Event>>> {
+        self.ctx
+            .statuses
+            .set_status(&self.row, self.epoch, which, change, now)
+            .await
     }
 
     /// Writes a status change of messages with its events and publishes them, retrying a
     /// failed write until it lands or the lease is lost.
-    async fn set_messages(&mut self, which: Which<'_>, change: &Change<'_>) -> Flow {
+    async fn set_messages(&mut self, which: Which, change: Change) -> Flow {
         let mut backoff = Duration::from_millis(100);
         loop {
-            match messages::set_status(&self.ctx.db, &self.row, self.epoch, which, change, now_ms())
+            match self
+                .write_status(which.clone(), change.clone(), now_ms())
                 .await
             {
                 Ok(Some(events)) => {
