@@ -24,7 +24,8 @@ CREATE TABLE webhooks (
     previous_secret_key_id  text,
     previous_secret_sealed  bytea,
     previous_secret_until   bigint,
-    -- When the endpoint's current run of failed attempts began (null while it succeeds).
+    -- When the endpoint's current run of failures began: the queueing time of the first
+    -- delivery it failed to take (null while it succeeds).
     failing_since           bigint,
     created_at              bigint NOT NULL,
     updated_at              bigint NOT NULL

@@ -15,6 +15,9 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use reqwest::Url;
 use shared::{Error, Result, webhook::MAX_URL_LEN};
 
+/// How long registration waits for the URL's host to resolve.
+const RESOLVE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// Whether connecting to `ip` is refused when private addresses are not allowed.
 pub fn is_forbidden(ip: IpAddr) -> bool {
     match ip {
@@ -75,9 +78,12 @@ pub async fn check_url(raw: &str, allow_http: bool, allow_private: bool) -> Resu
         Some(url::Host::Ipv4(ip)) => vec![IpAddr::V4(ip)],
         Some(url::Host::Ipv6(ip)) => vec![IpAddr::V6(ip)],
         Some(url::Host::Domain(name)) => {
-            let found = tokio::net::lookup_host((name, port))
+            let lookup = tokio::net::lookup_host((name, port));
+            let found = tokio::time::timeout(RESOLVE_TIMEOUT, lookup)
                 .await
-                .map_err(|_| bad(format!("the host {name} does not resolve")))?;
+                .ok()
+                .and_then(|r| r.ok())
+                .ok_or_else(|| bad(format!("the host {name} does not resolve")))?;
             found.map(|a| a.ip()).collect()
         }
     };

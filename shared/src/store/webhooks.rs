@@ -519,14 +519,25 @@ pub async fn record(
         ],
     )
     .await?;
-    let sql = if next == Next::Succeeded {
-        "UPDATE webhooks SET failing_since = NULL WHERE id = $1 AND failing_since IS NOT NULL \
-         AND $2::bigint IS NOT NULL"
+    if next == Next::Succeeded {
+        let stmt = tx
+            .prepare_cached(
+                "UPDATE webhooks SET failing_since = NULL \
+                 WHERE id = $1 AND failing_since IS NOT NULL",
+            )
+            .await?;
+        tx.execute(&stmt, &[&c.webhook_id]).await?;
     } else {
-        "UPDATE webhooks SET failing_since = $2 WHERE id = $1 AND failing_since IS NULL"
-    };
-    let stmt = tx.prepare_cached(sql).await?;
-    tx.execute(&stmt, &[&c.webhook_id, &a.started_at]).await?;
+        let stmt = tx
+            .prepare_cached(
+                "UPDATE webhooks SET failing_since = $2 WHERE id = $1 AND failing_since IS NULL",
+            )
+            .await?;
+        // Failing since the first delivery it could not take was queued: so an endpoint is
+        // disabled no later than that delivery gives up (both after WEBHOOK_GIVE_UP_AFTER_MS).
+        let since = c.created_at.min(a.started_at);
+        tx.execute(&stmt, &[&c.webhook_id, &since]).await?;
+    }
     Ok(true)
 }
 

@@ -207,10 +207,10 @@ async fn main() {
                 let now = Instant::now();
                 buf.push_str(&String::from_utf8_lossy(&chunk));
                 while let Some(i) = buf.find('\n') {
-                    if let Some(id) = buf[..i].strip_prefix("id:") {
-                        if let Ok(id) = id.trim().parse::<i64>() {
-                            sse_at.lock().expect("lock").insert(id, now);
-                        }
+                    if let Some(id) = buf[..i].strip_prefix("id:")
+                        && let Ok(id) = id.trim().parse::<i64>()
+                    {
+                        sse_at.lock().expect("lock").insert(id, now);
                     }
                     buf.drain(..=i);
                 }

@@ -333,6 +333,52 @@ async fn an_endpoint_answering_410_is_disabled_at_once() {
 }
 
 #[tokio::test]
+async fn an_endpoint_failing_past_the_give_up_time_is_disabled_and_nothing_is_left_pending() {
+    let env = TestEnv::new().await;
+    let api = env
+        .start_api(|c| c.webhooks.webhook_give_up_after_ms = 1_500)
+        .await;
+    let key = env.api_key("org_a", &["read", "manage"]).await;
+    let broken = Receiver::start(Script::FailFirst(u32::MAX)).await;
+    let created = register(&api, &key, &broken.url, &["session.status"]).await;
+    broken.trust(created["secret"].as_str().expect("secret"));
+    let webhook = id_of(&created);
+    for s in ["s1", "s2"] {
+        emit(&env, "org_a", s, working()).await;
+    }
+    let log = log_until(&api, &key, &webhook, "every delivery failed", |l| {
+        l.len() == 2 && l.iter().all(|d| d["status"] == "failed")
+    })
+    .await;
+    for d in &log {
+        assert!(d["attempts"].as_i64() >= Some(2), "retried first: {d}");
+        assert_eq!(d["lastStatusCode"], 500);
+        assert!(d["nextAttemptAt"].is_null());
+        assert_eq!(
+            d["attemptLog"].as_array().map(Vec::len),
+            d["attempts"].as_u64().map(|n| n as usize),
+            "every attempt recorded"
+        );
+    }
+    let w = api.get(&format!("/api/v1/webhooks/{webhook}"), &key).await;
+    let w = w.assert_status(200);
+    assert_eq!(w["enabled"], false);
+    assert_eq!(w["disabledReason"], "failing");
+    assert!(w["failingSince"].as_i64().is_some());
+    let client = env.db.get().await.expect("db");
+    let disabled: i64 = client
+        .query_one(
+            "SELECT count(*) FROM events WHERE type = 'webhook.disabled' \
+             AND payload->>'webhookId' = $1 AND payload->>'reason' = 'failing'",
+            &[&webhook],
+        )
+        .await
+        .expect("query")
+        .get(0);
+    assert_eq!(disabled, 1, "one webhook.disabled event");
+}
+
+#[tokio::test]
 async fn replay_sends_stored_events_again_in_order() {
     let env = TestEnv::new().await;
     let api = env.start_api(|_| {}).await;
