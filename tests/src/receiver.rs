@@ -58,6 +58,7 @@ struct Shared {
     secrets: Mutex<Vec<Vec<u8>>>,
     script: Mutex<Option<Script>>,
     requests: Mutex<Vec<Request>>,
+    accepted: std::sync::atomic::AtomicUsize,
     tries: Mutex<HashMap<String, u32>>,
     released: tokio::sync::Notify,
 }
@@ -119,6 +120,13 @@ impl Receiver {
     /// Every request so far, in arrival order.
     pub fn requests(&self) -> Vec<Request> {
         lock(&self.shared.requests).clone()
+    }
+
+    /// How many requests were answered 2xx (cheap: for polling under load).
+    pub fn accepted_count(&self) -> usize {
+        self.shared
+            .accepted
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// The requests answered 2xx, in arrival order.
@@ -247,6 +255,11 @@ async fn receive(
     };
     if let Some(r) = lock(&shared.requests).get_mut(index) {
         r.answered = answer.0.as_u16();
+    }
+    if answer.0.is_success() {
+        shared
+            .accepted
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     }
     answer
 }

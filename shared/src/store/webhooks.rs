@@ -374,15 +374,24 @@ pub async fn claim(
     lease_ms: i64,
     token: &str,
 ) -> Result<Vec<Claimed>> {
-    // Window functions and DISTINCT may not share a level with FOR UPDATE, so the heads are
-    // found first and locked (skipping rows another replica is claiming) in the outer query.
+    // The heads are found by a skip scan of the pending index (one index probe per
+    // endpoint and session, however long the queues behind them: a dead endpoint's day of
+    // backlog costs nothing here), then locked, skipping rows another replica is claiming,
+    // in the outer query (window functions may not share a level with FOR UPDATE).
     let stmt = db
         .prepare_cached(
-            "WITH heads AS ( \
-               SELECT DISTINCT ON (d.webhook_id, d.session_id) d.id, d.webhook_id, \
-                 d.next_attempt_at, d.claimed_until \
-               FROM webhook_deliveries d JOIN webhooks w ON w.id = d.webhook_id AND w.enabled \
-               WHERE d.status = 'pending' ORDER BY d.webhook_id, d.session_id, d.id), \
+            "WITH RECURSIVE queues AS ( \
+               (SELECT webhook_id, session_id, id FROM webhook_deliveries \
+                WHERE status = 'pending' ORDER BY webhook_id, session_id, id LIMIT 1) \
+               UNION ALL \
+               SELECT n.webhook_id, n.session_id, n.id FROM queues q CROSS JOIN LATERAL ( \
+                 SELECT d.webhook_id, d.session_id, d.id FROM webhook_deliveries d \
+                 WHERE d.status = 'pending' \
+                   AND (d.webhook_id, d.session_id) > (q.webhook_id, q.session_id) \
+                 ORDER BY d.webhook_id, d.session_id, d.id LIMIT 1) n), \
+             heads AS (SELECT d.id, d.webhook_id, d.next_attempt_at, d.claimed_until \
+               FROM queues q JOIN webhook_deliveries d ON d.id = q.id \
+               JOIN webhooks w ON w.id = d.webhook_id AND w.enabled), \
              busy AS (SELECT id, webhook_id, next_attempt_at, claimed_until, \
                count(*) FILTER (WHERE claimed_until > $1) OVER (PARTITION BY webhook_id) AS leased \
                FROM heads), \
