@@ -220,6 +220,22 @@ async fn a_receiver_failing_twice_gets_the_event_once_with_three_attempts_in_the
     // The endpoint's run of failures ended with the success.
     let w = api.get(&format!("/api/v1/webhooks/{webhook}"), &key).await;
     assert!(w.assert_status(200)["failingSince"].is_null());
+    // Attempts by outcome, deliveries by outcome, attempt latency.
+    let metrics = api
+        .get("/metrics", &key)
+        .await
+        .body
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    for series in [
+        "webhook_attempts_total{outcome=\"http_error\"}",
+        "webhook_attempts_total{outcome=\"success\"}",
+        "webhook_deliveries_total{outcome=\"succeeded\"}",
+        "webhook_attempt_duration_seconds",
+    ] {
+        assert!(metrics.contains(series), "/metrics has {series}");
+    }
 }
 
 #[tokio::test]
@@ -253,6 +269,22 @@ async fn deliveries_of_a_killed_api_replica_are_delivered_by_another() {
     receiver.set_script(Script::Accept);
 
     let api = env.start_api(|_| {}).await;
+    // While the dead replica's leases run out, the backlog is visible per endpoint.
+    let webhook = id_of(&created);
+    tests::eventually(LIMIT, || async {
+        let m = api
+            .get("/metrics", &key)
+            .await
+            .body
+            .as_str()
+            .unwrap_or_default()
+            .to_owned();
+        m.contains(&format!("webhook_backlog{{webhook=\"{webhook}\"}}"))
+            && m.contains(&format!(
+                "webhook_oldest_pending_age_seconds{{webhook=\"{webhook}\"}}"
+            ))
+    })
+    .await;
     let seen = receiver
         .wait_for(Duration::from_secs(40), "every event accepted", |_| {
             let accepted = receiver.accepted();
@@ -261,7 +293,6 @@ async fn deliveries_of_a_killed_api_replica_are_delivered_by_another() {
         })
         .await;
     assert!(seen.iter().all(|r| r.verified_by == vec![0]));
-    let webhook = id_of(&created);
     let log = log_until(&api, &key, &webhook, "every delivery succeeded", |l| {
         l.len() == 10 && l.iter().all(|d| d["status"] == "succeeded")
     })
