@@ -74,6 +74,14 @@ pub struct Config {
     #[arg(long, env = "API_BODY_LIMIT_BYTES", default_value_t = 64 * 1024)]
     pub body_limit_bytes: usize,
 
+    /// The keys that seal webhook signing secrets in Postgres: `id:base64key` (32 bytes,
+    /// `openssl rand -base64 32`), comma-separated; the first seals, all open. Every api
+    /// replica needs the same list. Without it, webhooks cannot be registered or delivered.
+    #[arg(long, env = "CREDENTIALS_KEYS", hide_env_values = true)]
+    pub credentials_keys: Option<String>,
+    #[command(flatten)]
+    pub webhooks: WebhookConfig,
+
     /// Local development only: a P-256 PKCS#8 PEM key whose public half is served as a JWKS at
     /// `/dev/jwks.json` (what `gatewayctl dev-token` signs with).
     #[arg(long, env = "DEV_JWT_KEY_FILE")]
@@ -84,4 +92,46 @@ impl Config {
     pub fn command_timeout(&self) -> Duration {
         Duration::from_millis(self.command_timeout_ms)
     }
+}
+
+/// How webhooks are delivered (every api replica runs a dispatcher).
+#[derive(Debug, Clone, clap::Args)]
+pub struct WebhookConfig {
+    /// Accept `http://` endpoint URLs (local clusters and tests only).
+    #[arg(long, env = "WEBHOOK_ALLOW_HTTP", default_value_t = false, action = clap::ArgAction::Set)]
+    pub webhook_allow_http: bool,
+    /// Accept endpoints in loopback, private, link-local and metadata ranges (local clusters
+    /// and tests only).
+    #[arg(long, env = "WEBHOOK_ALLOW_PRIVATE", default_value_t = false, action = clap::ArgAction::Set)]
+    pub webhook_allow_private: bool,
+    /// How long one attempt may take before it counts as failed.
+    #[arg(long, env = "WEBHOOK_TIMEOUT_MS", default_value_t = 10_000)]
+    pub webhook_timeout_ms: u64,
+    /// Delays before each retry, in ms; the last one repeats. Each gets ±20 % jitter.
+    #[arg(
+        long,
+        env = "WEBHOOK_RETRY_SCHEDULE_MS",
+        value_delimiter = ',',
+        default_value = "5000,30000,120000,600000,3600000,14400000"
+    )]
+    pub webhook_retry_schedule_ms: Vec<u64>,
+    /// A delivery still failing this long after it was queued ends `failed`; an endpoint
+    /// whose attempts have all failed for this long is disabled (`webhook.disabled`).
+    #[arg(long, env = "WEBHOOK_GIVE_UP_AFTER_MS", default_value_t = 86_400_000)]
+    pub webhook_give_up_after_ms: u64,
+    /// How long the secret before a rotation keeps signing beside the new one.
+    #[arg(long, env = "WEBHOOK_SECRET_OVERLAP_MS", default_value_t = 86_400_000)]
+    pub webhook_secret_overlap_ms: u64,
+    /// Attempts in flight at once in this replica.
+    #[arg(long, env = "WEBHOOK_CONCURRENCY", default_value_t = 64)]
+    pub webhook_concurrency: usize,
+    /// Attempts in flight at once to one endpoint (per replica claim; connections too).
+    #[arg(long, env = "WEBHOOK_PER_ENDPOINT", default_value_t = 8)]
+    pub webhook_per_endpoint: usize,
+    /// How often the dispatcher looks for due deliveries when no event wakes it.
+    #[arg(long, env = "WEBHOOK_POLL_MS", default_value_t = 1_000)]
+    pub webhook_poll_ms: u64,
+    /// Run the dispatcher in this replica.
+    #[arg(long, env = "WEBHOOK_DISPATCHER", default_value_t = true, action = clap::ArgAction::Set)]
+    pub webhook_dispatcher: bool,
 }

@@ -7,6 +7,7 @@
 pub mod auth;
 pub mod bus;
 pub mod config;
+pub mod dispatcher;
 pub mod error;
 pub mod fleet;
 pub mod openapi;
@@ -56,6 +57,8 @@ pub struct App {
     pub fleet: Fleet,
     pub cfg: Arc<Config>,
     pub dev_jwks: Option<Arc<serde_json::Value>>,
+    /// Seal webhook secrets (`CREDENTIALS_KEYS`); `None` where webhooks are not configured.
+    pub webhook_keys: Option<shared::sealed::Keyring>,
     pub shutdown: CancellationToken,
 }
 
@@ -115,6 +118,23 @@ pub async fn build_state(cfg: Config, shutdown: CancellationToken) -> Result<App
         db.clone(),
         shutdown.clone(),
     );
+    let webhook_keys = cfg
+        .credentials_keys
+        .as_deref()
+        .map(shared::sealed::Keyring::parse)
+        .transpose()
+        .map_err(|e| Error::invalid(e.to_string()))?;
+    match &webhook_keys {
+        Some(keys) if cfg.webhooks.webhook_dispatcher => dispatcher::Dispatcher::start(
+            db.clone(),
+            keys.clone(),
+            cfg.webhooks.clone(),
+            bus.clone(),
+            shutdown.clone(),
+        )?,
+        Some(_) => {}
+        None => tracing::warn!("CREDENTIALS_KEYS is not set: webhooks are off in this replica"),
+    }
     let fleet = Fleet::start(
         db.clone(),
         Duration::from_millis(cfg.gateway_liveness_ms),
@@ -128,6 +148,7 @@ pub async fn build_state(cfg: Config, shutdown: CancellationToken) -> Result<App
         bus,
         fleet,
         dev_jwks,
+        webhook_keys,
         shutdown,
         cfg: Arc::new(cfg),
     })))
@@ -156,6 +177,21 @@ pub fn router(state: AppState) -> Router {
         .route(
             "/api/v1/sessions/{session}/messages/{message}",
             get(messages::get),
+        )
+        .route(
+            "/api/v1/webhooks",
+            get(webhooks::list).post(webhooks::create),
+        )
+        .route(
+            "/api/v1/webhooks/{webhook}",
+            get(webhooks::get)
+                .patch(webhooks::update)
+                .delete(webhooks::delete)
+                .post(webhooks::action),
+        )
+        .route(
+            "/api/v1/webhooks/{webhook}/deliveries",
+            get(webhooks::deliveries),
         )
         .route("/api/v1/commands/{command}", get(commands::get))
         .route("/api/v1/events", get(events::stream))

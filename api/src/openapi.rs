@@ -6,7 +6,7 @@ use utoipa::{
     openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme},
 };
 
-use crate::routes::{commands, events, gateways, messages, sessions};
+use crate::routes::{commands, events, gateways, messages, sessions, webhooks};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -20,12 +20,16 @@ use crate::routes::{commands, events, gateways, messages, sessions};
         commands::request_pairing_code, commands::qr, commands::get,
         messages::send, messages::list, messages::get,
         events::stream, gateways::list,
+        webhooks::create, webhooks::list, webhooks::get, webhooks::update, webhooks::delete,
+        webhooks::rotate_secret, webhooks::test, webhooks::replay, webhooks::deliveries,
     ),
     components(schemas(
         shared::session::Session, shared::session::SessionStatus, shared::session::StatusReason,
         shared::error::ErrorEnvelope, shared::error::ErrorBody, shared::error::ErrorCode,
         shared::store::commands::CommandRecord,
         shared::message::Message, shared::message::MessageStatus,
+        shared::webhook::Webhook, shared::webhook::WebhookWithSecret, shared::webhook::Delivery,
+        shared::webhook::DeliveryStatus, shared::webhook::Attempt,
     )),
     modifiers(&BearerAuth),
     security(("bearer" = [])),

@@ -14,5 +14,6 @@ pub mod session;
 pub mod store;
 pub mod telemetry;
 pub mod topology;
+pub mod webhook;
 
 pub use error::{Error, ErrorCode, Result};

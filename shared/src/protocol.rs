@@ -165,9 +165,29 @@ pub enum EventKind {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         error: Option<String>,
     },
+    /// A webhook endpoint was disabled: it answered 410 Gone, or failed for too long. Not
+    /// about a session (stored with an empty session id).
+    #[serde(rename = "webhook.disabled", rename_all = "camelCase")]
+    WebhookDisabled {
+        webhook_id: String,
+        url: String,
+        /// `gone` or `failing`.
+        reason: String,
+    },
 }
 
 impl EventKind {
+    /// Every event name, as webhook subscriptions name them.
+    pub const NAMES: &[&str] = &[
+        "auth.qr",
+        "auth.pair_code",
+        "session.status",
+        "session.deleted",
+        "message.status",
+        "message.received",
+        "webhook.disabled",
+    ];
+
     pub fn name(&self) -> &'static str {
         match self {
             EventKind::Qr { .. } => "auth.qr",
@@ -176,6 +196,7 @@ impl EventKind {
             EventKind::Deleted => "session.deleted",
             EventKind::MessageStatus { .. } => "message.status",
             EventKind::MessageReceived { .. } => "message.received",
+            EventKind::WebhookDisabled { .. } => "webhook.disabled",
         }
     }
 }

@@ -12,6 +12,7 @@
 pub mod bench;
 pub mod jwks;
 pub mod process;
+pub mod receiver;
 
 use std::{future::Future, time::Duration};
 
@@ -44,6 +45,9 @@ pub struct TestEnv {
     pub database_url: String,
     pub amqp_prefix: String,
     pub db: Pool,
+    /// `CREDENTIALS_KEYS` of every api this test starts (in-process or as a process), so each
+    /// replica opens the webhook secrets the others sealed.
+    pub credentials_keys: String,
     /// Gateway ids handed out, whose queues are deleted when the test ends.
     gateways: std::sync::Mutex<Vec<String>>,
 }
@@ -113,10 +117,17 @@ impl TestEnv {
             .await
             .expect("migrations apply");
         let db = shared::db::pool(&database_url, 8).expect("pool");
+        let key: Vec<u8> = [Ulid::new().0.to_le_bytes(), Ulid::new().0.to_le_bytes()].concat();
+        use base64::Engine;
+        let credentials_keys = format!(
+            "t1:{}",
+            base64::engine::general_purpose::STANDARD.encode(key)
+        );
         TestEnv {
             database_url,
             amqp_prefix: format!("t{}.", unique()),
             db,
+            credentials_keys,
             gateways: Default::default(),
         }
     }
@@ -144,6 +155,14 @@ impl TestEnv {
         cfg.command_timeout_ms = 5_000;
         cfg.api_key_cache_ttl_ms = 300;
         cfg.default_gateway = "gw-none-0".into();
+        cfg.credentials_keys = Some(self.credentials_keys.clone());
+        // Webhooks to the tests' local receivers, retried quickly.
+        let wh = &mut cfg.webhooks;
+        wh.webhook_allow_http = true;
+        wh.webhook_allow_private = true;
+        wh.webhook_poll_ms = 100;
+        wh.webhook_timeout_ms = 3_000;
+        wh.webhook_retry_schedule_ms = vec![200, 400];
         cfg
     }
 

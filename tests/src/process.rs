@@ -1,5 +1,5 @@
-//! Workers as real processes, for what a thread cannot show: `kill -9`, and a process frozen
-//! with SIGSTOP and resumed with SIGCONT.
+//! Workers (and api replicas) as real processes, for what a thread cannot show: `kill -9`,
+//! and a process frozen with SIGSTOP and resumed with SIGCONT.
 //!
 //! The binary is the workspace's `worker`, built beside the test binary by `cargo build
 //! --workspace --bins` (`deploy/local/test` does that before the tests). It gets the same settings the
@@ -143,4 +143,80 @@ pub fn rss_bytes_of(pid: u32) -> Option<u64> {
         .parse()
         .ok()?;
     Some(kb * 1024)
+}
+
+/// An api replica as a real process, for `kill -9` with webhook deliveries in flight.
+pub struct ApiProcess {
+    child: Child,
+    pub log: PathBuf,
+    /// `http://127.0.0.1:<port>`.
+    pub base: String,
+}
+
+impl ApiProcess {
+    /// Starts the `api` binary with the test's database, broker and `CREDENTIALS_KEYS`, the
+    /// test webhook settings, and `extra` on top; waits until it answers `/healthz`.
+    pub async fn spawn(env: &TestEnv, extra: &[(&str, String)]) -> ApiProcess {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port")
+            .port();
+        let log = std::env::temp_dir().join(format!("gw-test-api-{}.log", crate::unique()));
+        let out = std::fs::File::create(&log).expect("log file");
+        let err = out.try_clone().expect("log file");
+        let mut cmd = Command::new(binary("api"));
+        cmd.env_clear()
+            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+            .env("DATABASE_URL", &env.database_url)
+            .env("DATABASE_POOL_SIZE", "8")
+            .env("AMQP_URL", amqp_url())
+            .env("AMQP_PREFIX", &env.amqp_prefix)
+            .env("API_LISTEN", format!("127.0.0.1:{port}"))
+            .env("CREDENTIALS_KEYS", &env.credentials_keys)
+            .env("WEBHOOK_ALLOW_HTTP", "true")
+            .env("WEBHOOK_ALLOW_PRIVATE", "true")
+            .env("WEBHOOK_POLL_MS", "100")
+            .env("WEBHOOK_RETRY_SCHEDULE_MS", "200,400")
+            .env("LOG_FORMAT", "text")
+            .env("RUST_LOG", "info");
+        for (k, v) in extra {
+            cmd.env(k, v);
+        }
+        let child = cmd
+            .stdout(Stdio::from(out))
+            .stderr(Stdio::from(err))
+            .spawn()
+            .expect("start the api binary");
+        let api = ApiProcess {
+            child,
+            log,
+            base: format!("http://127.0.0.1:{port}"),
+        };
+        let http = reqwest::Client::new();
+        let url = format!("{}/healthz", api.base);
+        crate::eventually(std::time::Duration::from_secs(15), || {
+            let (http, url) = (http.clone(), url.clone());
+            async move { http.get(url).send().await.is_ok() }
+        })
+        .await;
+        api
+    }
+
+    /// SIGKILL: the replica dies at once, mid-attempt.
+    pub fn kill_9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// What the process logged so far.
+    pub fn logged(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for ApiProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }

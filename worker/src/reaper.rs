@@ -93,8 +93,8 @@ impl Reaper {
         won.then_some(client)
     }
 
-    /// Deletes messages (but never one still waiting or being sent) and events older than
-    /// the retention, oldest first, a batch at a time.
+    /// Deletes messages (but never one still waiting or being sent), events and finished
+    /// webhook deliveries older than the retention, oldest first, a batch at a time.
     async fn prune(&self, client: &impl GenericClient) -> Result<()> {
         let cutoff = shared::db::now_ms() - self.retention_ms;
         for sql in [
@@ -102,6 +102,10 @@ impl Reaper {
              AND status NOT IN ('queued', 'sending') ORDER BY id LIMIT $2)",
             "DELETE FROM events WHERE id IN (SELECT id FROM events WHERE created_at < $1 \
              ORDER BY id LIMIT $2)",
+            // Finished webhook deliveries (and their attempts, by cascade); pending ones stay
+            // until the dispatcher ends them.
+            "DELETE FROM webhook_deliveries WHERE id IN (SELECT id FROM webhook_deliveries \
+             WHERE created_at < $1 AND status <> 'pending' ORDER BY created_at LIMIT $2)",
         ] {
             let stmt = client.prepare_cached(sql).await?;
             loop {

@@ -7,3 +7,4 @@ pub mod messages;
 pub mod ops;
 pub mod pagination;
 pub mod sessions;
+pub mod webhooks;

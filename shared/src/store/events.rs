@@ -4,11 +4,27 @@
 //! take ids 10 and 11 and commit 11 first, and a client that saw 11 and resumes from it would
 //! never see 10. So [`append`] takes a per-organization advisory lock that is held until the
 //! transaction commits: within an organization (the scope of every stream), ids commit in order.
+//!
+//! The table is also the webhooks' outbox: [`append`] queues one delivery per matching
+//! enabled endpoint in the same transaction, under the same lock, so deliveries commit in
+//! event order and an event is never stored without them.
 
 use deadpool_postgres::GenericClient;
 
 use crate::error::{Error, Result};
 use crate::protocol::{Event, EventKind};
+
+/// Queues the event's deliveries to the organization's endpoints that want it: enabled, for
+/// every session or this one, subscribed to its name, its family (`message.*`) or `*`
+/// (`webhook::wants` is the same rule in Rust).
+const QUEUE_DELIVERIES: &str = "INSERT INTO webhook_deliveries \
+     (webhook_id, organization_id, session_id, event_id, event_type, next_attempt_at, created_at) \
+     SELECT w.id, w.organization_id, $2, $3, $4, $5, $5 FROM webhooks w \
+     WHERE w.organization_id = $1 AND w.enabled \
+     AND (w.session_id IS NULL OR w.session_id = $2) \
+     AND EXISTS (SELECT 1 FROM unnest(w.events) p WHERE p = '*' OR p = $4::text \
+         OR (right(p, 2) = '.*' AND starts_with($4::text, left(p, -1)))) \
+     ORDER BY w.id";
 
 /// Appends an event; call inside the transaction that makes the change it reports.
 pub async fn append(
@@ -18,10 +34,7 @@ pub async fn append(
     kind: EventKind,
     now: i64,
 ) -> Result<Event> {
-    let lock = tx
-        .prepare_cached("SELECT pg_advisory_xact_lock(hashtext('events:' || $1))")
-        .await?;
-    tx.execute(&lock, &[&org]).await?;
+    lock_organization(tx, org).await?;
     let stmt = tx
         .prepare_cached(
             "INSERT INTO events (organization_id, session_id, type, payload, created_at) \
@@ -32,13 +45,27 @@ pub async fn append(
     let row = tx
         .query_one(&stmt, &[&org, &session_id, &kind.name(), &payload, &now])
         .await?;
+    let id: i64 = row.get(0);
+    let fanout = tx.prepare_cached(QUEUE_DELIVERIES).await?;
+    tx.execute(&fanout, &[&org, &session_id, &id, &kind.name(), &now])
+        .await?;
     Ok(Event {
-        id: row.get(0),
+        id,
         organization_id: org.to_owned(),
         session_id: session_id.to_owned(),
         at: now,
         kind,
     })
+}
+
+/// Takes the organization's event lock until the transaction ends: whatever is written under
+/// it commits in the order the lock was taken.
+pub async fn lock_organization(tx: &impl GenericClient, org: &str) -> Result<()> {
+    let lock = tx
+        .prepare_cached("SELECT pg_advisory_xact_lock(hashtext('events:' || $1))")
+        .await?;
+    tx.execute(&lock, &[&org]).await?;
+    Ok(())
 }
 
 /// The organization's events after `after_id`, oldest first.

@@ -11,3 +11,4 @@ pub mod gateways;
 pub mod messages;
 pub mod sessions;
 pub mod wa_keys;
+pub mod webhooks;

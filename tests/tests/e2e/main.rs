@@ -12,4 +12,5 @@ mod ops;
 mod resilience;
 mod sessions;
 mod wa_store;
+mod webhooks;
 mod whatsapp;

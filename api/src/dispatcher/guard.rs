@@ -1,0 +1,180 @@
+//! Where webhooks may go: `https://` only (unless `WEBHOOK_ALLOW_HTTP`), and never to an
+//! address in a loopback, private, shared, link-local (cloud metadata lives there), multicast
+//! or reserved range (unless `WEBHOOK_ALLOW_PRIVATE`).
+//!
+//! The address rule is applied twice: when an endpoint is registered (so a user learns at
+//! once), and when the dispatcher connects, through [`GuardedResolver`], reqwest's resolver for
+//! every name it connects to. The second check is the one that matters: a name that resolved to
+//! a public address at registration can be re-pointed at `169.254.169.254` later, and the
+//! resolver answers only the addresses that pass, so the connection is made to what was
+//! checked. URLs with an IP address in them bypass resolution and are checked before each
+//! attempt ([`check_literal`]). Redirects are never followed (the client's policy).
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+
+use reqwest::Url;
+use shared::{Error, Result, webhook::MAX_URL_LEN};
+
+/// How long registration waits for the URL's host to resolve.
+const RESOLVE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Whether connecting to `ip` is refused when private addresses are not allowed.
+pub fn is_forbidden(ip: IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(v4) => forbidden_v4(v4),
+        IpAddr::V6(v6) => {
+            if let Some(v4) = v6.to_ipv4_mapped() {
+                return forbidden_v4(v4);
+            }
+            let s = v6.segments();
+            v6.is_loopback()
+                || v6.is_unspecified()
+                || v6.is_multicast()
+                || (s[0] & 0xfe00) == 0xfc00 // unique local fc00::/7 (AWS metadata fd00:ec2::254)
+                || (s[0] & 0xffc0) == 0xfe80 // link-local fe80::/10
+                || (s[0] & 0xffc0) == 0xfec0 // site-local fec0::/10 (deprecated)
+                || (s[0] == 0x64 && s[1] == 0xff9b) // NAT64 64:ff9b::/96 reaches IPv4 inside
+                || (s[0] == 0x2001 && s[1] == 0x0db8) // documentation
+                || s[..6] == [0, 0, 0, 0, 0, 0] // IPv4-compatible ::a.b.c.d
+        }
+    }
+}
+
+fn forbidden_v4(ip: Ipv4Addr) -> bool {
+    let [a, b, c, _] = ip.octets();
+    ip.is_unspecified()
+        || ip.is_loopback()
+        || ip.is_private()
+        || ip.is_link_local() // 169.254/16: AWS, GCP and Azure metadata
+        || ip.is_broadcast()
+        || ip.is_multicast()
+        || a == 0
+        || (a == 100 && (64..128).contains(&b)) // shared 100.64/10 (Alibaba metadata)
+        || (a == 192 && b == 0 && c == 0) // IETF protocol assignments
+        || (a == 198 && (b == 18 || b == 19)) // benchmarking
+        || a >= 240 // reserved
+}
+
+/// Checks an endpoint URL at registration: scheme, shape, and every address its host
+/// resolves to. Answers it parsed.
+pub async fn check_url(raw: &str, allow_http: bool, allow_private: bool) -> Result<Url> {
+    let bad = |m: String| Error::invalid_field("url", m);
+    if raw.len() > MAX_URL_LEN {
+        return Err(bad(format!("url is longer than {MAX_URL_LEN} characters")));
+    }
+    let url = Url::parse(raw).map_err(|e| bad(format!("url is not a valid URL: {e}")))?;
+    match url.scheme() {
+        "https" => {}
+        "http" if allow_http => {}
+        "http" => return Err(bad("url must use https://".into())),
+        other => return Err(bad(format!("url must use https://, not {other}://"))),
+    }
+    if !url.username().is_empty() || url.password().is_some() {
+        return Err(bad("url must not carry credentials".into()));
+    }
+    let port = url.port_or_known_default().unwrap_or(443);
+    let addrs: Vec<IpAddr> = match url.host() {
+        None => return Err(bad("url has no host".into())),
+        Some(url::Host::Ipv4(ip)) => vec![IpAddr::V4(ip)],
+        Some(url::Host::Ipv6(ip)) => vec![IpAddr::V6(ip)],
+        Some(url::Host::Domain(name)) => {
+            let lookup = tokio::net::lookup_host((name, port));
+            let found = tokio::time::timeout(RESOLVE_TIMEOUT, lookup)
+                .await
+                .ok()
+                .and_then(|r| r.ok())
+                .ok_or_else(|| bad(format!("the host {name} does not resolve")))?;
+            found.map(|a| a.ip()).collect()
+        }
+    };
+    if addrs.is_empty() {
+        return Err(bad("the url's host has no address".into()));
+    }
+    if !allow_private && let Some(ip) = addrs.iter().find(|ip| is_forbidden(**ip)) {
+        return Err(bad(format!(
+            "url points at {ip}, a loopback, private, link-local or reserved address; \
+             webhooks go to public addresses only"
+        )));
+    }
+    Ok(url)
+}
+
+/// The connect-time check for URLs that name an IP address (reqwest resolves only names).
+pub fn check_literal(url: &Url, allow_private: bool) -> std::result::Result<(), String> {
+    if allow_private {
+        return Ok(());
+    }
+    let ip = match url.host() {
+        Some(url::Host::Ipv4(ip)) => IpAddr::V4(ip),
+        Some(url::Host::Ipv6(ip)) => IpAddr::V6(ip),
+        _ => return Ok(()),
+    };
+    if is_forbidden(ip) {
+        Err(format!("refused: {ip} is not a public address"))
+    } else {
+        Ok(())
+    }
+}
+
+/// reqwest's resolver for webhook connections: the system's answer without the forbidden
+/// addresses; an error when none is left.
+#[derive(Debug, Clone, Copy)]
+pub struct GuardedResolver {
+    pub allow_private: bool,
+}
+
+impl reqwest::dns::Resolve for GuardedResolver {
+    fn resolve(&self, name: reqwest::dns::Name) -> reqwest::dns::Resolving {
+        let allow_private = self.allow_private;
+        let host = name.as_str().to_owned();
+        Box::pin(async move {
+            let found: Vec<SocketAddr> =
+                tokio::net::lookup_host((host.as_str(), 0)).await?.collect();
+            let allowed: Vec<SocketAddr> = found
+                .iter()
+                .copied()
+                .filter(|a| allow_private || !is_forbidden(a.ip()))
+                .collect();
+            if allowed.is_empty() {
+                let refused: Box<dyn std::error::Error + Send + Sync> = if found.is_empty() {
+                    format!("{host} has no address").into()
+                } else {
+                    format!("refused: {host} resolves to addresses that are not public").into()
+                };
+                return Err(refused);
+            }
+            Ok(Box::new(allowed.into_iter()) as reqwest::dns::Addrs)
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn private_and_metadata_ranges_are_forbidden_public_ones_not() {
+        for ip in [
+            "127.0.0.1",
+            "10.1.2.3",
+            "172.16.0.1",
+            "192.168.1.1",
+            "169.254.169.254",
+            "100.100.100.200",
+            "0.0.0.0",
+            "255.255.255.255",
+            "::1",
+            "::",
+            "fd00:ec2::254",
+            "fe80::1",
+            "::ffff:127.0.0.1",
+            "::ffff:169.254.169.254",
+            "64:ff9b::a9fe:a9fe",
+        ] {
+            assert!(is_forbidden(ip.parse().expect("ip")), "{ip}");
+        }
+        for ip in ["1.1.1.1", "8.8.8.8", "2606:4700:4700::1111", "172.32.0.1"] {
+            assert!(!is_forbidden(ip.parse().expect("ip")), "{ip}");
+        }
+    }
+}
