@@ -14,17 +14,22 @@ use deadpool_postgres::GenericClient;
 use crate::error::{Error, Result};
 use crate::protocol::{Event, EventKind};
 
-/// Queues the event's deliveries to the organization's endpoints that want it: enabled, for
-/// every session or this one, subscribed to its name, its family (`message.*`) or `*`
-/// (`webhook::wants` is the same rule in Rust).
-const QUEUE_DELIVERIES: &str = "INSERT INTO webhook_deliveries \
-     (webhook_id, organization_id, session_id, event_id, event_type, next_attempt_at, created_at) \
-     SELECT w.id, w.organization_id, $2, $3, $4, $5, $5 FROM webhooks w \
-     WHERE w.organization_id = $1 AND w.enabled \
-     AND (w.session_id IS NULL OR w.session_id = $2) \
-     AND EXISTS (SELECT 1 FROM unnest(w.events) p WHERE p = '*' OR p = $4::text \
-         OR (right(p, 2) = '.*' AND starts_with($4::text, left(p, -1)))) \
-     ORDER BY w.id";
+/// Stores the event and queues its deliveries to the organization's endpoints that want it:
+/// enabled, for every session or this one, subscribed to its name, its family (`message.*`)
+/// or `*` (`webhook::wants` is the same rule in Rust). One statement, so the organization's
+/// lock is held for one round trip less.
+const APPEND: &str = "WITH e AS (INSERT INTO events \
+         (organization_id, session_id, type, payload, created_at) \
+         VALUES ($1, $2, $3, $4, $5) RETURNING id), \
+     d AS (INSERT INTO webhook_deliveries (webhook_id, organization_id, session_id, event_id, \
+         event_type, next_attempt_at, created_at) \
+         SELECT w.id, w.organization_id, $2, e.id, $3, $5, $5 FROM webhooks w, e \
+         WHERE w.organization_id = $1 AND w.enabled \
+         AND (w.session_id IS NULL OR w.session_id = $2) \
+         AND EXISTS (SELECT 1 FROM unnest(w.events) p WHERE p = '*' OR p = $3::text \
+             OR (right(p, 2) = '.*' AND starts_with($3::text, left(p, -1)))) \
+         ORDER BY w.id) \
+     SELECT id FROM e";
 
 /// Appends an event; call inside the transaction that makes the change it reports.
 pub async fn append(
@@ -35,20 +40,12 @@ pub async fn append(
     now: i64,
 ) -> Result<Event> {
     lock_organization(tx, org).await?;
-    let stmt = tx
-        .prepare_cached(
-            "INSERT INTO events (organization_id, session_id, type, payload, created_at) \
-             VALUES ($1, $2, $3, $4, $5) RETURNING id",
-        )
-        .await?;
+    let stmt = tx.prepare_cached(APPEND).await?;
     let payload = serde_json::to_value(&kind).map_err(Error::internal)?;
     let row = tx
         .query_one(&stmt, &[&org, &session_id, &kind.name(), &payload, &now])
         .await?;
     let id: i64 = row.get(0);
-    let fanout = tx.prepare_cached(QUEUE_DELIVERIES).await?;
-    tx.execute(&fanout, &[&org, &session_id, &id, &kind.name(), &now])
-        .await?;
     Ok(Event {
         id,
         organization_id: org.to_owned(),
