@@ -337,23 +337,41 @@ fn death_reason(d: &Delivery) -> String {
     "rejected".to_owned()
 }
 
+/// What the caller of a dead-lettered command is answered, by why it died.
+fn dead_letter_error(reason: &str) -> ErrorBody {
+    let (code, message) = match reason {
+        "expired" => (
+            ErrorCode::GatewayTimeout,
+            "the command expired before a gateway took it".to_owned(),
+        ),
+        // The worker put it back each time it could not record the outcome: a database or
+        // broker fault, not a fault of the command. Commands are idempotent: run it again.
+        "delivery_limit" => (
+            ErrorCode::GatewayUnavailable,
+            format!(
+                "the gateway could not record the command's outcome in {} attempts (a passing \
+                 fault); try again",
+                shared::topology::DELIVERY_LIMIT + 1
+            ),
+        ),
+        // Unreadable or misrouted: a defect, not a fault.
+        _ => (
+            ErrorCode::Internal,
+            "the gateway could not process the command".to_owned(),
+        ),
+    };
+    ErrorBody {
+        code,
+        message,
+        details: Default::default(),
+    }
+}
+
 async fn on_dead_letter(inner: &Inner, publish: &Channel, d: Delivery) {
     let reason = death_reason(&d);
     if let Ok(env) = serde_json::from_slice::<CommandEnvelope>(&d.data) {
         // Recorded `expired` (a gateway_timeout) or `failed`, unless a worker ended it first.
-        let body = if reason == "expired" {
-            ErrorBody {
-                code: ErrorCode::GatewayTimeout,
-                message: "the command expired before a gateway took it".into(),
-                details: Default::default(),
-            }
-        } else {
-            ErrorBody {
-                code: ErrorCode::Internal,
-                message: "the gateway could not process the command".into(),
-                details: Default::default(),
-            }
-        };
+        let body = dead_letter_error(&reason);
         metrics::counter!("api_dead_letters_total", "reason" => reason.clone()).increment(1);
         tracing::warn!(command_id = %env.id, kind = env.command.kind(), %reason, "command dead-lettered");
         let outcome = serde_json::to_value(Outcome::Error(body.clone())).unwrap_or_default();
@@ -396,4 +414,19 @@ async fn on_dead_letter(inner: &Inner, publish: &Channel, d: Delivery) {
         }
     }
     let _ = d.ack(BasicAckOptions::default()).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_dead_letter_is_answered_by_why_it_died() {
+        let status = |reason| dead_letter_error(reason).code.http_status();
+        // A fault is 503 or 504, never 500.
+        assert_eq!(status("expired"), 504);
+        assert_eq!(status("delivery_limit"), 503);
+        // A command no worker could read is a defect.
+        assert_eq!(status("rejected"), 500);
+    }
 }

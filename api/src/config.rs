@@ -64,6 +64,13 @@ pub struct Config {
     /// Where new sessions go when no gateway or region is asked for and no live gateway exists.
     #[arg(long, env = "DEFAULT_GATEWAY", default_value = "gw-local-1")]
     pub default_gateway: String,
+    /// A command still pending this long past its deadline is ended `expired` by the sweep
+    /// (its outcome was lost to a fault); longer than any command runs.
+    #[arg(long, env = "COMMAND_SWEEP_GRACE_MS", default_value_t = 60_000)]
+    pub command_sweep_grace_ms: u64,
+    /// How often each replica sweeps for such commands.
+    #[arg(long, env = "COMMAND_SWEEP_INTERVAL_MS", default_value_t = 10_000)]
+    pub command_sweep_interval_ms: u64,
     /// A gateway whose heartbeat is older than this has no live worker.
     #[arg(long, env = "GATEWAY_LIVENESS_MS", default_value_t = 15_000)]
     pub gateway_liveness_ms: u64,

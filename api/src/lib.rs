@@ -12,6 +12,7 @@ pub mod error;
 pub mod fleet;
 pub mod openapi;
 pub mod operator;
+pub mod overdue;
 pub mod routes;
 pub mod ttl_cache;
 
@@ -135,6 +136,12 @@ pub async fn build_state(cfg: Config, shutdown: CancellationToken) -> Result<App
         Some(_) => {}
         None => tracing::warn!("CREDENTIALS_KEYS is not set: webhooks are off in this replica"),
     }
+    overdue::start(
+        db.clone(),
+        Duration::from_millis(cfg.command_sweep_interval_ms.max(1)),
+        Duration::from_millis(cfg.command_sweep_grace_ms),
+        shutdown.clone(),
+    );
     let fleet = Fleet::start(
         db.clone(),
         Duration::from_millis(cfg.gateway_liveness_ms),

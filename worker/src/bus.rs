@@ -24,7 +24,7 @@ use lapin::{
         BasicCancelOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
         BasicRejectOptions,
     },
-    types::FieldTable,
+    types::{AMQPValue, FieldTable},
 };
 use shared::{
     Error, Result,
@@ -203,10 +203,29 @@ impl Consumer {
                     .as_ref()
                     .map(|r| r.to_string()),
                 redelivered: delivery.redelivered,
+                earlier_deliveries: delivery_count(&delivery),
                 acker: delivery.acker,
                 env,
             };
             registry.dispatch(job).await;
         }
     }
+}
+
+/// How many times the queue delivered this message before (`x-delivery-count`, set by quorum
+/// queues on redelivery).
+fn delivery_count(d: &lapin::message::Delivery) -> u32 {
+    let count = d
+        .properties
+        .headers()
+        .as_ref()
+        .and_then(|h| h.inner().get("x-delivery-count").cloned());
+    let n = match count {
+        Some(AMQPValue::LongLongInt(n)) => n,
+        Some(AMQPValue::LongInt(n)) => i64::from(n),
+        Some(AMQPValue::ShortInt(n)) => i64::from(n),
+        Some(AMQPValue::LongUInt(n)) => i64::from(n),
+        _ => 0,
+    };
+    u32::try_from(n).unwrap_or(0)
 }

@@ -181,3 +181,39 @@ pub async fn get(db: &impl GenericClient, org: &str, id: &str) -> Result<Option<
         }
     }))
 }
+
+/// Ends as `expired` up to `limit` commands still pending with a deadline before `before`,
+/// answering `error` (their row's outcome, as a caller asking later sees it). Replicas may
+/// run this at once: each takes different rows. How many it ended.
+pub async fn expire_overdue(
+    db: &impl GenericClient,
+    before: i64,
+    error: &ErrorBody,
+    now: i64,
+    limit: i64,
+) -> Result<u64> {
+    let stmt = db
+        .prepare_cached(
+            "UPDATE commands SET status = 'expired', error_code = $2, error_message = $3, \
+             result = $4, completed_at = $5 \
+             WHERE id IN (SELECT id FROM commands WHERE status = 'pending' AND deadline_at < $1 \
+                 ORDER BY deadline_at LIMIT $6 FOR UPDATE SKIP LOCKED) \
+             AND status = 'pending'",
+        )
+        .await?;
+    let outcome =
+        serde_json::to_value(crate::protocol::Outcome::Error(error.clone())).unwrap_or(Value::Null);
+    Ok(db
+        .execute(
+            &stmt,
+            &[
+                &before,
+                &error.code.as_str(),
+                &error.message,
+                &outcome,
+                &now,
+                &limit,
+            ],
+        )
+        .await?)
+}

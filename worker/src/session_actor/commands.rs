@@ -59,7 +59,7 @@ impl Actor {
                 Ok(None) => {}
                 Err(e) => {
                     tracing::warn!(error = %e, "cannot check a redelivered command; requeueing");
-                    job.requeue().await;
+                    job.requeue_after_fault().await;
                     return Flow::Continue;
                 }
             }

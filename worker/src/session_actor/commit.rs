@@ -196,7 +196,7 @@ impl Actor {
             }
             Err(e) => {
                 tracing::warn!(error = %e, "could not record a command's outcome; requeueing");
-                job.requeue().await;
+                job.requeue_after_fault().await;
                 Flow::Continue
             }
         }
@@ -225,7 +225,7 @@ impl Actor {
             }
             Err(e) => {
                 tracing::warn!(error = %e, "could not record a delete; requeueing");
-                job.requeue().await;
+                job.requeue_after_fault().await;
                 Flow::Continue
             }
         }

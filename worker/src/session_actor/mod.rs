@@ -50,6 +50,8 @@ pub struct Job {
     pub acker: Acker,
     pub reply_to: Option<String>,
     pub redelivered: bool,
+    /// Earlier deliveries of this command (the quorum queue's `x-delivery-count`).
+    pub earlier_deliveries: u32,
 }
 
 impl Job {
@@ -57,6 +59,17 @@ impl Job {
         // After a broker reconnect this delivery's channel is gone and the ack fails (or
         // answers false): the message is redelivered and answered from its record.
         let _ = self.acker.ack(BasicAckOptions::default()).await;
+    }
+
+    /// Puts the command back after a fault kept its outcome from being recorded, after a
+    /// pause that doubles with each delivery (1 s, 2 s, 4 s, … up to 8 s, never past the
+    /// deadline): the queue dead-letters a command after a few deliveries, and at once they
+    /// would all be spent within a database restart.
+    pub(crate) async fn requeue_after_fault(&self) {
+        let pause = Duration::from_secs(1 << self.earlier_deliveries.min(3));
+        let left = u64::try_from(self.env.deadline_ms - shared::db::now_ms()).unwrap_or(0);
+        tokio::time::sleep(pause.min(Duration::from_millis(left))).await;
+        self.requeue().await;
     }
 
     pub(crate) async fn requeue(&self) {
