@@ -84,6 +84,8 @@ pub struct Config {
     pub credentials_keys: Option<String>,
     #[command(flatten)]
     pub webhooks: WebhookConfig,
+    #[command(flatten)]
+    pub limits: crate::limits::LimitsConfig,
 
     /// Local development only: a P-256 PKCS#8 PEM key whose public half is served as a JWKS at
     /// `/dev/jwks.json` (what `gatewayctl dev-token` signs with).

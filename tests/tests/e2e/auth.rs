@@ -13,7 +13,7 @@ use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use serde_json::{Value, json};
 use tests::{
     Api, Resp, TestEnv, eventually,
-    jwks::{JwksServer, SigningKey, claims},
+    jwks::{self, JwksServer, SigningKey, claims},
     unique,
 };
 
@@ -29,15 +29,7 @@ fn now_secs() -> i64 {
 
 /// A JWKS serving `keys` and an api that trusts it (an unknown kid always refetches).
 async fn jwt_api(env: &TestEnv, keys: &[&SigningKey]) -> (JwksServer, Api) {
-    let jwks = JwksServer::start(keys.iter().map(|k| k.jwk.clone()).collect()).await;
-    let url = jwks.url.clone();
-    let api = env
-        .start_api(move |c| {
-            c.auth_jwks_url = Some(url);
-            unlimited_jwks_refreshes(c);
-        })
-        .await;
-    (jwks, api)
+    jwks::jwt_api(env, keys, unlimited_jwks_refreshes).await
 }
 
 fn unlimited_jwks_refreshes(c: &mut api::Config) {
@@ -350,10 +342,8 @@ async fn a_key_added_to_the_jwks_right_after_a_fetch_is_accepted_on_first_use() 
     let env = TestEnv::new().await;
     let old = SigningKey::es256("k-old");
     let new = SigningKey::es256("k-new");
-    let jwks = JwksServer::start(vec![old.jwk.clone()]).await;
-    let url = jwks.url.clone();
     // The product's default refresh budget.
-    let api = env.start_api(move |c| c.auth_jwks_url = Some(url)).await;
+    let (jwks, api) = jwks::jwt_api(&env, &[&old], |_| {}).await;
     let org = org();
     api.get(SESSIONS, &old.sign(&claims(&org, "user-1", "owner")))
         .await
@@ -379,14 +369,7 @@ async fn a_flood_of_unknown_kids_costs_at_most_the_refresh_burst_in_jwks_fetches
     const BURST: u32 = 3;
     let env = TestEnv::new().await;
     let key = SigningKey::es256("k-1");
-    let jwks = JwksServer::start(vec![key.jwk.clone()]).await;
-    let url = jwks.url.clone();
-    let api = env
-        .start_api(move |c| {
-            c.auth_jwks_url = Some(url);
-            jwks_refresh_budget(c, BURST);
-        })
-        .await;
+    let (jwks, api) = jwks::jwt_api(&env, &[&key], |c| jwks_refresh_budget(c, BURST)).await;
     let org = org();
     let forged: Vec<String> = (0..200)
         .map(|i| {
@@ -423,16 +406,12 @@ async fn a_flood_of_unknown_kids_costs_at_most_the_refresh_burst_in_jwks_fetches
 async fn organization_and_role_claim_names_are_configurable() {
     let env = TestEnv::new().await;
     let key = SigningKey::es256("es-1");
-    let jwks = JwksServer::start(vec![key.jwk.clone()]).await;
-    let url = jwks.url.clone();
-    let api = env
-        .start_api(move |c| {
-            c.auth_jwks_url = Some(url);
-            unlimited_jwks_refreshes(c);
-            c.auth_org_claim = "tenant".into();
-            c.auth_role_claim = "r".into();
-        })
-        .await;
+    let (_jwks, api) = jwks::jwt_api(&env, &[&key], |c| {
+        unlimited_jwks_refreshes(c);
+        c.auth_org_claim = "tenant".into();
+        c.auth_role_claim = "r".into();
+    })
+    .await;
     let org = org();
     let now = now_secs();
     let custom = json!({"sub": "user-1", "tenant": org, "r": "admin", "iss": "gateway-dev",
