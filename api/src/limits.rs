@@ -197,3 +197,50 @@ impl Drop for StreamSlot {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn principal(org: &str, subject: &str) -> Principal {
+        Principal {
+            organization_id: org.to_owned(),
+            subject: subject.to_owned(),
+            capabilities: Default::default(),
+        }
+    }
+
+    #[test]
+    fn idle_keys_are_evicted_once_their_bucket_is_full_again() {
+        let level = Level::new(1_000, 1, "credential").expect("a limit");
+        level.admit("a".to_owned()).expect("the first request");
+        assert!(level.admit("a".to_owned()).is_err(), "a burst of one");
+        // Refilled after a millisecond; a generous wait.
+        std::thread::sleep(Duration::from_millis(50));
+        level.evict_idle();
+        assert_eq!(level.limiter.len(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_rate_of_zero_is_no_limit_and_stream_counts_go_with_the_last_stream() {
+        let cfg = LimitsConfig {
+            rate_per_credential: 0,
+            rate_burst_per_credential: 0,
+            rate_per_org: 0,
+            rate_burst_per_org: 0,
+            sse_streams_per_org: 1,
+            header_read_timeout_ms: 1_000,
+        };
+        let limits = Limits::start(&cfg, CancellationToken::new());
+        for _ in 0..1_000 {
+            limits
+                .admit(&principal("org-a", "key-1"))
+                .expect("no limit");
+        }
+        let slot = limits.open_stream("org-a").expect("a slot");
+        assert!(limits.open_stream("org-a").is_err(), "the cap is one");
+        drop(slot);
+        assert!(limits.streams.lock().expect("lock").is_empty());
+        drop(limits.open_stream("org-a").expect("the slot is free again"));
+    }
+}

@@ -68,9 +68,9 @@ impl Modify for BearerAuth {
 /// which is widened to say so, and gains the headers.
 struct RateLimited;
 
-const RATE_LIMITED: &str = "Over a request limit: too many requests for this credential or \
-                            organization (or, on the event stream, too many open streams). \
-                            Retry after `Retry-After` seconds.";
+const RATE_LIMITED: &str = "over a request limit: too many requests for this credential or \
+                            organization (or, on the event stream, too many open streams); \
+                            retry after `Retry-After` seconds";
 
 impl Modify for RateLimited {
     fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
@@ -116,7 +116,7 @@ impl Modify for RateLimited {
                     continue;
                 };
                 response.description = match response.description.as_str() {
-                    "" => RATE_LIMITED.to_owned(),
+                    "" => format!("Rate limited: {RATE_LIMITED}"),
                     own => format!("{own}; or {RATE_LIMITED}"),
                 };
                 for (name, description) in headers {
