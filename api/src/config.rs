@@ -1,7 +1,7 @@
 //! The api's configuration: environment variables (or flags of the same name), with the local
 //! cluster's values as defaults. `README.md` lists them all.
 
-use std::{net::SocketAddr, time::Duration};
+use std::{net::SocketAddr, num::NonZeroU32, time::Duration};
 
 use clap::Parser;
 use shared::config::{AmqpConfig, DbConfig, LogConfig};
@@ -43,9 +43,12 @@ pub struct Config {
     /// The claim that carries the role.
     #[arg(long, env = "AUTH_ROLE_CLAIM", default_value = "role")]
     pub auth_role_claim: String,
-    /// Least time between two JWKS fetches caused by unknown key ids.
-    #[arg(long, env = "AUTH_JWKS_MIN_REFRESH_SECS", default_value_t = 30)]
-    pub auth_jwks_min_refresh_secs: u64,
+    /// JWKS fetches caused by unknown key ids that may happen back to back (token bucket size).
+    #[arg(long, env = "AUTH_JWKS_REFRESH_BURST", default_value_t = NonZeroU32::new(3).expect("3"))]
+    pub auth_jwks_refresh_burst: NonZeroU32,
+    /// How fast that bucket refills, in fetches per minute.
+    #[arg(long, env = "AUTH_JWKS_REFRESHES_PER_MINUTE", default_value_t = NonZeroU32::new(6).expect("6"))]
+    pub auth_jwks_refreshes_per_minute: NonZeroU32,
     /// Age after which cached JWKS keys are fetched again.
     #[arg(long, env = "AUTH_JWKS_MAX_AGE_SECS", default_value_t = 600)]
     pub auth_jwks_max_age_secs: u64,
@@ -88,6 +91,8 @@ pub struct Config {
     pub credentials_keys: Option<String>,
     #[command(flatten)]
     pub webhooks: WebhookConfig,
+    #[command(flatten)]
+    pub limits: crate::limits::LimitsConfig,
 
     /// Local development only: a P-256 PKCS#8 PEM key whose public half is served as a JWKS at
     /// `/dev/jwks.json` (what `gatewayctl dev-token` signs with).

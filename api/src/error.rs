@@ -57,15 +57,19 @@ impl IntoResponse for ApiError {
             }
         }
         metrics::counter!("api_errors_total", "code" => body.code.as_str()).increment(1);
-        let retry_after = body
-            .details
-            .get("retryAfterSeconds")
-            .and_then(serde_json::Value::as_u64);
+        let detail = |name: &str| body.details.get(name).and_then(serde_json::Value::as_u64);
+        let retry_after = detail("retryAfterSeconds");
+        // A request limit (`crate::limits`) also says which, in the IETF draft's names.
+        let limit = detail("limit").filter(|_| body.code == ErrorCode::RateLimited);
         let mut response = (status, Json(ErrorEnvelope { error: body })).into_response();
+        let headers = response.headers_mut();
         if let Some(secs) = retry_after {
-            response
-                .headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+            headers.insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        }
+        if let (Some(limit), Some(reset)) = (limit, retry_after) {
+            headers.insert("ratelimit-limit", HeaderValue::from(limit));
+            headers.insert("ratelimit-remaining", HeaderValue::from(0));
+            headers.insert("ratelimit-reset", HeaderValue::from(reset));
         }
         if status == StatusCode::UNAUTHORIZED {
             response

@@ -10,10 +10,12 @@ pub mod config;
 pub mod dispatcher;
 pub mod error;
 pub mod fleet;
+pub mod limits;
 pub mod openapi;
 pub mod operator;
 pub mod overdue;
 pub mod routes;
+pub mod server;
 pub mod ttl_cache;
 
 use std::{sync::Arc, time::Duration};
@@ -54,6 +56,7 @@ pub struct App {
     pub session_gateways: TtlCache<String, (String, String)>,
 
     pub auth: Authenticator,
+    pub limits: Arc<limits::Limits>,
     pub bus: Bus,
     pub fleet: Fleet,
     pub cfg: Arc<Config>,
@@ -67,13 +70,12 @@ pub struct App {
 pub async fn run(cfg: Config, listener: TcpListener, shutdown: CancellationToken) -> Result<()> {
     // Install the recorder before anything records, or early metrics go nowhere.
     shared::telemetry::prometheus();
+    let header_read_timeout = Duration::from_millis(cfg.limits.header_read_timeout_ms);
     let state = build_state(cfg, shutdown.clone()).await?;
     let app = router(state);
     tracing::info!(addr = %listener.local_addr().map_err(Error::internal)?, "api listening");
-    axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown.cancelled_owned())
-        .await
-        .map_err(Error::internal)
+    server::serve(listener, app, header_read_timeout, shutdown).await;
+    Ok(())
 }
 
 pub async fn build_state(cfg: Config, shutdown: CancellationToken) -> Result<AppState> {
@@ -94,7 +96,8 @@ pub async fn build_state(cfg: Config, shutdown: CancellationToken) -> Result<App
                 .collect::<Result<_>>()?,
             org_claim: cfg.auth_org_claim.clone(),
             role_claim: cfg.auth_role_claim.clone(),
-            min_refresh: Duration::from_secs(cfg.auth_jwks_min_refresh_secs),
+            refresh_burst: cfg.auth_jwks_refresh_burst,
+            refreshes_per_minute: cfg.auth_jwks_refreshes_per_minute,
             max_age: Duration::from_secs(cfg.auth_jwks_max_age_secs),
         })?),
         None => None,
@@ -152,6 +155,7 @@ pub async fn build_state(cfg: Config, shutdown: CancellationToken) -> Result<App
         db,
         session_gateways: TtlCache::new(Duration::from_millis(cfg.session_cache_ttl_ms), 100_000),
         auth: Authenticator::new(api_keys, jwt),
+        limits: limits::Limits::start(&cfg.limits, shutdown.clone()),
         bus,
         fleet,
         dev_jwks,

@@ -3,7 +3,12 @@
 
 use utoipa::{
     Modify, OpenApi,
-    openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme},
+    openapi::{
+        Content, Ref, RefOr, ResponseBuilder,
+        header::Header,
+        schema::{ObjectBuilder, Type},
+        security::{HttpAuthScheme, HttpBuilder, SecurityScheme},
+    },
 };
 
 use crate::routes::{commands, events, gateways, messages, sessions, webhooks};
@@ -31,7 +36,7 @@ use crate::routes::{commands, events, gateways, messages, sessions, webhooks};
         shared::webhook::Webhook, shared::webhook::WebhookWithSecret, shared::webhook::Delivery,
         shared::webhook::DeliveryStatus, shared::webhook::Attempt,
     )),
-    modifiers(&BearerAuth),
+    modifiers(&BearerAuth, &RateLimited),
     security(("bearer" = [])),
 )]
 pub struct ApiDoc;
@@ -54,5 +59,72 @@ impl Modify for BearerAuth {
                     .build(),
             ),
         );
+    }
+}
+
+/// Every operation is authenticated, so every one can answer 429 `rate_limited` when its
+/// credential or organization is over its request rate (`crate::limits`). Stated here once
+/// rather than on each handler; an operation with a 429 of its own keeps its description,
+/// which is widened to say so, and gains the headers.
+struct RateLimited;
+
+const RATE_LIMITED: &str = "over a request limit: too many requests for this credential or \
+                            organization (or, on the event stream, too many open streams); \
+                            retry after `Retry-After` seconds";
+
+impl Modify for RateLimited {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        let seconds = |description: &str| {
+            let mut h = Header::new(ObjectBuilder::new().schema_type(Type::Integer));
+            h.description = Some(description.to_owned());
+            h
+        };
+        let headers = [
+            ("Retry-After", "Seconds until a retry can succeed"),
+            ("RateLimit-Limit", "The limit's burst size"),
+            ("RateLimit-Remaining", "Requests left now (0)"),
+            (
+                "RateLimit-Reset",
+                "Seconds until one more request is allowed",
+            ),
+        ];
+        for item in openapi.paths.paths.values_mut() {
+            let operations = [
+                &mut item.get,
+                &mut item.post,
+                &mut item.put,
+                &mut item.patch,
+                &mut item.delete,
+            ];
+            for op in operations.into_iter().flatten() {
+                let response = op
+                    .responses
+                    .responses
+                    .entry("429".to_owned())
+                    .or_insert_with(|| {
+                        RefOr::T(
+                            ResponseBuilder::new()
+                                .description("")
+                                .content(
+                                    "application/json",
+                                    Content::new(Some(Ref::from_schema_name("ErrorEnvelope"))),
+                                )
+                                .build(),
+                        )
+                    });
+                let RefOr::T(response) = response else {
+                    continue;
+                };
+                response.description = match response.description.as_str() {
+                    "" => format!("Rate limited: {RATE_LIMITED}"),
+                    own => format!("{own}; or {RATE_LIMITED}"),
+                };
+                for (name, description) in headers {
+                    response
+                        .headers
+                        .insert(name.to_owned(), RefOr::T(seconds(description)));
+                }
+            }
+        }
     }
 }

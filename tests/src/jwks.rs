@@ -116,3 +116,20 @@ impl JwksServer {
         self.fetches.load(Ordering::SeqCst)
     }
 }
+
+/// A JWKS serving `keys` and an api (test defaults, adjusted by `tweak`) that trusts it.
+pub async fn jwt_api(
+    env: &crate::TestEnv,
+    keys: &[&SigningKey],
+    tweak: impl FnOnce(&mut api::Config),
+) -> (JwksServer, crate::Api) {
+    let jwks = JwksServer::start(keys.iter().map(|k| k.jwk.clone()).collect()).await;
+    let url = jwks.url.clone();
+    let api = env
+        .start_api(move |c| {
+            c.auth_jwks_url = Some(url);
+            tweak(c);
+        })
+        .await;
+    (jwks, api)
+}

@@ -36,6 +36,9 @@ pub fn amqp_url() -> String {
     std::env::var("AMQP_URL").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
 }
 
+/// Requests per second (and burst) no test reaches: the test env's request limits.
+pub const UNLIMITED_RATE: u32 = 1_000_000;
+
 /// A short unique lower-case token for names.
 pub fn unique() -> String {
     Ulid::new().to_string()[16..].to_lowercase()
@@ -156,6 +159,13 @@ impl TestEnv {
         cfg.api_key_cache_ttl_ms = 300;
         cfg.default_gateway = "gw-none-0".into();
         cfg.credentials_keys = Some(self.credentials_keys.clone());
+        // Request limits far above any test's or benchmark's load (the limits' own tests set
+        // theirs); on rather than off, so benchmarks pay for the check as the product does.
+        let limits = &mut cfg.limits;
+        limits.rate_per_credential = UNLIMITED_RATE;
+        limits.rate_burst_per_credential = UNLIMITED_RATE;
+        limits.rate_per_org = UNLIMITED_RATE;
+        limits.rate_burst_per_org = UNLIMITED_RATE;
         // Webhooks to the tests' local receivers, retried quickly.
         let wh = &mut cfg.webhooks;
         wh.webhook_allow_http = true;

@@ -179,6 +179,14 @@ impl ApiProcess {
             .env("WEBHOOK_RETRY_SCHEDULE_MS", "200,400")
             .env("LOG_FORMAT", "text")
             .env("RUST_LOG", "info");
+        for limit in [
+            "API_RATE_PER_CREDENTIAL",
+            "API_RATE_BURST_PER_CREDENTIAL",
+            "API_RATE_PER_ORG",
+            "API_RATE_BURST_PER_ORG",
+        ] {
+            cmd.env(limit, crate::UNLIMITED_RATE.to_string());
+        }
         for (k, v) in extra {
             cmd.env(k, v);
         }

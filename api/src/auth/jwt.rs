@@ -5,17 +5,28 @@
 //!   "alg confusion" holes.
 //! - `exp`, `nbf`, `iss` and `aud` are checked; `sub`, the organization and the role must be
 //!   present (claim names configurable).
-//! - Keys are cached by `kid`. An unknown `kid` triggers a refresh (keys rotate), but at most
-//!   once per `AUTH_JWKS_MIN_REFRESH_SECS`, so a flood of forged kids cannot turn into a flood
-//!   of requests to the frontend. Keys older than `AUTH_JWKS_MAX_AGE_SECS` are refreshed on
-//!   next use, so a removed key stops working in bounded time.
+//! - Keys are cached by `kid`. An unknown `kid` triggers a refresh (keys rotate). Refreshes
+//!   draw on a token bucket (`AUTH_JWKS_REFRESH_BURST` fetches at once, refilled at
+//!   `AUTH_JWKS_REFRESHES_PER_MINUTE`), not a fixed floor: a key the frontend has just added is
+//!   accepted on its first use even seconds after a fetch, while a flood of forged kids costs at
+//!   most the burst and then the refill rate. The bucket is `governor`'s GCRA: one atomic
+//!   compare-and-swap per check, well tested, and the same crate as the request limits
+//!   (`crate::limits`). Concurrent misses wait on one fetch rather than each drawing a token.
+//!   A failed fetch counts too, so a JWKS outage does not turn into a retry storm. Keys older
+//!   than `AUTH_JWKS_MAX_AGE_SECS` are refreshed on next use (from the same bucket), so a
+//!   removed key stops working in bounded time.
 
 use std::{
     collections::HashMap,
-    sync::{Arc, RwLock},
+    num::NonZeroU32,
+    sync::{
+        Arc, RwLock,
+        atomic::{AtomicU64, Ordering},
+    },
     time::{Duration, Instant},
 };
 
+use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use jsonwebtoken::{Algorithm, DecodingKey, Validation, jwk::Jwk};
 use serde_json::{Map, Value};
 use shared::{
@@ -31,7 +42,10 @@ pub struct JwtConfig {
     pub algorithms: Vec<Algorithm>,
     pub org_claim: String,
     pub role_claim: String,
-    pub min_refresh: Duration,
+    /// Fetches that may happen back to back (a rotation, then a forged kid, then another).
+    pub refresh_burst: NonZeroU32,
+    /// How fast the bucket refills.
+    pub refreshes_per_minute: NonZeroU32,
     pub max_age: Duration,
 }
 
@@ -44,9 +58,12 @@ pub struct JwtVerifier {
     cfg: JwtConfig,
     http: reqwest::Client,
     keys: RwLock<Arc<KeySet>>,
-    /// Serializes fetches, so concurrent misses make one request; holds when the last one
-    /// was *attempted*, successful or not, so an outage does not lift the refresh floor.
-    fetch: tokio::sync::Mutex<Option<Instant>>,
+    /// Serializes fetches, so concurrent misses make one request.
+    fetch: tokio::sync::Mutex<()>,
+    /// Fetches attempted, successful or not: a miss that waited on the lock while another
+    /// fetch ran uses that one's result instead of drawing a token of its own.
+    attempts: AtomicU64,
+    refresh_budget: DefaultDirectRateLimiter,
 }
 
 fn unauthorized(why: &str) -> Error {
@@ -68,6 +85,11 @@ impl JwtVerifier {
             .timeout(Duration::from_secs(5))
             .build()
             .map_err(Error::internal)?;
+        let refresh_budget = RateLimiter::direct(
+            Quota::with_period(Duration::from_secs(60) / cfg.refreshes_per_minute.get())
+                .ok_or_else(|| Error::invalid("AUTH_JWKS_REFRESHES_PER_MINUTE is too high"))?
+                .allow_burst(cfg.refresh_burst),
+        );
         Ok(JwtVerifier {
             cfg,
             http,
@@ -75,7 +97,9 @@ impl JwtVerifier {
                 keys: HashMap::new(),
                 fetched_at: None,
             })),
-            fetch: tokio::sync::Mutex::new(None),
+            fetch: tokio::sync::Mutex::new(()),
+            attempts: AtomicU64::new(0),
+            refresh_budget,
         })
     }
 
@@ -135,6 +159,8 @@ impl JwtVerifier {
     }
 
     async fn key(&self, kid: &str) -> Result<(DecodingKey, Option<Algorithm>)> {
+        // Read before the key set, so a fetch that lands after our miss is seen as coalesced.
+        let seen = self.attempts.load(Ordering::Acquire);
         let set = self.current();
         let stale = set
             .fetched_at
@@ -142,11 +168,11 @@ impl JwtVerifier {
         if !stale && let Some(k) = set.keys.get(kid) {
             return Ok(k.clone());
         }
-        let mut last_attempt = self.fetch.lock().await;
-        // Someone may have fetched (or failed to) while we waited.
-        let tried_recently = last_attempt.is_some_and(|t| t.elapsed() < self.cfg.min_refresh);
-        if !tried_recently {
-            *last_attempt = Some(Instant::now());
+        let _fetching = self.fetch.lock().await;
+        // A fetch that ran while we waited is as fresh as one of our own.
+        let coalesced = self.attempts.load(Ordering::Acquire) != seen;
+        if !coalesced && self.refresh_budget.check().is_ok() {
+            self.attempts.fetch_add(1, Ordering::AcqRel);
             match self.fetch_keys().await {
                 Ok(keys) => {
                     let fresh = Arc::new(KeySet {

@@ -80,6 +80,7 @@ impl FromRequestParts<AppState> for Caller {
             .filter(|t| !t.is_empty())
             .ok_or_else(|| Error::unauthorized("expected 'Authorization: Bearer <token>'"))?;
         let principal = state.auth.authenticate(token).await?;
+        state.limits.admit(&principal)?;
         Ok(Caller(principal))
     }
 }

@@ -46,6 +46,7 @@ const BATCH: i64 = 200;
 
 /// Server-Sent Events: `auth.qr`, `auth.pair_code`, `session.status`, `session.deleted`.
 /// Each event's `id` is its position; reconnect with `Last-Event-ID` to resume without a gap.
+/// An organization may hold `API_SSE_STREAMS_PER_ORG` streams open per replica; over that, 429.
 #[utoipa::path(get, path = "/api/v1/events", tag = "events", params(EventsQuery,
         ("Last-Event-ID" = Option<i64>, Header, description = "Resume after this event id")),
     responses((status = 200, content_type = "text/event-stream", description = "The event stream"),
@@ -58,6 +59,8 @@ pub async fn stream(
 ) -> ApiResult<Sse<impl Stream<Item = Result<SseEvent, Infallible>>>> {
     caller.require(Capability::Read)?;
     let org = caller.organization_id;
+    // Held by the stream: its end (the client gone, or shutdown) frees the slot.
+    let slot = state.limits.open_stream(&org)?;
     let client = state.db.get().await?;
     if let Some(id) = &q.session {
         session::parse_session_id(id)?;
@@ -89,7 +92,7 @@ pub async fn stream(
     let session_filter = q.session;
     metrics::gauge!("api_sse_streams").increment(1.0);
     let stream = async_stream::stream! {
-        let _open = StreamGauge;
+        let _open = (StreamGauge, slot);
         loop {
             loop {
                 let batch = match db.get().await {

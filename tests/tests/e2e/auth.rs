@@ -6,14 +6,14 @@
 //! authenticate, 403 `forbidden` for a missing capability, 404 `not_found` for another
 //! organization's session (never 403, so ids do not leak across organizations).
 
-use std::time::Duration;
+use std::{num::NonZeroU32, time::Duration};
 
 use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD};
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use serde_json::{Value, json};
 use tests::{
     Api, Resp, TestEnv, eventually,
-    jwks::{JwksServer, SigningKey, claims},
+    jwks::{self, JwksServer, SigningKey, claims},
     unique,
 };
 
@@ -29,15 +29,18 @@ fn now_secs() -> i64 {
 
 /// A JWKS serving `keys` and an api that trusts it (an unknown kid always refetches).
 async fn jwt_api(env: &TestEnv, keys: &[&SigningKey]) -> (JwksServer, Api) {
-    let jwks = JwksServer::start(keys.iter().map(|k| k.jwk.clone()).collect()).await;
-    let url = jwks.url.clone();
-    let api = env
-        .start_api(move |c| {
-            c.auth_jwks_url = Some(url);
-            c.auth_jwks_min_refresh_secs = 0;
-        })
-        .await;
-    (jwks, api)
+    jwks::jwt_api(env, keys, unlimited_jwks_refreshes).await
+}
+
+fn unlimited_jwks_refreshes(c: &mut api::Config) {
+    c.auth_jwks_refresh_burst = NonZeroU32::new(1_000_000).expect("nonzero");
+    c.auth_jwks_refreshes_per_minute = NonZeroU32::new(1_000_000).expect("nonzero");
+}
+
+/// A JWKS refresh budget of `burst` fetches, refilled once an hour.
+fn jwks_refresh_budget(c: &mut api::Config, burst: u32) {
+    c.auth_jwks_refresh_burst = NonZeroU32::new(burst).expect("nonzero");
+    c.auth_jwks_refreshes_per_minute = NonZeroU32::new(1).expect("nonzero");
 }
 
 /// Sends `GET path` with this exact `Authorization` header (or none).
@@ -335,34 +338,60 @@ async fn jwt_from_a_rotated_in_key_is_accepted_after_the_jwks_changes() {
 }
 
 #[tokio::test]
-async fn unknown_kids_cannot_force_jwks_fetches_faster_than_the_refresh_floor() {
+async fn a_key_added_to_the_jwks_right_after_a_fetch_is_accepted_on_first_use() {
     let env = TestEnv::new().await;
-    let key = SigningKey::es256("k-1");
-    let jwks = JwksServer::start(vec![key.jwk.clone()]).await;
-    let url = jwks.url.clone();
-    let api = env
-        .start_api(move |c| {
-            c.auth_jwks_url = Some(url);
-            c.auth_jwks_min_refresh_secs = 3_600;
-        })
-        .await;
+    let old = SigningKey::es256("k-old");
+    let new = SigningKey::es256("k-new");
+    // The product's default refresh budget.
+    let (jwks, api) = jwks::jwt_api(&env, &[&old], |_| {}).await;
     let org = org();
-    api.get(SESSIONS, &key.sign(&claims(&org, "user-1", "owner")))
+    api.get(SESSIONS, &old.sign(&claims(&org, "user-1", "owner")))
         .await
         .assert_status(200);
-    let before = jwks.fetches();
-    assert!(before >= 1, "the first token fetched the JWKS");
-    for i in 0..20 {
-        let forged = SigningKey::es256(&format!("forged-{i}"));
-        api.get(SESSIONS, &forged.sign(&claims(&org, "user-1", "owner")))
+    assert_eq!(jwks.fetches(), 1, "the first token fetched the JWKS");
+    // The frontend rotates a key in and a user signs in with it at once.
+    jwks.set_keys(vec![old.jwk.clone(), new.jwk.clone()]);
+    api.get(SESSIONS, &new.sign(&claims(&org, "user-2", "owner")))
+        .await
+        .assert_status(200);
+    assert_eq!(jwks.fetches(), 2);
+    // Known keys are served from the cache.
+    for key in [&old, &new] {
+        api.get(SESSIONS, &key.sign(&claims(&org, "user-1", "owner")))
             .await
-            .assert_error(401, "unauthorized");
+            .assert_status(200);
     }
-    let after = jwks.fetches();
+    assert_eq!(jwks.fetches(), 2);
+}
+
+#[tokio::test]
+async fn a_flood_of_unknown_kids_costs_at_most_the_refresh_burst_in_jwks_fetches() {
+    const BURST: u32 = 3;
+    let env = TestEnv::new().await;
+    let key = SigningKey::es256("k-1");
+    let (jwks, api) = jwks::jwt_api(&env, &[&key], |c| jwks_refresh_budget(c, BURST)).await;
+    let org = org();
+    let forged: Vec<String> = (0..200)
+        .map(|i| {
+            // Each token names a kid the JWKS has never served (the signature does not matter).
+            let mut header = Header::new(Algorithm::ES256);
+            header.kid = Some(format!("forged-{i}-{}", unique()));
+            jsonwebtoken::encode(&header, &claims(&org, "user-1", "owner"), &key.key).expect("sign")
+        })
+        .collect();
+    // Half of them at once (misses coalesce onto one fetch), half one after another.
+    let (at_once, in_turn) = forged.split_at(100);
+    let answers = futures::future::join_all(at_once.iter().map(|t| api.get(SESSIONS, t))).await;
+    for r in answers {
+        r.assert_error(401, "unauthorized");
+    }
+    for t in in_turn {
+        api.get(SESSIONS, t).await.assert_error(401, "unauthorized");
+    }
+    let fetches = jwks.fetches();
     assert!(
-        after <= before + 1,
-        "{} JWKS fetches for 20 unknown kids",
-        after - before
+        (1..=BURST as usize).contains(&fetches),
+        "{fetches} JWKS fetches for 200 unknown kids with a burst of {BURST}"
     );
     // The known key keeps working throughout.
     api.get(SESSIONS, &key.sign(&claims(&org, "user-1", "owner")))
@@ -377,16 +406,12 @@ async fn unknown_kids_cannot_force_jwks_fetches_faster_than_the_refresh_floor() 
 async fn organization_and_role_claim_names_are_configurable() {
     let env = TestEnv::new().await;
     let key = SigningKey::es256("es-1");
-    let jwks = JwksServer::start(vec![key.jwk.clone()]).await;
-    let url = jwks.url.clone();
-    let api = env
-        .start_api(move |c| {
-            c.auth_jwks_url = Some(url);
-            c.auth_jwks_min_refresh_secs = 0;
-            c.auth_org_claim = "tenant".into();
-            c.auth_role_claim = "r".into();
-        })
-        .await;
+    let (_jwks, api) = jwks::jwt_api(&env, &[&key], |c| {
+        unlimited_jwks_refreshes(c);
+        c.auth_org_claim = "tenant".into();
+        c.auth_role_claim = "r".into();
+    })
+    .await;
     let org = org();
     let now = now_secs();
     let custom = json!({"sub": "user-1", "tenant": org, "r": "admin", "iss": "gateway-dev",
@@ -667,7 +692,7 @@ impl FlakyJwks {
 }
 
 #[tokio::test]
-async fn a_jwks_outage_neither_logs_users_out_nor_lifts_the_refresh_floor() {
+async fn a_jwks_outage_neither_logs_users_out_nor_lifts_the_refresh_budget() {
     let env = TestEnv::new().await;
     let key = SigningKey::es256("k-1");
     let jwks = FlakyJwks::start(vec![key.jwk.clone()]).await;
@@ -675,7 +700,8 @@ async fn a_jwks_outage_neither_logs_users_out_nor_lifts_the_refresh_floor() {
     let api = env
         .start_api(move |c| {
             c.auth_jwks_url = Some(url);
-            c.auth_jwks_min_refresh_secs = 1;
+            // The first token's fetch leaves one in the bucket.
+            jwks_refresh_budget(c, 2);
             c.auth_jwks_max_age_secs = 1;
         })
         .await;
@@ -683,7 +709,7 @@ async fn a_jwks_outage_neither_logs_users_out_nor_lifts_the_refresh_floor() {
     let token = key.sign(&claims(&org, "user-1", "owner"));
     api.get(SESSIONS, &token).await.assert_status(200);
     jwks.up.store(false, std::sync::atomic::Ordering::SeqCst);
-    // Past both the refresh floor and the keys' max age.
+    // Past the keys' max age: every request now wants a refresh.
     tokio::time::sleep(Duration::from_millis(1_200)).await;
     let before = jwks.requests();
     for i in 0..10 {
@@ -695,8 +721,8 @@ async fn a_jwks_outage_neither_logs_users_out_nor_lifts_the_refresh_floor() {
             .await
             .assert_error(401, "unauthorized");
     }
-    // 20 requests well within a second: a failed fetch counts against the floor too, so at
-    // most one more attempt (two, should the loop straddle a second boundary) may be made.
+    // A failed fetch draws on the bucket too, so the one token left is all there is (the
+    // bucket refills once a minute, so a slow run may see a second attempt).
     let attempts = jwks.requests() - before;
     assert!(
         attempts <= 2,
