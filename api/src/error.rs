@@ -128,9 +128,25 @@ pub async fn no_route() -> ApiError {
 }
 
 /// The answer for a route that exists but not with this method.
-pub async fn wrong_method() -> ApiError {
-    ApiError(Error::new(
+///
+/// `/sessions/{session}` and `/sessions/{session}:{action}` (and the same of webhooks) are one
+/// route to axum, which would name the methods of both in `Allow`; it names only those of
+/// the resource asked for (axum keeps an `Allow` the answer already has).
+pub async fn wrong_method(uri: axum::http::Uri) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    let error = ApiError(Error::new(
         ErrorCode::MethodNotAllowed,
         "method not allowed on this route",
-    ))
+    ));
+    match uri.path().split('/').collect::<Vec<_>>()[..] {
+        ["", "api", "v1", "sessions" | "webhooks", last] => {
+            let allow = if last.contains(':') {
+                "POST"
+            } else {
+                "GET,HEAD,PATCH,DELETE"
+            };
+            ([(axum::http::header::ALLOW, allow)], error).into_response()
+        }
+        _ => error.into_response(),
+    }
 }

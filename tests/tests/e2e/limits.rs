@@ -202,7 +202,7 @@ async fn a_client_that_never_finishes_its_request_header_is_cut_off() {
 }
 
 #[tokio::test]
-async fn the_openapi_document_states_the_429_on_every_operation() {
+async fn the_openapi_document_states_401_403_and_429_on_every_operation() {
     let env = TestEnv::new().await;
     let api = env.start_api(|_| {}).await;
     let doc = api
@@ -220,6 +220,15 @@ async fn the_openapi_document_states_the_429_on_every_operation() {
                     && limited["headers"]["Retry-After"].is_object(),
                 "{method} {path}: {limited}"
             );
+            // Every operation is authenticated (a fuzzer found `GET /qr` without its 401).
+            for status in ["401", "403"] {
+                let r = &op["responses"][status];
+                assert_eq!(
+                    r["content"]["application/json"]["schema"]["$ref"],
+                    "#/components/schemas/ErrorEnvelope",
+                    "{method} {path} {status}: {r}"
+                );
+            }
         }
     }
 }

@@ -6,6 +6,7 @@ mod commands;
 mod events;
 mod failover;
 mod fleet;
+mod fuzz;
 mod limits;
 mod messages;
 mod messages_api;

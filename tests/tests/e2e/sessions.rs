@@ -278,11 +278,11 @@ async fn transport_errors_use_the_envelope() {
         }
         async move {
             let resp = req.send().await.expect("send");
-            let status = resp.status().as_u16();
+            let (status, headers) = (resp.status().as_u16(), resp.headers().clone());
             let body: Value = resp.json().await.expect("a JSON envelope");
             tests::Resp {
                 status,
-                headers: Default::default(),
+                headers,
                 body,
             }
         }
@@ -329,6 +329,25 @@ async fn transport_errors_use_the_envelope() {
     raw(Method::PUT, "/api/v1/sessions", None, String::new())
         .await
         .assert_error(405, "method_not_allowed");
+    // A session and its actions share one route; `Allow` names the methods of the one asked
+    // for (a fuzzer checks it against the document).
+    let id = "01J9ZX8K2QHV0M3T6R7P4N5W8C";
+    for (path, allowed) in [
+        (format!("/api/v1/sessions/{id}"), "GET,HEAD,PATCH,DELETE"),
+        (format!("/api/v1/sessions/{id}:logout"), "POST"),
+        (format!("/api/v1/webhooks/{id}:test"), "POST"),
+        ("/api/v1/sessions".to_owned(), "GET,HEAD,POST"),
+    ] {
+        let r = raw(Method::OPTIONS, &path, None, String::new()).await;
+        assert_eq!(r.status, 405, "{path}");
+        assert_eq!(
+            r.headers
+                .get("allow")
+                .map(|v| v.to_str().unwrap_or_default()),
+            Some(allowed),
+            "{path}"
+        );
+    }
     // Ids that cannot be sessions are simply not found.
     for bad in ["sess_01HZX8K3M9", "not-a-ulid", "%00"] {
         api.get(&format!("/api/v1/sessions/{bad}"), &key)
