@@ -22,7 +22,8 @@ pub struct DbConfig {
 
 #[derive(Debug, Clone, Args)]
 pub struct AmqpConfig {
-    /// RabbitMQ connection string.
+    /// RabbitMQ connection string, or the cluster's nodes as a comma-separated list of them
+    /// (tried in turn, starting with the one that answered last).
     #[arg(
         long,
         env = "AMQP_URL",

@@ -16,6 +16,11 @@
 //! - `gw.events` (topic, durable): `<org>.<session>.<type>`; each api process binds its own
 //!   exclusive `gw.events.<instance>` queue to fan events out to its SSE clients.
 
+use std::{
+    sync::atomic::{AtomicUsize, Ordering},
+    time::Duration,
+};
+
 use lapin::{
     Channel, ExchangeKind,
     options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions},
@@ -170,12 +175,57 @@ async fn durable_exchange(ch: &Channel, name: &str, kind: ExchangeKind) -> lapin
     .await
 }
 
+/// How long one node of the list may take to accept a connection before the next is tried.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The node of the list that answered last (shared by the process's connections), so a
+/// reconnect tries it first and a process does not keep knocking on a node that is down.
+static PREFERRED_NODE: AtomicUsize = AtomicUsize::new(0);
+
 /// Connects to the broker, naming the connection so operators can tell processes apart in
-/// the management UI.
-pub async fn connect(url: &str, name: &str) -> lapin::Result<lapin::Connection> {
-    lapin::Connection::connect(
-        url,
-        lapin::ConnectionProperties::default().with_connection_name(name.into()),
-    )
-    .await
+/// the management UI. `urls` is one AMQP URL or a comma-separated list of the cluster's nodes:
+/// they are tried in turn, starting with the one that answered last, and the first that
+/// accepts wins; the error is the last node's when none does.
+pub async fn connect(urls: &str, name: &str) -> lapin::Result<lapin::Connection> {
+    let nodes: Vec<&str> = urls
+        .split(',')
+        .map(str::trim)
+        .filter(|u| !u.is_empty())
+        .collect();
+    if nodes.is_empty() {
+        return Err(
+            std::io::Error::new(std::io::ErrorKind::InvalidInput, "AMQP_URL is empty").into(),
+        );
+    }
+    let first = PREFERRED_NODE.load(Ordering::Relaxed) % nodes.len();
+    let mut last_error = None;
+    for i in 0..nodes.len() {
+        let at = (first + i) % nodes.len();
+        let props = lapin::ConnectionProperties::default().with_connection_name(name.into());
+        match tokio::time::timeout(
+            CONNECT_TIMEOUT,
+            lapin::Connection::connect(nodes[at], props),
+        )
+        .await
+        {
+            Ok(Ok(conn)) => {
+                PREFERRED_NODE.store(at, Ordering::Relaxed);
+                return Ok(conn);
+            }
+            Ok(Err(e)) => {
+                tracing::warn!(node = at, error = %e, "broker node refused the connection; trying the next");
+                last_error = Some(e);
+            }
+            Err(_) => {
+                tracing::warn!(
+                    node = at,
+                    "broker node did not answer in time; trying the next"
+                );
+                last_error = Some(
+                    std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out").into(),
+                );
+            }
+        }
+    }
+    Err(last_error.expect("at least one node was tried"))
 }
