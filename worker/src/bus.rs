@@ -10,7 +10,10 @@
 //!
 //! The [`Outbox`] publishes replies and events on a second channel. Neither is confirmed: a
 //! reply is only the fast path (the outcome is already in Postgres) and an event is only a
-//! signal (it is already in the `events` table).
+//! signal (it is already in the `events` table). The broker closes a channel on a soft error
+//! (a refused permission, a missing exchange) while the connection lives on: a publish that
+//! finds its channel closed ends the connection, so the loop rebuilds both channels instead
+//! of consuming on with every reply lost.
 
 use std::{
     sync::{Arc, RwLock},
@@ -38,7 +41,7 @@ use crate::{registry::Registry, session_actor::Job};
 #[derive(Clone)]
 pub struct Outbox {
     topology: Topology,
-    channel: Arc<RwLock<Option<Channel>>>,
+    channel: Arc<RwLock<Option<(Channel, CancellationToken)>>>,
 }
 
 impl Outbox {
@@ -49,14 +52,33 @@ impl Outbox {
         }
     }
 
-    fn set(&self, channel: Option<Channel>) {
+    /// Publishes on `channel` from now on; the token is cancelled when it is found closed.
+    fn set(&self, channel: Option<Channel>) -> CancellationToken {
+        let lost = CancellationToken::new();
         if let Ok(mut c) = self.channel.write() {
-            *c = channel;
+            *c = channel.map(|ch| (ch, lost.clone()));
         }
+        lost
     }
 
     fn channel(&self) -> Option<Channel> {
-        self.channel.read().ok().and_then(|c| c.clone())
+        self.channel
+            .read()
+            .ok()
+            .and_then(|c| c.as_ref().map(|(ch, _)| ch.clone()))
+    }
+
+    /// After a failed publish: a channel the broker closed is reported to the consumer loop.
+    fn check(&self, channel: &Channel) {
+        if channel.status().connected() {
+            return;
+        }
+        if let Ok(c) = self.channel.read()
+            && let Some((current, lost)) = c.as_ref()
+            && current.id() == channel.id()
+        {
+            lost.cancel();
+        }
     }
 
     pub async fn reply(&self, job: &Job, outcome: Outcome) {
@@ -83,6 +105,7 @@ impl Outbox {
             .await;
         if let Err(e) = sent {
             tracing::debug!(error = %e, "reply not sent (the outcome is recorded)");
+            self.check(&channel);
         }
     }
 
@@ -105,6 +128,8 @@ impl Outbox {
                 .await;
             if let Err(e) = sent {
                 tracing::debug!(error = %e, "event not published live (it is in the event log)");
+                self.check(&channel);
+                return;
             }
         }
     }
@@ -159,7 +184,7 @@ impl Consumer {
             .await?;
         let publish_ch = conn.create_channel().await?;
         self.topology.declare_event_exchange(&publish_ch).await?;
-        self.outbox.set(Some(publish_ch));
+        let outbox_lost = self.outbox.set(Some(publish_ch));
         let tag = format!("worker-{}", self.gateway_id);
         let mut deliveries = consume_ch
             .basic_consume(
@@ -183,6 +208,11 @@ impl Consumer {
                     return Ok(());
                 }
                 d = deliveries.next() => d.ok_or_else(|| Error::unavailable("the broker ended the consumer"))??,
+                _ = outbox_lost.cancelled() => {
+                    // Closing the connection returns the unacked deliveries to the queue.
+                    let _ = conn.close(320, "rebuilding a closed publishing channel".into()).await;
+                    return Err(Error::unavailable("the broker closed the publishing channel"));
+                }
             };
             let env = match serde_json::from_slice::<CommandEnvelope>(&delivery.data) {
                 Ok(env) if env.gateway_id == self.gateway_id => env,

@@ -26,6 +26,41 @@ async fn a_worker_reconnects_by_itself_when_the_broker_drops_its_connection() {
         .await;
 }
 
+/// The broker closes a channel, not the connection, on a soft error: here the event exchange
+/// vanishes under the worker's publishing channel. The worker rebuilds its channels instead of
+/// consuming on with every reply lost (every command would end in 504).
+#[tokio::test]
+async fn a_worker_whose_publishing_channel_the_broker_closed_answers_again() {
+    let env = TestEnv::new().await;
+    let Stage(_, _worker, api, key, id) = env.stage(|_| {}, |c| c.command_timeout_ms = 1_000).await;
+    api.post(&format!("/api/v1/sessions/{id}:stop"), &key, None)
+        .await
+        .assert_status(200);
+
+    let (_conn, ch, topology) = env.amqp().await;
+    ch.exchange_delete(
+        topology.event_exchange().as_str().into(),
+        lapin::options::ExchangeDeleteOptions::default(),
+    )
+    .await
+    .expect("delete the event exchange");
+    // The next command's events meet the missing exchange (404 closes the channel); its
+    // reply may be lost with it. Then the worker answers again.
+    let _ = api
+        .post(&format!("/api/v1/sessions/{id}:start"), &key, None)
+        .await;
+    eventually(Duration::from_secs(15), || async {
+        let stopped = api
+            .post(&format!("/api/v1/sessions/{id}:stop"), &key, None)
+            .await;
+        let started = api
+            .post(&format!("/api/v1/sessions/{id}:start"), &key, None)
+            .await;
+        stopped.status == 200 && started.status == 200
+    })
+    .await;
+}
+
 #[tokio::test]
 async fn commands_keep_working_after_postgres_drops_every_connection() {
     let env = TestEnv::new().await;
