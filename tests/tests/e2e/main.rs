@@ -13,6 +13,7 @@ mod messages_api;
 mod ops;
 mod resilience;
 mod sessions;
+mod sim;
 mod wa_store;
 mod webhooks;
 mod whatsapp;

@@ -121,7 +121,13 @@ struct SimConnection {
     phones: Phones,
     device: String,
     nonce: u64,
+    /// The phone's task: [`Connection::close`] waits for it, so a login still in flight when
+    /// the connection closes lands before the server is told to forget the connection.
+    phone: tokio::task::JoinHandle<()>,
 }
+
+/// How long closing waits for the phone's task (a login stuck on an unreachable database).
+const CLOSE_WAIT: Duration = Duration::from_secs(10);
 
 impl Drop for SimConnection {
     /// Forgets this connection in the driver's map (a newer one of the device stays).
@@ -159,8 +165,9 @@ impl Driver for SimDriver {
             control: rx,
             server: self.server.clone(),
         };
-        tokio::spawn(phone.run(credentials));
+        let phone = tokio::spawn(phone.run(credentials));
         Ok(Box::new(SimConnection {
+            phone,
             control,
             op_delay: self.cfg.op_delay,
             server: self.server.clone(),
@@ -198,10 +205,19 @@ impl Connection for SimConnection {
 
     async fn close(&mut self) {
         tokio::time::sleep(self.op_delay).await;
-        // Dropping the control channel ends the simulated stream; the server forgets it
+        // Dropping the control channel ends the simulated stream. Once the phone's task is
+        // over (a login it had in flight has landed), the server forgets the connection
         // before this returns, so whoever connects the device next meets no live stream.
+        // Without the wait, a login racing the log-off left a stale live connection, which
+        // the next connection of the device, from this very process, met as a conflict.
         let (tx, _) = mpsc::unbounded_channel();
         self.control = tx;
+        if tokio::time::timeout(CLOSE_WAIT, &mut self.phone)
+            .await
+            .is_err()
+        {
+            tracing::warn!(session_id = %self.device, "the simulated phone did not stop in time");
+        }
         self.server.logoff(&self.device, self.nonce).await;
     }
 
