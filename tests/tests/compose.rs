@@ -1,0 +1,360 @@
+//! The compose fleet (`deploy/compose`), built from this run's binaries and started for real
+//! with the README's command: a simulated number paired and logged out through the api's
+//! published port, then the RabbitMQ node that leads the gateway's command queue stopped while
+//! commands go on, and started again.
+//!
+//! The only test of its binary, so cargo runs it on its own (test binaries run one after the
+//! other): it starts a dozen containers, which would starve the e2e tests of the two cores.
+//! Without a Docker engine it says so and passes; CI has one.
+
+use std::{
+    collections::BTreeMap,
+    net::TcpListener,
+    path::{Path, PathBuf},
+    process::Command,
+    time::{Duration, Instant},
+};
+
+use serde_json::{Value, json};
+
+/// The fleet of this test: its own compose project, ports and settings; torn down on drop.
+struct Fleet {
+    repo: PathBuf,
+    state: PathBuf,
+    api: String,
+}
+
+impl Fleet {
+    fn up() -> Fleet {
+        let repo = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .parent()
+            .expect("the workspace")
+            .to_path_buf();
+        let state = std::env::temp_dir().join(format!("gw-compose-{}", std::process::id()));
+        let api_port = free_port();
+        let fleet = Fleet {
+            api: format!("http://127.0.0.1:{api_port}"),
+            repo,
+            state,
+        };
+        let started = Instant::now();
+        let out = Command::new(fleet.repo.join("deploy/compose/up"))
+            .env("STATE_DIR", &fleet.state)
+            .env(
+                "COMPOSE_PROJECT_NAME",
+                format!("gwtest{}", std::process::id()),
+            )
+            .env("API_PORT", api_port.to_string())
+            .env("PROMETHEUS_PORT", free_port().to_string())
+            // The binaries this run built (the suite's build), not a second, release build.
+            .env("PROFILE", "debug")
+            .env("CARGO_BUILD", "0")
+            .env("TAG", "test")
+            .output()
+            .expect("deploy/compose/up runs");
+        let log = String::from_utf8_lossy(&out.stdout).to_string()
+            + &String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "deploy/compose/up failed:\n{log}");
+        eprintln!(
+            "[compose] images built and fleet up in {:.0} s\n{log}",
+            started.elapsed().as_secs_f64()
+        );
+        fleet
+    }
+
+    /// Runs `deploy/compose/<name> args…` for this fleet: its stdout, or what it said.
+    fn script(&self, name: &str, args: &[&str]) -> Result<String, String> {
+        let out = Command::new(self.repo.join("deploy/compose").join(name))
+            .args(args)
+            .env("STATE_DIR", &self.state)
+            .output()
+            .expect("the compose script runs");
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        if out.status.success() {
+            Ok(stdout)
+        } else {
+            Err(format!(
+                "deploy/compose/{name} {args:?}: {stdout}{}",
+                String::from_utf8_lossy(&out.stderr)
+            ))
+        }
+    }
+
+    fn compose(&self, args: &[&str]) -> String {
+        self.script("compose", args)
+            .unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    fn ctl(&self, args: &[&str]) -> String {
+        self.try_ctl(args).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    fn try_ctl(&self, args: &[&str]) -> Result<String, String> {
+        self.script("ctl", args)
+    }
+
+    /// This gateway's command queue as broker node `node` lists it (members, leader).
+    fn command_queue(&self, node: &str, gateway: &str) -> Value {
+        let listed = self.compose(&[
+            "exec",
+            "-T",
+            node,
+            "rabbitmqctl",
+            "-q",
+            "list_queues",
+            "name",
+            "members",
+            "leader",
+            "--formatter",
+            "json",
+        ]);
+        let queues: Vec<Value> = serde_json::from_str(&listed).expect("list_queues is JSON");
+        queues
+            .into_iter()
+            .find(|q| q["name"] == format!("gw.commands.{gateway}"))
+            .unwrap_or_else(|| panic!("the definitions declare gw.commands.{gateway}: {listed}"))
+    }
+}
+
+/// A queue's leader as its compose service name (`rabbit@rabbitmq-2` → `rabbitmq-2`).
+fn leader(queue: &Value) -> String {
+    let leader = queue["leader"].as_str().unwrap_or_default();
+    leader.trim_start_matches("rabbit@").to_string()
+}
+
+impl Drop for Fleet {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            let _ = Command::new(self.repo.join("deploy/compose/compose"))
+                .args(["logs", "--tail", "30"])
+                .env("STATE_DIR", &self.state)
+                .status();
+        }
+        let _ = Command::new(self.repo.join("deploy/compose/down"))
+            .arg("--wipe")
+            .env("STATE_DIR", &self.state)
+            .status();
+        let _ = std::fs::remove_dir_all(&self.state);
+    }
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port()
+}
+
+fn docker_available() -> bool {
+    Command::new("docker")
+        .arg("info")
+        .output()
+        .is_ok_and(|o| o.status.success())
+        && Command::new("docker-compose")
+            .arg("version")
+            .output()
+            .is_ok_and(|o| o.status.success())
+}
+
+/// The api through the fleet's one address, counting every answer by status.
+struct Client {
+    http: reqwest::Client,
+    base: String,
+    key: String,
+    answers: BTreeMap<u16, u32>,
+}
+
+impl Client {
+    /// One request, retried while the fleet answers 503/504 (a fault that lasts), for at most
+    /// 60 s; any 5xx but those fails the test.
+    async fn call(
+        &mut self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> (u16, Value) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let mut req = self
+                .http
+                .request(method.clone(), format!("{}{path}", self.base))
+                .bearer_auth(&self.key);
+            if let Some(body) = &body {
+                req = req.json(body);
+            }
+            let (status, value) = match req.send().await {
+                Ok(resp) => {
+                    let status = resp.status().as_u16();
+                    (status, resp.json::<Value>().await.unwrap_or(Value::Null))
+                }
+                // The load balancer itself is never stopped: a failed request is a failure.
+                Err(e) => panic!("{method} {path}: {e}"),
+            };
+            *self.answers.entry(status).or_default() += 1;
+            assert!(
+                status < 500 || status == 503 || status == 504,
+                "{method} {path} answered {status}: {value}"
+            );
+            if (status == 503 || status == 504) && Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(250)).await;
+                continue;
+            }
+            return (status, value);
+        }
+    }
+
+    /// Create a session on `gateway`, show its QR code, scan it with the simulated phone, see it
+    /// working, log it out and delete it: the README's walk-through.
+    async fn pair_and_logout(&mut self, fleet: &Fleet, gateway: &str, phone: &str) {
+        let (status, session) = self
+            .call(
+                reqwest::Method::POST,
+                "/api/v1/sessions",
+                Some(json!({"label": "compose", "gatewayId": gateway})),
+            )
+            .await;
+        assert_eq!(status, 201, "{session}");
+        let id = session["id"].as_str().expect("an id").to_string();
+        let until = Instant::now() + Duration::from_secs(60);
+        loop {
+            let (status, qr) = self
+                .call(
+                    reqwest::Method::GET,
+                    &format!("/api/v1/sessions/{id}/qr"),
+                    None,
+                )
+                .await;
+            if status == 200 {
+                assert!(qr["qr"].as_str().is_some_and(|q| !q.is_empty()), "{qr}");
+                break;
+            }
+            assert_eq!(status, 404, "{qr}");
+            assert!(Instant::now() < until, "no QR code for {id} within 60 s");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        // gatewayctl sends it over the bus too: while a broker node is lost it may fail.
+        let until = Instant::now() + Duration::from_secs(60);
+        while let Err(e) = fleet.try_ctl(&["sim", "scan", "--session", &id, "--phone", phone]) {
+            assert!(Instant::now() < until, "sim scan kept failing: {e}");
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        let until = Instant::now() + Duration::from_secs(60);
+        loop {
+            let (_, s) = self
+                .call(
+                    reqwest::Method::GET,
+                    &format!("/api/v1/sessions/{id}"),
+                    None,
+                )
+                .await;
+            if s["status"] == "working" {
+                assert_eq!(s["waJid"], format!("{phone}@s.whatsapp.net"));
+                break;
+            }
+            assert!(Instant::now() < until, "{id} not working within 60 s: {s}");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        let (status, out) = self
+            .call(
+                reqwest::Method::POST,
+                &format!("/api/v1/sessions/{id}:logout"),
+                None,
+            )
+            .await;
+        assert_eq!(status, 200, "{out}");
+        assert_eq!(out["status"], "logged_out", "{out}");
+        let (status, out) = self
+            .call(
+                reqwest::Method::DELETE,
+                &format!("/api/v1/sessions/{id}"),
+                None,
+            )
+            .await;
+        assert_eq!(status, 204, "{out}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn compose_fleet_pairs_a_number_and_survives_a_broker_node_stopping() {
+    if !docker_available() {
+        eprintln!(
+            "SKIPPED: no Docker engine or docker-compose here (`docker info` failed); CI has one"
+        );
+        return;
+    }
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let fleet = Fleet::up();
+    let key = fleet
+        .ctl(&[
+            "apikey",
+            "create",
+            "--org",
+            "org_compose",
+            "--capabilities",
+            "read,manage",
+        ])
+        .lines()
+        .last()
+        .expect("the key")
+        .trim()
+        .to_string();
+    let mut api = Client {
+        http: reqwest::Client::new(),
+        base: fleet.api.clone(),
+        key,
+        answers: BTreeMap::new(),
+    };
+
+    // Through the load balancer to both replicas, to a worker of each region.
+    api.pair_and_logout(&fleet, "gw-sg-1", "6281200000001")
+        .await;
+    api.pair_and_logout(&fleet, "gw-eu-1", "6281200000002")
+        .await;
+    eprintln!("[compose] healthy fleet: answers {:?}", api.answers);
+
+    // Stop the node leading gw-sg-1's command queue: a new leader is elected among the other
+    // two, and the api and the worker connected to the stopped node go on with another.
+    let queue = fleet.command_queue("rabbitmq-1", "gw-sg-1");
+    assert_eq!(
+        queue["members"].as_array().map(Vec::len),
+        Some(3),
+        "the command queue is replicated on the three nodes: {queue}"
+    );
+    let node = leader(&queue);
+    api.answers.clear();
+    let stopped = Instant::now();
+    fleet.compose(&["stop", "--timeout", "10", &node]);
+    eprintln!(
+        "[compose] stopped {node} in {:.1} s",
+        stopped.elapsed().as_secs_f64()
+    );
+    let mut first_success = None;
+    for i in 0..3 {
+        api.pair_and_logout(&fleet, "gw-sg-1", &format!("628130000000{i}"))
+            .await;
+        first_success.get_or_insert(stopped.elapsed());
+    }
+    let running = if node == "rabbitmq-1" {
+        "rabbitmq-2"
+    } else {
+        "rabbitmq-1"
+    };
+    let new_leader = leader(&fleet.command_queue(running, "gw-sg-1"));
+    assert_ne!(new_leader, node, "a new leader was elected");
+    eprintln!(
+        "[compose] with {node} down: 3 pair/logout cycles, the first done {:.1} s after the stop; \
+         answers {:?}; the queue's leader is now {new_leader}",
+        first_success.expect("a cycle").as_secs_f64(),
+        api.answers
+    );
+
+    // The node comes back and rejoins; commands go on.
+    fleet.compose(&["start", &node]);
+    api.answers.clear();
+    api.pair_and_logout(&fleet, "gw-sg-1", "6281400000001")
+        .await;
+    eprintln!(
+        "[compose] after {node} came back: answers {:?}",
+        api.answers
+    );
+}
