@@ -166,12 +166,23 @@ async fn main() {
         "| fault | requests | answers by status | lost | connected twice | recovery |\n\
          |---|---|---|---|---|---|"
     );
-    for fault in [
+    // FAULTS=worker,api picks some (by the fault's first word): those two leave the
+    // machine's shared servers alone, so they can run beside other work.
+    let only = std::env::var("FAULTS").ok();
+    let faults = [
         "worker kill -9",
         "api kill -9",
         "postgres restart",
         "rabbitmq restart",
-    ] {
+    ]
+    .into_iter()
+    .filter(|f| {
+        only.as_deref().is_none_or(|only| {
+            only.split(',')
+                .any(|o| f.split(' ').next() == Some(o.trim()))
+        })
+    });
+    for fault in faults {
         let _ = load.take();
         let conflicts_before = env.sim_conflicts().await.len();
         let since = shared::db::now_ms();
