@@ -203,8 +203,7 @@ fn publish(gateways: &[Gateway], db_now: i64, liveness_ms: i64) {
             (db_now - g.heartbeat_at).max(0)
         };
         let labels = [("gateway", g.id.clone()), ("region", g.region.clone())];
-        metrics::gauge!("fleet_gateway_heartbeat_age_seconds", &labels)
-            .set(age_ms as f64 / 1000.0);
+        metrics::gauge!("fleet_gateway_heartbeat_age_seconds", &labels).set(age_ms as f64 / 1000.0);
         metrics::gauge!("fleet_gateway_capacity", &labels).set(f64::from(g.capacity));
         for s in PUBLISHED_STATES {
             metrics::gauge!("fleet_gateway_state", "gateway" => g.id.clone(), "region" => g.region.clone(), "state" => s)

@@ -450,18 +450,32 @@ async fn the_api_publishes_each_gateways_heartbeat_age_capacity_and_state_for_al
     let of = |gw: &str, name: &str| series(&text, name, &[("gateway", gw)]);
     assert_eq!(of(&live, "fleet_gateway_capacity"), Some(7.0), "{text}");
     assert_eq!(of(&crashed, "fleet_gateway_capacity"), Some(5.0));
-    let state = |gw: &str, s: &str| series(&text, "fleet_gateway_state", &[("gateway", gw), ("state", s)]);
+    let state = |gw: &str, s: &str| {
+        series(
+            &text,
+            "fleet_gateway_state",
+            &[("gateway", gw), ("state", s)],
+        )
+    };
     assert_eq!(state(&live, "active"), Some(1.0));
     assert_eq!(state(&live, "dead"), Some(0.0));
     assert_eq!(state(&crashed, "active"), Some(0.0));
-    assert_eq!(state(&stopped, "stopped"), Some(1.0), "a clean exit is no crash");
+    assert_eq!(
+        state(&stopped, "stopped"),
+        Some(1.0),
+        "a clean exit is no crash"
+    );
     assert_eq!(state(&stopped, "dead"), Some(0.0));
     let age = |gw: &str| of(gw, "fleet_gateway_heartbeat_age_seconds").expect("age");
     assert!(age(&live) < 3.0, "{}", age(&live));
     assert!(age(&crashed) >= 3.0, "{}", age(&crashed));
     assert_eq!(age(&stopped), 0.0, "a stopped gateway is not late");
     assert_eq!(
-        series(&text, "fleet_gateway_capacity", &[("gateway", &stopped), ("region", "eu")]),
+        series(
+            &text,
+            "fleet_gateway_capacity",
+            &[("gateway", &stopped), ("region", "eu")]
+        ),
         Some(3.0),
         "labelled by region"
     );
