@@ -202,11 +202,13 @@ fn publish(gateways: &[Gateway], db_now: i64, liveness_ms: i64) {
         } else {
             (db_now - g.heartbeat_at).max(0)
         };
-        let labels = [("gateway", g.id.clone()), ("region", g.region.clone())];
-        metrics::gauge!("fleet_gateway_heartbeat_age_seconds", &labels).set(age_ms as f64 / 1000.0);
-        metrics::gauge!("fleet_gateway_capacity", &labels).set(f64::from(g.capacity));
+        let (id, region) = (g.id.clone(), g.region.clone());
+        metrics::gauge!("fleet_gateway_heartbeat_age_seconds", "gateway" => id.clone(), "region" => region.clone())
+            .set(age_ms as f64 / 1000.0);
+        metrics::gauge!("fleet_gateway_capacity", "gateway" => id.clone(), "region" => region.clone())
+            .set(f64::from(g.capacity));
         for s in PUBLISHED_STATES {
-            metrics::gauge!("fleet_gateway_state", "gateway" => g.id.clone(), "region" => g.region.clone(), "state" => s)
+            metrics::gauge!("fleet_gateway_state", "gateway" => id.clone(), "region" => region.clone(), "state" => s)
                 .set(if s == state { 1.0 } else { 0.0 });
         }
     }

@@ -433,7 +433,11 @@ fn env_problems(docs: &[Value]) -> Vec<String> {
         .find_map(|p| doc.pointer(p)) else {
             continue;
         };
-        let owner = format!("{}/{}", doc["kind"], doc["metadata"]["name"]);
+        let owner = format!(
+            "{}/{}",
+            doc["kind"].as_str().unwrap_or_default(),
+            doc["metadata"]["name"].as_str().unwrap_or_default()
+        );
         for c in pod["containers"].as_array().into_iter().flatten() {
             let role = role(c);
             let reads = match role {
@@ -860,7 +864,8 @@ fn the_dashboard_parses_and_every_query_reads_a_metric_the_code_emits() {
             .and_then(|r| r.rsplit_once(','))
             .map(|(m, _)| m)
             .unwrap_or(q);
-        exprs.push((format!("variable {}", v["name"]), inner.to_owned()));
+        let name = v["name"].as_str().unwrap_or_default();
+        exprs.push((format!("variable {name}"), inner.to_owned()));
     }
     let panels = dashboard["panels"].as_array().expect("panels");
     for p in panels.iter().filter(|p| p["type"] != "row") {
