@@ -7,6 +7,11 @@
 //! Heartbeats are on the database's clock; the snapshot keeps the database's time at the
 //! read and ages it on this process's monotonic clock, so liveness never depends on this
 //! machine's wall clock agreeing with the workers'.
+//!
+//! Each read also publishes the fleet as gauges (`fleet_gateway_*`, labelled by gateway and
+//! region) for the dashboards and alerts in `deploy/`: a heartbeat's age and a region's
+//! capacity are facts of the registry, which no worker can report once it is dead. Every
+//! replica publishes the same values, so alert rules take `max`/`min` by gateway.
 
 use std::{
     collections::HashMap,
@@ -83,6 +88,7 @@ impl Fleet {
         let _guard = self.refresh_lock.lock().await;
         let client = self.db.get().await?;
         let (gateways, db_now) = gateways::list(&client).await?;
+        publish(&gateways, db_now, self.liveness_ms);
         let fresh = Arc::new(Snapshot {
             gateways,
             db_now,
@@ -169,5 +175,78 @@ impl Fleet {
                 )
             })
             .collect())
+    }
+}
+
+/// What `fleet_gateway_state` says of a gateway: its state as the fleet sees it, or
+/// `stopped` when its worker exited cleanly (scaled down, stopped by an SRE), which no alert
+/// should take for a crash.
+const PUBLISHED_STATES: [&str; 5] = ["active", "draining", "cordoned", "dead", "stopped"];
+
+fn published_state(g: &Gateway, now: i64, liveness_ms: i64) -> &'static str {
+    if g.heartbeat_at == 0 {
+        "stopped"
+    } else {
+        g.effective_state(now, liveness_ms).as_str()
+    }
+}
+
+/// Sets the fleet gauges from one read of the registry: the heartbeat's age (0 once the
+/// worker signed off: a stopped gateway is not late), the capacity, and one series per state
+/// (1 for the gateway's, 0 for the others, so a change of state leaves no stale 1 behind).
+fn publish(gateways: &[Gateway], db_now: i64, liveness_ms: i64) {
+    for g in gateways {
+        let state = published_state(g, db_now, liveness_ms);
+        let age_ms = if g.heartbeat_at == 0 {
+            0
+        } else {
+            (db_now - g.heartbeat_at).max(0)
+        };
+        let (id, region) = (g.id.clone(), g.region.clone());
+        metrics::gauge!("fleet_gateway_heartbeat_age_seconds", "gateway" => id.clone(), "region" => region.clone())
+            .set(age_ms as f64 / 1000.0);
+        metrics::gauge!("fleet_gateway_capacity", "gateway" => id.clone(), "region" => region.clone())
+            .set(f64::from(g.capacity));
+        for s in PUBLISHED_STATES {
+            metrics::gauge!("fleet_gateway_state", "gateway" => id.clone(), "region" => region.clone(), "state" => s)
+                .set(if s == state { 1.0 } else { 0.0 });
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn gateway(state: GatewayState, heartbeat_at: i64) -> Gateway {
+        Gateway {
+            id: "gw-sg-1".into(),
+            region: "sg".into(),
+            state,
+            capacity: 10,
+            version: "test".into(),
+            started_at: 0,
+            heartbeat_at,
+            note: None,
+        }
+    }
+
+    #[test]
+    fn a_clean_exit_is_stopped_and_a_lapsed_heartbeat_is_dead() {
+        let now = 100_000;
+        let state = |g: &Gateway| published_state(g, now, 10_000);
+        assert_eq!(state(&gateway(GatewayState::Active, now - 1_000)), "active");
+        assert_eq!(
+            state(&gateway(GatewayState::Draining, now - 1_000)),
+            "draining"
+        );
+        assert_eq!(state(&gateway(GatewayState::Active, now - 20_000)), "dead");
+        assert_eq!(state(&gateway(GatewayState::Active, 0)), "stopped");
+        for g in [
+            gateway(GatewayState::Cordoned, now),
+            gateway(GatewayState::Dead, now),
+        ] {
+            assert!(PUBLISHED_STATES.contains(&state(&g)));
+        }
     }
 }

@@ -396,3 +396,87 @@ async fn an_sre_drains_cordons_and_lists_gateways_with_gatewayctl() {
     assert!(ok && out.contains("active"), "{out}");
     assert_eq!(env.sim_conflicts().await, Vec::<String>::new());
 }
+
+/// The value of the series `name` whose labels include every one of `labels`, from a
+/// Prometheus text exposition.
+fn series(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    text.lines()
+        .filter(|l| l.strip_prefix(name).is_some_and(|r| r.starts_with('{')))
+        .find(|l| {
+            labels
+                .iter()
+                .all(|(k, v)| l.contains(&format!("{k}=\"{v}\"")))
+        })
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+}
+
+#[tokio::test]
+async fn the_api_publishes_each_gateways_heartbeat_age_capacity_and_state_for_alerts() {
+    let env = TestEnv::new().await;
+    let (live, crashed, stopped) = (
+        env.gateway_id("sg"),
+        env.gateway_id("sg"),
+        env.gateway_id("eu"),
+    );
+    env.fake_gateway(&live, 7).await;
+    env.fake_gateway(&crashed, 5).await;
+    env.fake_gateway(&stopped, 3).await;
+    let db = env.db.get().await.expect("db");
+    store::gateways::signed_off(&db, &stopped, None)
+        .await
+        .expect("sign off");
+    let api = env.start_api(|_| {}).await;
+
+    // The crashed gateway heartbeated once; past the api's liveness (3 s in tests) it is dead
+    // while `live` keeps beating.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    let text = loop {
+        store::gateways::heartbeat(&db, &live).await.expect("beat");
+        let text = match api.http.get(format!("{}/metrics", api.base)).send().await {
+            Ok(resp) => resp.text().await.unwrap_or_default(),
+            Err(_) => String::new(),
+        };
+        let dead = [("gateway", crashed.as_str()), ("state", "dead")];
+        if series(&text, "fleet_gateway_state", &dead) == Some(1.0) {
+            break text;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{crashed} never shown dead:\n{text}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+
+    let of = |gw: &str, name: &str| series(&text, name, &[("gateway", gw)]);
+    assert_eq!(of(&live, "fleet_gateway_capacity"), Some(7.0), "{text}");
+    assert_eq!(of(&crashed, "fleet_gateway_capacity"), Some(5.0));
+    let state = |gw: &str, s: &str| {
+        series(
+            &text,
+            "fleet_gateway_state",
+            &[("gateway", gw), ("state", s)],
+        )
+    };
+    assert_eq!(state(&live, "active"), Some(1.0));
+    assert_eq!(state(&live, "dead"), Some(0.0));
+    assert_eq!(state(&crashed, "active"), Some(0.0));
+    assert_eq!(
+        state(&stopped, "stopped"),
+        Some(1.0),
+        "a clean exit is no crash"
+    );
+    assert_eq!(state(&stopped, "dead"), Some(0.0));
+    let age = |gw: &str| of(gw, "fleet_gateway_heartbeat_age_seconds").expect("age");
+    assert!(age(&live) < 3.0, "{}", age(&live));
+    assert!(age(&crashed) >= 3.0, "{}", age(&crashed));
+    assert_eq!(age(&stopped), 0.0, "a stopped gateway is not late");
+    assert_eq!(
+        series(
+            &text,
+            "fleet_gateway_capacity",
+            &[("gateway", &stopped), ("region", "eu")]
+        ),
+        Some(3.0),
+        "labelled by region"
+    );
+}

@@ -8,6 +8,7 @@ mod failover;
 mod fleet;
 mod fuzz;
 mod limits;
+mod manifests;
 mod messages;
 mod messages_api;
 mod ops;
