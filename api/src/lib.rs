@@ -14,6 +14,7 @@ pub mod limits;
 pub mod openapi;
 pub mod operator;
 pub mod overdue;
+pub mod qr_image;
 pub mod routes;
 pub mod server;
 pub mod ttl_cache;
@@ -181,6 +182,7 @@ pub fn router(state: AppState) -> Router {
                 .post(commands::action),
         )
         .route("/api/v1/sessions/{session}/qr", get(commands::qr))
+        .route("/api/v1/sessions/{session}/commands", get(commands::recent))
         .route(
             "/api/v1/sessions/{session}/messages",
             get(messages::list).post(messages::send),

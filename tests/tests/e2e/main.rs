@@ -11,6 +11,7 @@ mod limits;
 mod messages;
 mod messages_api;
 mod ops;
+mod qr_image;
 mod resilience;
 mod sessions;
 mod wa_store;
