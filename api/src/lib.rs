@@ -7,6 +7,7 @@
 pub mod auth;
 pub mod bus;
 pub mod config;
+pub mod console;
 pub mod dispatcher;
 pub mod error;
 pub mod fleet;
@@ -213,6 +214,9 @@ pub fn router(state: AppState) -> Router {
             "/api/v1/openapi.json",
             get(|| async { axum::Json(openapi::ApiDoc::openapi()) }),
         )
+        .route("/console", get(console::index))
+        .route("/console/", get(console::index))
+        .route("/console/{file}", get(console::file))
         .route("/healthz", get(ops::healthz))
         .route("/readyz", get(ops::readyz))
         .route("/metrics", get(ops::metrics))

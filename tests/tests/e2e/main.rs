@@ -3,6 +3,7 @@
 
 mod auth;
 mod commands;
+mod console;
 mod events;
 mod failover;
 mod fleet;
