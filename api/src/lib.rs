@@ -7,6 +7,7 @@
 pub mod auth;
 pub mod bus;
 pub mod config;
+pub mod console;
 pub mod dispatcher;
 pub mod error;
 pub mod fleet;
@@ -14,6 +15,7 @@ pub mod limits;
 pub mod openapi;
 pub mod operator;
 pub mod overdue;
+pub mod qr_image;
 pub mod routes;
 pub mod server;
 pub mod ttl_cache;
@@ -181,6 +183,7 @@ pub fn router(state: AppState) -> Router {
                 .post(commands::action),
         )
         .route("/api/v1/sessions/{session}/qr", get(commands::qr))
+        .route("/api/v1/sessions/{session}/commands", get(commands::recent))
         .route(
             "/api/v1/sessions/{session}/messages",
             get(messages::list).post(messages::send),
@@ -211,6 +214,9 @@ pub fn router(state: AppState) -> Router {
             "/api/v1/openapi.json",
             get(|| async { axum::Json(openapi::ApiDoc::openapi()) }),
         )
+        .route("/console", get(console::index))
+        .route("/console/", get(console::index))
+        .route("/console/{file}", get(console::file))
         .route("/healthz", get(ops::healthz))
         .route("/readyz", get(ops::readyz))
         .route("/metrics", get(ops::metrics))

@@ -22,7 +22,7 @@ use crate::routes::{commands, events, gateways, messages, sessions, webhooks};
     paths(
         sessions::create, sessions::list, sessions::get, sessions::update, sessions::delete,
         commands::start, commands::stop, commands::restart, commands::logout,
-        commands::request_pairing_code, commands::qr, commands::get,
+        commands::request_pairing_code, commands::qr, commands::recent, commands::get,
         messages::send, messages::list, messages::get,
         events::stream, gateways::list,
         webhooks::create, webhooks::list, webhooks::get, webhooks::update, webhooks::delete,

@@ -22,6 +22,8 @@
 use axum::{
     Json,
     extract::{FromRequest, Path, Request, State},
+    http::{HeaderMap, header},
+    response::{IntoResponse, Response},
 };
 use serde::{Deserialize, Serialize};
 use shared::{
@@ -36,12 +38,13 @@ use shared::{
     },
 };
 use ulid::Ulid;
-use utoipa::ToSchema;
+use utoipa::{IntoParams, ToSchema};
 
 use crate::{
     AppState,
     auth::{Caller, Manager},
-    error::{ApiJson, ApiResult},
+    error::{ApiJson, ApiQuery, ApiResult},
+    qr_image::{self, QrFormat},
 };
 
 #[derive(Debug, Deserialize, ToSchema)]
@@ -265,8 +268,7 @@ pub async fn action(
     Manager(caller): Manager,
     Path(segment): Path<String>,
     request: Request,
-) -> ApiResult<axum::response::Response> {
-    use axum::response::IntoResponse;
+) -> ApiResult<Response> {
     let Some((id, action)) = segment.split_once(':') else {
         return Err(Error::not_found("no such route").into());
     };
@@ -370,19 +372,98 @@ pub async fn request_pairing_code(
     }
 }
 
+/// `?format=` of `GET /qr`.
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct QrQuery {
+    /// The form of the answer: `json` (the default), `png` or `svg`. Without it, the
+    /// `Accept` header chooses (`image/png`, `image/svg+xml`, else JSON).
+    #[param(inline)]
+    pub format: Option<QrFormat>,
+}
+
 /// The current QR code. When none is ready this starts pairing and answers 404 until one
-/// exists; a paired session answers 409.
+/// exists; a paired session answers 409. As JSON (the raw string, to render yourself) or, by
+/// `?format=png|svg` or `Accept: image/png|image/svg+xml`, as an image to scan; errors are
+/// JSON whatever was asked.
 #[utoipa::path(get, path = "/api/v1/sessions/{session}/qr", tag = "commands",
-    params(("session" = String, Path, description = "The session id")),
-    responses((status = 200, body = QrCode), (status = 404, body = shared::error::ErrorEnvelope),
+    params(("session" = String, Path, description = "The session id"), QrQuery),
+    responses(
+        (status = 200, description = "The code: JSON, a PNG or an SVG document", content(
+            (QrCode = "application/json"),
+            ("image/png"),
+            (String = "image/svg+xml"))),
+        (status = 400, description = "An unknown `format`", body = shared::error::ErrorEnvelope),
+        (status = 404, body = shared::error::ErrorEnvelope),
         (status = 409, body = shared::error::ErrorEnvelope), (status = "5XX", body = shared::error::ErrorEnvelope)))]
 pub async fn qr(
     State(state): State<AppState>,
     Manager(caller): Manager,
     Path(id): Path<String>,
-) -> ApiResult<Json<QrCode>> {
-    match run(&state, &caller, &id, Command::Qr).await? {
-        CommandOutput::Qr { qr, expires_at } => Ok(Json(QrCode { qr, expires_at })),
-        _ => Err(Error::internal("unexpected reply").into()),
+    ApiQuery(query): ApiQuery<QrQuery>,
+    headers: HeaderMap,
+) -> ApiResult<Response> {
+    let format = query.format.unwrap_or_else(|| {
+        QrFormat::from_accept(
+            headers
+                .get(header::ACCEPT)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or_default(),
+        )
+    });
+    let CommandOutput::Qr { qr, expires_at } = run(&state, &caller, &id, Command::Qr).await? else {
+        return Err(Error::internal("unexpected reply").into());
+    };
+    Ok(match format {
+        QrFormat::Json => {
+            let mut response = Json(QrCode { qr, expires_at }).into_response();
+            qr_image::no_store(&mut response);
+            response
+        }
+        QrFormat::Png => qr_image::response(format, qr_image::png(&qr)?),
+        QrFormat::Svg => qr_image::response(format, qr_image::svg(&qr)?),
+    })
+}
+
+/// `?pageSize=` of a session's recent commands.
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct RecentQuery {
+    /// How many, newest first: 1 to 100 (default 20).
+    pub page_size: Option<i64>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct CommandList {
+    /// Newest first.
+    pub commands: Vec<CommandRecord>,
+}
+
+/// `GET /sessions/{session}/commands`: what was asked of the session lately, by whom, and how
+/// it ended (the console's audit view).
+#[utoipa::path(get, path = "/api/v1/sessions/{session}/commands", tag = "commands",
+    params(("session" = String, Path, description = "The session id"), RecentQuery),
+    responses((status = 200, body = CommandList), (status = "4XX", body = shared::error::ErrorEnvelope),
+        (status = "5XX", body = shared::error::ErrorEnvelope)))]
+pub async fn recent(
+    State(state): State<AppState>,
+    Caller(caller): Caller,
+    Path(id): Path<String>,
+    ApiQuery(query): ApiQuery<RecentQuery>,
+) -> ApiResult<Json<CommandList>> {
+    caller.require(Capability::Read)?;
+    session::parse_session_id(&id)?;
+    let limit = query.page_size.unwrap_or(20);
+    if !(1..=100).contains(&limit) {
+        return Err(Error::invalid_field("pageSize", "pageSize must be between 1 and 100").into());
     }
+    let org = &caller.organization_id;
+    let client = state.db.get().await?;
+    store::sessions::get(&client, org, &id)
+        .await?
+        .ok_or_else(Error::session_not_found)?;
+    let commands = store::commands::recent(&client, org, &id, limit).await?;
+    Ok(Json(CommandList { commands }))
 }

@@ -155,31 +155,59 @@ pub struct CommandRecord {
 /// A command of the organization, for the audit trail and for callers whose reply timed out.
 pub async fn get(db: &impl GenericClient, org: &str, id: &str) -> Result<Option<CommandRecord>> {
     let stmt = db
-        .prepare_cached(
-            "SELECT id, session_id, kind, status, error_code, error_message, requested_by, \
-             created_at, deadline_at, completed_at \
-             FROM commands WHERE organization_id = $1 AND id = $2",
-        )
+        .prepare_cached(&format!(
+            "SELECT {RECORD_COLUMNS} FROM commands WHERE organization_id = $1 AND id = $2"
+        ))
         .await?;
-    Ok(db.query_opt(&stmt, &[&org, &id]).await?.map(|r| {
-        let code: Option<String> = r.get(4);
-        let error = code.map(|code| ErrorBody {
-            code: serde_json::from_value(Value::String(code)).unwrap_or(ErrorCode::Internal),
-            message: r.get::<_, Option<String>>(5).unwrap_or_default(),
-            details: Default::default(),
-        });
-        CommandRecord {
-            id: r.get(0),
-            session_id: r.get(1),
-            kind: r.get(2),
-            status: r.get(3),
-            error,
-            requested_by: r.get(6),
-            created_at: r.get(7),
-            deadline_at: r.get(8),
-            completed_at: r.get(9),
-        }
-    }))
+    Ok(db
+        .query_opt(&stmt, &[&org, &id])
+        .await?
+        .as_ref()
+        .map(record))
+}
+
+/// The `limit` latest commands of a session, newest first.
+pub async fn recent(
+    db: &impl GenericClient,
+    org: &str,
+    session_id: &str,
+    limit: i64,
+) -> Result<Vec<CommandRecord>> {
+    let stmt = db
+        .prepare_cached(&format!(
+            "SELECT {RECORD_COLUMNS} FROM commands WHERE organization_id = $1 \
+             AND session_id = $2 ORDER BY created_at DESC, id DESC LIMIT $3"
+        ))
+        .await?;
+    Ok(db
+        .query(&stmt, &[&org, &session_id, &limit])
+        .await?
+        .iter()
+        .map(record)
+        .collect())
+}
+
+const RECORD_COLUMNS: &str = "id, session_id, kind, status, error_code, error_message, \
+                              requested_by, created_at, deadline_at, completed_at";
+
+fn record(r: &tokio_postgres::Row) -> CommandRecord {
+    let code: Option<String> = r.get(4);
+    let error = code.map(|code| ErrorBody {
+        code: serde_json::from_value(Value::String(code)).unwrap_or(ErrorCode::Internal),
+        message: r.get::<_, Option<String>>(5).unwrap_or_default(),
+        details: Default::default(),
+    });
+    CommandRecord {
+        id: r.get(0),
+        session_id: r.get(1),
+        kind: r.get(2),
+        status: r.get(3),
+        error,
+        requested_by: r.get(6),
+        created_at: r.get(7),
+        deadline_at: r.get(8),
+        completed_at: r.get(9),
+    }
 }
 
 /// Ends as `expired` up to `limit` commands still pending with a deadline before `before`,

@@ -3,6 +3,7 @@
 
 mod auth;
 mod commands;
+mod console;
 mod events;
 mod failover;
 mod fleet;
@@ -12,6 +13,7 @@ mod manifests;
 mod messages;
 mod messages_api;
 mod ops;
+mod qr_image;
 mod resilience;
 mod sessions;
 mod sim;

@@ -75,12 +75,26 @@ async fn openapi_document_is_3_1_and_names_every_endpoint() {
         "/api/v1/sessions/{session}:logout",
         "/api/v1/sessions/{session}:requestPairingCode",
         "/api/v1/sessions/{session}/qr",
+        "/api/v1/sessions/{session}/commands",
         "/api/v1/events",
         "/api/v1/gateways",
         "/api/v1/commands/{command}",
     ] {
         assert!(doc["paths"].get(path).is_some(), "missing {path}");
     }
+    let qr = &doc["paths"]["/api/v1/sessions/{session}/qr"]["get"];
+    for media in ["application/json", "image/png", "image/svg+xml"] {
+        assert!(
+            qr["responses"]["200"]["content"].get(media).is_some(),
+            "GET /qr answers {media}: {qr}"
+        );
+    }
+    assert!(
+        qr["parameters"]
+            .as_array()
+            .is_some_and(|ps| ps.iter().any(|p| p["name"] == "format")),
+        "{qr}"
+    );
     assert_eq!(
         doc["components"]["schemas"]["Session"]["properties"]["waLid"]["type"],
         json!(["string", "null"])
