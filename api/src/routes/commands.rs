@@ -50,7 +50,9 @@ use crate::{
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct PairingCodeRequest {
-    /// The number to pair, international form (`6281234567890`).
+    /// The number to pair, international form (`6281234567890`): 7 to 15 digits once `+`,
+    /// spaces, dashes and parentheses are dropped.
+    #[schema(example = "6281234567890")]
     pub phone_number: String,
 }
 

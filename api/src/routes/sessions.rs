@@ -30,17 +30,21 @@ use crate::{
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct CreateSession {
-    /// 1–100 characters.
+    /// 1–100 characters once surrounding whitespace is trimmed; no control characters.
     pub label: String,
     /// Pin the session to this gateway (`gw-sg-1`); otherwise placement chooses.
+    #[schema(pattern = "^[a-z0-9-]{1,64}$")]
     pub gateway_id: Option<String>,
-    /// Place on the least-loaded active gateway of this region (`sg`).
+    /// Place on the least-loaded active gateway of this region (`sg`): 1–64 lower-case
+    /// letters, digits or dashes. 503 when no active gateway of the region has room.
     pub region: Option<String>,
     pub auto_read: Option<bool>,
     pub presence_typing: Option<bool>,
-    /// 1–1000, default 20.
+    /// Messages sent per minute at most; default 20.
+    #[schema(minimum = 1, maximum = 1000)]
     pub rate_per_min: Option<i32>,
-    /// 1–60000, default 600.
+    /// Messages sent per hour at most; default 600.
+    #[schema(minimum = 1, maximum = 60000)]
     pub rate_per_hour: Option<i32>,
 }
 
@@ -48,10 +52,13 @@ pub struct CreateSession {
 #[derive(Debug, Default, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct UpdateSession {
+    /// 1–100 characters once surrounding whitespace is trimmed; no control characters.
     pub label: Option<String>,
     pub auto_read: Option<bool>,
     pub presence_typing: Option<bool>,
+    #[schema(minimum = 1, maximum = 1000)]
     pub rate_per_min: Option<i32>,
+    #[schema(minimum = 1, maximum = 60000)]
     pub rate_per_hour: Option<i32>,
 }
 
