@@ -22,6 +22,7 @@ struct Fleet {
     repo: PathBuf,
     state: PathBuf,
     api: String,
+    project: String,
 }
 
 impl Fleet {
@@ -36,14 +37,12 @@ impl Fleet {
             api: format!("http://127.0.0.1:{api_port}"),
             repo,
             state,
+            project: format!("gwtest{}", std::process::id()),
         };
         let started = Instant::now();
         let out = Command::new(fleet.repo.join("deploy/compose/up"))
             .env("STATE_DIR", &fleet.state)
-            .env(
-                "COMPOSE_PROJECT_NAME",
-                format!("gwtest{}", std::process::id()),
-            )
+            .env("COMPOSE_PROJECT_NAME", &fleet.project)
             .env("API_PORT", api_port.to_string())
             .env("PROMETHEUS_PORT", free_port().to_string())
             // The binaries this run built (the suite's build), not a second, release build.
@@ -91,6 +90,27 @@ impl Fleet {
 
     fn try_ctl(&self, args: &[&str]) -> Result<String, String> {
         self.script("ctl", args)
+    }
+
+    /// `docker network disconnect|connect` of a service's container and the fleet's network.
+    fn network(&self, verb: &str, service: &str) {
+        let container = format!("{}_{service}_1", self.project);
+        let network = format!("{}_fleet", self.project);
+        let ok = Command::new("docker")
+            .args(["network", verb, &network, &container])
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(ok, "docker network {verb} {network} {container}");
+    }
+
+    /// One number from the fleet's Postgres.
+    fn count(&self, sql: &str) -> i64 {
+        let out = self.compose(&[
+            "exec", "-T", "postgres", "psql", "-U", "gateway", "-d", "gateway", "-tAc", sql,
+        ]);
+        out.trim()
+            .parse()
+            .unwrap_or_else(|_| panic!("{sql}: {out}"))
     }
 
     /// This gateway's command queue as broker node `node` lists it (members, leader).
@@ -206,6 +226,12 @@ impl Client {
     /// Create a session on `gateway`, show its QR code, scan it with the simulated phone, see it
     /// working, log it out and delete it: the README's walk-through.
     async fn pair_and_logout(&mut self, fleet: &Fleet, gateway: &str, phone: &str) {
+        let id = self.pair(fleet, gateway, phone).await;
+        self.logout_and_delete(&id).await;
+    }
+
+    /// A new session on `gateway`, paired with `phone` and working: its id.
+    async fn pair(&mut self, fleet: &Fleet, gateway: &str, phone: &str) -> String {
         let (status, session) = self
             .call(
                 reqwest::Method::POST,
@@ -238,7 +264,21 @@ impl Client {
             assert!(Instant::now() < until, "sim scan kept failing: {e}");
             tokio::time::sleep(Duration::from_millis(500)).await;
         }
-        let until = Instant::now() + Duration::from_secs(60);
+        let s = self
+            .session_when(&id, Duration::from_secs(60), |s| s["status"] == "working")
+            .await;
+        assert_eq!(s["waJid"], format!("{phone}@s.whatsapp.net"));
+        id
+    }
+
+    /// The session, once `pred` holds for it (within `limit`).
+    async fn session_when(
+        &mut self,
+        id: &str,
+        limit: Duration,
+        pred: impl Fn(&Value) -> bool,
+    ) -> Value {
+        let until = Instant::now() + limit;
         loop {
             let (_, s) = self
                 .call(
@@ -247,13 +287,18 @@ impl Client {
                     None,
                 )
                 .await;
-            if s["status"] == "working" {
-                assert_eq!(s["waJid"], format!("{phone}@s.whatsapp.net"));
-                break;
+            if pred(&s) {
+                return s;
             }
-            assert!(Instant::now() < until, "{id} not working within 60 s: {s}");
-            tokio::time::sleep(Duration::from_millis(200)).await;
+            assert!(
+                Instant::now() < until,
+                "{id} not as expected within {limit:?}: {s}"
+            );
+            tokio::time::sleep(Duration::from_millis(250)).await;
         }
+    }
+
+    async fn logout_and_delete(&mut self, id: &str) {
         let (status, out) = self
             .call(
                 reqwest::Method::POST,
@@ -357,4 +402,59 @@ async fn compose_fleet_pairs_a_number_and_survives_a_broker_node_stopping() {
         "[compose] after {node} came back: answers {:?}",
         api.answers
     );
+
+    // gw-sg-1's worker cut off from the network (the broker and Postgres) while it drives a
+    // number: the process lives on, stops driving before its lease could expire, the region's
+    // reaper moves the number to gw-sg-2, and when the worker is back it drives nothing twice.
+    let id = api.pair(&fleet, "gw-sg-1", "6281500000001").await;
+    api.answers.clear();
+    let cut = Instant::now();
+    fleet.network("disconnect", "worker-sg-1");
+    let moved = api
+        .session_when(&id, Duration::from_secs(90), |s| {
+            s["gatewayId"] == "gw-sg-2" && s["status"] == "working"
+        })
+        .await;
+    let failed_over = cut.elapsed();
+    assert_eq!(
+        moved["waJid"], "6281500000001@s.whatsapp.net",
+        "moved without re-pairing"
+    );
+    fleet.network("connect", "worker-sg-1");
+    let back = Instant::now();
+    while fleet.count(
+        "SELECT count(*) FROM gateways WHERE id = 'gw-sg-1' \
+         AND heartbeat_at > (extract(epoch from now()) * 1000)::bigint - 3000",
+    ) == 0
+    {
+        assert!(
+            back.elapsed() < Duration::from_secs(60),
+            "gw-sg-1 did not come back"
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let reconnected = back.elapsed();
+    let (status, out) = api
+        .call(
+            reqwest::Method::POST,
+            &format!("/api/v1/sessions/{id}:restart"),
+            None,
+        )
+        .await;
+    assert_eq!(status, 200, "{out}");
+    assert_eq!(out["gatewayId"], "gw-sg-2", "{out}");
+    assert_eq!(
+        fleet.count("SELECT count(*) FROM sim_conflicts"),
+        0,
+        "no number was connected from two workers at once"
+    );
+    eprintln!(
+        "[compose] gw-sg-1 cut off: its number working on gw-sg-2 {:.1} s after the cut; \
+         gw-sg-1 heartbeating again {:.1} s after it was reconnected; answers {:?}; \
+         0 numbers connected twice",
+        failed_over.as_secs_f64(),
+        reconnected.as_secs_f64(),
+        api.answers
+    );
+    api.logout_and_delete(&id).await;
 }
