@@ -25,6 +25,9 @@ use super::super::DriverError;
 /// Logins per statement.
 const BATCH: usize = 512;
 
+/// How long a log-off is retried while the database is unreachable.
+const LOGOFF_PATIENCE: Duration = Duration::from_secs(15);
+
 /// Called with (device, connection) when another connection replaced one of this process's.
 pub type OnReplaced = Arc<dyn Fn(&str, u64) + Send + Sync>;
 
@@ -124,23 +127,38 @@ impl SimServer {
         Ok(id)
     }
 
-    /// The connection closed; the server forgets it (not a newer one of the device).
+    /// The connection closed; the server forgets it (not a newer one of the device). WhatsApp
+    /// always learns that a socket closed, so the record is retried while the database is
+    /// unreachable (a restart): a missed log-off would leave a stale live connection that the
+    /// device's next connection meets as a conflict. Bounded by [`LOGOFF_PATIENCE`].
     pub async fn logoff(&self, device: &str, connection: u64) {
-        let gone = async {
-            let client = self.db.get().await?;
-            let stmt = client
-                .prepare_cached(
-                    "DELETE FROM sim_connections WHERE device = $1 AND process = $2 \
-                     AND connection = $3",
-                )
-                .await?;
-            client
-                .execute(&stmt, &[&device, &self.process, &(connection as i64)])
-                .await?;
-            Ok::<_, Error>(())
-        };
-        if let Err(e) = gone.await {
-            tracing::debug!(error = %e, device, "the simulated server missed a log-off");
+        let deadline = tokio::time::Instant::now() + LOGOFF_PATIENCE;
+        let mut backoff = Duration::from_millis(50);
+        loop {
+            let gone = async {
+                let client = self.db.get().await?;
+                let stmt = client
+                    .prepare_cached(
+                        "DELETE FROM sim_connections WHERE device = $1 AND process = $2 \
+                         AND connection = $3",
+                    )
+                    .await?;
+                client
+                    .execute(&stmt, &[&device, &self.process, &(connection as i64)])
+                    .await?;
+                Ok::<_, Error>(())
+            };
+            match gone.await {
+                Ok(()) => return,
+                Err(e) if tokio::time::Instant::now() + backoff > deadline => {
+                    tracing::warn!(error = %e, device, "the simulated server missed a log-off");
+                    return;
+                }
+                Err(_) => {
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(1));
+                }
+            }
         }
     }
 }
