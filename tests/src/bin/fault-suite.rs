@@ -8,7 +8,10 @@
 //! (restarted after 2 s), a restart of PostgreSQL, a restart of RabbitMQ's node. The last two
 //! restart the machine's shared servers: run it alone, with the services up and as root:
 //! `cargo build -p api -p worker --bins && cargo run -p tests --bin fault-suite`.
-//! `FAULT_LOAD_SECS` (4) is the load before and after each fault.
+//! `FAULT_LOAD_SECS` (4) is the load before and after each fault. It exits 1 when a fault
+//! broke a promise: a command lost, a number connected twice, an answer 5xx other than
+//! 503/504, or service not back within 10 s; `deploy/local/test` runs it after the tests, when
+//! nothing else uses the servers it restarts.
 
 use std::{
     collections::BTreeMap,
@@ -28,6 +31,8 @@ const SESSIONS: usize = 32;
 const CONCURRENCY: usize = 16;
 /// The api replicas' sweep grace: a command still pending this long past its deadline is lost.
 const GRACE_MS: i64 = 15_000;
+/// Service must be back this soon after a fault ends.
+const RECOVERY: Duration = Duration::from_secs(10);
 
 /// What the load saw: answers by status (0: no answer, the connection failed), and when the
 /// last command was answered 200.
@@ -182,6 +187,7 @@ async fn main() {
                 .any(|o| f.split(' ').next() == Some(o.trim()))
         })
     });
+    let mut broken_promises = Vec::new();
     for fault in faults {
         let _ = load.take();
         let conflicts_before = env.sim_conflicts().await.len();
@@ -206,18 +212,21 @@ async fn main() {
         }
         let ended = Instant::now();
         // Recovered at the first command answered 200 after the fault ended.
-        let recovery = loop {
+        let recovered = loop {
             let last_ok = load.seen.lock().expect("seen").last_ok;
             if let Some(t) = last_ok
                 && t > ended
             {
-                break format!("{:.1} s", (t - ended).as_secs_f64());
+                break Some(t - ended);
             }
             if ended.elapsed() > Duration::from_secs(60) {
-                break "not within 60 s".to_owned();
+                break None;
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         };
+        let recovery = recovered.map_or("not within 60 s".to_owned(), |d| {
+            format!("{:.1} s", d.as_secs_f64())
+        });
         tokio::time::sleep(steady).await;
         let seen = load.take();
         let commands = settle(&env, since).await;
@@ -236,6 +245,32 @@ async fn main() {
             "| {fault} | {requests} | {} | {lost} | {twice} | {recovery} |",
             answers.join(", ")
         );
+        let server_errors: usize = seen
+            .by_status
+            .iter()
+            .filter(|(s, _)| **s >= 500 && **s != 503 && **s != 504)
+            .map(|(_, n)| n)
+            .sum();
+        for (broken, what) in [
+            (lost > 0, format!("{lost} commands lost")),
+            (twice > 0, format!("{twice} numbers connected twice")),
+            (
+                server_errors > 0,
+                format!("{server_errors} server errors (not 503/504)"),
+            ),
+            (
+                recovered.is_none_or(|d| d > RECOVERY),
+                format!("recovery {recovery}, over {} s", RECOVERY.as_secs()),
+            ),
+        ] {
+            if broken {
+                broken_promises.push(format!("{fault}: {what}"));
+            }
+        }
     }
     load.stop.store(true, Ordering::Relaxed);
+    if !broken_promises.is_empty() {
+        eprintln!("broken promises:\n  {}", broken_promises.join("\n  "));
+        std::process::exit(1);
+    }
 }
