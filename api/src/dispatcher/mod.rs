@@ -1,7 +1,7 @@
 //! Webhook delivery: the dispatcher in every api replica sends the queued deliveries.
 //!
 //! Deliveries are rows (queued with their event by `store::events::append`), so nothing lives
-//! only in a replica's memory: the dispatcher leases due rows (`store::webhooks::claim`, with
+//! only in a replica's memory: the dispatcher leases due rows (`store::deliveries::claim`, with
 //! `FOR UPDATE SKIP LOCKED`, so replicas share the work), sends each, and records the attempt
 //! and what follows from it in one transaction. A replica that dies mid-attempt leaves leases
 //! that lapse after the attempt timeout and a margin, and another replica sends those
@@ -34,7 +34,7 @@ use shared::{
     db::now_ms,
     protocol::{Event, EventKind},
     sealed::Keyring,
-    store::webhooks::{self as store, AttemptRecord, Claimed, Next},
+    store::deliveries::{self as store, AttemptRecord, Claimed, Next},
     webhook::{self, RESPONSE_SNIPPET_BYTES},
 };
 use tokio::sync::{Notify, Semaphore};

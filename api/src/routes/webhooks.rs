@@ -390,8 +390,8 @@ pub async fn test(
         "data": {"webhookId": w.id, "organizationId": w.organization_id, "at": now},
     });
     let client = state.db.get().await?;
-    let delivery_id = store::webhooks::queue_test(&client, &w, &payload, now).await?;
-    let queued = store::webhooks::deliveries(&client, &w.id, None, Some(delivery_id + 1), 1)
+    let delivery_id = store::deliveries::queue_test(&client, &w, &payload, now).await?;
+    let queued = store::deliveries::list(&client, &w.id, None, Some(delivery_id + 1), 1)
         .await?
         .into_iter()
         .next()
@@ -428,7 +428,7 @@ pub async fn replay(
     }
     let mut client = state.db.get().await?;
     let tx = client.transaction().await?;
-    let queued = store::webhooks::replay(&tx, &w, body.since, MAX_REPLAY + 1, now).await?;
+    let queued = store::deliveries::replay(&tx, &w, body.since, MAX_REPLAY + 1, now).await?;
     let continue_from = if queued as i64 > MAX_REPLAY {
         // One too many was read to learn that more exist: drop it, and say where to go on.
         let last = tx
@@ -490,8 +490,7 @@ pub async fn deliveries(
         .transpose()?;
     let w = load(&state, &caller.organization_id, &id).await?;
     let client = state.db.get().await?;
-    let mut deliveries =
-        store::webhooks::deliveries(&client, &w.id, status, before, size + 1).await?;
+    let mut deliveries = store::deliveries::list(&client, &w.id, status, before, size + 1).await?;
     let next_page_token = if deliveries.len() as i64 > size {
         deliveries.truncate(size as usize);
         deliveries.last().map(|d| URL_SAFE_NO_PAD.encode(&d.id))
