@@ -1,17 +1,25 @@
-//! The fault suite: a steady load of commands through two api replicas to one worker, while
-//! faults are injected one at a time, each then checked from Postgres and the simulator's
-//! server-side record. One table row per fault: requests, answers by status, commands lost
-//! (still `pending` past their deadline plus the sweep's grace), numbers connected twice, and
-//! the time from the fault's end to the first answered command.
+//! The fault suite: a steady load of commands and of messages through two api replicas to one
+//! worker, while faults are injected one at a time, each then checked from Postgres and the
+//! simulator's server-side record. One table row per fault: requests, answers by status,
+//! commands lost (still `pending` past their deadline plus the sweep's grace), messages lost
+//! (accepted, then never ending `sent` or `failed`), messages the phones received twice,
+//! numbers connected twice, and the time from the fault's end to the first answered command.
+//!
+//! Commands (`:restart`, 16 clients) go to 24 of the sessions; messages (2 clients, each a
+//! message every 100 ms) to the other 8, so a message waits for the faults, not for the load's
+//! own restarts. The sessions' rate limits are raised and "typing…" before a message is off
+//! (it would hold each session to about one message a second). A message client does what a
+//! careful client does: it sends each message with an idempotency key and, when the answer is
+//! not final (no answer, 429, 503, 504), sends it again with the same key until it is accepted.
 //!
 //! Faults: `kill -9` of the worker (restarted after 1 s), `kill -9` of an api replica
 //! (restarted after 2 s), a restart of PostgreSQL, a restart of RabbitMQ's node. The last two
 //! restart the machine's shared servers: run it alone, with the services up and as root:
 //! `cargo build -p api -p worker --bins && cargo run -p tests --bin fault-suite`.
 //! `FAULT_LOAD_SECS` (4) is the load before and after each fault. It exits 1 when a fault
-//! broke a promise: a command lost, a number connected twice, an answer 5xx other than
-//! 503/504, or service not back within 10 s; `deploy/local/test` runs it after the tests, when
-//! nothing else uses the servers it restarts.
+//! broke a promise: a command or message lost, a message sent twice, a number connected twice,
+//! an answer 5xx other than 503/504, or service not back within 10 s; `deploy/local/test` runs
+//! it after the tests, when nothing else uses the servers it restarts.
 
 use std::{
     collections::BTreeMap,
@@ -28,9 +36,17 @@ use tests::{
 };
 
 const SESSIONS: usize = 32;
+/// Of the sessions, these take the messages; the others the commands.
+const MESSAGE_SESSIONS: usize = 8;
 const CONCURRENCY: usize = 16;
+const MESSAGE_CLIENTS: usize = 2;
+const MESSAGE_EVERY: Duration = Duration::from_millis(100);
+/// A message accepted before the load's end must have left `queued`/`sending` this soon after.
+const MESSAGE_SETTLE: Duration = Duration::from_secs(30);
 /// The api replicas' sweep grace: a command still pending this long past its deadline is lost.
 const GRACE_MS: i64 = 15_000;
+/// How often each api replica sweeps for such commands.
+const SWEEP_INTERVAL_MS: i64 = 1_000;
 /// Service must be back this soon after a fault ends.
 const RECOVERY: Duration = Duration::from_secs(10);
 
@@ -42,65 +58,165 @@ struct Seen {
     last_ok: Option<Instant>,
 }
 
+#[derive(Clone)]
 struct Load {
     bases: Arc<Mutex<Vec<String>>>,
     seen: Arc<Mutex<Seen>>,
     stop: Arc<AtomicBool>,
 }
 
+impl Seen {
+    fn requests(&self) -> usize {
+        self.by_status.values().sum()
+    }
+
+    fn answers(&self) -> String {
+        let answers: Vec<String> = self
+            .by_status
+            .iter()
+            .map(|(s, n)| match s {
+                0 => format!("no answer {n}"),
+                s => format!("{s}: {n}"),
+            })
+            .collect();
+        answers.join(", ")
+    }
+
+    /// Answers 5xx other than 503 and 504.
+    fn server_errors(&self) -> usize {
+        self.by_status
+            .iter()
+            .filter(|(s, _)| **s >= 500 && **s != 503 && **s != 504)
+            .map(|(_, n)| n)
+            .sum()
+    }
+
+    fn record(seen: &Mutex<Seen>, status: u16, ok: u16) {
+        let mut seen = seen.lock().expect("seen");
+        *seen.by_status.entry(status).or_default() += 1;
+        if status == ok {
+            seen.last_ok = Some(Instant::now());
+        }
+    }
+}
+
 impl Load {
-    fn start(bases: Vec<String>, key: String, ids: Arc<Vec<String>>) -> Load {
+    /// `clients` tasks, each running `client(its load, the task's number)` until the load
+    /// stops.
+    fn start<F, Fut>(bases: Arc<Mutex<Vec<String>>>, clients: usize, client: F) -> Load
+    where
+        F: Fn(Load, usize) -> Fut,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
         let load = Load {
-            bases: Arc::new(Mutex::new(bases)),
+            bases,
             seen: Arc::default(),
             stop: Arc::default(),
         };
+        for i in 0..clients {
+            tokio::spawn(client(load.clone(), i));
+        }
+        load
+    }
+
+    fn base(&self, n: usize) -> String {
+        let bases = self.bases.lock().expect("bases");
+        bases[n % bases.len()].clone()
+    }
+
+    fn running(&self) -> bool {
+        !self.stop.load(Ordering::Relaxed)
+    }
+
+    /// 16 clients sending `:restart` to the sessions in turn, as fast as they are answered.
+    fn commands(
+        bases: Arc<Mutex<Vec<String>>>,
+        http: reqwest::Client,
+        key: String,
+        ids: Vec<String>,
+    ) -> Load {
         let next = Arc::new(AtomicUsize::new(0));
-        let http = reqwest::Client::builder()
-            .timeout(Duration::from_secs(30))
-            .build()
-            .expect("client");
-        for _ in 0..CONCURRENCY {
-            let (bases, seen, stop, next, http, key, ids) = (
-                load.bases.clone(),
-                load.seen.clone(),
-                load.stop.clone(),
-                next.clone(),
-                http.clone(),
-                key.clone(),
-                ids.clone(),
-            );
-            tokio::spawn(async move {
-                while !stop.load(Ordering::Relaxed) {
+        let ids = Arc::new(ids);
+        Load::start(bases, CONCURRENCY, move |load, _| {
+            let (next, http, key, ids) = (next.clone(), http.clone(), key.clone(), ids.clone());
+            async move {
+                while load.running() {
                     let n = next.fetch_add(1, Ordering::Relaxed);
-                    let base = {
-                        let bases = bases.lock().expect("bases");
-                        bases[n % bases.len()].clone()
-                    };
                     let id = &ids[n % ids.len()];
-                    let status = match http
-                        .post(format!("{base}/api/v1/sessions/{id}:restart"))
+                    let status = http
+                        .post(format!("{}/api/v1/sessions/{id}:restart", load.base(n)))
                         .bearer_auth(&key)
                         .send()
                         .await
-                    {
-                        Ok(r) => r.status().as_u16(),
-                        Err(_) => 0,
-                    };
-                    {
-                        let mut seen = seen.lock().expect("seen");
-                        *seen.by_status.entry(status).or_default() += 1;
-                        if status == 200 {
-                            seen.last_ok = Some(Instant::now());
-                        }
-                    }
+                        .map_or(0, |r| r.status().as_u16());
+                    Seen::record(&load.seen, status, 200);
                     if status == 0 {
                         tokio::time::sleep(Duration::from_millis(50)).await;
                     }
                 }
-            });
-        }
-        load
+            }
+        })
+    }
+
+    /// Message clients: each sends a message every [`MESSAGE_EVERY`] to the sessions in
+    /// turn, each with its own idempotency key, sent again (to either replica) until an answer
+    /// is final. The keys of accepted messages go to `accepted`.
+    fn messages(
+        bases: Arc<Mutex<Vec<String>>>,
+        http: reqwest::Client,
+        key: String,
+        ids: Vec<String>,
+        accepted: Arc<Mutex<Vec<String>>>,
+    ) -> Load {
+        let next = Arc::new(AtomicUsize::new(0));
+        let ids = Arc::new(ids);
+        Load::start(bases, MESSAGE_CLIENTS, move |load, _| {
+            let (next, http, key, ids, accepted) = (
+                next.clone(),
+                http.clone(),
+                key.clone(),
+                ids.clone(),
+                accepted.clone(),
+            );
+            async move {
+                while load.running() {
+                    let n = next.fetch_add(1, Ordering::Relaxed);
+                    let id = &ids[n % ids.len()];
+                    let body = serde_json::json!({
+                        "to": format!("+6281300{n:06}"),
+                        "text": format!("fault message {n}"),
+                        "idempotencyKey": format!("m{n}"),
+                    });
+                    for attempt in 0.. {
+                        if !load.running() {
+                            break;
+                        }
+                        let status = http
+                            .post(format!(
+                                "{}/api/v1/sessions/{id}/messages",
+                                load.base(n + attempt)
+                            ))
+                            .bearer_auth(&key)
+                            .json(&body)
+                            .send()
+                            .await
+                            .map_or(0, |r| r.status().as_u16());
+                        Seen::record(&load.seen, status, 202);
+                        match status {
+                            202 => {
+                                accepted.lock().expect("accepted").push(format!("m{n}"));
+                                break;
+                            }
+                            0 | 429 | 503 | 504 => {
+                                tokio::time::sleep(Duration::from_millis(100)).await
+                            }
+                            _ => break,
+                        }
+                    }
+                    tokio::time::sleep(MESSAGE_EVERY).await;
+                }
+            }
+        })
     }
 
     fn take(&self) -> Seen {
@@ -117,7 +233,9 @@ fn shell(script: &str) {
 }
 
 /// Commands created since `since` by status, once none is pending short of its deadline plus
-/// the grace (or the wait ran out): those still pending then are lost.
+/// the grace plus two sweeps (or the wait ran out): those still pending then are lost, and
+/// are printed. (Without the two sweeps, a command just past its grace would count as lost
+/// in the moment before the next sweep ends it.)
 async fn settle(env: &TestEnv, since: i64) -> BTreeMap<String, i64> {
     let deadline = Instant::now() + Duration::from_secs(90);
     loop {
@@ -126,16 +244,82 @@ async fn settle(env: &TestEnv, since: i64) -> BTreeMap<String, i64> {
             .query(
                 "SELECT status, count(*), count(*) FILTER (WHERE status = 'pending' \
                  AND deadline_at + $2 > $3) FROM commands WHERE created_at >= $1 GROUP BY status",
-                &[&since, &GRACE_MS, &shared::db::now_ms()],
+                &[
+                    &since,
+                    &(GRACE_MS + 2 * SWEEP_INTERVAL_MS),
+                    &shared::db::now_ms(),
+                ],
             )
             .await
             .expect("commands");
         let waiting: i64 = rows.iter().map(|r| r.get::<_, i64>(2)).sum();
         if waiting == 0 || Instant::now() > deadline {
+            let lost = client
+                .query(
+                    "SELECT id, kind, created_at, deadline_at FROM commands \
+                     WHERE created_at >= $1 AND status = 'pending'",
+                    &[&since],
+                )
+                .await
+                .expect("commands");
+            for c in lost {
+                let (id, kind, created, deadline): (String, String, i64, i64) =
+                    (c.get(0), c.get(1), c.get(2), c.get(3));
+                eprintln!(
+                    "lost: command {id} ({kind}), created {created}, deadline {deadline}, \
+                     now {}",
+                    shared::db::now_ms()
+                );
+            }
             return rows.iter().map(|r| (r.get(0), r.get(1))).collect();
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
+}
+
+/// The accepted messages of `keys` by status, once none is `queued` or `sending` (or
+/// [`MESSAGE_SETTLE`] ran out), with `missing` for keys that have no message at all.
+async fn settle_messages(env: &TestEnv, keys: &[String]) -> BTreeMap<String, i64> {
+    let deadline = Instant::now() + MESSAGE_SETTLE;
+    loop {
+        let client = env.db.get().await.expect("db");
+        let mut by_status: BTreeMap<String, i64> = client
+            .query(
+                "SELECT status, count(*) FROM messages WHERE idempotency_key = ANY($1) \
+                 GROUP BY status",
+                &[&keys],
+            )
+            .await
+            .expect("messages")
+            .iter()
+            .map(|r| (r.get(0), r.get(1)))
+            .collect();
+        let found: i64 = by_status.values().sum();
+        if found < keys.len() as i64 {
+            by_status.insert("missing".into(), keys.len() as i64 - found);
+        }
+        let waiting = ["queued", "sending"]
+            .iter()
+            .any(|s| by_status.contains_key(*s));
+        if !waiting || Instant::now() > deadline {
+            return by_status;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+/// Messages the simulated WhatsApp delivered more than once (the load's texts are unique).
+async fn sent_twice(env: &TestEnv) -> i64 {
+    let client = env.db.get().await.expect("db");
+    client
+        .query_one(
+            "SELECT count(*) FROM (SELECT text FROM sim_messages GROUP BY text \
+             HAVING count(*) > 1) AS doubled",
+            &[],
+        )
+        .await
+        .expect("sim_messages")
+        .get(0)
 }
 
 #[tokio::main]
@@ -148,11 +332,25 @@ async fn main() {
     );
     let env = TestEnv::new().await;
     let gw = env.gateway_id("fault");
-    let ids = Arc::new(env.paired_sessions("org_fault", &gw, SESSIONS, 0).await);
+    let mut ids = env.paired_sessions("org_fault", &gw, SESSIONS, 0).await;
+    let message_ids = ids.split_off(SESSIONS - MESSAGE_SESSIONS);
+    // Limits high enough for the message load (20 a second over 8 sessions), and no "typing…"
+    // (see above).
+    env.db
+        .get()
+        .await
+        .expect("db")
+        .execute(
+            "UPDATE sessions SET rate_per_min = 1000, rate_per_hour = 60000, \
+             presence_typing = false",
+            &[],
+        )
+        .await
+        .expect("rates");
     let worker_env = [("SIM_CONNECT_DELAY_MS", "20".to_owned())];
     let api_env = [
         ("COMMAND_SWEEP_GRACE_MS", GRACE_MS.to_string()),
-        ("COMMAND_SWEEP_INTERVAL_MS", "1000".to_owned()),
+        ("COMMAND_SWEEP_INTERVAL_MS", SWEEP_INTERVAL_MS.to_string()),
     ];
     let mut worker = WorkerProcess::spawn(&env, &gw, &worker_env);
     let mut apis = [
@@ -160,16 +358,20 @@ async fn main() {
         ApiProcess::spawn(&env, &api_env).await,
     ];
     let key = env.api_key("org_fault", &["read", "manage"]).await;
-    let load = Load::start(
-        apis.iter().map(|a| a.base.clone()).collect(),
-        key,
-        ids.clone(),
-    );
+    let bases = Arc::new(Mutex::new(apis.iter().map(|a| a.base.clone()).collect()));
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(30))
+        .build()
+        .expect("client");
+    let load = Load::commands(bases.clone(), http.clone(), key.clone(), ids);
+    let accepted = Arc::new(Mutex::new(Vec::new()));
+    let messages = Load::messages(bases.clone(), http, key, message_ids, accepted.clone());
     tokio::time::sleep(steady).await;
 
     println!(
-        "| fault | requests | answers by status | lost | connected twice | recovery |\n\
-         |---|---|---|---|---|---|"
+        "| fault | requests | answers by status | lost | messages: requests | answers | \
+         accepted, by outcome | lost | sent twice | connected twice | recovery |\n\
+         |---|---|---|---|---|---|---|---|---|---|---|"
     );
     // FAULTS=worker,api picks some (by the fault's first word): those two leave the
     // machine's shared servers alone, so they can run beside other work.
@@ -190,7 +392,10 @@ async fn main() {
     let mut broken_promises = Vec::new();
     for fault in faults {
         let _ = load.take();
+        let _ = messages.take();
+        accepted.lock().expect("accepted").clear();
         let conflicts_before = env.sim_conflicts().await.len();
+        let doubled_before = sent_twice(&env).await;
         let since = shared::db::now_ms();
         tokio::time::sleep(steady).await;
         match fault {
@@ -203,7 +408,7 @@ async fn main() {
                 apis[0].kill_9();
                 tokio::time::sleep(Duration::from_secs(2)).await;
                 apis[0] = ApiProcess::spawn(&env, &api_env).await;
-                load.bases.lock().expect("bases")[0] = apis[0].base.clone();
+                bases.lock().expect("bases")[0] = apis[0].base.clone();
             }
             "postgres restart" => {
                 shell("pg_ctlcluster $(ls /etc/postgresql | sort -n | tail -1) main restart")
@@ -229,30 +434,33 @@ async fn main() {
         });
         tokio::time::sleep(steady).await;
         let seen = load.take();
+        let seen_messages = messages.take();
+        let keys = std::mem::take(&mut *accepted.lock().expect("accepted"));
         let commands = settle(&env, since).await;
+        let outcomes = settle_messages(&env, &keys).await;
         let lost = commands.get("pending").copied().unwrap_or(0);
-        let twice = env.sim_conflicts().await.len() - conflicts_before;
-        let requests: usize = seen.by_status.values().sum();
-        let answers: Vec<String> = seen
-            .by_status
+        let messages_lost: i64 = ["queued", "sending", "missing"]
             .iter()
-            .map(|(s, n)| match s {
-                0 => format!("no answer {n}"),
-                s => format!("{s}: {n}"),
-            })
-            .collect();
-        println!(
-            "| {fault} | {requests} | {} | {lost} | {twice} | {recovery} |",
-            answers.join(", ")
-        );
-        let server_errors: usize = seen
-            .by_status
-            .iter()
-            .filter(|(s, _)| **s >= 500 && **s != 503 && **s != 504)
-            .map(|(_, n)| n)
+            .filter_map(|s| outcomes.get(*s))
             .sum();
+        let doubled = sent_twice(&env).await - doubled_before;
+        let twice = env.sim_conflicts().await.len() - conflicts_before;
+        let outcomes: Vec<String> = outcomes.iter().map(|(s, n)| format!("{s}: {n}")).collect();
+        println!(
+            "| {fault} | {} | {} | {lost} | {} | {} | {} {} | {messages_lost} | {doubled} | \
+             {twice} | {recovery} |",
+            seen.requests(),
+            seen.answers(),
+            seen_messages.requests(),
+            seen_messages.answers(),
+            keys.len(),
+            outcomes.join(", "),
+        );
+        let server_errors = seen.server_errors() + seen_messages.server_errors();
         for (broken, what) in [
             (lost > 0, format!("{lost} commands lost")),
+            (messages_lost > 0, format!("{messages_lost} messages lost")),
+            (doubled > 0, format!("{doubled} messages sent twice")),
             (twice > 0, format!("{twice} numbers connected twice")),
             (
                 server_errors > 0,
@@ -269,6 +477,7 @@ async fn main() {
         }
     }
     load.stop.store(true, Ordering::Relaxed);
+    messages.stop.store(true, Ordering::Relaxed);
     if !broken_promises.is_empty() {
         eprintln!("broken promises:\n  {}", broken_promises.join("\n  "));
         std::process::exit(1);
