@@ -1,6 +1,11 @@
 //! `GET /api/v1/sessions/{id}` with an API key at 64 concurrent connections, against a bare
 //! axum handler doing one pooled, prepared `SELECT` by id and organization, in the same run.
 //! Target: the product at ≥ 0.9× the baseline's requests per second.
+//!
+//! The load comes from `wrk` (Debian's `wrk` package: `apt-get install wrk`), a process of
+//! its own, as the target is defined; without it, from an in-process generator, which shares
+//! this process's runtime with both servers (said in the output). `BENCH_LOAD=inprocess`
+//! picks that one anyway.
 
 use std::time::Duration;
 
@@ -18,6 +23,53 @@ use tests::{
 };
 
 const CONCURRENCY: usize = 64;
+
+/// One round's figures.
+struct Measured {
+    per_second: f64,
+    p50_ms: f64,
+}
+
+/// A round of `wrk` on `url` (two threads, [`CONCURRENCY`] connections): requests per second
+/// and the median latency, from its report. Any answer but 2xx fails the run.
+async fn wrk(url: &str, auth: Option<&str>, d: Duration) -> Measured {
+    let mut cmd = tokio::process::Command::new("wrk");
+    cmd.args([
+        "-t2",
+        &format!("-c{CONCURRENCY}"),
+        &format!("-d{}s", d.as_secs().max(1)),
+    ])
+    .arg("--latency");
+    if let Some(a) = auth {
+        cmd.args(["-H", &format!("Authorization: Bearer {a}")]);
+    }
+    let out = cmd.arg(url).output().await.expect("run wrk");
+    let report = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && !report.contains("Non-2xx"),
+        "wrk failed or saw errors:\n{report}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let field = |prefix: &str| -> &str {
+        report
+            .lines()
+            .map(str::trim)
+            .find_map(|l| l.strip_prefix(prefix))
+            .map(str::trim)
+            .unwrap_or_else(|| panic!("no `{prefix}` in wrk's report:\n{report}"))
+    };
+    let per_second = field("Requests/sec:").parse().expect("requests per second");
+    let p50 = field("50%");
+    let (number, unit) = p50.split_at(p50.find(|c: char| c.is_ascii_alphabetic()).unwrap_or(0));
+    let number: f64 = number.parse().expect("latency");
+    let p50_ms = match unit {
+        "us" => number / 1000.0,
+        "ms" => number,
+        "s" => number * 1000.0,
+        _ => panic!("latency unit {unit}"),
+    };
+    Measured { per_second, p50_ms }
+}
 
 async fn baseline_handler(
     State(db): State<Pool>,
@@ -66,7 +118,20 @@ async fn main() {
         .expect("client");
     let product_url = format!("{}/api/v1/sessions/{id}", api.base);
     let baseline_url = format!("{base}/sessions/{id}");
-    let run = |url: String, auth: Option<String>, d: Duration| {
+    let use_wrk = std::env::var("BENCH_LOAD").as_deref() != Ok("inprocess")
+        && std::process::Command::new("wrk")
+            .arg("--version")
+            .output()
+            .is_ok();
+    println!(
+        "load: {}",
+        if use_wrk {
+            "wrk, 2 threads"
+        } else {
+            "in-process generator (install wrk to measure as the target is defined)"
+        }
+    );
+    let in_process = |url: String, auth: Option<String>, d: Duration| {
         let http = http.clone();
         load(CONCURRENCY, d, move |_| {
             let (http, url, auth) = (http.clone(), url.clone(), auth.clone());
@@ -84,6 +149,21 @@ async fn main() {
             }
         })
     };
+    let run = |url: String, auth: Option<String>, d: Duration| {
+        let generated = (!use_wrk).then(|| in_process(url.clone(), auth.clone(), d));
+        async move {
+            match generated {
+                Some(generated) => {
+                    let r = generated.await;
+                    Measured {
+                        per_second: r.per_second(),
+                        p50_ms: ms(r.percentile(0.5)),
+                    }
+                }
+                None => wrk(&url, auth.as_deref(), d).await,
+            }
+        }
+    };
     // Warm both up (connections, prepared statements, caches).
     run(baseline_url.clone(), None, Duration::from_secs(1)).await;
     run(
@@ -95,19 +175,25 @@ async fn main() {
 
     let (mut ratios, mut bases, mut prods) = (vec![], vec![], vec![]);
     for round in 1..=rounds {
-        let b = run(baseline_url.clone(), None, secs).await;
-        let p = run(product_url.clone(), Some(key.clone()), secs).await;
+        // Which goes first alternates, so neither always has the machine as the other left it.
+        let (b, p) = if round % 2 == 1 {
+            let b = run(baseline_url.clone(), None, secs).await;
+            (b, run(product_url.clone(), Some(key.clone()), secs).await)
+        } else {
+            let p = run(product_url.clone(), Some(key.clone()), secs).await;
+            (run(baseline_url.clone(), None, secs).await, p)
+        };
         println!(
             "round {round}: baseline {:>8.0} req/s (p50 {:.2} ms) | product {:>8.0} req/s (p50 {:.2} ms) | ratio {:.2}",
-            b.per_second(),
-            ms(b.percentile(0.5)),
-            p.per_second(),
-            ms(p.percentile(0.5)),
-            p.per_second() / b.per_second()
+            b.per_second,
+            b.p50_ms,
+            p.per_second,
+            p.p50_ms,
+            p.per_second / b.per_second
         );
-        ratios.push(p.per_second() / b.per_second());
-        bases.push(b.per_second());
-        prods.push(p.per_second());
+        ratios.push(p.per_second / b.per_second);
+        bases.push(b.per_second);
+        prods.push(p.per_second);
     }
     println!(
         "GET session, {CONCURRENCY} connections, {rounds} rounds × {:.0} s: baseline median {:.0} req/s, product median {:.0} req/s, median ratio {:.2} (target ≥ 0.90)",
