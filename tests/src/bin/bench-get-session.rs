@@ -28,6 +28,21 @@ const CONCURRENCY: usize = 64;
 struct Measured {
     per_second: f64,
     p50_ms: f64,
+    /// This process's CPU time per request: the server's own work (and the Postgres client's),
+    /// without wrk's or Postgres's. With the in-process generator, the generator's too.
+    cpu_us: f64,
+}
+
+/// CPU time this process has used (user and system, every thread, live or ended), from
+/// `/proc/self/stat` in clock ticks of 10 ms (Linux's USER_HZ is 100).
+fn process_cpu() -> Duration {
+    let stat = std::fs::read_to_string("/proc/self/stat").expect("/proc/self/stat");
+    let after_name = &stat[stat.rfind(')').expect("stat") + 2..];
+    let fields: Vec<&str> = after_name.split(' ').collect();
+    // Fields 14 and 15 of proc(5), utime and stime; the state (field 3) is fields[0].
+    let ticks: u64 =
+        fields[11].parse::<u64>().expect("utime") + fields[12].parse::<u64>().expect("stime");
+    Duration::from_millis(ticks * 10)
 }
 
 /// A round of `wrk` on `url` (two threads, [`CONCURRENCY`] connections): requests per second
@@ -68,7 +83,11 @@ async fn wrk(url: &str, auth: Option<&str>, d: Duration) -> Measured {
         "s" => number * 1000.0,
         _ => panic!("latency unit {unit}"),
     };
-    Measured { per_second, p50_ms }
+    Measured {
+        per_second,
+        p50_ms,
+        cpu_us: 0.0,
+    }
 }
 
 async fn baseline_handler(
@@ -152,16 +171,21 @@ async fn main() {
     let run = |url: String, auth: Option<String>, d: Duration| {
         let generated = (!use_wrk).then(|| in_process(url.clone(), auth.clone(), d));
         async move {
-            match generated {
+            let cpu = process_cpu();
+            let mut m = match generated {
                 Some(generated) => {
                     let r = generated.await;
                     Measured {
                         per_second: r.per_second(),
                         p50_ms: ms(r.percentile(0.5)),
+                        cpu_us: 0.0,
                     }
                 }
                 None => wrk(&url, auth.as_deref(), d).await,
-            }
+            };
+            let requests = m.per_second * d.as_secs_f64();
+            m.cpu_us = (process_cpu() - cpu).as_secs_f64() * 1e6 / requests.max(1.0);
+            m
         }
     };
     // Warm both up (connections, prepared statements, caches).
@@ -173,7 +197,7 @@ async fn main() {
     )
     .await;
 
-    let (mut ratios, mut bases, mut prods) = (vec![], vec![], vec![]);
+    let (mut ratios, mut bases, mut prods, mut cpu_ratios) = (vec![], vec![], vec![], vec![]);
     for round in 1..=rounds {
         // Which goes first alternates, so neither always has the machine as the other left it.
         let (b, p) = if round % 2 == 1 {
@@ -184,22 +208,26 @@ async fn main() {
             (run(baseline_url.clone(), None, secs).await, p)
         };
         println!(
-            "round {round}: baseline {:>8.0} req/s (p50 {:.2} ms) | product {:>8.0} req/s (p50 {:.2} ms) | ratio {:.2}",
+            "round {round}: baseline {:>8.0} req/s (p50 {:.2} ms, {:.0} µs CPU/req) | product {:>8.0} req/s (p50 {:.2} ms, {:.0} µs CPU/req) | ratio {:.2}",
             b.per_second,
             b.p50_ms,
+            b.cpu_us,
             p.per_second,
             p.p50_ms,
+            p.cpu_us,
             p.per_second / b.per_second
         );
+        cpu_ratios.push(p.cpu_us / b.cpu_us);
         ratios.push(p.per_second / b.per_second);
         bases.push(b.per_second);
         prods.push(p.per_second);
     }
     println!(
-        "GET session, {CONCURRENCY} connections, {rounds} rounds × {:.0} s: baseline median {:.0} req/s, product median {:.0} req/s, median ratio {:.2} (target ≥ 0.90)",
+        "GET session, {CONCURRENCY} connections, {rounds} rounds × {:.0} s: baseline median {:.0} req/s, product median {:.0} req/s, median ratio {:.2} (target ≥ 0.90); this process's CPU per request, product over baseline: median {:.2}",
         secs.as_secs_f64(),
         median(bases),
         median(prods),
-        median(ratios)
+        median(ratios),
+        median(cpu_ratios)
     );
 }
