@@ -23,6 +23,7 @@
 
 use std::{
     collections::BTreeMap,
+    process::ExitCode,
     sync::{
         Arc, Mutex,
         atomic::{AtomicBool, AtomicUsize, Ordering},
@@ -323,7 +324,7 @@ async fn sent_twice(env: &TestEnv) -> i64 {
 }
 
 #[tokio::main]
-async fn main() {
+async fn main() -> ExitCode {
     let steady = Duration::from_secs(
         std::env::var("FAULT_LOAD_SECS")
             .ok()
@@ -486,8 +487,13 @@ async fn main() {
     }
     load.stop.store(true, Ordering::Relaxed);
     messages.stop.store(true, Ordering::Relaxed);
-    if !broken_promises.is_empty() {
+    // The worker and api processes end here, when dropped; `process::exit` would leave them
+    // running, holding the test database.
+    drop((worker, apis));
+    if broken_promises.is_empty() {
+        ExitCode::SUCCESS
+    } else {
         eprintln!("broken promises:\n  {}", broken_promises.join("\n  "));
-        std::process::exit(1);
+        ExitCode::FAILURE
     }
 }
