@@ -91,14 +91,6 @@ impl Seen {
             .map(|(_, n)| n)
             .sum()
     }
-
-    fn record(seen: &Mutex<Seen>, status: u16, ok: u16) {
-        let mut seen = seen.lock().expect("seen");
-        *seen.by_status.entry(status).or_default() += 1;
-        if status == ok {
-            seen.last_ok = Some(Instant::now());
-        }
-    }
 }
 
 impl Load {
@@ -129,6 +121,15 @@ impl Load {
         !self.stop.load(Ordering::Relaxed)
     }
 
+    /// One answer; `ok` is the status that counts as served (for the recovery time).
+    fn record(&self, status: u16, ok: u16) {
+        let mut seen = self.seen.lock().expect("seen");
+        *seen.by_status.entry(status).or_default() += 1;
+        if status == ok {
+            seen.last_ok = Some(Instant::now());
+        }
+    }
+
     /// 16 clients sending `:restart` to the sessions in turn, as fast as they are answered.
     fn commands(
         bases: Arc<Mutex<Vec<String>>>,
@@ -150,7 +151,7 @@ impl Load {
                         .send()
                         .await
                         .map_or(0, |r| r.status().as_u16());
-                    Seen::record(&load.seen, status, 200);
+                    load.record(status, 200);
                     if status == 0 {
                         tokio::time::sleep(Duration::from_millis(50)).await;
                     }
@@ -202,7 +203,7 @@ impl Load {
                             .send()
                             .await
                             .map_or(0, |r| r.status().as_u16());
-                        Seen::record(&load.seen, status, 202);
+                        load.record(status, 202);
                         match status {
                             202 => {
                                 accepted.lock().expect("accepted").push(format!("m{n}"));
