@@ -12,6 +12,7 @@ pub mod dispatcher;
 pub mod error;
 pub mod fleet;
 pub mod limits;
+pub mod observe;
 pub mod openapi;
 pub mod operator;
 pub mod overdue;
@@ -22,13 +23,7 @@ pub mod ttl_cache;
 
 use std::{sync::Arc, time::Duration};
 
-use axum::{
-    Router,
-    extract::{DefaultBodyLimit, MatchedPath, Request},
-    middleware::{self, Next},
-    response::Response,
-    routing::get,
-};
+use axum::{Router, routing::get};
 use deadpool_postgres::Pool;
 use shared::{Error, Result};
 use tokio::net::TcpListener;
@@ -223,76 +218,6 @@ pub fn router(state: AppState) -> Router {
         .route("/dev/jwks.json", get(ops::dev_jwks))
         .fallback(error::no_route)
         .method_not_allowed_fallback(error::wrong_method)
-        .layer(DefaultBodyLimit::max(body_limit))
-        .layer(middleware::from_fn(observe))
-        .layer(tower_http::catch_panic::CatchPanicLayer::custom(on_panic))
+        .layer(observe::ObserveLayer::new(body_limit))
         .with_state(state)
-}
-
-fn on_panic(_: Box<dyn std::any::Any + Send + 'static>) -> Response {
-    use axum::response::IntoResponse;
-    tracing::error!("a request handler panicked");
-    error::ApiError(Error::internal("handler panicked")).into_response()
-}
-
-/// Request metrics (by route template, never by raw path) and a debug log line. Labels are
-/// `&'static str` (route templates are interned once), so recording allocates nothing.
-async fn observe(req: Request, next: Next) -> Response {
-    let started = std::time::Instant::now();
-    let method = method_label(req.method());
-    let route = req
-        .extensions()
-        .get::<MatchedPath>()
-        .map_or("unmatched", |p| intern(p.as_str()));
-    let response = next.run(req).await;
-    let status = response.status();
-    let elapsed = started.elapsed();
-    metrics::counter!("http_requests_total", "method" => method, "route" => route,
-        "status" => intern(status.as_str()))
-    .increment(1);
-    metrics::histogram!("http_request_duration_seconds", "method" => method, "route" => route)
-        .record(elapsed.as_secs_f64());
-    tracing::debug!(
-        method,
-        route,
-        status = status.as_u16(),
-        elapsed_us = elapsed.as_micros() as u64,
-        "request"
-    );
-    response
-}
-
-fn method_label(m: &axum::http::Method) -> &'static str {
-    use axum::http::Method;
-    match *m {
-        Method::GET => "GET",
-        Method::POST => "POST",
-        Method::PATCH => "PATCH",
-        Method::DELETE => "DELETE",
-        Method::PUT => "PUT",
-        Method::HEAD => "HEAD",
-        Method::OPTIONS => "OPTIONS",
-        _ => "other",
-    }
-}
-
-/// A `'static` copy of a label value from a small, fixed set (route templates, status codes).
-fn intern(s: &str) -> &'static str {
-    use std::{collections::HashSet, sync::RwLock};
-    static SEEN: RwLock<Option<HashSet<&'static str>>> = RwLock::new(None);
-    if let Some(found) = SEEN
-        .read()
-        .ok()
-        .and_then(|set| set.as_ref()?.get(s).copied())
-    {
-        return found;
-    }
-    let mut set = SEEN.write().unwrap_or_else(|p| p.into_inner());
-    let set = set.get_or_insert_with(HashSet::new);
-    if let Some(found) = set.get(s) {
-        return found;
-    }
-    let leaked: &'static str = Box::leak(s.to_owned().into_boxed_str());
-    set.insert(leaked);
-    leaked
 }

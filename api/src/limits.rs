@@ -7,7 +7,10 @@
 //!   levels because either alone fails: per credential only, an organization with many keys
 //!   can still flood the fleet; per organization only, one script starves its colleagues.
 //! - The buckets are `governor`'s keyed GCRA limiters: lock-free per check, no background
-//!   refill. Their maps would grow with every key ever seen, so a task evicts idle keys
+//!   refill. A check allocates nothing: the organization's bucket is found by its id as the
+//!   caller holds it, a credential's by a 64-bit hash of (organization, subject) under this
+//!   process's random SipHash key (two credentials sharing a bucket would take a collision
+//!   no caller can aim for). Their maps would grow with every key ever seen, so a task evicts idle keys
 //!   (`retain_recent`: a key whose bucket is full again holds nothing worth keeping) once
 //!   a minute.
 //! - Open event streams are counted per organization: each holds a database connection now
@@ -21,6 +24,7 @@
 
 use std::{
     collections::HashMap,
+    hash::{BuildHasher, Hash, RandomState},
     num::NonZeroU32,
     sync::{Arc, Mutex},
     time::Duration,
@@ -62,13 +66,13 @@ pub struct LimitsConfig {
 const EVICT_EVERY: Duration = Duration::from_secs(60);
 
 /// One level of limits: a keyed limiter and the name its refusals give.
-struct Level {
-    limiter: DefaultKeyedRateLimiter<String>,
+struct Level<K: Hash + Eq + Clone> {
+    limiter: DefaultKeyedRateLimiter<K>,
     scope: &'static str,
 }
 
-impl Level {
-    fn new(rate: u32, burst: u32, scope: &'static str) -> Option<Level> {
+impl<K: Hash + Eq + Clone> Level<K> {
+    fn new(rate: u32, burst: u32, scope: &'static str) -> Option<Level<K>> {
         let rate = NonZeroU32::new(rate)?;
         let burst = NonZeroU32::new(burst).unwrap_or(rate);
         Some(Level {
@@ -77,8 +81,8 @@ impl Level {
         })
     }
 
-    fn admit(&self, key: String) -> Result<()> {
-        let Err(not_until) = self.limiter.check_key(&key) else {
+    fn admit(&self, key: &K) -> Result<()> {
+        let Err(not_until) = self.limiter.check_key(key) else {
             return Ok(());
         };
         let wait = not_until.wait_time_from(DefaultClock::default().now());
@@ -105,8 +109,10 @@ fn rate_limited(message: String, retry_after_secs: u64) -> Error {
 }
 
 pub struct Limits {
-    per_credential: Option<Level>,
-    per_org: Option<Level>,
+    /// Keyed by [`Limits::credential_key`].
+    per_credential: Option<Level<u64>>,
+    credential_hasher: RandomState,
+    per_org: Option<Level<String>>,
     streams_per_org: usize,
     streams: Arc<Mutex<HashMap<String, usize>>>,
 }
@@ -120,6 +126,7 @@ impl Limits {
                 cfg.rate_burst_per_credential,
                 "credential",
             ),
+            credential_hasher: RandomState::new(),
             per_org: Level::new(cfg.rate_per_org, cfg.rate_burst_per_org, "organization"),
             streams_per_org: cfg.sse_streams_per_org,
             streams: Arc::default(),
@@ -133,10 +140,10 @@ impl Limits {
                     _ = tick.tick() => {}
                 }
                 let Some(limits) = weak.upgrade() else { break };
-                for level in [&limits.per_credential, &limits.per_org]
-                    .into_iter()
-                    .flatten()
-                {
+                if let Some(level) = &limits.per_credential {
+                    level.evict_idle();
+                }
+                if let Some(level) = &limits.per_org {
                     level.evict_idle();
                 }
             }
@@ -147,13 +154,19 @@ impl Limits {
     /// Draws one request from `caller`'s credential and organization, or 429.
     pub fn admit(&self, caller: &Principal) -> Result<()> {
         if let Some(level) = &self.per_credential {
-            // A login user's `sub` is only unique within its issuer's organizations.
-            level.admit(format!("{}\n{}", caller.organization_id, caller.subject))?;
+            level.admit(&self.credential_key(caller))?;
         }
         if let Some(level) = &self.per_org {
-            level.admit(caller.organization_id.clone())?;
+            level.admit(&caller.organization_id)?;
         }
         Ok(())
+    }
+
+    /// A login user's `sub` is only unique within its issuer's organizations, so a credential
+    /// is the pair.
+    fn credential_key(&self, caller: &Principal) -> u64 {
+        self.credential_hasher
+            .hash_one((&caller.organization_id, &caller.subject))
     }
 
     /// A slot for one more open event stream of `org`, or 429; dropping it frees the slot.
@@ -213,8 +226,8 @@ mod tests {
     #[test]
     fn idle_keys_are_evicted_once_their_bucket_is_full_again() {
         let level = Level::new(1_000, 1, "credential").expect("a limit");
-        level.admit("a".to_owned()).expect("the first request");
-        assert!(level.admit("a".to_owned()).is_err(), "a burst of one");
+        level.admit(&"a").expect("the first request");
+        assert!(level.admit(&"a").is_err(), "a burst of one");
         // Refilled after a millisecond; a generous wait.
         std::thread::sleep(Duration::from_millis(50));
         level.evict_idle();

@@ -4,7 +4,8 @@
 //! flood of made-up keys costs one lookup each per TTL) for `API_KEY_CACHE_TTL_MS`. The
 //! secret is checked against the stored SHA-256 in constant time on every request, so the
 //! cache never holds or compares secrets. `last_used_at` is written at most once a minute per
-//! key, off the request path.
+//! key, off the request path. The entry also holds the key's [`Principal`], built once when the
+//! row is read, so a request shares it rather than copying its strings.
 
 use std::{
     sync::{
@@ -28,7 +29,8 @@ use crate::ttl_cache::TtlCache;
 const TOUCH_EVERY_MS: i64 = 60_000;
 
 struct Entry {
-    record: Option<ApiKeyRecord>,
+    /// The key's row and the caller it makes; `None` for "no such key".
+    key: Option<(ApiKeyRecord, Arc<Principal>)>,
     last_touch: AtomicI64,
 }
 
@@ -48,21 +50,29 @@ impl ApiKeyVerifier {
 
     async fn load(&self, id: &str) -> Result<Arc<Entry>> {
         let client = self.db.get().await?;
+        let key = api_keys::find(&client, id).await?.map(|record| {
+            let principal = Arc::new(Principal {
+                organization_id: record.organization_id.clone(),
+                subject: record.id.clone(),
+                capabilities: record.capabilities,
+            });
+            (record, principal)
+        });
         let entry = Arc::new(Entry {
-            record: api_keys::find(&client, id).await?,
+            key,
             last_touch: AtomicI64::new(0),
         });
         self.cache.insert(id.to_owned(), entry.clone());
         Ok(entry)
     }
 
-    pub async fn verify(&self, id: &str, token: &str) -> Result<Principal> {
+    pub async fn verify(&self, id: &str, token: &str) -> Result<Arc<Principal>> {
         let entry = match self.cache.get(id) {
             Some(e) => e,
             None => self.load(id).await?,
         };
         let invalid = || Error::unauthorized("invalid credentials");
-        let record = entry.record.as_ref().ok_or_else(invalid)?;
+        let (record, principal) = entry.key.as_ref().ok_or_else(invalid)?;
         let hash = hash_api_key(token);
         if !bool::from(hash.as_slice().ct_eq(&record.secret_sha256)) {
             return Err(invalid());
@@ -84,10 +94,6 @@ impl ApiKeyVerifier {
                 }
             });
         }
-        Ok(Principal {
-            organization_id: record.organization_id.clone(),
-            subject: record.id.clone(),
-            capabilities: record.capabilities,
-        })
+        Ok(principal.clone())
     }
 }

@@ -110,7 +110,7 @@ impl JwtVerifier {
         }
     }
 
-    pub async fn verify(&self, token: &str) -> Result<Principal> {
+    pub async fn verify(&self, token: &str) -> Result<Arc<Principal>> {
         let header = jsonwebtoken::decode_header(token).map_err(|_| unauthorized("malformed"))?;
         if !self.cfg.algorithms.contains(&header.alg) {
             return Err(unauthorized("algorithm not allowed"));
@@ -151,11 +151,11 @@ impl JwtVerifier {
         let organization_id =
             claim(&self.cfg.org_claim).ok_or_else(|| unauthorized("no organization"))?;
         let role = claim(&self.cfg.role_claim).unwrap_or_default();
-        Ok(Principal {
+        Ok(Arc::new(Principal {
             organization_id,
             subject,
             capabilities: capabilities_of_role(&role),
-        })
+        }))
     }
 
     async fn key(&self, kid: &str) -> Result<(DecodingKey, Option<Algorithm>)> {

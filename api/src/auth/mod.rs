@@ -32,7 +32,7 @@ impl Authenticator {
         }
     }
 
-    pub async fn authenticate(&self, token: &str) -> Result<Principal> {
+    pub async fn authenticate(&self, token: &str) -> Result<Arc<Principal>> {
         if let Some(id) = shared::auth::api_key_id(token) {
             return self.api_keys.verify(id, token).await;
         }
@@ -45,12 +45,13 @@ impl Authenticator {
     }
 }
 
-/// The authenticated caller of a request.
-pub struct Caller(pub Principal);
+/// The authenticated caller of a request. Shared: an API key's principal is built once, when
+/// its row is cached, not on every request.
+pub struct Caller(pub Arc<Principal>);
 
 /// An authenticated caller holding the `manage` capability. As an extractor it runs before the
 /// body is read, so a caller without the capability gets 403 whatever the body holds.
-pub struct Manager(pub Principal);
+pub struct Manager(pub Arc<Principal>);
 
 impl FromRequestParts<AppState> for Manager {
     type Rejection = ApiError;

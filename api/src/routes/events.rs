@@ -58,7 +58,7 @@ pub async fn stream(
     headers: HeaderMap,
 ) -> ApiResult<Sse<impl Stream<Item = Result<SseEvent, Infallible>>>> {
     caller.require(Capability::Read)?;
-    let org = caller.organization_id;
+    let org = caller.organization_id.clone();
     // Held by the stream: its end (the client gone, or shutdown) frees the slot.
     let slot = state.limits.open_stream(&org)?;
     let client = state.db.get().await?;
