@@ -85,13 +85,14 @@ pub fn plan() -> (usize, Duration) {
     (rounds, Duration::from_secs_f64(secs))
 }
 
-/// The median of some ratios.
+/// The median of some ratios: of an even number, the mean of the middle two (taking the upper
+/// one alone flattered every even-numbered run).
 pub fn median(mut xs: Vec<f64>) -> f64 {
     xs.sort_by(|a, b| a.total_cmp(b));
-    if xs.is_empty() {
-        f64::NAN
-    } else {
-        xs[xs.len() / 2]
+    match xs.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => xs[n / 2],
+        n => (xs[n / 2 - 1] + xs[n / 2]) / 2.0,
     }
 }
 
@@ -140,4 +141,16 @@ pub async fn new_sessions(api: &crate::Api, key: &str, gateway_id: &str, n: usiz
         ids.push(s["id"].as_str().expect("id").to_owned());
     }
     ids
+}
+
+#[cfg(test)]
+mod tests {
+    use super::median;
+
+    #[test]
+    fn the_median_of_an_even_count_is_the_mean_of_the_middle_two() {
+        assert_eq!(median(vec![0.75, 0.5, 1.25]), 0.75);
+        assert_eq!(median(vec![1.0, 0.5, 0.75, 0.25]), 0.625);
+        assert!(median(vec![]).is_nan());
+    }
 }
