@@ -10,9 +10,9 @@
 //!   refill. A check allocates nothing: the organization's bucket is found by its id as the
 //!   caller holds it, a credential's by a 64-bit hash of (organization, subject) under this
 //!   process's random SipHash key (two credentials sharing a bucket would take a collision
-//!   no caller can aim for). Their maps would grow with every key ever seen, so a task evicts idle keys
-//!   (`retain_recent`: a key whose bucket is full again holds nothing worth keeping) once
-//!   a minute.
+//!   no caller can aim for). Their maps would grow with every key ever seen, so a task evicts
+//!   idle keys (`retain_recent`: a key whose bucket is full again holds nothing worth
+//!   keeping) once a minute.
 //! - Open event streams are counted per organization: each holds a database connection now
 //!   and then and a broadcast receiver for as long as it lives, so they are capped, and
 //!   closing one frees its slot at once. The count is an entry in a map that goes away with

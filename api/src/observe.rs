@@ -7,8 +7,8 @@
 //! route and boxes each one's service and future again, `from_fn` boxes once more, and
 //! `CatchPanic` boxes the response body. With the metrics macros building and hashing their
 //! keys on every call, that stack cost `GET /sessions/{id}` a measurable share of its CPU (the
-//! README's "Performance" section has the figures). Here the metric handles are looked up once
-//! per (route, method, status) and thread, then kept.
+//! README's "Tests and benchmarks" section has the figures). Here the metric handles are looked
+//! up once per (route, method, status) and thread, then kept.
 
 use std::{
     any::Any,
