@@ -220,6 +220,7 @@ mod tests {
             organization_id: org.to_owned(),
             subject: subject.to_owned(),
             capabilities: Default::default(),
+            expires_at_ms: None,
         }
     }
 

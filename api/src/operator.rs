@@ -25,6 +25,7 @@ pub async fn send(cfg: Config, session_id: &str, command: Command) -> Result<Com
         organization_id: session.organization_id,
         subject: "gatewayctl".into(),
         capabilities: Capabilities::of(&[Capability::Read, Capability::Manage]),
+        expires_at_ms: None,
     };
     for _ in 0..100 {
         if state.bus.is_connected() {

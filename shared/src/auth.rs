@@ -100,6 +100,9 @@ pub struct Principal {
     /// The person's user id (`sub`) or the API key's public prefix.
     pub subject: String,
     pub capabilities: Capabilities,
+    /// When the credential stops being valid (a login JWT's `exp`, an API key's expiry),
+    /// epoch milliseconds; what outlives a request (an event stream) ends there.
+    pub expires_at_ms: Option<i64>,
 }
 
 impl Principal {

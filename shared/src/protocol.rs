@@ -199,6 +199,22 @@ impl EventKind {
             EventKind::WebhookDisabled { .. } => "webhook.disabled",
         }
     }
+
+    /// What a caller must hold to see this event, on the stream and on replay. A QR or a
+    /// pairing code links the number to whoever scans it first, and a disabled webhook names
+    /// its URL: both are `manage`'s, like the routes that show them.
+    pub fn required_capability(&self) -> crate::auth::Capability {
+        use crate::auth::Capability;
+        match self {
+            EventKind::Qr { .. }
+            | EventKind::PairCode { .. }
+            | EventKind::WebhookDisabled { .. } => Capability::Manage,
+            EventKind::Status { .. }
+            | EventKind::Deleted
+            | EventKind::MessageStatus { .. }
+            | EventKind::MessageReceived { .. } => Capability::Read,
+        }
+    }
 }
 
 /// An event as stored in the `events` table (its `id` is the SSE event id).

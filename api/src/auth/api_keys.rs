@@ -55,6 +55,7 @@ impl ApiKeyVerifier {
                 organization_id: record.organization_id.clone(),
                 subject: record.id.clone(),
                 capabilities: record.capabilities,
+                expires_at_ms: record.expires_at,
             });
             (record, principal)
         });
@@ -71,6 +72,17 @@ impl ApiKeyVerifier {
             Some(e) => e,
             None => self.load(id).await?,
         };
+        self.check(&entry, token)
+    }
+
+    /// [`verify`](Self::verify) from the key's row as it is now, not as cached: what a
+    /// long-lived stream re-checks, so a revocation reaches it within one re-check.
+    pub async fn verify_fresh(&self, id: &str, token: &str) -> Result<Arc<Principal>> {
+        let entry = self.load(id).await?;
+        self.check(&entry, token)
+    }
+
+    fn check(&self, entry: &Entry, token: &str) -> Result<Arc<Principal>> {
         let invalid = || Error::unauthorized("invalid credentials");
         let (record, principal) = entry.key.as_ref().ok_or_else(invalid)?;
         let hash = hash_api_key(token);

@@ -155,6 +155,11 @@ impl JwtVerifier {
             organization_id,
             subject,
             capabilities: capabilities_of_role(&role),
+            expires_at_ms: data
+                .claims
+                .get("exp")
+                .and_then(Value::as_f64)
+                .map(|exp| (exp * 1000.0) as i64),
         }))
     }
 

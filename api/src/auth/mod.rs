@@ -10,7 +10,10 @@ mod jwt;
 
 use std::sync::Arc;
 
-use axum::{extract::FromRequestParts, http::request::Parts};
+use axum::{
+    extract::FromRequestParts,
+    http::{HeaderMap, request::Parts},
+};
 use shared::{Error, Result, auth::Principal};
 
 pub use api_keys::ApiKeyVerifier;
@@ -36,6 +39,20 @@ impl Authenticator {
         if let Some(id) = shared::auth::api_key_id(token) {
             return self.api_keys.verify(id, token).await;
         }
+        self.authenticate_jwt(token).await
+    }
+
+    /// [`authenticate`](Self::authenticate) again, for what outlives its request (an event
+    /// stream): an API key is read afresh (revoked since?), a JWT verified again (expired,
+    /// or its key gone from the JWKS?).
+    pub async fn recheck(&self, token: &str) -> Result<Arc<Principal>> {
+        if let Some(id) = shared::auth::api_key_id(token) {
+            return self.api_keys.verify_fresh(id, token).await;
+        }
+        self.authenticate_jwt(token).await
+    }
+
+    async fn authenticate_jwt(&self, token: &str) -> Result<Arc<Principal>> {
         match &self.jwt {
             Some(jwt) if token.bytes().filter(|b| *b == b'.').count() == 2 => {
                 jwt.verify(token).await
@@ -67,21 +84,25 @@ impl FromRequestParts<AppState> for Caller {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
-        let header = parts
-            .headers
-            .get(axum::http::header::AUTHORIZATION)
-            .ok_or_else(|| Error::unauthorized("missing Authorization header"))?;
-        // The scheme name is case-insensitive (RFC 9110 §11.1).
-        let token = header
-            .to_str()
-            .ok()
-            .and_then(|h| h.split_once(' '))
-            .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
-            .map(|(_, token)| token.trim())
-            .filter(|t| !t.is_empty())
-            .ok_or_else(|| Error::unauthorized("expected 'Authorization: Bearer <token>'"))?;
+        let token = bearer_token(&parts.headers)?;
         let principal = state.auth.authenticate(token).await?;
         state.limits.admit(&principal)?;
         Ok(Caller(principal))
     }
+}
+
+/// The token of `Authorization: Bearer <token>`.
+pub fn bearer_token(headers: &HeaderMap) -> Result<&str> {
+    let header = headers
+        .get(axum::http::header::AUTHORIZATION)
+        .ok_or_else(|| Error::unauthorized("missing Authorization header"))?;
+    // The scheme name is case-insensitive (RFC 9110 §11.1).
+    header
+        .to_str()
+        .ok()
+        .and_then(|h| h.split_once(' '))
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        .map(|(_, token)| token.trim())
+        .filter(|t| !t.is_empty())
+        .ok_or_else(|| Error::unauthorized("expected 'Authorization: Bearer <token>'"))
 }

@@ -19,16 +19,17 @@ use serde::Deserialize;
 use shared::{
     Error,
     auth::Capability,
+    db::now_ms,
     protocol::Event,
     session,
     store::{self, events},
 };
-use tokio::sync::broadcast;
+use tokio::{sync::broadcast, time::Instant};
 use utoipa::IntoParams;
 
 use crate::{
     AppState,
-    auth::Caller,
+    auth::{self, Caller},
     error::{ApiQuery, ApiResult},
 };
 
@@ -44,9 +45,13 @@ pub struct EventsQuery {
 const POLL_EVERY: Duration = Duration::from_secs(10);
 const BATCH: i64 = 200;
 
-/// Server-Sent Events: `auth.qr`, `auth.pair_code`, `session.status`, `session.deleted`.
-/// Each event's `id` is its position; reconnect with `Last-Event-ID` to resume without a gap.
-/// An organization may hold `API_SSE_STREAMS_PER_ORG` streams open per replica; over that, 429.
+/// Server-Sent Events: `auth.qr`, `auth.pair_code`, `session.status`, `session.deleted`,
+/// `message.status`, `message.received`, `webhook.disabled`. Each event's `id` is its position;
+/// reconnect with `Last-Event-ID` to resume without a gap. `auth.qr`, `auth.pair_code` and
+/// `webhook.disabled` need `manage`: a `read` caller's stream leaves them out. The stream ends
+/// when its credential does: at a login token's `exp`, or within `API_KEY_CACHE_TTL_MS` of an
+/// API key's revocation. An organization may hold `API_SSE_STREAMS_PER_ORG` streams open per
+/// replica; over that, 429.
 #[utoipa::path(get, path = "/api/v1/events", tag = "events", params(EventsQuery,
         ("Last-Event-ID" = Option<i64>, Header, description = "Resume after this event id")),
     responses((status = 200, content_type = "text/event-stream", description = "The event stream"),
@@ -58,6 +63,8 @@ pub async fn stream(
     headers: HeaderMap,
 ) -> ApiResult<Sse<impl Stream<Item = Result<SseEvent, Infallible>>>> {
     caller.require(Capability::Read)?;
+    // Kept to re-check the credential while the stream lives.
+    let token = auth::bearer_token(&headers)?.to_owned();
     let org = caller.organization_id.clone();
     // Held by the stream: its end (the client gone, or shutdown) frees the slot.
     let slot = state.limits.open_stream(&org)?;
@@ -87,15 +94,17 @@ pub async fn stream(
         None => events::last_id(&client, &org).await?,
     };
     drop(client);
-    let db = state.db.clone();
-    let shutdown = state.shutdown.clone();
+    let app = state.clone();
     let session_filter = q.session;
+    let recheck_every = Duration::from_millis(state.cfg.api_key_cache_ttl_ms.max(100));
     metrics::gauge!("api_sse_streams").increment(1.0);
     let stream = async_stream::stream! {
         let _open = (StreamGauge, slot);
+        let mut caller = caller;
+        let mut recheck = tokio::time::interval_at(Instant::now() + recheck_every, recheck_every);
         loop {
             loop {
-                let batch = match db.get().await {
+                let batch = match app.db.get().await {
                     Ok(c) => events::list_after(&c, &org, cursor, session_filter.as_deref(), BATCH).await,
                     Err(e) => Err(e.into()),
                 };
@@ -103,18 +112,40 @@ pub async fn stream(
                 let done = (batch.len() as i64) < BATCH;
                 for event in batch {
                     cursor = event.id;
-                    yield Ok(to_sse(&event));
+                    if caller.capabilities.has(event.kind.required_capability()) {
+                        yield Ok(to_sse(&event));
+                    }
                 }
                 if done { break }
             }
             let wake = tokio::select! {
-                _ = shutdown.cancelled() => false,
+                _ = app.shutdown.cancelled() => false,
+                _ = credential_expiry(caller.expires_at_ms) => false,
+                _ = recheck.tick() => match app.auth.recheck(&token).await {
+                    Ok(now) => {
+                        caller = now;
+                        true
+                    }
+                    // The database or the JWKS out of reach says nothing about the credential.
+                    Err(e) => e.code().is_transient(),
+                },
                 w = next_signal(&mut signals, &org, session_filter.as_deref()) => w,
             };
             if !wake { break }
         }
     };
     Ok(Sse::new(stream).keep_alive(KeepAlive::default()))
+}
+
+/// Resolves when the credential expires (never for one without an expiry).
+async fn credential_expiry(expires_at_ms: Option<i64>) {
+    match expires_at_ms {
+        Some(at) => {
+            let left = at.saturating_sub(now_ms()).max(0) as u64;
+            tokio::time::sleep(Duration::from_millis(left)).await
+        }
+        None => std::future::pending().await,
+    }
 }
 
 struct StreamGauge;

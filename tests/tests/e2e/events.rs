@@ -4,7 +4,10 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 use shared::protocol::Command;
-use tests::{Api, TestEnv};
+use tests::{
+    Api, TestEnv,
+    jwks::{self, SigningKey, claims},
+};
 
 struct Stream {
     resp: reqwest::Response,
@@ -67,6 +70,18 @@ impl Stream {
             match tokio::time::timeout(wait, self.resp.chunk()).await {
                 Ok(Ok(Some(bytes))) => self.buf.push_str(&String::from_utf8_lossy(&bytes)),
                 _ => return None,
+            }
+        }
+    }
+
+    /// Whether the server ends the stream within `limit` (events meanwhile are dropped).
+    async fn ends_within(&mut self, limit: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            match tokio::time::timeout_at(deadline, self.resp.chunk()).await {
+                Ok(Ok(Some(_))) => {}
+                Ok(Ok(None) | Err(_)) => return true,
+                Err(_) => return false,
             }
         }
     }
@@ -201,4 +216,108 @@ async fn a_bad_last_event_id_is_refused_with_the_envelope() {
     assert_eq!(r.status().as_u16(), 400);
     let body: Value = r.json().await.expect("json");
     assert_eq!(body["error"]["code"], "invalid_argument");
+}
+
+#[tokio::test]
+async fn a_read_only_credential_sees_the_pairing_but_never_its_qr_or_code_live_or_replayed() {
+    let env = TestEnv::new().await;
+    let gw = env.gateway_id("sg");
+    let _worker = env.start_worker(&gw, |_| {}).await;
+    let api = env.start_api(|_| {}).await;
+    let admin = env.api_key("org_a", &["read", "manage"]).await;
+    let viewer = env.api_key("org_a", &["read"]).await;
+    let mut viewing = Stream::open(&api, &viewer, "", None).await;
+    let mut managing = Stream::open(&api, &admin, "", None).await;
+
+    let id = api.session_on(&admin, &gw).await;
+    api.get(&format!("/api/v1/sessions/{id}/qr"), &admin).await;
+    let admin_saw = managing.until(|e| e.event == "auth.qr").await;
+    let code = api
+        .post(
+            &format!("/api/v1/sessions/{id}:requestPairingCode"),
+            &admin,
+            Some(&json!({"phoneNumber": "6281234567890"})),
+        )
+        .await;
+    code.assert_status(200);
+    managing.until(|e| e.event == "auth.pair_code").await;
+    env.sim(
+        &id,
+        Command::SimScan {
+            phone_number: "6281234567890".into(),
+        },
+    )
+    .await
+    .expect("scan");
+    let working = |e: &Sse| e.event == "session.status" && e.data["status"] == "working";
+    managing.until(working).await;
+
+    // The viewer follows the same session to `working`, QR and code left out.
+    let viewer_saw = viewing.until(working).await;
+    let secret = |e: &Sse| e.event.starts_with("auth.");
+    assert!(!viewer_saw.iter().any(secret), "{viewer_saw:?}");
+    assert!(
+        viewer_saw
+            .iter()
+            .any(|e| e.event == "session.status" && e.data["status"] == "scan_qr_code"),
+        "the viewer still sees the statuses: {viewer_saw:?}"
+    );
+    assert!(admin_saw.iter().any(|e| e.event == "auth.qr"));
+
+    // Replayed from the table, the same rule.
+    let mut replay = Stream::open(&api, &viewer, "", Some(0)).await;
+    let replayed = replay.until(working).await;
+    assert!(!replayed.iter().any(secret), "{replayed:?}");
+    let mut admin_replay = Stream::open(&api, &admin, "", Some(0)).await;
+    let admin_replayed = admin_replay.until(working).await;
+    assert!(admin_replayed.iter().any(|e| e.event == "auth.qr"));
+    assert!(admin_replayed.iter().any(|e| e.event == "auth.pair_code"));
+}
+
+#[tokio::test]
+async fn a_stream_ends_when_its_api_key_is_revoked() {
+    let env = TestEnv::new().await;
+    let api = env.start_api(|_| {}).await;
+    let key = env.api_key("org_a", &["read"]).await;
+    let other = env.api_key("org_a", &["read"]).await;
+    let mut revoked = Stream::open(&api, &key, "", None).await;
+    let mut kept = Stream::open(&api, &other, "", None).await;
+    let id = shared::auth::api_key_id(&key).expect("well-formed");
+    let db = env.db.get().await.expect("db");
+    assert!(
+        shared::store::api_keys::revoke(&db, id, shared::db::now_ms())
+            .await
+            .expect("revoke")
+    );
+    // The test api re-checks every 300 ms (its key-cache TTL); the README promises 5 s.
+    assert!(
+        revoked.ends_within(Duration::from_secs(5)).await,
+        "the revoked key's stream is still open"
+    );
+    assert!(
+        !kept.ends_within(Duration::from_secs(1)).await,
+        "a valid key's stream goes on"
+    );
+}
+
+#[tokio::test]
+async fn a_stream_ends_at_its_login_tokens_expiry() {
+    let env = TestEnv::new().await;
+    let key = SigningKey::es256("k1");
+    let (_jwks, api) = jwks::jwt_api(&env, &[&key], |_| {}).await;
+    let mut short = claims("org_a", "u1", "admin");
+    let now = shared::db::now_ms() / 1000;
+    short["exp"] = json!(now + 3);
+    let token = key.sign(&short);
+    let long = key.sign(&claims("org_a", "u2", "admin"));
+    let mut expiring = Stream::open(&api, &token, "", None).await;
+    let mut lasting = Stream::open(&api, &long, "", None).await;
+    assert!(
+        expiring.ends_within(Duration::from_secs(8)).await,
+        "the stream outlived its token"
+    );
+    assert!(
+        !lasting.ends_within(Duration::from_secs(1)).await,
+        "a token still valid keeps its stream"
+    );
 }
