@@ -33,9 +33,13 @@ pub fn is_forbidden(ip: IpAddr) -> bool {
                 || (s[0] & 0xfe00) == 0xfc00 // unique local fc00::/7 (AWS metadata fd00:ec2::254)
                 || (s[0] & 0xffc0) == 0xfe80 // link-local fe80::/10
                 || (s[0] & 0xffc0) == 0xfec0 // site-local fec0::/10 (deprecated)
-                || (s[0] == 0x64 && s[1] == 0xff9b) // NAT64 64:ff9b::/96 reaches IPv4 inside
+                || (s[0] == 0x64 && s[1] == 0xff9b) // NAT64 64:ff9b::/96 and 64:ff9b:1::/48
                 || (s[0] == 0x2001 && s[1] == 0x0db8) // documentation
+                // Tunnels that carry IPv4 inside, to wherever the embedded address points:
+                || s[0] == 0x2002 // 6to4 2002::/16
+                || (s[0] == 0x2001 && s[1] == 0) // Teredo 2001::/32
                 || s[..6] == [0, 0, 0, 0, 0, 0] // IPv4-compatible ::a.b.c.d
+                || s[..6] == [0, 0, 0, 0, 0xffff, 0] // IPv4-translated ::ffff:0:a.b.c.d
         }
     }
 }
@@ -90,11 +94,14 @@ pub async fn check_url(raw: &str, allow_http: bool, allow_private: bool) -> Resu
     if addrs.is_empty() {
         return Err(bad("the url's host has no address".into()));
     }
-    if !allow_private && let Some(ip) = addrs.iter().find(|ip| is_forbidden(**ip)) {
-        return Err(bad(format!(
-            "url points at {ip}, a loopback, private, link-local or reserved address; \
+    // Which address a name resolved to is the network's business, not the caller's: the
+    // answer says only that it is not public.
+    if !allow_private && addrs.iter().any(|ip| is_forbidden(*ip)) {
+        return Err(bad(
+            "url points at a loopback, private, link-local or reserved address; \
              webhooks go to public addresses only"
-        )));
+                .into(),
+        ));
     }
     Ok(url)
 }
@@ -170,6 +177,10 @@ mod tests {
             "::ffff:127.0.0.1",
             "::ffff:169.254.169.254",
             "64:ff9b::a9fe:a9fe",
+            "64:ff9b:1::a9fe:a9fe",
+            "2002:a9fe:a9fe::1",
+            "2001:0:4136:e378:8000:63bf:3fff:fdd2",
+            "::ffff:0:a9fe:a9fe",
         ] {
             assert!(is_forbidden(ip.parse().expect("ip")), "{ip}");
         }

@@ -74,6 +74,9 @@ impl Dispatcher {
             .timeout(Duration::from_millis(cfg.webhook_timeout_ms))
             .connect_timeout(Duration::from_millis(cfg.webhook_timeout_ms))
             .redirect(reqwest::redirect::Policy::none())
+            // Straight to the checked address: a proxy from the environment (HTTPS_PROXY)
+            // would resolve the name itself, past the guard.
+            .no_proxy()
             .pool_max_idle_per_host(cfg.webhook_per_endpoint)
             .user_agent(concat!("gateway-webhooks/", env!("CARGO_PKG_VERSION")))
             .dns_resolver(guard::GuardedResolver {
