@@ -212,7 +212,8 @@ fn record(r: &tokio_postgres::Row) -> CommandRecord {
 
 /// Ends as `expired` up to `limit` commands still pending with a deadline before `before`,
 /// answering `error` (their row's outcome, as a caller asking later sees it). Replicas may
-/// run this at once: each takes different rows. How many it ended.
+/// run this at once: each takes different rows. How many it ended. The rows are picked once,
+/// in a `MATERIALIZED` CTE, whatever plan the statistics lead to.
 pub async fn expire_overdue(
     db: &impl GenericClient,
     before: i64,
@@ -222,11 +223,12 @@ pub async fn expire_overdue(
 ) -> Result<u64> {
     let stmt = db
         .prepare_cached(
-            "UPDATE commands SET status = 'expired', error_code = $2, error_message = $3, \
+            "WITH overdue AS MATERIALIZED (SELECT id FROM commands \
+               WHERE status = 'pending' AND deadline_at < $1 \
+               ORDER BY deadline_at LIMIT $6 FOR UPDATE SKIP LOCKED) \
+             UPDATE commands SET status = 'expired', error_code = $2, error_message = $3, \
              result = $4, completed_at = $5 \
-             WHERE id IN (SELECT id FROM commands WHERE status = 'pending' AND deadline_at < $1 \
-                 ORDER BY deadline_at LIMIT $6 FOR UPDATE SKIP LOCKED) \
-             AND status = 'pending'",
+             WHERE id IN (SELECT id FROM overdue) AND status = 'pending'",
         )
         .await?;
     let outcome =

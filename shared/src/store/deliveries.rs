@@ -209,7 +209,8 @@ pub async fn claim(
                row_number() OVER (PARTITION BY webhook_id ORDER BY next_attempt_at, id) AS n \
                FROM busy WHERE next_attempt_at <= $1 \
                AND (claimed_until IS NULL OR claimed_until <= $1)), \
-             picked AS (SELECT d.id FROM webhook_deliveries d JOIN ready r ON r.id = d.id \
+             picked AS MATERIALIZED (SELECT d.id FROM webhook_deliveries d \
+               JOIN ready r ON r.id = d.id \
                WHERE r.n + r.leased <= $3 ORDER BY r.next_attempt_at, d.id LIMIT $2 \
                FOR UPDATE OF d SKIP LOCKED) \
              UPDATE webhook_deliveries d SET claimed_until = $1 + $4, claim_token = $5 \

@@ -13,6 +13,7 @@ mod manifests;
 mod messages;
 mod messages_api;
 mod ops;
+mod plans;
 mod qr_image;
 mod resilience;
 mod sessions;

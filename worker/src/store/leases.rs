@@ -81,6 +81,11 @@ pub enum Whose {
 /// Claims for this process (`instance`), in id order after `after`, up to `limit` sessions
 /// of the gateway whose owner wants them running; one being written at this moment is left
 /// to the next round.
+///
+/// The rows to take are picked in a `MATERIALIZED` CTE, run once: as a sub-select inside
+/// `IN (…)` the planner may run it again per outer row on rows without statistics (a fresh
+/// bulk, a failover's arrivals), taking seconds and more rows than `limit`. Every bulk
+/// `… LIMIT n FOR UPDATE SKIP LOCKED` of the product is written this way.
 pub async fn claim_running(
     db: &impl GenericClient,
     gateway_id: &str,
@@ -91,11 +96,12 @@ pub async fn claim_running(
 ) -> Result<Vec<Claimed>> {
     let stmt = db
         .prepare_cached(&format!(
-            "UPDATE sessions SET lease_epoch = lease_epoch + 1, lease_holder = $5 \
-             WHERE id IN (SELECT id FROM sessions WHERE gateway_id = $1 \
+            "WITH picked AS MATERIALIZED (SELECT id FROM sessions WHERE gateway_id = $1 \
                AND desired_state = 'running' AND id > $3 \
                AND ($2 OR lease_holder IS DISTINCT FROM $5) \
                ORDER BY id LIMIT $4 FOR UPDATE SKIP LOCKED) \
+             UPDATE sessions SET lease_epoch = lease_epoch + 1, lease_holder = $5 \
+             WHERE id IN (SELECT id FROM picked) \
              AND gateway_id = $1 RETURNING {}, lease_epoch, device_credentials",
             sessions::COLUMNS
         ))
@@ -231,10 +237,11 @@ pub async fn reassign(
 ) -> Result<Vec<String>> {
     let stmt = db
         .prepare_cached(&format!(
-            "UPDATE sessions s SET gateway_id = m.owner, lease_holder = NULL \
+            "WITH free AS MATERIALIZED \
+               (SELECT id FROM sessions WHERE id = ANY($1) FOR UPDATE SKIP LOCKED) \
+             UPDATE sessions s SET gateway_id = m.owner, lease_holder = NULL \
              FROM unnest($1::text[], $2::text[]) AS m(id, owner) \
-             WHERE s.id = m.id AND s.gateway_id = $3 \
-             AND s.id IN (SELECT id FROM sessions WHERE id = ANY($1) FOR UPDATE SKIP LOCKED) \
+             WHERE s.id = m.id AND s.gateway_id = $3 AND s.id IN (SELECT id FROM free) \
              AND ($4::text IS NULL OR s.lease_holder IS DISTINCT FROM $4) \
              AND (NOT $5 OR EXISTS (SELECT 1 FROM gateways g WHERE g.id = $3 \
                AND (g.lease_expires_at IS NULL OR g.lease_expires_at < {DB_NOW_MS}))) \
