@@ -12,6 +12,7 @@
 pub mod bench;
 pub mod jwks;
 pub mod process;
+pub mod proxy;
 pub mod receiver;
 
 use std::{future::Future, time::Duration};

@@ -8,7 +8,7 @@
 
 use std::{
     path::PathBuf,
-    process::{Child, Command, Stdio},
+    process::{Child, Command, ExitStatus, Stdio},
 };
 
 use crate::{FAST_FLEET, TestEnv, amqp_url};
@@ -94,6 +94,40 @@ impl WorkerProcess {
             .expect("kill")
             .success();
         assert!(ok, "kill {signal} {}", self.pid());
+    }
+
+    /// SIGTERM, without waiting: a rolling deploy's stop, or the start of one that a
+    /// `kill -9` then cuts short.
+    pub fn sigterm(&self) {
+        self.signal("-TERM");
+    }
+
+    /// The exit status once the process has exited, waiting up to `limit`; `None` while it
+    /// still runs.
+    pub async fn exited_within(&mut self, limit: std::time::Duration) -> Option<ExitStatus> {
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status);
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return None;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    }
+
+    /// CPU time the process has used so far (user and system), from `/proc`.
+    pub fn cpu_time(&self) -> Option<std::time::Duration> {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.pid())).ok()?;
+        // After the command name (which may hold spaces): utime and stime, the 14th and 15th
+        // fields of the line, in clock ticks.
+        let rest = stat.rsplit_once(')')?.1;
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        let ticks: u64 =
+            fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+        // USER_HZ, which `/proc` counts in: 100 on every Linux architecture we run on.
+        Some(std::time::Duration::from_millis(ticks * 10))
     }
 
     /// SIGKILL: the process dies at once, its sockets closed by the kernel.

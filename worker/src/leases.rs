@@ -13,7 +13,9 @@
 //!   workers must never drive one number. The time is measured on this process's monotonic
 //!   clock from when the last successful renewal was *sent*, which can only be earlier than
 //!   the database's expiry. Once it renews again it claims its gateway's sessions afresh.
-//!   When another process took its gateway over, it stays fenced.
+//! - **When another process took its gateway over** (a second process started with the same
+//!   gateway id) it lets every session go and returns [`Kept::TakenOver`]: the worker exits
+//!   non-zero, since the gateway, its sessions and its queue are the other process's now.
 //! - **Every `ADOPT_INTERVAL_MS`** it claims the running sessions of its gateway it does not
 //!   hold: moved here by a drain or by failover.
 
@@ -68,20 +70,30 @@ enum Renewal {
     Failed,
 }
 
-/// Renews, checks and adopts until `stop`.
+/// Why [`keep`] returned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kept {
+    /// `stop` was cancelled: the worker is shutting down.
+    Stopped,
+    /// Another process of this gateway holds its lease now; every session was let go, and
+    /// this process has nothing left to do (the new one owns the gateway's queue too).
+    TakenOver,
+}
+
+/// Renews, checks and adopts until `stop`, or until another process takes the gateway over.
+/// While fenced (renewals failing), it keeps its schedule: it waits, it does not spin.
 pub async fn keep(
     ctx: Arc<Ctx>,
     registry: Registry,
     adopt_every: Duration,
     stop: CancellationToken,
-) {
+) -> Kept {
     let ttl = ctx.lease_ttl;
     let every = ttl / 3;
     // Stop driving sessions this long before the lease could run out.
     let margin = ttl / 5;
     let mut valid_until = Instant::now() + ttl;
     let mut fenced = false;
-    let mut taken_over = false;
     let mut next_renewal = Instant::now() + every;
     let mut next_adoption = Instant::now() + adopt_every;
     loop {
@@ -91,7 +103,7 @@ pub async fn keep(
             wake = wake.min(fence_at);
         }
         tokio::select! {
-            _ = stop.cancelled() => return,
+            _ = stop.cancelled() => return Kept::Stopped,
             _ = tokio::time::sleep_until(wake) => {}
         }
         let now = Instant::now();
@@ -111,7 +123,7 @@ pub async fn keep(
             match tokio::time::timeout_at(deadline, renew(&ctx, &registry)).await {
                 Ok(Renewal::Held) => {
                     valid_until = sent + ttl;
-                    if fenced && !taken_over && registry.held().is_empty() {
+                    if fenced && registry.held().is_empty() {
                         match claim(&ctx, &registry, Whose::Any).await {
                             Ok(n) => {
                                 tracing::info!(
@@ -124,24 +136,30 @@ pub async fn keep(
                         }
                     }
                 }
-                Ok(Renewal::TakenOver) if !taken_over => {
+                Ok(Renewal::TakenOver) => {
                     tracing::error!(
                         "another process took this gateway over; letting every session go"
                     );
+                    metrics::counter!("worker_lease_fences_total").increment(1);
                     registry.lose_all();
-                    fenced = true;
-                    taken_over = true;
+                    return Kept::TakenOver;
                 }
-                Ok(Renewal::TakenOver | Renewal::Failed) => {}
+                Ok(Renewal::Failed) => {}
                 Err(_) => tracing::warn!("lease renewal timed out"),
             }
             next_renewal = Instant::now() + every;
         }
-        if now >= next_adoption && !fenced {
-            match claim(&ctx, &registry, Whose::Unheld).await {
-                Ok(0) => {}
-                Ok(n) => tracing::info!(sessions = n, "adopted sessions moved to this gateway"),
-                Err(e) => tracing::warn!(error = %e, "could not look for sessions to adopt"),
+        // On schedule whether or not it adopts: a deadline left in the past would wake the
+        // loop at once, again and again, for as long as it is fenced.
+        if now >= next_adoption {
+            if !fenced {
+                match claim(&ctx, &registry, Whose::Unheld).await {
+                    Ok(0) => {}
+                    Ok(n) => {
+                        tracing::info!(sessions = n, "adopted sessions moved to this gateway")
+                    }
+                    Err(e) => tracing::warn!(error = %e, "could not look for sessions to adopt"),
+                }
             }
             next_adoption = Instant::now() + adopt_every;
         }

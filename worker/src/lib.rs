@@ -59,13 +59,33 @@ pub struct Ctx {
 
 /// Runs the worker until `shutdown` is cancelled. Then, when live peers exist in its region,
 /// it first moves its sessions to them (a drain, within `DRAIN_GRACE_MS`); either way it
-/// finishes in-flight commands and releases its leases before it returns.
+/// finishes in-flight commands and releases its leases before it returns. It fails at once,
+/// before it registers, on anything it cannot start with (the metrics port in use, the
+/// driver's settings), and later when another process takes its gateway over.
 pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<()> {
     shared::session::validate_gateway_id(&cfg.gateway_id)
         .map_err(|_| Error::invalid("GATEWAY_ID must be lower-case letters, digits and dashes"))?;
     shared::telemetry::prometheus();
     let db = shared::db::pool(&cfg.db.database_url, cfg.db.database_pool_size)?;
     let region = cfg.region();
+    // Everything that can fail at start fails here, before the process registers: the
+    // registration takes the gateway's lease, which fences whatever process holds it now.
+    let driver: Arc<dyn Driver> = match cfg.driver {
+        config::DriverKind::Sim => {
+            Arc::new(driver::sim::SimDriver::start(cfg.sim(), &cfg.db.database_url).await?)
+        }
+        config::DriverKind::Whatsapp => whatsapp_driver(&cfg, &db)?,
+    };
+    let metrics_listener = match cfg.metrics_listen {
+        Some(addr) => Some(
+            tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|e| Error::invalid(format!("WORKER_METRICS_LISTEN {addr}: {e}")))?,
+        ),
+        None => None,
+    };
+    let reaper_db = shared::db::pool(&cfg.db.database_url, 1)?;
+
     let instance = ulid::Ulid::new().to_string();
     gateways::register(
         &db.get().await?,
@@ -81,12 +101,6 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<()> {
     .await?;
     tracing::info!(gateway_id = %cfg.gateway_id, %region, "gateway registered");
 
-    let driver: Arc<dyn Driver> = match cfg.driver {
-        config::DriverKind::Sim => {
-            Arc::new(driver::sim::SimDriver::start(cfg.sim(), &cfg.db.database_url).await?)
-        }
-        config::DriverKind::Whatsapp => whatsapp_driver(&cfg, &db)?,
-    };
     let topology = cfg.amqp.topology();
     let outbox = Outbox::new(topology.clone());
     let ctx = Arc::new(Ctx {
@@ -137,7 +151,7 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<()> {
         drain.clone(),
         background.clone(),
     ));
-    duties.spawn(leases::keep(
+    let mut keeper = tokio::spawn(leases::keep(
         ctx.clone(),
         registry.clone(),
         Duration::from_millis(cfg.adopt_interval_ms),
@@ -145,7 +159,7 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<()> {
     ));
     duties.spawn(
         reaper::Reaper {
-            db: shared::db::pool(&cfg.db.database_url, 1)?,
+            db: reaper_db,
             region: region.clone(),
             liveness_ms: cfg.gateway_liveness_ms as i64,
             every: Duration::from_millis(cfg.reaper_interval_ms),
@@ -154,10 +168,7 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<()> {
         }
         .run(background.clone()),
     );
-    if let Some(addr) = cfg.metrics_listen {
-        let listener = tokio::net::TcpListener::bind(addr)
-            .await
-            .map_err(|e| Error::invalid(format!("WORKER_METRICS_LISTEN {addr}: {e}")))?;
+    if let Some(listener) = metrics_listener {
         duties.spawn(serve_metrics(listener, background.clone()));
     }
 
@@ -177,33 +188,52 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<()> {
         ),
     );
 
-    shutdown.cancelled().await;
-    // The consumer keeps running while sessions move: a command for one that moved is
-    // answered "moved", and the api sends it on.
-    let restore = drain_before_exit(&drain, &cfg).await;
+    // Until shutdown, or until another process takes the gateway over: its sessions, its
+    // queue and its row are that process's then, so this one leaves without touching them.
+    let taken_over = tokio::select! {
+        _ = shutdown.cancelled() => false,
+        // Only `TakenOver` ends it before shutdown; a keeper that panicked leaves the
+        // process without a lease it keeps, which ends it as well.
+        kept = &mut keeper => !matches!(kept, Ok(leases::Kept::Stopped)),
+    };
+    if !taken_over {
+        // The consumer keeps running while sessions move: a command for one that moved is
+        // answered "moved", and the api sends it on.
+        drain_before_exit(&drain, &cfg).await;
+    }
     consuming.cancel();
     let _ = consumer.await;
     registry
         .shutdown(Duration::from_millis(cfg.shutdown_grace_ms))
         .await;
     background.cancel();
+    if !taken_over {
+        let _ = keeper.await;
+    }
     while duties.join_next().await.is_some() {}
+    if taken_over {
+        return Err(Error::conflict(format!(
+            "another process took gateway {} over; this one ({instance}) exits",
+            cfg.gateway_id
+        )));
+    }
     if let Ok(client) = db.get().await {
         // Nobody drives its sessions any more: a peer may take them over without waiting.
         if let Err(e) = store::leases::release(&client, &cfg.gateway_id, &instance).await {
             tracing::warn!(error = %e, "could not release the lease; it expires by itself");
         }
-        // Tell the fleet at once that nobody serves this gateway now.
-        let _ = gateways::signed_off(&client, &cfg.gateway_id, restore).await;
+        // Tell the fleet at once that nobody serves this gateway now; a drain to exit ends.
+        let _ = gateways::signed_off(&client, &cfg.gateway_id, &instance).await;
     }
     tracing::info!(gateway_id = %cfg.gateway_id, "worker stopped");
     Ok(())
 }
 
 /// On SIGTERM: when live peers exist in the region, mark the gateway draining and move its
-/// sessions to them within `DRAIN_GRACE_MS`. Answers the state to restore when the worker
-/// signs off (a gateway it drained only to exit comes back `active` on its next start).
-async fn drain_before_exit(drain: &Drain, cfg: &Config) -> Option<GatewayState> {
+/// sessions to them within `DRAIN_GRACE_MS`. That drain is this process's own: the gateway's
+/// next process (or this one's sign-off) puts back the state it had
+/// (`gateways::drain_to_exit`), even if this process is killed mid-way.
+async fn drain_before_exit(drain: &Drain, cfg: &Config) {
     // Drain while a peer can take sessions: when the whole region stops at once, each worker
     // soon sees only draining peers, and waiting out the grace period would help none.
     let peers_left = || async {
@@ -221,35 +251,22 @@ async fn drain_before_exit(drain: &Drain, cfg: &Config) -> Option<GatewayState> 
     };
     if !peers_left().await {
         tracing::info!("no live peer in the region; sessions wait for this gateway to return");
-        return None;
+        return;
     }
-    let state = match async {
+    let marked = async {
         let client = drain.ctx.db.get().await?;
-        let state = gateways::heartbeat(&client, &cfg.gateway_id).await?;
-        if state != Some(GatewayState::Draining) {
-            gateways::set_state(&client, &cfg.gateway_id, GatewayState::Draining).await?;
-        }
-        Ok::<_, Error>(state)
-    }
-    .await
-    {
-        Ok(state) => state,
-        Err(e) => {
-            tracing::warn!(error = %e, "cannot drain before exiting");
-            return None;
-        }
+        gateways::drain_to_exit(&client, &cfg.gateway_id).await
     };
+    if let Err(e) = marked.await {
+        tracing::warn!(error = %e, "cannot drain before exiting");
+        return;
+    }
     tracing::info!("draining to peers before exiting");
     let until = tokio::time::Instant::now() + Duration::from_millis(cfg.drain_grace_ms);
     match drain.run(Some(until), peers_left).await {
         Ok(0) => {}
         Ok(left) => tracing::warn!(sessions = left, "exiting with sessions not moved"),
         Err(e) => tracing::warn!(error = %e, "drain before exit failed"),
-    }
-    // The state it had before, unless an SRE had drained it already.
-    match state {
-        Some(GatewayState::Draining) | None => None,
-        Some(other) => Some(other),
     }
 }
 

@@ -58,8 +58,9 @@ pub struct Registration<'a> {
 }
 
 /// Registers (or re-registers) a gateway as heartbeating now, its lease held by this
-/// process. A gateway an SRE drained or cordoned stays so across restarts of its worker;
-/// anything else comes back `active`.
+/// process. A gateway an SRE drained or cordoned stays so across restarts of its worker; one
+/// that an earlier process drained only to exit ([`drain_to_exit`]) comes back as it was
+/// before; anything else comes back `active`.
 pub async fn register(db: &impl GenericClient, r: &Registration<'_>) -> Result<()> {
     let stmt = db
         .prepare_cached(&format!(
@@ -70,8 +71,9 @@ pub async fn register(db: &impl GenericClient, r: &Registration<'_>) -> Result<(
              region = EXCLUDED.region, capacity = EXCLUDED.capacity, version = EXCLUDED.version, \
              started_at = EXCLUDED.started_at, heartbeat_at = EXCLUDED.heartbeat_at, \
              instance = EXCLUDED.instance, lease_expires_at = EXCLUDED.lease_expires_at, \
-             state = CASE WHEN gateways.state IN ('draining', 'cordoned') THEN gateways.state \
-             ELSE 'active' END"
+             state = CASE WHEN gateways.drain_restore IS NOT NULL THEN gateways.drain_restore \
+             WHEN gateways.state IN ('draining', 'cordoned') THEN gateways.state \
+             ELSE 'active' END, drain_restore = NULL"
         ))
         .await?;
     db.execute(
@@ -102,27 +104,45 @@ pub async fn heartbeat(db: &impl GenericClient, id: &str) -> Result<Option<Gatew
         .and_then(|r| GatewayState::parse(r.get(0))))
 }
 
-/// A clean exit: nobody serves the gateway from now on (it shows `dead` at once).
-/// `restore` puts back the state a gateway had before its worker drained it to exit, so it
-/// comes back as it was on its next start.
-pub async fn signed_off(
-    db: &impl GenericClient,
-    id: &str,
-    restore: Option<GatewayState>,
-) -> Result<()> {
+/// A clean exit of process `instance`: nobody serves the gateway from now on (it shows `dead`
+/// at once), and a drain it started to exit ends with it. A no-op when another process has
+/// taken the gateway over since.
+pub async fn signed_off(db: &impl GenericClient, id: &str, instance: &str) -> Result<()> {
     let stmt = db
         .prepare_cached(
-            "UPDATE gateways SET heartbeat_at = 0, state = COALESCE($2, state) WHERE id = $1",
+            "UPDATE gateways SET heartbeat_at = 0, state = COALESCE(drain_restore, state), \
+             drain_restore = NULL WHERE id = $1 AND instance = $2",
         )
         .await?;
-    db.execute(&stmt, &[&id, &restore.map(GatewayState::as_str)])
-        .await?;
+    db.execute(&stmt, &[&id, &instance]).await?;
     Ok(())
 }
 
+/// Marks the gateway `draining` for as long as its current process lives (a worker draining
+/// to exit): [`register`] and [`signed_off`] put back the state it had. Answers the state it
+/// had; a gateway already draining (an SRE's drain) is left as it is.
+pub async fn drain_to_exit(db: &impl GenericClient, id: &str) -> Result<Option<GatewayState>> {
+    let stmt = db
+        .prepare_cached(
+            "UPDATE gateways g SET state = 'draining', \
+             drain_restore = CASE WHEN old.state = 'draining' THEN g.drain_restore \
+               WHEN old.state = 'cordoned' THEN 'cordoned' ELSE 'active' END \
+             FROM (SELECT state FROM gateways WHERE id = $1 FOR UPDATE) old \
+             WHERE g.id = $1 RETURNING old.state",
+        )
+        .await?;
+    Ok(db
+        .query_opt(&stmt, &[&id])
+        .await?
+        .and_then(|r| GatewayState::parse(r.get(0))))
+}
+
+/// An SRE's change of state: it persists across the worker's restarts.
 pub async fn set_state(db: &impl GenericClient, id: &str, state: GatewayState) -> Result<bool> {
     let stmt = db
-        .prepare_cached("UPDATE gateways SET state = $2, note = NULL WHERE id = $1")
+        .prepare_cached(
+            "UPDATE gateways SET state = $2, note = NULL, drain_restore = NULL WHERE id = $1",
+        )
         .await?;
     Ok(db.execute(&stmt, &[&id, &state.as_str()]).await? == 1)
 }

@@ -218,3 +218,196 @@ async fn a_dead_gateways_sessions_wait_for_a_live_peer_and_move_when_one_comes()
     assert_eq!(pairings(&env.placed().await), before, "no re-pairing");
     assert_eq!(env.sim_conflicts().await, NEVER, "never two connections");
 }
+
+/// The gateway's row as the lease sees it: its process and its state.
+async fn gateway_row(env: &TestEnv, gateway_id: &str) -> (Option<String>, String) {
+    let row = env
+        .db
+        .get()
+        .await
+        .expect("db")
+        .query_one(
+            "SELECT instance, state FROM gateways WHERE id = $1",
+            &[&gateway_id],
+        )
+        .await
+        .expect("gateway row");
+    (row.get(0), row.get(1))
+}
+
+#[tokio::test]
+async fn a_worker_whose_gateway_another_process_takes_over_exits_non_zero_and_leaves_it_be() {
+    let env = TestEnv::new().await;
+    let a = env.gateway_id("sg");
+    env.paired_sessions("org_a", &a, 20, 0).await;
+    let mut first = resumed_process(&env, &a, &[]).await;
+    let started = shared::db::now_ms();
+    let second = WorkerProcess::spawn(&env, &a, &[]);
+    let status = first
+        .exited_within(Duration::from_secs(10))
+        .await
+        .expect("the process taken over exits (it used to stay, spinning)");
+    assert!(!status.success(), "taken over is a failure: {status}");
+    assert!(
+        first.logged().contains("took gateway"),
+        "it says why: {}",
+        first.logged()
+    );
+    // The new process keeps the gateway and every session; the old one's exit signed off
+    // nothing of it.
+    env.all_sessions(Duration::from_secs(15), "working on the new process", |p| {
+        working_on(p, &[&a], started)
+    })
+    .await;
+    let (_, state) = gateway_row(&env, &a).await;
+    assert_eq!(state, "active");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(
+        env.placed().await.iter().all(|p| p.status == "working"),
+        "the exit let none of the new process's sessions go"
+    );
+    drop(second);
+}
+
+/// Who holds the sessions of `gateway_id`.
+async fn lease_holders(env: &TestEnv, gateway_id: &str) -> Vec<Option<String>> {
+    env.db
+        .get()
+        .await
+        .expect("db")
+        .query(
+            "SELECT DISTINCT lease_holder FROM sessions WHERE gateway_id = $1",
+            &[&gateway_id],
+        )
+        .await
+        .expect("holders")
+        .iter()
+        .map(|r| r.get(0))
+        .collect()
+}
+
+#[tokio::test]
+async fn a_worker_that_cannot_start_fails_before_it_claims_the_gateway() {
+    let env = TestEnv::new().await;
+    let a = env.gateway_id("sg");
+    env.paired_sessions("org_a", &a, 20, 0).await;
+    let live = resumed_process(&env, &a, &[]).await;
+    let (instance, _) = gateway_row(&env, &a).await;
+    let held_before = lease_holders(&env, &a).await;
+    assert_eq!(held_before, vec![instance.clone()]);
+
+    // Its metrics port is taken: it must exit without touching the gateway.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = taken.local_addr().expect("addr").port();
+    let mut failing = WorkerProcess::spawn(
+        &env,
+        &a,
+        &[("WORKER_METRICS_LISTEN", format!("127.0.0.1:{port}"))],
+    );
+    let status = failing
+        .exited_within(Duration::from_secs(20))
+        .await
+        .expect("it exits");
+    assert!(!status.success());
+    assert!(
+        failing.logged().contains("WORKER_METRICS_LISTEN"),
+        "{}",
+        failing.logged()
+    );
+    assert_eq!(
+        gateway_row(&env, &a).await.0,
+        instance,
+        "the lease stayed the live process's"
+    );
+    assert_eq!(
+        lease_holders(&env, &a).await,
+        held_before,
+        "no session was claimed"
+    );
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(
+        env.placed().await.iter().all(|p| p.status == "working"),
+        "the live worker kept every session"
+    );
+    drop(live);
+}
+
+#[tokio::test]
+async fn a_worker_fenced_by_a_postgres_outage_waits_without_spinning_and_comes_back() {
+    let env = TestEnv::new().await;
+    let a = env.gateway_id("sg");
+    env.paired_sessions("org_a", &a, 10, 0).await;
+    let url = url::Url::parse(&env.database_url).expect("url");
+    let target = format!(
+        "{}:{}",
+        url.host_str().expect("host"),
+        url.port().unwrap_or(5432)
+    );
+    let target = tokio::net::lookup_host(target)
+        .await
+        .expect("resolve")
+        .next()
+        .expect("an address");
+    let proxy = tests::proxy::Proxy::start(target).await;
+    let worker = resumed_process(
+        &env,
+        &a,
+        &[("DATABASE_URL", proxy.url_through(&env.database_url))],
+    )
+    .await;
+    proxy.cut();
+    // Fenced once the lease (2 s) could lapse.
+    tests::eventually(Duration::from_secs(10), || async {
+        worker.logged().contains("could not be renewed in time")
+    })
+    .await;
+    let before = worker.cpu_time().expect("cpu");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let used = worker.cpu_time().expect("cpu") - before;
+    println!("fenced for 3 s: {used:?} of CPU");
+    // Waiting costs next to nothing; the loop that spun burned over a core (3 s of CPU here).
+    assert!(
+        used < Duration::from_millis(600),
+        "a fenced worker used {used:?} of CPU in 3 s"
+    );
+    let back = shared::db::now_ms();
+    proxy.restore();
+    env.all_sessions(
+        Duration::from_secs(20),
+        "working again after the outage",
+        |p| working_on(p, &[&a], back),
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn a_drain_to_exit_cut_short_by_kill_9_does_not_outlive_its_process() {
+    let env = TestEnv::new().await;
+    let (a, full) = (env.gateway_id("sg"), env.gateway_id("sg"));
+    env.paired_sessions("org_a", &a, 20, 0).await;
+    let mut first = resumed_process(&env, &a, &[]).await;
+    // A live peer with no room: the drain to exit can move nothing and runs its grace out.
+    let _peer = env
+        .start_worker(&full, |c| {
+            fast_fleet(c);
+            c.capacity = 0;
+        })
+        .await;
+    first.sigterm();
+    tests::eventually(Duration::from_secs(10), || async {
+        gateway_row(&env, &a).await.1 == "draining"
+    })
+    .await;
+    first.kill_9();
+
+    // Its next process takes the gateway back as it was: active, its sessions its own.
+    let started = shared::db::now_ms();
+    let _next = WorkerProcess::spawn(&env, &a, &[]);
+    env.all_sessions(
+        Duration::from_secs(20),
+        "working on their own gateway",
+        |p| working_on(p, &[&a], started),
+    )
+    .await;
+    assert_eq!(gateway_row(&env, &a).await.1, "active");
+}

@@ -422,7 +422,7 @@ async fn the_api_publishes_each_gateways_heartbeat_age_capacity_and_state_for_al
     env.fake_gateway(&crashed, 5).await;
     env.fake_gateway(&stopped, 3).await;
     let db = env.db.get().await.expect("db");
-    store::gateways::signed_off(&db, &stopped, None)
+    store::gateways::signed_off(&db, &stopped, "fake")
         .await
         .expect("sign off");
     let api = env.start_api(|_| {}).await;
