@@ -16,8 +16,8 @@
 //! - **When another process took its gateway over** (a second process started with the same
 //!   gateway id) it lets every session go and returns [`Kept::TakenOver`]: the worker exits
 //!   non-zero, since the gateway, its sessions and its queue are the other process's now.
-//! - **Every `ADOPT_INTERVAL_MS`** it claims the running sessions of its gateway it does not
-//!   hold: moved here by a drain or by failover.
+//! - **Every `ADOPT_INTERVAL_MS`** it claims the running sessions of its gateway that no process
+//!   holds: moved here by a drain or by failover.
 
 use std::{collections::HashSet, sync::Arc, time::Duration};
 

@@ -74,7 +74,9 @@ pub async fn claim(
 pub enum Whose {
     /// At start-up: every one, held or not (an earlier process of this gateway is gone).
     Any,
-    /// Later: those this process does not hold (moved here: no holder).
+    /// Later: those no process holds (moved here by a drain or by failover). Not those
+    /// another process of this gateway holds: during a takeover's overlap each process would
+    /// take the other's sessions back and forth until the old one noticed.
     Unheld,
 }
 
@@ -98,7 +100,7 @@ pub async fn claim_running(
         .prepare_cached(&format!(
             "WITH picked AS MATERIALIZED (SELECT id FROM sessions WHERE gateway_id = $1 \
                AND desired_state = 'running' AND id > $3 \
-               AND ($2 OR lease_holder IS DISTINCT FROM $5) \
+               AND ($2 OR lease_holder IS NULL) \
                ORDER BY id LIMIT $4 FOR UPDATE SKIP LOCKED) \
              UPDATE sessions SET lease_epoch = lease_epoch + 1, lease_holder = $5 \
              WHERE id IN (SELECT id FROM picked) \
