@@ -154,13 +154,9 @@ impl Fleet {
     }
 
     /// Every registered gateway as the fleet sees it now (its state `dead` once its
-    /// heartbeat lapsed), with its load and the heartbeat's age in ms.
-    pub async fn gateways(&self) -> Result<Vec<(Gateway, GatewayState, gateways::Load, i64)>> {
+    /// heartbeat lapsed), with the heartbeat's age in ms.
+    pub async fn gateways(&self) -> Result<Vec<(Gateway, GatewayState, i64)>> {
         self.refresh().await?;
-        let load: HashMap<String, gateways::Load> = gateways::load(&self.db.get().await?)
-            .await?
-            .into_iter()
-            .collect();
         let snap = self.current();
         let now = snap.now();
         Ok(snap
@@ -170,7 +166,6 @@ impl Fleet {
                 (
                     g.clone(),
                     g.effective_state(now, self.liveness_ms),
-                    load.get(&g.id).copied().unwrap_or_default(),
                     (now - g.heartbeat_at).max(0),
                 )
             })

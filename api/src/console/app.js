@@ -586,24 +586,20 @@ async function gatewaysPage(signal) {
   const slot = h('div', { id: 'error-slot' });
   const body = h('tbody', { id: 'gateways' });
   show(h('h1', {}, 'Gateways'), slot,
-    h('p', { class: 'muted' }, 'The fleet as your organization sees it (read-only; SREs drain gateways with gatewayctl).'),
+    h('p', { class: 'muted' }, 'The gateways your sessions are on (read-only; SREs see and drain the whole fleet with gatewayctl).'),
     h('div', { class: 'table-wrap' }, h('table', {},
       h('thead', {}, h('tr', {}, h('th', {}, 'Gateway'), h('th', {}, 'Region'), h('th', {}, 'State'),
-        h('th', {}, 'Load'), h('th', { class: 'wide' }, 'Sessions'), h('th', { class: 'wide' }, 'Version'),
-        h('th', { class: 'wide' }, 'Heartbeat'))),
+        h('th', {}, 'Your sessions'), h('th', { class: 'wide' }, 'Heartbeat'))),
       body)));
   async function load() {
     try {
       const r = await api('GET', '/gateways', undefined, { signal });
       body.replaceChildren(...r.gateways.map((g) => h('tr', {},
         h('td', { class: 'mono' }, g.id), h('td', {}, g.region),
-        h('td', {}, h('span', { class: 'status ' + (g.live ? g.state : 'dead') }, g.live ? g.state : 'not live'),
-          g.note ? h('span', { class: 'reason' }, g.note) : null),
-        h('td', {}, g.load + ' / ' + g.capacity),
-        h('td', { class: 'wide' }, g.liveSessions + ' live of ' + g.sessionCount),
-        h('td', { class: 'wide' }, g.version),
+        h('td', {}, h('span', { class: 'status ' + (g.live ? g.state : 'dead') }, g.live ? g.state : 'not live')),
+        h('td', {}, String(g.sessionCount)),
         h('td', { class: 'wide' }, Math.round(g.heartbeatAgeMs / 100) / 10 + ' s ago'))));
-      if (!r.gateways.length) slot.replaceChildren(h('p', { class: 'muted' }, 'No gateways.'));
+      if (!r.gateways.length) slot.replaceChildren(h('p', { class: 'muted' }, 'None of your sessions is on a gateway yet.'));
     } catch (e) { fail(slot, e); }
   }
   while (!signal.aborted) { await load(); await sleep(5000, signal); }

@@ -1,4 +1,4 @@
-//! `GET /gateways`: the fleet as the caller may see it.
+//! `GET /gateways`: the fleet as the caller may see it: the gateways of its own sessions.
 
 use std::collections::HashMap;
 
@@ -20,23 +20,12 @@ pub struct GatewayView {
     pub state: GatewayState,
     /// A worker is heartbeating for it now.
     pub live: bool,
-    /// Sessions it is meant to hold.
-    pub capacity: i32,
-    /// Sessions it owns, of every organization (its load against `capacity`).
-    pub load: i64,
-    /// Sessions its worker holds a live lease on now, of every organization.
-    pub live_sessions: i64,
     /// The caller's organization's sessions on this gateway.
     pub session_count: i64,
-    /// The worker's version.
-    pub version: String,
     /// Epoch ms of the last heartbeat.
     pub last_heartbeat_at: i64,
     /// Milliseconds since the last heartbeat.
     pub heartbeat_age_ms: i64,
-    /// What a drain could not do, when something is wrong.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub note: Option<String>,
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -44,6 +33,10 @@ pub struct GatewayList {
     pub gateways: Vec<GatewayView>,
 }
 
+/// The gateways that hold the caller's sessions, and how each is doing. A tenant sees nothing
+/// of the rest of the fleet: not the gateways it has no session on, their capacity, load,
+/// version, nor a drain's note (which names sessions of every organization). Those are the
+/// operators' (`gatewayctl gateways list`, the fleet metrics).
 #[utoipa::path(get, path = "/api/v1/gateways", tag = "fleet",
     responses((status = 200, body = GatewayList), (status = "4XX", body = shared::error::ErrorEnvelope)))]
 pub async fn list(
@@ -61,19 +54,17 @@ pub async fn list(
     Ok(Json(GatewayList {
         gateways: gateways
             .into_iter()
-            .map(|(g, state, load, age)| GatewayView {
-                session_count: counts.get(&g.id).copied().unwrap_or(0),
-                live: state != GatewayState::Dead,
-                state,
-                capacity: g.capacity,
-                load: load.sessions,
-                live_sessions: load.leased,
-                version: g.version,
-                last_heartbeat_at: g.heartbeat_at,
-                heartbeat_age_ms: age,
-                note: g.note,
-                id: g.id,
-                region: g.region,
+            .filter_map(|(g, state, age)| {
+                let session_count = counts.get(&g.id).copied().filter(|n| *n > 0)?;
+                Some(GatewayView {
+                    session_count,
+                    live: state != GatewayState::Dead,
+                    state,
+                    last_heartbeat_at: g.heartbeat_at,
+                    heartbeat_age_ms: age,
+                    id: g.id,
+                    region: g.region,
+                })
             })
             .collect(),
     }))

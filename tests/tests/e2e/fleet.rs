@@ -275,19 +275,52 @@ async fn placement_respects_region_state_and_capacity() {
         .expect("listed");
     assert_eq!(g["state"], "cordoned");
     assert_eq!(g["region"], "sg");
-    assert_eq!(g["capacity"], 100);
-    assert_eq!(g["load"], 5);
     assert_eq!(g["sessionCount"], 5);
-    assert_eq!(g["version"], "fake");
     assert!(g["heartbeatAgeMs"].as_i64().is_some());
-    let f = gateways
-        .iter()
-        .find(|g| g["id"] == full.as_str())
-        .expect("listed");
-    assert_eq!(
-        (f["load"].as_i64(), f["sessionCount"].as_i64()),
-        (Some(1), Some(0))
-    );
+    // The fleet's internals are the operators'.
+    for internal in ["capacity", "load", "liveSessions", "version", "note"] {
+        assert!(
+            g.get(internal).is_none(),
+            "{internal} shown to a tenant: {g}"
+        );
+    }
+    // Only the gateways of the caller's own sessions: `full` holds org_b's.
+    let ids: Vec<&str> = gateways.iter().filter_map(|g| g["id"].as_str()).collect();
+    assert_eq!(ids, vec![roomy.as_str()]);
+}
+
+#[tokio::test]
+async fn a_tenant_sees_nothing_of_another_tenants_gateways_nor_a_drains_note() {
+    let env = TestEnv::new().await;
+    let (theirs, shared_gw) = (env.gateway_id("sg"), env.gateway_id("sg"));
+    env.fake_gateway(&theirs, 100).await;
+    env.fake_gateway(&shared_gw, 100).await;
+    let secret = env.paired_sessions("org_b", &theirs, 3, 0).await;
+    env.paired_sessions("org_b", &shared_gw, 1, 0).await;
+    env.paired_sessions("org_a", &shared_gw, 2, 0).await;
+    // A drain's note names sessions of every organization.
+    store::gateways::set_note(
+        &env.db.get().await.expect("db"),
+        &shared_gw,
+        Some(&format!("could not move {}", secret.join(", "))),
+    )
+    .await
+    .expect("note");
+    let api = env.start_api(|_| {}).await;
+    let key = env.api_key("org_a", &["read"]).await;
+    let view = api.get("/api/v1/gateways", &key).await;
+    let text = view.assert_status(200).to_string();
+    assert!(!text.contains(&theirs), "another tenant's gateway: {text}");
+    for id in &secret {
+        assert!(
+            !text.contains(id.as_str()),
+            "another tenant's session id: {text}"
+        );
+    }
+    let gateways = view.body["gateways"].as_array().expect("gateways");
+    assert_eq!(gateways.len(), 1);
+    assert_eq!(gateways[0]["id"], shared_gw.as_str());
+    assert_eq!(gateways[0]["sessionCount"], 2, "its own sessions only");
 }
 
 #[tokio::test]
