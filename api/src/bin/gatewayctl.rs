@@ -284,9 +284,13 @@ async fn run(cli: Cli) -> Result<()> {
             let keyring = shared::sealed::Keyring::parse(&credentials_keys)
                 .map_err(|e| Error::invalid(e.to_string()))?;
             let db = shared::db::pool(&cfg.db.database_url, 1)?;
-            let resealed = store::wa_keys::rotate(&db.get().await?, &keyring, batch).await?;
+            let client = db.get().await?;
+            // Every sealed column: the devices' keys and the webhooks' signing secrets.
+            let device_keys = store::wa_keys::rotate(&client, &keyring, batch).await?;
+            let secrets = store::webhooks::reseal_secrets(&client, &keyring, batch).await?;
             println!(
-                "re-sealed {resealed} value(s) under key `{}`",
+                "re-sealed {device_keys} device value(s) and {secrets} webhook secret(s) \
+                 under key `{}`",
                 keyring.current()
             );
         }

@@ -9,7 +9,11 @@
 
 use base64::{Engine, engine::general_purpose::STANDARD};
 use rand::RngCore;
-use shared::{Error, Result, sealed::Keyring, store::webhooks::SealedSecret};
+use shared::{
+    Error, Result,
+    sealed::Keyring,
+    store::webhooks::{SealedSecret, secret_aad},
+};
 
 pub const SECRET_PREFIX: &str = "whsec_";
 const SECRET_BYTES: usize = 32;
@@ -22,12 +26,8 @@ pub fn new_secret() -> (Vec<u8>, String) {
     (key, shown)
 }
 
-fn aad(webhook_id: &str) -> Vec<u8> {
-    format!("webhooks/{webhook_id}/secret").into_bytes()
-}
-
 pub fn seal(keys: &Keyring, webhook_id: &str, key: &[u8]) -> SealedSecret {
-    let (key_id, sealed) = keys.seal(&aad(webhook_id), key);
+    let (key_id, sealed) = keys.seal(&secret_aad(webhook_id), key);
     SealedSecret {
         key_id: key_id.to_owned(),
         sealed,
@@ -35,7 +35,7 @@ pub fn seal(keys: &Keyring, webhook_id: &str, key: &[u8]) -> SealedSecret {
 }
 
 pub fn open(keys: &Keyring, webhook_id: &str, s: &SealedSecret) -> Result<Vec<u8>> {
-    keys.open(&s.key_id, &aad(webhook_id), &s.sealed)
+    keys.open(&s.key_id, &secret_aad(webhook_id), &s.sealed)
         .map_err(Error::internal)
 }
 

@@ -5,7 +5,8 @@ use deadpool_postgres::GenericClient;
 use tokio_postgres::Row;
 
 use crate::{
-    error::{Error, Result},
+    error::{Error, ErrorCode, Result},
+    sealed::{Keyring, SealError},
     webhook::Webhook,
 };
 
@@ -199,6 +200,114 @@ pub async fn rotate_secret(
         )
         .await?;
     Ok(row.as_ref().map(webhook))
+}
+
+/// The associated data of an endpoint's sealed signing secret: bound to its endpoint, so a
+/// sealed secret copied to another endpoint's row does not open.
+pub fn secret_aad(webhook_id: &str) -> Vec<u8> {
+    format!("webhooks/{webhook_id}/secret").into_bytes()
+}
+
+/// Re-seals under `keyring.current()` every endpoint's signing secret (and the previous one,
+/// during a rotation's overlap) sealed with another key, `batch` endpoints at a time; answers
+/// how many secrets it re-sealed. Fails, naming the key, on a secret sealed with a key the
+/// keyring does not list. A row that changed meanwhile (an `:rotateSecret`) is left as it was
+/// written and looked at again in a further pass.
+pub async fn reseal_secrets(
+    client: &impl GenericClient,
+    keyring: &Keyring,
+    batch: i64,
+) -> Result<u64> {
+    if batch < 1 {
+        return Err(Error::invalid("the batch size must be at least 1"));
+    }
+    let current = keyring.current();
+    let select = client
+        .prepare_cached(
+            "SELECT id, secret_key_id, secret_sealed, previous_secret_key_id, \
+             previous_secret_sealed FROM webhooks WHERE id > $2 \
+             AND (secret_key_id <> $1 OR previous_secret_key_id <> $1) ORDER BY id LIMIT $3",
+        )
+        .await?;
+    let update = client
+        .prepare_cached(
+            "UPDATE webhooks SET secret_key_id = $2, secret_sealed = $3, \
+             previous_secret_key_id = $4, previous_secret_sealed = $5 \
+             WHERE id = $1 AND secret_key_id = $6 AND secret_sealed = $7 \
+             AND previous_secret_key_id IS NOT DISTINCT FROM $8 \
+             AND previous_secret_sealed IS NOT DISTINCT FROM $9",
+        )
+        .await?;
+    let reseal = |id: &str, key_id: &str, sealed: &[u8]| -> Result<(String, Vec<u8>, bool)> {
+        if key_id == current {
+            return Ok((key_id.to_owned(), sealed.to_vec(), false));
+        }
+        let aad = secret_aad(id);
+        let plain = keyring
+            .open(key_id, &aad, sealed)
+            .map_err(|e| open_error(id, e))?;
+        let (new_key, new_sealed) = keyring.seal(&aad, &plain);
+        Ok((new_key.to_owned(), new_sealed, true))
+    };
+    let mut resealed = 0;
+    loop {
+        let (mut after, mut skipped) = (String::new(), 0);
+        loop {
+            let rows = client.query(&select, &[&current, &after, &batch]).await?;
+            for r in &rows {
+                let id: String = r.get(0);
+                let (key_id, sealed): (String, Vec<u8>) = (r.get(1), r.get(2));
+                let (prev_key, prev_sealed): (Option<String>, Option<Vec<u8>>) =
+                    (r.get(3), r.get(4));
+                let (new_key, new_sealed, a) = reseal(&id, &key_id, &sealed)?;
+                let (new_prev_key, new_prev_sealed, b) = match (&prev_key, &prev_sealed) {
+                    (Some(k), Some(s)) => {
+                        let (k, s, b) = reseal(&id, k, s)?;
+                        (Some(k), Some(s), b)
+                    }
+                    _ => (prev_key.clone(), prev_sealed.clone(), false),
+                };
+                let written = client
+                    .execute(
+                        &update,
+                        &[
+                            &id,
+                            &new_key,
+                            &new_sealed,
+                            &new_prev_key,
+                            &new_prev_sealed,
+                            &key_id,
+                            &sealed,
+                            &prev_key,
+                            &prev_sealed,
+                        ],
+                    )
+                    .await?;
+                if written == 1 {
+                    resealed += u64::from(a) + u64::from(b);
+                } else {
+                    skipped += 1;
+                }
+                after = id;
+            }
+            if (rows.len() as i64) < batch {
+                break;
+            }
+        }
+        if skipped == 0 {
+            return Ok(resealed);
+        }
+    }
+}
+
+fn open_error(webhook_id: &str, e: SealError) -> Error {
+    match e {
+        SealError::UnknownKey(_) => Error::invalid(format!(
+            "webhook {webhook_id}: its signing secret is {e}; list that key in \
+             CREDENTIALS_KEYS (after the new one) to rotate away from it"
+        )),
+        _ => Error::new(ErrorCode::Internal, format!("webhook {webhook_id}: {e}")),
+    }
 }
 
 /// A sealed secret that does not open is a configuration fault (a key missing from

@@ -716,3 +716,82 @@ async fn endpoints_are_validated_scoped_to_their_organization_and_managed() {
         assert!(paths.get(p).is_some(), "{p}");
     }
 }
+
+#[tokio::test]
+async fn a_key_rotation_that_drops_the_old_key_keeps_webhooks_delivering() {
+    let env = TestEnv::new().await;
+    let api = env.start_api(|_| {}).await;
+    let key = env.api_key("org_a", &["read", "manage"]).await;
+    let receiver = Receiver::start(Script::Accept).await;
+    let created = register(&api, &key, &receiver.url, &["session.status"]).await;
+    let webhook = id_of(&created);
+    // Mid-overlap: a current secret and a previous one, both sealed under the old key.
+    let rotated = api
+        .post(
+            &format!("/api/v1/webhooks/{webhook}:rotateSecret"),
+            &key,
+            None,
+        )
+        .await;
+    let old = receiver.trust(created["secret"].as_str().expect("secret"));
+    let new = receiver.trust(
+        rotated.assert_status(200)["secret"]
+            .as_str()
+            .expect("secret"),
+    );
+    drop(api);
+
+    // The README's steps: a new key first in CREDENTIALS_KEYS, rotate, then drop the old one.
+    let new_key = format!("t2:{}", base64_key());
+    let both = format!("{new_key},{}", env.credentials_keys);
+    let (ok, out) = crate::fleet::gatewayctl_with(
+        &env,
+        &[("CREDENTIALS_KEYS", Some(both.as_str()))],
+        &["credentials", "rotate"],
+    )
+    .await;
+    assert!(ok, "{out}");
+    assert!(out.contains("2 webhook secret(s)"), "{out}");
+    let left: i64 = env
+        .db
+        .get()
+        .await
+        .expect("db")
+        .query_one(
+            "SELECT count(*) FROM webhooks WHERE secret_key_id <> 't2' \
+             OR previous_secret_key_id <> 't2'",
+            &[],
+        )
+        .await
+        .expect("count")
+        .get(0);
+    assert_eq!(left, 0, "every sealed secret is under the new key");
+
+    let api = env
+        .start_api(|c| c.credentials_keys = Some(new_key.clone()))
+        .await;
+    emit(&env, "org_a", "s1", working()).await;
+    let seen = receiver
+        .wait_for(LIMIT, "the event, signed", |rs| {
+            rs.iter().any(|r| r.answered == 200)
+        })
+        .await;
+    let delivered = seen.iter().find(|r| r.answered == 200).expect("delivered");
+    assert_eq!(
+        delivered.verified_by,
+        vec![old, new],
+        "both secrets still sign"
+    );
+    drop(api);
+}
+
+/// A fresh 32-byte sealing key, base64.
+fn base64_key() -> String {
+    use base64::Engine;
+    let bytes: Vec<u8> = [
+        ulid::Ulid::new().0.to_le_bytes(),
+        ulid::Ulid::new().0.to_le_bytes(),
+    ]
+    .concat();
+    base64::engine::general_purpose::STANDARD.encode(bytes)
+}
