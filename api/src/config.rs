@@ -49,9 +49,14 @@ pub struct Config {
     /// How fast that bucket refills, in fetches per minute.
     #[arg(long, env = "AUTH_JWKS_REFRESHES_PER_MINUTE", default_value_t = NonZeroU32::new(6).expect("6"))]
     pub auth_jwks_refreshes_per_minute: NonZeroU32,
-    /// Age after which cached JWKS keys are fetched again.
+    /// The longest a key removed from the JWKS keeps working: the keys are fetched again
+    /// every half of it, on a timer.
     #[arg(long, env = "AUTH_JWKS_MAX_AGE_SECS", default_value_t = 600)]
     pub auth_jwks_max_age_secs: u64,
+    /// Cached JWKS keys not refreshed for this long (the JWKS out of reach) are not trusted:
+    /// login tokens answer 503 until a fetch succeeds.
+    #[arg(long, env = "AUTH_JWKS_HARD_MAX_AGE_SECS", default_value_t = 3_600)]
+    pub auth_jwks_hard_max_age_secs: u64,
     /// How long a verified API key is trusted before its row is read again (bounds how long a
     /// revoked key keeps working).
     #[arg(long, env = "API_KEY_CACHE_TTL_MS", default_value_t = 5_000)]

@@ -69,6 +69,7 @@ pub async fn run(cfg: Config, listener: TcpListener, shutdown: CancellationToken
     shared::telemetry::prometheus();
     let header_read_timeout = Duration::from_millis(cfg.limits.header_read_timeout_ms);
     let state = build_state(cfg, shutdown.clone()).await?;
+    state.auth.start_refreshing(shutdown.clone());
     let app = router(state);
     tracing::info!(addr = %listener.local_addr().map_err(Error::internal)?, "api listening");
     server::serve(listener, app, header_read_timeout, shutdown).await;
@@ -96,6 +97,7 @@ pub async fn build_state(cfg: Config, shutdown: CancellationToken) -> Result<App
             refresh_burst: cfg.auth_jwks_refresh_burst,
             refreshes_per_minute: cfg.auth_jwks_refreshes_per_minute,
             max_age: Duration::from_secs(cfg.auth_jwks_max_age_secs),
+            hard_max_age: Duration::from_secs(cfg.auth_jwks_hard_max_age_secs),
         })?),
         None => None,
     };

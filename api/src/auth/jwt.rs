@@ -5,16 +5,23 @@
 //!   "alg confusion" holes.
 //! - `exp`, `nbf`, `iss` and `aud` are checked; `sub`, the organization and the role must be
 //!   present (claim names configurable).
-//! - Keys are cached by `kid`. An unknown `kid` triggers a refresh (keys rotate). Refreshes
-//!   draw on a token bucket (`AUTH_JWKS_REFRESH_BURST` fetches at once, refilled at
-//!   `AUTH_JWKS_REFRESHES_PER_MINUTE`), not a fixed floor: a key the frontend has just added is
-//!   accepted on its first use even seconds after a fetch, while a flood of forged kids costs at
-//!   most the burst and then the refill rate. The bucket is `governor`'s GCRA: one atomic
-//!   compare-and-swap per check, well tested, and the same crate as the request limits
-//!   (`crate::limits`). Concurrent misses wait on one fetch rather than each drawing a token.
-//!   A failed fetch counts too, so a JWKS outage does not turn into a retry storm. Keys older
-//!   than `AUTH_JWKS_MAX_AGE_SECS` are refreshed on next use (from the same bucket), so a
-//!   removed key stops working in bounded time.
+//! - Keys are cached by `kid` and fetched again every `AUTH_JWKS_MAX_AGE_SECS` ÷ 2 by a
+//!   timer ([`JwtVerifier::refresh_periodically`]), whatever the traffic: a key the identity
+//!   provider removed stops working within `AUTH_JWKS_MAX_AGE_SECS`, and nothing a caller
+//!   sends can delay that.
+//! - An unknown `kid` triggers a fetch (keys rotate in). Those fetches draw on a token bucket
+//!   (`AUTH_JWKS_REFRESH_BURST` fetches at once, refilled at `AUTH_JWKS_REFRESHES_PER_MINUTE`),
+//!   not a fixed floor: a key the frontend has just added is accepted on its first use even
+//!   seconds after a fetch, while a flood of forged kids costs at most the burst and then the
+//!   refill rate. The bucket is `governor`'s GCRA: one atomic compare-and-swap per check, well
+//!   tested, and the same crate as the request limits (`crate::limits`). Concurrent misses wait
+//!   on one fetch rather than each drawing a token. A failed fetch counts too, so a JWKS outage
+//!   does not turn into a retry storm. A `kid` a fetch did not find is remembered as a miss
+//!   for one refill period of the bucket, so the same forged kid again costs nothing and the
+//!   budget stays for keys rotated in.
+//! - Keys not refreshed for `AUTH_JWKS_HARD_MAX_AGE_SECS` (the JWKS out of reach that long)
+//!   are not trusted any more: login tokens answer 503 until a fetch succeeds, since a key
+//!   removed meanwhile could not be told from one kept.
 
 use std::{
     collections::HashMap,
@@ -33,6 +40,9 @@ use shared::{
     Error, Result,
     auth::{Principal, capabilities_of_role},
 };
+use tokio_util::sync::CancellationToken;
+
+use crate::ttl_cache::TtlCache;
 
 #[derive(Debug, Clone)]
 pub struct JwtConfig {
@@ -47,6 +57,8 @@ pub struct JwtConfig {
     /// How fast the bucket refills.
     pub refreshes_per_minute: NonZeroU32,
     pub max_age: Duration,
+    /// Past this age, cached keys are refused (the JWKS has been out of reach that long).
+    pub hard_max_age: Duration,
 }
 
 struct KeySet {
@@ -64,6 +76,8 @@ pub struct JwtVerifier {
     /// fetch ran uses that one's result instead of drawing a token of its own.
     attempts: AtomicU64,
     refresh_budget: DefaultDirectRateLimiter,
+    /// Kids that a fetch did not find.
+    misses: TtlCache<String, ()>,
 }
 
 fn unauthorized(why: &str) -> Error {
@@ -85,8 +99,9 @@ impl JwtVerifier {
             .timeout(Duration::from_secs(5))
             .build()
             .map_err(Error::internal)?;
+        let refill = Duration::from_secs(60) / cfg.refreshes_per_minute.get();
         let refresh_budget = RateLimiter::direct(
-            Quota::with_period(Duration::from_secs(60) / cfg.refreshes_per_minute.get())
+            Quota::with_period(refill)
                 .ok_or_else(|| Error::invalid("AUTH_JWKS_REFRESHES_PER_MINUTE is too high"))?
                 .allow_burst(cfg.refresh_burst),
         );
@@ -100,6 +115,9 @@ impl JwtVerifier {
             fetch: tokio::sync::Mutex::new(()),
             attempts: AtomicU64::new(0),
             refresh_budget,
+            // A miss is remembered for as long as the bucket takes to refill one fetch: the
+            // same forged kid again costs nothing, and the budget stays for kids rotated in.
+            misses: TtlCache::new(refill, 10_000),
         })
     }
 
@@ -167,37 +185,74 @@ impl JwtVerifier {
         // Read before the key set, so a fetch that lands after our miss is seen as coalesced.
         let seen = self.attempts.load(Ordering::Acquire);
         let set = self.current();
-        let stale = set
+        if set
             .fetched_at
-            .is_none_or(|t| t.elapsed() > self.cfg.max_age);
-        if !stale && let Some(k) = set.keys.get(kid) {
+            .is_some_and(|t| t.elapsed() > self.cfg.hard_max_age)
+        {
+            return Err(Error::unavailable(
+                "the login keys (JWKS) could not be refreshed for too long; try again later",
+            ));
+        }
+        if let Some(k) = set.keys.get(kid) {
             return Ok(k.clone());
         }
-        let _fetching = self.fetch.lock().await;
-        // A fetch that ran while we waited is as fresh as one of our own.
-        let coalesced = self.attempts.load(Ordering::Acquire) != seen;
-        if !coalesced && self.refresh_budget.check().is_ok() {
-            self.attempts.fetch_add(1, Ordering::AcqRel);
-            match self.fetch_keys().await {
-                Ok(keys) => {
-                    let fresh = Arc::new(KeySet {
-                        keys,
-                        fetched_at: Some(Instant::now()),
-                    });
-                    match self.keys.write() {
-                        Ok(mut k) => *k = fresh,
-                        Err(poisoned) => *poisoned.into_inner() = fresh,
-                    }
+        if self.misses.get(kid).is_some() {
+            return Err(unauthorized("unknown signing key"));
+        }
+        let fetched = {
+            let _fetching = self.fetch.lock().await;
+            // A fetch that ran while we waited is as fresh as one of our own.
+            let coalesced = self.attempts.load(Ordering::Acquire) != seen;
+            coalesced || (self.refresh_budget.check().is_ok() && self.refresh().await)
+        };
+        match self.current().keys.get(kid) {
+            Some(k) => Ok(k.clone()),
+            None => {
+                if fetched {
+                    self.misses.insert(kid.to_owned(), ());
                 }
-                // Keep serving the keys we have; a JWKS outage must not log everyone out.
-                Err(e) => tracing::warn!(error = %e, "JWKS refresh failed"),
+                Err(unauthorized("unknown signing key"))
             }
         }
-        self.current()
-            .keys
-            .get(kid)
-            .cloned()
-            .ok_or_else(|| unauthorized("unknown signing key"))
+    }
+
+    /// Fetches the key set and installs it; whether it did. Call under `self.fetch`.
+    async fn refresh(&self) -> bool {
+        self.attempts.fetch_add(1, Ordering::AcqRel);
+        match self.fetch_keys().await {
+            Ok(keys) => {
+                let fresh = Arc::new(KeySet {
+                    keys,
+                    fetched_at: Some(Instant::now()),
+                });
+                match self.keys.write() {
+                    Ok(mut k) => *k = fresh,
+                    Err(poisoned) => *poisoned.into_inner() = fresh,
+                }
+                true
+            }
+            // Keep serving the keys we have; a JWKS outage must not log everyone out.
+            Err(e) => {
+                tracing::warn!(error = %e, "JWKS refresh failed");
+                false
+            }
+        }
+    }
+
+    /// Fetches the keys at once, then every `max_age` ÷ 2, until `stop`: outside the bucket
+    /// that unknown kids draw on, so no flood of forged tokens can hold a removed key alive.
+    pub async fn refresh_periodically(self: Arc<Self>, stop: CancellationToken) {
+        let every = (self.cfg.max_age / 2).max(Duration::from_millis(250));
+        loop {
+            {
+                let _fetching = self.fetch.lock().await;
+                self.refresh().await;
+            }
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tokio::time::sleep(every) => {}
+            }
+        }
     }
 
     async fn fetch_keys(&self) -> Result<HashMap<String, (DecodingKey, Option<Algorithm>)>> {

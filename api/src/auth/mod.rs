@@ -35,6 +35,13 @@ impl Authenticator {
         }
     }
 
+    /// Starts refreshing the JWKS on its timer (when login tokens are configured).
+    pub fn start_refreshing(&self, stop: tokio_util::sync::CancellationToken) {
+        if let Some(jwt) = &self.jwt {
+            tokio::spawn(jwt.clone().refresh_periodically(stop));
+        }
+    }
+
     pub async fn authenticate(&self, token: &str) -> Result<Arc<Principal>> {
         if let Some(id) = shared::auth::api_key_id(token) {
             return self.api_keys.verify(id, token).await;
