@@ -226,11 +226,13 @@ mod tests {
 
     #[test]
     fn idle_keys_are_evicted_once_their_bucket_is_full_again() {
-        let level = Level::new(1_000, 1, "credential").expect("a limit");
+        // 20 a second: the second request within 50 ms is refused even on a loaded machine
+        // (at 1,000 a second, a pause of a millisecond between the two let it through).
+        let level = Level::new(20, 1, "credential").expect("a limit");
         level.admit(&"a").expect("the first request");
         assert!(level.admit(&"a").is_err(), "a burst of one");
-        // Refilled after a millisecond; a generous wait.
-        std::thread::sleep(Duration::from_millis(50));
+        // Refilled after 50 ms; a generous wait.
+        std::thread::sleep(Duration::from_millis(250));
         level.evict_idle();
         assert_eq!(level.limiter.len(), 0);
     }
