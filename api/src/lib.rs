@@ -78,6 +78,8 @@ pub async fn run(cfg: Config, listener: TcpListener, shutdown: CancellationToken
 
 pub async fn build_state(cfg: Config, shutdown: CancellationToken) -> Result<AppState> {
     let db = shared::db::pool(&cfg.db.database_url, cfg.db.database_pool_size)?;
+    // Before anything starts: a schema older than this build is refused.
+    shared::db::check_schema(&db).await?;
     let jwt = match &cfg.auth_jwks_url {
         Some(url) => Some(auth::JwtVerifier::new(auth::JwtConfig {
             jwks_url: url.clone(),

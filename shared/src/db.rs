@@ -1,7 +1,8 @@
 //! Postgres: the pool and the versioned migrations.
 //!
 //! Migrations are plain SQL files under `shared/migrations/`, embedded at build time and run
-//! by refinery from the `migrate` step (`gatewayctl migrate`), never implicitly at boot.
+//! by refinery from the `migrate` step (`gatewayctl migrate`), never implicitly at boot; at
+//! boot, the api and the worker refuse a schema older than they need ([`check_schema`]).
 //! Timestamps are stored as epoch milliseconds (`bigint`) because that is what the API shows;
 //! storing them as `timestamptz` would mean converting on every read.
 
@@ -52,6 +53,55 @@ pub async fn migrate(url: &str) -> Result<Vec<String>> {
         .iter()
         .map(|m| format!("V{}__{}", m.version(), m.name()))
         .collect())
+}
+
+/// Refuses to run on a schema older than this build needs: every migration embedded in it
+/// must be applied (`gatewayctl migrate` runs before a new version's processes start). A
+/// schema newer than the build (migrations it does not know, applied for the next version) is
+/// fine: migrations are written expand-then-contract, so an older process keeps working on
+/// it during a rollout. A database out of reach is not a verdict; the caller goes on and
+/// meets it as any other outage.
+pub async fn check_schema(pool: &Pool) -> Result<()> {
+    let client = match pool.get().await {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::warn!(error = %e, "could not check the database schema; going on");
+            return Ok(());
+        }
+    };
+    let applied: std::collections::HashSet<i64> = match client
+        .query("SELECT version::bigint FROM refinery_schema_history", &[])
+        .await
+    {
+        Ok(rows) => rows.iter().map(|r| r.get(0)).collect(),
+        // No history table: nothing was ever applied.
+        Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::UNDEFINED_TABLE) => {
+            Default::default()
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "could not check the database schema; going on");
+            return Ok(());
+        }
+    };
+    let runner = embedded::migrations::runner();
+    let missing: Vec<String> = runner
+        .get_migrations()
+        .iter()
+        .filter(|m| !applied.contains(&i64::from(m.version())))
+        .map(|m| format!("V{}__{}", m.version(), m.name()))
+        .collect();
+    match missing.as_slice() {
+        [] => Ok(()),
+        [first, rest @ ..] => Err(Error::invalid(format!(
+            "the database schema is older than this build: migration {first}{} is not \
+             applied; run `gatewayctl migrate` (the new version's migrations) first",
+            if rest.is_empty() {
+                String::new()
+            } else {
+                format!(" (and {} more: {})", rest.len(), rest.join(", "))
+            }
+        ))),
+    }
 }
 
 /// The database's clock in epoch milliseconds, as SQL. Leases and heartbeats are written and

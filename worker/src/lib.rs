@@ -60,13 +60,15 @@ pub struct Ctx {
 /// Runs the worker until `shutdown` is cancelled. Then, when live peers exist in its region,
 /// it first moves its sessions to them (a drain, within `DRAIN_GRACE_MS`); either way it
 /// finishes in-flight commands and releases its leases before it returns. It fails at once,
-/// before it registers, on anything it cannot start with (the metrics port in use, the
-/// driver's settings), and later when another process takes its gateway over.
+/// before it registers, on anything it cannot start with (a schema older than it needs, the
+/// metrics port in use, the driver's settings), and later when another process takes its
+/// gateway over.
 pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<()> {
     shared::session::validate_gateway_id(&cfg.gateway_id)
         .map_err(|_| Error::invalid("GATEWAY_ID must be lower-case letters, digits and dashes"))?;
     shared::telemetry::prometheus();
     let db = shared::db::pool(&cfg.db.database_url, cfg.db.database_pool_size)?;
+    shared::db::check_schema(&db).await?;
     let region = cfg.region();
     // Everything that can fail at start fails here, before the process registers: the
     // registration takes the gateway's lease, which fences whatever process holds it now.

@@ -100,3 +100,83 @@ async fn openapi_document_is_3_1_and_names_every_endpoint() {
         json!(["string", "null"])
     );
 }
+
+/// The newest migration this build embeds, as `V<n>__<name>`.
+fn newest_migration() -> (i64, String) {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/migrations");
+    std::fs::read_dir(dir)
+        .expect("migrations")
+        .filter_map(|e| {
+            let name = e.ok()?.file_name().into_string().ok()?;
+            let stem = name.strip_suffix(".sql")?;
+            let version = stem.strip_prefix('V')?.split("__").next()?.parse().ok()?;
+            Some((version, stem.to_owned()))
+        })
+        .max()
+        .expect("a migration")
+}
+
+#[tokio::test]
+async fn a_process_refuses_a_schema_older_than_it_needs_naming_the_migration() {
+    let env = TestEnv::new().await;
+    let (version, name) = newest_migration();
+    let db = env.db.get().await.expect("db");
+    db.execute(
+        "DELETE FROM refinery_schema_history WHERE version = $1",
+        &[&(version as i32)],
+    )
+    .await
+    .expect("forget the newest migration");
+
+    let gw = env.gateway_id("sg");
+    let e = worker::run(
+        env.worker_config(&gw),
+        tokio_util::sync::CancellationToken::new(),
+    )
+    .await
+    .expect_err("the worker refuses to start");
+    assert!(e.to_string().contains(&name), "{e}");
+    let registered: i64 = db
+        .query_one("SELECT count(*) FROM gateways WHERE id = $1", &[&gw])
+        .await
+        .expect("count")
+        .get(0);
+    assert_eq!(registered, 0, "it claimed nothing");
+
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let e = api::run(
+        env.api_config(),
+        listener,
+        tokio_util::sync::CancellationToken::new(),
+    )
+    .await
+    .expect_err("the api refuses to start");
+    assert!(e.to_string().contains(&name), "{e}");
+}
+
+#[tokio::test]
+async fn a_process_runs_on_a_schema_newer_than_it_knows() {
+    let env = TestEnv::new().await;
+    // The next version's migration, applied before this build's processes are replaced.
+    env.db
+        .get()
+        .await
+        .expect("db")
+        .execute(
+            "INSERT INTO refinery_schema_history (version, name, applied_on, checksum) \
+             VALUES (9999, 'from_the_future', now()::text, '0')",
+            &[],
+        )
+        .await
+        .expect("a newer migration");
+    let gw = env.gateway_id("sg");
+    let _worker = env.start_worker(&gw, |_| {}).await;
+    let api = env.start_api(|_| {}).await;
+    let key = env.api_key("org_a", &["read", "manage"]).await;
+    let id = api.session_on(&key, &gw).await;
+    api.post(&format!("/api/v1/sessions/{id}:stop"), &key, None)
+        .await
+        .assert_status(200);
+}
