@@ -366,6 +366,13 @@ async fn a_key_added_to_the_jwks_right_after_a_fetch_is_accepted_on_first_use() 
     assert_eq!(jwks.fetches(), fetched + 1);
 }
 
+/// A token signed by `key` but naming `kid`, which the JWKS does not serve.
+fn forged_kid_token(key: &SigningKey, org: &str, kid: &str) -> String {
+    let mut header = Header::new(Algorithm::ES256);
+    header.kid = Some(kid.to_owned());
+    jsonwebtoken::encode(&header, &claims(org, "user-1", "owner"), &key.key).expect("sign")
+}
+
 #[tokio::test]
 async fn a_flood_of_unknown_kids_costs_at_most_the_refresh_burst_in_jwks_fetches() {
     const BURST: u32 = 3;
@@ -381,9 +388,7 @@ async fn a_flood_of_unknown_kids_costs_at_most_the_refresh_burst_in_jwks_fetches
     let forged: Vec<String> = (0..200)
         .map(|i| {
             // Each token names a kid the JWKS has never served (the signature does not matter).
-            let mut header = Header::new(Algorithm::ES256);
-            header.kid = Some(format!("forged-{i}-{}", unique()));
-            jsonwebtoken::encode(&header, &claims(&org, "user-1", "owner"), &key.key).expect("sign")
+            forged_kid_token(&key, &org, &format!("forged-{i}-{}", unique()))
         })
         .collect();
     // Half of them at once (misses coalesce onto one fetch), half one after another.
@@ -790,10 +795,7 @@ async fn forged_kids_do_not_delay_the_refusal_of_a_key_the_jwks_removed() {
     let token = removed.sign(&claims(&org, "user-1", "owner"));
     api.get(SESSIONS, &token).await.assert_status(200);
     for i in 0..200 {
-        let mut header = Header::new(Algorithm::ES256);
-        header.kid = Some(format!("forged-{i}-{}", unique()));
-        let t = jsonwebtoken::encode(&header, &claims(&org, "user-1", "owner"), &kept.key)
-            .expect("sign");
+        let t = forged_kid_token(&kept, &org, &format!("forged-{i}-{}", unique()));
         api.get(SESSIONS, &t)
             .await
             .assert_error(401, "unauthorized");
@@ -854,10 +856,7 @@ async fn a_forged_kid_is_remembered_as_a_miss_and_costs_one_fetch() {
         .await
         .assert_status(200);
     let before = jwks.fetches();
-    let mut header = Header::new(Algorithm::ES256);
-    header.kid = Some(format!("forged-{}", unique()));
-    let forged =
-        jsonwebtoken::encode(&header, &claims(&org, "user-1", "owner"), &key.key).expect("sign");
+    let forged = forged_kid_token(&key, &org, &format!("forged-{}", unique()));
     for _ in 0..20 {
         api.get(SESSIONS, &forged)
             .await
