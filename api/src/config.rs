@@ -19,6 +19,10 @@ pub struct Config {
     /// Address the HTTP server listens on.
     #[arg(long, env = "API_LISTEN", default_value = "127.0.0.1:8080")]
     pub listen: SocketAddr,
+    /// Where Prometheus scrapes `/metrics`, apart from the API's port: the metrics name
+    /// every tenant's webhooks and backlogs, so only monitoring may reach them. Unset: none.
+    #[arg(long, env = "API_METRICS_LISTEN")]
+    pub metrics_listen: Option<SocketAddr>,
 
     /// The frontend's JWKS; without it, login JWTs are refused and only API keys work.
     #[arg(long, env = "AUTH_JWKS_URL")]

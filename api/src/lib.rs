@@ -68,8 +68,20 @@ pub async fn run(cfg: Config, listener: TcpListener, shutdown: CancellationToken
     // Install the recorder before anything records, or early metrics go nowhere.
     shared::telemetry::prometheus();
     let header_read_timeout = Duration::from_millis(cfg.limits.header_read_timeout_ms);
+    // Bound first: a port in use fails the start before anything else does.
+    let metrics_listener = match cfg.metrics_listen {
+        Some(addr) => Some(
+            TcpListener::bind(addr)
+                .await
+                .map_err(|e| Error::invalid(format!("API_METRICS_LISTEN {addr}: {e}")))?,
+        ),
+        None => None,
+    };
     let state = build_state(cfg, shutdown.clone()).await?;
     state.auth.start_refreshing(shutdown.clone());
+    if let Some(listener) = metrics_listener {
+        tokio::spawn(ops::serve_metrics(listener, shutdown.clone()));
+    }
     let app = router(state);
     tracing::info!(addr = %listener.local_addr().map_err(Error::internal)?, "api listening");
     server::serve(listener, app, header_read_timeout, shutdown).await;
@@ -218,7 +230,6 @@ pub fn router(state: AppState) -> Router {
         .route("/console/{file}", get(console::file))
         .route("/healthz", get(ops::healthz))
         .route("/readyz", get(ops::readyz))
-        .route("/metrics", get(ops::metrics))
         .route("/dev/jwks.json", get(ops::dev_jwks))
         .fallback(error::no_route)
         .method_not_allowed_fallback(error::wrong_method)

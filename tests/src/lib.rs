@@ -212,7 +212,17 @@ impl TestEnv {
     /// Starts the api and waits only until it answers (it may never be ready).
     pub async fn launch_api(&self, tweak: impl FnOnce(&mut api::Config)) -> Api {
         let mut cfg = self.api_config();
+        // Metrics on a port of their own, as in production.
+        cfg.metrics_listen = Some(
+            std::net::TcpListener::bind("127.0.0.1:0")
+                .and_then(|l| l.local_addr())
+                .expect("a free port"),
+        );
         tweak(&mut cfg);
+        let metrics = cfg
+            .metrics_listen
+            .map(|a| format!("http://{a}"))
+            .unwrap_or_default();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind");
@@ -226,6 +236,7 @@ impl TestEnv {
         });
         let api = Api {
             base: format!("http://{addr}"),
+            metrics,
             http: reqwest::Client::new(),
             shutdown,
         };
@@ -649,8 +660,25 @@ impl Drop for Worker {
 
 pub struct Api {
     pub base: String,
+    /// `http://<API_METRICS_LISTEN>`: where its `/metrics` is.
+    pub metrics: String,
     pub http: reqwest::Client,
     pub shutdown: CancellationToken,
+}
+
+impl Api {
+    /// The api's Prometheus metrics, from its metrics listener ("" when it does not answer).
+    pub async fn metrics_text(&self) -> String {
+        match self
+            .http
+            .get(format!("{}/metrics", self.metrics))
+            .send()
+            .await
+        {
+            Ok(resp) => resp.text().await.unwrap_or_default(),
+            Err(_) => String::new(),
+        }
+    }
 }
 
 impl Drop for Api {

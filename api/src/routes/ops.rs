@@ -1,5 +1,5 @@
-//! Operability endpoints outside `/api/v1`: liveness, readiness, metrics, and the development
-//! JWKS.
+//! Operability endpoints outside `/api/v1`: liveness, readiness and the development JWKS on
+//! the API's port; metrics on a listener of their own.
 
 use std::time::Duration;
 
@@ -11,6 +11,7 @@ use axum::{
 };
 use serde_json::{Value, json};
 use shared::Error;
+use tokio_util::sync::CancellationToken;
 
 use crate::{AppState, error::ApiResult};
 
@@ -43,12 +44,24 @@ pub async fn readyz(State(state): State<AppState>) -> ApiResult<Json<Value>> {
 }
 
 /// Prometheus text format.
-pub async fn metrics() -> Response {
+async fn metrics() -> Response {
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
         shared::telemetry::prometheus().render(),
     )
         .into_response()
+}
+
+/// Serves `/metrics` on its own listener (`API_METRICS_LISTEN`), never on the API's port:
+/// they name every tenant's webhook ids and backlogs.
+pub async fn serve_metrics(listener: tokio::net::TcpListener, stop: CancellationToken) {
+    let app = axum::Router::new().route("/metrics", axum::routing::get(metrics));
+    if let Err(e) = axum::serve(listener, app)
+        .with_graceful_shutdown(stop.cancelled_owned())
+        .await
+    {
+        tracing::warn!(error = %e, "the metrics listener stopped");
+    }
 }
 
 /// The development signing key's JWKS (only when `DEV_JWT_KEY_FILE` is set).

@@ -465,10 +465,7 @@ async fn the_api_publishes_each_gateways_heartbeat_age_capacity_and_state_for_al
     let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
     let text = loop {
         store::gateways::heartbeat(&db, &live).await.expect("beat");
-        let text = match api.http.get(format!("{}/metrics", api.base)).send().await {
-            Ok(resp) => resp.text().await.unwrap_or_default(),
-            Err(_) => String::new(),
-        };
+        let text = api.metrics_text().await;
         let dead = [("gateway", crashed.as_str()), ("state", "dead")];
         if series(&text, "fleet_gateway_state", &dead) == Some(1.0) {
             break text;

@@ -4,7 +4,7 @@ use serde_json::json;
 use tests::TestEnv;
 
 #[tokio::test]
-async fn health_readiness_and_metrics_answer_without_credentials() {
+async fn health_and_readiness_answer_without_credentials_and_metrics_only_on_their_own_port() {
     let env = TestEnv::new().await;
     let api = env.start_api(|_| {}).await;
     let h = api
@@ -24,13 +24,18 @@ async fn health_readiness_and_metrics_answer_without_credentials() {
     api.get("/api/v1/sessions", &key).await.assert_status(200);
     let m = api
         .http
-        .get(format!("{}/metrics", api.base))
+        .get(format!("{}/metrics", api.metrics))
         .send()
         .await
         .expect("metrics");
     assert_eq!(m.status().as_u16(), 200);
     let text = m.text().await.expect("text");
     assert!(text.contains("http_requests_total"), "{text}");
+    // Not on the API's port, which the internet reaches: the metrics name every tenant's
+    // webhooks and backlogs.
+    api.request(reqwest::Method::GET, "/metrics", None, None)
+        .await
+        .assert_error(404, "not_found");
     assert!(
         text.contains("route=\"/api/v1/sessions\""),
         "labelled by route template: {text}"

@@ -221,13 +221,7 @@ async fn a_receiver_failing_twice_gets_the_event_once_with_three_attempts_in_the
     let w = api.get(&format!("/api/v1/webhooks/{webhook}"), &key).await;
     assert!(w.assert_status(200)["failingSince"].is_null());
     // Attempts by outcome, deliveries by outcome, attempt latency.
-    let metrics = api
-        .get("/metrics", &key)
-        .await
-        .body
-        .as_str()
-        .unwrap_or_default()
-        .to_owned();
+    let metrics = api.metrics_text().await;
     for series in [
         "webhook_attempts_total{outcome=\"http_error\"}",
         "webhook_attempts_total{outcome=\"success\"}",
@@ -272,13 +266,7 @@ async fn deliveries_of_a_killed_api_replica_are_delivered_by_another() {
     // While the dead replica's leases run out, the backlog is visible per endpoint.
     let webhook = id_of(&created);
     tests::eventually(LIMIT, || async {
-        let m = api
-            .get("/metrics", &key)
-            .await
-            .body
-            .as_str()
-            .unwrap_or_default()
-            .to_owned();
+        let m = api.metrics_text().await;
         m.contains(&format!("webhook_backlog{{webhook=\"{webhook}\"}}"))
             && m.contains(&format!(
                 "webhook_oldest_pending_age_seconds{{webhook=\"{webhook}\"}}"
