@@ -6,7 +6,8 @@
 //! `gw.events` (topic `<org>.<session>.<type>`), which api replicas fan out over SSE.
 //!
 //! Each command is one variant of [`Command`]; the worker handles each in one place
-//! (`worker/src/session_actor.rs`). Adding a variant makes the compiler list the places to touch.
+//! (`worker/src/session_actor/commands.rs`). Adding a variant makes the compiler list the
+//! places to touch.
 
 use serde::{Deserialize, Serialize};
 use ulid::Ulid;
