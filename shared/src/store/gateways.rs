@@ -119,22 +119,19 @@ pub async fn signed_off(db: &impl GenericClient, id: &str, instance: &str) -> Re
 }
 
 /// Marks the gateway `draining` for as long as its current process lives (a worker draining
-/// to exit): [`register`] and [`signed_off`] put back the state it had. Answers the state it
-/// had; a gateway already draining (an SRE's drain) is left as it is.
-pub async fn drain_to_exit(db: &impl GenericClient, id: &str) -> Result<Option<GatewayState>> {
+/// to exit): [`register`] and [`signed_off`] put back the state it had. A gateway already
+/// draining (an SRE's drain) is left as it is.
+pub async fn drain_to_exit(db: &impl GenericClient, id: &str) -> Result<()> {
+    // The right-hand sides read the row as it was before this update.
     let stmt = db
         .prepare_cached(
-            "UPDATE gateways g SET state = 'draining', \
-             drain_restore = CASE WHEN old.state = 'draining' THEN g.drain_restore \
-               WHEN old.state = 'cordoned' THEN 'cordoned' ELSE 'active' END \
-             FROM (SELECT state FROM gateways WHERE id = $1 FOR UPDATE) old \
-             WHERE g.id = $1 RETURNING old.state",
+            "UPDATE gateways SET state = 'draining', drain_restore = CASE state \
+             WHEN 'draining' THEN drain_restore WHEN 'cordoned' THEN 'cordoned' \
+             ELSE 'active' END WHERE id = $1",
         )
         .await?;
-    Ok(db
-        .query_opt(&stmt, &[&id])
-        .await?
-        .and_then(|r| GatewayState::parse(r.get(0))))
+    db.execute(&stmt, &[&id]).await?;
+    Ok(())
 }
 
 /// An SRE's change of state: it persists across the worker's restarts.
