@@ -69,14 +69,8 @@ pub async fn run(cfg: Config, listener: TcpListener, shutdown: CancellationToken
     shared::telemetry::prometheus();
     let header_read_timeout = Duration::from_millis(cfg.limits.header_read_timeout_ms);
     // Bound first: a port in use fails the start before anything else does.
-    let metrics_listener = match cfg.metrics_listen {
-        Some(addr) => Some(
-            TcpListener::bind(addr)
-                .await
-                .map_err(|e| Error::invalid(format!("API_METRICS_LISTEN {addr}: {e}")))?,
-        ),
-        None => None,
-    };
+    let metrics_listener =
+        shared::telemetry::bind_metrics_listener(cfg.metrics_listen, "API_METRICS_LISTEN").await?;
     let state = build_state(cfg, shutdown.clone()).await?;
     state.auth.start_refreshing(shutdown.clone());
     if let Some(listener) = metrics_listener {

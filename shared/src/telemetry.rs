@@ -4,12 +4,15 @@
 //! facade to a Prometheus recorder; the facade's recorder is process-global by design, so it is
 //! installed once and its handle shared (tests start many servers in one process).
 
-use std::sync::OnceLock;
+use std::{net::SocketAddr, sync::OnceLock};
 
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use tracing_subscriber::EnvFilter;
 
-use crate::config::{LogConfig, LogFormat};
+use crate::{
+    config::{LogConfig, LogFormat},
+    error::{Error, Result},
+};
 
 pub fn init_logging(cfg: &LogConfig) {
     let filter = EnvFilter::try_new(&cfg.log_filter).unwrap_or_else(|_| EnvFilter::new("info"));
@@ -18,6 +21,20 @@ pub fn init_logging(cfg: &LogConfig) {
         LogFormat::Json => builder.json().flatten_event(true).try_init(),
         LogFormat::Text => builder.try_init(),
     };
+}
+
+/// Binds the metrics listener a process is configured with (`setting` names the variable,
+/// for the error), before the process claims or serves anything: a port in use fails the
+/// start with that setting named. `None` when none is configured.
+pub async fn bind_metrics_listener(
+    addr: Option<SocketAddr>,
+    setting: &str,
+) -> Result<Option<tokio::net::TcpListener>> {
+    let Some(addr) = addr else { return Ok(None) };
+    tokio::net::TcpListener::bind(addr)
+        .await
+        .map(Some)
+        .map_err(|e| Error::invalid(format!("{setting} {addr}: {e}")))
 }
 
 /// The process's Prometheus recorder, installed on first use.

@@ -78,14 +78,9 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<()> {
         }
         config::DriverKind::Whatsapp => whatsapp_driver(&cfg, &db)?,
     };
-    let metrics_listener = match cfg.metrics_listen {
-        Some(addr) => Some(
-            tokio::net::TcpListener::bind(addr)
-                .await
-                .map_err(|e| Error::invalid(format!("WORKER_METRICS_LISTEN {addr}: {e}")))?,
-        ),
-        None => None,
-    };
+    let metrics_listener =
+        shared::telemetry::bind_metrics_listener(cfg.metrics_listen, "WORKER_METRICS_LISTEN")
+            .await?;
     let reaper_db = shared::db::pool(&cfg.db.database_url, 1)?;
 
     let instance = ulid::Ulid::new().to_string();
