@@ -96,12 +96,15 @@ pub struct Config {
     /// The keys that seal webhook signing secrets in Postgres: `id:base64key` (32 bytes,
     /// `openssl rand -base64 32`), comma-separated; the first seals, all open. Every api
     /// replica needs the same list. Without it, webhooks cannot be registered or delivered.
-    #[arg(long, env = "CREDENTIALS_KEYS", hide_env_values = true)]
-    pub credentials_keys: Option<String>,
+    /// Never the workers' `CREDENTIALS_KEYS` (the device keys), which the api refuses to hold.
+    #[arg(long, env = "WEBHOOK_SECRET_KEYS", hide_env_values = true)]
+    pub webhook_secret_keys: Option<String>,
     #[command(flatten)]
     pub webhooks: WebhookConfig,
     #[command(flatten)]
     pub limits: crate::limits::LimitsConfig,
+    #[command(flatten)]
+    pub quotas: QuotaConfig,
 
     /// Local development only: a P-256 PKCS#8 PEM key whose public half is served as a JWKS at
     /// `/dev/jwks.json` (what `gatewayctl dev-token` signs with).

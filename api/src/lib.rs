@@ -58,7 +58,7 @@ pub struct App {
     pub fleet: Fleet,
     pub cfg: Arc<Config>,
     pub dev_jwks: Option<Arc<serde_json::Value>>,
-    /// Seal webhook secrets (`CREDENTIALS_KEYS`); `None` where webhooks are not configured.
+    /// Seal webhook secrets (`WEBHOOK_SECRET_KEYS`); `None` where webhooks are not configured.
     pub webhook_keys: Option<shared::sealed::Keyring>,
     pub shutdown: CancellationToken,
 }
@@ -86,6 +86,7 @@ pub async fn build_state(cfg: Config, shutdown: CancellationToken) -> Result<App
     let db = shared::db::pool(&cfg.db.database_url, cfg.db.database_pool_size)?;
     // Before anything starts: a schema older than this build is refused.
     shared::db::check_schema(&db).await?;
+    shared::db::warn_if_reads_device_keys(&db).await;
     let jwt = match &cfg.auth_jwks_url {
         Some(url) => Some(auth::JwtVerifier::new(auth::JwtConfig {
             jwks_url: url.clone(),
@@ -130,11 +131,11 @@ pub async fn build_state(cfg: Config, shutdown: CancellationToken) -> Result<App
         shutdown.clone(),
     );
     let webhook_keys = cfg
-        .credentials_keys
+        .webhook_secret_keys
         .as_deref()
         .map(shared::sealed::Keyring::parse)
         .transpose()
-        .map_err(|e| Error::invalid(e.to_string()))?;
+        .map_err(|e| Error::invalid(format!("WEBHOOK_SECRET_KEYS: {e}")))?;
     match &webhook_keys {
         Some(keys) if cfg.webhooks.webhook_dispatcher => dispatcher::Dispatcher::start(
             db.clone(),
@@ -144,7 +145,9 @@ pub async fn build_state(cfg: Config, shutdown: CancellationToken) -> Result<App
             shutdown.clone(),
         )?,
         Some(_) => {}
-        None => tracing::warn!("CREDENTIALS_KEYS is not set: webhooks are off in this replica"),
+        None => {
+            tracing::warn!("WEBHOOK_SECRET_KEYS is not set: webhooks are off in this replica")
+        }
     }
     overdue::start(
         db.clone(),

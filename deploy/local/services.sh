@@ -63,10 +63,17 @@ ensure_postgres() {
     log "creating role '$PG_ROLE' and database '$PG_DATABASE'"
     as_postgres psql -p "$PG_PORT" -qtAc "DO \$\$ BEGIN
         IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = '$PG_ROLE') THEN
-          CREATE ROLE $PG_ROLE LOGIN CREATEDB PASSWORD '$PG_PASSWORD';
+          CREATE ROLE $PG_ROLE LOGIN CREATEDB CREATEROLE PASSWORD '$PG_PASSWORD';
         END IF; END \$\$;" >/dev/null || die "could not create role $PG_ROLE (is this the machine's own PostgreSQL?)"
     as_postgres psql -p "$PG_PORT" -qtAc "SELECT 1 FROM pg_database WHERE datname = '$PG_DATABASE'" | grep -q 1 ||
       as_postgres createdb -p "$PG_PORT" -O "$PG_ROLE" "$PG_DATABASE" || die "could not create database $PG_DATABASE"
+  fi
+  # The tests give each api a role of its own (no access to the WhatsApp key store).
+  if [ "$(PGPASSWORD=$PG_PASSWORD psql -h "$PG_HOST" -p "$PG_PORT" -U "$PG_ROLE" -d "$PG_DATABASE" -qtAc \
+      "SELECT rolcreaterole FROM pg_roles WHERE rolname = current_user" 2>/dev/null)" = f ]; then
+    log "letting role '$PG_ROLE' create roles"
+    as_postgres psql -p "$PG_PORT" -qtAc "ALTER ROLE $PG_ROLE CREATEROLE" >/dev/null ||
+      die "could not let $PG_ROLE create roles"
   fi
   ensure_pg_connections
   log "PostgreSQL is up on $PG_HOST:$PG_PORT"

@@ -55,6 +55,89 @@ pub async fn migrate(url: &str) -> Result<Vec<String>> {
         .collect())
 }
 
+/// The tables only the workers may read: the WhatsApp key store (device keys, Signal state).
+const DEVICE_KEY_TABLES: &str = "wa\\_%";
+
+/// Gives `role` what the api needs and nothing of the key store: read and write on every
+/// table and sequence but the `wa_*` ones (`gatewayctl migrate --api-role`, after each
+/// migration, so tables added later are covered). The role must exist; the migrating role
+/// (the tables' owner) grants.
+pub async fn grant_api_role(url: &str, role: &str) -> Result<()> {
+    let valid = role.len() <= 63
+        && role.starts_with(|c: char| c.is_ascii_lowercase() || c == '_')
+        && role
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
+    if !valid {
+        return Err(Error::invalid(format!(
+            "api role `{role}`: use lowercase letters, digits and `_`"
+        )));
+    }
+    let (client, connection) = tokio_postgres::connect(url, NoTls).await?;
+    let conn = tokio::spawn(connection);
+    let exists: bool = client
+        .query_one(
+            "SELECT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = $1)",
+            &[&role],
+        )
+        .await?
+        .get(0);
+    if !exists {
+        return Err(Error::invalid(format!(
+            "api role `{role}` does not exist: create it first (CREATE ROLE {role} LOGIN PASSWORD …)"
+        )));
+    }
+    let revoke: Vec<String> = client
+        .query(
+            "SELECT format('REVOKE ALL ON %s %I FROM %I', \
+               CASE c.relkind WHEN 'S' THEN 'SEQUENCE' ELSE 'TABLE' END, c.relname, $2::text) \
+             FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
+             WHERE n.nspname = 'public' AND c.relkind IN ('r', 'p', 'S') AND c.relname LIKE $1",
+            &[&DEVICE_KEY_TABLES, &role],
+        )
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let grants = format!(
+        "GRANT USAGE ON SCHEMA public TO \"{role}\"; \
+         GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public TO \"{role}\"; \
+         GRANT USAGE, SELECT, UPDATE ON ALL SEQUENCES IN SCHEMA public TO \"{role}\"; {}",
+        revoke.iter().map(|r| format!("{r};")).collect::<String>()
+    );
+    // One transaction: the role never holds the key store's tables, even for a moment.
+    client
+        .batch_execute(&format!("BEGIN; {grants} COMMIT;"))
+        .await?;
+    drop(client);
+    let _ = conn.await;
+    Ok(())
+}
+
+/// Warns when this process's database role can read the WhatsApp key store: the api should
+/// run with a role of its own ([`grant_api_role`]). Answers whether it can.
+pub async fn warn_if_reads_device_keys(pool: &Pool) -> bool {
+    let Ok(client) = pool.get().await else {
+        return false;
+    };
+    let reads = client
+        .query_one(
+            "SELECT COALESCE(bool_or(has_table_privilege(c.oid, 'SELECT')), false) \
+             FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
+             WHERE n.nspname = 'public' AND c.relkind IN ('r', 'p') AND c.relname LIKE $1",
+            &[&DEVICE_KEY_TABLES],
+        )
+        .await
+        .is_ok_and(|r| r.get(0));
+    if reads {
+        tracing::warn!(
+            "this database role can read the WhatsApp key store (wa_* tables): run the api \
+             with a role of its own, granted by `gatewayctl migrate --api-role`"
+        );
+    }
+    reads
+}
+
 /// Refuses to run on a schema older than this build needs: every migration embedded in it
 /// must be applied (`gatewayctl migrate` runs before a new version's processes start). A
 /// schema newer than the build (migrations it does not know, applied for the next version) is

@@ -46,12 +46,16 @@ pub fn unique() -> String {
 }
 
 pub struct TestEnv {
+    /// The test's database as its owner: workers, gatewayctl and the tests' own queries.
     pub database_url: String,
+    /// The same database as the api's role (`gwt_api_…`), which cannot read the WhatsApp key
+    /// store: every api the test starts uses it.
+    pub api_database_url: String,
     pub amqp_prefix: String,
     pub db: Pool,
-    /// `CREDENTIALS_KEYS` of every api this test starts (in-process or as a process), so each
-    /// replica opens the webhook secrets the others sealed.
-    pub credentials_keys: String,
+    /// `WEBHOOK_SECRET_KEYS` of every api this test starts (in-process or as a process), so
+    /// each replica opens the webhook secrets the others sealed.
+    pub webhook_secret_keys: String,
     /// Gateway ids handed out, whose queues are deleted when the test ends.
     gateways: std::sync::Mutex<Vec<String>>,
 }
@@ -120,18 +124,32 @@ impl TestEnv {
         shared::db::migrate(&database_url)
             .await
             .expect("migrations apply");
+        // The api's own role, as production runs it: no access to the WhatsApp key store.
+        let api_role = format!("gwt_api_{}", unique());
+        let api_password = unique();
+        client
+            .batch_execute(&format!(
+                "CREATE ROLE {api_role} LOGIN PASSWORD '{api_password}'"
+            ))
+            .await
+            .expect("the database role needs CREATEROLE (deploy/local/services.sh grants it)");
+        shared::db::grant_api_role(&database_url, &api_role)
+            .await
+            .expect("the api role is granted");
+        let api_database_url = with_login(&database_url, &api_role, &api_password);
         let db = shared::db::pool(&database_url, 8).expect("pool");
         let key: Vec<u8> = [Ulid::new().0.to_le_bytes(), Ulid::new().0.to_le_bytes()].concat();
         use base64::Engine;
-        let credentials_keys = format!(
+        let webhook_secret_keys = format!(
             "t1:{}",
             base64::engine::general_purpose::STANDARD.encode(key)
         );
         TestEnv {
             database_url,
+            api_database_url,
             amqp_prefix: format!("t{}.", unique()),
             db,
-            credentials_keys,
+            webhook_secret_keys,
             gateways: Default::default(),
         }
     }
@@ -148,7 +166,7 @@ impl TestEnv {
 
     pub fn api_config(&self) -> api::Config {
         let mut cfg = api::Config::parse_from(["api"]);
-        cfg.db.database_url = self.database_url.clone();
+        cfg.db.database_url = self.api_database_url.clone();
         cfg.db.database_pool_size = 16;
         cfg.amqp.amqp_url = amqp_url();
         cfg.amqp.amqp_prefix = self.amqp_prefix.clone();
@@ -159,7 +177,7 @@ impl TestEnv {
         cfg.command_timeout_ms = 5_000;
         cfg.api_key_cache_ttl_ms = 300;
         cfg.default_gateway = "gw-none-0".into();
-        cfg.credentials_keys = Some(self.credentials_keys.clone());
+        cfg.webhook_secret_keys = Some(self.webhook_secret_keys.clone());
         // Request limits far above any test's or benchmark's load (the limits' own tests set
         // theirs); on rather than off, so benchmarks pay for the check as the product does.
         let limits = &mut cfg.limits;
@@ -576,6 +594,14 @@ pub async fn close_broker_connection(name: &str) -> usize {
         }
     }
     closed
+}
+
+/// `url` (a `postgres://user:password@host…` URL) with another user and password.
+fn with_login(url: &str, user: &str, password: &str) -> String {
+    let mut parsed = url::Url::parse(url).expect("DATABASE_URL is a postgres:// URL");
+    parsed.set_username(user).expect("a user");
+    parsed.set_password(Some(password)).expect("a password");
+    parsed.to_string()
 }
 
 fn with_dbname(url: &str, name: &str) -> String {

@@ -188,7 +188,7 @@ pub struct ApiProcess {
 }
 
 impl ApiProcess {
-    /// Starts the `api` binary with the test's database, broker and `CREDENTIALS_KEYS`, the
+    /// Starts the `api` binary with the test's database, broker and `WEBHOOK_SECRET_KEYS`, the
     /// test webhook settings, and `extra` on top; waits until it answers `/healthz`.
     pub async fn spawn(env: &TestEnv, extra: &[(&str, String)]) -> ApiProcess {
         let port = std::net::TcpListener::bind("127.0.0.1:0")
@@ -201,12 +201,12 @@ impl ApiProcess {
         let mut cmd = Command::new(binary("api"));
         cmd.env_clear()
             .env("PATH", std::env::var_os("PATH").unwrap_or_default())
-            .env("DATABASE_URL", &env.database_url)
+            .env("DATABASE_URL", &env.api_database_url)
             .env("DATABASE_POOL_SIZE", "8")
             .env("AMQP_URL", amqp_url())
             .env("AMQP_PREFIX", &env.amqp_prefix)
             .env("API_LISTEN", format!("127.0.0.1:{port}"))
-            .env("CREDENTIALS_KEYS", &env.credentials_keys)
+            .env("WEBHOOK_SECRET_KEYS", &env.webhook_secret_keys)
             .env("WEBHOOK_ALLOW_HTTP", "true")
             .env("WEBHOOK_ALLOW_PRIVATE", "true")
             .env("WEBHOOK_POLL_MS", "100")

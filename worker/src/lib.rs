@@ -352,8 +352,8 @@ fn whatsapp_driver(cfg: &Config, db: &Pool) -> Result<Arc<dyn Driver>> {
     let keys = cfg.credentials_keys.as_deref().ok_or_else(|| {
         Error::invalid("WA_DRIVER=whatsapp needs CREDENTIALS_KEYS (`id:base64key`, 32-byte keys)")
     })?;
-    let keyring =
-        shared::sealed::Keyring::parse(keys).map_err(|e| Error::invalid(e.to_string()))?;
+    let keyring = shared::sealed::Keyring::parse(keys)
+        .map_err(|e| Error::invalid(format!("CREDENTIALS_KEYS: {e}")))?;
     let version = parse_version(&cfg.wa_client_version)
         .map_err(|e| Error::invalid(format!("WA_CLIENT_VERSION: {e}")))?;
     Ok(Arc::new(WhatsAppDriver::new(

@@ -27,8 +27,13 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Apply the database migrations not applied yet.
-    Migrate,
+    /// Apply the database migrations not applied yet, then grant the api's role what it needs.
+    Migrate {
+        /// The api's own database role: given every table but the WhatsApp key store's (run
+        /// with each migration, so new tables are granted too). The role must exist.
+        #[arg(long, env = "DATABASE_API_ROLE")]
+        api_role: Option<String>,
+    },
     /// Create or revoke API keys.
     #[command(subcommand)]
     Apikey(ApiKeyCmd),
@@ -53,20 +58,32 @@ enum Cmd {
     /// The fleet: list gateways, or set one's state.
     #[command(subcommand)]
     Gateways(GatewayCmd),
-    /// Secrets at rest: the WhatsApp driver's device keys, sealed with CREDENTIALS_KEYS.
+    /// Secrets at rest: the WhatsApp driver's device keys (CREDENTIALS_KEYS) and the webhooks'
+    /// signing secrets (WEBHOOK_SECRET_KEYS).
     #[command(subcommand)]
     Credentials(CredentialsCmd),
 }
 
 #[derive(Subcommand)]
 enum CredentialsCmd {
-    /// Re-seal every stored secret under the first key of CREDENTIALS_KEYS. Put the new key
-    /// first on every worker, then run this; once it reports nothing left, the old key can go.
-    /// Safe while workers run: a value a worker rewrites meanwhile is not overwritten.
+    /// Re-seal the device keys under the first key of CREDENTIALS_KEYS, and the webhooks'
+    /// secrets under the first of WEBHOOK_SECRET_KEYS (each where given; at least one). Put
+    /// the new key first on every worker (or api replica), then run this; once it reports
+    /// nothing left, the old key can go. Safe while they run: a value rewritten meanwhile is
+    /// not overwritten.
     Rotate {
-        /// `id:base64key[,id:base64key…]`: the new key first, then every key still in use.
-        #[arg(long, env = "CREDENTIALS_KEYS", hide_env_values = true)]
-        credentials_keys: String,
+        /// The device keys' `id:base64key[,id:base64key…]`: the new key first, then every key
+        /// still in use.
+        #[arg(
+            long,
+            env = "CREDENTIALS_KEYS",
+            hide_env_values = true,
+            required_unless_present = "webhook_secret_keys"
+        )]
+        credentials_keys: Option<String>,
+        /// The webhook secrets' keys, likewise.
+        #[arg(long, env = "WEBHOOK_SECRET_KEYS", hide_env_values = true)]
+        webhook_secret_keys: Option<String>,
         /// Values re-sealed per statement.
         #[arg(long, default_value_t = 500)]
         batch: i64,
@@ -170,13 +187,17 @@ fn api_config() -> Result<api::Config> {
 async fn run(cli: Cli) -> Result<()> {
     let cfg = api_config()?;
     match cli.command {
-        Cmd::Migrate => {
+        Cmd::Migrate { api_role } => {
             let applied = shared::db::migrate(&cfg.db.database_url).await?;
             if applied.is_empty() {
                 println!("database is up to date");
             }
             for m in applied {
                 println!("applied {m}");
+            }
+            if let Some(role) = api_role {
+                shared::db::grant_api_role(&cfg.db.database_url, &role).await?;
+                println!("granted role {role} every table but the WhatsApp key store's");
             }
         }
         Cmd::Apikey(ApiKeyCmd::Create {
@@ -279,20 +300,34 @@ async fn run(cli: Cli) -> Result<()> {
         Cmd::Gateways(cmd) => fleet(&cfg, cmd).await?,
         Cmd::Credentials(CredentialsCmd::Rotate {
             credentials_keys,
+            webhook_secret_keys,
             batch,
         }) => {
-            let keyring = shared::sealed::Keyring::parse(&credentials_keys)
-                .map_err(|e| Error::invalid(e.to_string()))?;
+            let keyring = |var: &str, spec: &Option<String>| {
+                spec.as_deref()
+                    .map(shared::sealed::Keyring::parse)
+                    .transpose()
+                    .map_err(|e| Error::invalid(format!("{var}: {e}")))
+            };
+            let devices = keyring("CREDENTIALS_KEYS", &credentials_keys)?;
+            let webhooks = keyring("WEBHOOK_SECRET_KEYS", &webhook_secret_keys)?;
             let db = shared::db::pool(&cfg.db.database_url, 1)?;
             let client = db.get().await?;
             // Every sealed column: the devices' keys and the webhooks' signing secrets.
-            let device_keys = store::wa_keys::rotate(&client, &keyring, batch).await?;
-            let secrets = store::webhooks::reseal_secrets(&client, &keyring, batch).await?;
-            println!(
-                "re-sealed {device_keys} device value(s) and {secrets} webhook secret(s) \
-                 under key `{}`",
-                keyring.current()
-            );
+            if let Some(keys) = devices {
+                let n = store::wa_keys::rotate(&client, &keys, batch).await?;
+                println!(
+                    "re-sealed {n} device value(s) under key `{}`",
+                    keys.current()
+                );
+            }
+            if let Some(keys) = webhooks {
+                let n = store::webhooks::reseal_secrets(&client, &keys, batch).await?;
+                println!(
+                    "re-sealed {n} webhook secret(s) under key `{}`",
+                    keys.current()
+                );
+            }
         }
     }
     Ok(())

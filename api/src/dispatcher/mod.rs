@@ -282,7 +282,7 @@ impl Dispatcher {
                 Ok(k) => keys.push(k),
                 Err(e) => {
                     tracing::error!(webhook_id = %c.webhook_id, cause = ?e.source,
-                        "a webhook secret does not open: is its key in CREDENTIALS_KEYS?");
+                        "a webhook secret does not open: is its key in WEBHOOK_SECRET_KEYS?");
                     return Sent::not_sent("the signing secret cannot be opened");
                 }
             }

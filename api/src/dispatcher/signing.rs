@@ -4,7 +4,7 @@
 //! value per valid secret separated by spaces (two during a rotation's overlap).
 //!
 //! A secret is 32 random bytes, shown as `whsec_<base64>`; at rest it is sealed under
-//! `CREDENTIALS_KEYS`, bound to its endpoint (the AAD), so a sealed secret copied to another
+//! `WEBHOOK_SECRET_KEYS`, bound to its endpoint (the AAD), so a sealed secret copied to another
 //! endpoint's row does not open.
 
 use base64::{Engine, engine::general_purpose::STANDARD};
@@ -12,7 +12,7 @@ use rand::RngCore;
 use shared::{
     Error, Result,
     sealed::Keyring,
-    store::webhooks::{SealedSecret, secret_aad},
+    store::webhooks::{SealedSecret, secret_binding},
 };
 
 pub const SECRET_PREFIX: &str = "whsec_";
@@ -27,7 +27,7 @@ pub fn new_secret() -> (Vec<u8>, String) {
 }
 
 pub fn seal(keys: &Keyring, webhook_id: &str, key: &[u8]) -> SealedSecret {
-    let (key_id, sealed) = keys.seal(&secret_aad(webhook_id), key);
+    let (key_id, sealed) = keys.seal(&secret_binding(webhook_id), key);
     SealedSecret {
         key_id: key_id.to_owned(),
         sealed,
@@ -35,7 +35,7 @@ pub fn seal(keys: &Keyring, webhook_id: &str, key: &[u8]) -> SealedSecret {
 }
 
 pub fn open(keys: &Keyring, webhook_id: &str, s: &SealedSecret) -> Result<Vec<u8>> {
-    keys.open(&s.key_id, &secret_aad(webhook_id), &s.sealed)
+    keys.open(&s.key_id, &secret_binding(webhook_id), &s.sealed)
         .map_err(Error::internal)
 }
 

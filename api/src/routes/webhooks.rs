@@ -134,9 +134,37 @@ pub struct DeliveryPage {
 
 fn keys(state: &AppState) -> ApiResult<&Keyring> {
     state.webhook_keys.as_ref().ok_or_else(|| {
-        Error::unavailable("webhooks are not configured on this api (CREDENTIALS_KEYS is not set)")
-            .into()
+        Error::unavailable(
+            "webhooks are not configured on this api (WEBHOOK_SECRET_KEYS is not set)",
+        )
+        .into()
     })
+}
+
+/// How many more deliveries the organization may queue (`ORG_MAX_PENDING_DELIVERIES`), or 429
+/// when its backlog is full: it drains as the endpoints answer.
+async fn backlog_room(
+    state: &AppState,
+    db: &impl deadpool_postgres::GenericClient,
+    org: &str,
+) -> ApiResult<i64> {
+    let limit = state.cfg.quotas.org_max_pending_deliveries;
+    let pending = store::quotas::pending_deliveries(db, org).await?;
+    if pending >= limit {
+        metrics::counter!("api_rate_limited_total", "scope" => "pending_deliveries").increment(1);
+        return Err(Error::new(
+            shared::ErrorCode::RateLimited,
+            format!(
+                "this organization has {pending} webhook deliveries waiting, its quota; \
+                 try again once they are sent"
+            ),
+        )
+        .with_detail("scope", "pending_deliveries")
+        .with_detail("limit", limit)
+        .with_detail("retryAfterSeconds", 60)
+        .into());
+    }
+    Ok(limit - pending)
 }
 
 fn not_found() -> Error {

@@ -2,8 +2,8 @@
 //! binds each to its table and session, and their rotation to the current key.
 //!
 //! Every sealed value is two columns, `key_id` (the key of `CREDENTIALS_KEYS` that sealed it)
-//! and `sealed`, opened with [`aad`] of its table and session: a value copied into another
-//! session's row (or another table) does not open. The worker writes them
+//! and `sealed`, opened with the [`binding`] of its table and row: a value copied into another
+//! row (or another table) does not open. The worker writes them
 //! (`worker::driver::whatsapp::store`); [`rotate`] re-seals what an older key sealed.
 //!
 //! Rotation is the operator's (`gatewayctl credentials rotate`) and, unlike the other
@@ -17,10 +17,10 @@
 use deadpool_postgres::GenericClient;
 
 use crate::error::{Error, ErrorCode, Result};
-use crate::sealed::{Keyring, SealError};
+use crate::sealed::{self, Binding, Keyring, SealError};
 
 /// A table with sealed values, and its primary key: each column with its SQL type. The first
-/// column is always `session_id`, the session whose [`aad`] seals the row.
+/// column is always `session_id`: [`binding`] takes the key in this order.
 #[derive(Debug, Clone, Copy)]
 pub struct SealedTable {
     pub table: &'static str,
@@ -83,12 +83,34 @@ pub const SEALED: &[SealedTable] = &[
     },
 ];
 
-/// The associated data of a value sealed in `table` for `session_id`.
-pub fn aad(table: &str, session_id: &str) -> Vec<u8> {
-    format!("{table}/{session_id}").into_bytes()
+/// Where a value sealed in `table` lives: its row's primary key, `key[0]` the session id, each
+/// column as Postgres writes it as text (a `bytea` as `\x` and lowercase hex: [`bytea_key`]).
+/// Format-1 values were bound to table and session only.
+pub fn binding(table: &str, key: &[&str]) -> Binding {
+    // Parts joined by NUL, which no text column can hold: no two rows share a binding.
+    let mut aad = table.as_bytes().to_vec();
+    for part in key {
+        aad.push(0);
+        aad.extend_from_slice(part.as_bytes());
+    }
+    Binding {
+        aad,
+        v1_aad: format!("{table}/{}", key.first().copied().unwrap_or_default()).into_bytes(),
+    }
 }
 
-/// Re-seals under `keyring.current()` every value sealed with another key, `batch` rows at a
+/// A `bytea` key column as [`binding`] takes it.
+pub fn bytea_key(bytes: &[u8]) -> String {
+    let mut out = String::with_capacity(2 + 2 * bytes.len());
+    out.push_str("\\x");
+    for b in bytes {
+        out.push_str(&format!("{b:02x}"));
+    }
+    out
+}
+
+/// Re-seals under `keyring.current()`, in the current format, every value sealed with another
+/// key or in an older format, `batch` rows at a
 /// time; answers how many it re-sealed. Fails, naming the key, on a value sealed with a key
 /// the keyring does not list.
 pub async fn rotate(client: &impl GenericClient, keyring: &Keyring, batch: i64) -> Result<u64> {
@@ -124,10 +146,14 @@ fn pass_statements(t: &SealedTable) -> [String; 3] {
             .join(sep)
     };
     let key = list(&|_, c, _| c.to_owned(), ", ");
+    // Sealed by another key, or in an older format.
     let select = format!(
-        "SELECT {}, key_id, sealed FROM {} WHERE key_id <> $1",
-        list(&|_, c, _| format!("{c}::text"), ", "),
-        t.table
+        "SELECT {}, key_id, sealed FROM {} \
+         WHERE (key_id <> $1 OR substring(sealed FROM 1 FOR {}) <> '\\x{}'::bytea)",
+        list(&|_, c, ty| as_text(c, ty), ", "),
+        t.table,
+        sealed::FORMAT_2.len(),
+        hex(&sealed::FORMAT_2),
     );
     let order = format!("ORDER BY {key} LIMIT $2");
     let after = list(&|i, _, ty| format!("${}::text::{ty}", i + 3), ", ");
@@ -150,6 +176,20 @@ fn pass_statements(t: &SealedTable) -> [String; 3] {
         format!("{select} AND ({key}) > ({after}) {order}"),
         update,
     ]
+}
+
+/// A key column as text, as [`binding`] takes it: a `bytea` in hex whatever `bytea_output`
+/// says (the text reads back as the same `bytea`).
+fn as_text(column: &str, ty: &str) -> String {
+    if ty == "bytea" {
+        format!("'\\x' || encode({column}, 'hex')")
+    } else {
+        format!("{column}::text")
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// One walk over `t`: (values re-sealed, values skipped because their row changed).
@@ -185,14 +225,14 @@ async fn rotate_pass(
         let mut keys: Vec<Vec<String>> = vec![Vec::with_capacity(rows.len()); cols];
         let (mut old_keys, mut old_sealed, mut new_sealed) = (vec![], vec![], vec![]);
         for row in &rows {
-            let session_id: String = row.get(0);
+            let key: Vec<&str> = (0..cols).map(|i| row.get(i)).collect();
             let key_id: String = row.get(cols);
             let sealed: Vec<u8> = row.get(cols + 1);
-            let aad = aad(t.table, &session_id);
+            let binding = binding(t.table, &key);
             let plain = keyring
-                .open(&key_id, &aad, &sealed)
-                .map_err(|e| open_error(t.table, &session_id, e))?;
-            new_sealed.push(keyring.seal(&aad, &plain).1);
+                .open(&key_id, &binding, &sealed)
+                .map_err(|e| open_error(t.table, key[0], e))?;
+            new_sealed.push(keyring.seal(&binding, &plain).1);
             for (i, column) in keys.iter_mut().enumerate() {
                 column.push(row.get(i));
             }
@@ -238,7 +278,10 @@ mod tests {
     }
 
     #[test]
-    fn the_associated_data_names_table_and_session() {
-        assert_eq!(aad("wa_prekeys", "01J9"), b"wa_prekeys/01J9".to_vec());
+    fn the_binding_names_table_session_and_row() {
+        let b = binding("wa_prekeys", &["01J9", "17"]);
+        assert_eq!(b.aad, b"wa_prekeys\x0001J9\x0017".to_vec());
+        assert_eq!(b.v1_aad, b"wa_prekeys/01J9".to_vec());
+        assert_eq!(bytea_key(&[0, 0xab]), "\\x00ab");
     }
 }

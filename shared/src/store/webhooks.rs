@@ -6,7 +6,7 @@ use tokio_postgres::Row;
 
 use crate::{
     error::{Error, ErrorCode, Result},
-    sealed::{Keyring, SealError},
+    sealed::{self, Binding, Keyring, SealError},
     webhook::Webhook,
 };
 
@@ -30,7 +30,7 @@ fn webhook(r: &Row) -> Webhook {
     }
 }
 
-/// A secret as stored: the id of the `CREDENTIALS_KEYS` key that sealed it, and the sealed
+/// A secret as stored: the id of the `WEBHOOK_SECRET_KEYS` key that sealed it, and the sealed
 /// bytes.
 #[derive(Debug, Clone)]
 pub struct SealedSecret {
@@ -202,14 +202,15 @@ pub async fn rotate_secret(
     Ok(row.as_ref().map(webhook))
 }
 
-/// The associated data of an endpoint's sealed signing secret: bound to its endpoint, so a
+/// Where an endpoint's sealed signing secret lives: bound to its endpoint (the row), so a
 /// sealed secret copied to another endpoint's row does not open.
-pub fn secret_aad(webhook_id: &str) -> Vec<u8> {
-    format!("webhooks/{webhook_id}/secret").into_bytes()
+pub fn secret_binding(webhook_id: &str) -> Binding {
+    Binding::same(format!("webhooks/{webhook_id}/secret").into_bytes())
 }
 
-/// Re-seals under `keyring.current()` every endpoint's signing secret (and the previous one,
-/// during a rotation's overlap) sealed with another key, `batch` endpoints at a time; answers
+/// Re-seals under `keyring.current()`, in the current format, every endpoint's signing
+/// secret (and the previous one, during a rotation's overlap) sealed with another key or in an
+/// older format, `batch` endpoints at a time; answers
 /// how many secrets it re-sealed. Fails, naming the key, on a secret sealed with a key the
 /// keyring does not list. A row that changed meanwhile (an `:rotateSecret`) is left as it was
 /// written and looked at again in a further pass.
@@ -226,7 +227,10 @@ pub async fn reseal_secrets(
         .prepare_cached(
             "SELECT id, secret_key_id, secret_sealed, previous_secret_key_id, \
              previous_secret_sealed FROM webhooks WHERE id > $2 \
-             AND (secret_key_id <> $1 OR previous_secret_key_id <> $1) ORDER BY id LIMIT $3",
+             AND (secret_key_id <> $1 OR previous_secret_key_id <> $1 \
+               OR substring(secret_sealed FROM 1 FOR 4) <> $4 \
+               OR substring(previous_secret_sealed FROM 1 FOR 4) <> $4) \
+             ORDER BY id LIMIT $3",
         )
         .await?;
     let update = client
@@ -239,21 +243,23 @@ pub async fn reseal_secrets(
         )
         .await?;
     let reseal = |id: &str, key_id: &str, sealed: &[u8]| -> Result<(String, Vec<u8>, bool)> {
-        if key_id == current {
+        if key_id == current && sealed::is_current(sealed) {
             return Ok((key_id.to_owned(), sealed.to_vec(), false));
         }
-        let aad = secret_aad(id);
+        let binding = secret_binding(id);
         let plain = keyring
-            .open(key_id, &aad, sealed)
+            .open(key_id, &binding, sealed)
             .map_err(|e| open_error(id, e))?;
-        let (new_key, new_sealed) = keyring.seal(&aad, &plain);
+        let (new_key, new_sealed) = keyring.seal(&binding, &plain);
         Ok((new_key.to_owned(), new_sealed, true))
     };
     let mut resealed = 0;
     loop {
         let (mut after, mut skipped) = (String::new(), 0);
         loop {
-            let rows = client.query(&select, &[&current, &after, &batch]).await?;
+            let rows = client
+                .query(&select, &[&current, &after, &batch, &&sealed::FORMAT_2[..]])
+                .await?;
             for r in &rows {
                 let id: String = r.get(0);
                 let (key_id, sealed): (String, Vec<u8>) = (r.get(1), r.get(2));
@@ -304,14 +310,14 @@ fn open_error(webhook_id: &str, e: SealError) -> Error {
     match e {
         SealError::UnknownKey(_) => Error::invalid(format!(
             "webhook {webhook_id}: its signing secret is {e}; list that key in \
-             CREDENTIALS_KEYS (after the new one) to rotate away from it"
+             WEBHOOK_SECRET_KEYS (after the new one) to rotate away from it"
         )),
         _ => Error::new(ErrorCode::Internal, format!("webhook {webhook_id}: {e}")),
     }
 }
 
 /// A sealed secret that does not open is a configuration fault (a key missing from
-/// `CREDENTIALS_KEYS`), never the caller's.
+/// `WEBHOOK_SECRET_KEYS`), never the caller's.
 pub fn unsealable(e: crate::sealed::SealError) -> Error {
     Error::internal(e)
 }

@@ -388,7 +388,11 @@ fn role(container: &Value) -> Role {
 /// Settings each role must be given beyond those whose default names the local cluster,
 /// and why.
 const REQUIRED: &[(Role, &str, &str)] = &[
-    (Role::Api, "CREDENTIALS_KEYS", "webhooks are off without it"),
+    (
+        Role::Api,
+        "WEBHOOK_SECRET_KEYS",
+        "webhooks are off without it",
+    ),
     (
         Role::Api,
         "AUTH_JWKS_URL",
@@ -521,7 +525,12 @@ fn env_problems(docs: &[Value]) -> Vec<String> {
 #[test]
 fn every_variable_the_manifests_set_is_read_by_its_binary_and_every_required_one_is_set() {
     let api = api_help();
-    for name in ["DATABASE_URL", "AMQP_URL", "API_LISTEN", "CREDENTIALS_KEYS"] {
+    for name in [
+        "DATABASE_URL",
+        "AMQP_URL",
+        "API_LISTEN",
+        "WEBHOOK_SECRET_KEYS",
+    ] {
         assert!(api.contains_key(name), "api --help lists {name}: {api:?}");
     }
     assert_eq!(api["API_LISTEN"].flag, "--listen");

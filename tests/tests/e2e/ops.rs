@@ -185,3 +185,73 @@ async fn a_process_runs_on_a_schema_newer_than_it_knows() {
         .await
         .assert_status(200);
 }
+
+/// The internet-facing api holds no key that opens the device keys, and its database role
+/// cannot read the WhatsApp key store: each secret stays with the process that needs it.
+#[tokio::test]
+async fn the_api_holds_neither_the_device_keys_nor_a_role_that_reads_them() {
+    let env = TestEnv::new().await;
+    // Given CREDENTIALS_KEYS, the binary refuses to start, saying why.
+    let out = tokio::process::Command::new(tests::process::binary("api"))
+        .env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        .env("DATABASE_URL", &env.api_database_url)
+        .env("API_LISTEN", "127.0.0.1:0")
+        .env("CREDENTIALS_KEYS", &env.webhook_secret_keys)
+        .env("LOG_FORMAT", "text")
+        .kill_on_drop(true)
+        .output();
+    let out = tokio::time::timeout(std::time::Duration::from_secs(30), out)
+        .await
+        .expect("the api exits")
+        .expect("the api runs");
+    let log =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{log}");
+    assert!(
+        log.contains("CREDENTIALS_KEYS is set") && log.contains("WEBHOOK_SECRET_KEYS"),
+        "{log}"
+    );
+
+    // The role every test's api runs with (as `gatewayctl migrate --api-role` grants it).
+    let (client, conn) = tokio_postgres::connect(&env.api_database_url, tokio_postgres::NoTls)
+        .await
+        .expect("the api's role logs in");
+    tokio::spawn(conn);
+    client
+        .query_one("SELECT count(*) FROM sessions", &[])
+        .await
+        .expect("the api's role reads sessions");
+    for table in shared::store::wa_keys::SEALED
+        .iter()
+        .map(|t| t.table)
+        .chain(["wa_identities", "wa_app_state_versions"])
+    {
+        let e = client
+            .query_one(&format!("SELECT count(*) FROM {table}"), &[])
+            .await
+            .expect_err(table);
+        assert_eq!(
+            e.code(),
+            Some(&tokio_postgres::error::SqlState::INSUFFICIENT_PRIVILEGE),
+            "{table}: {e}"
+        );
+    }
+    // The api, started with that role, says nothing about reading device keys; the owner does.
+    assert!(
+        !shared::db::warn_if_reads_device_keys(
+            &shared::db::pool(&env.api_database_url, 1).expect("pool")
+        )
+        .await
+    );
+    assert!(shared::db::warn_if_reads_device_keys(&env.db).await);
+
+    // gatewayctl grants a role on a database it migrates, and refuses a role that is not there.
+    let (ok, out) = crate::fleet::gatewayctl_with(
+        &env,
+        &[("DATABASE_API_ROLE", Some("gwt_api_missing_role"))],
+        &["migrate"],
+    )
+    .await;
+    assert!(!ok && out.contains("does not exist"), "{out}");
+}

@@ -729,12 +729,12 @@ async fn a_key_rotation_that_drops_the_old_key_keeps_webhooks_delivering() {
     );
     drop(api);
 
-    // The README's steps: a new key first in CREDENTIALS_KEYS, rotate, then drop the old one.
+    // The README's steps: a new key first in WEBHOOK_SECRET_KEYS, rotate, then drop the old one.
     let new_key = format!("t2:{}", base64_key());
-    let both = format!("{new_key},{}", env.credentials_keys);
+    let both = format!("{new_key},{}", env.webhook_secret_keys);
     let (ok, out) = crate::fleet::gatewayctl_with(
         &env,
-        &[("CREDENTIALS_KEYS", Some(both.as_str()))],
+        &[("WEBHOOK_SECRET_KEYS", Some(both.as_str()))],
         &["credentials", "rotate"],
     )
     .await;
@@ -756,7 +756,7 @@ async fn a_key_rotation_that_drops_the_old_key_keeps_webhooks_delivering() {
     assert_eq!(left, 0, "every sealed secret is under the new key");
 
     let api = env
-        .start_api(|c| c.credentials_keys = Some(new_key.clone()))
+        .start_api(|c| c.webhook_secret_keys = Some(new_key.clone()))
         .await;
     emit(&env, "org_a", "s1", working()).await;
     let seen = receiver

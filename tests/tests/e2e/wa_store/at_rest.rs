@@ -11,8 +11,8 @@ use wacore::store::{
 use worker::driver::whatsapp::store::{self as wa_store, Unsealable};
 
 use super::{
-    KEY_A, MARKER, assert_same, backend, marked_device, populate, rows_of, scenarios, session,
-    wa_tables,
+    KEY_A, KEY_B, MARKER, assert_same, backend, marked_device, populate, rows_of, scenarios,
+    session, wa_tables,
 };
 
 #[tokio::test]
@@ -239,4 +239,62 @@ async fn secrets_are_sealed_at_rest_and_open_only_in_their_own_session() {
         &scenarios::read_back(&reference).await,
         &scenarios::read_back(&first).await,
     );
+}
+
+/// A value copied onto another row of its own session's table (another contact's Signal
+/// session, another pre-key) does not open: the sealing names the row, not only the session.
+#[tokio::test]
+async fn a_value_moved_to_another_row_of_its_session_does_not_open() {
+    let env = TestEnv::new().await;
+    let (id, _, epoch) = session(&env).await;
+    populate(&backend(&env.db, KEY_A, &id, epoch), &marked_device()).await;
+    let mut client = env.db.get().await.expect("db");
+    // A new key first, so rotation opens every value.
+    let ring = shared::sealed::Keyring::parse(&format!("{KEY_B},{KEY_A}")).expect("keys");
+
+    let mut tried = vec![];
+    for t in wa_keys::SEALED {
+        let order = t.key.iter().map(|(c, _)| *c).collect::<Vec<_>>().join(", ");
+        // Each table in a transaction of its own, rolled back: the next starts clean.
+        let tx = client.transaction().await.expect("begin");
+        let rows = tx
+            .query(
+                &format!(
+                    "SELECT ctid::text, sealed FROM {} WHERE session_id = $1 \
+                     ORDER BY {order} LIMIT 2",
+                    t.table
+                ),
+                &[&id],
+            )
+            .await
+            .expect("rows");
+        let [first, second] = &rows[..] else {
+            continue;
+        };
+        let copied = tx
+            .execute(
+                &format!(
+                    "UPDATE {} SET sealed = $1 WHERE ctid = $2::text::tid",
+                    t.table
+                ),
+                &[&first.get::<_, Vec<u8>>(1), &second.get::<_, String>(0)],
+            )
+            .await
+            .expect("copy");
+        assert_eq!(copied, 1, "{}", t.table);
+        // Rotation opens every value where it lies.
+        let e = wa_keys::rotate(&tx, &ring, 100)
+            .await
+            .expect_err("a moved value");
+        assert!(
+            e.body.message.contains(t.table) && e.body.message.contains("does not open"),
+            "{}: {}",
+            t.table,
+            e.body.message
+        );
+        tx.rollback().await.expect("rollback");
+        tried.push(t.table);
+    }
+    // The tables where a session holds many rows: one per contact, one per pre-key.
+    assert_eq!(tried, ["wa_signal_sessions", "wa_prekeys"]);
 }

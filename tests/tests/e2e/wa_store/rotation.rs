@@ -45,7 +45,10 @@ async fn rotation_reseals_everything_under_the_new_key_without_clobbering_a_conc
     // A worker's write to one of the rows, in flight while the rotation runs.
     let a = "1555@s.whatsapp.net";
     let ring_a = Keyring::parse(KEY_A).expect("keys");
-    let (_, concurrent) = ring_a.seal(&wa_keys::aad("wa_signal_sessions", &one), b"concurrent");
+    let (_, concurrent) = ring_a.seal(
+        &wa_keys::binding("wa_signal_sessions", &[&one, a]),
+        b"concurrent",
+    );
     let mut writer = connect(&env).await;
     let write = writer.transaction().await.expect("begin");
     write
@@ -148,5 +151,117 @@ async fn an_sre_rotates_the_credentials_key_with_gatewayctl() {
     assert_same(
         &scenarios::read_back(&reference).await,
         &scenarios::read_back(&backend(&env.db, KEY_B, &id, epoch)).await,
+    );
+}
+
+/// Values sealed before format 2 (AES-256-GCM under the configured key, bound to table and
+/// session only) still open, and a rotation re-seals them in format 2 under the same key.
+#[tokio::test]
+async fn values_in_the_old_format_open_and_rotation_moves_them_to_the_new_one() {
+    use aes_gcm::{Aes256Gcm, KeyInit, Nonce, aead::Aead, aead::Payload};
+    use base64::Engine;
+
+    let device = marked_device();
+    let env = TestEnv::new().await;
+    let (id, _, epoch) = session(&env).await;
+    populate(&backend(&env.db, KEY_A, &id, epoch), &device).await;
+    let ring = Keyring::parse(KEY_A).expect("keys");
+    let raw = base64::engine::general_purpose::STANDARD
+        .decode(KEY_A.split_once(':').expect("id:key").1)
+        .expect("base64");
+    let v1 = Aes256Gcm::new_from_slice(&raw).expect("a key");
+
+    // Every value rewritten as format 1 sealed it.
+    let client = env.db.get().await.expect("db");
+    let format_2 = |table: &str| {
+        format!(
+            "SELECT count(*) FILTER (WHERE substring(sealed FROM 1 FOR 4) = 'GWs2'::bytea) \
+             FROM {table}"
+        )
+    };
+    let mut total = 0u64;
+    for t in wa_keys::SEALED {
+        let key = t
+            .key
+            .iter()
+            .map(|(c, ty)| match *ty {
+                "bytea" => format!("'\\x' || encode({c}, 'hex')"),
+                _ => format!("{c}::text"),
+            })
+            .collect::<Vec<_>>()
+            .join(", ");
+        let rows = client
+            .query(
+                &format!("SELECT ctid::text, sealed, {key} FROM {}", t.table),
+                &[],
+            )
+            .await
+            .expect("rows");
+        for r in &rows {
+            let key: Vec<&str> = (0..t.key.len()).map(|i| r.get(2 + i)).collect();
+            let binding = wa_keys::binding(t.table, &key);
+            let plain = ring
+                .open("a", &binding, r.get(1))
+                .expect("opens where it lies");
+            let nonce = [9u8; 12];
+            let mut old = nonce.to_vec();
+            old.extend(
+                v1.encrypt(
+                    &Nonce::from(nonce),
+                    Payload {
+                        msg: &plain,
+                        aad: &binding.v1_aad,
+                    },
+                )
+                .expect("sealed"),
+            );
+            let n = client
+                .execute(
+                    &format!(
+                        "UPDATE {} SET sealed = $1 WHERE ctid = $2::text::tid",
+                        t.table
+                    ),
+                    &[&old, &r.get::<_, String>(0)],
+                )
+                .await
+                .expect("rewrite");
+            assert_eq!(n, 1);
+            total += 1;
+        }
+        let n: i64 = client
+            .query_one(&format_2(t.table), &[])
+            .await
+            .expect("count")
+            .get(0);
+        assert_eq!(n, 0, "{}", t.table);
+    }
+
+    let reference = InMemoryBackend::new();
+    populate(&reference, &device).await;
+    let expected = scenarios::read_back(&reference).await;
+    assert_same(
+        &expected,
+        &scenarios::read_back(&backend(&env.db, KEY_A, &id, epoch)).await,
+    );
+
+    // Same key, new format.
+    assert_eq!(
+        wa_keys::rotate(&client, &ring, 2).await.expect("rotate"),
+        total
+    );
+    assert_eq!(wa_keys::rotate(&client, &ring, 2).await.expect("rotate"), 0);
+    for t in wa_keys::SEALED {
+        let r = client
+            .query_one(
+                &format!("SELECT count(*), ({}) FROM {}", format_2(t.table), t.table),
+                &[],
+            )
+            .await
+            .expect("count");
+        assert_eq!(r.get::<_, i64>(0), r.get::<_, i64>(1), "{}", t.table);
+    }
+    assert_same(
+        &expected,
+        &scenarios::read_back(&backend(&env.db, KEY_A, &id, epoch)).await,
     );
 }

@@ -10,6 +10,8 @@ use wacore::store::{
     traits::{AppStateSyncKey, AppSyncStore},
 };
 
+use shared::store::wa_keys;
+
 use super::{PgBackend, last_wins};
 
 const SYNC_KEYS: &str = "wa_app_state_sync_keys";
@@ -26,7 +28,7 @@ impl AppSyncStore for PgBackend {
             .await?;
         row.map(|r| {
             Ok(AppStateSyncKey {
-                key_data: self.open(SYNC_KEYS, &r)?,
+                key_data: self.open(SYNC_KEYS, &[&wa_keys::bytea_key(key_id)], &r)?,
                 fingerprint: r.get(0),
                 timestamp: r.get(1),
             })
@@ -50,7 +52,7 @@ impl AppSyncStore for PgBackend {
                 &key.fingerprint,
                 &key.timestamp,
                 &self.key_id(),
-                &self.seal(SYNC_KEYS, &key.key_data),
+                &self.seal(SYNC_KEYS, &[&wa_keys::bytea_key(key_id)], &key.key_data),
             ],
         )
         .await?;

@@ -28,7 +28,7 @@ impl PgBackend {
                 &i64::from(device.registration_id),
                 &device.push_name,
                 &self.key_id(),
-                &self.seal(DEVICES, &plain),
+                &self.seal(DEVICES, &[], &plain),
             ],
         )
         .await
@@ -59,7 +59,7 @@ impl DeviceStore for PgBackend {
             return Ok(None);
         };
         let mut device: Device =
-            serde_json::from_slice(&self.open(DEVICES, &row)?).map_err(serialization)?;
+            serde_json::from_slice(&self.open(DEVICES, &[], &row)?).map_err(serialization)?;
         // Not serialized: the props every process announces (the client profile's default
         // is already the web one), as the library's own stores restore them.
         device.device_props = Arc::new(DEVICE_PROPS.clone());

@@ -33,7 +33,7 @@ pub(super) async fn get_tc_token(b: &PgBackend, jid: &str) -> Result<Option<TcTo
         .await?;
     row.map(|r| {
         Ok(TcTokenEntry {
-            token: b.open(TC_TOKENS, &r)?,
+            token: b.open(TC_TOKENS, &[jid], &r)?,
             token_timestamp: r.get(0),
             sender_timestamp: r.get(1),
         })
@@ -56,7 +56,7 @@ pub(super) async fn put_tc_token(b: &PgBackend, jid: &str, entry: &TcTokenEntry)
             &entry.token_timestamp,
             &entry.sender_timestamp,
             &b.key_id(),
-            &b.seal(TC_TOKENS, &entry.token),
+            &b.seal(TC_TOKENS, &[jid], &entry.token),
         ],
     )
     .await?;
@@ -120,7 +120,7 @@ pub(super) async fn touch_tc_token_sender_timestamp(
             &jid,
             &sender_timestamp,
             &b.key_id(),
-            &b.seal(TC_TOKENS, &[]),
+            &b.seal(TC_TOKENS, &[jid], &[]),
         ],
     )
     .await?;
@@ -149,7 +149,7 @@ pub(super) async fn store_received_tc_token(
             &token.is_empty(),
             &token_timestamp,
             &b.key_id(),
-            &b.seal(TC_TOKENS, token),
+            &b.seal(TC_TOKENS, &[jid], token),
         ],
     )
     .await?;
@@ -163,7 +163,7 @@ pub(super) async fn store_sent_message(
     payload: &[u8],
 ) -> Result<()> {
     let now = wacore::time::now_secs();
-    let sealed = b.seal(SENT, payload);
+    let sealed = b.seal(SENT, &[chat_jid, message_id], payload);
     let mut client = b.client().await?;
     let tx = b.begin_fenced(&mut client).await?;
     // Full: the oldest go first, down to 3072, then the new one is stored (it may replace
@@ -232,7 +232,7 @@ pub(super) async fn take_sent_message(
     if row.get::<_, Option<&str>>("key_id").is_none() {
         return Ok(None);
     }
-    b.open(SENT, &row).map(Some)
+    b.open(SENT, &[chat_jid, message_id], &row).map(Some)
 }
 
 pub(super) async fn delete_expired_sent_messages(b: &PgBackend, cutoff: i64) -> Result<u32> {
@@ -258,7 +258,10 @@ pub(super) async fn store_pending_inbound_batch(
     let chats: Vec<&str> = rows.iter().map(|r| r.chat).collect();
     let senders: Vec<&str> = rows.iter().map(|r| r.sender).collect();
     let ids: Vec<&str> = rows.iter().map(|r| r.id).collect();
-    let sealed: Vec<Vec<u8>> = rows.iter().map(|r| b.seal(INBOUND, r.message)).collect();
+    let sealed: Vec<Vec<u8>> = rows
+        .iter()
+        .map(|r| b.seal(INBOUND, &[r.chat, r.sender, r.id], r.message))
+        .collect();
     b.write(
         "INSERT INTO wa_pending_inbound (session_id, chat, sender, id, inserted_at, key_id, sealed) \
          SELECT $1, c, s, i, $7, $8, m FROM fence, \
@@ -285,7 +288,8 @@ pub(super) async fn get_pending_inbound(
             &[&chat, &sender, &id],
         )
         .await?;
-    row.map(|r| b.open(INBOUND, &r)).transpose()
+    row.map(|r| b.open(INBOUND, &[chat, sender, id], &r))
+        .transpose()
 }
 
 pub(super) async fn delete_pending_inbound_batch(

@@ -176,23 +176,32 @@ impl PgBackend {
         Ok(tx)
     }
 
-    /// Seals `plain` for `table` of this session; the key id is `self.keyring.current()`.
-    fn seal(&self, table: &str, plain: &[u8]) -> Vec<u8> {
-        self.keyring
-            .seal(&wa_keys::aad(table, &self.session_id), plain)
-            .1
+    /// Where a value of `table` lives: this session's row whose other key columns are `row`
+    /// (as text, [`wa_keys::binding`]).
+    fn binding(&self, table: &str, row: &[&str]) -> shared::sealed::Binding {
+        let mut key = Vec::with_capacity(1 + row.len());
+        key.push(self.session_id.as_str());
+        key.extend_from_slice(row);
+        wa_keys::binding(table, &key)
+    }
+
+    /// Seals `plain` for the row `row` of `table` (its key after the session id); the key id
+    /// is `self.keyring.current()`.
+    fn seal(&self, table: &str, row: &[&str], plain: &[u8]) -> Vec<u8> {
+        self.keyring.seal(&self.binding(table, row), plain).1
     }
 
     fn key_id(&self) -> &str {
         self.keyring.current()
     }
 
-    /// Opens the sealed value of `row`'s columns `key_id` and `sealed`.
-    fn open(&self, table: &'static str, row: &Row) -> Result<Vec<u8>> {
+    /// Opens the sealed value of `row`'s columns `key_id` and `sealed`, the row of `table`
+    /// whose key after the session id is `key`.
+    fn open(&self, table: &'static str, key: &[&str], row: &Row) -> Result<Vec<u8>> {
         let key_id: &str = row.try_get("key_id").map_err(db)?;
         let sealed: &[u8] = row.try_get("sealed").map_err(db)?;
         self.keyring
-            .open(key_id, &wa_keys::aad(table, &self.session_id), sealed)
+            .open(key_id, &self.binding(table, key), sealed)
             .map_err(|source| StoreError::Serialization(Box::new(Unsealable { table, source })))
     }
 }

@@ -48,7 +48,7 @@ impl MsgSecretStore for PgBackend {
         let message_ts: Vec<i64> = rows.iter().map(|r| r.message_ts).collect();
         let sealed: Vec<Vec<u8>> = rows
             .iter()
-            .map(|r| self.seal(MSG_SECRETS, &r.secret))
+            .map(|r| self.seal(MSG_SECRETS, &[&r.chat, &r.sender, &r.msg_id], &r.secret))
             .collect();
         self.write(
             "INSERT INTO wa_msg_secrets (session_id, chat, sender, msg_id, expires_at, \
@@ -101,8 +101,13 @@ impl MsgSecretStore for PgBackend {
                 &[&chat, &sender, &msg_id],
             )
             .await?;
-        row.map(|r| Ok((self.open(MSG_SECRETS, &r)?, r.get(0))))
-            .transpose()
+        row.map(|r| {
+            Ok((
+                self.open(MSG_SECRETS, &[chat, sender, msg_id], &r)?,
+                r.get(0),
+            ))
+        })
+        .transpose()
     }
 
     async fn delete_expired_msg_secrets(&self, cutoff_timestamp: i64) -> Result<u32> {

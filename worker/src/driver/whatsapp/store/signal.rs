@@ -73,7 +73,7 @@ impl SignalStore for PgBackend {
                 &[&address],
             )
             .await?;
-        row.map(|r| self.open(SESSIONS, &r).map(Bytes::from))
+        row.map(|r| self.open(SESSIONS, &[address], &r).map(Bytes::from))
             .transpose()
     }
 
@@ -140,7 +140,7 @@ impl SignalStore for PgBackend {
         }
         let (ids, sealed): (Vec<i64>, Vec<Vec<u8>>) = rows
             .into_iter()
-            .map(|(id, r)| (id, self.seal(PREKEYS, r)))
+            .map(|(id, r)| (id, self.seal(PREKEYS, &[&id.to_string()], r)))
             .unzip();
         self.write(
             "INSERT INTO wa_prekeys (session_id, id, uploaded, key_id, sealed) \
@@ -161,7 +161,7 @@ impl SignalStore for PgBackend {
                 &[&i64::from(id)],
             )
             .await?;
-        row.map(|r| self.open(PREKEYS, &r).map(Bytes::from))
+        row.map(|r| self.open(PREKEYS, &[&id.to_string()], &r).map(Bytes::from))
             .transpose()
     }
 
@@ -178,10 +178,8 @@ impl SignalStore for PgBackend {
             .await?;
         rows.iter()
             .map(|r| {
-                Ok((
-                    to_u32(r.get(0), "pre-key id")?,
-                    Bytes::from(self.open(PREKEYS, r)?),
-                ))
+                let id = to_u32(r.get(0), "pre-key id")?;
+                Ok((id, Bytes::from(self.open(PREKEYS, &[&id.to_string()], r)?)))
             })
             .collect()
     }
@@ -231,7 +229,7 @@ impl SignalStore for PgBackend {
             &[
                 &i64::from(id),
                 &self.key_id(),
-                &self.seal(SIGNED_PREKEYS, record),
+                &self.seal(SIGNED_PREKEYS, &[&id.to_string()], record),
             ],
         )
         .await?;
@@ -245,7 +243,8 @@ impl SignalStore for PgBackend {
                 &[&i64::from(id)],
             )
             .await?;
-        row.map(|r| self.open(SIGNED_PREKEYS, &r)).transpose()
+        row.map(|r| self.open(SIGNED_PREKEYS, &[&id.to_string()], &r))
+            .transpose()
     }
 
     async fn load_all_signed_prekeys(&self) -> Result<Vec<(u32, Vec<u8>)>> {
@@ -257,10 +256,8 @@ impl SignalStore for PgBackend {
             .await?;
         rows.iter()
             .map(|r| {
-                Ok((
-                    to_u32(r.get(0), "signed pre-key id")?,
-                    self.open(SIGNED_PREKEYS, r)?,
-                ))
+                let id = to_u32(r.get(0), "signed pre-key id")?;
+                Ok((id, self.open(SIGNED_PREKEYS, &[&id.to_string()], r)?))
             })
             .collect()
     }
@@ -291,7 +288,8 @@ impl SignalStore for PgBackend {
                 &[&address],
             )
             .await?;
-        row.map(|r| self.open(SENDER_KEYS, &r)).transpose()
+        row.map(|r| self.open(SENDER_KEYS, &[address], &r))
+            .transpose()
     }
 
     async fn delete_sender_key(&self, address: &str) -> Result<()> {
@@ -318,7 +316,7 @@ impl PgBackend {
         }
         let (addresses, sealed): (Vec<&str>, Vec<Vec<u8>>) = rows
             .into_iter()
-            .map(|(a, r)| (a, self.seal(table, r)))
+            .map(|(a, r)| (a, self.seal(table, &[a], r)))
             .unzip();
         self.write(
             &format!(
