@@ -18,6 +18,14 @@
 //!   closing one frees its slot at once. The count is an entry in a map that goes away with
 //!   the organization's last stream, so the map holds only organizations streaming now.
 //!
+//! - Before authentication, per client address: every failed authentication (401) draws
+//!   from the address's bucket (`API_AUTH_FAILURE_BURST_PER_ADDRESS`, refilled at
+//!   `API_AUTH_FAILURES_PER_MINUTE_PER_ADDRESS`); once it is empty, every request of that
+//!   address that carries a credential is refused with 429 (scope `address`) until a token
+//!   is back, before anything looks at the credential, so a flood of made-up keys costs the
+//!   database nothing more. The address is the connection's peer, or, when the peer is one of
+//!   `API_TRUSTED_PROXIES`, the nearest address in `X-Forwarded-For` that is not.
+//!
 //! Limits are per api replica: a fleet of N replicas admits up to N times the rate. That keeps
 //! the check off the network (a shared counter would cost a round trip per request) and is
 //! the usual trade; set the rates with the replica count in mind.
@@ -25,10 +33,14 @@
 use std::{
     collections::HashMap,
     hash::{BuildHasher, Hash, RandomState},
+    net::{IpAddr, SocketAddr},
     num::NonZeroU32,
-    sync::{Arc, Mutex},
-    time::Duration,
+    sync::{Arc, Mutex, RwLock},
+    time::{Duration, Instant},
 };
+
+use axum::{extract::ConnectInfo, http::request::Parts};
+use ipnet::IpNet;
 
 use governor::{
     DefaultKeyedRateLimiter, Quota, RateLimiter,
@@ -60,6 +72,21 @@ pub struct LimitsConfig {
     /// clients holding connections open); also how long a kept-alive connection may sit idle.
     #[arg(long, env = "API_HEADER_READ_TIMEOUT_MS", default_value_t = 30_000)]
     pub header_read_timeout_ms: u64,
+    /// Failed authentications one client address may make at once before its requests are
+    /// refused unread; 0 turns the limit off.
+    #[arg(long, env = "API_AUTH_FAILURE_BURST_PER_ADDRESS", default_value_t = 30)]
+    pub auth_failure_burst_per_address: u32,
+    /// How fast an address earns back failed authentications, per minute.
+    #[arg(
+        long,
+        env = "API_AUTH_FAILURES_PER_MINUTE_PER_ADDRESS",
+        default_value_t = 30
+    )]
+    pub auth_failures_per_minute_per_address: u32,
+    /// Proxies in front of the api (CIDRs, comma-separated): a request from one of them is
+    /// the client's named in `X-Forwarded-For`. Empty: the connection's peer is the client.
+    #[arg(long, env = "API_TRUSTED_PROXIES", value_delimiter = ',')]
+    pub trusted_proxies: Vec<IpNet>,
 }
 
 /// How often idle keys are evicted from the keyed limiters.
@@ -115,6 +142,9 @@ pub struct Limits {
     per_org: Option<Level<String>>,
     streams_per_org: usize,
     streams: Arc<Mutex<HashMap<String, usize>>>,
+    /// Failed authentications per client address.
+    failures: Option<AddressFailures>,
+    trusted_proxies: Vec<IpNet>,
 }
 
 impl Limits {
@@ -130,6 +160,11 @@ impl Limits {
             per_org: Level::new(cfg.rate_per_org, cfg.rate_burst_per_org, "organization"),
             streams_per_org: cfg.sse_streams_per_org,
             streams: Arc::default(),
+            failures: AddressFailures::new(
+                cfg.auth_failure_burst_per_address,
+                cfg.auth_failures_per_minute_per_address,
+            ),
+            trusted_proxies: cfg.trusted_proxies.clone(),
         });
         let weak = Arc::downgrade(&limits);
         tokio::spawn(async move {
@@ -146,6 +181,9 @@ impl Limits {
                 if let Some(level) = &limits.per_org {
                     level.evict_idle();
                 }
+                if let Some(failures) = &limits.failures {
+                    failures.evict_idle();
+                }
             }
         });
         limits
@@ -160,6 +198,66 @@ impl Limits {
             level.admit(&caller.organization_id)?;
         }
         Ok(())
+    }
+
+    /// The client of a request: the connection's peer, or, from a trusted proxy, the nearest
+    /// address of `X-Forwarded-For` that is not one (`None` when the request came some other
+    /// way than a connection, as in-process calls do).
+    pub fn client_address(&self, parts: &Parts) -> Option<IpAddr> {
+        let ConnectInfo(peer) = parts.extensions.get::<ConnectInfo<SocketAddr>>()?;
+        let mut client = peer.ip().to_canonical();
+        if !self.trusted(client) {
+            return Some(client);
+        }
+        let forwarded = parts
+            .headers
+            .get_all("x-forwarded-for")
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .collect::<Vec<_>>();
+        // Right to left: each trusted hop appended the address it saw.
+        for hop in forwarded.iter().rev() {
+            match hop.trim().parse::<IpAddr>() {
+                Ok(ip) => {
+                    client = ip.to_canonical();
+                    if !self.trusted(client) {
+                        break;
+                    }
+                }
+                // What a trusted proxy would never write: stop at the last address we trust.
+                Err(_) => break,
+            }
+        }
+        Some(client)
+    }
+
+    fn trusted(&self, ip: IpAddr) -> bool {
+        self.trusted_proxies.iter().any(|net| net.contains(&ip))
+    }
+
+    /// 429 when `address` has used up its failed authentications: checked before the
+    /// credential is.
+    pub fn admit_address(&self, address: Option<IpAddr>) -> Result<()> {
+        let (Some(address), Some(failures)) = (address, &self.failures) else {
+            return Ok(());
+        };
+        let Some(wait) = failures.refused_for(address) else {
+            return Ok(());
+        };
+        metrics::counter!("api_rate_limited_total", "scope" => "address").increment(1);
+        Err(rate_limited(
+            "too many failed authentications from this address; wait".into(),
+            wait.as_secs_f64().ceil().max(1.0) as u64,
+        )
+        .with_detail("scope", "address"))
+    }
+
+    /// Counts a failed authentication of `address`.
+    pub fn authentication_failed(&self, address: Option<IpAddr>) {
+        if let (Some(address), Some(failures)) = (address, &self.failures) {
+            failures.fail(address);
+        }
     }
 
     /// A login user's `sub` is only unique within its issuer's organizations, so a credential
@@ -190,6 +288,53 @@ impl Limits {
             streams: self.streams.clone(),
             org: org.to_owned(),
         })
+    }
+}
+
+/// Failed authentications per client address: a token bucket each, holding `burst` and
+/// refilled at `per_ms`; a failure takes a token, and an address with less than one left is
+/// refused. Only addresses that failed are in the map (a request that passes looks it up under
+/// a read lock), and one whose bucket is full again is evicted.
+struct AddressFailures {
+    burst: f64,
+    per_ms: f64,
+    buckets: RwLock<HashMap<IpAddr, (f64, Instant)>>,
+}
+
+impl AddressFailures {
+    fn new(burst: u32, per_minute: u32) -> Option<AddressFailures> {
+        (burst > 0 && per_minute > 0).then(|| AddressFailures {
+            burst: f64::from(burst),
+            per_ms: f64::from(per_minute) / 60_000.0,
+            buckets: RwLock::default(),
+        })
+    }
+
+    /// Tokens of a bucket that held `tokens` at `at`, now.
+    fn level(&self, (tokens, at): (f64, Instant), now: Instant) -> f64 {
+        let refill = now.saturating_duration_since(at).as_secs_f64() * 1_000.0 * self.per_ms;
+        (tokens + refill).min(self.burst)
+    }
+
+    /// How long `address` stays refused, if it is.
+    fn refused_for(&self, address: IpAddr) -> Option<Duration> {
+        let buckets = self.buckets.read().unwrap_or_else(|p| p.into_inner());
+        let level = self.level(*buckets.get(&address)?, Instant::now());
+        (level < 1.0).then(|| Duration::from_secs_f64((1.0 - level) / self.per_ms / 1_000.0))
+    }
+
+    fn fail(&self, address: IpAddr) {
+        let now = Instant::now();
+        let mut buckets = self.buckets.write().unwrap_or_else(|p| p.into_inner());
+        let bucket = buckets.entry(address).or_insert((self.burst, now));
+        *bucket = ((self.level(*bucket, now) - 1.0).max(0.0), now);
+    }
+
+    fn evict_idle(&self) {
+        let now = Instant::now();
+        let mut buckets = self.buckets.write().unwrap_or_else(|p| p.into_inner());
+        buckets.retain(|_, bucket| self.level(*bucket, now) < self.burst);
+        buckets.shrink_to_fit();
     }
 }
 
@@ -237,6 +382,25 @@ mod tests {
         assert_eq!(level.limiter.len(), 0);
     }
 
+    #[test]
+    fn an_address_is_refused_after_its_burst_of_failures_and_earns_them_back() {
+        // 3 at once, one back every 50 ms.
+        let failures = AddressFailures::new(3, 1_200).expect("a limit");
+        let (a, b) = ([192, 0, 2, 1].into(), [192, 0, 2, 2].into());
+        for _ in 0..3 {
+            assert_eq!(failures.refused_for(a), None);
+            failures.fail(a);
+        }
+        let wait = failures.refused_for(a).expect("refused after 3");
+        assert!(wait <= Duration::from_millis(50), "{wait:?}");
+        assert_eq!(failures.refused_for(b), None, "another address");
+        std::thread::sleep(Duration::from_millis(200));
+        assert_eq!(failures.refused_for(a), None, "a token is back");
+        failures.evict_idle();
+        assert!(failures.buckets.read().expect("lock").is_empty(), "full again: evicted");
+        assert!(AddressFailures::new(0, 10).is_none(), "0 is no limit");
+    }
+
     #[tokio::test]
     async fn a_rate_of_zero_is_no_limit_and_stream_counts_go_with_the_last_stream() {
         let cfg = LimitsConfig {
@@ -246,6 +410,9 @@ mod tests {
             rate_burst_per_org: 0,
             sse_streams_per_org: 1,
             header_read_timeout_ms: 1_000,
+            auth_failure_burst_per_address: 0,
+            auth_failures_per_minute_per_address: 0,
+            trusted_proxies: vec![],
         };
         let limits = Limits::start(&cfg, CancellationToken::new());
         for _ in 0..1_000 {

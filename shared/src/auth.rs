@@ -1,8 +1,9 @@
 //! Who a caller is and what they may do: capabilities, the role map, API-key secrets.
 //!
 //! Capabilities are `read` and `manage` (SPEC §2). The role → capability map is here and only
-//! here. API keys are `gwk_<ULID>_<64 hex>`: the `gwk_<ULID>` part is the public prefix (the
-//! row's id, safe to log), the rest is 32 random bytes. Only SHA-256 of the whole key is
+//! here. API keys are `gwk_<ULID>_<64 hex>_<8 hex>`: the `gwk_<ULID>` part is the public
+//! prefix (the row's id, safe to log), then 32 random bytes and a check of what precedes it
+//! ([`api_key_id`] refuses a key whose check fails). Only SHA-256 of the whole key is
 //! stored; a fast hash is right here because the secret has 256 bits of entropy, so there is
 //! nothing to brute-force and every request can afford it.
 
@@ -121,7 +122,10 @@ impl Principal {
 
 pub const API_KEY_PREFIX: &str = "gwk_";
 const PUBLIC_LEN: usize = API_KEY_PREFIX.len() + 26;
-const KEY_LEN: usize = PUBLIC_LEN + 1 + 64;
+/// A key minted before keys carried a check: `gwk_<ULID>_<64 hex>`.
+const LEGACY_KEY_LEN: usize = PUBLIC_LEN + 1 + 64;
+/// `gwk_<ULID>_<64 hex>_<8 hex>`: the last part is the first 4 bytes of SHA-256 of the rest.
+const KEY_LEN: usize = LEGACY_KEY_LEN + 1 + 8;
 
 /// A freshly minted key: shown once, then only its hash exists.
 pub struct NewApiKey {
@@ -135,20 +139,42 @@ pub fn mint_api_key() -> NewApiKey {
     let mut bytes = [0u8; 32];
     rand::rng().fill_bytes(&mut bytes);
     let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
-    let secret = format!("{id}_{hex}");
+    let body = format!("{id}_{hex}");
+    let secret = format!("{body}_{}", key_check(&body));
     let sha256 = hash_api_key(&secret);
     NewApiKey { id, secret, sha256 }
 }
 
-/// The public prefix of something shaped like an API key, or `None`.
+/// The check a key carries at its end: made-up and mistyped keys are told apart from real ones
+/// without the database. Not a secret: it stops garbage and typos, not a forger, whose
+/// attempts the per-address limit on failed authentications bounds (`api/src/limits.rs`).
+fn key_check(body: &str) -> String {
+    Sha256::digest(body.as_bytes())[..4]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// The public prefix of an API key, or `None` for anything else: a token not shaped like a
+/// key, or a key whose check does not match (no database lookup is worth making for it).
+/// Keys minted before the check existed (`gwk_<ULID>_<64 hex>`) are still recognized.
 pub fn api_key_id(token: &str) -> Option<&str> {
-    let well_formed = token.len() == KEY_LEN
+    let shaped = (token.len() == KEY_LEN || token.len() == LEGACY_KEY_LEN)
         && token.starts_with(API_KEY_PREFIX)
         && token.as_bytes()[PUBLIC_LEN] == b'_'
-        && token[PUBLIC_LEN + 1..]
+        && token[PUBLIC_LEN + 1..LEGACY_KEY_LEN]
             .bytes()
             .all(|b| b.is_ascii_hexdigit());
-    well_formed.then(|| &token[..PUBLIC_LEN])
+    if !shaped {
+        return None;
+    }
+    if token.len() == KEY_LEN {
+        let (body, check) = token.split_at(LEGACY_KEY_LEN);
+        if check.as_bytes()[0] != b'_' || check[1..] != key_check(body) {
+            return None;
+        }
+    }
+    Some(&token[..PUBLIC_LEN])
 }
 
 pub fn hash_api_key(secret: &str) -> [u8; 32] {
@@ -166,6 +192,18 @@ mod tests {
         assert_eq!(hash_api_key(&key.secret), key.sha256);
         assert_eq!(api_key_id("gwk_short"), None);
         assert_eq!(api_key_id("eyJhbGciOi.x.y"), None);
+        // One character changed anywhere: the check no longer matches.
+        for at in [5, 40, key.secret.len() - 1] {
+            let mut typo = key.secret.clone().into_bytes();
+            typo[at] = if typo[at] == b'0' { b'1' } else { b'0' };
+            let typo = String::from_utf8(typo).expect("ascii");
+            assert_eq!(api_key_id(&typo), None, "{typo}");
+        }
+        // A key of the old shape, without a check, is still a key.
+        assert_eq!(
+            api_key_id(&key.secret[..LEGACY_KEY_LEN]),
+            Some(key.id.as_str())
+        );
     }
 
     #[test]

@@ -185,6 +185,8 @@ impl TestEnv {
         limits.rate_burst_per_credential = UNLIMITED_RATE;
         limits.rate_per_org = UNLIMITED_RATE;
         limits.rate_burst_per_org = UNLIMITED_RATE;
+        limits.auth_failure_burst_per_address = UNLIMITED_RATE;
+        limits.auth_failures_per_minute_per_address = UNLIMITED_RATE;
         // Webhooks to the tests' local receivers, retried quickly.
         let wh = &mut cfg.webhooks;
         wh.webhook_allow_http = true;
@@ -776,6 +778,17 @@ impl Api {
         .await
     }
 
+    /// `GET path` with `token`, relayed as a proxy would for the client `forwarded_for`
+    /// (`X-Forwarded-For`).
+    pub async fn get_forwarded(&self, path: &str, token: &str, forwarded_for: &str) -> Resp {
+        let req = self
+            .http
+            .get(format!("{}{path}", self.base))
+            .bearer_auth(token)
+            .header("x-forwarded-for", forwarded_for);
+        into_resp(req.send().await.expect("request")).await
+    }
+
     /// `POST path` in a task of its own: the request goes on while the test does other things
     /// (kills a worker, drops a row) and is awaited later.
     pub fn post_in_background(&self, path: &str, token: &str) -> tokio::task::JoinHandle<Resp> {
@@ -872,7 +885,10 @@ async fn send(
     if let Some(b) = body {
         req = req.json(b);
     }
-    let resp = req.send().await.expect("request");
+    into_resp(req.send().await.expect("request")).await
+}
+
+async fn into_resp(resp: reqwest::Response) -> Resp {
     let status = resp.status().as_u16();
     let headers = resp.headers().clone();
     let text = resp.text().await.unwrap_or_default();

@@ -49,6 +49,8 @@ impl ApiKeyVerifier {
     }
 
     async fn load(&self, id: &str) -> Result<Arc<Entry>> {
+        // What a flood of made-up keys would cost: each is a database read.
+        metrics::counter!("api_key_lookups_total").increment(1);
         let client = self.db.get().await?;
         let key = api_keys::find(&client, id).await?.map(|record| {
             let principal = Arc::new(Principal {

@@ -92,7 +92,18 @@ impl FromRequestParts<AppState> for Caller {
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
         let token = bearer_token(&parts.headers)?;
-        let principal = state.auth.authenticate(token).await?;
+        // An address that keeps failing is refused before its credential costs anything.
+        let address = state.limits.client_address(parts);
+        state.limits.admit_address(address)?;
+        let principal = match state.auth.authenticate(token).await {
+            Ok(principal) => principal,
+            Err(e) => {
+                if e.body.code == shared::ErrorCode::Unauthorized {
+                    state.limits.authentication_failed(address);
+                }
+                return Err(e.into());
+            }
+        };
         state.limits.admit(&principal)?;
         Ok(Caller(principal))
     }

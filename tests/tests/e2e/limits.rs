@@ -232,3 +232,86 @@ async fn the_openapi_document_states_401_403_and_429_on_every_operation() {
         }
     }
 }
+
+/// Before authentication: a key whose check fails is refused without the database (it answers
+/// 401 while the database is cut off, where a made-up key of the old shape needs it), and an
+/// address that keeps failing is refused before its credential is read, while another
+/// address, behind the same trusted proxy, is unaffected.
+#[tokio::test]
+async fn made_up_keys_cost_no_lookup_and_a_failing_address_is_refused_before_authentication() {
+    const BURST: u32 = 8;
+    let env = TestEnv::new().await;
+    let url = url::Url::parse(&env.api_database_url).expect("url");
+    let target = tokio::net::lookup_host(format!(
+        "{}:{}",
+        url.host_str().expect("host"),
+        url.port().unwrap_or(5432)
+    ))
+    .await
+    .expect("resolve")
+    .next()
+    .expect("an address");
+    let proxy = tests::proxy::Proxy::start(target).await;
+    let database_url = proxy.url_through(&env.api_database_url);
+    let api = env
+        .start_api(|c| {
+            c.db.database_url = database_url;
+            c.limits.auth_failure_burst_per_address = BURST;
+            c.limits.auth_failures_per_minute_per_address = 1;
+            c.limits.trusted_proxies = vec!["127.0.0.1/32".parse().expect("a CIDR")];
+        })
+        .await;
+    let key = env.api_key(&org(), &["read"]).await;
+    api.get(SESSIONS, &key).await.assert_status(200);
+    // A well-formed key with one character changed: its check fails.
+    let forged = |i: usize| {
+        let mut k = key.clone().into_bytes();
+        let at = 10 + i % 20;
+        k[at] = if k[at] == b'0' { b'1' } else { b'0' };
+        String::from_utf8(k).expect("ascii")
+    };
+    let legacy_made_up = format!("gwk_{}_{}", ulid::Ulid::new(), "ab".repeat(32));
+
+    proxy.cut();
+    for i in 0..200 {
+        // 200 forgeries from 200 addresses: no address runs out, none reaches the database.
+        api.get_forwarded(SESSIONS, &forged(i), &format!("198.51.100.{}", i % 250))
+            .await
+            .assert_error(401, "unauthorized");
+    }
+    let r = api
+        .get_forwarded(SESSIONS, &legacy_made_up, "198.51.100.251")
+        .await;
+    assert_eq!(
+        r.status, 503,
+        "a key of the old shape is looked up: {:?}",
+        r.body
+    );
+    proxy.restore();
+
+    // One address fails BURST times; then even a valid key from it is refused unread.
+    let attacker = "203.0.113.7";
+    for i in 0..BURST as usize {
+        api.get_forwarded(SESSIONS, &forged(i), attacker)
+            .await
+            .assert_error(401, "unauthorized");
+    }
+    let r = api.get_forwarded(SESSIONS, &key, attacker).await;
+    r.assert_error(429, "rate_limited");
+    assert_eq!(
+        r.body["error"]["details"]["scope"], "address",
+        "{:?}",
+        r.body
+    );
+    assert!(header(&r, "retry-after") >= 1);
+    // The client next to it, through the same proxy, and the proxy itself go on.
+    api.get_forwarded(SESSIONS, &key, "203.0.113.8")
+        .await
+        .assert_status(200);
+    api.get(SESSIONS, &key).await.assert_status(200);
+    // A forwarded address is only believed from a trusted proxy: "203.0.113.7, 127.0.0.1"
+    // names the attacker as relayed by a trusted hop.
+    api.get_forwarded(SESSIONS, &key, "203.0.113.7, 127.0.0.1")
+        .await
+        .assert_error(429, "rate_limited");
+}
