@@ -152,10 +152,30 @@ pub struct WebhookConfig {
     /// Attempts in flight at once to one endpoint (per replica claim; connections too).
     #[arg(long, env = "WEBHOOK_PER_ENDPOINT", default_value_t = 8)]
     pub webhook_per_endpoint: usize,
+    /// Attempts in flight at once for one organization, across the fleet (its leases are
+    /// counted in the database): one tenant's slow endpoints cannot hold every slot.
+    #[arg(long, env = "WEBHOOK_PER_ORG", default_value_t = 16)]
+    pub webhook_per_org: usize,
     /// How often the dispatcher looks for due deliveries when no event wakes it.
     #[arg(long, env = "WEBHOOK_POLL_MS", default_value_t = 1_000)]
     pub webhook_poll_ms: u64,
     /// Run the dispatcher in this replica.
     #[arg(long, env = "WEBHOOK_DISPATCHER", default_value_t = true, action = clap::ArgAction::Set)]
     pub webhook_dispatcher: bool,
+}
+
+/// What one organization may hold (`shared/src/store/quotas.rs`): past a quota, creating more
+/// answers 409 `conflict` (`details.quota`, `details.limit`), growing the backlog 429.
+#[derive(Debug, Clone, clap::Args)]
+pub struct QuotaConfig {
+    /// Sessions one organization may have.
+    #[arg(long, env = "ORG_MAX_SESSIONS", default_value_t = 1_000)]
+    pub org_max_sessions: i64,
+    /// Webhook endpoints one organization may register.
+    #[arg(long, env = "ORG_MAX_WEBHOOKS", default_value_t = 10)]
+    pub org_max_webhooks: i64,
+    /// Webhook deliveries one organization may have waiting before `:replay` and test sends
+    /// are refused (429) until the backlog drains.
+    #[arg(long, env = "ORG_MAX_PENDING_DELIVERIES", default_value_t = 100_000)]
+    pub org_max_pending_deliveries: i64,
 }

@@ -42,6 +42,17 @@ impl Snapshot {
     }
 }
 
+/// Where a new session can go.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Placement {
+    /// The least-loaded gateway with room.
+    On(String),
+    /// Live, active gateways exist, and every one is at its capacity.
+    Full,
+    /// No live, active gateway (of the region asked for).
+    NoGateway,
+}
+
 #[derive(Clone)]
 pub struct Fleet {
     db: Pool,
@@ -120,28 +131,48 @@ impl Fleet {
 
     /// The least-loaded (sessions ÷ capacity) live, active gateway with room, of `region`
     /// when given. Draining, cordoned and dead gateways take no new session.
-    pub async fn place(&self, region: Option<&str>) -> Result<Option<String>> {
+    pub async fn place(&self, region: Option<&str>) -> Result<Placement> {
         if self.current().taken.is_none() {
             self.refresh().await?;
         }
         let snap = self.current();
-        let counts: HashMap<String, i64> = sessions::count_by_gateway(&self.db.get().await?, None)
-            .await?
-            .into_iter()
-            .collect();
         let now = snap.now();
-        let candidates: Vec<Candidate> = snap
+        let eligible: Vec<&Gateway> = snap
             .gateways
             .iter()
             .filter(|g| g.state == GatewayState::Active && g.is_live(now, self.liveness_ms))
             .filter(|g| region.is_none_or(|r| g.region == r))
+            .collect();
+        if eligible.is_empty() {
+            return Ok(Placement::NoGateway);
+        }
+        // Only the candidates' sessions are counted (an index probe each), not the table.
+        let ids: Vec<&str> = eligible.iter().map(|g| g.id.as_str()).collect();
+        let counts: HashMap<String, i64> = sessions::count_on_gateways(&self.db.get().await?, &ids)
+            .await?
+            .into_iter()
+            .collect();
+        let candidates: Vec<Candidate> = eligible
+            .iter()
             .map(|g| Candidate {
                 id: g.id.clone(),
                 capacity: i64::from(g.capacity),
                 load: counts.get(&g.id).copied().unwrap_or(0),
             })
             .collect();
-        Ok(fleet::least_loaded(&candidates).map(|i| candidates[i].id.clone()))
+        Ok(match fleet::least_loaded(&candidates) {
+            Some(i) => Placement::On(candidates[i].id.clone()),
+            None => Placement::Full,
+        })
+    }
+
+    /// The capacity of a registered gateway, as last read.
+    pub fn capacity_of(&self, gateway_id: &str) -> Option<i64> {
+        self.current()
+            .gateways
+            .iter()
+            .find(|g| g.id == gateway_id)
+            .map(|g| i64::from(g.capacity))
     }
 
     /// The stored state of a gateway as last read, if it is registered.

@@ -12,6 +12,11 @@
 //! session's events reach an endpoint one after the other, retries included; sessions and
 //! endpoints proceed in parallel, at most `WEBHOOK_PER_ENDPOINT` leases per endpoint.
 //!
+//! Fairness: at most `WEBHOOK_PER_ORG` leases per organization across the fleet, and each
+//! claim takes the organizations in turn (every one's oldest due delivery, then every one's
+//! next), so a tenant with a deep backlog (a large `:replay`) or slow endpoints delays the
+//! others by at most its share of the slots.
+//!
 //! The dispatcher wakes when an event is published on the bus (the same signal the SSE streams
 //! use), when one of its attempts ends, and every `WEBHOOK_POLL_MS` (retries falling due, and
 //! events whose signal was lost).
@@ -161,8 +166,11 @@ impl Dispatcher {
         store::claim(
             &client,
             now_ms(),
-            free as i64,
-            self.cfg.webhook_per_endpoint.max(1) as i64,
+            store::ClaimLimits {
+                limit: free as i64,
+                per_endpoint: self.cfg.webhook_per_endpoint.max(1) as i64,
+                per_org: self.cfg.webhook_per_org.max(1) as i64,
+            },
             lease.as_millis() as i64,
             &Ulid::new().to_string(),
         )

@@ -14,7 +14,7 @@ use shared::{
     fleet::GatewayState,
     protocol::{Command, CommandOutput, EventKind},
     session::{self, Session, SessionStatus, limits},
-    store::{self, sessions::SettingsPatch},
+    store::{self, quotas::Quota, sessions::SettingsPatch},
 };
 use ulid::Ulid;
 use utoipa::{IntoParams, ToSchema};
@@ -24,6 +24,7 @@ use crate::{
     AppState,
     auth::{Caller, Manager},
     error::{ApiJson, ApiQuery, ApiResult},
+    fleet::Placement,
 };
 
 /// Body of `POST /sessions`. Unknown fields are refused (400), so a typo never passes silently.
@@ -128,20 +129,40 @@ pub async fn create(
         }
         (None, Some(region)) => {
             session::validate_region(region)?;
-            state.fleet.place(Some(region)).await?.ok_or_else(|| {
-                Error::unavailable(format!("no active gateway with room in region {region}"))
+            match state.fleet.place(Some(region)).await? {
+                Placement::On(gw) => gw,
+                Placement::Full | Placement::NoGateway => {
+                    return Err(Error::unavailable(format!(
+                        "no active gateway with room in region {region}"
+                    ))
                     .with_detail("region", region.as_str())
-            })?
+                    .into());
+                }
+            }
         }
         (None, None) => match state.fleet.place(None).await? {
-            Some(gw) => gw,
-            None => state.cfg.default_gateway.clone(),
+            Placement::On(gw) => gw,
+            // A fleet at capacity takes no more: the default gateway is for a fleet with no
+            // live gateway yet (its sessions wait there for their worker), not an overflow.
+            Placement::Full => {
+                return Err(Error::unavailable(
+                    "every active gateway is at its capacity; try again later",
+                )
+                .into());
+            }
+            Placement::NoGateway => state.cfg.default_gateway.clone(),
         },
     };
     let id = Ulid::new().to_string();
-    let client = state.db.get().await?;
+    let mut client = state.db.get().await?;
+    let tx = client.transaction().await?;
+    let org = &caller.organization_id;
+    store::quotas::take(&tx, Quota::Sessions, org, state.cfg.quotas.org_max_sessions).await?;
+    if body.gateway_id.is_some() {
+        check_room(&state, &tx, &gateway_id).await?;
+    }
     let created = store::sessions::insert(
-        &client,
+        &tx,
         &store::sessions::NewSession {
             id: &id,
             organization_id: &caller.organization_id,
@@ -156,7 +177,42 @@ pub async fn create(
         },
     )
     .await?;
+    tx.commit().await?;
     Ok((StatusCode::CREATED, Json(created)).into_response())
+}
+
+/// A session pinned to a registered gateway must fit its capacity (409 otherwise). Under a
+/// lock of the gateway's placements, so concurrent pins cannot overfill it; placement by the
+/// fleet is least-loaded and needs none. Operators make room by raising the gateway's
+/// `WORKER_CAPACITY`, or by draining it.
+async fn check_room(
+    state: &AppState,
+    tx: &impl deadpool_postgres::GenericClient,
+    gateway_id: &str,
+) -> ApiResult<()> {
+    let Some(capacity) = state.fleet.capacity_of(gateway_id) else {
+        // Not registered (yet): nothing to measure against; the session waits for it.
+        return Ok(());
+    };
+    tx.execute(
+        "SELECT pg_advisory_xact_lock(hashtextextended($1, 0))",
+        &[&format!("placement:{gateway_id}")],
+    )
+    .await?;
+    let held = store::sessions::count_on_gateways(tx, &[gateway_id])
+        .await?
+        .first()
+        .map_or(0, |(_, n)| *n);
+    if held >= capacity {
+        return Err(Error::conflict(format!(
+            "gateway {gateway_id} holds {held} sessions, its capacity; pin elsewhere or let \
+             the fleet place the session"
+        ))
+        .with_detail("gatewayId", gateway_id)
+        .with_detail("capacity", capacity)
+        .into());
+    }
+    Ok(())
 }
 
 #[utoipa::path(get, path = "/api/v1/sessions", tag = "sessions", params(ListQuery),

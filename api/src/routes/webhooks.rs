@@ -211,9 +211,12 @@ pub async fn create(
     let id = Ulid::new().to_string();
     let (key, shown) = signing::new_secret();
     let sealed = signing::seal(keys, &id, &key);
-    let client = state.db.get().await?;
+    let mut client = state.db.get().await?;
+    let tx = client.transaction().await?;
+    let quota = state.cfg.quotas.org_max_webhooks;
+    store::quotas::take(&tx, store::quotas::Quota::Webhooks, org, quota).await?;
     let created = store::webhooks::insert(
-        &client,
+        &tx,
         &store::webhooks::NewWebhook {
             id: &id,
             organization_id: org,
@@ -226,6 +229,7 @@ pub async fn create(
         },
     )
     .await?;
+    tx.commit().await?;
     Ok((
         StatusCode::CREATED,
         [(header::LOCATION, format!("/api/v1/webhooks/{id}"))],
@@ -418,6 +422,7 @@ pub async fn test(
         "data": {"webhookId": w.id, "organizationId": w.organization_id, "at": now},
     });
     let client = state.db.get().await?;
+    backlog_room(&state, &client, &caller.organization_id).await?;
     let delivery_id = store::deliveries::queue_test(&client, &w, &payload, now).await?;
     let queued = store::deliveries::list(&client, &w.id, None, Some(delivery_id + 1), 1)
         .await?
@@ -455,9 +460,13 @@ pub async fn replay(
         return Err(Error::conflict("the endpoint is disabled; enable it first").into());
     }
     let mut client = state.db.get().await?;
+    // At most what one call replays, and what the organization's backlog has room for.
+    let cap = backlog_room(&state, &client, &caller.organization_id)
+        .await?
+        .min(MAX_REPLAY);
     let tx = client.transaction().await?;
-    let queued = store::deliveries::replay(&tx, &w, body.since, MAX_REPLAY + 1, now).await?;
-    let continue_from = if queued as i64 > MAX_REPLAY {
+    let queued = store::deliveries::replay(&tx, &w, body.since, cap + 1, now).await?;
+    let continue_from = if queued as i64 > cap {
         // One too many was read to learn that more exist: drop it, and say where to go on.
         let last = tx
             .query_one(
@@ -472,7 +481,7 @@ pub async fn replay(
         None
     };
     tx.commit().await?;
-    let queued = queued.min(MAX_REPLAY as u64);
+    let queued = queued.min(cap as u64);
     Ok((
         StatusCode::ACCEPTED,
         Json(ReplayAnswer {

@@ -174,13 +174,25 @@ pub struct Claimed {
     pub failing_since: Option<i64>,
 }
 
-/// Leases up to `limit` due deliveries for `lease_ms`: for each (endpoint, session) only the
-/// oldest pending one, and no more than `per_endpoint` leased per endpoint at once.
+/// How many deliveries one claim may lease, and how they are shared out.
+#[derive(Debug, Clone, Copy)]
+pub struct ClaimLimits {
+    /// Leased by this claim at most.
+    pub limit: i64,
+    /// Leased to one endpoint at once, across the fleet.
+    pub per_endpoint: i64,
+    /// Leased for one organization at once, across the fleet.
+    pub per_org: i64,
+}
+
+/// Leases due deliveries for `lease_ms`: for each (endpoint, session) only the oldest pending
+/// one, no more than `per_endpoint` leased per endpoint and `per_org` per organization at
+/// once, and round-robin across organizations (each one's oldest, then each one's next…),
+/// so a tenant with a deep backlog or slow endpoints never holds every slot.
 pub async fn claim(
     db: &impl GenericClient,
     now: i64,
-    limit: i64,
-    per_endpoint: i64,
+    limits: ClaimLimits,
     lease_ms: i64,
     token: &str,
 ) -> Result<Vec<Claimed>> {
@@ -199,19 +211,28 @@ pub async fn claim(
                  WHERE d.status = 'pending' \
                    AND (d.webhook_id, d.session_id) > (q.webhook_id, q.session_id) \
                  ORDER BY d.webhook_id, d.session_id, d.id LIMIT 1) n), \
-             heads AS (SELECT d.id, d.webhook_id, d.next_attempt_at, d.claimed_until \
+             heads AS (SELECT d.id, d.webhook_id, d.organization_id, d.next_attempt_at, \
+               d.claimed_until \
                FROM queues q JOIN webhook_deliveries d ON d.id = q.id \
                JOIN webhooks w ON w.id = d.webhook_id AND w.enabled), \
-             busy AS (SELECT id, webhook_id, next_attempt_at, claimed_until, \
-               count(*) FILTER (WHERE claimed_until > $1) OVER (PARTITION BY webhook_id) AS leased \
+             busy AS (SELECT id, webhook_id, organization_id, next_attempt_at, claimed_until, \
+               count(*) FILTER (WHERE claimed_until > $1) OVER (PARTITION BY webhook_id) AS leased, \
+               count(*) FILTER (WHERE claimed_until > $1) \
+                 OVER (PARTITION BY organization_id) AS org_leased \
                FROM heads), \
-             ready AS (SELECT id, leased, next_attempt_at, \
-               row_number() OVER (PARTITION BY webhook_id ORDER BY next_attempt_at, id) AS n \
+             ready AS (SELECT id, organization_id, org_leased, next_attempt_at, \
+               row_number() OVER (PARTITION BY webhook_id ORDER BY next_attempt_at, id) + leased \
+                 AS n \
                FROM busy WHERE next_attempt_at <= $1 \
                AND (claimed_until IS NULL OR claimed_until <= $1)), \
+             fair AS (SELECT id, next_attempt_at, \
+               row_number() OVER (PARTITION BY organization_id ORDER BY next_attempt_at, id) \
+                 AS turn, org_leased \
+               FROM ready WHERE n <= $3), \
              picked AS MATERIALIZED (SELECT d.id FROM webhook_deliveries d \
-               JOIN ready r ON r.id = d.id \
-               WHERE r.n + r.leased <= $3 ORDER BY r.next_attempt_at, d.id LIMIT $2 \
+               JOIN fair f ON f.id = d.id \
+               WHERE f.turn + f.org_leased <= $6 \
+               ORDER BY f.turn, f.next_attempt_at, d.id LIMIT $2 \
                FOR UPDATE OF d SKIP LOCKED) \
              UPDATE webhook_deliveries d SET claimed_until = $1 + $4, claim_token = $5 \
              FROM picked, webhooks w WHERE d.id = picked.id AND w.id = d.webhook_id \
@@ -226,7 +247,17 @@ pub async fn claim(
         )
         .await?;
     let rows = db
-        .query(&stmt, &[&now, &limit, &per_endpoint, &lease_ms, &token])
+        .query(
+            &stmt,
+            &[
+                &now,
+                &limits.limit,
+                &limits.per_endpoint,
+                &lease_ms,
+                &token,
+                &limits.per_org,
+            ],
+        )
         .await?;
     Ok(rows
         .iter()

@@ -10,6 +10,7 @@ pub mod deliveries;
 pub mod events;
 pub mod gateways;
 pub mod messages;
+pub mod quotas;
 pub mod sessions;
 pub mod wa_keys;
 pub mod webhooks;

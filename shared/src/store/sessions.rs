@@ -212,6 +212,25 @@ pub async fn count_by_gateway(
         .collect())
 }
 
+/// How many sessions each of `gateways` holds (a gateway with none is left out).
+pub async fn count_on_gateways(
+    db: &impl GenericClient,
+    gateways: &[&str],
+) -> Result<Vec<(String, i64)>> {
+    let stmt = db
+        .prepare_cached(
+            "SELECT gateway_id, count(*) FROM sessions WHERE gateway_id = ANY($1) \
+             GROUP BY gateway_id",
+        )
+        .await?;
+    Ok(db
+        .query(&stmt, &[&gateways])
+        .await?
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect())
+}
+
 /// Removes a session row; `false` when the organization has no such session.
 pub async fn delete(db: &impl GenericClient, org: &str, id: &str) -> Result<bool> {
     let stmt = db

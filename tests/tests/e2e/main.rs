@@ -15,6 +15,7 @@ mod messages_api;
 mod ops;
 mod plans;
 mod qr_image;
+mod quotas;
 mod resilience;
 mod sessions;
 mod sim;

@@ -132,7 +132,12 @@ async fn a_delivery_claim_leases_at_most_its_limit_under_any_plan() {
         )
         .await
         .expect("insert deliveries");
-    let claimed = shared::store::deliveries::claim(&client, now, LIMIT, 1_000, 60_000, "t")
+    let limits = shared::store::deliveries::ClaimLimits {
+        limit: LIMIT,
+        per_endpoint: 1_000,
+        per_org: 1_000,
+    };
+    let claimed = shared::store::deliveries::claim(&client, now, limits, 60_000, "t")
         .await
         .expect("claim");
     assert_eq!(claimed.len() as i64, LIMIT);
