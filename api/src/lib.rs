@@ -178,7 +178,7 @@ pub async fn build_state(cfg: Config, shutdown: CancellationToken) -> Result<App
 pub fn router(state: AppState) -> Router {
     let body_limit = state.cfg.body_limit_bytes;
     // Full paths rather than `nest`: nesting rewrites every request's URI.
-    Router::new()
+    let routes = Router::new()
         .route(
             "/api/v1/sessions",
             get(sessions::list).post(sessions::create),
@@ -226,8 +226,15 @@ pub fn router(state: AppState) -> Router {
         .route("/console/", get(console::index))
         .route("/console/{file}", get(console::file))
         .route("/healthz", get(ops::healthz))
-        .route("/readyz", get(ops::readyz))
-        .route("/dev/jwks.json", get(ops::dev_jwks))
+        .route("/readyz", get(ops::readyz));
+    // The local development key's JWKS exists only where `DEV_JWT_KEY_FILE` is set, which the
+    // production manifests refuse (tests/tests/e2e/manifests.rs).
+    let routes = if state.dev_jwks.is_some() {
+        routes.route("/dev/jwks.json", get(ops::dev_jwks))
+    } else {
+        routes
+    };
+    routes
         .fallback(error::no_route)
         .method_not_allowed_fallback(error::wrong_method)
         .layer(observe::ObserveLayer::new(body_limit))

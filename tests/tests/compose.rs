@@ -103,6 +103,84 @@ impl Fleet {
         assert!(ok, "docker network {verb} {network} {container}");
     }
 
+    /// No password or cookie ships with the repository: the broker and the database refuse
+    /// `gateway:gateway`, and take the fleet's own passwords, which `up` made.
+    fn refuses_shared_defaults(&self) {
+        let env = std::fs::read_to_string(self.state.join("env")).expect("the fleet's settings");
+        let setting = |name: &str| {
+            env.lines()
+                .find_map(|l| l.strip_prefix(&format!("{name}=")))
+                .unwrap_or_else(|| panic!("{name} in {env}"))
+                .to_string()
+        };
+        let rabbit = |password: &str| {
+            self.script(
+                "compose",
+                &[
+                    "exec",
+                    "-T",
+                    "rabbitmq-1",
+                    "rabbitmqctl",
+                    "-q",
+                    "authenticate_user",
+                    "gateway",
+                    password,
+                ],
+            )
+        };
+        let psql = |user: &str, password: &str, sql: &str| {
+            self.script(
+                "compose",
+                &[
+                    "exec",
+                    "-T",
+                    "postgres",
+                    "psql",
+                    &format!("postgresql://{user}:{password}@127.0.0.1:5432/gateway"),
+                    "-tAc",
+                    sql,
+                ],
+            )
+        };
+        let postgres = |password: &str| psql("gateway", password, "SELECT 1");
+        assert!(
+            rabbit("gateway").is_err(),
+            "the broker takes gateway:gateway"
+        );
+        assert!(
+            postgres("gateway").is_err(),
+            "Postgres takes gateway:gateway"
+        );
+        let (rabbit_password, pg_password) =
+            (setting("RABBITMQ_PASSWORD"), setting("POSTGRES_PASSWORD"));
+        assert!(
+            rabbit_password.len() >= 24 && pg_password.len() >= 24,
+            "{env}"
+        );
+        rabbit(&rabbit_password).expect("the broker takes the fleet's password");
+        postgres(&pg_password).expect("Postgres takes the fleet's password");
+        assert_ne!(setting("ERLANG_COOKIE"), "gateway-fleet-cookie");
+        // The api's role reads sessions, not the WhatsApp key store.
+        let api_password = setting("POSTGRES_API_PASSWORD");
+        psql(
+            "gateway_api",
+            &api_password,
+            "SELECT count(*) FROM sessions",
+        )
+        .expect("the api's role reads sessions");
+        let denied = psql(
+            "gateway_api",
+            &api_password,
+            "SELECT count(*) FROM wa_devices",
+        )
+        .expect_err("the api's role reads the device keys");
+        assert!(denied.contains("permission denied"), "{denied}");
+        eprintln!(
+            "[compose] gateway:gateway refused by the broker and Postgres; the fleet's own \
+             passwords taken; the api's role cannot read wa_devices"
+        );
+    }
+
     /// One number from the fleet's Postgres.
     fn count(&self, sql: &str) -> i64 {
         let out = self.compose(&[
@@ -329,6 +407,7 @@ async fn compose_fleet_pairs_a_number_and_survives_a_broker_node_stopping() {
     }
     let _ = rustls::crypto::ring::default_provider().install_default();
     let fleet = Fleet::up();
+    fleet.refuses_shared_defaults();
     let key = fleet
         .ctl(&[
             "apikey",

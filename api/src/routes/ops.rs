@@ -64,7 +64,7 @@ pub async fn serve_metrics(listener: tokio::net::TcpListener, stop: Cancellation
     }
 }
 
-/// The development signing key's JWKS (only when `DEV_JWT_KEY_FILE` is set).
+/// The development signing key's JWKS (routed only when `DEV_JWT_KEY_FILE` is set).
 pub async fn dev_jwks(State(state): State<AppState>) -> ApiResult<Json<Value>> {
     state
         .dev_jwks

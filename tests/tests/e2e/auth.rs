@@ -295,6 +295,27 @@ async fn missing_authorization_is_401_with_www_authenticate() {
 }
 
 #[tokio::test]
+async fn the_dev_jwks_is_routed_only_where_the_dev_key_is_set() {
+    let env = TestEnv::new().await;
+    let plain = env.start_api(|_| {}).await;
+    get_with_header(&plain, "/dev/jwks.json", None)
+        .await
+        .assert_error(404, "not_found");
+
+    let pem = std::env::temp_dir().join(format!("gw-dev-key-{}.pem", unique()));
+    std::fs::write(&pem, shared::devtoken::generate_pem().expect("a key")).expect("written");
+    let dev = env
+        .start_api(|c| c.dev_jwt_key_file = Some(pem.display().to_string()))
+        .await;
+    let r = get_with_header(&dev, "/dev/jwks.json", None).await;
+    let _ = std::fs::remove_file(&pem);
+    assert_eq!(
+        r.assert_status(200)["keys"][0]["kid"],
+        shared::devtoken::DEV_KEY_ID
+    );
+}
+
+#[tokio::test]
 async fn basic_authorization_is_401() {
     let env = TestEnv::new().await;
     let key = SigningKey::es256("es-1");
