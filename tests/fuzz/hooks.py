@@ -30,3 +30,26 @@ def before_call(context, case, kwargs):
         value = case.body.get(field)
         if isinstance(value, str) and WELL_FORMED.fullmatch(value):
             case.body[field] = os.environ[live]
+
+
+# What only `manage` may see among the reads: a session's QR code, and the webhooks (their
+# URLs, delivery logs and secrets). Paths as the OpenAPI document names them.
+MANAGE_ONLY_READS = re.compile(r"^/api/v1/(sessions/\{session\}/qr|webhooks.*)$")
+
+
+@schemathesis.check
+def read_only_sees_no_manage_data(ctx, response, case):
+    """With a read-only key ($FUZZ_READ_ONLY set): no change is accepted, no manage-only read
+    answers 2xx, and no body carries a QR or pairing code or a webhook secret."""
+    if not os.environ.get("FUZZ_READ_ONLY"):
+        return None
+    method = case.operation.method.upper()
+    path = case.operation.path
+    status = response.status_code
+    if 200 <= status < 300 and (method != "GET" or MANAGE_ONLY_READS.match(path)):
+        raise AssertionError(f"a read-only key was answered {status} by {method} {path}")
+    text = response.text or ""
+    for leak in ('"qr"', '"secret"', "auth.qr", "auth.pair_code", "whsec_"):
+        if 200 <= status < 300 and leak in text:
+            raise AssertionError(f"{method} {path} showed a read-only key {leak}")
+    return None
