@@ -127,9 +127,12 @@ impl TestEnv {
         // The api's own role, as production runs it: no access to the WhatsApp key store.
         let api_role = format!("gwt_api_{}", unique());
         let api_password = unique();
+        // The test's own role is made a member, so it may end the api's connections as a
+        // database restart would (`drop_database_connections`).
         client
             .batch_execute(&format!(
-                "CREATE ROLE {api_role} LOGIN PASSWORD '{api_password}'"
+                "DO $$ BEGIN EXECUTE format('CREATE ROLE {api_role} LOGIN PASSWORD %L ROLE %I', \
+                 '{api_password}', current_user); END $$"
             ))
             .await
             .expect("the database role needs CREATEROLE (deploy/local/services.sh grants it)");

@@ -511,7 +511,16 @@ fn env_problems(docs: &[Value]) -> Vec<String> {
                 let vars = literal_env(docs, c, "gw-test-1");
                 let parsed = match role {
                     Role::Worker => parse_as::<worker::Config>("worker", &worker, &vars).err(),
-                    Role::Api | Role::Migrate => parse_as::<api::Config>("api", &api, &vars).err(),
+                    Role::Api => parse_as::<api::Config>("api", &api, &vars).err(),
+                    // gatewayctl parses the api's settings; `migrate`'s own (the api role)
+                    // are its subcommand's.
+                    Role::Migrate => {
+                        let vars = vars
+                            .into_iter()
+                            .filter(|(k, _)| api.contains_key(k))
+                            .collect();
+                        parse_as::<api::Config>("api", &api, &vars).err()
+                    }
                 };
                 if let Some(e) = parsed {
                     problems.push(format!("{owner}: {role:?} refuses its settings: {e}"));
