@@ -5,12 +5,14 @@
 use std::time::Duration;
 
 use serde_json::{Value, json};
-use shared::{db::now_ms, protocol::EventKind, session::SessionStatus, store::events};
+use shared::db::now_ms;
 use tests::{
     Api, Resp, TestEnv,
     receiver::{Receiver, Script},
     unique,
 };
+
+use crate::webhooks::{emit, working};
 
 const SESSIONS: &str = "/api/v1/sessions";
 const WEBHOOKS: &str = "/api/v1/webhooks";
@@ -159,21 +161,6 @@ async fn the_webhook_backlog_of_an_organization_has_a_quota() {
     }
 }
 
-/// Stores a `session.status` event as a worker does.
-async fn emit(env: &TestEnv, org: &str, session: &str) {
-    let mut client = env.db.get().await.expect("db");
-    let tx = client.transaction().await.expect("tx");
-    let kind = EventKind::Status {
-        status: SessionStatus::Working,
-        status_reason: None,
-        status_details: None,
-    };
-    events::append(&tx, org, session, kind, now_ms())
-        .await
-        .expect("append");
-    tx.commit().await.expect("commit");
-}
-
 /// A tenant replays a deep backlog to an endpoint that never answers (each attempt holds its
 /// slot for the whole attempt timeout): it holds at most `WEBHOOK_PER_ORG` slots, and another
 /// tenant's event is delivered at once, not after the hanging attempts time out.
@@ -197,7 +184,7 @@ async fn a_tenant_replaying_to_a_hanging_endpoint_leaves_slots_for_another() {
     // The noisy tenant's history: 40 sessions' events, replayed to an endpoint that hangs.
     let since = now_ms() - 1_000;
     for i in 0..40 {
-        emit(&env, &noisy, &format!("noisy-{i}")).await;
+        emit(&env, &noisy, &format!("noisy-{i}"), working()).await;
     }
     let hanging = Receiver::start(Script::Hold).await;
     let hook = new_webhook(&api, &noisy_key, &hanging.url).await;
@@ -227,7 +214,7 @@ async fn a_tenant_replaying_to_a_hanging_endpoint_leaves_slots_for_another() {
             .as_str()
             .expect("secret"),
     );
-    emit(&env, &quiet, "quiet-1").await;
+    emit(&env, &quiet, "quiet-1", working()).await;
     answering
         .wait_for(
             HOLD / 3,

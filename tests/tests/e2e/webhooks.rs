@@ -27,7 +27,7 @@ async fn register(api: &Api, key: &str, url: &str, events: &[&str]) -> Value {
 }
 
 /// Stores an event as a worker does (in its own transaction); answers its id.
-async fn emit(env: &TestEnv, org: &str, session: &str, kind: EventKind) -> i64 {
+pub(crate) async fn emit(env: &TestEnv, org: &str, session: &str, kind: EventKind) -> i64 {
     let mut client = env.db.get().await.expect("db");
     let tx = client.transaction().await.expect("tx");
     let event = events::append(&tx, org, session, kind, now_ms())
@@ -48,7 +48,7 @@ fn incoming(text: &str) -> EventKind {
     }
 }
 
-fn working() -> EventKind {
+pub(crate) fn working() -> EventKind {
     EventKind::Status {
         status: SessionStatus::Working,
         status_reason: None,
