@@ -397,7 +397,10 @@ mod tests {
         std::thread::sleep(Duration::from_millis(200));
         assert_eq!(failures.refused_for(a), None, "a token is back");
         failures.evict_idle();
-        assert!(failures.buckets.read().expect("lock").is_empty(), "full again: evicted");
+        assert!(
+            failures.buckets.read().expect("lock").is_empty(),
+            "full again: evicted"
+        );
         assert!(AddressFailures::new(0, 10).is_none(), "0 is no limit");
     }
 
