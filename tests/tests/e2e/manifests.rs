@@ -928,3 +928,39 @@ fn the_dashboard_parses_and_every_query_reads_a_metric_the_code_emits() {
         assert!(all.contains(needed), "no panel reads {needed}");
     }
 }
+
+/// Every alert links its runbook: a section of deploy/prometheus/RUNBOOK.md that exists.
+#[test]
+fn every_alert_links_a_runbook_section_that_exists() {
+    let runbook = std::fs::read_to_string(repo().join("deploy/prometheus/RUNBOOK.md"))
+        .expect("the runbook");
+    // Anchors as Markdown renderers make them from `## Heading`.
+    let anchors: Vec<String> = runbook
+        .lines()
+        .filter_map(|l| l.strip_prefix("## "))
+        .map(|h| h.trim().to_lowercase().replace(' ', "-"))
+        .collect();
+    let rules = rules();
+    let alerts: Vec<&Value> = rules["groups"]
+        .as_array()
+        .expect("groups")
+        .iter()
+        .flat_map(|g| g["rules"].as_array().expect("rules").iter())
+        .filter(|r| r.get("alert").is_some())
+        .collect();
+    assert!(alerts.len() >= 5, "{alerts:?}");
+    for alert in alerts {
+        let name = alert["alert"].as_str().expect("alert");
+        let url = alert["annotations"]["runbook_url"]
+            .as_str()
+            .unwrap_or_else(|| panic!("{name} has no runbook_url"));
+        let anchor = url
+            .split_once("deploy/prometheus/RUNBOOK.md#")
+            .map(|(_, a)| a)
+            .unwrap_or_else(|| panic!("{name}: {url} is not a section of the runbook"));
+        assert!(
+            anchors.iter().any(|a| a == anchor),
+            "{name}: no section #{anchor} in the runbook ({anchors:?})"
+        );
+    }
+}
