@@ -932,8 +932,8 @@ fn the_dashboard_parses_and_every_query_reads_a_metric_the_code_emits() {
 /// Every alert links its runbook: a section of deploy/prometheus/RUNBOOK.md that exists.
 #[test]
 fn every_alert_links_a_runbook_section_that_exists() {
-    let runbook = std::fs::read_to_string(repo().join("deploy/prometheus/RUNBOOK.md"))
-        .expect("the runbook");
+    let runbook =
+        std::fs::read_to_string(repo().join("deploy/prometheus/RUNBOOK.md")).expect("the runbook");
     // Anchors as Markdown renderers make them from `## Heading`.
     let anchors: Vec<String> = runbook
         .lines()
