@@ -138,8 +138,7 @@ pub fn mint_api_key() -> NewApiKey {
     let id = format!("{API_KEY_PREFIX}{}", ulid::Ulid::new());
     let mut bytes = [0u8; 32];
     rand::rng().fill_bytes(&mut bytes);
-    let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
-    let body = format!("{id}_{hex}");
+    let body = format!("{id}_{}", crate::hex(&bytes));
     let secret = format!("{body}_{}", key_check(&body));
     let sha256 = hash_api_key(&secret);
     NewApiKey { id, secret, sha256 }
@@ -149,10 +148,7 @@ pub fn mint_api_key() -> NewApiKey {
 /// without the database. Not a secret: it stops garbage and typos, not a forger, whose
 /// attempts the per-address limit on failed authentications bounds (`api/src/limits.rs`).
 fn key_check(body: &str) -> String {
-    Sha256::digest(body.as_bytes())[..4]
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    crate::hex(&Sha256::digest(body.as_bytes())[..4])
 }
 
 /// The public prefix of an API key, or `None` for anything else: a token not shaped like a

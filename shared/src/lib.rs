@@ -17,3 +17,14 @@ pub mod topology;
 pub mod webhook;
 
 pub use error::{Error, ErrorCode, Result};
+
+/// `bytes` as lowercase hex, two digits each (API keys, `bytea` text, sealed-format markers).
+pub fn hex(bytes: &[u8]) -> String {
+    use std::fmt::Write;
+    bytes
+        .iter()
+        .fold(String::with_capacity(2 * bytes.len()), |mut out, b| {
+            let _ = write!(out, "{b:02x}");
+            out
+        })
+}

@@ -27,6 +27,21 @@ pub struct SealedTable {
     pub key: &'static [(&'static str, &'static str)],
 }
 
+impl SealedTable {
+    /// The primary key's columns as text, comma-separated, as [`binding`] takes them: a
+    /// `bytea` in hex whatever `bytea_output` says (the text reads back as the same `bytea`).
+    pub fn key_as_text(&self) -> String {
+        self.key
+            .iter()
+            .map(|(column, ty)| match *ty {
+                "bytea" => format!("'\\x' || encode({column}, 'hex')"),
+                _ => format!("{column}::text"),
+            })
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+}
+
 const SESSION: (&str, &str) = ("session_id", "text");
 
 /// Every table of the key store with sealed values (`key_id`, `sealed`).
@@ -101,12 +116,7 @@ pub fn binding(table: &str, key: &[&str]) -> Binding {
 
 /// A `bytea` key column as [`binding`] takes it.
 pub fn bytea_key(bytes: &[u8]) -> String {
-    let mut out = String::with_capacity(2 + 2 * bytes.len());
-    out.push_str("\\x");
-    for b in bytes {
-        out.push_str(&format!("{b:02x}"));
-    }
-    out
+    format!("\\x{}", crate::hex(bytes))
 }
 
 /// Re-seals under `keyring.current()`, in the current format, every value sealed with another
@@ -150,10 +160,10 @@ fn pass_statements(t: &SealedTable) -> [String; 3] {
     let select = format!(
         "SELECT {}, key_id, sealed FROM {} \
          WHERE (key_id <> $1 OR substring(sealed FROM 1 FOR {}) <> '\\x{}'::bytea)",
-        list(&|_, c, ty| as_text(c, ty), ", "),
+        t.key_as_text(),
         t.table,
         sealed::FORMAT_2.len(),
-        hex(&sealed::FORMAT_2),
+        crate::hex(&sealed::FORMAT_2),
     );
     let order = format!("ORDER BY {key} LIMIT $2");
     let after = list(&|i, _, ty| format!("${}::text::{ty}", i + 3), ", ");
@@ -176,20 +186,6 @@ fn pass_statements(t: &SealedTable) -> [String; 3] {
         format!("{select} AND ({key}) > ({after}) {order}"),
         update,
     ]
-}
-
-/// A key column as text, as [`binding`] takes it: a `bytea` in hex whatever `bytea_output`
-/// says (the text reads back as the same `bytea`).
-fn as_text(column: &str, ty: &str) -> String {
-    if ty == "bytea" {
-        format!("'\\x' || encode({column}, 'hex')")
-    } else {
-        format!("{column}::text")
-    }
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// One walk over `t`: (values re-sealed, values skipped because their row changed).

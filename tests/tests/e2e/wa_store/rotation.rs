@@ -181,18 +181,13 @@ async fn values_in_the_old_format_open_and_rotation_moves_them_to_the_new_one() 
     };
     let mut total = 0u64;
     for t in wa_keys::SEALED {
-        let key = t
-            .key
-            .iter()
-            .map(|(c, ty)| match *ty {
-                "bytea" => format!("'\\x' || encode({c}, 'hex')"),
-                _ => format!("{c}::text"),
-            })
-            .collect::<Vec<_>>()
-            .join(", ");
         let rows = client
             .query(
-                &format!("SELECT ctid::text, sealed, {key} FROM {}", t.table),
+                &format!(
+                    "SELECT ctid::text, sealed, {} FROM {}",
+                    t.key_as_text(),
+                    t.table
+                ),
                 &[],
             )
             .await
