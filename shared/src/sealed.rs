@@ -91,25 +91,18 @@ impl Key {
     }
 
     fn open_v2(&self, aad: &[u8], sealed: &[u8]) -> Option<Vec<u8>> {
-        let rest = sealed.strip_prefix(&FORMAT_2)?;
-        if rest.len() < V2_NONCE_LEN {
-            return None;
-        }
-        let (nonce, msg) = rest.split_at(V2_NONCE_LEN);
-        let nonce: [u8; V2_NONCE_LEN] = nonce.try_into().ok()?;
+        let (nonce, msg) = sealed
+            .strip_prefix(&FORMAT_2)?
+            .split_first_chunk::<V2_NONCE_LEN>()?;
         self.v2
-            .decrypt(&XNonce::from(nonce), Payload { msg, aad })
+            .decrypt(&XNonce::from(*nonce), Payload { msg, aad })
             .ok()
     }
 
     fn open_v1(&self, aad: &[u8], sealed: &[u8]) -> Option<Vec<u8>> {
-        if sealed.len() < V1_NONCE_LEN {
-            return None;
-        }
-        let (nonce, msg) = sealed.split_at(V1_NONCE_LEN);
-        let nonce: [u8; V1_NONCE_LEN] = nonce.try_into().ok()?;
+        let (nonce, msg) = sealed.split_first_chunk::<V1_NONCE_LEN>()?;
         self.v1
-            .decrypt(&Nonce::from(nonce), Payload { msg, aad })
+            .decrypt(&Nonce::from(*nonce), Payload { msg, aad })
             .ok()
     }
 }
