@@ -47,7 +47,7 @@ pub async fn list(
     let gateways = state.fleet.gateways().await?;
     let client = state.db.get().await?;
     let counts: HashMap<String, i64> =
-        store::sessions::count_by_gateway(&client, Some(&caller.organization_id))
+        store::sessions::count_by_gateway(&client, &caller.organization_id)
             .await?
             .into_iter()
             .collect();

@@ -192,16 +192,13 @@ pub async fn update_settings(
     Ok(row.as_ref().map(from_row))
 }
 
-/// Number of sessions per gateway (of one organization, when given), for placement and the
-/// fleet view.
-pub async fn count_by_gateway(
-    db: &impl GenericClient,
-    org: Option<&str>,
-) -> Result<Vec<(String, i64)>> {
+/// Number of the organization's sessions per gateway, for its fleet view (an index scan of
+/// its own sessions). Placement counts by gateway instead: [`count_on_gateways`].
+pub async fn count_by_gateway(db: &impl GenericClient, org: &str) -> Result<Vec<(String, i64)>> {
     let stmt = db
         .prepare_cached(
-            "SELECT gateway_id, count(*) FROM sessions \
-             WHERE $1::text IS NULL OR organization_id = $1 GROUP BY gateway_id",
+            "SELECT gateway_id, count(*) FROM sessions WHERE organization_id = $1 \
+             GROUP BY gateway_id",
         )
         .await?;
     Ok(db
