@@ -131,7 +131,7 @@ impl<K: Hash + Eq + Clone> Level<K> {
 
 /// 429 `rate_limited`. `crate::error` renders `retryAfterSeconds` as `Retry-After` and, with
 /// `limit`, the `RateLimit-*` headers.
-fn rate_limited(message: String, retry_after_secs: u64) -> Error {
+pub(crate) fn rate_limited(message: String, retry_after_secs: u64) -> Error {
     Error::new(ErrorCode::RateLimited, message).with_detail("retryAfterSeconds", retry_after_secs)
 }
 

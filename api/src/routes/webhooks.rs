@@ -152,16 +152,15 @@ async fn backlog_room(
     let pending = store::quotas::pending_deliveries(db, org).await?;
     if pending >= limit {
         metrics::counter!("api_rate_limited_total", "scope" => "pending_deliveries").increment(1);
-        return Err(Error::new(
-            shared::ErrorCode::RateLimited,
+        return Err(crate::limits::rate_limited(
             format!(
                 "this organization has {pending} webhook deliveries waiting, its quota; \
                  try again once they are sent"
             ),
+            60,
         )
         .with_detail("scope", "pending_deliveries")
         .with_detail("limit", limit)
-        .with_detail("retryAfterSeconds", 60)
         .into());
     }
     Ok(limit - pending)
