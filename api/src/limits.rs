@@ -214,10 +214,9 @@ impl Limits {
             .get_all("x-forwarded-for")
             .iter()
             .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .collect::<Vec<_>>();
+            .flat_map(|v| v.split(','));
         // Right to left: each trusted hop appended the address it saw.
-        for hop in forwarded.iter().rev() {
+        for hop in forwarded.rev() {
             match hop.trim().parse::<IpAddr>() {
                 Ok(ip) => {
                     client = ip.to_canonical();
@@ -292,12 +291,12 @@ impl Limits {
 }
 
 /// Failed authentications per client address: a token bucket each, holding `burst` and
-/// refilled at `per_ms`; a failure takes a token, and an address with less than one left is
+/// refilled at `per_sec`; a failure takes a token, and an address with less than one left is
 /// refused. Only addresses that failed are in the map (a request that passes looks it up under
 /// a read lock), and one whose bucket is full again is evicted.
 struct AddressFailures {
     burst: f64,
-    per_ms: f64,
+    per_sec: f64,
     buckets: RwLock<HashMap<IpAddr, (f64, Instant)>>,
 }
 
@@ -305,14 +304,14 @@ impl AddressFailures {
     fn new(burst: u32, per_minute: u32) -> Option<AddressFailures> {
         (burst > 0 && per_minute > 0).then(|| AddressFailures {
             burst: f64::from(burst),
-            per_ms: f64::from(per_minute) / 60_000.0,
+            per_sec: f64::from(per_minute) / 60.0,
             buckets: RwLock::default(),
         })
     }
 
     /// Tokens of a bucket that held `tokens` at `at`, now.
     fn level(&self, (tokens, at): (f64, Instant), now: Instant) -> f64 {
-        let refill = now.saturating_duration_since(at).as_secs_f64() * 1_000.0 * self.per_ms;
+        let refill = now.saturating_duration_since(at).as_secs_f64() * self.per_sec;
         (tokens + refill).min(self.burst)
     }
 
@@ -320,7 +319,7 @@ impl AddressFailures {
     fn refused_for(&self, address: IpAddr) -> Option<Duration> {
         let buckets = self.buckets.read().unwrap_or_else(|p| p.into_inner());
         let level = self.level(*buckets.get(&address)?, Instant::now());
-        (level < 1.0).then(|| Duration::from_secs_f64((1.0 - level) / self.per_ms / 1_000.0))
+        (level < 1.0).then(|| Duration::from_secs_f64((1.0 - level) / self.per_sec))
     }
 
     fn fail(&self, address: IpAddr) {
