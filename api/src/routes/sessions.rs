@@ -158,8 +158,16 @@ pub async fn create(
     let tx = client.transaction().await?;
     let org = &caller.organization_id;
     store::quotas::take(&tx, Quota::Sessions, org, state.cfg.quotas.org_max_sessions).await?;
-    if body.gateway_id.is_some() {
-        check_room(&state, &tx, &gateway_id).await?;
+    // A pinned session must fit a registered gateway's capacity; placement by the fleet is
+    // least-loaded already, and a gateway not registered yet has nothing to measure against
+    // (the session waits for it). Operators make room by raising its `GATEWAY_CAPACITY`, or by
+    // draining it.
+    if let Some(capacity) = body
+        .gateway_id
+        .as_ref()
+        .and_then(|gw| state.fleet.capacity_of(gw))
+    {
+        store::quotas::take_room(&tx, &gateway_id, capacity).await?;
     }
     let created = store::sessions::insert(
         &tx,
@@ -179,40 +187,6 @@ pub async fn create(
     .await?;
     tx.commit().await?;
     Ok((StatusCode::CREATED, Json(created)).into_response())
-}
-
-/// A session pinned to a registered gateway must fit its capacity (409 otherwise). Under a
-/// lock of the gateway's placements, so concurrent pins cannot overfill it; placement by the
-/// fleet is least-loaded and needs none. Operators make room by raising the gateway's
-/// `WORKER_CAPACITY`, or by draining it.
-async fn check_room(
-    state: &AppState,
-    tx: &impl deadpool_postgres::GenericClient,
-    gateway_id: &str,
-) -> ApiResult<()> {
-    let Some(capacity) = state.fleet.capacity_of(gateway_id) else {
-        // Not registered (yet): nothing to measure against; the session waits for it.
-        return Ok(());
-    };
-    tx.execute(
-        "SELECT pg_advisory_xact_lock(hashtextextended($1, 0))",
-        &[&format!("placement:{gateway_id}")],
-    )
-    .await?;
-    let held = store::sessions::count_on_gateways(tx, &[gateway_id])
-        .await?
-        .first()
-        .map_or(0, |(_, n)| *n);
-    if held >= capacity {
-        return Err(Error::conflict(format!(
-            "gateway {gateway_id} holds {held} sessions, its capacity; pin elsewhere or let \
-             the fleet place the session"
-        ))
-        .with_detail("gatewayId", gateway_id)
-        .with_detail("capacity", capacity)
-        .into());
-    }
-    Ok(())
 }
 
 #[utoipa::path(get, path = "/api/v1/sessions", tag = "sessions", params(ListQuery),

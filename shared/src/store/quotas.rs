@@ -2,7 +2,8 @@
 //!
 //! A count-limited quota (sessions, webhook endpoints) is checked and taken in the same
 //! transaction as the insert it guards, under a transaction-scoped advisory lock of the
-//! organization and quota, so two concurrent requests cannot both take the last place. The
+//! organization and quota, so two concurrent requests cannot both take the last place; a
+//! session pinned to a gateway takes a place of its capacity the same way ([`take_room`]). The
 //! backlog of pending webhook deliveries is bounded where it can grow at once (`:replay`,
 //! test sends); events keep queueing their deliveries, which the give-up time bounds.
 
@@ -33,14 +34,19 @@ impl Quota {
     }
 }
 
-/// Takes one place of `quota` for `org` in the transaction `tx` (held until it ends), or 409
-/// `conflict` naming the quota and its limit when all `limit` are taken.
-pub async fn take(tx: &impl GenericClient, quota: Quota, org: &str, limit: i64) -> Result<()> {
+/// Holds the transaction-scoped advisory lock named `name` until `tx` ends.
+async fn lock(tx: &impl GenericClient, name: &str) -> Result<()> {
     let lock = tx
         .prepare_cached("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))")
         .await?;
-    tx.execute(&lock, &[&format!("quota:{}:{org}", quota.as_str())])
-        .await?;
+    tx.execute(&lock, &[&name]).await?;
+    Ok(())
+}
+
+/// Takes one place of `quota` for `org` in the transaction `tx` (held until it ends), or 409
+/// `conflict` naming the quota and its limit when all `limit` are taken.
+pub async fn take(tx: &impl GenericClient, quota: Quota, org: &str, limit: i64) -> Result<()> {
+    lock(tx, &format!("quota:{}:{org}", quota.as_str())).await?;
     let count = tx.prepare_cached(quota.count_sql()).await?;
     let held: i64 = tx.query_one(&count, &[&org]).await?.get(0);
     if held >= limit {
@@ -50,6 +56,26 @@ pub async fn take(tx: &impl GenericClient, quota: Quota, org: &str, limit: i64) 
         ))
         .with_detail("quota", quota.as_str())
         .with_detail("limit", limit));
+    }
+    Ok(())
+}
+
+/// Takes one place on `gateway_id`, which holds `capacity` sessions at most, in `tx` (under a
+/// lock of the gateway's placements until it ends, so concurrent pins cannot overfill it), or
+/// 409 `conflict` naming the gateway and its capacity.
+pub async fn take_room(tx: &impl GenericClient, gateway_id: &str, capacity: i64) -> Result<()> {
+    lock(tx, &format!("placement:{gateway_id}")).await?;
+    let held = crate::store::sessions::count_on_gateways(tx, &[gateway_id])
+        .await?
+        .first()
+        .map_or(0, |(_, n)| *n);
+    if held >= capacity {
+        return Err(Error::conflict(format!(
+            "gateway {gateway_id} holds {held} sessions, its capacity; pin elsewhere or let \
+             the fleet place the session"
+        ))
+        .with_detail("gatewayId", gateway_id)
+        .with_detail("capacity", capacity));
     }
     Ok(())
 }
