@@ -10,14 +10,15 @@
 //! moved here), `drain.rs` (move this gateway's sessions to its peers), `reaper.rs` (the
 //! region's elected failover).
 //!
-//! [`run`] takes a shutdown token; `main` only parses configuration and calls it, and tests
-//! start workers in-process the same way.
+//! [`run`] takes a shutdown token; the binaries only call [`process::main`] (configuration,
+//! logging, signals), and tests start workers in-process the same way.
 
 pub mod bus;
 pub mod config;
 pub mod drain;
 pub mod driver;
 pub mod leases;
+pub mod process;
 pub mod reaper;
 pub mod registry;
 pub mod session_actor;

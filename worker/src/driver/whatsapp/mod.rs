@@ -9,6 +9,8 @@
 //!   closed and reported [`DriverEvent::Failed`] with `retry`, and the worker tries again with
 //!   its own backoff while the session should run;
 //! - [`events`]: the crate's events mapped to our statuses and reasons;
+//! - [`transport`]: the crate's WebSocket transport, watched, so a connection that does not
+//!   come up says why (a server that is not WhatsApp's is not a network problem);
 //! - [`store`]: the crate's storage traits on Postgres, every device's keys sealed with
 //!   AES-256-GCM and every write fenced by the worker's lease on the session, so any worker of
 //!   the region can carry the number after a drain or a failover, and one that lost the
@@ -19,6 +21,7 @@
 
 pub mod events;
 pub mod store;
+pub mod transport;
 
 use std::{sync::Arc, time::Duration};
 
@@ -143,6 +146,7 @@ impl WhatsAppDriver {
         if let Some(url) = &self.cfg.ws_url {
             transport = transport.with_url(url.clone());
         }
+        let (transport, attempts) = transport::WatchedTransports::new(transport);
         let (up, up_rx) = watch::channel(false);
         let bot = Bot::builder()
             .with_backend_arc(backend)
@@ -163,6 +167,7 @@ impl WhatsAppDriver {
         tokio::spawn(deadline(
             handle.client(),
             up_rx,
+            attempts,
             events,
             self.cfg.clone(),
             closed.clone(),
@@ -183,6 +188,7 @@ impl WhatsAppDriver {
 async fn deadline(
     client: Arc<whatsapp_rust::Client>,
     mut up: watch::Receiver<bool>,
+    attempts: Arc<std::sync::Mutex<transport::Attempt>>,
     events: mpsc::UnboundedSender<DriverEvent>,
     cfg: WhatsAppConfig,
     closed: CancellationToken,
@@ -198,11 +204,19 @@ async fn deadline(
             Err(_) => {
                 client.disconnect().await;
                 let endpoint = cfg.ws_url.as_deref().unwrap_or("WhatsApp");
+                let last = *attempts.lock().unwrap_or_else(|e| e.into_inner());
+                let why = match last {
+                    transport::Attempt::HandshakeRejected => {
+                        ": the server is not WhatsApp's (its certificate chain is not signed by \
+                         WhatsApp, so the client rejected its handshake)"
+                    }
+                    _ => "",
+                };
                 let _ = events.send(DriverEvent::Failed {
                     reason: StatusReason::ConnectFailed,
                     details: Some(json!({
                         "message": format!(
-                            "could not connect to {endpoint} within {} ms",
+                            "could not connect to {endpoint} within {} ms{why}",
                             cfg.connect_timeout.as_millis()
                         ),
                     })),
