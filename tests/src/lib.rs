@@ -14,6 +14,7 @@ pub mod jwks;
 pub mod process;
 pub mod proxy;
 pub mod receiver;
+pub mod wa_server;
 
 use std::{future::Future, time::Duration};
 
@@ -298,6 +299,14 @@ impl TestEnv {
         let mut cfg = self.worker_config(gateway_id);
         tweak(&mut cfg);
         let w = Worker::spawn(cfg);
+        self.wait_gateway_live(gateway_id).await;
+        // The consumer is up once the queue has it; give it a moment past registration.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        w
+    }
+
+    /// Waits (up to 15 s) until `gateway_id` heartbeats: a worker runs it.
+    pub async fn wait_gateway_live(&self, gateway_id: &str) {
         let db = self.db.clone();
         let id = gateway_id.to_owned();
         eventually(Duration::from_secs(15), || {
@@ -315,9 +324,6 @@ impl TestEnv {
             }
         })
         .await;
-        // The consumer is up once the queue has it; give it a moment past registration.
-        tokio::time::sleep(Duration::from_millis(300)).await;
-        w
     }
 
     /// Mints an API key for `org` with `caps` and returns the secret.
@@ -857,7 +863,20 @@ impl Api {
         what: &str,
         pred: impl Fn(&Value) -> bool,
     ) -> Value {
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        self.wait_session_within(token, id, what, Duration::from_secs(10), pred)
+            .await
+    }
+
+    /// Polls a session until `pred` holds (or panics after `limit`).
+    pub async fn wait_session_within(
+        &self,
+        token: &str,
+        id: &str,
+        what: &str,
+        limit: Duration,
+        pred: impl Fn(&Value) -> bool,
+    ) -> Value {
+        let deadline = tokio::time::Instant::now() + limit;
         loop {
             let s = self.get(&format!("/api/v1/sessions/{id}"), token).await;
             if s.status == 200 && pred(&s.body) {

@@ -18,6 +18,14 @@ pub fn worker_binary() -> PathBuf {
     binary("worker")
 }
 
+/// The worker built for the local WhatsApp protocol server (`tests/src/wa_server/`): the real
+/// driver without WhatsApp's certificate check. Built apart from the workspace, by
+/// `cargo build -p worker --features wa-test-server --bin worker-wa-test-server`
+/// (`deploy/local/test` does), so no other binary of the build gets that feature.
+pub fn wa_test_worker_binary() -> PathBuf {
+    binary("worker-wa-test-server")
+}
+
 /// A binary of the workspace built in this build's profile (`target/<profile>/<name>`),
 /// found from the running binary: a test in `target/<profile>/deps/`, or a benchmark in
 /// `target/<profile>/`.
@@ -51,10 +59,20 @@ impl WorkerProcess {
     /// Starts a worker process for `gateway_id` with the test's database and broker, the
     /// fast fleet timings of [`FAST_FLEET`], and `extra` settings on top.
     pub fn spawn(env: &TestEnv, gateway_id: &str, extra: &[(&str, String)]) -> WorkerProcess {
+        WorkerProcess::spawn_binary(&worker_binary(), env, gateway_id, extra)
+    }
+
+    /// [`WorkerProcess::spawn`] with another worker binary.
+    pub fn spawn_binary(
+        binary: &std::path::Path,
+        env: &TestEnv,
+        gateway_id: &str,
+        extra: &[(&str, String)],
+    ) -> WorkerProcess {
         let log = std::env::temp_dir().join(format!("gw-test-{gateway_id}.log"));
         let out = std::fs::File::create(&log).expect("log file");
         let err = out.try_clone().expect("log file");
-        let mut cmd = Command::new(worker_binary());
+        let mut cmd = Command::new(binary);
         cmd.env_clear()
             .env("PATH", std::env::var_os("PATH").unwrap_or_default())
             .env("DATABASE_URL", &env.database_url)

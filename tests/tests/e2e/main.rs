@@ -19,6 +19,7 @@ mod quotas;
 mod resilience;
 mod sessions;
 mod sim;
+mod wa_protocol;
 mod wa_store;
 mod webhooks;
 mod whatsapp;

@@ -1,8 +1,8 @@
-//! The real WhatsApp driver (`WA_DRIVER=whatsapp`), exercised everywhere WhatsApp itself is
-//! not needed: nothing here can reach WhatsApp's servers. Workers run the real
-//! `whatsapp-rust` client against local endpoints that refuse, or that speak garbage, and
-//! keep its device keys in the real Postgres store; what pairing with a real phone does is
-//! out of reach here (the event mapping is unit-tested in the worker).
+//! The real WhatsApp driver (`WA_DRIVER=whatsapp`) where no WhatsApp server is needed:
+//! nothing here can reach WhatsApp's servers. Workers run the real `whatsapp-rust` client
+//! against local endpoints that refuse, or that speak garbage, and keep its device keys in
+//! the real Postgres store. Pairing, logging in and what WhatsApp does to a linked device
+//! run against the local protocol server, in `wa_protocol.rs`.
 
 use std::{
     sync::{

@@ -1,0 +1,461 @@
+//! One stream, from its handshake to its end: an unregistered device is shown pairing refs
+//! until a phone scans its QR code; a registered one logs in (or is refused as WhatsApp
+//! refuses: unlinked, banned, outdated) and gets its post-login queries answered.
+//!
+//! The stanzas follow `NOTES.md` §3 (pairing, login, what the client waits for before it
+//! counts as connected) and §6 (failures and stream errors).
+
+use std::sync::Arc;
+
+use tokio::{net::TcpStream, sync::mpsc};
+use wacore_binary::{Node, builder::NodeBuilder};
+use waproto::whatsapp as wa;
+
+use super::{
+    Outbound, Registration, Seen, Shared, Stream,
+    noise::{self, Reader, Writer},
+};
+
+pub const SERVER: &str = "s.whatsapp.net";
+
+pub(super) async fn serve(socket: TcpStream, shared: Arc<Shared>) {
+    let Ok((_, ws)) = tokio_websockets::ServerBuilder::new().accept(socket).await else {
+        return;
+    };
+    let accepted = match noise::accept(ws, &shared.identity).await {
+        Ok(accepted) => accepted,
+        Err(e) => {
+            shared.saw(Seen::HandshakeFailed(e.to_string()));
+            return;
+        }
+    };
+    shared.saw(Seen::Handshake {
+        pattern: accepted.pattern,
+    });
+    let (out, rx) = mpsc::unbounded_channel();
+    let stream = Stream {
+        id: shared.next_id(),
+        out,
+    };
+    let noise::Accepted {
+        client_static,
+        payload,
+        reader,
+        mut writer,
+        ..
+    } = accepted;
+    match payload.username {
+        None => {
+            let registration = registration(&payload);
+            shared
+                .state()
+                .pairing
+                .insert(client_static, (stream.clone(), registration));
+            if writer.node(&pair_device(stream.id)).await.is_ok() {
+                pump(reader, writer, rx, &shared, None).await;
+            }
+            let mut state = shared.state();
+            if state
+                .pairing
+                .get(&client_static)
+                .is_some_and(|(s, _)| s.id == stream.id)
+            {
+                state.pairing.remove(&client_static);
+            }
+        }
+        Some(user) => {
+            let phone = user.to_string();
+            let device = payload.device.unwrap_or(0) as u16;
+            let lid = match admit(&shared, &phone, device, &client_static, &payload) {
+                Ok(lid) => lid,
+                Err(failure) => {
+                    let _ = writer.node(&failure).await;
+                    writer.close().await;
+                    return;
+                }
+            };
+            let success = NodeBuilder::new("success")
+                .attr("t", unix_now().to_string())
+                .attr("lid", format!("{lid}:{device}@lid"))
+                .attr("props", "1")
+                .build();
+            if writer.node(&success).await.is_err() {
+                return;
+            }
+            let replaced = shared
+                .state()
+                .live
+                .insert((phone.clone(), device), stream.clone());
+            if let Some(old) = replaced {
+                let conflict = NodeBuilder::new("stream:error")
+                    .children([NodeBuilder::new("conflict")
+                        .attr("type", "replaced")
+                        .build()])
+                    .build();
+                let _ = old.out.send(Outbound::End(conflict));
+                shared.saw(Seen::Replaced(format!("{phone}:{device}")));
+            }
+            shared.saw(Seen::LoggedIn(format!("{phone}:{device}")));
+            pump(reader, writer, rx, &shared, Some((&phone, device))).await;
+            let mut state = shared.state();
+            let key = (phone, device);
+            if state.live.get(&key).is_some_and(|s| s.id == stream.id) {
+                state.live.remove(&key);
+            }
+        }
+    }
+}
+
+fn unix_now() -> i64 {
+    shared::db::now_ms() / 1000
+}
+
+/// What a device registers with in its first handshake: its Signal identity and signed
+/// pre-key, the start of its bundle.
+fn registration(payload: &wa::ClientPayload) -> Registration {
+    let Some(data) = payload.device_pairing_data.as_option() else {
+        return Registration::default();
+    };
+    Registration {
+        registration_id: data.e_regid.clone().unwrap_or_default(),
+        identity: data
+            .e_ident
+            .as_deref()
+            .and_then(|k| k.try_into().ok())
+            .unwrap_or_default(),
+        signed_pre_key_id: data.e_skey_id.clone().unwrap_or_default(),
+        signed_pre_key: data.e_skey_val.clone().unwrap_or_default(),
+        signed_pre_key_signature: data.e_skey_sig.clone().unwrap_or_default(),
+    }
+}
+
+/// Six refs, as WhatsApp sends: the client shows one after the other (60 s, then 20 s each).
+fn pair_device(stream_id: u64) -> Node {
+    let refs = (1..=6).map(|i| {
+        NodeBuilder::new("ref")
+            .bytes(format!("2@test-server-ref-{stream_id}-{i}").into_bytes())
+            .build()
+    });
+    NodeBuilder::new("iq")
+        .attr("from", SERVER)
+        .attr("type", "set")
+        .attr("id", format!("pair-device-{stream_id}"))
+        .attr("xmlns", "md")
+        .children([NodeBuilder::new("pair-device").children(refs).build()])
+        .build()
+}
+
+fn failure(reason: u32) -> NodeBuilder {
+    NodeBuilder::new("failure")
+        .attr("reason", reason.to_string())
+        .attr("location", "test")
+}
+
+/// Whether this device may log in: its account's LID, or the `<failure>` WhatsApp would send.
+fn admit(
+    shared: &Shared,
+    phone: &str,
+    device: u16,
+    noise_key: &[u8; 32],
+    payload: &wa::ClientPayload,
+) -> std::result::Result<String, Box<Node>> {
+    let state = shared.state();
+    if let Some(min) = state.min_version {
+        let version = payload
+            .user_agent
+            .as_option()
+            .and_then(|ua| ua.app_version.as_option())
+            .map(|v| {
+                (
+                    v.primary.unwrap_or(0),
+                    v.secondary.unwrap_or(0),
+                    v.tertiary.unwrap_or(0),
+                )
+            })
+            .unwrap_or_default();
+        if version < min {
+            return Err(Box::new(failure(405).build()));
+        }
+    }
+    let Some(account) = state.accounts.get(phone) else {
+        return Err(Box::new(failure(401).build()));
+    };
+    // The device must be linked, and be the one that was: its Noise key is its identity.
+    if account
+        .companions
+        .get(&device)
+        .is_none_or(|c| &c.noise != noise_key)
+    {
+        return Err(Box::new(failure(401).build()));
+    }
+    if let Some((code, expire)) = account.ban {
+        return Err(Box::new(
+            failure(402)
+                .attr("code", code.to_string())
+                .attr("expire", expire.to_string())
+                .build(),
+        ));
+    }
+    Ok(account.lid.clone())
+}
+
+/// Runs a stream until either end closes it: the client's stanzas answered, the server's
+/// own sent as they come.
+async fn pump(
+    mut reader: Reader,
+    mut writer: Writer,
+    mut rx: mpsc::UnboundedReceiver<Outbound>,
+    shared: &Shared,
+    device: Option<(&str, u16)>,
+) {
+    loop {
+        tokio::select! {
+            node = reader.node() => {
+                let Ok(Some(node)) = node else { return };
+                for answer in answer(&node, shared, device) {
+                    if writer.node(&answer).await.is_err() {
+                        return;
+                    }
+                }
+            }
+            out = rx.recv() => match out {
+                Some(Outbound::Send(node)) => {
+                    if writer.node(&node).await.is_err() {
+                        return;
+                    }
+                }
+                Some(Outbound::End(node)) => {
+                    let _ = writer.node(&node).await;
+                    writer.close().await;
+                    return;
+                }
+                Some(Outbound::Drop) | None => return,
+            }
+        }
+    }
+}
+
+fn attr(node: &Node, key: &str) -> Option<String> {
+    node.attrs.get(key).map(|v| v.as_str().into_owned())
+}
+
+fn result(id: &str) -> NodeBuilder {
+    NodeBuilder::new("iq")
+        .attr("type", "result")
+        .attr("id", id.to_owned())
+        .attr("from", SERVER)
+}
+
+/// What the server says to one stanza of the client (often nothing).
+fn answer(node: &Node, shared: &Shared, device: Option<(&str, u16)>) -> Vec<Node> {
+    if node.tag != "iq" {
+        return vec![];
+    }
+    let id = attr(node, "id").unwrap_or_default();
+    match attr(node, "type").as_deref() {
+        Some("result" | "error") => {
+            // An answer to one of ours (the pairing's signature, …).
+            if let Some(waiter) = shared.state().replies.remove(&id) {
+                let _ = waiter.send(node.clone());
+            }
+            return vec![];
+        }
+        Some("get" | "set") => {}
+        _ => return vec![],
+    }
+    let xmlns = attr(node, "xmlns").unwrap_or_default();
+    let child = node.children().and_then(|c| c.first());
+    let child_tag = child.map(|c| c.tag.as_ref()).unwrap_or_default();
+    match (xmlns.as_str(), child_tag) {
+        // The client waits for the end of the offline queue before it counts as connected.
+        ("passive", _) => vec![
+            result(&id).build(),
+            NodeBuilder::new("ib")
+                .attr("from", SERVER)
+                .children([NodeBuilder::new("offline").attr("count", "0").build()])
+                .build(),
+        ],
+        ("encrypt", "key") => vec![bundles(shared, &id, child)],
+        ("encrypt", "registration" | "list") => {
+            if let (Some((phone, dev)), Some(upload)) = (device, node.children()) {
+                store_pre_keys(shared, phone, dev, upload);
+            }
+            vec![result(&id).build()]
+        }
+        // No digest to compare: the client skips the check (404 would force a re-upload).
+        ("encrypt", "digest") => vec![
+            NodeBuilder::new("iq")
+                .attr("type", "error")
+                .attr("id", id)
+                .attr("from", SERVER)
+                .children([NodeBuilder::new("error")
+                    .attr("code", "503")
+                    .attr("text", "service-unavailable")
+                    .build()])
+                .build(),
+        ],
+        ("abt", _) => vec![
+            result(&id)
+                .children([NodeBuilder::new("props").attr("protocol", "1").build()])
+                .build(),
+        ],
+        ("blocklist", _) => vec![
+            result(&id)
+                .children([NodeBuilder::new("list").build()])
+                .build(),
+        ],
+        ("privacy", "privacy") => vec![
+            result(&id)
+                .children([NodeBuilder::new("privacy").build()])
+                .build(),
+        ],
+        ("w:sync:app:state", _) => vec![app_state(&id, child)],
+        ("usync", _) => vec![usync(&id, child)],
+        ("md", "remove-companion-device") => {
+            if let Some((phone, dev)) = device {
+                unlink(shared, phone, dev);
+                shared.saw(Seen::CompanionRemoved(format!("{phone}:{dev}")));
+            }
+            vec![result(&id).build()]
+        }
+        // Keep-alives (`w:p`), `<active/>` and anything else: an empty result.
+        _ => vec![result(&id).build()],
+    }
+}
+
+fn store_pre_keys(shared: &Shared, phone: &str, device: u16, upload: &[Node]) {
+    let keys: Vec<Node> = upload
+        .iter()
+        .filter(|n| n.tag == "list")
+        .flat_map(|l| l.children().unwrap_or_default().to_vec())
+        .collect();
+    let mut state = shared.state();
+    if let Some(c) = state
+        .accounts
+        .get_mut(phone)
+        .and_then(|a| a.companions.get_mut(&device))
+    {
+        c.pre_keys.extend(keys);
+    }
+}
+
+/// The Signal bundles of the linked devices asked for (a client writing to its account's
+/// other devices), each with one of its pre-keys, used up; a device not linked is refused.
+fn bundles(shared: &Shared, id: &str, key: Option<&Node>) -> Node {
+    let mut state = shared.state();
+    let users = key
+        .and_then(Node::children)
+        .unwrap_or_default()
+        .iter()
+        .filter(|u| u.tag == "user")
+        .filter_map(|u| attr(u, "jid"))
+        .map(|jid| {
+            let (user, device) = split_jid(&jid);
+            let user_node = NodeBuilder::new("user").attr("jid", jid.clone());
+            let Some(c) = state
+                .accounts
+                .get_mut(user)
+                .and_then(|a| a.companions.get_mut(&device))
+            else {
+                return user_node
+                    .children([NodeBuilder::new("error")
+                        .attr("code", "406")
+                        .attr("text", "not-acceptable")
+                        .build()])
+                    .build();
+            };
+            let r = &c.registration;
+            let bytes =
+                |tag: &'static str, b: &[u8]| NodeBuilder::new(tag).bytes(b.to_vec()).build();
+            let mut children = vec![
+                bytes("registration", &r.registration_id),
+                bytes("type", &[5]),
+                bytes("identity", &r.identity),
+                NodeBuilder::new("skey")
+                    .children([
+                        bytes("id", &r.signed_pre_key_id),
+                        bytes("value", &r.signed_pre_key),
+                        bytes("signature", &r.signed_pre_key_signature),
+                    ])
+                    .build(),
+            ];
+            if !c.pre_keys.is_empty() {
+                children.push(c.pre_keys.remove(0));
+            }
+            children.push(bytes("device-identity", &c.device_identity));
+            user_node.attr("type", "result").children(children).build()
+        })
+        .collect::<Vec<_>>();
+    result(id)
+        .children([NodeBuilder::new("list").children(users).build()])
+        .build()
+}
+
+/// `user[:device]@server` → (user, device).
+fn split_jid(jid: &str) -> (&str, u16) {
+    let address = jid.split_once('@').map_or(jid, |(a, _)| a);
+    match address.split_once(':') {
+        Some((user, device)) => (user, device.parse().unwrap_or(0)),
+        None => (address, 0),
+    }
+}
+
+pub(super) fn unlink(shared: &Shared, phone: &str, device: u16) {
+    if let Some(account) = shared.state().accounts.get_mut(phone) {
+        account.companions.remove(&device);
+    }
+}
+
+/// Every collection asked for, empty: nothing to decode, so each counts as synced.
+fn app_state(id: &str, sync: Option<&Node>) -> Node {
+    let collections = sync
+        .and_then(Node::children)
+        .unwrap_or_default()
+        .iter()
+        .filter(|c| c.tag == "collection")
+        .filter_map(|c| attr(c, "name"))
+        .map(|name| {
+            NodeBuilder::new("collection")
+                .attr("name", name)
+                .attr("version", "0")
+                .build()
+        })
+        .collect::<Vec<_>>();
+    result(id)
+        .children([NodeBuilder::new("sync").children(collections).build()])
+        .build()
+}
+
+/// Each user asked about, with only its phone (device 0) and no LID: PN addressing.
+fn usync(id: &str, usync: Option<&Node>) -> Node {
+    let devices_asked = usync
+        .and_then(|u| u.get_optional_child("query"))
+        .and_then(|q| q.get_optional_child("devices"))
+        .is_some();
+    let users = usync
+        .and_then(|u| u.get_optional_child("list"))
+        .and_then(Node::children)
+        .unwrap_or_default()
+        .iter()
+        .filter_map(|u| attr(u, "jid"))
+        .map(|jid| {
+            let user = NodeBuilder::new("user").attr("jid", jid);
+            if devices_asked {
+                user.children([NodeBuilder::new("devices")
+                    .children([NodeBuilder::new("device-list")
+                        .attr("hash", "2:test")
+                        .children([NodeBuilder::new("device").attr("id", "0").build()])
+                        .build()])
+                    .build()])
+                    .build()
+            } else {
+                user.build()
+            }
+        })
+        .collect::<Vec<_>>();
+    result(id)
+        .children([NodeBuilder::new("usync")
+            .children([NodeBuilder::new("list").children(users).build()])
+            .build()])
+        .build()
+}

@@ -1,0 +1,197 @@
+//! A WhatsApp protocol server for tests: what the `whatsapp` driver's crate needs from
+//! WhatsApp's servers, spoken for real (WebSocket, Noise, binary stanzas), with a simulated
+//! phone per account that links devices as a phone does.
+//!
+//! Read it by file:
+//! - here, the server: its accounts and linked devices, and the accept loop;
+//! - [`noise`]: framing and the Noise handshakes;
+//! - [`conn`]: one stream's stanzas, from pairing or login to the end;
+//! - [`phone`]: the simulated phone of an account — what its owner does with it.
+//!
+//! Only a worker built with `danger-skip-cert-chain-verify` (the `worker-wa-test-server`
+//! binary, worker feature `wa-test-server`) connects: the certificate chain here is not
+//! signed by WhatsApp. `NOTES.md` in this folder records what each stanza answers, read
+//! off the crate's sources.
+
+mod conn;
+pub mod noise;
+mod phone;
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
+};
+
+use tokio::{net::TcpListener, sync::mpsc, task::JoinHandle};
+use wacore::libsignal::protocol::KeyPair;
+use wacore_binary::Node;
+
+pub use phone::Phone;
+
+/// What a stream's task is told to do from outside it.
+enum Outbound {
+    Send(Node),
+    /// Sends the node, then closes the stream.
+    End(Node),
+    /// Closes the socket without a word, as a network drop does.
+    Drop,
+}
+
+/// A stream, as the rest of the server reaches it.
+#[derive(Clone)]
+struct Stream {
+    id: u64,
+    out: mpsc::UnboundedSender<Outbound>,
+}
+
+/// What a device sent when it registered: the keys its Signal bundle is made of.
+#[derive(Clone, Debug, Default)]
+struct Registration {
+    registration_id: Vec<u8>,
+    identity: [u8; 32],
+    signed_pre_key_id: Vec<u8>,
+    signed_pre_key: Vec<u8>,
+    signed_pre_key_signature: Vec<u8>,
+}
+
+/// A device linked to an account (a companion: the worker's client).
+#[derive(Clone, Debug)]
+struct Companion {
+    noise: [u8; 32],
+    registration: Registration,
+    /// The `ADVSignedDeviceIdentity` the device signed when it paired.
+    device_identity: Vec<u8>,
+    /// Pre-keys it uploaded (`<key>` nodes), for contacts' bundles.
+    pre_keys: Vec<Node>,
+}
+
+/// A WhatsApp account: a phone number with its phone and linked devices.
+struct Account {
+    lid: String,
+    name: String,
+    /// The account's identity key: it signs every device the phone links.
+    identity: KeyPair,
+    companions: BTreeMap<u16, Companion>,
+    next_device: u16,
+    next_key_index: u32,
+    /// A temporary ban: WhatsApp's code and how long it lasts, in seconds.
+    ban: Option<(u32, u64)>,
+}
+
+/// An observation for tests: what the server saw happen.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Seen {
+    /// A device connected and completed a handshake of this pattern.
+    Handshake { pattern: &'static str },
+    /// A handshake that did not complete, and why.
+    HandshakeFailed(String),
+    /// A device logged in: `phone:device`.
+    LoggedIn(String),
+    /// A device asked to be unlinked (logout): `phone:device`.
+    CompanionRemoved(String),
+    /// A stream was replaced by a newer one of the same device: `phone:device`.
+    Replaced(String),
+}
+
+#[derive(Default)]
+struct State {
+    accounts: HashMap<String, Account>,
+    /// Streams of unregistered devices waiting for a phone to scan their QR code, by the
+    /// device's Noise key, with what they registered.
+    pairing: HashMap<[u8; 32], (Stream, Registration)>,
+    /// Logged-in streams by `(phone, device)`.
+    live: HashMap<(String, u16), Stream>,
+    /// Answers the server waits for, by iq id.
+    replies: HashMap<String, tokio::sync::oneshot::Sender<Node>>,
+    /// The oldest client version served; older ones get a 405.
+    min_version: Option<(u32, u32, u32)>,
+    seen: Vec<Seen>,
+}
+
+struct Shared {
+    identity: noise::ServerIdentity,
+    state: Mutex<State>,
+    ids: AtomicU64,
+}
+
+impl Shared {
+    fn state(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn next_id(&self) -> u64 {
+        self.ids.fetch_add(1, Ordering::Relaxed)
+    }
+
+    fn saw(&self, seen: Seen) {
+        self.state().seen.push(seen);
+    }
+}
+
+/// The server, listening; stops (with every stream) when dropped.
+pub struct WaServer {
+    /// `ws://127.0.0.1:<port>/ws/chat`: the workers' `WA_WS_URL`.
+    pub url: String,
+    shared: Arc<Shared>,
+    accept: JoinHandle<()>,
+}
+
+impl WaServer {
+    /// Listens on a free local port.
+    pub async fn start() -> WaServer {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        WaServer::serve(listener)
+    }
+
+    /// Serves on `listener`.
+    pub fn serve(listener: TcpListener) -> WaServer {
+        let addr = listener.local_addr().expect("address");
+        let shared = Arc::new(Shared {
+            identity: noise::ServerIdentity::fixed(),
+            state: Mutex::default(),
+            ids: AtomicU64::new(1),
+        });
+        let accepting = shared.clone();
+        let accept = tokio::spawn(async move {
+            let mut streams = tokio::task::JoinSet::new();
+            loop {
+                tokio::select! {
+                    accepted = listener.accept() => {
+                        let Ok((socket, _)) = accepted else { continue };
+                        streams.spawn(conn::serve(socket, accepting.clone()));
+                    }
+                    Some(_) = streams.join_next() => {}
+                }
+            }
+        });
+        WaServer {
+            url: format!("ws://{addr}/ws/chat"),
+            shared,
+            accept,
+        }
+    }
+
+    /// The phone of account `number` (digits, as in a JID), created on first use.
+    pub fn phone(&self, number: &str) -> Phone {
+        Phone::of(self.shared.clone(), number)
+    }
+
+    /// Refuses clients older than `version` with WhatsApp's 405 ("client outdated").
+    pub fn require_version(&self, version: (u32, u32, u32)) {
+        self.shared.state().min_version = Some(version);
+    }
+
+    /// What the server saw so far.
+    pub fn seen(&self) -> Vec<Seen> {
+        self.shared.state().seen.clone()
+    }
+}
+
+impl Drop for WaServer {
+    fn drop(&mut self) {
+        self.accept.abort();
+    }
+}

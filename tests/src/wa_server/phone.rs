@@ -1,0 +1,264 @@
+//! The simulated phone of an account: what its owner does with it. It links a device by
+//! scanning the QR code the device shows (signing the device into the account as a phone
+//! does: ADV signatures and the HMAC under the QR code's secret), unlinks devices, and stands
+//! for what WhatsApp does to the account (a temporary ban, a dropped network).
+
+use std::{sync::Arc, time::Duration};
+
+use base64::Engine;
+use hmac::{Hmac, Mac};
+use wacore::{
+    adv::{AdvValidation, validate_adv_with_identity_key},
+    libsignal::protocol::KeyPair,
+};
+use wacore_binary::{Node, builder::NodeBuilder};
+use waproto::{buffa::Message as _, whatsapp as wa};
+
+use super::{Account, Companion, Outbound, Shared, conn::SERVER};
+
+/// The prefix of what the account key signs for a device (WhatsApp's ADV, E2EE accounts).
+const ACCOUNT_SIGNATURE_PREFIX: [u8; 2] = [6, 0];
+
+#[derive(Clone)]
+pub struct Phone {
+    shared: Arc<Shared>,
+    number: String,
+}
+
+impl Phone {
+    pub(super) fn of(shared: Arc<Shared>, number: &str) -> Phone {
+        let number: String = number.chars().filter(char::is_ascii_digit).collect();
+        shared
+            .state()
+            .accounts
+            .entry(number.clone())
+            .or_insert_with(|| Account {
+                // A LID is another number of the same account; any stable one will do.
+                lid: format!(
+                    "{}",
+                    100_000_000_000_000u64 + number.parse::<u64>().unwrap_or(0)
+                ),
+                name: format!("Phone {number}"),
+                identity: KeyPair::generate(&mut rand010::rng()),
+                companions: Default::default(),
+                next_device: 10,
+                next_key_index: 1,
+                ban: None,
+            });
+        Phone { shared, number }
+    }
+
+    pub fn number(&self) -> &str {
+        &self.number
+    }
+
+    /// The account's LID user.
+    pub fn lid(&self) -> String {
+        self.shared.state().accounts[&self.number].lid.clone()
+    }
+
+    /// Links the device showing `qr` (the string a QR code encodes:
+    /// `ref,noise key,identity key,ADV secret,platform`) to this account, as a phone's
+    /// "Link a device" does. Answers the device's JID once the device signed its identity
+    /// and was told to restart its stream.
+    pub async fn scan(&self, qr: &str) -> Result<String, String> {
+        let fields: Vec<&str> = qr.split(',').collect();
+        let [_ref, noise, identity, adv_secret, ..] = fields[..] else {
+            return Err(format!("`{qr}` is not a WhatsApp pairing QR code"));
+        };
+        let b64 = |s: &str| {
+            base64::engine::general_purpose::STANDARD
+                .decode(s)
+                .ok()
+                .and_then(|b| <[u8; 32]>::try_from(b).ok())
+                .ok_or_else(|| format!("`{s}` is not a base64 32-byte key"))
+        };
+        let (noise, identity, adv_secret) = (b64(noise)?, b64(identity)?, b64(adv_secret)?);
+        let (stream, registration) = self
+            .shared
+            .state()
+            .pairing
+            .remove(&noise)
+            .ok_or("no device showing this QR code is connected")?;
+        if registration.identity != identity {
+            return Err("the QR code's identity key is not the one the device registered".into());
+        }
+
+        let (device, lid, name, details, account_signature, account_key) = {
+            let mut state = self.shared.state();
+            let account = state.accounts.get_mut(&self.number).expect("the account");
+            let device = account.next_device;
+            let key_index = account.next_key_index;
+            account.next_device += 1;
+            account.next_key_index += 1;
+            let details = wa::ADVDeviceIdentity {
+                raw_id: Some(rand010::random()),
+                timestamp: Some(shared::db::now_ms() as u64 / 1000),
+                key_index: Some(key_index),
+                account_type: Some(wa::ADVEncryptionType::E2EE),
+                device_type: Some(wa::ADVEncryptionType::E2EE),
+            }
+            .encode_to_vec();
+            let signed = [&ACCOUNT_SIGNATURE_PREFIX[..], &details, &identity].concat();
+            let signature = account
+                .identity
+                .calculate_signature(&signed, &mut rand010::rng())
+                .map_err(|e| e.to_string())?;
+            let account_key = account.identity.public_key.public_key_bytes().to_vec();
+            (
+                device,
+                account.lid.clone(),
+                account.name.clone(),
+                details,
+                signature,
+                account_key,
+            )
+        };
+        let signed = wa::ADVSignedDeviceIdentity {
+            details: Some(details),
+            account_signature_key: Some(account_key),
+            account_signature: Some(account_signature.to_vec()),
+            device_signature: None,
+        }
+        .encode_to_vec();
+        let mut mac =
+            Hmac::<sha2::Sha256>::new_from_slice(&adv_secret).expect("HMAC takes any key");
+        mac.update(&signed);
+        let container = wa::ADVSignedDeviceIdentityHMAC {
+            details: Some(signed),
+            hmac: Some(mac.finalize().into_bytes().to_vec()),
+            account_type: Some(wa::ADVEncryptionType::E2EE),
+        }
+        .encode_to_vec();
+
+        let iq_id = format!("pair-success-{}", self.shared.next_id());
+        let success = NodeBuilder::new("iq")
+            .attr("from", SERVER)
+            .attr("type", "set")
+            .attr("id", iq_id.clone())
+            .attr("xmlns", "md")
+            .children([NodeBuilder::new("pair-success")
+                .children([
+                    NodeBuilder::new("device-identity").bytes(container).build(),
+                    NodeBuilder::new("device")
+                        .attr("jid", format!("{}:{device}@s.whatsapp.net", self.number))
+                        .attr("lid", format!("{lid}:{device}@lid"))
+                        .build(),
+                    NodeBuilder::new("biz").attr("name", name).build(),
+                    NodeBuilder::new("platform").attr("name", "android").build(),
+                ])
+                .build()])
+            .build();
+        let answer = self.ask(&stream.out, &iq_id, success).await?;
+
+        // The device signs its identity back; it must verify under both keys.
+        let signed_back = answer
+            .get_optional_child("pair-device-sign")
+            .and_then(|s| s.get_optional_child("device-identity"))
+            .and_then(node_bytes)
+            .ok_or_else(|| format!("the device refused the pairing: {answer:?}"))?;
+        if validate_adv_with_identity_key(&signed_back, &identity, None) != AdvValidation::Valid {
+            return Err("the device's signed identity does not verify".into());
+        }
+        self.shared
+            .state()
+            .accounts
+            .get_mut(&self.number)
+            .expect("the account")
+            .companions
+            .insert(
+                device,
+                Companion {
+                    noise,
+                    registration,
+                    device_identity: signed_back,
+                    pre_keys: vec![],
+                },
+            );
+        // Paired: the device restarts its stream and logs in.
+        let restart = NodeBuilder::new("stream:error").attr("code", "515").build();
+        let _ = stream.out.send(Outbound::End(restart));
+        Ok(format!("{}:{device}@s.whatsapp.net", self.number))
+    }
+
+    /// Sends `iq` on a stream and waits for the client's answer to it.
+    async fn ask(
+        &self,
+        out: &tokio::sync::mpsc::UnboundedSender<Outbound>,
+        id: &str,
+        iq: Node,
+    ) -> Result<Node, String> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.shared.state().replies.insert(id.to_owned(), tx);
+        out.send(Outbound::Send(iq))
+            .map_err(|_| "the device's stream is gone".to_string())?;
+        match tokio::time::timeout(Duration::from_secs(15), rx).await {
+            Ok(Ok(answer)) => Ok(answer),
+            _ => {
+                self.shared.state().replies.remove(id);
+                Err("the device did not answer".into())
+            }
+        }
+    }
+
+    /// The devices linked to this account.
+    pub fn linked_devices(&self) -> Vec<u16> {
+        self.shared.state().accounts[&self.number]
+            .companions
+            .keys()
+            .copied()
+            .collect()
+    }
+
+    /// Unlinks `device` from the phone's "Linked devices": its stream, if up, is told so.
+    pub fn unlink(&self, device: u16) {
+        super::conn::unlink(&self.shared, &self.number, device);
+        let stream = self
+            .shared
+            .state()
+            .live
+            .get(&(self.number.clone(), device))
+            .cloned();
+        if let Some(stream) = stream {
+            let removed = NodeBuilder::new("stream:error")
+                .attr("code", "401")
+                .children([NodeBuilder::new("conflict")
+                    .attr("type", "device_removed")
+                    .build()])
+                .build();
+            let _ = stream.out.send(Outbound::End(removed));
+        }
+    }
+
+    /// Bans the account for `expire` with WhatsApp's reason `code` (101–106): its devices are
+    /// refused at login until [`Phone::lift_ban`]; streams up now are dropped.
+    pub fn ban(&self, code: u32, expire: Duration) {
+        if let Some(a) = self.shared.state().accounts.get_mut(&self.number) {
+            a.ban = Some((code, expire.as_secs()));
+        }
+        self.drop_streams();
+    }
+
+    pub fn lift_ban(&self) {
+        if let Some(a) = self.shared.state().accounts.get_mut(&self.number) {
+            a.ban = None;
+        }
+    }
+
+    /// Drops every stream of the account's devices without a word, as a network does.
+    pub fn drop_streams(&self) {
+        let state = self.shared.state();
+        for ((phone, _), stream) in &state.live {
+            if phone == &self.number {
+                let _ = stream.out.send(Outbound::Drop);
+            }
+        }
+    }
+}
+
+fn node_bytes(node: &Node) -> Option<Vec<u8>> {
+    match &node.content {
+        Some(wacore_binary::NodeContent::Bytes(b)) => Some(b.clone()),
+        _ => None,
+    }
+}

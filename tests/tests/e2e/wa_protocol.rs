@@ -1,0 +1,172 @@
+//! The real driver end to end, against the local WhatsApp protocol server
+//! (`tests/src/wa_server/`): workers run the `worker-wa-test-server` binary (the real
+//! `whatsapp-rust` client, its device keys in Postgres), a simulated phone links them by the
+//! QR code read through the REST API, and they log in, restart and fail as they would against
+//! WhatsApp. The production `worker` refuses the server: its certificate is not WhatsApp's.
+
+use std::time::Duration;
+
+use serde_json::Value;
+use tests::{
+    Api, TestEnv,
+    process::{WorkerProcess, wa_test_worker_binary},
+    wa_server::{Seen, WaServer},
+};
+
+const KEYS: &str = "test:AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=";
+const PHONE: &str = "15550001111";
+/// A fresh pairing waits up to 10 s for the phone's app-state keys before it counts as
+/// connected (the crate's grace; the simulated phone does not send them yet).
+const PAIRED_AND_CONNECTED: Duration = Duration::from_secs(40);
+
+fn real_driver_settings(server: &WaServer) -> Vec<(&'static str, String)> {
+    vec![
+        ("WA_DRIVER", "whatsapp".into()),
+        ("CREDENTIALS_KEYS", KEYS.into()),
+        ("WA_WS_URL", server.url.clone()),
+        ("WA_CONNECT_TIMEOUT_MS", "5000".into()),
+    ]
+}
+
+/// A test-server worker process for a new gateway, with an api and a manager key.
+async fn stage(env: &TestEnv, server: &WaServer) -> (String, WorkerProcess, Api, String) {
+    let gw = env.gateway_id("sg");
+    let worker = WorkerProcess::spawn_binary(
+        &wa_test_worker_binary(),
+        env,
+        &gw,
+        &real_driver_settings(server),
+    );
+    env.wait_gateway_live(&gw).await;
+    let api = env.start_api(|_| {}).await;
+    let key = env.api_key("org_a", &["read", "manage"]).await;
+    (gw, worker, api, key)
+}
+
+/// The pairing QR code, as an operator's phone reads it off `GET …/qr`.
+async fn qr_code(api: &Api, key: &str, id: &str) -> String {
+    let path = format!("/api/v1/sessions/{id}/qr");
+    tests::eventually(Duration::from_secs(15), || async {
+        api.get(&path, key).await.status == 200
+    })
+    .await;
+    let r = api.get(&path, key).await.assert_status(200).clone();
+    r["qr"].as_str().expect("qr").to_owned()
+}
+
+fn working(s: &Value) -> bool {
+    s["status"] == "working"
+}
+
+fn handshakes(server: &WaServer) -> Vec<&'static str> {
+    server
+        .seen()
+        .into_iter()
+        .filter_map(|s| match s {
+            Seen::Handshake { pattern } => Some(pattern),
+            _ => None,
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn a_number_linked_by_qr_works_and_logs_in_again_from_its_stored_keys() {
+    let env = TestEnv::new().await;
+    let server = WaServer::start().await;
+    let (_gw, worker, api, key) = stage(&env, &server).await;
+    let phone = server.phone(PHONE);
+    let id = api.session_on(&key, &_gw).await;
+
+    let qr = qr_code(&api, &key, &id).await;
+    assert!(qr.starts_with("2@test-server-ref-"), "{qr}");
+    let device = phone.scan(&qr).await.expect("the phone links the device");
+    let s = api
+        .wait_session_within(&key, &id, "working", PAIRED_AND_CONNECTED, working)
+        .await;
+    assert_eq!(s["phoneNumber"], PHONE, "{s}");
+    assert_eq!(s["waJid"], format!("{PHONE}@s.whatsapp.net"), "{s}");
+    assert_eq!(s["waLid"], format!("{}@lid", phone.lid()), "{s}");
+    assert!(device.starts_with(&format!("{PHONE}:")), "{device}");
+    assert_eq!(phone.linked_devices().len(), 1);
+    // Paired over XX, then the stream restarted (515) and logged in, again over XX (the
+    // server's key was not cached yet).
+    assert_eq!(handshakes(&server), ["XX", "XX"], "{:?}", server.seen());
+
+    // A restart logs in from the keys in Postgres: IK with the cached server key, no QR code.
+    let before = shared::db::now_ms();
+    api.post(&format!("/api/v1/sessions/{id}:restart"), &key, None)
+        .await
+        .assert_status(200);
+    let s = api
+        .wait_session_within(&key, &id, "working again", Duration::from_secs(20), |s| {
+            working(s) && s["lastConnectedAt"].as_i64().is_some_and(|t| t > before)
+        })
+        .await;
+    assert_eq!(s["phoneNumber"], PHONE, "{s}");
+    assert_eq!(
+        handshakes(&server),
+        ["XX", "XX", "IK"],
+        "{:?}",
+        server.seen()
+    );
+    assert_eq!(
+        api.get(&format!("/api/v1/sessions/{id}/qr"), &key)
+            .await
+            .status,
+        409,
+        "no QR code for a paired session"
+    );
+    drop(worker);
+}
+
+#[tokio::test]
+async fn the_production_worker_refuses_the_test_servers_certificate() {
+    let env = TestEnv::new().await;
+    let server = WaServer::start().await;
+    let gw = env.gateway_id("sg");
+    let _worker = WorkerProcess::spawn(&env, &gw, &real_driver_settings(&server));
+    env.wait_gateway_live(&gw).await;
+    let api = env.start_api(|_| {}).await;
+    let key = env.api_key("org_a", &["read", "manage"]).await;
+    let id = api.session_on(&key, &gw).await;
+    api.post(&format!("/api/v1/sessions/{id}:start"), &key, None)
+        .await
+        .assert_status(200);
+
+    let s = api
+        .wait_session_within(&key, &id, "failed", Duration::from_secs(20), |s| {
+            s["status"] == "failed"
+        })
+        .await;
+    assert_eq!(s["statusReason"], "connect_failed", "{s}");
+    let message = s["statusDetails"]["message"].as_str().unwrap_or_default();
+    assert!(message.contains("certificate"), "{s}");
+    // The server saw the client hang up on its answer; nothing got further.
+    let seen = server.seen();
+    assert!(
+        seen.iter().any(|s| matches!(s, Seen::HandshakeFailed(_))),
+        "{seen:?}"
+    );
+    assert!(handshakes(&server).is_empty(), "{seen:?}");
+}
+
+#[tokio::test]
+async fn the_test_worker_will_not_start_without_a_test_server_to_point_at() {
+    let env = TestEnv::new().await;
+    let gw = env.gateway_id("sg");
+    let mut worker = WorkerProcess::spawn_binary(
+        &wa_test_worker_binary(),
+        &env,
+        &gw,
+        &[
+            ("WA_DRIVER", "whatsapp".into()),
+            ("CREDENTIALS_KEYS", KEYS.into()),
+        ],
+    );
+    let status = worker
+        .exited_within(Duration::from_secs(10))
+        .await
+        .expect("it exits");
+    assert_eq!(status.code(), Some(2), "{}", worker.logged());
+    assert!(worker.logged().contains("WA_WS_URL"), "{}", worker.logged());
+}
