@@ -10,8 +10,10 @@ use serde_json::Value;
 use tests::{
     Api, TestEnv,
     process::{WorkerProcess, wa_test_worker_binary},
-    wa_server::{Seen, WaServer},
+    wa_server::{Phone, Seen, WaServer},
 };
+
+use crate::wa_store::rows_of;
 
 const KEYS: &str = "test:AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=";
 const PHONE: &str = "15550001111";
@@ -117,6 +119,168 @@ async fn a_number_linked_by_qr_works_and_logs_in_again_from_its_stored_keys() {
         "no QR code for a paired session"
     );
     drop(worker);
+}
+
+/// A session linked by `phone` on a test-server worker, working: what the tests below start
+/// from. Answers the session's id and the device number.
+struct Linked {
+    _worker: WorkerProcess,
+    api: Api,
+    key: String,
+    id: String,
+    device: u16,
+}
+
+async fn linked(env: &TestEnv, server: &WaServer, phone: &Phone) -> Linked {
+    let (gw, worker, api, key) = stage(env, server).await;
+    let id = api.session_on(&key, &gw).await;
+    let qr = qr_code(&api, &key, &id).await;
+    let device = phone.scan(&qr).await.expect("the phone links the device");
+    api.wait_session_within(&key, &id, "working", PAIRED_AND_CONNECTED, working)
+        .await;
+    let device = device
+        .split_once(':')
+        .and_then(|(_, d)| d.split_once('@'))
+        .and_then(|(d, _)| d.parse().ok())
+        .expect("a device number");
+    Linked {
+        _worker: worker,
+        api,
+        key,
+        id,
+        device,
+    }
+}
+
+impl Linked {
+    async fn wait(&self, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
+        self.api
+            .wait_session_within(&self.key, &self.id, what, Duration::from_secs(20), pred)
+            .await
+    }
+
+    async fn command(&self, command: &str) -> Value {
+        self.api
+            .post(
+                &format!("/api/v1/sessions/{}:{command}", self.id),
+                &self.key,
+                None,
+            )
+            .await
+            .assert_status(200)
+            .clone()
+    }
+}
+
+fn status(status: &'static str, reason: &'static str) -> impl Fn(&Value) -> bool {
+    move |s: &Value| s["status"] == status && s["statusReason"] == reason
+}
+
+#[tokio::test]
+async fn logout_unlinks_the_device_from_the_phone_and_leaves_no_key_behind() {
+    let env = TestEnv::new().await;
+    let server = WaServer::start().await;
+    let phone = server.phone(PHONE);
+    let s = linked(&env, &server, &phone).await;
+    assert!(!rows_of(&env, &s.id).await.iter().all(|(_, r)| r.is_empty()));
+
+    let out = s.command("logout").await;
+    assert_eq!(out["status"], "logged_out", "{out}");
+    assert!(
+        server
+            .seen()
+            .contains(&Seen::CompanionRemoved(format!("{PHONE}:{}", s.device))),
+        "{:?}",
+        server.seen()
+    );
+    assert!(phone.linked_devices().is_empty());
+    tests::eventually(Duration::from_secs(5), || async {
+        rows_of(&env, &s.id).await.iter().all(|(_, r)| r.is_empty())
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn the_phone_unlinking_the_device_logs_the_session_out() {
+    let env = TestEnv::new().await;
+    let server = WaServer::start().await;
+    let phone = server.phone(PHONE);
+    let s = linked(&env, &server, &phone).await;
+
+    phone.unlink(s.device);
+    let out = s
+        .wait("logged out", status("logged_out", "device_removed"))
+        .await;
+    assert_eq!(out["phoneNumber"], Value::Null, "{out}");
+    assert_eq!(out["desiredState"], "stopped", "{out}");
+}
+
+#[tokio::test]
+async fn a_dropped_connection_comes_back_by_itself() {
+    let env = TestEnv::new().await;
+    let server = WaServer::start().await;
+    let phone = server.phone(PHONE);
+    let s = linked(&env, &server, &phone).await;
+    let logins = || {
+        server
+            .seen()
+            .iter()
+            .filter(|e| matches!(e, Seen::LoggedIn(_)))
+            .count()
+    };
+    let before = logins();
+
+    phone.drop_streams();
+    tests::eventually(Duration::from_secs(20), || async { logins() > before }).await;
+    s.wait("working again", working).await;
+}
+
+#[tokio::test]
+async fn a_temporary_ban_fails_the_session_with_its_expiry_and_no_retries() {
+    let env = TestEnv::new().await;
+    let server = WaServer::start().await;
+    let phone = server.phone(PHONE);
+    let s = linked(&env, &server, &phone).await;
+
+    let banned_at = shared::db::now_ms();
+    phone.ban(101, Duration::from_secs(3_600));
+    let out = s.wait("banned", status("failed", "temporary_ban")).await;
+    let expires = out["statusDetails"]["expiresAt"]
+        .as_i64()
+        .expect("expiresAt");
+    assert!(
+        (banned_at + 3_590_000..banned_at + 3_700_000).contains(&expires),
+        "{out}"
+    );
+    // No reconnect loop: the refused logins stay one.
+    let refused = server.seen().len();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(server.seen().len(), refused, "{:?}", server.seen());
+
+    // The ban over, a start brings it back from its stored keys.
+    phone.lift_ban();
+    s.command("start").await;
+    s.wait("working again", working).await;
+}
+
+#[tokio::test]
+async fn a_client_version_whatsapp_refuses_fails_as_outdated() {
+    let env = TestEnv::new().await;
+    let server = WaServer::start().await;
+    let phone = server.phone(PHONE);
+    let s = linked(&env, &server, &phone).await;
+
+    server.require_version((9, 0, 0));
+    s.command("restart").await;
+    let out = s
+        .wait("outdated", status("failed", "client_outdated"))
+        .await;
+    assert!(
+        out["statusDetails"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("WA_CLIENT_VERSION")),
+        "{out}"
+    );
 }
 
 #[tokio::test]
