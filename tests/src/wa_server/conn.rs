@@ -248,8 +248,18 @@ fn result(id: &str) -> NodeBuilder {
 
 /// What the server says to one stanza of the client (often nothing).
 fn answer(node: &Node, shared: &Shared, device: Option<(&str, u16)>) -> Vec<Node> {
-    if node.tag != "iq" {
-        return vec![];
+    match (node.tag.as_ref(), device) {
+        ("iq", _) => {}
+        ("message", Some(sender)) => return message(node, shared, sender),
+        ("receipt", Some((phone, _))) => {
+            receipt(node, shared, phone);
+            return vec![];
+        }
+        ("chatstate", Some((phone, _))) => {
+            chat_state(node, shared, phone);
+            return vec![];
+        }
+        _ => return vec![],
     }
     let id = attr(node, "id").unwrap_or_default();
     match attr(node, "type").as_deref() {
@@ -268,13 +278,22 @@ fn answer(node: &Node, shared: &Shared, device: Option<(&str, u16)>) -> Vec<Node
     let child_tag = child.map(|c| c.tag.as_ref()).unwrap_or_default();
     match (xmlns.as_str(), child_tag) {
         // The client waits for the end of the offline queue before it counts as connected.
-        ("passive", _) => vec![
-            result(&id).build(),
-            NodeBuilder::new("ib")
-                .attr("from", SERVER)
-                .children([NodeBuilder::new("offline").attr("count", "0").build()])
-                .build(),
-        ],
+        // What waited for the device while it was away, then the end of that queue.
+        ("passive", _) => {
+            let mut out = vec![result(&id).build()];
+            let queued = device.map(|d| inbox(shared, d)).unwrap_or_default();
+            let count = queued.len();
+            out.extend(queued);
+            out.push(
+                NodeBuilder::new("ib")
+                    .attr("from", SERVER)
+                    .children([NodeBuilder::new("offline")
+                        .attr("count", count.to_string())
+                        .build()])
+                    .build(),
+            );
+            out
+        }
         ("encrypt", "key") => vec![bundles(shared, &id, child)],
         ("encrypt", "registration" | "list") => {
             if let (Some((phone, dev)), Some(upload)) = (device, node.children()) {
@@ -310,7 +329,7 @@ fn answer(node: &Node, shared: &Shared, device: Option<(&str, u16)>) -> Vec<Node
                 .build(),
         ],
         ("w:sync:app:state", _) => vec![app_state(&id, child)],
-        ("usync", _) => vec![usync(&id, child)],
+        ("usync", _) => vec![usync(shared, &id, child)],
         ("md", "remove-companion-device") => {
             if let Some((phone, dev)) = device {
                 unlink(shared, phone, dev);
@@ -352,11 +371,13 @@ fn bundles(shared: &Shared, id: &str, key: Option<&Node>) -> Node {
         .map(|jid| {
             let (user, device) = split_jid(&jid);
             let user_node = NodeBuilder::new("user").attr("jid", jid.clone());
-            let Some(c) = state
-                .accounts
-                .get_mut(user)
-                .and_then(|a| a.companions.get_mut(&device))
-            else {
+            let account = state.accounts.get_mut(user);
+            if device == 0
+                && let Some(account) = account
+            {
+                return account.peer.bundle_node(&jid);
+            }
+            let Some(c) = account.and_then(|a| a.companions.get_mut(&device)) else {
                 return user_node
                     .children([NodeBuilder::new("error")
                         .attr("code", "406")
@@ -426,12 +447,14 @@ fn app_state(id: &str, sync: Option<&Node>) -> Node {
         .build()
 }
 
-/// Each user asked about, with only its phone (device 0) and no LID: PN addressing.
-fn usync(id: &str, usync: Option<&Node>) -> Node {
+/// Each user asked about, with its devices (the phone, and the devices linked to it with the
+/// account's signed list of them) and no LID: PN addressing.
+fn usync(shared: &Shared, id: &str, usync: Option<&Node>) -> Node {
     let devices_asked = usync
         .and_then(|u| u.get_optional_child("query"))
         .and_then(|q| q.get_optional_child("devices"))
         .is_some();
+    let state = shared.state();
     let users = usync
         .and_then(|u| u.get_optional_child("list"))
         .and_then(Node::children)
@@ -439,18 +462,33 @@ fn usync(id: &str, usync: Option<&Node>) -> Node {
         .iter()
         .filter_map(|u| attr(u, "jid"))
         .map(|jid| {
-            let user = NodeBuilder::new("user").attr("jid", jid);
-            if devices_asked {
-                user.children([NodeBuilder::new("devices")
-                    .children([NodeBuilder::new("device-list")
-                        .attr("hash", "2:test")
-                        .children([NodeBuilder::new("device").attr("id", "0").build()])
-                        .build()])
-                    .build()])
-                    .build()
-            } else {
-                user.build()
+            let user = NodeBuilder::new("user").attr("jid", jid.clone());
+            if !devices_asked {
+                return user.build();
             }
+            let account = state.accounts.get(split_jid(&jid).0);
+            let mut devices = vec![NodeBuilder::new("device").attr("id", "0").build()];
+            let mut indexes = vec![0];
+            for (device, c) in account.map(|a| &a.companions).into_iter().flatten() {
+                devices.push(
+                    NodeBuilder::new("device")
+                        .attr("id", device.to_string())
+                        .attr("key-index", c.key_index.to_string())
+                        .build(),
+                );
+                indexes.push(c.key_index);
+            }
+            let mut lists = vec![
+                NodeBuilder::new("device-list")
+                    .attr("hash", format!("2:{}", indexes.len()))
+                    .children(devices)
+                    .build(),
+            ];
+            if let Some(account) = account.filter(|a| !a.companions.is_empty()) {
+                lists.push(key_index_list(account, indexes));
+            }
+            user.children([NodeBuilder::new("devices").children(lists).build()])
+                .build()
         })
         .collect::<Vec<_>>();
     result(id)
@@ -458,4 +496,158 @@ fn usync(id: &str, usync: Option<&Node>) -> Node {
             .children([NodeBuilder::new("list").children(users).build()])
             .build()])
         .build()
+}
+
+/// The account's list of linked devices' key indexes, signed by its account key.
+fn key_index_list(account: &super::Account, valid_indexes: Vec<u32>) -> Node {
+    use waproto::buffa::Message as _;
+    let ts = unix_now();
+    let details = wa::ADVKeyIndexList {
+        raw_id: Some(1),
+        timestamp: Some(ts as u64),
+        current_index: valid_indexes.iter().copied().max(),
+        valid_indexes,
+        ..Default::default()
+    }
+    .encode_to_vec();
+    let signature = account
+        .identity
+        .calculate_signature(&[&[6u8, 2][..], &details].concat(), &mut rand010::rng())
+        .map(|s| s.to_vec())
+        .ok();
+    let signed = wa::ADVSignedKeyIndexList {
+        details: Some(details),
+        account_signature: signature,
+        account_signature_key: None,
+    }
+    .encode_to_vec();
+    NodeBuilder::new("key-index-list")
+        .attr("ts", ts.to_string())
+        .bytes(signed)
+        .build()
+}
+
+/// The messages waiting for a device, taken out of its queue.
+fn inbox(shared: &Shared, (phone, device): (&str, u16)) -> Vec<Node> {
+    shared
+        .state()
+        .accounts
+        .get_mut(phone)
+        .and_then(|a| a.companions.get_mut(&device))
+        .map(|c| std::mem::take(&mut c.inbox))
+        .unwrap_or_default()
+}
+
+/// A device's message: each phone it is for decrypts its copy with its own Signal state and
+/// keeps it; the server acks it, and the recipient's phone says it was delivered.
+fn message(node: &Node, shared: &Shared, (phone, device): (&str, u16)) -> Vec<Node> {
+    let id = attr(node, "id").unwrap_or_default();
+    let to = attr(node, "to").unwrap_or_default();
+    let copies: Vec<(String, &Node)> = match node.get_optional_child("participants") {
+        Some(participants) => participants
+            .children()
+            .unwrap_or_default()
+            .iter()
+            .filter_map(|p| Some((attr(p, "jid")?, p.get_optional_child("enc")?)))
+            .collect(),
+        None => node
+            .get_children_by_tag("enc")
+            .map(|enc| (to.clone(), enc))
+            .collect(),
+    };
+    let sender = super::signal::address(phone, device);
+    let (recipient, _) = split_jid(&to);
+    let mut delivered = false;
+    let mut state = shared.state();
+    for (copy_for, enc) in copies {
+        let (user, copy_device) = split_jid(&copy_for);
+        // Other linked devices are not simulated: only phones read their copies.
+        if copy_device != 0 {
+            continue;
+        }
+        let Some(account) = state.accounts.get_mut(user) else {
+            continue;
+        };
+        let kind = attr(enc, "type").unwrap_or_default();
+        let bytes = super::phone::node_bytes(enc).unwrap_or_default();
+        let plain = account
+            .peer
+            .decrypt(&sender, &kind, &bytes)
+            .and_then(|p| wacore::messages::decode_plaintext(&p, 2).map_err(|e| e.to_string()));
+        match plain {
+            // The sender's own phone gets a copy to show in its chat too.
+            Ok(_) if user == phone => {}
+            Ok(message) => {
+                use wacore::proto_helpers::MessageExt;
+                account.received.push(super::Received {
+                    id: id.clone(),
+                    from: phone.to_owned(),
+                    text: message.text_content().map(str::to_owned),
+                    at_ms: shared::db::now_ms(),
+                });
+                delivered |= user == recipient;
+            }
+            Err(e) => state
+                .seen
+                .push(Seen::Undecryptable(format!("{user} from {phone}: {e}"))),
+        }
+    }
+    let t = unix_now().to_string();
+    let mut out = vec![
+        NodeBuilder::new("ack")
+            .attr("class", "message")
+            .attr("id", id.clone())
+            .attr("from", to.clone())
+            .attr("t", t.clone())
+            .build(),
+    ];
+    if delivered {
+        out.push(
+            NodeBuilder::new("receipt")
+                .attr("from", to)
+                .attr("id", id)
+                .attr("t", t)
+                .build(),
+        );
+    }
+    out
+}
+
+/// A device's receipt for what a phone sent it: the phone keeps it.
+fn receipt(node: &Node, shared: &Shared, phone: &str) {
+    let Some(to) = attr(node, "to") else { return };
+    let kind = attr(node, "type").unwrap_or_else(|| "delivered".into());
+    let mut ids = vec![attr(node, "id").unwrap_or_default()];
+    if let Some(list) = node.get_optional_child("list") {
+        ids.extend(
+            list.children()
+                .unwrap_or_default()
+                .iter()
+                .filter_map(|i| attr(i, "id")),
+        );
+    }
+    if let Some(account) = shared.state().accounts.get_mut(split_jid(&to).0) {
+        for id in ids {
+            account.receipts.push(super::ReceiptSeen {
+                id,
+                from: phone.to_owned(),
+                kind: kind.clone(),
+            });
+        }
+    }
+}
+
+/// "typing…" and its end, as the phone it is shown to sees them.
+fn chat_state(node: &Node, shared: &Shared, phone: &str) {
+    let Some(to) = attr(node, "to") else { return };
+    let Some(state) = node.children().and_then(|c| c.first()) else {
+        return;
+    };
+    if let Some(account) = shared.state().accounts.get_mut(split_jid(&to).0) {
+        account.chat_states.push((
+            phone.to_owned(),
+            state.tag.to_string(),
+            shared::db::now_ms(),
+        ));
+    }
 }

@@ -6,7 +6,10 @@
 //! - here, the server: its accounts and linked devices, and the accept loop;
 //! - [`noise`]: framing and the Noise handshakes;
 //! - [`conn`]: one stream's stanzas, from pairing or login to the end;
-//! - [`phone`]: the simulated phone of an account — what its owner does with it.
+//! - [`phone`]: the simulated phone of an account — what its owner does with it; every
+//!   account's phone is also a contact the others write to and hear from;
+//! - [`signal`]: a phone's Signal state, so it decrypts what devices send it and encrypts what
+//!   it sends them.
 //!
 //! Only a worker built with `danger-skip-cert-chain-verify` (the `worker-wa-test-server`
 //! binary, worker feature `wa-test-server`) connects: the certificate chain here is not
@@ -16,6 +19,7 @@
 mod conn;
 pub mod noise;
 mod phone;
+mod signal;
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -58,14 +62,36 @@ struct Registration {
 }
 
 /// A device linked to an account (a companion: the worker's client).
-#[derive(Clone, Debug)]
 struct Companion {
     noise: [u8; 32],
     registration: Registration,
+    /// Its place in the account's signed list of devices.
+    key_index: u32,
     /// The `ADVSignedDeviceIdentity` the device signed when it paired.
     device_identity: Vec<u8>,
     /// Pre-keys it uploaded (`<key>` nodes), for contacts' bundles.
     pre_keys: Vec<Node>,
+    /// Messages for it that wait for it to log in, as WhatsApp's offline queue.
+    inbox: Vec<Node>,
+}
+
+/// A message a phone received from a linked device, decrypted by the phone.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Received {
+    pub id: String,
+    /// The sender's phone number.
+    pub from: String,
+    /// Its text (`None` for what is not text).
+    pub text: Option<String>,
+    pub at_ms: i64,
+}
+
+/// A receipt a phone got for a message it sent: `kind` is `delivered`, `read`, ….
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ReceiptSeen {
+    pub id: String,
+    pub from: String,
+    pub kind: String,
 }
 
 /// A WhatsApp account: a phone number with its phone and linked devices.
@@ -79,6 +105,12 @@ struct Account {
     next_key_index: u32,
     /// A temporary ban: WhatsApp's code and how long it lasts, in seconds.
     ban: Option<(u32, u64)>,
+    /// The phone's own Signal state (device 0).
+    peer: signal::Peer,
+    received: Vec<Received>,
+    receipts: Vec<ReceiptSeen>,
+    /// Chat states ("composing", "paused") devices showed this phone: (from, state, at ms).
+    chat_states: Vec<(String, String, i64)>,
 }
 
 /// An observation for tests: what the server saw happen.
@@ -94,6 +126,8 @@ pub enum Seen {
     CompanionRemoved(String),
     /// A stream was replaced by a newer one of the same device: `phone:device`.
     Replaced(String),
+    /// A phone could not decrypt what a device sent it, and why.
+    Undecryptable(String),
 }
 
 #[derive(Default)]

@@ -14,7 +14,7 @@ use wacore::{
 use wacore_binary::{Node, builder::NodeBuilder};
 use waproto::{buffa::Message as _, whatsapp as wa};
 
-use super::{Account, Companion, Outbound, Shared, conn::SERVER};
+use super::{Account, Companion, Outbound, ReceiptSeen, Received, Shared, conn::SERVER, signal};
 
 /// The prefix of what the account key signs for a device (WhatsApp's ADV, E2EE accounts).
 const ACCOUNT_SIGNATURE_PREFIX: [u8; 2] = [6, 0];
@@ -32,18 +32,25 @@ impl Phone {
             .state()
             .accounts
             .entry(number.clone())
-            .or_insert_with(|| Account {
-                // A LID is another number of the same account; any stable one will do.
-                lid: format!(
-                    "{}",
-                    100_000_000_000_000u64 + number.parse::<u64>().unwrap_or(0)
-                ),
-                name: format!("Phone {number}"),
-                identity: KeyPair::generate(&mut rand010::rng()),
-                companions: Default::default(),
-                next_device: 10,
-                next_key_index: 1,
-                ban: None,
+            .or_insert_with(|| {
+                let identity = KeyPair::generate(&mut rand010::rng());
+                Account {
+                    // A LID is another number of the same account; any stable one will do.
+                    lid: format!(
+                        "{}",
+                        100_000_000_000_000u64 + number.parse::<u64>().unwrap_or(0)
+                    ),
+                    name: format!("Phone {number}"),
+                    peer: signal::Peer::new(&identity),
+                    identity,
+                    companions: Default::default(),
+                    next_device: 10,
+                    next_key_index: 1,
+                    ban: None,
+                    received: vec![],
+                    receipts: vec![],
+                    chat_states: vec![],
+                }
             });
         Phone { shared, number }
     }
@@ -84,7 +91,7 @@ impl Phone {
             return Err("the QR code's identity key is not the one the device registered".into());
         }
 
-        let (device, lid, name, details, account_signature, account_key) = {
+        let (device, key_index, lid, name, details, account_signature, account_key) = {
             let mut state = self.shared.state();
             let account = state.accounts.get_mut(&self.number).expect("the account");
             let device = account.next_device;
@@ -107,6 +114,7 @@ impl Phone {
             let account_key = account.identity.public_key.public_key_bytes().to_vec();
             (
                 device,
+                key_index,
                 account.lid.clone(),
                 account.name.clone(),
                 details,
@@ -171,8 +179,10 @@ impl Phone {
                 Companion {
                     noise,
                     registration,
+                    key_index,
                     device_identity: signed_back,
                     pre_keys: vec![],
+                    inbox: vec![],
                 },
             );
         // Paired: the device restarts its stream and logs in.
@@ -245,6 +255,106 @@ impl Phone {
         }
     }
 
+    /// What linked devices sent this phone, decrypted by it, oldest first.
+    pub fn received(&self) -> Vec<Received> {
+        self.shared.state().accounts[&self.number].received.clone()
+    }
+
+    /// Receipts this phone got for what it sent, oldest first.
+    pub fn receipts(&self) -> Vec<ReceiptSeen> {
+        self.shared.state().accounts[&self.number].receipts.clone()
+    }
+
+    /// Chat states devices showed this phone ("composing", "paused"): (from, state, at ms).
+    pub fn chat_states(&self) -> Vec<(String, String, i64)> {
+        self.shared.state().accounts[&self.number]
+            .chat_states
+            .clone()
+    }
+
+    /// Sends `text` to every device linked to the number `to`, encrypted by this phone (a
+    /// device that is not connected gets it when it logs in). Answers the message id.
+    pub fn send_text(&self, to: &str, text: &str) -> Result<String, String> {
+        use wacore::{messages::MessageUtils, proto_helpers::MessageBuilderExt};
+        let id = message_id();
+        let plaintext = MessageUtils::encode_and_pad(&wa::Message::text(text));
+        let mut guard = self.shared.state();
+        let state = &mut *guard;
+        if to == self.number {
+            return Err("a phone does not message itself".into());
+        }
+        let mut me = state
+            .accounts
+            .remove(&self.number)
+            .expect("the phone's account");
+        let sent = (|| {
+            let target = state
+                .accounts
+                .get_mut(to)
+                .ok_or_else(|| format!("{to} is not on WhatsApp here"))?;
+            if target.companions.is_empty() {
+                return Err(format!("{to} has no linked device"));
+            }
+            for (device, companion) in &mut target.companions {
+                let (kind, sealed) = me.peer.encrypt(
+                    &signal::address(to, *device),
+                    || {
+                        let pre_key =
+                            (!companion.pre_keys.is_empty()).then(|| companion.pre_keys.remove(0));
+                        signal::companion_bundle(*device, &companion.registration, pre_key.as_ref())
+                    },
+                    &plaintext,
+                )?;
+                let stanza = NodeBuilder::new("message")
+                    .attr("from", format!("{}@s.whatsapp.net", self.number))
+                    .attr("id", id.clone())
+                    .attr("t", (shared::db::now_ms() / 1000).to_string())
+                    .attr("type", "text")
+                    .attr("notify", me.name.clone())
+                    .children([NodeBuilder::new("enc")
+                        .attr("v", "2")
+                        .attr("type", kind)
+                        .bytes(sealed)
+                        .build()])
+                    .build();
+                match state.live.get(&(to.to_owned(), *device)) {
+                    Some(stream) => {
+                        let _ = stream.out.send(Outbound::Send(stanza));
+                    }
+                    None => companion.inbox.push(stanza),
+                }
+            }
+            Ok(())
+        })();
+        state.accounts.insert(self.number.clone(), me);
+        sent.map(|()| id)
+    }
+
+    /// Reads what `from` sent: a read receipt for each message, to `from`'s devices.
+    pub fn read(&self, from: &str) {
+        let state = self.shared.state();
+        let ids: Vec<String> = state.accounts[&self.number]
+            .received
+            .iter()
+            .filter(|r| r.from == from)
+            .map(|r| r.id.clone())
+            .collect();
+        for ((phone, _), stream) in &state.live {
+            if phone != from {
+                continue;
+            }
+            for id in &ids {
+                let read = NodeBuilder::new("receipt")
+                    .attr("from", format!("{}@s.whatsapp.net", self.number))
+                    .attr("id", id.clone())
+                    .attr("type", "read")
+                    .attr("t", (shared::db::now_ms() / 1000).to_string())
+                    .build();
+                let _ = stream.out.send(Outbound::Send(read));
+            }
+        }
+    }
+
     /// Drops every stream of the account's devices without a word, as a network does.
     pub fn drop_streams(&self) {
         let state = self.shared.state();
@@ -256,7 +366,13 @@ impl Phone {
     }
 }
 
-fn node_bytes(node: &Node) -> Option<Vec<u8>> {
+/// An id in the shape WhatsApp's phones use.
+fn message_id() -> String {
+    let n: u128 = rand010::random();
+    format!("3EB0{:020X}", n >> 48)
+}
+
+pub(super) fn node_bytes(node: &Node) -> Option<Vec<u8>> {
     match &node.content {
         Some(wacore_binary::NodeContent::Bytes(b)) => Some(b.clone()),
         _ => None,

@@ -283,6 +283,140 @@ async fn a_client_version_whatsapp_refuses_fails_as_outdated() {
     );
 }
 
+const CONTACT: &str = "15550002222";
+
+impl Linked {
+    /// Sends `text` to `to` through the API; answers the message's id.
+    async fn send(&self, to: &str, text: &str) -> String {
+        let r = self
+            .api
+            .post(
+                &format!("/api/v1/sessions/{}/messages", self.id),
+                &self.key,
+                Some(&serde_json::json!({"to": to, "text": text})),
+            )
+            .await;
+        r.assert_status(202);
+        r.body["id"].as_str().expect("id").to_owned()
+    }
+
+    /// Waits (up to 20 s) until the message `id` satisfies `pred`.
+    async fn wait_message(&self, id: &str, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
+        let path = format!("/api/v1/sessions/{}/messages/{id}", self.id);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            let m = self.api.get(&path, &self.key).await;
+            if m.status == 200 && pred(&m.body) {
+                return m.body;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "message never {what}: {}",
+                m.body
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+fn undecryptable(server: &WaServer) -> Vec<Seen> {
+    server
+        .seen()
+        .into_iter()
+        .filter(|s| matches!(s, Seen::Undecryptable(_)))
+        .collect()
+}
+
+#[tokio::test]
+async fn a_message_reaches_the_contact_end_to_end_encrypted_and_its_receipts_come_back() {
+    let env = TestEnv::new().await;
+    let server = WaServer::start().await;
+    let phone = server.phone(PHONE);
+    let contact = server.phone(CONTACT);
+    let s = linked(&env, &server, &phone).await;
+
+    let id = s.send(CONTACT, "hello from the gateway").await;
+    // The contact's phone decrypts it with its own Signal state: the text is what was sent.
+    tests::eventually(Duration::from_secs(20), || async {
+        contact
+            .received()
+            .iter()
+            .any(|r| r.from == PHONE && r.text.as_deref() == Some("hello from the gateway"))
+    })
+    .await;
+    s.wait_message(&id, "delivered", |m| m["status"] == "delivered")
+        .await;
+    // "typing…" came first, as the contact saw it.
+    assert!(
+        contact
+            .chat_states()
+            .iter()
+            .any(|(from, state, _)| from == PHONE && state == "composing"),
+        "{:?}",
+        contact.chat_states()
+    );
+
+    contact.read(PHONE);
+    let m = s.wait_message(&id, "read", |m| m["status"] == "read").await;
+    assert!(m["readAt"].as_i64() >= m["deliveredAt"].as_i64(), "{m}");
+
+    // A second message goes over the session now established (no pre-key message).
+    let second = s.send(CONTACT, "and another").await;
+    s.wait_message(&second, "delivered", |m| m["status"] == "delivered")
+        .await;
+    assert_eq!(contact.received().len(), 2, "{:?}", contact.received());
+    assert_eq!(undecryptable(&server), vec![], "every copy decrypted");
+}
+
+#[tokio::test]
+async fn a_contacts_message_is_received_as_an_event_and_acknowledged() {
+    let env = TestEnv::new().await;
+    let server = WaServer::start().await;
+    let phone = server.phone(PHONE);
+    let contact = server.phone(CONTACT);
+    let s = linked(&env, &server, &phone).await;
+
+    let wa_id = contact
+        .send_text(PHONE, "hi gateway")
+        .expect("the contact writes");
+    let client = env.db.get().await.expect("db");
+    let event: Value = {
+        let mut found = None;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        while found.is_none() {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "no message.received"
+            );
+            found = client
+                .query_opt(
+                    "SELECT payload FROM events WHERE session_id = $1 \
+                     AND type = 'message.received'",
+                    &[&s.id],
+                )
+                .await
+                .expect("query")
+                .map(|r| r.get(0));
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        found.expect("event")
+    };
+    assert_eq!(event["text"], "hi gateway", "{event}");
+    assert_eq!(
+        event["from"],
+        format!("{CONTACT}@s.whatsapp.net"),
+        "{event}"
+    );
+    // The device told the contact's phone it got it.
+    tests::eventually(Duration::from_secs(10), || async {
+        contact
+            .receipts()
+            .iter()
+            .any(|r| r.id == wa_id && r.from == PHONE)
+    })
+    .await;
+}
+
 #[tokio::test]
 async fn the_production_worker_refuses_the_test_servers_certificate() {
     let env = TestEnv::new().await;
