@@ -8,7 +8,7 @@
 //! broker redelivers them with `redelivered` set and the actors answer those from the
 //! command record when they already ran.
 //!
-//! The [`Outbox`] publishes replies and events on a second channel. Neither is confirmed: a
+//! The [`Outbox`] publishes replies, events and forwarded notices on a second channel. Neither is confirmed: a
 //! reply is only the fast path (the outcome is already in Postgres) and an event is only a
 //! signal (it is already in the `events` table). The broker closes a channel on a soft error
 //! (a refused permission, a missing exchange) while the connection lives on: a publish that
@@ -105,6 +105,42 @@ impl Outbox {
             .await;
         if let Err(e) = sent {
             tracing::debug!(error = %e, "reply not sent (the outcome is recorded)");
+            self.check(&channel);
+        }
+    }
+
+    /// Sends a command on to `gateway_id`'s queue, as the api would have had it known the
+    /// owner: for a notice that reached a gateway the session just left. Unconfirmed, like
+    /// the rest: a notice only says "look at Postgres", and the owner looks again when it
+    /// (re)connects.
+    pub async fn forward(&self, env: &CommandEnvelope, gateway_id: &str) {
+        let Some(channel) = self.channel() else {
+            return;
+        };
+        let env = CommandEnvelope {
+            gateway_id: gateway_id.to_owned(),
+            ..env.clone()
+        };
+        let Ok(payload) = serde_json::to_vec(&env) else {
+            return;
+        };
+        let ttl = (env.deadline_ms - shared::db::now_ms()).max(1);
+        let sent = channel
+            .basic_publish(
+                self.topology.command_exchange().as_str().into(),
+                gateway_id.into(),
+                BasicPublishOptions::default(),
+                &payload,
+                BasicProperties::default()
+                    .with_delivery_mode(2)
+                    .with_content_type("application/json".into())
+                    .with_correlation_id(env.id.to_string().into())
+                    .with_message_id(env.id.to_string().into())
+                    .with_expiration(ttl.to_string().into()),
+            )
+            .await;
+        if let Err(e) = sent {
+            tracing::debug!(error = %e, "notice not forwarded (the owner reads Postgres when it connects)");
             self.check(&channel);
         }
     }

@@ -73,7 +73,9 @@ pub struct QrCode {
 }
 
 /// The command, addressed to the gateway of the caller's session; 404 when the organization
-/// has no such session.
+/// has no such session. A cached gateway that is not live any more is asked of Postgres
+/// again: a failover may have moved the session, and a notice sent to a dead gateway's queue
+/// reaches nobody (a message accepted then stayed queued on a working session).
 async fn address(
     state: &AppState,
     caller: &Principal,
@@ -82,8 +84,13 @@ async fn address(
 ) -> Result<CommandEnvelope> {
     session::parse_session_id(session_id)?;
     let org = &caller.organization_id;
-    let gateway_id = match state.session_gateways.get(session_id) {
-        Some((owner, gateway)) if owner == *org => gateway,
+    let cached = state
+        .session_gateways
+        .get(session_id)
+        .filter(|(owner, _)| owner == org)
+        .map(|(_, gateway)| gateway);
+    let gateway_id = match cached {
+        Some(gateway) if state.fleet.is_live(&gateway).await => gateway,
         _ => {
             let client = state.db.get().await?;
             let gateway = store::sessions::gateway(&client, org, session_id)
@@ -95,15 +102,25 @@ async fn address(
             gateway
         }
     };
-    Ok(CommandEnvelope {
+    Ok(envelope(state, caller, session_id, gateway_id, command))
+}
+
+fn envelope(
+    state: &AppState,
+    caller: &Principal,
+    session_id: &str,
+    gateway_id: String,
+    command: Command,
+) -> CommandEnvelope {
+    CommandEnvelope {
         id: Ulid::new(),
-        organization_id: org.clone(),
+        organization_id: caller.organization_id.clone(),
         session_id: session_id.to_owned(),
         gateway_id,
         requested_by: caller.subject.clone(),
         deadline_ms: now_ms() + state.cfg.command_timeout_ms as i64,
         command,
-    })
+    }
 }
 
 /// Runs a command through the owning worker and returns what it answered. A session that
@@ -191,14 +208,22 @@ fn dead_gateway(env: &CommandEnvelope, lease_left_ms: i64) -> Error {
     .with_detail("retryAfterSeconds", retry_after)
 }
 
-/// Sends a command without waiting for its reply; the worker records it when it runs it.
+/// Sends a notice without waiting for its reply; the worker records it when it runs it.
+/// Addressed to `gateway_id`, the owner the caller just read from Postgres, not to the
+/// cache's: nobody hears a "moved" answer to a notice, so one sent to a gateway the session
+/// just left would announce nothing (a message accepted after a failover stayed queued).
 pub async fn notify(
     state: &AppState,
     caller: &Principal,
     session_id: &str,
+    gateway_id: &str,
     command: Command,
 ) -> Result<()> {
-    let env = address(state, caller, session_id, command).await?;
+    state.session_gateways.insert(
+        session_id.to_owned(),
+        (caller.organization_id.clone(), gateway_id.to_owned()),
+    );
+    let env = envelope(state, caller, session_id, gateway_id.to_owned(), command);
     let sent = state.bus.notify(&env).await;
     if let Err(e) = &sent {
         record_unanswered(state, &env, e).await;

@@ -137,7 +137,13 @@ pub async fn send(
         (message, session.gateway_id)
     };
     if state.fleet.is_live(&gateway_id).await {
-        let sent = super::commands::notify(&state, &caller, &session_id, Command::SendMessages);
+        let sent = super::commands::notify(
+            &state,
+            &caller,
+            &session_id,
+            &gateway_id,
+            Command::SendMessages,
+        );
         if let Err(e) = sent.await {
             // The worker sends it anyway, when it next starts the session.
             tracing::warn!(error = %e, session_id = %session_id,

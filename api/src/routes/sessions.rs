@@ -273,7 +273,14 @@ pub async fn update(
     // Tell the owning worker; Postgres is the truth, so a worker that is down reads the new
     // settings when it next starts the session.
     if state.fleet.is_live(&updated.gateway_id).await {
-        let sent = super::commands::notify(&state, &caller, &id, Command::ApplySettings).await;
+        let sent = super::commands::notify(
+            &state,
+            &caller,
+            &id,
+            &updated.gateway_id,
+            Command::ApplySettings,
+        )
+        .await;
         if let Err(e) = sent {
             tracing::warn!(error = %e, session_id = %id, "could not tell the worker about new settings");
         }

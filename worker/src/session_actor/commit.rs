@@ -43,11 +43,19 @@ pub(super) async fn finish_without_session(ctx: &Ctx, job: &Job, error: ErrorBod
 }
 
 /// Answers "moved" to a command for a session another gateway owns now. It did not run and
-/// gets no record here: the api sends it on to the owner, who records it. A command nobody
-/// waits for (a settings notice) needs nothing more: the new owner reads the row.
+/// gets no record here: the api sends it on to the owner, who records it. A notice nobody
+/// waits for (messages queued, settings changed) goes on to the owner from here: published
+/// while the session was moving, it would otherwise wait for the owner's next reason to look
+/// (a message accepted mid-drain stayed queued on a working session).
 pub(super) async fn moved(ctx: &Ctx, job: &Job) {
     tracing::info!(command_id = %job.env.id, session_id = %job.env.session_id, "session moved; answering so");
     ctx.outbox.reply(job, Outcome::Moved).await;
+    if job.reply_to.is_none()
+        && let Ok(Some(owner)) = store::gateway_of(&ctx.db, &job.env.session_id).await
+        && owner != ctx.gateway_id
+    {
+        ctx.outbox.forward(&job.env, &owner).await;
+    }
     job.ack().await;
     metrics::counter!("worker_commands_total", "kind" => job.env.command.kind(), "outcome" => "moved")
         .increment(1);
