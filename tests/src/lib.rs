@@ -237,11 +237,7 @@ impl TestEnv {
     pub async fn launch_api(&self, tweak: impl FnOnce(&mut api::Config)) -> Api {
         let mut cfg = self.api_config();
         // Metrics on a port of their own, as in production.
-        cfg.metrics_listen = Some(
-            std::net::TcpListener::bind("127.0.0.1:0")
-                .and_then(|l| l.local_addr())
-                .expect("a free port"),
-        );
+        cfg.metrics_listen = Some(std::net::SocketAddr::from(([127, 0, 0, 1], free_port())));
         tweak(&mut cfg);
         let metrics = cfg
             .metrics_listen
@@ -935,5 +931,19 @@ where
             "condition not met within {limit:?}"
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A free port on loopback for a server that binds it itself later (a process, the api's
+/// metrics). Taken below the kernel's ephemeral range (32768 and up), so that no `bind(0)`
+/// elsewhere in the run can be handed the same port between this check and that bind.
+pub fn free_port() -> u16 {
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    loop {
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let port = 20_000 + ((std::process::id().wrapping_mul(7_919) + n) % 12_000) as u16;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
     }
 }

@@ -209,10 +209,7 @@ impl ApiProcess {
     /// Starts the `api` binary with the test's database, broker and `WEBHOOK_SECRET_KEYS`, the
     /// test webhook settings, and `extra` on top; waits until it answers `/healthz`.
     pub async fn spawn(env: &TestEnv, extra: &[(&str, String)]) -> ApiProcess {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("a free port")
-            .port();
+        let port = crate::free_port();
         let log = std::env::temp_dir().join(format!("gw-test-api-{}.log", crate::unique()));
         let out = std::fs::File::create(&log).expect("log file");
         let err = out.try_clone().expect("log file");

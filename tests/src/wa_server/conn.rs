@@ -251,8 +251,8 @@ fn answer(node: &Node, shared: &Shared, device: Option<(&str, u16)>) -> Vec<Node
     match (node.tag.as_ref(), device) {
         ("iq", _) => {}
         ("message", Some(sender)) => return message(node, shared, sender),
-        ("receipt", Some((phone, _))) => {
-            receipt(node, shared, phone);
+        ("receipt", Some(device)) => {
+            receipt(node, shared, device);
             return vec![];
         }
         ("chatstate", Some((phone, _))) => {
@@ -527,14 +527,14 @@ fn key_index_list(account: &super::Account, valid_indexes: Vec<u32>) -> Node {
         .build()
 }
 
-/// The messages waiting for a device, taken out of its queue.
+/// The messages a device has not acknowledged yet.
 fn inbox(shared: &Shared, (phone, device): (&str, u16)) -> Vec<Node> {
     shared
         .state()
         .accounts
-        .get_mut(phone)
-        .and_then(|a| a.companions.get_mut(&device))
-        .map(|c| std::mem::take(&mut c.inbox))
+        .get(phone)
+        .and_then(|a| a.companions.get(&device))
+        .map(|c| c.inbox.iter().map(|(_, m)| m.clone()).collect())
         .unwrap_or_default()
 }
 
@@ -613,8 +613,9 @@ fn message(node: &Node, shared: &Shared, (phone, device): (&str, u16)) -> Vec<No
     out
 }
 
-/// A device's receipt for what a phone sent it: the phone keeps it.
-fn receipt(node: &Node, shared: &Shared, phone: &str) {
+/// A device's receipt for what a phone sent it: the message leaves the device's queue, and
+/// the phone keeps the receipt.
+fn receipt(node: &Node, shared: &Shared, (phone, device): (&str, u16)) {
     let Some(to) = attr(node, "to") else { return };
     let kind = attr(node, "type").unwrap_or_else(|| "delivered".into());
     let mut ids = vec![attr(node, "id").unwrap_or_default()];
@@ -626,7 +627,15 @@ fn receipt(node: &Node, shared: &Shared, phone: &str) {
                 .filter_map(|i| attr(i, "id")),
         );
     }
-    if let Some(account) = shared.state().accounts.get_mut(split_jid(&to).0) {
+    let mut state = shared.state();
+    if let Some(c) = state
+        .accounts
+        .get_mut(phone)
+        .and_then(|a| a.companions.get_mut(&device))
+    {
+        c.inbox.retain(|(id, _)| !ids.contains(id));
+    }
+    if let Some(account) = state.accounts.get_mut(split_jid(&to).0) {
         for id in ids {
             account.receipts.push(super::ReceiptSeen {
                 id,

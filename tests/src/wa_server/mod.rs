@@ -71,8 +71,9 @@ struct Companion {
     device_identity: Vec<u8>,
     /// Pre-keys it uploaded (`<key>` nodes), for contacts' bundles.
     pre_keys: Vec<Node>,
-    /// Messages for it that wait for it to log in, as WhatsApp's offline queue.
-    inbox: Vec<Node>,
+    /// Messages for it not yet acknowledged with a receipt, by id: WhatsApp's offline queue,
+    /// sent again at each login until the device says it got them.
+    inbox: Vec<(String, Node)>,
 }
 
 /// A message a phone received from a linked device, decrypted by the phone.

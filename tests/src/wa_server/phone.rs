@@ -273,7 +273,8 @@ impl Phone {
     }
 
     /// Sends `text` to every device linked to the number `to`, encrypted by this phone (a
-    /// device that is not connected gets it when it logs in). Answers the message id.
+    /// device that does not acknowledge it gets it again when it logs in). Answers the
+    /// message id.
     pub fn send_text(&self, to: &str, text: &str) -> Result<String, String> {
         use wacore::{messages::MessageUtils, proto_helpers::MessageBuilderExt};
         let id = message_id();
@@ -317,12 +318,10 @@ impl Phone {
                         .bytes(sealed)
                         .build()])
                     .build();
-                match state.live.get(&(to.to_owned(), *device)) {
-                    Some(stream) => {
-                        let _ = stream.out.send(Outbound::Send(stanza));
-                    }
-                    None => companion.inbox.push(stanza),
+                if let Some(stream) = state.live.get(&(to.to_owned(), *device)) {
+                    let _ = stream.out.send(Outbound::Send(stanza.clone()));
                 }
+                companion.inbox.push((id.clone(), stanza));
             }
             Ok(())
         })();

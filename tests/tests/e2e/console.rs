@@ -48,10 +48,7 @@ impl Browser {
     }
 
     async fn start_with(prefix: &'static str, options: Value) -> Browser {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("a free port")
-            .port();
+        let port = tests::free_port();
         let driver = std::process::Command::new("chromedriver")
             .arg(format!("--port={port}"))
             .stdout(std::process::Stdio::null())

@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use tests::{TestEnv, fast_fleet, process::WorkerProcess};
+use tests::{TestEnv, fast_fleet, free_port, process::WorkerProcess};
 
 use crate::fleet::{PAIRED, pairings, resumed_worker, working_on};
 
@@ -23,14 +23,6 @@ async fn resumed_process(
     })
     .await;
     worker
-}
-
-/// A free port on loopback for a worker's metrics.
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
 }
 
 /// A counter from a worker's `/metrics` (0 when absent).

@@ -124,7 +124,8 @@ async fn a_number_linked_by_qr_works_and_logs_in_again_from_its_stored_keys() {
 /// A session linked by `phone` on a test-server worker, working: what the tests below start
 /// from. Answers the session's id and the device number.
 struct Linked {
-    _worker: WorkerProcess,
+    gw: String,
+    worker: WorkerProcess,
     api: Api,
     key: String,
     id: String,
@@ -144,7 +145,8 @@ async fn linked(env: &TestEnv, server: &WaServer, phone: &Phone) -> Linked {
         .and_then(|(d, _)| d.parse().ok())
         .expect("a device number");
     Linked {
-        _worker: worker,
+        gw,
+        worker,
         api,
         key,
         id,
@@ -415,6 +417,141 @@ async fn a_contacts_message_is_received_as_an_event_and_acknowledged() {
             .any(|r| r.id == wa_id && r.from == PHONE)
     })
     .await;
+}
+
+/// Working on `gateway`, connected there after `since`.
+fn connected_on(s: &Value, gateway: &str, since: i64) -> bool {
+    working(s)
+        && s["gatewayId"] == gateway
+        && s["lastConnectedAt"].as_i64().is_some_and(|t| t > since)
+}
+
+/// A test-server worker process for another gateway of the region.
+async fn peer_worker(env: &TestEnv, server: &WaServer) -> (String, WorkerProcess) {
+    let gw = env.gateway_id("sg");
+    let worker = WorkerProcess::spawn_binary(
+        &wa_test_worker_binary(),
+        env,
+        &gw,
+        &real_driver_settings(server),
+    );
+    env.wait_gateway_live(&gw).await;
+    (gw, worker)
+}
+
+/// A message each way, so the device and the contact's phone share a Signal session.
+async fn converse(s: &Linked, contact: &Phone, n: usize) {
+    let id = s.send(CONTACT, &format!("to the contact {n}")).await;
+    s.wait_message(&id, "delivered", |m| m["status"] == "delivered")
+        .await;
+    contact
+        .send_text(PHONE, &format!("to the gateway {n}"))
+        .expect("the contact writes");
+}
+
+/// The texts of the session's `message.received` events, oldest first.
+async fn received_texts(env: &TestEnv, session_id: &str) -> Vec<String> {
+    env.db
+        .get()
+        .await
+        .expect("db")
+        .query(
+            "SELECT payload->>'text' FROM events WHERE session_id = $1 \
+             AND type = 'message.received' ORDER BY id",
+            &[&session_id],
+        )
+        .await
+        .expect("events")
+        .iter()
+        .map(|r| r.get(0))
+        .collect()
+}
+
+/// The conversation goes on from wherever the session is now: one more message each way,
+/// every copy decrypted, nothing counted twice by the contact.
+async fn conversation_goes_on(env: &TestEnv, server: &WaServer, s: &Linked, contact: &Phone) {
+    converse(s, contact, 2).await;
+    tests::eventually(Duration::from_secs(20), || async {
+        received_texts(env, &s.id)
+            .await
+            .contains(&"to the gateway 2".to_owned())
+    })
+    .await;
+    let texts: Vec<Option<String>> = contact.received().into_iter().map(|r| r.text).collect();
+    assert_eq!(
+        texts,
+        [
+            Some("to the contact 1".into()),
+            Some("to the contact 2".into())
+        ],
+        "the contact got each message once"
+    );
+    assert_eq!(
+        received_texts(env, &s.id).await,
+        ["to the gateway 1", "to the gateway 2"]
+    );
+    assert_eq!(undecryptable(&server), vec![], "every copy decrypted");
+}
+
+#[tokio::test]
+async fn a_drained_number_goes_on_talking_from_its_new_worker_with_the_signal_state_from_postgres()
+{
+    let env = TestEnv::new().await;
+    let server = WaServer::start().await;
+    let phone = server.phone(PHONE);
+    let contact = server.phone(CONTACT);
+    let s = linked(&env, &server, &phone).await;
+    converse(&s, &contact, 1).await;
+    tests::eventually(Duration::from_secs(20), || async {
+        received_texts(&env, &s.id).await.len() == 1
+    })
+    .await;
+
+    let (b, _wb) = peer_worker(&env, &server).await;
+    let drained_at = shared::db::now_ms();
+    crate::fleet::set_state(&env, &s.gw, shared::fleet::GatewayState::Draining).await;
+    let moved = s
+        .wait("working on the peer", |v| connected_on(v, &b, drained_at))
+        .await;
+    assert_eq!(moved["phoneNumber"], PHONE, "{moved}");
+    // The new worker logged in from the keys in Postgres: IK, no new pairing.
+    assert_eq!(
+        handshakes(&server).last(),
+        Some(&"IK"),
+        "{:?}",
+        server.seen()
+    );
+    assert_eq!(phone.linked_devices(), [s.device]);
+
+    conversation_goes_on(&env, &server, &s, &contact).await;
+}
+
+#[tokio::test]
+async fn a_kill_9d_owner_is_failed_over_and_the_conversation_goes_on_both_ways() {
+    let env = TestEnv::new().await;
+    let server = WaServer::start().await;
+    let phone = server.phone(PHONE);
+    let contact = server.phone(CONTACT);
+    let mut s = linked(&env, &server, &phone).await;
+    let (b, _wb) = peer_worker(&env, &server).await;
+    let id = s.send(CONTACT, "to the contact 1").await;
+    s.wait_message(&id, "delivered", |m| m["status"] == "delivered")
+        .await;
+
+    // The owner dies; the contact writes while nobody holds the number.
+    let killed_at = shared::db::now_ms();
+    s.worker.kill_9();
+    contact
+        .send_text(PHONE, "to the gateway 1")
+        .expect("the contact writes");
+    s.wait("failed over", |v| connected_on(v, &b, killed_at))
+        .await;
+    tests::eventually(Duration::from_secs(20), || async {
+        received_texts(&env, &s.id).await.len() == 1
+    })
+    .await;
+
+    conversation_goes_on(&env, &server, &s, &contact).await;
 }
 
 #[tokio::test]
