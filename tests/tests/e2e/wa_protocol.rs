@@ -490,7 +490,7 @@ async fn conversation_goes_on(env: &TestEnv, server: &WaServer, s: &Linked, cont
         received_texts(env, &s.id).await,
         ["to the gateway 1", "to the gateway 2"]
     );
-    assert_eq!(undecryptable(&server), vec![], "every copy decrypted");
+    assert_eq!(undecryptable(server), vec![], "every copy decrypted");
 }
 
 #[tokio::test]
