@@ -246,6 +246,67 @@ fn result(id: &str) -> NodeBuilder {
         .attr("from", SERVER)
 }
 
+fn child_bytes(node: &Node, tag: &str) -> Option<Vec<u8>> {
+    node.get_optional_child(tag)
+        .and_then(super::phone::node_bytes)
+}
+
+/// Linking by code, the device's two steps: its hello (its ephemeral key sealed under the
+/// code; answered with a ref while the phone's owner types the code) and its finish (its key
+/// bundle, for the phone that waits for it).
+fn link_code(shared: &Shared, id: &str, reg: Option<&Node>) -> Vec<Node> {
+    let Some(reg) = reg else {
+        return vec![result(id).build()];
+    };
+    let mut state = shared.state();
+    match attr(reg, "stage").as_deref() {
+        Some("companion_hello") => {
+            let phone = attr(reg, "jid").unwrap_or_default();
+            let noise = child_bytes(reg, "companion_server_auth_key_pub")
+                .and_then(|k| <[u8; 32]>::try_from(k).ok())
+                .unwrap_or_default();
+            let pairing_ref = format!("test-link-code-{}", shared.next_id());
+            state.link_codes.insert(
+                split_jid(&phone).0.to_owned(),
+                super::LinkCode {
+                    noise,
+                    wrapped_ephemeral: child_bytes(
+                        reg,
+                        "link_code_pairing_wrapped_companion_ephemeral_pub",
+                    )
+                    .unwrap_or_default(),
+                    pairing_ref: pairing_ref.clone(),
+                    finish: None,
+                },
+            );
+            vec![
+                result(id)
+                    .children([NodeBuilder::new("link_code_companion_reg")
+                        .children([NodeBuilder::new("link_code_pairing_ref")
+                            .bytes(pairing_ref.into_bytes())
+                            .build()])
+                        .build()])
+                    .build(),
+            ]
+        }
+        Some("companion_finish") => {
+            let pairing_ref = child_bytes(reg, "link_code_pairing_ref").unwrap_or_default();
+            let bundle = child_bytes(reg, "link_code_pairing_wrapped_key_bundle");
+            let identity = child_bytes(reg, "companion_identity_public");
+            let waiting = state
+                .link_codes
+                .values_mut()
+                .find(|l| l.pairing_ref.as_bytes() == pairing_ref.as_slice())
+                .and_then(|l| l.finish.take());
+            if let (Some(waiting), Some(bundle), Some(identity)) = (waiting, bundle, identity) {
+                let _ = waiting.send((bundle, identity));
+            }
+            vec![result(id).build()]
+        }
+        _ => vec![result(id).build()],
+    }
+}
+
 /// What the server says to one stanza of the client (often nothing).
 fn answer(node: &Node, shared: &Shared, device: Option<(&str, u16)>) -> Vec<Node> {
     match (node.tag.as_ref(), device) {
@@ -330,6 +391,7 @@ fn answer(node: &Node, shared: &Shared, device: Option<(&str, u16)>) -> Vec<Node
         ],
         ("w:sync:app:state", _) => vec![app_state(&id, child)],
         ("usync", _) => vec![usync(shared, &id, child)],
+        ("md", "link_code_companion_reg") => link_code(shared, &id, child),
         ("md", "remove-companion-device") => {
             if let Some((phone, dev)) = device {
                 unlink(shared, phone, dev);

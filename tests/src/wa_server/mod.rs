@@ -131,12 +131,26 @@ pub enum Seen {
     Undecryptable(String),
 }
 
+/// A device that asked to be linked by a code typed on the phone, as far as it got.
+struct LinkCode {
+    /// The device's Noise key: which pairing stream it is.
+    noise: [u8; 32],
+    /// Its ephemeral key, sealed under the code.
+    wrapped_ephemeral: Vec<u8>,
+    pairing_ref: String,
+    /// Where the device's last step (its key bundle and identity) goes, once the phone
+    /// waits for it.
+    finish: Option<tokio::sync::oneshot::Sender<(Vec<u8>, Vec<u8>)>>,
+}
+
 #[derive(Default)]
 struct State {
     accounts: HashMap<String, Account>,
     /// Streams of unregistered devices waiting for a phone to scan their QR code, by the
     /// device's Noise key, with what they registered.
     pairing: HashMap<[u8; 32], (Stream, Registration)>,
+    /// Link-code requests by the phone number they name.
+    link_codes: HashMap<String, LinkCode>,
     /// Logged-in streams by `(phone, device)`.
     live: HashMap<(String, u16), Stream>,
     /// Answers the server waits for, by iq id.

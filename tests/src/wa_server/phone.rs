@@ -81,6 +81,137 @@ impl Phone {
                 .ok_or_else(|| format!("`{s}` is not a base64 32-byte key"))
         };
         let (noise, identity, adv_secret) = (b64(noise)?, b64(identity)?, b64(adv_secret)?);
+        self.link(noise, identity, adv_secret).await
+    }
+
+    /// Types `code` (`ABCD-1234`), the code a device asking to be linked to this number
+    /// shows, into the phone, as "Link with phone number instead" does: the phone and the
+    /// device agree on the device's ADV secret through the code, then the phone links it.
+    /// Answers the device's JID.
+    pub async fn enter_code(&self, code: &str) -> Result<String, String> {
+        use wacore::pair_code::PairCodeUtils;
+        let code: String = code.chars().filter(|c| *c != '-').collect();
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let (noise, wrapped, pairing_ref, stream) = {
+            let mut state = self.shared.state();
+            let request = state
+                .link_codes
+                .get_mut(&self.number)
+                .ok_or("no device asked to be linked to this number by code")?;
+            request.finish = Some(tx);
+            let (noise, wrapped, pairing_ref) = (
+                request.noise,
+                request.wrapped_ephemeral.clone(),
+                request.pairing_ref.clone(),
+            );
+            let stream = state
+                .pairing
+                .get(&noise)
+                .map(|(s, _)| s.clone())
+                .ok_or("the device asking for a code is not connected")?;
+            (noise, wrapped, pairing_ref, stream)
+        };
+        let device_ephemeral = PairCodeUtils::decrypt_primary_ephemeral_pub(&wrapped, &code)
+            .map_err(|e| e.to_string())?;
+        let ephemeral = KeyPair::generate(&mut rand010::rng());
+        let ephemeral_pub: [u8; 32] = ephemeral
+            .public_key
+            .public_key_bytes()
+            .try_into()
+            .expect("32 bytes");
+        let (account_key, account_pub) = {
+            let state = self.shared.state();
+            let identity = &state.accounts[&self.number].identity;
+            (
+                identity.clone(),
+                identity.public_key.public_key_bytes().to_vec(),
+            )
+        };
+        let hello = NodeBuilder::new("notification")
+            .attr("type", "link_code_companion_reg")
+            .attr("from", SERVER)
+            .attr("id", format!("link-code-{}", self.shared.next_id()))
+            .children([NodeBuilder::new("link_code_companion_reg")
+                .attr("stage", "primary_hello")
+                .children([
+                    NodeBuilder::new("link_code_pairing_wrapped_primary_ephemeral_pub")
+                        .bytes(PairCodeUtils::encrypt_ephemeral_pub(&ephemeral_pub, &code).to_vec())
+                        .build(),
+                    NodeBuilder::new("primary_identity_pub")
+                        .bytes(account_pub.clone())
+                        .build(),
+                    NodeBuilder::new("link_code_pairing_ref")
+                        .bytes(pairing_ref.into_bytes())
+                        .build(),
+                ])
+                .build()])
+            .build();
+        stream
+            .out
+            .send(Outbound::Send(hello))
+            .map_err(|_| "the device's stream is gone".to_string())?;
+        let (bundle, identity) = tokio::time::timeout(Duration::from_secs(30), rx)
+            .await
+            .map_err(|_| "the device did not finish linking".to_string())?
+            .map_err(|_| "the device did not finish linking".to_string())?;
+
+        // Its bundle, sealed under a key from the two ephemeral keys: its identity, ours,
+        // and randomness that goes into the ADV secret.
+        let agree = |private: &KeyPair, public: &[u8]| {
+            let public = wacore::libsignal::protocol::PublicKey::from_djb_public_key_bytes(public)
+                .map_err(|e| e.to_string())?;
+            private
+                .private_key
+                .calculate_agreement(&public)
+                .map_err(|e| e.to_string())
+        };
+        let shared_ephemeral = agree(&ephemeral, &device_ephemeral)?;
+        if bundle.len() < 44 + 16 {
+            return Err("the device's key bundle is too short".into());
+        }
+        let hkdf = |ikm: &[u8], salt: Option<&[u8]>, info: &[u8]| {
+            let mut out = [0u8; 32];
+            hkdf::Hkdf::<sha2::Sha256>::new(salt, ikm)
+                .expand(info, &mut out)
+                .map(|()| out)
+                .map_err(|e| e.to_string())
+        };
+        let key = hkdf(
+            &shared_ephemeral,
+            Some(&bundle[..32]),
+            b"link_code_pairing_key_bundle_encryption_key",
+        )?;
+        let plain = {
+            use aes_gcm::{Aes256Gcm, KeyInit, aead::Aead};
+            Aes256Gcm::new((&key).into())
+                .decrypt(bundle[32..44].into(), &bundle[44..])
+                .map_err(|_| "the device's key bundle does not open: a wrong code".to_string())?
+        };
+        if plain.len() != 96 || plain[..32] != identity[..] || plain[32..64] != account_pub[..] {
+            return Err("the device's key bundle names other keys".into());
+        }
+        let identity: [u8; 32] = identity
+            .try_into()
+            .map_err(|_| "the device's identity key is not 32 bytes".to_string())?;
+        let shared_identity = agree(&account_key, &identity)?;
+        let adv_secret = hkdf(
+            &[&shared_ephemeral[..], &shared_identity[..], &plain[64..]].concat(),
+            None,
+            b"adv_secret",
+        )?;
+        self.shared.state().link_codes.remove(&self.number);
+        self.link(noise, identity, adv_secret).await
+    }
+
+    /// Links the device on the pairing stream of `noise` to this account: the phone signs
+    /// it in (the account signature, and the HMAC under the device's ADV secret), the
+    /// device signs back, and its stream is told to restart and log in.
+    async fn link(
+        &self,
+        noise: [u8; 32],
+        identity: [u8; 32],
+        adv_secret: [u8; 32],
+    ) -> Result<String, String> {
         let (stream, registration) = self
             .shared
             .state()

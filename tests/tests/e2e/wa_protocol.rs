@@ -121,6 +121,38 @@ async fn a_number_linked_by_qr_works_and_logs_in_again_from_its_stored_keys() {
     drop(worker);
 }
 
+#[tokio::test]
+async fn a_number_linked_by_a_code_typed_on_the_phone_works() {
+    let env = TestEnv::new().await;
+    let server = WaServer::start().await;
+    let (gw, _worker, api, key) = stage(&env, &server).await;
+    let phone = server.phone(PHONE);
+    let id = api.session_on(&key, &gw).await;
+
+    let r = api
+        .post(
+            &format!("/api/v1/sessions/{id}:requestPairingCode"),
+            &key,
+            Some(&serde_json::json!({"phoneNumber": format!("+{PHONE}")})),
+        )
+        .await;
+    let code = r.assert_status(200)["code"]
+        .as_str()
+        .expect("code")
+        .to_owned();
+    assert!(code.len() == 9 && &code[4..5] == "-", "{code}");
+    // Another number's phone has nothing to link.
+    assert!(server.phone(CONTACT).enter_code(&code).await.is_err());
+
+    let device = phone.enter_code(&code).await.expect("linked by code");
+    assert!(device.starts_with(&format!("{PHONE}:")), "{device}");
+    let s = api
+        .wait_session_within(&key, &id, "working", PAIRED_AND_CONNECTED, working)
+        .await;
+    assert_eq!(s["phoneNumber"], PHONE, "{s}");
+    assert_eq!(phone.linked_devices().len(), 1);
+}
+
 /// A session linked by `phone` on a test-server worker, working: what the tests below start
 /// from. Answers the session's id and the device number.
 struct Linked {
