@@ -10,7 +10,12 @@ use shared::protocol::Command;
 use tests::{Api, TestEnv, eventually};
 
 /// Status, content type and body bytes of `GET path` with this `Accept` (or none).
-async fn fetch(api: &Api, key: &str, path: &str, accept: Option<&str>) -> (u16, String, Vec<u8>) {
+pub(crate) async fn fetch(
+    api: &Api,
+    key: &str,
+    path: &str,
+    accept: Option<&str>,
+) -> (u16, String, Vec<u8>) {
     let mut req = api
         .http
         .get(format!("{}{path}", api.base))

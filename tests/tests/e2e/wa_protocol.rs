@@ -81,7 +81,18 @@ async fn a_number_linked_by_qr_works_and_logs_in_again_from_its_stored_keys() {
 
     let qr = qr_code(&api, &key, &id).await;
     assert!(qr.starts_with("2@test-server-ref-"), "{qr}");
-    let device = phone.scan(&qr).await.expect("the phone links the device");
+    // The phone's camera reads the picture: the PNG carries the same code.
+    let (status, _, png) = crate::qr_image::fetch(
+        &api,
+        &key,
+        &format!("/api/v1/sessions/{id}/qr?format=png"),
+        None,
+    )
+    .await;
+    assert_eq!(status, 200);
+    let seen = crate::qr_image::decode_png(&png);
+    assert_eq!(seen, qr);
+    let device = phone.scan(&seen).await.expect("the phone links the device");
     let s = api
         .wait_session_within(&key, &id, "working", PAIRED_AND_CONNECTED, working)
         .await;
@@ -409,6 +420,10 @@ async fn a_contacts_message_is_received_as_an_event_and_acknowledged() {
     let phone = server.phone(PHONE);
     let contact = server.phone(CONTACT);
     let s = linked(&env, &server, &phone).await;
+    let receiver = tests::receiver::Receiver::start(tests::receiver::Script::Accept).await;
+    let hook =
+        crate::webhooks::register(&s.api, &s.key, &receiver.url, &["message.received"]).await;
+    receiver.trust(hook["secret"].as_str().expect("secret"));
 
     let wa_id = contact
         .send_text(PHONE, "hi gateway")
@@ -440,6 +455,19 @@ async fn a_contacts_message_is_received_as_an_event_and_acknowledged() {
         event["from"],
         format!("{CONTACT}@s.whatsapp.net"),
         "{event}"
+    );
+    // And on the webhook, signed.
+    let got = receiver
+        .wait_for(Duration::from_secs(20), "message.received", |rs| {
+            !rs.is_empty()
+        })
+        .await;
+    assert_eq!(got[0].verified_by, vec![0], "{:?}", got[0]);
+    assert_eq!(got[0].body["type"], "message.received", "{:?}", got[0].body);
+    assert_eq!(
+        got[0].body["data"]["text"], "hi gateway",
+        "{:?}",
+        got[0].body
     );
     // The device told the contact's phone it got it.
     tests::eventually(Duration::from_secs(10), || async {

@@ -15,7 +15,7 @@ use tests::{
 const LIMIT: Duration = Duration::from_secs(20);
 
 /// Registers an endpoint for `events` at `url`; answers the created endpoint (with `secret`).
-async fn register(api: &Api, key: &str, url: &str, events: &[&str]) -> Value {
+pub(crate) async fn register(api: &Api, key: &str, url: &str, events: &[&str]) -> Value {
     api.post(
         "/api/v1/webhooks",
         key,
