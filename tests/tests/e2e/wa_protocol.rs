@@ -261,6 +261,76 @@ async fn the_phone_unlinking_the_device_logs_the_session_out() {
 }
 
 #[tokio::test]
+async fn a_second_connection_of_the_device_fails_the_session_as_a_conflict_without_a_fight() {
+    use std::sync::Arc;
+    use worker::driver::{
+        DriverEvent,
+        whatsapp::{WhatsAppConfig, WhatsAppDriver, parse_version},
+    };
+    let env = TestEnv::new().await;
+    let server = WaServer::start().await;
+    let phone = server.phone(PHONE);
+    let s = linked(&env, &server, &phone).await;
+    let logins = || {
+        server
+            .seen()
+            .iter()
+            .filter(|e| matches!(e, Seen::LoggedIn(_)))
+            .count()
+    };
+
+    // The same device, from its keys in Postgres, connects from somewhere else: a production
+    // client (it logs in over IK with the server key it cached, so no certificate is shown).
+    let keyring = Arc::new(shared::sealed::Keyring::parse(KEYS).expect("keys"));
+    let elsewhere = WhatsAppDriver::new(
+        env.db.clone(),
+        keyring,
+        WhatsAppConfig {
+            ws_url: Some(server.url.clone()),
+            version: parse_version("2.3000.1042742319").expect("version"),
+            connect_timeout: Duration::from_secs(10),
+        },
+    );
+    let backend = crate::whatsapp::backend(&env, &s.id).await;
+    let (events, mut seen) = tokio::sync::mpsc::unbounded_channel();
+    let mut other = elsewhere
+        .open(Arc::new(backend), &s.id, 0, events)
+        .await
+        .expect("a second client");
+    let connected = tokio::time::timeout(Duration::from_secs(20), async {
+        while let Some(e) = seen.recv().await {
+            if matches!(e, DriverEvent::Connected) {
+                return true;
+            }
+        }
+        false
+    })
+    .await;
+    assert_eq!(connected, Ok(true), "{:?}", server.seen());
+    assert!(
+        server
+            .seen()
+            .contains(&Seen::Replaced(format!("{PHONE}:{}", s.device))),
+        "{:?}",
+        server.seen()
+    );
+
+    // The worker's stream was replaced: the session fails as a conflict and does not
+    // reconnect to take the device back.
+    let out = s.wait("conflict", status("failed", "conflict")).await;
+    assert_eq!(out["phoneNumber"], PHONE, "{out}");
+    let after = logins();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(
+        logins(),
+        after,
+        "no fight over the device: {:?}",
+        server.seen()
+    );
+    other.close().await;
+}
+
+#[tokio::test]
 async fn a_dropped_connection_comes_back_by_itself() {
     let env = TestEnv::new().await;
     let server = WaServer::start().await;

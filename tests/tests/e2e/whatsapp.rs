@@ -79,7 +79,7 @@ fn connect_failed(s: &Value) -> bool {
 }
 
 /// The store as the session's current lease holder sees it.
-async fn backend(env: &TestEnv, session_id: &str) -> PgBackend {
+pub(crate) async fn backend(env: &TestEnv, session_id: &str) -> PgBackend {
     let client = env.db.get().await.expect("db");
     let epoch: i64 = client
         .query_one(
