@@ -32,6 +32,14 @@ fn real_driver_settings(server: &WaServer) -> Vec<(&'static str, String)> {
 
 /// A test-server worker process for a new gateway, with an api and a manager key.
 async fn stage(env: &TestEnv, server: &WaServer) -> (String, WorkerProcess, Api, String) {
+    let (gw, worker) = test_worker(env, server).await;
+    let api = env.start_api(|_| {}).await;
+    let key = env.api_key("org_a", &["read", "manage"]).await;
+    (gw, worker, api, key)
+}
+
+/// A test-server worker process for a new gateway of the region, once live.
+async fn test_worker(env: &TestEnv, server: &WaServer) -> (String, WorkerProcess) {
     let gw = env.gateway_id("sg");
     let worker = WorkerProcess::spawn_binary(
         &wa_test_worker_binary(),
@@ -40,9 +48,7 @@ async fn stage(env: &TestEnv, server: &WaServer) -> (String, WorkerProcess, Api,
         &real_driver_settings(server),
     );
     env.wait_gateway_live(&gw).await;
-    let api = env.start_api(|_| {}).await;
-    let key = env.api_key("org_a", &["read", "manage"]).await;
-    (gw, worker, api, key)
+    (gw, worker)
 }
 
 /// The pairing QR code, as an operator's phone reads it off `GET …/qr`.
@@ -58,6 +64,15 @@ async fn qr_code(api: &Api, key: &str, id: &str) -> String {
 
 fn working(s: &Value) -> bool {
     s["status"] == "working"
+}
+
+/// How many logins the server has seen.
+fn logins(server: &WaServer) -> usize {
+    server
+        .seen()
+        .iter()
+        .filter(|e| matches!(e, Seen::LoggedIn(_)))
+        .count()
 }
 
 fn handshakes(server: &WaServer) -> Vec<&'static str> {
@@ -271,13 +286,6 @@ async fn a_second_connection_of_the_device_fails_the_session_as_a_conflict_witho
     let server = WaServer::start().await;
     let phone = server.phone(PHONE);
     let s = linked(&env, &server, &phone).await;
-    let logins = || {
-        server
-            .seen()
-            .iter()
-            .filter(|e| matches!(e, Seen::LoggedIn(_)))
-            .count()
-    };
 
     // The same device, from its keys in Postgres, connects from somewhere else: a production
     // client (it logs in over IK with the server key it cached, so no certificate is shown).
@@ -319,10 +327,10 @@ async fn a_second_connection_of_the_device_fails_the_session_as_a_conflict_witho
     // reconnect to take the device back.
     let out = s.wait("conflict", status("failed", "conflict")).await;
     assert_eq!(out["phoneNumber"], PHONE, "{out}");
-    let after = logins();
+    let after = logins(&server);
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert_eq!(
-        logins(),
+        logins(&server),
         after,
         "no fight over the device: {:?}",
         server.seen()
@@ -336,17 +344,13 @@ async fn a_dropped_connection_comes_back_by_itself() {
     let server = WaServer::start().await;
     let phone = server.phone(PHONE);
     let s = linked(&env, &server, &phone).await;
-    let logins = || {
-        server
-            .seen()
-            .iter()
-            .filter(|e| matches!(e, Seen::LoggedIn(_)))
-            .count()
-    };
-    let before = logins();
+    let before = logins(&server);
 
     phone.drop_streams();
-    tests::eventually(Duration::from_secs(20), || async { logins() > before }).await;
+    tests::eventually(Duration::from_secs(20), || async {
+        logins(&server) > before
+    })
+    .await;
     s.wait("working again", working).await;
 }
 
@@ -556,19 +560,6 @@ fn connected_on(s: &Value, gateway: &str, since: i64) -> bool {
         && s["lastConnectedAt"].as_i64().is_some_and(|t| t > since)
 }
 
-/// A test-server worker process for another gateway of the region.
-async fn peer_worker(env: &TestEnv, server: &WaServer) -> (String, WorkerProcess) {
-    let gw = env.gateway_id("sg");
-    let worker = WorkerProcess::spawn_binary(
-        &wa_test_worker_binary(),
-        env,
-        &gw,
-        &real_driver_settings(server),
-    );
-    env.wait_gateway_live(&gw).await;
-    (gw, worker)
-}
-
 /// A message each way, so the device and the contact's phone share a Signal session.
 async fn converse(s: &Linked, contact: &Phone, n: usize) {
     let id = s.send(CONTACT, &format!("to the contact {n}")).await;
@@ -637,7 +628,7 @@ async fn a_drained_number_goes_on_talking_from_its_new_worker_with_the_signal_st
     })
     .await;
 
-    let (b, _wb) = peer_worker(&env, &server).await;
+    let (b, _wb) = test_worker(&env, &server).await;
     let drained_at = shared::db::now_ms();
     crate::fleet::set_state(&env, &s.gw, shared::fleet::GatewayState::Draining).await;
     let moved = s
@@ -663,7 +654,7 @@ async fn a_kill_9d_owner_is_failed_over_and_the_conversation_goes_on_both_ways()
     let phone = server.phone(PHONE);
     let contact = server.phone(CONTACT);
     let mut s = linked(&env, &server, &phone).await;
-    let (b, _wb) = peer_worker(&env, &server).await;
+    let (b, _wb) = test_worker(&env, &server).await;
     let id = s.send(CONTACT, "to the contact 1").await;
     s.wait_message(&id, "delivered", |m| m["status"] == "delivered")
         .await;
