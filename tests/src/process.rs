@@ -277,3 +277,46 @@ impl Drop for ApiProcess {
         let _ = self.child.wait();
     }
 }
+
+/// The `wa-server` binary (the local WhatsApp protocol server as a service, as the local
+/// cluster and the compose fleet run it), on free ports.
+pub struct WaServerProcess {
+    child: Child,
+    /// `ws://127.0.0.1:<port>/ws/chat`: the workers' `WA_WS_URL`.
+    pub url: String,
+    /// `http://127.0.0.1:<port>`: the simulated phones, the workers' `WA_SIM_CONTROL_URL`.
+    pub control: String,
+}
+
+impl WaServerProcess {
+    /// Starts it and waits until its control API answers.
+    pub async fn spawn() -> WaServerProcess {
+        let (chat, control) = (crate::free_port(), crate::free_port());
+        let child = Command::new(binary("wa-server"))
+            .args(["--listen", &format!("127.0.0.1:{chat}")])
+            .args(["--control", &format!("127.0.0.1:{control}")])
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("start the wa-server binary");
+        let server = WaServerProcess {
+            child,
+            url: format!("ws://127.0.0.1:{chat}/ws/chat"),
+            control: format!("http://127.0.0.1:{control}"),
+        };
+        let http = reqwest::Client::new();
+        let probe = format!("{}/phones/0", server.control);
+        crate::eventually(std::time::Duration::from_secs(15), || {
+            let (http, probe) = (http.clone(), probe.clone());
+            async move { http.get(probe).send().await.is_ok() }
+        })
+        .await;
+        server
+    }
+}
+
+impl Drop for WaServerProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

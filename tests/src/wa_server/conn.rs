@@ -12,7 +12,7 @@ use wacore_binary::{Node, builder::NodeBuilder};
 use waproto::whatsapp as wa;
 
 use super::{
-    Outbound, Registration, Seen, Shared, Stream,
+    Account, Outbound, Registration, Seen, Shared, Stream,
     noise::{self, Reader, Writer},
 };
 
@@ -87,13 +87,7 @@ pub(super) async fn serve(socket: TcpStream, shared: Arc<Shared>) {
                 .live
                 .insert((phone.clone(), device), stream.clone());
             if let Some(old) = replaced {
-                let conflict = NodeBuilder::new("stream:error")
-                    .children([NodeBuilder::new("conflict")
-                        .attr("type", "replaced")
-                        .build()])
-                    .build();
-                let _ = old.out.send(Outbound::End(conflict));
-                shared.saw(Seen::Replaced(format!("{phone}:{device}")));
+                replace(&shared, &old, &phone, device);
             }
             shared.saw(Seen::LoggedIn(format!("{phone}:{device}")));
             pump(reader, writer, rx, &shared, Some((&phone, device))).await;
@@ -104,6 +98,17 @@ pub(super) async fn serve(socket: TcpStream, shared: Arc<Shared>) {
             }
         }
     }
+}
+
+/// Ends `old`, a stream of `phone:device`, as replaced by a newer connection of the device.
+pub(super) fn replace(shared: &Shared, old: &Stream, phone: &str, device: u16) {
+    let conflict = NodeBuilder::new("stream:error")
+        .children([NodeBuilder::new("conflict")
+            .attr("type", "replaced")
+            .build()])
+        .build();
+    let _ = old.out.send(Outbound::End(conflict));
+    shared.saw(Seen::Replaced(format!("{phone}:{device}")));
 }
 
 fn unix_now() -> i64 {
@@ -516,7 +521,7 @@ fn usync(shared: &Shared, id: &str, usync: Option<&Node>) -> Node {
         .and_then(|u| u.get_optional_child("query"))
         .and_then(|q| q.get_optional_child("devices"))
         .is_some();
-    let state = shared.state();
+    let mut state = shared.state();
     let users = usync
         .and_then(|u| u.get_optional_child("list"))
         .and_then(Node::children)
@@ -528,7 +533,15 @@ fn usync(shared: &Shared, id: &str, usync: Option<&Node>) -> Node {
             if !devices_asked {
                 return user.build();
             }
-            let account = state.accounts.get(split_jid(&jid).0);
+            let number = split_jid(&jid).0;
+            if jid.ends_with("@s.whatsapp.net") {
+                // Every phone number is on WhatsApp here: asking for one makes its account.
+                state
+                    .accounts
+                    .entry(number.to_owned())
+                    .or_insert_with(|| Account::new(number));
+            }
+            let account = state.accounts.get(number);
             let mut devices = vec![NodeBuilder::new("device").attr("id", "0").build()];
             let mut indexes = vec![0];
             for (device, c) in account.map(|a| &a.companions).into_iter().flatten() {
@@ -663,6 +676,27 @@ fn message(node: &Node, shared: &Shared, (phone, device): (&str, u16)) -> Vec<No
             .attr("t", t.clone())
             .build(),
     ];
+    if delivered && let Some(after) = state.read_after {
+        // The contact reads it a moment later: a read receipt to the sender's devices.
+        let read = NodeBuilder::new("receipt")
+            .attr("from", to.clone())
+            .attr("id", id.clone())
+            .attr("type", "read")
+            .attr("t", t.clone())
+            .build();
+        let streams: Vec<Stream> = state
+            .live
+            .iter()
+            .filter(|((p, _), _)| p == phone)
+            .map(|(_, s)| s.clone())
+            .collect();
+        tokio::spawn(async move {
+            tokio::time::sleep(after).await;
+            for stream in streams {
+                let _ = stream.out.send(Outbound::Send(read.clone()));
+            }
+        });
+    }
     if delivered {
         out.push(
             NodeBuilder::new("receipt")

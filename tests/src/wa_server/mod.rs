@@ -8,6 +8,7 @@
 //! - [`conn`]: one stream's stanzas, from pairing or login to the end;
 //! - [`phone`]: the simulated phone of an account — what its owner does with it; every
 //!   account's phone is also a contact the others write to and hear from;
+//! - [`control`]: the phones over HTTP, for other processes (the `wa-server` binary);
 //! - [`signal`]: a phone's Signal state, so it decrypts what devices send it and encrypts what
 //!   it sends them.
 //!
@@ -17,6 +18,7 @@
 //! off the crate's sources.
 
 mod conn;
+mod control;
 pub mod noise;
 mod phone;
 mod signal;
@@ -114,6 +116,31 @@ struct Account {
     chat_states: Vec<(String, String, i64)>,
 }
 
+impl Account {
+    /// A number's account as it comes to exist here: on first mention (every number is on
+    /// WhatsApp on this server), with a phone and no linked device.
+    fn new(number: &str) -> Account {
+        let identity = KeyPair::generate(&mut rand010::rng());
+        Account {
+            // A LID is another number of the same account; any stable one will do.
+            lid: format!(
+                "{}",
+                100_000_000_000_000u64 + number.parse::<u64>().unwrap_or(0)
+            ),
+            name: format!("Phone {number}"),
+            peer: signal::Peer::new(&identity),
+            identity,
+            companions: Default::default(),
+            next_device: 10,
+            next_key_index: 1,
+            ban: None,
+            received: vec![],
+            receipts: vec![],
+            chat_states: vec![],
+        }
+    }
+}
+
 /// An observation for tests: what the server saw happen.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Seen {
@@ -157,6 +184,9 @@ struct State {
     replies: HashMap<String, tokio::sync::oneshot::Sender<Node>>,
     /// The oldest client version served; older ones get a 405.
     min_version: Option<(u32, u32, u32)>,
+    /// Phones read what devices send them this long after it arrives (never when `None`:
+    /// tests read with [`Phone::read`]).
+    read_after: Option<std::time::Duration>,
     seen: Vec<Seen>,
 }
 
@@ -185,7 +215,8 @@ pub struct WaServer {
     /// `ws://127.0.0.1:<port>/ws/chat`: the workers' `WA_WS_URL`.
     pub url: String,
     shared: Arc<Shared>,
-    accept: JoinHandle<()>,
+    /// The accept loop, and the control API's once served.
+    tasks: Vec<JoinHandle<()>>,
 }
 
 impl WaServer {
@@ -219,8 +250,19 @@ impl WaServer {
         WaServer {
             url: format!("ws://{addr}/ws/chat"),
             shared,
-            accept,
+            tasks: vec![accept],
         }
+    }
+
+    /// Serves the control API (the phones over HTTP, [`control`]) on `listener`; answers
+    /// its base URL, `http://<address>`.
+    pub fn serve_control(&mut self, listener: TcpListener) -> String {
+        let addr = listener.local_addr().expect("address");
+        let router = control::router(self.shared.clone());
+        self.tasks.push(tokio::spawn(async move {
+            let _ = axum::serve(listener, router).await;
+        }));
+        format!("http://{addr}")
     }
 
     /// The phone of account `number` (digits, as in a JID), created on first use.
@@ -233,6 +275,22 @@ impl WaServer {
         self.shared.state().min_version = Some(version);
     }
 
+    /// Every phone reads each message a device sends it `after` it arrived, as a contact
+    /// with the chat open does.
+    pub fn read_after(&self, after: std::time::Duration) {
+        self.shared.state().read_after = Some(after);
+    }
+
+    /// What every phone received from linked devices, decrypted: each copy it decrypted.
+    pub fn received(&self) -> Vec<Received> {
+        self.shared
+            .state()
+            .accounts
+            .values()
+            .flat_map(|a| a.received.iter().cloned())
+            .collect()
+    }
+
     /// What the server saw so far.
     pub fn seen(&self) -> Vec<Seen> {
         self.shared.state().seen.clone()
@@ -241,6 +299,8 @@ impl WaServer {
 
 impl Drop for WaServer {
     fn drop(&mut self) {
-        self.accept.abort();
+        for task in &self.tasks {
+            task.abort();
+        }
     }
 }

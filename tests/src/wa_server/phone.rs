@@ -32,26 +32,7 @@ impl Phone {
             .state()
             .accounts
             .entry(number.clone())
-            .or_insert_with(|| {
-                let identity = KeyPair::generate(&mut rand010::rng());
-                Account {
-                    // A LID is another number of the same account; any stable one will do.
-                    lid: format!(
-                        "{}",
-                        100_000_000_000_000u64 + number.parse::<u64>().unwrap_or(0)
-                    ),
-                    name: format!("Phone {number}"),
-                    peer: signal::Peer::new(&identity),
-                    identity,
-                    companions: Default::default(),
-                    next_device: 10,
-                    next_key_index: 1,
-                    ban: None,
-                    received: vec![],
-                    receipts: vec![],
-                    chat_states: vec![],
-                }
-            });
+            .or_insert_with(|| Account::new(&number));
         Phone { shared, number }
     }
 
@@ -82,6 +63,37 @@ impl Phone {
         };
         let (noise, identity, adv_secret) = (b64(noise)?, b64(identity)?, b64(adv_secret)?);
         self.link(noise, identity, adv_secret).await
+    }
+
+    /// Links session `id` as its operator does with this phone in hand: reads the QR code
+    /// off `GET …/qr` (which starts pairing: 404 until the first code is ready), scans it,
+    /// and waits until the session is `working`; each step within `limit` (or panics).
+    /// Answers the device's JID.
+    pub async fn link_session(
+        &self,
+        api: &crate::Api,
+        key: &str,
+        id: &str,
+        limit: Duration,
+    ) -> String {
+        let path = format!("/api/v1/sessions/{id}/qr");
+        let deadline = tokio::time::Instant::now() + limit;
+        let qr = loop {
+            let r = api.get(&path, key).await;
+            if r.status == 200 {
+                break r.body["qr"].as_str().expect("a QR code").to_owned();
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "no QR code for {id} within {limit:?}: {}",
+                r.body
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        };
+        let device = self.scan(&qr).await.expect("the phone links the device");
+        api.wait_session_within(key, id, "working", limit, |s| s["status"] == "working")
+            .await;
+        device
     }
 
     /// Types `code` (`ABCD-1234`), the code a device asking to be linked to this number
@@ -354,13 +366,7 @@ impl Phone {
     /// Unlinks `device` from the phone's "Linked devices": its stream, if up, is told so.
     pub fn unlink(&self, device: u16) {
         super::conn::unlink(&self.shared, &self.number, device);
-        let stream = self
-            .shared
-            .state()
-            .live
-            .get(&(self.number.clone(), device))
-            .cloned();
-        if let Some(stream) = stream {
+        if let Some(stream) = self.live_stream(device) {
             let removed = NodeBuilder::new("stream:error")
                 .attr("code", "401")
                 .children([NodeBuilder::new("conflict")
@@ -493,6 +499,30 @@ impl Phone {
                 let _ = stream.out.send(Outbound::Drop);
             }
         }
+    }
+
+    /// Drops `device`'s stream without a word; false when it has none up.
+    pub fn drop_stream(&self, device: u16) -> bool {
+        self.live_stream(device)
+            .is_some_and(|stream| stream.out.send(Outbound::Drop).is_ok())
+    }
+
+    /// Ends `device`'s stream as WhatsApp does when the same device connects again from
+    /// elsewhere (`conflict` `replaced`); false when it has none up.
+    pub fn replace_stream(&self, device: u16) -> bool {
+        let Some(stream) = self.live_stream(device) else {
+            return false;
+        };
+        super::conn::replace(&self.shared, &stream, &self.number, device);
+        true
+    }
+
+    fn live_stream(&self, device: u16) -> Option<super::Stream> {
+        self.shared
+            .state()
+            .live
+            .get(&(self.number.clone(), device))
+            .cloned()
     }
 }
 
