@@ -129,6 +129,10 @@ pub struct Config {
     /// Where the WhatsApp driver connects instead of WhatsApp (tests, proxies).
     #[arg(long, env = "WA_WS_URL")]
     pub wa_ws_url: Option<String>,
+    /// The control API of the local WhatsApp protocol server's simulated phones, which
+    /// `gatewayctl sim …` acts through (the test build `worker-wa-test-server` only).
+    #[arg(long, env = "WA_SIM_CONTROL_URL")]
+    pub wa_sim_control_url: Option<String>,
     /// The WhatsApp Web client version the driver announces, pinned so no worker fetches it
     /// at run time; update it when WhatsApp reports the client outdated.
     #[arg(long, env = "WA_CLIENT_VERSION", default_value = "2.3000.1042742319")]

@@ -339,7 +339,14 @@ async fn serve_metrics(listener: tokio::net::TcpListener, stop: CancellationToke
         .route("/healthz", get(|| async { "ok" }))
         .route(
             "/metrics",
-            get(|| async { shared::telemetry::prometheus().render() }),
+            get(|| async {
+                // Live tokio tasks, as of this scrape: what each connection costs in tasks.
+                let tasks = tokio::runtime::Handle::current()
+                    .metrics()
+                    .num_alive_tasks();
+                metrics::gauge!("worker_runtime_tasks").set(tasks as f64);
+                shared::telemetry::prometheus().render()
+            }),
         );
     let _ = axum::serve(listener, app)
         .with_graceful_shutdown(stop.cancelled_owned())
@@ -364,6 +371,7 @@ fn whatsapp_driver(cfg: &Config, db: &Pool) -> Result<Arc<dyn Driver>> {
             ws_url: cfg.wa_ws_url.clone(),
             version,
             connect_timeout: Duration::from_millis(cfg.wa_connect_timeout_ms),
+            sim_control_url: cfg.wa_sim_control_url.clone(),
         },
     )))
 }

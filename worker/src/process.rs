@@ -30,6 +30,12 @@ pub async fn main(build: Build) -> ExitCode {
             return ExitCode::from(2);
         };
         tracing::warn!(%url, "test build: server certificates are not verified; never point this at WhatsApp");
+    } else if cfg.wa_sim_control_url.is_some() {
+        tracing::error!(
+            "WA_SIM_CONTROL_URL names the simulated phones of the local WhatsApp protocol \
+             server, which only the test build `worker-wa-test-server` talks to"
+        );
+        return ExitCode::from(2);
     }
     let shutdown = CancellationToken::new();
     let token = shutdown.clone();

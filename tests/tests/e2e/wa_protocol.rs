@@ -9,7 +9,7 @@ use std::time::Duration;
 use serde_json::Value;
 use tests::{
     Api, TestEnv,
-    process::{WorkerProcess, wa_test_worker_binary},
+    process::{WaServerProcess, WorkerProcess, wa_test_worker_binary},
     wa_server::{Phone, Seen, WaServer},
 };
 
@@ -21,11 +21,11 @@ const PHONE: &str = "15550001111";
 /// connected (the crate's grace; the simulated phone does not send them yet).
 const PAIRED_AND_CONNECTED: Duration = Duration::from_secs(40);
 
-fn real_driver_settings(server: &WaServer) -> Vec<(&'static str, String)> {
+fn real_driver_settings(url: &str) -> Vec<(&'static str, String)> {
     vec![
         ("WA_DRIVER", "whatsapp".into()),
         ("CREDENTIALS_KEYS", KEYS.into()),
-        ("WA_WS_URL", server.url.clone()),
+        ("WA_WS_URL", url.to_owned()),
         ("WA_CONNECT_TIMEOUT_MS", "5000".into()),
     ]
 }
@@ -40,13 +40,12 @@ async fn stage(env: &TestEnv, server: &WaServer) -> (String, WorkerProcess, Api,
 
 /// A test-server worker process for a new gateway of the region, once live.
 async fn test_worker(env: &TestEnv, server: &WaServer) -> (String, WorkerProcess) {
+    test_worker_with(env, &real_driver_settings(&server.url)).await
+}
+
+async fn test_worker_with(env: &TestEnv, settings: &[(&str, String)]) -> (String, WorkerProcess) {
     let gw = env.gateway_id("sg");
-    let worker = WorkerProcess::spawn_binary(
-        &wa_test_worker_binary(),
-        env,
-        &gw,
-        &real_driver_settings(server),
-    );
+    let worker = WorkerProcess::spawn_binary(&wa_test_worker_binary(), env, &gw, settings);
     env.wait_gateway_live(&gw).await;
     (gw, worker)
 }
@@ -193,9 +192,8 @@ struct Linked {
 async fn linked(env: &TestEnv, server: &WaServer, phone: &Phone) -> Linked {
     let (gw, worker, api, key) = stage(env, server).await;
     let id = api.session_on(&key, &gw).await;
-    let qr = qr_code(&api, &key, &id).await;
-    let device = phone.scan(&qr).await.expect("the phone links the device");
-    api.wait_session_within(&key, &id, "working", PAIRED_AND_CONNECTED, working)
+    let device = phone
+        .link_session(&api, &key, &id, PAIRED_AND_CONNECTED)
         .await;
     let device = device
         .split_once(':')
@@ -297,6 +295,7 @@ async fn a_second_connection_of_the_device_fails_the_session_as_a_conflict_witho
             ws_url: Some(server.url.clone()),
             version: parse_version("2.3000.1042742319").expect("version"),
             connect_timeout: Duration::from_secs(10),
+            sim_control_url: None,
         },
     );
     let backend = crate::whatsapp::backend(&env, &s.id).await;
@@ -680,7 +679,7 @@ async fn the_production_worker_refuses_the_test_servers_certificate() {
     let env = TestEnv::new().await;
     let server = WaServer::start().await;
     let gw = env.gateway_id("sg");
-    let _worker = WorkerProcess::spawn(&env, &gw, &real_driver_settings(&server));
+    let _worker = WorkerProcess::spawn(&env, &gw, &real_driver_settings(&server.url));
     env.wait_gateway_live(&gw).await;
     let api = env.start_api(|_| {}).await;
     let key = env.api_key("org_a", &["read", "manage"]).await;
@@ -725,4 +724,147 @@ async fn the_test_worker_will_not_start_without_a_test_server_to_point_at() {
         .expect("it exits");
     assert_eq!(status.code(), Some(2), "{}", worker.logged());
     assert!(worker.logged().contains("WA_WS_URL"), "{}", worker.logged());
+
+    // Nor does the production worker talk to the test server's simulated phones.
+    let mut worker = WorkerProcess::spawn(
+        &env,
+        &env.gateway_id("sg"),
+        &[("WA_SIM_CONTROL_URL", "http://127.0.0.1:9".into())],
+    );
+    let status = worker
+        .exited_within(Duration::from_secs(10))
+        .await
+        .expect("it exits");
+    assert_eq!(status.code(), Some(2), "{}", worker.logged());
+    assert!(
+        worker.logged().contains("worker-wa-test-server"),
+        "{}",
+        worker.logged()
+    );
+}
+
+/// Runs `gatewayctl sim …` as the README's walkthrough does; panics with its output if it
+/// fails.
+async fn sim(env: &TestEnv, args: &[&str]) {
+    let mut all = vec!["sim"];
+    all.extend_from_slice(args);
+    let (ok, out) = crate::fleet::gatewayctl_with(env, &[], &all).await;
+    assert!(ok, "gatewayctl {all:?}: {out}");
+}
+
+/// The phone of `number` (its devices, what it received), read off the control API.
+async fn phone_over_control(control: &str, number: &str) -> Value {
+    reqwest::get(format!("{control}/phones/{number}"))
+        .await
+        .expect("the control API answers")
+        .json()
+        .await
+        .expect("json")
+}
+
+/// The protocol server as the local cluster runs it — its binary, its phones over the control
+/// API — driven by `gatewayctl sim`, unchanged from the simulator's walkthrough: link by QR
+/// and by code, a contact's message in, an answer out, a dropped network, a stream replaced
+/// elsewhere, and the phone unlinking the device.
+#[tokio::test]
+async fn gatewayctl_sim_acts_through_the_protocol_servers_phones() {
+    let env = TestEnv::new().await;
+    let server = WaServerProcess::spawn().await;
+    let mut settings = real_driver_settings(&server.url);
+    settings.push(("WA_SIM_CONTROL_URL", server.control.clone()));
+    let (gw, worker) = test_worker_with(&env, &settings).await;
+    let api = env.start_api(|_| {}).await;
+    let key = env.api_key("org_a", &["read", "manage"]).await;
+    let id = api.session_on(&key, &gw).await;
+
+    // The phone scans the QR code the session shows.
+    qr_code(&api, &key, &id).await;
+    sim(
+        &env,
+        &["scan", "--session", &id, "--phone", &format!("+{PHONE}")],
+    )
+    .await;
+    let s = api
+        .wait_session_within(&key, &id, "working", PAIRED_AND_CONNECTED, working)
+        .await;
+    assert_eq!(s["phoneNumber"], PHONE, "{s}");
+    let phone = phone_over_control(&server.control, PHONE).await;
+    let s = Linked {
+        gw,
+        worker,
+        api,
+        key,
+        id,
+        device: phone["devices"][0].as_u64().expect("a linked device") as u16,
+    };
+
+    // A contact writes; the number receives it. The number answers; the contact's phone
+    // decrypts it.
+    sim(
+        &env,
+        &[
+            "message",
+            "--session",
+            &s.id,
+            "--from",
+            CONTACT,
+            "--text",
+            "hi from a contact",
+        ],
+    )
+    .await;
+    tests::eventually(Duration::from_secs(20), || async {
+        received_texts(&env, &s.id)
+            .await
+            .contains(&"hi from a contact".to_owned())
+    })
+    .await;
+    let answer = s.send(CONTACT, "hi back").await;
+    // The server's contacts read what they get a moment later (`--read-after-ms`).
+    let m = s
+        .wait_message(&answer, "read", |m| m["status"] == "read")
+        .await;
+    assert!(m["deliveredAt"].as_i64().is_some(), "{m}");
+    let got = phone_over_control(&server.control, CONTACT).await["received"].clone();
+    let got = got.as_array().expect("received");
+    assert!(
+        got.iter()
+            .any(|r| r["from"] == PHONE && r["text"] == "hi back"),
+        "{got:?}"
+    );
+
+    // The network drops: the session comes back by itself.
+    let before = shared::db::now_ms();
+    sim(&env, &["drop", "--session", &s.id]).await;
+    s.wait("connected again", |s| {
+        working(s) && s["lastConnectedAt"].as_i64().is_some_and(|t| t > before)
+    })
+    .await;
+
+    // The device connects elsewhere: this stream is replaced, the session fails as a
+    // conflict; started again, it takes the device back.
+    sim(&env, &["conflict", "--session", &s.id]).await;
+    s.wait("conflict", status("failed", "conflict")).await;
+    s.command("start").await;
+    s.wait("working again", working).await;
+
+    // The phone removes the linked device.
+    sim(&env, &["unlink", "--session", &s.id]).await;
+    s.wait("logged out", status("logged_out", "device_removed"))
+        .await;
+
+    // Linked again, by a code typed on the phone this time.
+    let r = s
+        .api
+        .post(
+            &format!("/api/v1/sessions/{}:requestPairingCode", s.id),
+            &s.key,
+            Some(&serde_json::json!({"phoneNumber": format!("+{PHONE}")})),
+        )
+        .await;
+    r.assert_status(200);
+    sim(&env, &["scan", "--session", &s.id, "--phone", PHONE]).await;
+    s.api
+        .wait_session_within(&s.key, &s.id, "working", PAIRED_AND_CONNECTED, working)
+        .await;
 }

@@ -11,6 +11,8 @@
 //! - [`events`]: the crate's events mapped to our statuses and reasons;
 //! - [`transport`]: the crate's WebSocket transport, watched, so a connection that does not
 //!   come up says why (a server that is not WhatsApp's is not a network problem);
+//! - [`phones`]: `gatewayctl sim …` through the simulated phones of the local protocol
+//!   server, for the test build only;
 //! - [`store`]: the crate's storage traits on Postgres, every device's keys sealed with
 //!   AES-256-GCM and every write fenced by the worker's lease on the session, so any worker of
 //!   the region can carry the number after a drain or a failover, and one that lost the
@@ -20,6 +22,7 @@
 //! pairing starts from none.
 
 pub mod events;
+pub mod phones;
 pub mod store;
 pub mod transport;
 
@@ -40,7 +43,7 @@ use whatsapp_rust::{
     types::events::{Event, EventHandler},
 };
 
-use super::{Connection, Credentials, Driver, DriverError, DriverEvent};
+use super::{Connection, Credentials, Driver, DriverError, DriverEvent, SimAction};
 
 #[derive(Debug, Clone)]
 pub struct WhatsAppConfig {
@@ -50,6 +53,9 @@ pub struct WhatsAppConfig {
     pub version: (u32, u32, u32),
     /// How long a connection may take to come up before it counts as failed.
     pub connect_timeout: Duration,
+    /// The control API of the local protocol server's simulated phones (test build only):
+    /// what `sim` commands act through.
+    pub sim_control_url: Option<String>,
 }
 
 pub struct WhatsAppDriver {
@@ -82,6 +88,7 @@ pub fn parse_version(s: &str) -> Result<(u32, u32, u32), String> {
 struct Forward {
     events: mpsc::UnboundedSender<DriverEvent>,
     up: watch::Sender<bool>,
+    shown: phones::SharedShown,
 }
 
 impl EventHandler for Forward {
@@ -91,6 +98,9 @@ impl EventHandler for Forward {
                 self.up.send_replace(true);
             } else if matches!(mapped, DriverEvent::Disconnected { .. }) {
                 self.up.send_replace(false);
+            }
+            if let DriverEvent::Qr { code, .. } = &mapped {
+                self.shown.lock().unwrap_or_else(|e| e.into_inner()).qr = Some(code.clone());
             }
             let _ = self.events.send(mapped);
         }
@@ -148,6 +158,7 @@ impl WhatsAppDriver {
         }
         let (transport, attempts) = transport::WatchedTransports::new(transport);
         let (up, up_rx) = watch::channel(false);
+        let shown = phones::SharedShown::default();
         let bot = Bot::builder()
             .with_backend_arc(backend)
             .with_transport_factory(transport)
@@ -158,6 +169,7 @@ impl WhatsAppDriver {
             .with_event_handler(Forward {
                 events: events.clone(),
                 up,
+                shown: shown.clone(),
             })
             .build()
             .await
@@ -179,6 +191,8 @@ impl WhatsAppDriver {
             epoch,
             connect_timeout: self.cfg.connect_timeout,
             closed,
+            sim_control_url: self.cfg.sim_control_url.clone(),
+            shown,
         }))
     }
 }
@@ -239,6 +253,8 @@ struct WhatsAppConnection {
     epoch: i64,
     connect_timeout: Duration,
     closed: CancellationToken,
+    sim_control_url: Option<String>,
+    shown: phones::SharedShown,
 }
 
 impl WhatsAppConnection {
@@ -274,8 +290,34 @@ impl Connection for WhatsAppConnection {
                 ..PairCodeOptions::default()
             })
             .await
-            .map(|code| format_code(&code))
+            .map(|code| {
+                let code = format_code(&code);
+                self.shown.lock().unwrap_or_else(|e| e.into_inner()).code = Some((
+                    phone_number.trim_start_matches('+').to_owned(),
+                    code.clone(),
+                ));
+                code
+            })
             .map_err(|e| DriverError::Refused(format!("WhatsApp refused a pairing code: {e}")))
+    }
+
+    async fn simulate(&mut self, action: SimAction) -> Result<(), DriverError> {
+        let Some(url) = &self.sim_control_url else {
+            return Err(DriverError::Unsupported);
+        };
+        let device = self
+            .client()?
+            .persistence_manager()
+            .get_device_snapshot()
+            .pn
+            .clone();
+        phones::Phones {
+            url,
+            shown: &self.shown,
+            device,
+        }
+        .act(action)
+        .await
     }
 
     async fn logout(&mut self) -> Result<(), DriverError> {
