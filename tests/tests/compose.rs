@@ -1,7 +1,9 @@
 //! The compose fleet (`deploy/compose`), built from this run's binaries and started for real
 //! with the README's command: a simulated number paired and logged out through the api's
 //! published port, then the RabbitMQ node that leads the gateway's command queue stopped while
-//! commands go on, and started again.
+//! commands go on, and started again; a worker cut off from the network; and in region `lab`,
+//! a number on the real driver against the local WhatsApp protocol server, moved by a restart
+//! of its worker, talking both ways before and after.
 //!
 //! The only test of its binary, so cargo runs it on its own (test binaries run one after the
 //! other): it starts a dozen containers, which would starve the e2e tests of the two cores.
@@ -22,6 +24,8 @@ struct Fleet {
     repo: PathBuf,
     state: PathBuf,
     api: String,
+    /// The protocol server's simulated phones (region lab).
+    phones: String,
     project: String,
 }
 
@@ -32,9 +36,10 @@ impl Fleet {
             .expect("the workspace")
             .to_path_buf();
         let state = std::env::temp_dir().join(format!("gw-compose-{}", std::process::id()));
-        let api_port = free_port();
+        let (api_port, phones_port) = (free_port(), free_port());
         let fleet = Fleet {
             api: format!("http://127.0.0.1:{api_port}"),
+            phones: format!("http://127.0.0.1:{phones_port}"),
             repo,
             state,
             project: format!("gwtest{}", std::process::id()),
@@ -45,6 +50,7 @@ impl Fleet {
             .env("COMPOSE_PROJECT_NAME", &fleet.project)
             .env("API_PORT", api_port.to_string())
             .env("PROMETHEUS_PORT", free_port().to_string())
+            .env("WA_CONTROL_PORT", phones_port.to_string())
             // The binaries this run built (the suite's build), not a second, release build.
             .env("PROFILE", "debug")
             .env("CARGO_BUILD", "0")
@@ -90,6 +96,23 @@ impl Fleet {
 
     fn try_ctl(&self, args: &[&str]) -> Result<String, String> {
         self.script("ctl", args)
+    }
+
+    /// The texts the simulated phone of `number` received from `from` (region lab).
+    async fn phone_received(&self, number: &str, from: &str) -> Vec<String> {
+        let phone: Value = reqwest::get(format!("{}/phones/{number}", self.phones))
+            .await
+            .expect("the simulated phones answer")
+            .json()
+            .await
+            .expect("json");
+        phone["received"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|r| r["from"] == from)
+            .filter_map(|r| r["text"].as_str().map(str::to_owned))
+            .collect()
     }
 
     /// `docker network disconnect|connect` of a service's container and the fleet's network.
@@ -376,6 +399,18 @@ impl Client {
         }
     }
 
+    /// Sends `text` to `to` from the session: 202.
+    async fn send(&mut self, id: &str, to: &str, text: &str) {
+        let (status, out) = self
+            .call(
+                reqwest::Method::POST,
+                &format!("/api/v1/sessions/{id}/messages"),
+                Some(json!({"to": to, "text": text})),
+            )
+            .await;
+        assert_eq!(status, 202, "{out}");
+    }
+
     async fn logout_and_delete(&mut self, id: &str) {
         let (status, out) = self
             .call(
@@ -530,6 +565,61 @@ async fn compose_fleet_pairs_a_number_and_survives_a_broker_node_stopping() {
          0 numbers connected twice",
         failed_over.as_secs_f64(),
         reconnected.as_secs_f64(),
+        api.answers
+    );
+    api.logout_and_delete(&id).await;
+
+    // Region lab: a number on the real driver (the local WhatsApp protocol server), linked by
+    // the server's simulated phone through `ctl sim scan`, moved to the region's other worker
+    // when its own restarts, and talking both ways before and after, without re-pairing.
+    let (number, contact) = ("6281600000001", "6281600000002");
+    let id = api.pair(&fleet, "gw-lab-1", number).await;
+    api.send(&id, contact, "before the move").await;
+    tests::eventually(Duration::from_secs(30), || async {
+        fleet.phone_received(contact, number).await == ["before the move"]
+    })
+    .await;
+    api.answers.clear();
+    let restarted = Instant::now();
+    fleet.compose(&["restart", "worker-lab-1"]);
+    let moved = api
+        .session_when(&id, Duration::from_secs(90), |s| {
+            s["gatewayId"] == "gw-lab-2" && s["status"] == "working"
+        })
+        .await;
+    let move_took = restarted.elapsed();
+    assert_eq!(
+        moved["waJid"],
+        format!("{number}@s.whatsapp.net"),
+        "{moved}"
+    );
+    api.send(&id, contact, "after the move").await;
+    tests::eventually(Duration::from_secs(30), || async {
+        fleet.phone_received(contact, number).await == ["before the move", "after the move"]
+    })
+    .await;
+    fleet.ctl(&[
+        "sim",
+        "message",
+        "--session",
+        &id,
+        "--from",
+        contact,
+        "--text",
+        "and back",
+    ]);
+    tests::eventually(Duration::from_secs(30), || async {
+        fleet.count(&format!(
+            "SELECT count(*) FROM events WHERE session_id = '{id}' \
+             AND type = 'message.received' AND payload->>'text' = 'and back'"
+        )) == 1
+    })
+    .await;
+    eprintln!(
+        "[compose] region lab: a real-protocol number working on gw-lab-2 {:.1} s after \
+         `restart worker-lab-1`; both messages decrypted by the contact, its answer received; \
+         answers {:?}",
+        move_took.as_secs_f64(),
         api.answers
     );
     api.logout_and_delete(&id).await;
