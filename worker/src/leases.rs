@@ -169,7 +169,7 @@ pub async fn keep(
 /// Renews the gateway's lease, then tells the actors of sessions no longer held.
 async fn renew(ctx: &Ctx, registry: &Registry) -> Renewal {
     let renewed = async {
-        let client = ctx.db.get().await?;
+        let client = ctx.lease_db.get().await?;
         let ttl = ctx.lease_ttl.as_millis() as i64;
         leases::renew(&client, &ctx.gateway_id, &ctx.instance, ttl).await
     };
@@ -190,7 +190,7 @@ async fn renew(ctx: &Ctx, registry: &Registry) -> Renewal {
 /// Tells the actors of sessions this worker no longer holds to let go.
 async fn check_held(ctx: &Ctx, registry: &Registry) -> Result<()> {
     let held = registry.held();
-    let client = ctx.db.get().await?;
+    let client = ctx.lease_db.get().await?;
     let mut lost = Vec::new();
     for chunk in held.chunks(CHECK_CHUNK) {
         let ours: HashSet<String> = leases::still_held(&client, &ctx.gateway_id, chunk)

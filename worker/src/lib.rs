@@ -38,6 +38,10 @@ use crate::{bus::Outbox, drain::Drain, driver::Driver, registry::Registry, store
 /// What every session actor shares.
 pub struct Ctx {
     pub db: Pool,
+    /// The gateway lease's own connection: its renewal never waits behind the sessions'
+    /// traffic (the real driver's key store can hold every pooled connection during a cold
+    /// start, which fenced the whole worker when the renewal queued behind it).
+    pub lease_db: Pool,
     /// Group commit for the single-statement writes every command ends with.
     pub writer: shared::db::GroupCommit,
     /// Group commit for messages' status changes and their events.
@@ -83,6 +87,7 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<()> {
         shared::telemetry::bind_metrics_listener(cfg.metrics_listen, "WORKER_METRICS_LISTEN")
             .await?;
     let reaper_db = shared::db::pool(&cfg.db.database_url, 1)?;
+    let lease_db = shared::db::pool(&cfg.db.database_url, 1)?;
 
     let instance = ulid::Ulid::new().to_string();
     gateways::register(
@@ -105,6 +110,7 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<()> {
         writer: shared::db::GroupCommit::start(db.clone()),
         statuses: store::messages::StatusWriter::start(db.clone()),
         db: db.clone(),
+        lease_db,
         driver,
         outbox: outbox.clone(),
         gateway_id: cfg.gateway_id.clone(),
