@@ -143,6 +143,47 @@ pub async fn new_sessions(api: &crate::Api, key: &str, gateway_id: &str, n: usiz
     ids
 }
 
+/// Running sessions that are `working` on one of `gateways`, connected at or after `since`;
+/// and how many running sessions there are.
+pub async fn working(env: &crate::TestEnv, gateways: &[&str], since: i64) -> (i64, i64) {
+    let gateways: Vec<String> = gateways.iter().map(|g| g.to_string()).collect();
+    let row = env
+        .db
+        .get()
+        .await
+        .expect("db")
+        .query_one(
+            "SELECT count(*) FILTER (WHERE status = 'working' AND last_connected_at >= $2 \
+             AND gateway_id = ANY($1)), count(*) FROM sessions WHERE desired_state = 'running'",
+            &[&gateways, &since],
+        )
+        .await
+        .expect("count");
+    (row.get(0), row.get(1))
+}
+
+/// Waits until every running session is working on `gateways` since `since`; the time it
+/// took from `from`.
+pub async fn until_working(
+    env: &crate::TestEnv,
+    gateways: &[&str],
+    since: i64,
+    from: Instant,
+    limit: Duration,
+) -> Duration {
+    loop {
+        let (done, total) = working(env, gateways, since).await;
+        if done == total {
+            return from.elapsed();
+        }
+        assert!(
+            from.elapsed() < limit,
+            "only {done} of {total} sessions working after {limit:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::median;

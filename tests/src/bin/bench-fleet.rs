@@ -18,7 +18,7 @@
 
 use std::time::{Duration, Instant};
 
-use tests::{TestEnv, process::WorkerProcess};
+use tests::{TestEnv, bench::until_working, process::WorkerProcess};
 
 const LEASE_TTL_MS: u64 = 5_000;
 
@@ -46,47 +46,6 @@ fn count(var: &str, default: &str) -> Vec<usize> {
         .split(',')
         .filter_map(|n| n.trim().parse().ok())
         .collect()
-}
-
-/// Running sessions that are `working` on one of `gateways`, connected at or after `since`;
-/// and how many running sessions there are.
-async fn working(env: &TestEnv, gateways: &[&str], since: i64) -> (i64, i64) {
-    let gateways: Vec<String> = gateways.iter().map(|g| g.to_string()).collect();
-    let row = env
-        .db
-        .get()
-        .await
-        .expect("db")
-        .query_one(
-            "SELECT count(*) FILTER (WHERE status = 'working' AND last_connected_at >= $2 \
-             AND gateway_id = ANY($1)), count(*) FROM sessions WHERE desired_state = 'running'",
-            &[&gateways, &since],
-        )
-        .await
-        .expect("count");
-    (row.get(0), row.get(1))
-}
-
-/// Waits until every running session is working on `gateways` since `since`; the time it
-/// took from `from`.
-async fn until_working(
-    env: &TestEnv,
-    gateways: &[&str],
-    since: i64,
-    from: Instant,
-    limit: Duration,
-) -> Duration {
-    loop {
-        let (done, total) = working(env, gateways, since).await;
-        if done == total {
-            return from.elapsed();
-        }
-        assert!(
-            from.elapsed() < limit,
-            "only {done} of {total} sessions working after {limit:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
 }
 
 /// A worker process started on a fresh gateway holding `n` paired running sessions, and the

@@ -16,7 +16,14 @@
 //! (restarted after 2 s), a restart of PostgreSQL, a restart of RabbitMQ's node. The last two
 //! restart the machine's shared servers: run it alone, with the services up and as root:
 //! `cargo build -p api -p worker --bins && cargo run -p tests --bin fault-suite`.
-//! `FAULT_LOAD_SECS` (4) is the load before and after each fault. It exits 1 when a fault
+//! `FAULT_LOAD_SECS` (4) is the load before and after each fault.
+//!
+//! `FAULT_DRIVER=whatsapp` runs the same load and faults through the real driver: the worker
+//! is the test build (`worker-wa-test-server`) against the local WhatsApp protocol server
+//! (`tests/src/wa_server/`, in this process); the numbers are paired for real by the server's
+//! phones, every message is encrypted to its recipient's phone, which decrypts it. "Sent
+//! twice" is then a text the phones received under more than one message id, and "connected
+//! twice" a device's stream replaced by a second connection of it. It exits 1 when a fault
 //! broke a promise: a command or message lost, a message sent twice, a number connected twice,
 //! an answer 5xx other than 503/504, or service not back within 10 s; `deploy/local/test` runs
 //! it after the tests, when nothing else uses the servers it restarts.
@@ -33,7 +40,8 @@ use std::{
 
 use tests::{
     TestEnv,
-    process::{ApiProcess, WorkerProcess},
+    process::{ApiProcess, WorkerProcess, wa_test_worker_binary},
+    wa_server::{Seen as ServerSaw, WaServer},
 };
 
 const SESSIONS: usize = 32;
@@ -310,18 +318,121 @@ async fn settle_messages(env: &TestEnv, keys: &[String]) -> BTreeMap<String, i64
     }
 }
 
-/// Messages the simulated WhatsApp delivered more than once (the load's texts are unique).
-async fn sent_twice(env: &TestEnv) -> i64 {
-    let client = env.db.get().await.expect("db");
-    client
-        .query_one(
-            "SELECT count(*) FROM (SELECT text FROM sim_messages GROUP BY text \
-             HAVING count(*) > 1) AS doubled",
-            &[],
-        )
-        .await
-        .expect("sim_messages")
-        .get(0)
+/// Which WhatsApp the worker talks to.
+enum WhatsApp {
+    /// The simulated driver, its server side in Postgres.
+    Sim,
+    /// The real driver against the local protocol server.
+    Real(WaServer),
+}
+
+const KEYS: &str = "fault:AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=";
+
+impl WhatsApp {
+    fn worker(&self, env: &TestEnv, gw: &str) -> WorkerProcess {
+        match self {
+            WhatsApp::Sim => {
+                WorkerProcess::spawn(env, gw, &[("SIM_CONNECT_DELAY_MS", "20".to_owned())])
+            }
+            WhatsApp::Real(server) => WorkerProcess::spawn_binary(
+                &wa_test_worker_binary(),
+                env,
+                gw,
+                &[
+                    ("WA_DRIVER", "whatsapp".to_owned()),
+                    ("CREDENTIALS_KEYS", KEYS.to_owned()),
+                    ("WA_WS_URL", server.url.clone()),
+                    ("WA_CONNECT_TIMEOUT_MS", "10000".to_owned()),
+                ],
+            ),
+        }
+    }
+
+    /// `n` numbers paired on `gw`, the `settings` statement run on their rows, and the
+    /// worker of `gw` started on them: the worker and their session ids.
+    async fn start(
+        &self,
+        env: &TestEnv,
+        gw: &str,
+        n: usize,
+        settings: &str,
+    ) -> (WorkerProcess, Vec<String>) {
+        let ids = match self {
+            WhatsApp::Sim => env.paired_sessions("org_fault", gw, n, 0).await,
+            WhatsApp::Real(server) => {
+                // Paired by a worker of their own, which then goes: the load's worker reads
+                // the settings when it takes the numbers over.
+                let _pairing = self.worker(env, gw);
+                env.wait_gateway_live(gw).await;
+                Self::pair(server, env, gw, n).await
+            }
+        };
+        env.db
+            .get()
+            .await
+            .expect("db")
+            .execute(settings, &[])
+            .await
+            .expect("settings");
+        (self.worker(env, gw), ids)
+    }
+
+    async fn pair(server: &WaServer, env: &TestEnv, gw: &str, n: usize) -> Vec<String> {
+        let api = env.start_api(|_| {}).await;
+        let key = env.api_key("org_fault", &["read", "manage"]).await;
+        let mut ids = Vec::with_capacity(n);
+        for _ in 0..n {
+            ids.push(api.session_on(&key, gw).await);
+        }
+        let linking = ids.iter().enumerate().map(|(i, id)| {
+            let phone = server.phone(&format!("6281200{i:06}"));
+            let (api, key) = (&api, &key);
+            async move {
+                phone
+                    .link_session(api, key, id, Duration::from_secs(120))
+                    .await
+            }
+        });
+        futures::future::join_all(linking).await;
+        ids
+    }
+
+    /// Messages delivered more than once (the load's texts are unique): by the simulated
+    /// WhatsApp; or texts the protocol server's phones decrypted under more than one id.
+    async fn sent_twice(&self, env: &TestEnv) -> i64 {
+        let WhatsApp::Real(server) = self else {
+            let client = env.db.get().await.expect("db");
+            return client
+                .query_one(
+                    "SELECT count(*) FROM (SELECT text FROM sim_messages GROUP BY text \
+                     HAVING count(*) > 1) AS doubled",
+                    &[],
+                )
+                .await
+                .expect("sim_messages")
+                .get(0);
+        };
+        let mut ids_by_text: BTreeMap<String, std::collections::BTreeSet<String>> = BTreeMap::new();
+        for r in server.received() {
+            ids_by_text
+                .entry(r.text.unwrap_or_default())
+                .or_default()
+                .insert(r.id);
+        }
+        ids_by_text.values().filter(|ids| ids.len() > 1).count() as i64
+    }
+
+    /// Numbers connected from two places at once so far.
+    async fn connected_twice(&self, env: &TestEnv) -> usize {
+        match self {
+            WhatsApp::Sim => env.sim_conflicts().await.len(),
+            WhatsApp::Real(server) => server
+                .seen()
+                .iter()
+                .filter(|s| matches!(s, ServerSaw::Replaced(_)))
+                .count(),
+        }
+    }
 }
 
 #[tokio::main]
@@ -334,27 +445,26 @@ async fn main() -> ExitCode {
     );
     let env = TestEnv::new().await;
     let gw = env.gateway_id("fault");
-    let mut ids = env.paired_sessions("org_fault", &gw, SESSIONS, 0).await;
-    let message_ids = ids.split_off(SESSIONS - MESSAGE_SESSIONS);
+    let whatsapp = match std::env::var("FAULT_DRIVER").as_deref() {
+        Ok("whatsapp") => WhatsApp::Real(WaServer::start().await),
+        _ => WhatsApp::Sim,
+    };
     // Limits high enough for the message load (20 a second over 8 sessions), and no "typing…"
     // (see above).
-    env.db
-        .get()
-        .await
-        .expect("db")
-        .execute(
+    let (mut worker, mut ids) = whatsapp
+        .start(
+            &env,
+            &gw,
+            SESSIONS,
             "UPDATE sessions SET rate_per_min = 1000, rate_per_hour = 60000, \
              presence_typing = false",
-            &[],
         )
-        .await
-        .expect("rates");
-    let worker_env = [("SIM_CONNECT_DELAY_MS", "20".to_owned())];
+        .await;
+    let message_ids = ids.split_off(SESSIONS - MESSAGE_SESSIONS);
     let api_env = [
         ("COMMAND_SWEEP_GRACE_MS", GRACE_MS.to_string()),
         ("COMMAND_SWEEP_INTERVAL_MS", SWEEP_INTERVAL_MS.to_string()),
     ];
-    let mut worker = WorkerProcess::spawn(&env, &gw, &worker_env);
     let mut apis = [
         ApiProcess::spawn(&env, &api_env).await,
         ApiProcess::spawn(&env, &api_env).await,
@@ -402,15 +512,15 @@ async fn main() -> ExitCode {
         let _ = load.take();
         let _ = messages.take();
         accepted.lock().expect("accepted").clear();
-        let conflicts_before = env.sim_conflicts().await.len();
-        let doubled_before = sent_twice(&env).await;
+        let conflicts_before = whatsapp.connected_twice(&env).await;
+        let doubled_before = whatsapp.sent_twice(&env).await;
         let since = shared::db::now_ms();
         tokio::time::sleep(steady).await;
         match fault {
             "worker kill -9" => {
                 worker.kill_9();
                 tokio::time::sleep(Duration::from_secs(1)).await;
-                worker = WorkerProcess::spawn(&env, &gw, &worker_env);
+                worker = whatsapp.worker(&env, &gw);
             }
             "api kill -9" => {
                 apis[0].kill_9();
@@ -453,8 +563,8 @@ async fn main() -> ExitCode {
             .iter()
             .filter_map(|s| outcomes.get(*s))
             .sum();
-        let doubled = sent_twice(&env).await - doubled_before;
-        let twice = env.sim_conflicts().await.len() - conflicts_before;
+        let doubled = whatsapp.sent_twice(&env).await - doubled_before;
+        let twice = whatsapp.connected_twice(&env).await - conflicts_before;
         let outcomes: Vec<String> = outcomes.iter().map(|(s, n)| format!("{s}: {n}")).collect();
         println!(
             "| {fault} | {} | {} | {lost} | {} | {} | {} {} | {messages_lost} | {doubled} | \
