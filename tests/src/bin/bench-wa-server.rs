@@ -11,6 +11,10 @@
 //!   `worker` binary with as many simulated sessions.
 //! - **drain**: a peer of the region started, the worker sent SIGTERM: the time until every
 //!   session works on the peer.
+//! - **messages**: `BENCH_MESSAGES` texts through the API to the peer, spread over the
+//!   sessions (rate limits raised, no "typing…"), each to one of 50 contacts: the rate at
+//!   which they end `sent` (WhatsApp took them: the real driver encrypts each, after fetching
+//!   the contact's devices and keys for a new chat, and writes its Signal state to Postgres).
 //!
 //! Run with the services up, in release: `cargo build --release --bin worker && cargo build
 //! --release -p worker -p tests --features worker/wa-test-server --bin worker-wa-test-server
@@ -138,6 +142,7 @@ struct Figures {
     kib_per_session: f64,
     tasks_per_session: f64,
     drain: Duration,
+    messages_per_sec: f64,
 }
 
 /// Cold start, idle footprint and drain of the sessions on `gateway` (region `bench`),
@@ -167,6 +172,18 @@ async fn measure(
     tokio::time::sleep(idle).await;
     let (rss1, tasks1) = second.footprint().await;
 
+    // The peer reads the sessions' settings when it takes them: raised for the messages.
+    env.db
+        .get()
+        .await
+        .expect("db")
+        .execute(
+            "UPDATE sessions SET rate_per_min = 1000000, rate_per_hour = 10000000, \
+             presence_typing = false",
+            &[],
+        )
+        .await
+        .expect("rates");
     let peer = env.gateway_id("bench");
     let _peer = start(env, &peer, server);
     env.wait_gateway_live(&peer).await;
@@ -174,11 +191,68 @@ async fn measure(
     let started = Instant::now();
     second.worker.sigterm();
     let drain = until_working(env, &[&peer], since, started, LIMIT).await;
+    let messages_per_sec = messages(env).await;
     Figures {
         cold_start,
         kib_per_session: rss1.saturating_sub(rss0) as f64 / 1024.0 / n as f64,
         tasks_per_session: (tasks1 - tasks0) / n as f64,
         drain,
+        messages_per_sec,
+    }
+}
+
+/// Sends `BENCH_MESSAGES` texts through an api, 32 at a time, over every session: answers
+/// how many per second ended `sent` (or later), from the first request to the last.
+async fn messages(env: &TestEnv) -> f64 {
+    let m = env_or("BENCH_MESSAGES", 2000) as usize;
+    let api = env.start_api(|_| {}).await;
+    let key = env.api_key("org_bench", &["read", "manage"]).await;
+    let ids: Vec<String> = env
+        .db
+        .get()
+        .await
+        .expect("db")
+        .query("SELECT id FROM sessions ORDER BY id", &[])
+        .await
+        .expect("sessions")
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let started = Instant::now();
+    futures::stream::iter(0..m)
+        .for_each_concurrent(32, |i| {
+            let (api, key, id) = (&api, &key, &ids[i % ids.len()]);
+            async move {
+                let body = serde_json::json!({
+                    "to": format!("+1666{:07}", i % 50),
+                    "text": format!("bench message {i}"),
+                });
+                api.post(&format!("/api/v1/sessions/{id}/messages"), key, Some(&body))
+                    .await
+                    .assert_status(202);
+            }
+        })
+        .await;
+    loop {
+        let row = env
+            .db
+            .get()
+            .await
+            .expect("db")
+            .query_one(
+                "SELECT count(*) FILTER (WHERE status IN ('sent', 'delivered', 'read')), \
+                 count(*) FILTER (WHERE status = 'failed') FROM messages",
+                &[],
+            )
+            .await
+            .expect("messages");
+        let (sent, failed): (i64, i64) = (row.get(0), row.get(1));
+        assert_eq!(failed, 0, "messages failed");
+        if sent as usize >= m {
+            return m as f64 / started.elapsed().as_secs_f64();
+        }
+        assert!(started.elapsed() < LIMIT, "only {sent} of {m} sent");
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 
@@ -241,5 +315,11 @@ async fn main() {
         real.drain.as_secs_f64(),
         sim.drain.as_secs_f64(),
         "s",
+    );
+    row(
+        "messages through one worker until `sent`",
+        real.messages_per_sec,
+        sim.messages_per_sec,
+        "/s",
     );
 }
