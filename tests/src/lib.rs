@@ -851,6 +851,25 @@ impl Api {
         s["id"].as_str().expect("id").to_owned()
     }
 
+    /// The session's pairing QR code, as an operator reads it off `GET …/qr` (which starts
+    /// pairing: 404 until the first code is ready); panics after `limit`.
+    pub async fn qr_code(&self, token: &str, id: &str, limit: Duration) -> String {
+        let path = format!("/api/v1/sessions/{id}/qr");
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            let r = self.get(&path, token).await;
+            if r.status == 200 {
+                return r.body["qr"].as_str().expect("a QR code").to_owned();
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "no QR code for {id} within {limit:?}: {}",
+                r.body
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
     /// Polls a session until `pred` holds (or panics after 10 s).
     pub async fn wait_session(
         &self,

@@ -122,15 +122,9 @@ async fn pair(
     let key = env.api_key("org_bench", &["read", "manage"]).await;
     let ids = tests::bench::new_sessions(&api, &key, gateway, n).await;
     let started = Instant::now();
-    futures::stream::iter(ids.iter().enumerate())
-        .for_each_concurrent(at_once, |(i, id)| {
-            let (api, key) = (&api, &key);
-            async move {
-                server
-                    .phone(&format!("1555{i:07}"))
-                    .link_session(api, key, id, Duration::from_secs(300))
-                    .await;
-            }
+    server
+        .link_sessions(&api, &key, &ids, at_once, Duration::from_secs(300), |i| {
+            format!("1555{i:07}")
         })
         .await;
     api.shutdown.cancel();

@@ -380,20 +380,12 @@ impl WhatsApp {
     async fn pair(server: &WaServer, env: &TestEnv, gw: &str, n: usize) -> Vec<String> {
         let api = env.start_api(|_| {}).await;
         let key = env.api_key("org_fault", &["read", "manage"]).await;
-        let mut ids = Vec::with_capacity(n);
-        for _ in 0..n {
-            ids.push(api.session_on(&key, gw).await);
-        }
-        let linking = ids.iter().enumerate().map(|(i, id)| {
-            let phone = server.phone(&format!("6281200{i:06}"));
-            let (api, key) = (&api, &key);
-            async move {
-                phone
-                    .link_session(api, key, id, Duration::from_secs(120))
-                    .await
-            }
-        });
-        futures::future::join_all(linking).await;
+        let ids = tests::bench::new_sessions(&api, &key, gw, n).await;
+        server
+            .link_sessions(&api, &key, &ids, n, Duration::from_secs(120), |i| {
+                format!("6281200{i:06}")
+            })
+            .await;
         ids
     }
 

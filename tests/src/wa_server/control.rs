@@ -159,9 +159,8 @@ async fn message(
     Path(number): Path<String>,
     Json(body): Json<Text>,
 ) -> Answer {
-    let to: String = body.to.chars().filter(char::is_ascii_digit).collect();
     let id = Phone::of(shared, &number)
-        .send_text(&to, &body.text)
+        .send_text(&super::digits(&body.to), &body.text)
         .map_err(unprocessable)?;
     Ok(Json(json!({ "id": id })))
 }
@@ -176,8 +175,7 @@ async fn read(
     Path(number): Path<String>,
     Json(body): Json<Read>,
 ) -> Json<Value> {
-    let from: String = body.from.chars().filter(char::is_ascii_digit).collect();
-    Phone::of(shared, &number).read(&from);
+    Phone::of(shared, &number).read(&super::digits(&body.from));
     Json(json!({}))
 }
 

@@ -141,6 +141,11 @@ impl Account {
     }
 }
 
+/// The digits of a phone number as typed (`+62 811…`): how accounts are named.
+fn digits(number: &str) -> String {
+    number.chars().filter(char::is_ascii_digit).collect()
+}
+
 /// An observation for tests: what the server saw happen.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Seen {
@@ -289,6 +294,28 @@ impl WaServer {
             .values()
             .flat_map(|a| a.received.iter().cloned())
             .collect()
+    }
+
+    /// Links every session of `ids`, the `i`-th by the phone of `number(i)`, as its operator
+    /// would ([`Phone::link_session`], each step within `limit`), `at_once` at a time.
+    pub async fn link_sessions(
+        &self,
+        api: &crate::Api,
+        key: &str,
+        ids: &[String],
+        at_once: usize,
+        limit: std::time::Duration,
+        number: impl Fn(usize) -> String,
+    ) {
+        use futures::StreamExt;
+        futures::stream::iter(ids.iter().enumerate())
+            .for_each_concurrent(at_once, |(i, id)| {
+                let phone = self.phone(&number(i));
+                async move {
+                    phone.link_session(api, key, id, limit).await;
+                }
+            })
+            .await;
     }
 
     /// What the server saw so far.

@@ -27,7 +27,7 @@ pub struct Phone {
 
 impl Phone {
     pub(super) fn of(shared: Arc<Shared>, number: &str) -> Phone {
-        let number: String = number.chars().filter(char::is_ascii_digit).collect();
+        let number = super::digits(number);
         shared
             .state()
             .accounts
@@ -76,20 +76,7 @@ impl Phone {
         id: &str,
         limit: Duration,
     ) -> String {
-        let path = format!("/api/v1/sessions/{id}/qr");
-        let deadline = tokio::time::Instant::now() + limit;
-        let qr = loop {
-            let r = api.get(&path, key).await;
-            if r.status == 200 {
-                break r.body["qr"].as_str().expect("a QR code").to_owned();
-            }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "no QR code for {id} within {limit:?}: {}",
-                r.body
-            );
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        };
+        let qr = api.qr_code(key, id, limit).await;
         let device = self.scan(&qr).await.expect("the phone links the device");
         api.wait_session_within(key, id, "working", limit, |s| s["status"] == "working")
             .await;

@@ -52,13 +52,7 @@ async fn test_worker_with(env: &TestEnv, settings: &[(&str, String)]) -> (String
 
 /// The pairing QR code, as an operator's phone reads it off `GET …/qr`.
 async fn qr_code(api: &Api, key: &str, id: &str) -> String {
-    let path = format!("/api/v1/sessions/{id}/qr");
-    tests::eventually(Duration::from_secs(15), || async {
-        api.get(&path, key).await.status == 200
-    })
-    .await;
-    let r = api.get(&path, key).await.assert_status(200).clone();
-    r["qr"].as_str().expect("qr").to_owned()
+    api.qr_code(key, id, Duration::from_secs(15)).await
 }
 
 fn working(s: &Value) -> bool {

@@ -88,7 +88,7 @@ pub fn parse_version(s: &str) -> Result<(u32, u32, u32), String> {
 struct Forward {
     events: mpsc::UnboundedSender<DriverEvent>,
     up: watch::Sender<bool>,
-    shown: phones::SharedShown,
+    shown: phones::Shown,
 }
 
 impl EventHandler for Forward {
@@ -100,7 +100,7 @@ impl EventHandler for Forward {
                 self.up.send_replace(false);
             }
             if let DriverEvent::Qr { code, .. } = &mapped {
-                self.shown.lock().unwrap_or_else(|e| e.into_inner()).qr = Some(code.clone());
+                self.shown.qr(code);
             }
             let _ = self.events.send(mapped);
         }
@@ -158,7 +158,7 @@ impl WhatsAppDriver {
         }
         let (transport, attempts) = transport::WatchedTransports::new(transport);
         let (up, up_rx) = watch::channel(false);
-        let shown = phones::SharedShown::default();
+        let shown = phones::Shown::default();
         let bot = Bot::builder()
             .with_backend_arc(backend)
             .with_transport_factory(transport)
@@ -254,7 +254,7 @@ struct WhatsAppConnection {
     connect_timeout: Duration,
     closed: CancellationToken,
     sim_control_url: Option<String>,
-    shown: phones::SharedShown,
+    shown: phones::Shown,
 }
 
 impl WhatsAppConnection {
@@ -269,6 +269,7 @@ impl WhatsAppConnection {
 #[async_trait]
 impl Connection for WhatsAppConnection {
     async fn request_pairing_code(&mut self, phone_number: &str) -> Result<String, DriverError> {
+        let number = phone_number.trim_start_matches('+');
         let client = self.client()?;
         // The code can only be asked for over an open stream.
         let opened = async {
@@ -286,16 +287,13 @@ impl Connection for WhatsAppConnection {
         }
         client
             .pair_with_code(PairCodeOptions {
-                phone_number: phone_number.trim_start_matches('+').to_owned(),
+                phone_number: number.to_owned(),
                 ..PairCodeOptions::default()
             })
             .await
             .map(|code| {
                 let code = format_code(&code);
-                self.shown.lock().unwrap_or_else(|e| e.into_inner()).code = Some((
-                    phone_number.trim_start_matches('+').to_owned(),
-                    code.clone(),
-                ));
+                self.shown.code(number, &code);
                 code
             })
             .map_err(|e| DriverError::Refused(format!("WhatsApp refused a pairing code: {e}")))

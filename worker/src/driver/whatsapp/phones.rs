@@ -14,21 +14,36 @@ use whatsapp_rust::http::UreqHttpClient;
 
 use super::super::{DriverError, SimAction};
 
-/// What a connection shows a phone that would link it.
-#[derive(Default)]
-pub struct Shown {
+/// What a connection shows a phone that would link it, shared with its event handler.
+#[derive(Clone, Default)]
+pub struct Shown(Arc<Mutex<Showing>>);
+
+#[derive(Clone, Default)]
+struct Showing {
     /// The QR code on screen.
-    pub qr: Option<String>,
+    qr: Option<String>,
     /// A pairing code asked for: (phone number, code).
-    pub code: Option<(String, String)>,
+    code: Option<(String, String)>,
 }
 
-pub type SharedShown = Arc<Mutex<Shown>>;
+impl Shown {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Showing> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn qr(&self, qr: &str) {
+        self.lock().qr = Some(qr.to_owned());
+    }
+
+    pub fn code(&self, phone_number: &str, code: &str) {
+        self.lock().code = Some((phone_number.to_owned(), code.to_owned()));
+    }
+}
 
 /// The phone behind `device`, this connection's own JID when linked (`None` before).
 pub struct Phones<'a> {
     pub url: &'a str,
-    pub shown: &'a SharedShown,
+    pub shown: &'a Shown,
     pub device: Option<whatsapp_rust::Jid>,
 }
 
@@ -37,10 +52,7 @@ impl Phones<'_> {
         match action {
             SimAction::Scan { phone_number } => {
                 let number = digits(&phone_number);
-                let (qr, code) = {
-                    let shown = self.shown.lock().unwrap_or_else(|e| e.into_inner());
-                    (shown.qr.clone(), shown.code.clone())
-                };
+                let Showing { qr, code } = self.shown.lock().clone();
                 match (code, qr) {
                     (Some((for_number, code)), _) if for_number == number => {
                         self.post(&format!("phones/{number}/code"), json!({ "code": code }))
