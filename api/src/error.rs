@@ -118,9 +118,39 @@ impl From<QueryRejection> for ApiError {
 pub struct ApiJson<T>(pub T);
 
 /// `axum::extract::Query` whose rejections are the documented envelope.
-#[derive(Debug, FromRequestParts)]
-#[from_request(via(axum::extract::Query), rejection(ApiError))]
+///
+/// A NUL (`%00`) in any parameter is refused here, once for every route: Postgres cannot
+/// store or compare it in text, so it would otherwise surface as an opaque 500.
+#[derive(Debug)]
 pub struct ApiQuery<T>(pub T);
+
+impl<T, S> FromRequestParts<S> for ApiQuery<T>
+where
+    T: serde::de::DeserializeOwned,
+    S: Send + Sync,
+{
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        state: &S,
+    ) -> Result<Self, Self::Rejection> {
+        if has_nul(parts.uri.query().unwrap_or_default()) {
+            return Err(ApiError(Error::new(
+                ErrorCode::InvalidArgument,
+                "query parameters must not contain NUL (%00)",
+            )));
+        }
+        let axum::extract::Query(q) =
+            axum::extract::Query::from_request_parts(parts, state).await?;
+        Ok(ApiQuery(q))
+    }
+}
+
+/// Whether a raw query string decodes to a NUL anywhere (`%00`, any case).
+fn has_nul(query: &str) -> bool {
+    query.as_bytes().windows(3).any(|w| w == b"%00")
+}
 
 /// The answer for a route that does not exist.
 pub async fn no_route() -> ApiError {

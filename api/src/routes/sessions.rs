@@ -206,6 +206,9 @@ pub async fn list(
                 .ok_or_else(|| Error::invalid_field("status", format!("unknown status '{s}'")))
         })
         .transpose()?;
+    if let Some(gw) = &q.gateway_id {
+        session::validate_gateway_id(gw)?;
+    }
     let client = state.db.get().await?;
     let mut sessions = store::sessions::list(
         &client,
