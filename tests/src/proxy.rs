@@ -55,6 +55,22 @@ impl Proxy {
         }
     }
 
+    /// A proxy to the server of a `postgres://` or `amqp://` URL (its host and port).
+    pub async fn to_url(url: &str) -> Proxy {
+        let url = url::Url::parse(url).expect("url");
+        let target = format!(
+            "{}:{}",
+            url.host_str().expect("host"),
+            url.port_or_known_default().unwrap_or(5432)
+        );
+        let target = tokio::net::lookup_host(target)
+            .await
+            .expect("resolve")
+            .next()
+            .expect("an address");
+        Proxy::start(target).await
+    }
+
     /// Closes every connection through the proxy and refuses new ones.
     pub fn cut(&self) {
         self.cut.store(true, Ordering::SeqCst);

@@ -37,15 +37,25 @@ const PAGE: i64 = 2_000;
 const CHECK_CHUNK: usize = 10_000;
 
 /// Claims the running sessions of this gateway (`whose` decides which) and starts their
-/// actors; answers how many actors were started.
+/// actors; answers how many actors were started. Sessions with a running actor are left to
+/// it: claiming them would void the lease it holds.
 pub async fn claim(ctx: &Ctx, registry: &Registry, whose: Whose) -> Result<usize> {
     let mut after = String::new();
     let mut started = 0;
+    let running = registry.running();
     loop {
         let page = {
             let client = ctx.db.get().await?;
-            leases::claim_running(&client, &ctx.gateway_id, &ctx.instance, whose, &after, PAGE)
-                .await?
+            leases::claim_running(
+                &client,
+                &ctx.gateway_id,
+                &ctx.instance,
+                whose,
+                &after,
+                PAGE,
+                &running,
+            )
+            .await?
         };
         let full = page.len() as i64 == PAGE;
         if let Some(last) = page.last() {
@@ -123,7 +133,10 @@ pub async fn keep(
             match tokio::time::timeout_at(deadline, renew(&ctx, &registry)).await {
                 Ok(Renewal::Held) => {
                     valid_until = sent + ttl;
-                    if fenced && registry.held().is_empty() {
+                    // Once every actor told to let go has ended (their sessions are then
+                    // free to claim); actors that commands started since hold fresh leases
+                    // of their own and are left alone.
+                    if fenced && !registry.letting_go() {
                         match claim(&ctx, &registry, Whose::Any).await {
                             Ok(n) => {
                                 tracing::info!(

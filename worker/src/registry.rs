@@ -181,6 +181,23 @@ impl Registry {
             .collect()
     }
 
+    /// The sessions of every live actor, claimed or still claiming.
+    pub fn running(&self) -> Vec<String> {
+        let actors = self.actors();
+        actors
+            .iter()
+            .filter(|(_, h)| h.is_live())
+            .map(|(id, _)| id.clone())
+            .collect()
+    }
+
+    /// Whether an actor told its lease was lost is still running (it ends shortly).
+    pub fn letting_go(&self) -> bool {
+        self.actors()
+            .values()
+            .any(|h| h.is_live() && h.lease.lost.is_cancelled())
+    }
+
     pub fn holds(&self, session_id: &str) -> bool {
         self.actors().get(session_id).is_some_and(Handle::is_live)
     }

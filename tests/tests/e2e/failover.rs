@@ -324,35 +324,31 @@ async fn a_worker_that_cannot_start_fails_before_it_claims_the_gateway() {
     drop(live);
 }
 
-#[tokio::test]
-async fn a_worker_fenced_by_a_postgres_outage_waits_without_spinning_and_comes_back() {
-    let env = TestEnv::new().await;
+/// A worker process of a new gateway holding 10 sessions, reaching Postgres through a proxy
+/// that is then cut: answered once the worker has fenced itself (its lease, 2 s, could
+/// lapse).
+async fn fenced_worker(env: &TestEnv) -> (String, Vec<String>, tests::proxy::Proxy, WorkerProcess) {
     let a = env.gateway_id("sg");
-    env.paired_sessions("org_a", &a, 10, 0).await;
-    let url = url::Url::parse(&env.database_url).expect("url");
-    let target = format!(
-        "{}:{}",
-        url.host_str().expect("host"),
-        url.port().unwrap_or(5432)
-    );
-    let target = tokio::net::lookup_host(target)
-        .await
-        .expect("resolve")
-        .next()
-        .expect("an address");
-    let proxy = tests::proxy::Proxy::start(target).await;
+    let ids = env.paired_sessions("org_a", &a, 10, 0).await;
+    let proxy = tests::proxy::Proxy::to_url(&env.database_url).await;
     let worker = resumed_process(
-        &env,
+        env,
         &a,
         &[("DATABASE_URL", proxy.url_through(&env.database_url))],
     )
     .await;
     proxy.cut();
-    // Fenced once the lease (2 s) could lapse.
     tests::eventually(Duration::from_secs(10), || async {
         worker.logged().contains("could not be renewed in time")
     })
     .await;
+    (a, ids, proxy, worker)
+}
+
+#[tokio::test]
+async fn a_worker_fenced_by_a_postgres_outage_waits_without_spinning_and_comes_back() {
+    let env = TestEnv::new().await;
+    let (a, _, proxy, worker) = fenced_worker(&env).await;
     let before = worker.cpu_time().expect("cpu");
     tokio::time::sleep(Duration::from_secs(3)).await;
     let used = worker.cpu_time().expect("cpu") - before;
@@ -369,6 +365,44 @@ async fn a_worker_fenced_by_a_postgres_outage_waits_without_spinning_and_comes_b
         "working again after the outage",
         |p| working_on(p, &[&a], back),
     )
+    .await;
+}
+
+/// A fenced worker reclaims its sessions once Postgres is back, even while commands keep
+/// starting actors of their own: those used to keep it from ever reclaiming the rest.
+#[tokio::test]
+async fn a_fenced_worker_reclaims_its_sessions_while_commands_keep_arriving() {
+    let env = TestEnv::new().await;
+    let (a, ids, proxy, _worker) = fenced_worker(&env).await;
+    let api = env.start_api(|_| {}).await;
+    let key = env.api_key("org_a", &["read", "manage"]).await;
+    // `:restart` of one session, again and again, through the outage and after it: each
+    // starts (or reaches) an actor of its own, which claims its session when it can.
+    let restart = format!("/api/v1/sessions/{}:restart", ids[0]);
+    let keep_restarting = async {
+        loop {
+            drop(api.post_in_background(&restart, &key)); // answered or not, it goes on
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    };
+    let back = shared::db::now_ms() + 1_000;
+    let outage_ends = async {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        proxy.restore();
+        env.all_sessions(
+            Duration::from_secs(20),
+            "the others working again after the outage, commands or not",
+            |p| p.id == ids[0] || working_on(p, &[&a], back),
+        )
+        .await;
+    };
+    tokio::select! {
+        () = keep_restarting => {}
+        () = outage_ends => {}
+    }
+    env.all_sessions(Duration::from_secs(10), "all working", |p| {
+        working_on(p, &[&a], back)
+    })
     .await;
 }
 

@@ -241,17 +241,7 @@ async fn the_openapi_document_states_401_403_and_429_on_every_operation() {
 async fn made_up_keys_cost_no_lookup_and_a_failing_address_is_refused_before_authentication() {
     const BURST: u32 = 8;
     let env = TestEnv::new().await;
-    let url = url::Url::parse(&env.api_database_url).expect("url");
-    let target = tokio::net::lookup_host(format!(
-        "{}:{}",
-        url.host_str().expect("host"),
-        url.port().unwrap_or(5432)
-    ))
-    .await
-    .expect("resolve")
-    .next()
-    .expect("an address");
-    let proxy = tests::proxy::Proxy::start(target).await;
+    let proxy = tests::proxy::Proxy::to_url(&env.api_database_url).await;
     let database_url = proxy.url_through(&env.api_database_url);
     let api = env
         .start_api(|c| {

@@ -35,7 +35,7 @@ async fn a_bulk_claim_takes_at_most_its_page_under_any_plan() {
     let client = nested_loops_only(&env).await;
     for whose in [Whose::Any, Whose::Unheld] {
         let instance = format!("{whose:?}");
-        let page = leases::claim_running(&client, &gw, &instance, whose, "", LIMIT)
+        let page = leases::claim_running(&client, &gw, &instance, whose, "", LIMIT, &[])
             .await
             .expect("claim");
         assert_eq!(page.len() as i64, LIMIT, "{whose:?}");

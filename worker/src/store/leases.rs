@@ -82,7 +82,8 @@ pub enum Whose {
 
 /// Claims for this process (`instance`), in id order after `after`, up to `limit` sessions
 /// of the gateway whose owner wants them running; one being written at this moment is left
-/// to the next round.
+/// to the next round. Never those in `skip`: sessions whose actor this process runs now
+/// (started by a command after a fence), which a claim would take from under it.
 ///
 /// The rows to take are picked in a `MATERIALIZED` CTE, run once: as a sub-select inside
 /// `IN (…)` the planner may run it again per outer row on rows without statistics (a fresh
@@ -95,12 +96,13 @@ pub async fn claim_running(
     whose: Whose,
     after: &str,
     limit: i64,
+    skip: &[String],
 ) -> Result<Vec<Claimed>> {
     let stmt = db
         .prepare_cached(&format!(
             "WITH picked AS MATERIALIZED (SELECT id FROM sessions WHERE gateway_id = $1 \
                AND desired_state = 'running' AND id > $3 \
-               AND ($2 OR lease_holder IS NULL) \
+               AND ($2 OR lease_holder IS NULL) AND id <> ALL($6::text[]) \
                ORDER BY id LIMIT $4 FOR UPDATE SKIP LOCKED) \
              UPDATE sessions SET lease_epoch = lease_epoch + 1, lease_holder = $5 \
              WHERE id IN (SELECT id FROM picked) \
@@ -110,7 +112,10 @@ pub async fn claim_running(
         .await?;
     let any = whose == Whose::Any;
     let rows = db
-        .query(&stmt, &[&gateway_id, &any, &after, &limit, &instance])
+        .query(
+            &stmt,
+            &[&gateway_id, &any, &after, &limit, &instance, &skip],
+        )
         .await?;
     let mut claimed: Vec<Claimed> = rows.iter().map(claimed).collect();
     claimed.sort_by(|a, b| a.session.id.cmp(&b.session.id));
