@@ -1,5 +1,7 @@
-//! The message resource: a text a session sends, queued in Postgres and sent by the session's
-//! worker within the session's rate limits. Validation of what callers may send lives here.
+//! The message resource: what a session sends, queued in Postgres and sent by the session's
+//! worker within the session's rate limits, and what it receives. [`Content`] is the one
+//! model of what a message says, from the api through the queue and the drivers to the
+//! events. Validation of what callers may send lives here.
 
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
@@ -8,6 +10,10 @@ use crate::error::{Error, Result};
 
 /// The longest text a message may carry, in characters.
 pub const TEXT_MAX_CHARS: usize = 4_096;
+/// The longest name or address of a location, in characters.
+pub const PLACE_MAX_CHARS: usize = 1_000;
+/// The longest contact card (vCard), in bytes.
+pub const VCARD_MAX_BYTES: usize = 16_384;
 /// The longest idempotency key, in characters.
 pub const IDEMPOTENCY_KEY_MAX_CHARS: usize = 128;
 
@@ -51,6 +57,205 @@ impl MessageStatus {
     }
 }
 
+/// What a message says: its `type` and, under a key of the same name, that type's content,
+/// in the shape of Meta's Cloud API (`{"type": "location", "location": {…}}`); a text is
+/// `{"type": "text", "text": "…"}`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Content {
+    Text {
+        /// 1–4096 characters.
+        text: String,
+    },
+    Location {
+        location: Location,
+    },
+    Contact {
+        contact: ContactCard,
+    },
+    Reaction {
+        reaction: Reaction,
+    },
+}
+
+/// The types of [`Content`], as `type` names them.
+pub const CONTENT_TYPES: [&str; 4] = ["text", "location", "contact", "reaction"];
+
+/// A point on the map, with an optional name and address.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Location {
+    #[schema(minimum = -90, maximum = 90)]
+    pub latitude: f64,
+    #[schema(minimum = -180, maximum = 180)]
+    pub longitude: f64,
+    /// Up to 1000 characters.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(max_length = 1000)]
+    pub name: Option<String>,
+    /// Up to 1000 characters.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(max_length = 1000)]
+    pub address: Option<String>,
+}
+
+/// A contact card: a vCard (`BEGIN:VCARD` … `END:VCARD`) and the name to show for it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ContactCard {
+    /// Up to 16 KiB.
+    #[schema(
+        example = "BEGIN:VCARD\nVERSION:3.0\nFN:Ana\nTEL;waid=6281234567890:+62 812-3456-7890\nEND:VCARD"
+    )]
+    pub vcard: String,
+    /// The name shown; from the card's `FN` when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(max_length = 1000)]
+    pub name: Option<String>,
+}
+
+/// An emoji on a message of the same chat; an empty `emoji` takes the reaction back.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Reaction {
+    /// Our id of the message reacted to (sent or received by the session).
+    pub message_id: String,
+    /// One emoji, or empty.
+    #[schema(max_length = 32)]
+    pub emoji: String,
+}
+
+impl Content {
+    /// The content's `type`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Content::Text { .. } => "text",
+            Content::Location { .. } => "location",
+            Content::Contact { .. } => "contact",
+            Content::Reaction { .. } => "reaction",
+        }
+    }
+
+    /// The text of a text message; "" for the other types.
+    pub fn text(&self) -> &str {
+        match self {
+            Content::Text { text } => text,
+            _ => "",
+        }
+    }
+
+    /// The message another one of the session refers to, by our id (a reaction's).
+    pub fn refers_to(&self) -> Option<&str> {
+        match self {
+            Content::Reaction { reaction } => Some(&reaction.message_id),
+            _ => None,
+        }
+    }
+
+    /// Checks what a caller may send; the errors name the field as the caller wrote it.
+    pub fn validate(&self) -> Result<()> {
+        match self {
+            Content::Text { text } => validate_text(text),
+            Content::Location { location } => location.validate(),
+            Content::Contact { contact } => contact.validate(),
+            Content::Reaction { reaction } => reaction.validate(),
+        }
+    }
+
+    /// The content of a row of `messages`: its `content` column, or, for rows written before
+    /// it (texts only), the `text` column.
+    pub fn from_columns(content: Option<serde_json::Value>, text: String) -> Content {
+        content
+            .and_then(|c| serde_json::from_value(c).ok())
+            .unwrap_or(Content::Text { text })
+    }
+}
+
+fn validate_place(field: &str, v: Option<&String>) -> Result<()> {
+    match v {
+        Some(v) if v.chars().count() > PLACE_MAX_CHARS || v.contains('\0') => {
+            Err(Error::invalid_field(
+                field,
+                format!("{field} must be at most {PLACE_MAX_CHARS} characters, without NUL"),
+            ))
+        }
+        _ => Ok(()),
+    }
+}
+
+impl Location {
+    fn validate(&self) -> Result<()> {
+        if !(-90.0..=90.0).contains(&self.latitude) {
+            return Err(Error::invalid_field(
+                "location.latitude",
+                "location.latitude must be between -90 and 90",
+            ));
+        }
+        if !(-180.0..=180.0).contains(&self.longitude) {
+            return Err(Error::invalid_field(
+                "location.longitude",
+                "location.longitude must be between -180 and 180",
+            ));
+        }
+        validate_place("location.name", self.name.as_ref())?;
+        validate_place("location.address", self.address.as_ref())
+    }
+}
+
+impl ContactCard {
+    fn validate(&self) -> Result<()> {
+        let card = self.vcard.trim();
+        let upper = card.to_ascii_uppercase();
+        if !upper.starts_with("BEGIN:VCARD") || !upper.ends_with("END:VCARD") {
+            return Err(Error::invalid_field(
+                "contact.vcard",
+                "contact.vcard must be a vCard, from BEGIN:VCARD to END:VCARD",
+            ));
+        }
+        if self.vcard.len() > VCARD_MAX_BYTES || self.vcard.contains('\0') {
+            return Err(Error::invalid_field(
+                "contact.vcard",
+                format!("contact.vcard must be at most {VCARD_MAX_BYTES} bytes, without NUL"),
+            ));
+        }
+        validate_place("contact.name", self.name.as_ref())
+    }
+
+    /// The name to show: `name`, else the card's `FN`, else "".
+    pub fn display_name(&self) -> String {
+        self.name.clone().unwrap_or_else(|| {
+            self.vcard
+                .lines()
+                .find_map(|l| {
+                    let (key, value) = l.split_once(':')?;
+                    key.split(';')
+                        .next()
+                        .is_some_and(|k| k.eq_ignore_ascii_case("FN"))
+                        .then(|| value.trim().to_owned())
+                })
+                .unwrap_or_default()
+        })
+    }
+}
+
+impl Reaction {
+    fn validate(&self) -> Result<()> {
+        if ulid::Ulid::from_string(&self.message_id).is_err() {
+            return Err(Error::invalid_field(
+                "reaction.messageId",
+                "reaction.messageId must be the id of a message of this session",
+            ));
+        }
+        if self.emoji.chars().count() > 32 || self.emoji.chars().any(char::is_control) {
+            return Err(Error::invalid_field(
+                "reaction.emoji",
+                "reaction.emoji must be one emoji (at most 32 characters), or empty to take the reaction back",
+            ));
+        }
+        Ok(())
+    }
+}
+
 /// An outgoing message as the API shows it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
@@ -60,7 +265,11 @@ pub struct Message {
     pub session_id: String,
     /// The recipient's JID (`<digits>@s.whatsapp.net` for a phone number).
     pub to: String,
-    pub text: String,
+    #[serde(flatten)]
+    pub content: Content,
+    /// Our id of the message this one quotes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reply_to: Option<String>,
     pub status: MessageStatus,
     /// Epoch milliseconds.
     pub created_at: i64,
@@ -111,6 +320,9 @@ pub fn normalize_recipient(to: &str) -> Result<String> {
 pub fn validate_text(text: &str) -> Result<()> {
     if text.trim().is_empty() {
         return Err(Error::invalid_field("text", "text must not be empty"));
+    }
+    if text.contains('\0') {
+        return Err(Error::invalid_field("text", "text must not contain NUL"));
     }
     if text.chars().count() > TEXT_MAX_CHARS {
         return Err(Error::invalid_field(

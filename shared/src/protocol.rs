@@ -151,10 +151,15 @@ pub enum EventKind {
     MessageReceived {
         /// Our id of the stored message.
         message_id: String,
-        /// The sender's JID, the chat's (the sender's own, or a group), and the text.
+        /// The sender's JID, the chat's (the sender's own, or a group), and the text (""
+        /// for what is not a text).
         from: String,
         chat: String,
         text: String,
+        /// What it says: its `type` and that type's content. Absent from events stored
+        /// before it was (texts only).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        content: Option<crate::message::Content>,
         /// When it was sent, epoch milliseconds.
         timestamp: i64,
     },

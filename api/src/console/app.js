@@ -178,6 +178,17 @@ function liveBadge() {
   return el;
 }
 
+// What a message says, in a line: its text, or its type and the gist of its content.
+function summary(m) {
+  switch (m.type) {
+    case 'location': return '📍 ' + [m.location.name, m.location.address].filter(Boolean).join(', ') +
+      ' (' + m.location.latitude + ', ' + m.location.longitude + ')';
+    case 'contact': return '👤 ' + (m.contact.name || 'contact card');
+    case 'reaction': return (m.reaction.emoji || 'reaction removed') + ' on ' + m.reaction.messageId;
+    default: return m.text;
+  }
+}
+
 function describe(ev) {
   switch (ev.type) {
     case 'auth.qr': return 'new QR code, valid until ' + clock(ev.expiresAt);
@@ -186,7 +197,7 @@ function describe(ev) {
       return 'status ' + ev.status + (ev.statusReason ? ' (' + ev.statusReason.replace(/_/g, ' ') + ')' : '');
     case 'session.deleted': return 'session deleted';
     case 'message.status': return 'message ' + ev.messageId + ' ' + ev.status + (ev.error ? ': ' + ev.error : '');
-    case 'message.received': return 'message from ' + ev.from + ': ' + ev.text;
+    case 'message.received': return 'message from ' + ev.from + ': ' + summary(ev.content || ev);
     default: return ev.type;
   }
 }
@@ -550,7 +561,7 @@ async function messagesPage(signal, id) {
     try {
       const r = await api('GET', sessionPath(id) + '/messages?pageSize=50', undefined, { signal });
       list.replaceChildren(...r.messages.map((m) => h('tr', {},
-        h('td', {}, m.to), h('td', {}, m.text),
+        h('td', {}, m.to), h('td', {}, summary(m)),
         h('td', {}, h('span', { class: 'status ' + m.status }, m.status), m.error ? h('span', { class: 'reason' }, m.error) : null),
         h('td', { class: 'wide' }, time(m.createdAt)))));
     } catch (e) { fail(slot, e); }

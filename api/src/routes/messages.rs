@@ -22,6 +22,7 @@ use axum::{
     response::{IntoResponse, Response},
 };
 use serde::{Deserialize, Serialize};
+use serde_json::Value;
 use shared::{
     Error, ErrorCode,
     auth::Capability,
@@ -32,7 +33,13 @@ use shared::{
     store::{self, messages::NewMessage},
 };
 use ulid::Ulid;
-use utoipa::{IntoParams, ToSchema};
+use utoipa::{
+    IntoParams, ToSchema,
+    openapi::{
+        Ref, RefOr,
+        schema::{AdditionalProperties, ObjectBuilder, OneOfBuilder, Schema, SchemaType, Type},
+    },
+};
 
 use super::pagination::Page;
 use crate::{
@@ -41,19 +48,129 @@ use crate::{
     error::{ApiJson, ApiQuery, ApiResult},
 };
 
-/// Body of `POST /sessions/{session}/messages`. Unknown fields are refused (400).
-#[derive(Debug, Deserialize, ToSchema)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+/// Body of `POST /sessions/{session}/messages`: the recipient, the content (a `type`, `text`
+/// when absent, and the field of the same name: `{"to", "text"}` is a text as it always
+/// was), the message it quotes and an idempotency key. Unknown fields are refused (400), and
+/// so is the field of another type than `type`. Its schema is written by hand below: a
+/// `oneOf` by type, in which only a text may leave out `type`.
+#[derive(Debug)]
 pub struct SendMessage {
     /// A phone number with its country code (`+62 812-3456-7890`) or a WhatsApp JID
     /// (`6281234567890@s.whatsapp.net`, a group's `…@g.us`).
-    #[schema(example = "+6281234567890")]
     pub to: String,
-    /// 1–4096 characters.
-    pub text: String,
+    pub content: message::Content,
+    /// Our id of a message of the session (sent or received) that this one quotes.
+    pub reply_to: Option<String>,
     /// 1–128 printable characters. A retry with a key already used for this session answers
     /// the message first accepted under it instead of sending again.
     pub idempotency_key: Option<String>,
+}
+
+impl<'de> Deserialize<'de> for SendMessage {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        use serde::de::Error as _;
+        #[derive(Deserialize)]
+        #[serde(rename_all = "camelCase", deny_unknown_fields)]
+        struct Envelope {
+            to: String,
+            reply_to: Option<String>,
+            idempotency_key: Option<String>,
+        }
+        let mut body = serde_json::Map::<String, Value>::deserialize(d)?;
+        let envelope: serde_json::Map<String, Value> = ["to", "replyTo", "idempotencyKey"]
+            .into_iter()
+            .filter_map(|k| Some((k.to_owned(), body.remove(k)?)))
+            .collect();
+        let envelope = Envelope::deserialize(Value::Object(envelope)).map_err(D::Error::custom)?;
+        let kind = match body.entry("type").or_insert_with(|| "text".into()) {
+            Value::String(kind) => kind.clone(),
+            _ => return Err(D::Error::custom("`type` must be a string")),
+        };
+        if let Some(other) = body.keys().find(|k| *k != "type" && **k != kind) {
+            return Err(D::Error::custom(format!(
+                "unknown field `{other}`: a message of type `{kind}` has its content in `{kind}`"
+            )));
+        }
+        let content =
+            message::Content::deserialize(Value::Object(body)).map_err(D::Error::custom)?;
+        Ok(SendMessage {
+            to: envelope.to,
+            content,
+            reply_to: envelope.reply_to,
+            idempotency_key: envelope.idempotency_key,
+        })
+    }
+}
+
+impl utoipa::PartialSchema for SendMessage {
+    fn schema() -> RefOr<Schema> {
+        // `null` is as good as absent for the optional fields, as serde reads them.
+        let nullable_string = || SchemaType::from_iter([Type::String, Type::Null]);
+        let string = |min: usize, max: usize| {
+            ObjectBuilder::new()
+                .schema_type(Type::String)
+                .min_length(Some(min))
+                .max_length(Some(max))
+        };
+        let of_type = |kind: &str, content: RefOr<Schema>| {
+            let object = ObjectBuilder::new()
+                .property(
+                    "to",
+                    ObjectBuilder::new()
+                        .schema_type(Type::String)
+                        .description(Some("A phone number with its country code or a JID"))
+                        .examples(["+6281234567890"]),
+                )
+                .property(
+                    "type",
+                    ObjectBuilder::new()
+                        .schema_type(Type::String)
+                        .enum_values(Some([kind])),
+                )
+                .property(kind, content)
+                .property(
+                    "replyTo",
+                    ObjectBuilder::new()
+                        .schema_type(nullable_string())
+                        .description(Some("Our id of the message this one quotes")),
+                )
+                .property(
+                    "idempotencyKey",
+                    string(1, message::IDEMPOTENCY_KEY_MAX_CHARS)
+                        .schema_type(nullable_string())
+                        .description(Some(
+                            "A retry with a key already used for this session answers the \
+                             message first accepted under it",
+                        )),
+                )
+                .required("to")
+                .required(kind)
+                .additional_properties(Some(AdditionalProperties::FreeForm(false)));
+            // Only a text may leave its type out.
+            let object = if kind == "text" {
+                object
+            } else {
+                object.required("type")
+            };
+            Schema::Object(object.build())
+        };
+        let schema_ref = |name: &str| RefOr::Ref(Ref::from_schema_name(name));
+        OneOfBuilder::new()
+            .item(of_type("text", string(1, message::TEXT_MAX_CHARS).into()))
+            .item(of_type("location", schema_ref("Location")))
+            .item(of_type("contact", schema_ref("ContactCard")))
+            .item(of_type("reaction", schema_ref("Reaction")))
+            .into()
+    }
+}
+
+impl ToSchema for SendMessage {
+    fn schemas(schemas: &mut Vec<(String, RefOr<Schema>)>) {
+        use utoipa::PartialSchema as _;
+        schemas.push(("Location".into(), message::Location::schema()));
+        schemas.push(("ContactCard".into(), message::ContactCard::schema()));
+        schemas.push(("Reaction".into(), message::Reaction::schema()));
+    }
 }
 
 #[derive(Debug, Deserialize, IntoParams)]
@@ -79,7 +196,8 @@ pub struct MessagePage {
     pub next_page_token: Option<String>,
 }
 
-/// Queues a text message; the session's worker sends it within the session's rate limits.
+/// Queues a message (a text, a location, a contact card, a reaction); the session's worker
+/// sends it within the session's rate limits.
 #[utoipa::path(post, path = "/api/v1/sessions/{session}/messages", tag = "messages",
     params(("session" = String, Path, description = "The session id (ULID)")),
     request_body = SendMessage,
@@ -100,7 +218,15 @@ pub async fn send(
 ) -> ApiResult<Response> {
     session::parse_session_id(&session_id)?;
     let to = message::normalize_recipient(&body.to)?;
-    message::validate_text(&body.text)?;
+    body.content.validate()?;
+    if let Some(id) = &body.reply_to {
+        Ulid::from_string(id).map_err(|_| {
+            Error::invalid_field(
+                "replyTo",
+                "replyTo must be the id of a message of this session",
+            )
+        })?;
+    }
     let key = body.idempotency_key.as_deref();
     if let Some(key) = key {
         message::validate_idempotency_key(key)?;
@@ -110,6 +236,7 @@ pub async fn send(
         let session = store::sessions::get(&client, &caller.organization_id, &session_id)
             .await?
             .ok_or_else(Error::session_not_found)?;
+        check_references(&client, &session_id, &to, &body).await?;
         if let Some(key) = key {
             let first = store::messages::by_idempotency_key(&client, &session_id, key).await?;
             if let Some(first) = first {
@@ -125,7 +252,8 @@ pub async fn send(
             organization_id: &caller.organization_id,
             session_id: &session_id,
             to: &to,
-            text: &body.text,
+            content: &body.content,
+            reply_to: body.reply_to.as_deref(),
             idempotency_key: key,
             now: now_ms(),
         };
@@ -151,6 +279,40 @@ pub async fn send(
         }
     }
     Ok(accepted(queued))
+}
+
+/// The messages a new one refers to are the session's: the one it quotes, and the one a
+/// reaction is on, in the chat the reaction goes to.
+async fn check_references(
+    client: &impl deadpool_postgres::GenericClient,
+    session_id: &str,
+    to: &str,
+    body: &SendMessage,
+) -> shared::Result<()> {
+    if let Some(id) = &body.reply_to
+        && store::messages::peer(client, session_id, id)
+            .await?
+            .is_none()
+    {
+        return Err(Error::invalid_field(
+            "replyTo",
+            format!("the session has no message {id} to quote"),
+        ));
+    }
+    if let Some(id) = body.content.refers_to() {
+        match store::messages::peer(client, session_id, id).await? {
+            None => Err(Error::invalid_field(
+                "reaction.messageId",
+                format!("the session has no message {id} to react to"),
+            )),
+            Some(peer) if peer != to => Err(Error::invalid_field(
+                "reaction.messageId",
+                format!("message {id} is in the chat with {peer}, not {to}"),
+            )),
+            Some(_) => Ok(()),
+        }?;
+    }
+    Ok(())
 }
 
 /// 202 with the message and where to read it.

@@ -6,11 +6,11 @@ use deadpool_postgres::GenericClient;
 use tokio_postgres::Row;
 
 use crate::error::Result;
-use crate::message::{Message, MessageStatus};
+use crate::message::{Content, Message, MessageStatus};
 
 /// The columns [`from_row`] reads, in order.
-pub const COLUMNS: &str =
-    "id, session_id, peer, text, status, created_at, sent_at, delivered_at, read_at, error";
+pub const COLUMNS: &str = "id, session_id, peer, text, status, created_at, sent_at, \
+     delivered_at, read_at, error, content, reply_to";
 
 pub fn from_row(row: &Row) -> Message {
     let status: &str = row.get(4);
@@ -18,7 +18,8 @@ pub fn from_row(row: &Row) -> Message {
         id: row.get(0),
         session_id: row.get(1),
         to: row.get(2),
-        text: row.get(3),
+        content: Content::from_columns(row.get(10), row.get(3)),
+        reply_to: row.get(11),
         // The CHECK constraint keeps `status` to the known values.
         status: MessageStatus::parse(status).unwrap_or(MessageStatus::Failed),
         created_at: row.get(5),
@@ -34,20 +35,24 @@ pub struct NewMessage<'a> {
     pub organization_id: &'a str,
     pub session_id: &'a str,
     pub to: &'a str,
-    pub text: &'a str,
+    pub content: &'a Content,
+    pub reply_to: Option<&'a str>,
     pub idempotency_key: Option<&'a str>,
     pub now: i64,
 }
 
 /// Queues a message; with an idempotency key already used for the session, answers the
-/// message first accepted under it instead (`false`: not new).
+/// message first accepted under it instead (`false`: not new). `text` keeps a text's text
+/// (and "" for the other types), so a process that knows only texts still reads every row.
 pub async fn insert(db: &impl GenericClient, m: &NewMessage<'_>) -> Result<(Message, bool)> {
     let sql = format!(
-        "INSERT INTO messages (id, organization_id, session_id, peer, text, status, \
-         idempotency_key, created_at) VALUES ($1, $2, $3, $4, $5, 'queued', $6, $7) \
+        "INSERT INTO messages (id, organization_id, session_id, peer, text, content, reply_to, \
+         status, idempotency_key, created_at) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, 'queued', $8, $9) \
          ON CONFLICT (session_id, idempotency_key) DO NOTHING RETURNING {COLUMNS}"
     );
     let stmt = db.prepare_cached(&sql).await?;
+    let content = serde_json::to_value(m.content).map_err(crate::Error::internal)?;
     let inserted = db
         .query_opt(
             &stmt,
@@ -56,7 +61,9 @@ pub async fn insert(db: &impl GenericClient, m: &NewMessage<'_>) -> Result<(Mess
                 &m.organization_id,
                 &m.session_id,
                 &m.to,
-                &m.text,
+                &m.content.text(),
+                &content,
+                &m.reply_to,
                 &m.idempotency_key,
                 &m.now,
             ],
@@ -134,6 +141,17 @@ pub async fn list(
         .query(&stmt, &[&org, &session_id, &status, &f.after_id, &f.limit])
         .await?;
     Ok(rows.iter().map(from_row).collect())
+}
+
+/// The chat (`peer`) of one of the session's messages, sent or received.
+pub async fn peer(db: &impl GenericClient, session_id: &str, id: &str) -> Result<Option<String>> {
+    let stmt = db
+        .prepare_cached("SELECT peer FROM messages WHERE session_id = $1 AND id = $2")
+        .await?;
+    Ok(db
+        .query_opt(&stmt, &[&session_id, &id])
+        .await?
+        .map(|r| r.get(0)))
 }
 
 /// How many messages of the session wait to be sent.

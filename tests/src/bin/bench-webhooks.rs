@@ -36,6 +36,9 @@ fn kind(i: usize) -> EventKind {
         from: "6281234567890@s.whatsapp.net".into(),
         chat: "6281234567890@s.whatsapp.net".into(),
         text: format!("message {i}"),
+        content: Some(shared::message::Content::Text {
+            text: format!("message {i}"),
+        }),
         timestamp: now_ms(),
     }
 }

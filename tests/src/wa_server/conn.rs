@@ -658,6 +658,7 @@ fn message(node: &Node, shared: &Shared, (phone, device): (&str, u16)) -> Vec<No
                     id: id.clone(),
                     from: phone.to_owned(),
                     text: message.text_content().map(str::to_owned),
+                    message,
                     at_ms: shared::db::now_ms(),
                 });
                 delivered |= user == recipient;

@@ -79,14 +79,34 @@ struct Companion {
 }
 
 /// A message a phone received from a linked device, decrypted by the phone.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct Received {
     pub id: String,
     /// The sender's phone number.
     pub from: String,
     /// Its text (`None` for what is not text).
     pub text: Option<String>,
+    /// The whole message, as the phone decoded it.
+    pub message: waproto::whatsapp::Message,
     pub at_ms: i64,
+}
+
+impl Received {
+    /// What it says, as the driver reads a message of that type (`None`: another type).
+    pub fn content(&self) -> Option<shared::message::Content> {
+        worker::driver::whatsapp::content::from_wa(&self.message)
+    }
+
+    /// WhatsApp's id of the message it quotes.
+    pub fn quotes(&self) -> Option<String> {
+        worker::driver::whatsapp::content::quoted_id(&self.message)
+    }
+
+    /// The reaction it is: WhatsApp's id of the message it is on, and the emoji.
+    pub fn reaction(&self) -> Option<(String, String)> {
+        let r = self.message.reaction_message.as_option()?;
+        Some((r.key.id.clone()?, r.text.clone().unwrap_or_default()))
+    }
 }
 
 /// A receipt a phone got for a message it sent: `kind` is `delivered`, `read`, ….

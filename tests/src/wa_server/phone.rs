@@ -396,13 +396,19 @@ impl Phone {
             .clone()
     }
 
-    /// Sends `text` to every device linked to the number `to`, encrypted by this phone (a
-    /// device that does not acknowledge it gets it again when it logs in). Answers the
-    /// message id.
+    /// Sends `text` to every device linked to the number `to` ([`Phone::send`]).
     pub fn send_text(&self, to: &str, text: &str) -> Result<String, String> {
-        use wacore::{messages::MessageUtils, proto_helpers::MessageBuilderExt};
+        use wacore::proto_helpers::MessageBuilderExt;
+        self.send(to, &wa::Message::text(text))
+    }
+
+    /// Sends a message to every device linked to the number `to`, encrypted by this phone
+    /// (a device that does not acknowledge it gets it again when it logs in). Answers the
+    /// message id.
+    pub fn send(&self, to: &str, message: &wa::Message) -> Result<String, String> {
+        use wacore::messages::MessageUtils;
         let id = message_id();
-        let plaintext = MessageUtils::encode_and_pad(&wa::Message::text(text));
+        let plaintext = MessageUtils::encode_and_pad(message);
         let mut guard = self.shared.state();
         let state = &mut *guard;
         if to == self.number {

@@ -244,7 +244,117 @@ async fn a_contacts_message_reaches_the_stream_and_is_marked_read_with_auto_read
     assert_eq!(event["from"], "6281100000002@s.whatsapp.net", "{event}");
     assert_eq!(event["chat"], "6281100000002@s.whatsapp.net", "{event}");
     assert_eq!(event["text"], "hi there", "{event}");
+    assert_eq!(
+        event["content"],
+        json!({"type": "text", "text": "hi there"}),
+        "{event}"
+    );
     assert!(event["timestamp"].is_i64(), "{event}");
+}
+
+/// What the simulated WhatsApp recorded of a message: its content, with WhatsApp's ids of
+/// what it quotes (`quotes`) or reacts to (`reactsTo`).
+async fn recorded(env: &TestEnv, session: &str, id: &str) -> Value {
+    env.db
+        .get()
+        .await
+        .expect("db")
+        .query_one(
+            "SELECT s.content FROM sim_messages s JOIN messages m ON m.wa_message_id = s.id \
+             WHERE m.session_id = $1 AND m.id = $2",
+            &[&session, &id],
+        )
+        .await
+        .expect("recorded by the simulator")
+        .get(0)
+}
+
+#[tokio::test]
+async fn every_type_goes_out_as_it_was_sent_and_replies_and_reactions_name_their_message() {
+    let env = TestEnv::new().await;
+    let (_, _w, api, key, id) = working_session(&env, 60).await;
+    let path = format!("/api/v1/sessions/{id}/messages");
+    let post = |body: Value| {
+        let (api, key, path) = (&api, &key, &path);
+        async move {
+            let r = api.post(path, key, Some(&body)).await;
+            r.assert_status(202);
+            r.body["id"].as_str().expect("id").to_owned()
+        }
+    };
+    let to = "+62 811 0000 0001";
+    let first = post(json!({"to": to, "text": "where are you?"})).await;
+    let location = json!({"latitude": -6.2, "longitude": 106.8, "address": "Jl. Thamrin"});
+    let card = json!({"vcard": "BEGIN:VCARD\nVERSION:3.0\nFN:Ana\nEND:VCARD", "name": "Ana"});
+    let place = post(json!({"to": to, "type": "location", "location": location})).await;
+    let contact = post(json!({"to": to, "type": "contact", "contact": card})).await;
+    let reply = post(json!({"to": to, "text": "here", "replyTo": first})).await;
+    let reaction = post(json!({"to": to, "type": "reaction",
+        "reaction": {"messageId": place, "emoji": "📍"}}))
+    .await;
+    // A reply to a message that never went out cannot quote it: it fails, saying why.
+    let refused = post(json!({"to": "+999 1234 5678", "text": "nobody"})).await;
+    let orphan = post(json!({"to": to, "text": "re: nobody", "replyTo": refused})).await;
+    let all = wait_messages(
+        &api,
+        &key,
+        &id,
+        Duration::from_secs(10),
+        "all sent or failed",
+        |m| {
+            m.iter().all(|m| {
+                ["sent", "delivered", "read", "failed"]
+                    .contains(&m["status"].as_str().unwrap_or(""))
+            })
+        },
+    )
+    .await;
+    let status = |mid: &str| {
+        all.iter()
+            .find(|m| m["id"] == mid)
+            .map(|m| (m["status"].clone(), m["error"].clone()))
+            .expect("listed")
+    };
+    for mid in [&first, &place, &contact, &reply, &reaction] {
+        assert_ne!(status(mid).0, "failed", "{all:?}");
+    }
+    let (orphan_status, why) = status(&orphan);
+    assert_eq!(orphan_status, "failed");
+    assert!(
+        why.as_str().is_some_and(|e| e.contains("never sent")),
+        "{why}"
+    );
+
+    let wa_id = |mid: String| {
+        let env = &env;
+        async move {
+            env.db
+                .get()
+                .await
+                .expect("db")
+                .query_one("SELECT wa_message_id FROM messages WHERE id = $1", &[&mid])
+                .await
+                .expect("sent")
+                .get::<_, String>(0)
+        }
+    };
+    assert_eq!(
+        recorded(&env, &id, &place).await,
+        json!({"type": "location", "location": location})
+    );
+    assert_eq!(
+        recorded(&env, &id, &contact).await,
+        json!({"type": "contact", "contact": card})
+    );
+    assert_eq!(
+        recorded(&env, &id, &reply).await,
+        json!({"type": "text", "text": "here", "quotes": wa_id(first).await})
+    );
+    assert_eq!(
+        recorded(&env, &id, &reaction).await,
+        json!({"type": "reaction", "reaction": {"messageId": place, "emoji": "📍"},
+            "reactsTo": wa_id(place.clone()).await})
+    );
 }
 
 #[tokio::test]

@@ -142,6 +142,132 @@ async fn invalid_messages_are_refused_with_the_field_named() {
 }
 
 #[tokio::test]
+async fn every_type_is_queued_in_its_own_shape_and_bad_content_is_refused_with_the_field_named() {
+    let env = TestEnv::new().await;
+    let (api, key, session) = setup(&env).await;
+    let path = messages(&session);
+    let to = "6281234567890";
+    let text = api
+        .post(
+            &path,
+            &key,
+            Some(&json!({"to": to, "type": "text", "text": "hi"})),
+        )
+        .await
+        .assert_status(202)
+        .clone();
+    assert_eq!(text["type"], "text");
+    let text_id = text["id"].as_str().expect("id");
+    let vcard = "BEGIN:VCARD\nVERSION:3.0\nFN:Ana\nEND:VCARD";
+    let location = json!({"latitude": -6.2, "longitude": 106.8, "name": "Monas"});
+    for (body, field) in [
+        (
+            json!({"to": to, "type": "location", "location": location}),
+            "location",
+        ),
+        (
+            json!({"to": to, "type": "contact", "contact": {"vcard": vcard}}),
+            "contact",
+        ),
+        (
+            json!({"to": to, "type": "reaction",
+                "reaction": {"messageId": text_id, "emoji": "👍"}}),
+            "reaction",
+        ),
+        (
+            json!({"to": to, "text": "quoting", "replyTo": text_id}),
+            "text",
+        ),
+    ] {
+        let m = api
+            .post(&path, &key, Some(&body))
+            .await
+            .assert_status(202)
+            .clone();
+        // Shown as it was sent: its type, its content under the type's name.
+        assert_eq!(m[field], body[field], "{m}");
+        assert_eq!(m["type"], body["type"].as_str().unwrap_or("text"), "{m}");
+        assert_eq!(m["replyTo"], body["replyTo"], "{m}");
+        let id = m["id"].as_str().expect("id");
+        let read = api.get(&format!("{path}/{id}"), &key).await;
+        assert_eq!(read.assert_status(200), &m);
+    }
+    let queued = row_count(&env, &session).await;
+
+    let other_chat = json!({"to": "6281200000000", "type": "reaction",
+        "reaction": {"messageId": text_id, "emoji": "👍"}});
+    let unknown = ulid::Ulid::new().to_string();
+    for (body, field) in [
+        (
+            json!({"to": to, "type": "location", "location": {"latitude": 91, "longitude": 0}}),
+            "location.latitude",
+        ),
+        (
+            json!({"to": to, "type": "location", "location": {"latitude": 0, "longitude": -181}}),
+            "location.longitude",
+        ),
+        (
+            json!({"to": to, "type": "location",
+            "location": {"latitude": 0, "longitude": 0, "name": "x".repeat(1001)}}),
+            "location.name",
+        ),
+        (
+            json!({"to": to, "type": "contact", "contact": {"vcard": "Ana, +62 811"}}),
+            "contact.vcard",
+        ),
+        (
+            json!({"to": to, "type": "reaction", "reaction": {"messageId": "nope", "emoji": "👍"}}),
+            "reaction.messageId",
+        ),
+        (
+            json!({"to": to, "type": "reaction", "reaction": {"messageId": unknown, "emoji": "👍"}}),
+            "reaction.messageId",
+        ),
+        (other_chat, "reaction.messageId"),
+        (
+            json!({"to": to, "text": "hi", "replyTo": unknown}),
+            "replyTo",
+        ),
+        (
+            json!({"to": to, "text": "hi", "replyTo": "not-an-id"}),
+            "replyTo",
+        ),
+        (json!({"to": to, "text": "a\u{0}b"}), "text"),
+    ] {
+        let r = api.post(&path, &key, Some(&body)).await;
+        r.assert_error(400, "invalid_argument");
+        assert_eq!(r.body["error"]["details"]["field"], field, "for {body}");
+    }
+    // Shape errors: a type we do not have, content of another type than `type` says, or
+    // none, unknown fields inside a type's content.
+    for body in [
+        json!({"to": to, "type": "hologram", "hologram": {}}),
+        json!({"to": to, "type": 7, "text": "hi"}),
+        json!({"to": to, "type": "location", "text": "hi"}),
+        json!({"to": to, "type": "location", "location": location, "text": "hi"}),
+        json!({"to": to, "text": "hi", "location": location}),
+        json!({"to": to, "type": "text"}),
+        json!({"to": to, "type": "contact", "contact": {"vcard": vcard, "photo": "x"}}),
+        json!({"to": to, "type": "location", "location": {"latitude": "north", "longitude": 0}}),
+    ] {
+        let r = api.post(&path, &key, Some(&body)).await;
+        r.assert_error(400, "invalid_argument");
+        assert!(
+            r.body["error"]["message"]
+                .as_str()
+                .is_some_and(|m| !m.is_empty()),
+            "{}",
+            r.body
+        );
+    }
+    assert_eq!(
+        row_count(&env, &session).await,
+        queued,
+        "nothing refused was stored"
+    );
+}
+
+#[tokio::test]
 async fn another_organizations_session_and_messages_are_not_found() {
     let env = TestEnv::new().await;
     let (api, key, session) = setup(&env).await;
@@ -498,18 +624,60 @@ async fn the_openapi_document_describes_the_messages_api() {
         list["post"]["responses"]
     );
     assert!(doc["paths"]["/api/v1/sessions/{session}/messages/{message}"]["get"].is_object());
-    let message = &doc["components"]["schemas"]["Message"]["properties"];
+    let schemas = &doc["components"]["schemas"];
+    // A message is its content (a `oneOf` by type) and the rest.
+    let message = &schemas["Message"]["allOf"];
+    assert_eq!(
+        message[0]["$ref"], "#/components/schemas/Content",
+        "{message}"
+    );
     for field in [
         "id",
         "sessionId",
         "to",
-        "text",
+        "replyTo",
         "status",
         "createdAt",
         "sentAt",
         "error",
     ] {
-        assert!(message.get(field).is_some(), "Message.{field}");
+        assert!(
+            message[1]["properties"].get(field).is_some(),
+            "Message.{field}"
+        );
     }
-    assert!(doc["components"]["schemas"]["MessageStatus"].is_object());
+    let types = |one_of: &Value| -> Vec<String> {
+        one_of
+            .as_array()
+            .expect("oneOf")
+            .iter()
+            .map(|v| {
+                v["properties"]["type"]["enum"][0]
+                    .as_str()
+                    .unwrap_or("")
+                    .to_owned()
+            })
+            .collect()
+    };
+    let all = ["text", "location", "contact", "reaction"]
+        .map(String::from)
+        .to_vec();
+    assert_eq!(types(&schemas["Content"]["oneOf"]), all);
+    // What a caller sends: the same types, each closed to other fields; only a text may
+    // leave `type` out.
+    let send = &schemas["SendMessage"]["oneOf"];
+    assert_eq!(types(send), all);
+    for variant in send.as_array().expect("oneOf") {
+        assert_eq!(variant["additionalProperties"], false, "{variant}");
+        let required = variant["required"].as_array().expect("required");
+        let kind = &variant["properties"]["type"]["enum"][0];
+        assert_eq!(
+            required.contains(&json!("type")),
+            kind != "text",
+            "{variant}"
+        );
+    }
+    for name in ["Location", "ContactCard", "Reaction", "MessageStatus"] {
+        assert!(schemas[name].is_object(), "{name}");
+    }
 }

@@ -6,7 +6,7 @@
 
 use std::time::Duration;
 
-use serde_json::Value;
+use serde_json::{Value, json};
 use tests::{
     Api, TestEnv,
     process::{WaServerProcess, WorkerProcess, wa_test_worker_binary},
@@ -152,7 +152,7 @@ async fn a_number_linked_by_a_code_typed_on_the_phone_works() {
         .post(
             &format!("/api/v1/sessions/{id}:requestPairingCode"),
             &key,
-            Some(&serde_json::json!({"phoneNumber": format!("+{PHONE}")})),
+            Some(&json!({"phoneNumber": format!("+{PHONE}")})),
         )
         .await;
     let code = r.assert_status(200)["code"]
@@ -400,12 +400,17 @@ const CONTACT: &str = "15550002222";
 impl Linked {
     /// Sends `text` to `to` through the API; answers the message's id.
     async fn send(&self, to: &str, text: &str) -> String {
+        self.send_message(&json!({"to": to, "text": text})).await
+    }
+
+    /// Sends a message (the body of `POST …/messages`); answers its id.
+    async fn send_message(&self, body: &Value) -> String {
         let r = self
             .api
             .post(
                 &format!("/api/v1/sessions/{}/messages", self.id),
                 &self.key,
-                Some(&serde_json::json!({"to": to, "text": text})),
+                Some(body),
             )
             .await;
         r.assert_status(202);
@@ -544,6 +549,137 @@ async fn a_contacts_message_is_received_as_an_event_and_acknowledged() {
             .any(|r| r.id == wa_id && r.from == PHONE)
     })
     .await;
+}
+
+/// The session's message WhatsApp knows as `wa_id`, once stored: (our id, its JSON as the
+/// API shows a message's content).
+async fn stored_message(env: &TestEnv, session_id: &str, wa_id: &str) -> (String, Value) {
+    let client = env.db.get().await.expect("db");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let row = client
+            .query_opt(
+                "SELECT id, content FROM messages WHERE session_id = $1 AND wa_message_id = $2",
+                &[&session_id, &wa_id],
+            )
+            .await
+            .expect("query");
+        if let Some(row) = row {
+            return (
+                row.get(0),
+                row.get::<_, Option<Value>>(1).unwrap_or_default(),
+            );
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{wa_id} never stored"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test]
+async fn locations_contacts_replies_and_reactions_go_both_ways_through_the_real_driver() {
+    use shared::message::{ContactCard, Content, Location};
+    use waproto::whatsapp as wa;
+    let env = TestEnv::new().await;
+    let server = WaServer::start().await;
+    let phone = server.phone(PHONE);
+    let contact = server.phone(CONTACT);
+    let s = linked(&env, &server, &phone).await;
+
+    // The contact shares a place: the session receives it as a location.
+    let shared_place = wa::Message {
+        location_message: waproto::buffa::MessageField::some(wa::message::LocationMessage {
+            degrees_latitude: Some(-6.175392),
+            degrees_longitude: Some(106.827153),
+            name: Some("Monas".into()),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let wa_in = contact
+        .send(PHONE, &shared_place)
+        .expect("the contact shares a place");
+    let (inbound, content) = stored_message(&env, &s.id, &wa_in).await;
+    assert_eq!(
+        content,
+        json!({"type": "location", "location":
+            {"latitude": -6.175392, "longitude": 106.827153, "name": "Monas"}})
+    );
+
+    // The session answers it: a quote, a card, a reaction on it and a place of its own.
+    let vcard = "BEGIN:VCARD\nVERSION:3.0\nFN:Ana\nTEL;waid=15550003333:+1 555 000 3333\nEND:VCARD";
+    let sent = [
+        json!({"to": CONTACT, "text": "on my way", "replyTo": inbound}),
+        json!({"to": CONTACT, "type": "contact", "contact": {"vcard": vcard}}),
+        json!({"to": CONTACT, "type": "reaction",
+            "reaction": {"messageId": inbound, "emoji": "👍"}}),
+        json!({"to": CONTACT, "type": "location",
+            "location": {"latitude": 1.5, "longitude": 2.25, "address": "Here"}}),
+    ];
+    let mut ids = Vec::new();
+    for body in &sent {
+        ids.push(s.send_message(body).await);
+    }
+    for id in &ids {
+        let m = s
+            .wait_message(id, "sent", |m| {
+                ["sent", "delivered", "read", "failed"]
+                    .contains(&m["status"].as_str().unwrap_or(""))
+            })
+            .await;
+        assert_ne!(m["status"], "failed", "{m}");
+    }
+    tests::eventually(Duration::from_secs(20), || async {
+        contact
+            .received()
+            .iter()
+            .filter(|r| r.from == PHONE)
+            .count()
+            == 4
+    })
+    .await;
+    let got = contact.received();
+    let quote = got
+        .iter()
+        .find(|r| r.quotes().is_some())
+        .expect("the quote");
+    assert_eq!(quote.quotes().as_deref(), Some(wa_in.as_str()));
+    assert_eq!(
+        quote.content(),
+        Some(Content::Text {
+            text: "on my way".into()
+        })
+    );
+    assert!(
+        got.iter().any(|r| r.content()
+            == Some(Content::Contact {
+                contact: ContactCard {
+                    vcard: vcard.into(),
+                    name: Some("Ana".into()),
+                },
+            })),
+        "{got:?}"
+    );
+    assert!(
+        got.iter()
+            .any(|r| r.reaction() == Some((wa_in.clone(), "👍".into()))),
+        "{got:?}"
+    );
+    assert!(
+        got.iter().any(|r| r.content()
+            == Some(Content::Location {
+                location: Location {
+                    latitude: 1.5,
+                    longitude: 2.25,
+                    name: None,
+                    address: Some("Here".into()),
+                },
+            })),
+        "{got:?}"
+    );
+    assert_eq!(undecryptable(&server), vec![], "every copy decrypted");
 }
 
 /// Working on `gateway`, connected there after `since`.
@@ -853,7 +989,7 @@ async fn gatewayctl_sim_acts_through_the_protocol_servers_phones() {
         .post(
             &format!("/api/v1/sessions/{}:requestPairingCode", s.id),
             &s.key,
-            Some(&serde_json::json!({"phoneNumber": format!("+{PHONE}")})),
+            Some(&json!({"phoneNumber": format!("+{PHONE}")})),
         )
         .await;
     r.assert_status(200);

@@ -44,6 +44,7 @@ fn incoming(text: &str) -> EventKind {
         from: "6281234567890@s.whatsapp.net".into(),
         chat: "6281234567890@s.whatsapp.net".into(),
         text: text.into(),
+        content: Some(shared::message::Content::Text { text: text.into() }),
         timestamp: now_ms(),
     }
 }

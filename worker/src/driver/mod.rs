@@ -15,7 +15,7 @@ pub mod sim;
 pub mod whatsapp;
 
 use async_trait::async_trait;
-use shared::session::StatusReason;
+use shared::{message::Content, session::StatusReason};
 use tokio::sync::mpsc;
 
 /// A linked device's keys, opaque above the driver.
@@ -60,9 +60,34 @@ pub struct Inbound {
     pub id: String,
     pub from: String,
     pub chat: String,
-    pub text: String,
+    pub content: Content,
     /// Epoch milliseconds.
     pub timestamp: i64,
+}
+
+/// A message to send, the messages it refers to resolved to what WhatsApp knows them by.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Outgoing {
+    /// The recipient's JID (or a group's).
+    pub to: String,
+    pub content: Content,
+    /// The message it quotes.
+    pub reply_to: Option<MessageRef>,
+    /// The message a reaction is on.
+    pub reacts_to: Option<MessageRef>,
+}
+
+/// A message of the session as WhatsApp knows it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MessageRef {
+    /// WhatsApp's id of it.
+    pub wa_id: String,
+    /// The chat it is in.
+    pub chat: String,
+    /// Sent by this session; else by `chat`'s peer.
+    pub from_me: bool,
+    /// What it says (a quote shows it).
+    pub content: Content,
 }
 
 /// What pairing gave the device.
@@ -122,9 +147,8 @@ pub trait Connection: Send {
     async fn logout(&mut self) -> Result<(), DriverError>;
     /// Disconnects, keeping the pairing.
     async fn close(&mut self);
-    /// Sends a text to `to` (a JID); answers WhatsApp's id of the message, which its
-    /// receipts name.
-    async fn send_text(&mut self, _to: &str, _text: &str) -> Result<String, DriverError> {
+    /// Sends a message; answers WhatsApp's id of it, which its receipts name.
+    async fn send(&mut self, _message: &Outgoing) -> Result<String, DriverError> {
         Err(DriverError::Unsupported)
     }
     /// Shows "typing…" in the chat with `to`.

@@ -11,11 +11,16 @@
 
 use std::{collections::VecDeque, time::Duration};
 
-use shared::{db::now_ms, message::MessageStatus, protocol::EventKind, session::SessionStatus};
+use shared::{
+    db::now_ms,
+    message::{Message, MessageStatus},
+    protocol::EventKind,
+    session::SessionStatus,
+};
 
 use super::{Actor, Flow, back_off};
 use crate::{
-    driver::Inbound,
+    driver::{Inbound, Outgoing},
     store::messages::{self, Change, Which},
 };
 
@@ -99,6 +104,25 @@ impl Actor {
                 return Flow::Continue;
             }
         };
+        let outgoing = match self.outgoing(&message).await {
+            Ok(Ok(outgoing)) => outgoing,
+            Ok(Err(why)) => {
+                let refused = Change {
+                    from: &[MessageStatus::Queued],
+                    to: MessageStatus::Failed,
+                    error: Some(why),
+                    wa_message_id: None,
+                };
+                let flow = self.set_messages(Which::Id(message.id), refused).await;
+                self.pump_soon();
+                return flow;
+            }
+            Err(e) => {
+                tracing::warn!(session_id = %self.row.id, error = %e, "cannot read the messages a message refers to; retrying");
+                self.pump_in(1_000);
+                return Flow::Continue;
+            }
+        };
         // The attempt is on record before anything goes out.
         let sending = Change {
             from: &[MessageStatus::Queued],
@@ -128,7 +152,7 @@ impl Actor {
         }
         if self.row.presence_typing {
             // "typing…" for as long as a person would take to type it, within bounds.
-            let chars = u64::try_from(message.text.chars().count()).unwrap_or(u64::MAX);
+            let chars = u64::try_from(message.content.text().chars().count()).unwrap_or(u64::MAX);
             let wait = self
                 .ctx
                 .typing_per_char
@@ -151,7 +175,7 @@ impl Actor {
         let Some(conn) = self.conn.as_mut() else {
             return Flow::Continue;
         };
-        let outcome = match conn.send_text(&message.to, &message.text).await {
+        let outcome = match conn.send(&outgoing).await {
             Ok(wa_id) => Change {
                 from: &[MessageStatus::Sending],
                 to: MessageStatus::Sent,
@@ -170,6 +194,35 @@ impl Actor {
         let flow = self.set_messages(Which::Id(message.id), outcome).await;
         self.pump_soon();
         flow
+    }
+
+    /// A queued message as the driver sends it: the messages it quotes or reacts to looked
+    /// up by WhatsApp's ids. `Err(why)` inside when one of them has none (it failed, or was
+    /// never sent): the message cannot go out.
+    async fn outgoing(&mut self, m: &Message) -> shared::Result<Result<Outgoing, String>> {
+        let db = &self.ctx.db;
+        let mut resolved = [None, None];
+        for (slot, (id, what)) in resolved.iter_mut().zip([
+            (m.reply_to.as_deref(), "quotes"),
+            (m.content.refers_to(), "reacts to"),
+        ]) {
+            let Some(id) = id else { continue };
+            match messages::reference(db, &self.row.id, id).await? {
+                Some(r) => *slot = Some(r),
+                None => {
+                    return Ok(Err(format!(
+                        "the message it {what} ({id}) was never sent or received"
+                    )));
+                }
+            }
+        }
+        let [reply_to, reacts_to] = resolved;
+        Ok(Ok(Outgoing {
+            to: m.to.clone(),
+            content: m.content.clone(),
+            reply_to,
+            reacts_to,
+        }))
     }
 
     /// The recipient's phone got or read a message.

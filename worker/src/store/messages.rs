@@ -5,10 +5,10 @@
 
 use deadpool_postgres::{GenericClient, Pool};
 
-use crate::driver::Inbound;
+use crate::driver::{Inbound, MessageRef};
 use shared::{
     Result,
-    message::{Message, MessageStatus},
+    message::{Content, Message, MessageStatus},
     protocol::{Event, EventKind},
     session::Session,
     store::{events, messages},
@@ -261,14 +261,15 @@ pub async fn insert_inbound(
     let stmt = tx
         .prepare_cached(
             "INSERT INTO messages (id, organization_id, session_id, direction, peer, text, \
-             status, wa_message_id, created_at, sent_at) \
-             SELECT $1, $2, $3, 'in', $4, $5, 'received', $6, $7, $8 \
+             content, status, wa_message_id, created_at, sent_at) \
+             SELECT $1, $2, $3, 'in', $4, $5, $9, 'received', $6, $7, $8 \
              WHERE NOT EXISTS (SELECT 1 FROM messages WHERE session_id = $3 \
                  AND wa_message_id = $6 AND direction = 'in') \
              RETURNING id",
         )
         .await?;
     let id = ulid::Ulid::new().to_string();
+    let content = serde_json::to_value(&m.content).map_err(shared::Error::internal)?;
     let inserted = tx
         .query_opt(
             &stmt,
@@ -277,10 +278,11 @@ pub async fn insert_inbound(
                 &session.organization_id,
                 &session.id,
                 &m.from,
-                &m.text,
+                &m.content.text(),
                 &m.id,
                 &now,
                 &m.timestamp,
+                &content,
             ],
         )
         .await?;
@@ -291,12 +293,37 @@ pub async fn insert_inbound(
         message_id: id,
         from: m.from.clone(),
         chat: m.chat.clone(),
-        text: m.text.clone(),
+        text: m.content.text().to_owned(),
+        content: Some(m.content.clone()),
         timestamp: m.timestamp,
     };
     let event = events::append(&tx, &session.organization_id, &session.id, kind, now).await?;
     tx.commit().await?;
     Ok(Some(Some(event)))
+}
+
+/// One of the session's messages as WhatsApp knows it (sent, or received); `None` when it
+/// has no WhatsApp id (never sent) or is not the session's.
+pub async fn reference(db: &Pool, session_id: &str, id: &str) -> Result<Option<MessageRef>> {
+    let client = db.get().await?;
+    let stmt = client
+        .prepare_cached(
+            "SELECT wa_message_id, peer, direction, text, content FROM messages \
+             WHERE session_id = $1 AND id = $2 AND wa_message_id IS NOT NULL",
+        )
+        .await?;
+    Ok(client
+        .query_opt(&stmt, &[&session_id, &id])
+        .await?
+        .map(|r| {
+            let direction: &str = r.get(2);
+            MessageRef {
+                wa_id: r.get(0),
+                chat: r.get(1),
+                from_me: direction == "out",
+                content: Content::from_columns(r.get(4), r.get(3)),
+            }
+        }))
 }
 
 /// Records that the session marked a message it received read.

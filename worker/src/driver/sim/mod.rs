@@ -103,8 +103,8 @@ enum Control {
     Conflict(Answer<()>),
     Drop(Answer<()>),
     Logout(Answer<()>),
-    /// Send a text (to, text); answers the message's id.
-    Send(String, String, Answer<String>),
+    /// Send a message; answers its id.
+    Send(Box<super::Outgoing>, Answer<String>),
     /// Show "typing…", or mark a message read: the simulated contact takes note.
     Typing(Answer<()>),
     MarkRead(Answer<()>),
@@ -235,9 +235,9 @@ impl Connection for SimConnection {
         }
     }
 
-    async fn send_text(&mut self, to: &str, text: &str) -> Result<String, DriverError> {
-        let (to, text) = (to.to_owned(), text.to_owned());
-        self.ask(|tx| Control::Send(to, text, tx)).await
+    async fn send(&mut self, message: &super::Outgoing) -> Result<String, DriverError> {
+        let message = Box::new(message.clone());
+        self.ask(|tx| Control::Send(message, tx)).await
     }
 
     async fn typing(&mut self, _to: &str) -> Result<(), DriverError> {
@@ -342,7 +342,7 @@ impl Phone {
             | Control::Drop(tx)
             | Control::Logout(tx) => refuse(tx, "the session is still connecting"),
             Control::PairCode(_, tx) => refuse(tx, "the session is already paired"),
-            Control::Send(_, _, tx) => refuse(tx, "the session is not connected"),
+            Control::Send(_, tx) => refuse(tx, "the session is not connected"),
             Control::Typing(tx) | Control::MarkRead(tx) | Control::Inbound(_, _, tx) => {
                 refuse(tx, "the session is not connected")
             }
@@ -410,7 +410,7 @@ impl Phone {
                     Some(Control::Unlink(tx) | Control::Conflict(tx) | Control::Drop(tx)) => {
                         refuse(tx, "the session is not paired")
                     }
-                    Some(Control::Send(_, _, tx)) => refuse(tx, "the session is not paired"),
+                    Some(Control::Send(_, tx)) => refuse(tx, "the session is not paired"),
                     Some(
                         Control::Typing(tx) | Control::MarkRead(tx) | Control::Inbound(_, _, tx),
                     ) => refuse(tx, "the session is not paired"),
@@ -504,17 +504,14 @@ impl Phone {
                         id: format!("SIMIN{}", ulid::Ulid::new()),
                         chat: from.clone(),
                         from,
-                        text,
+                        content: shared::message::Content::Text { text },
                         timestamp: now_ms(),
                     })));
                 }
-                Control::Send(to, text, tx) => {
-                    let sent = self
-                        .server
-                        .accept_message(&self.session_id, &to, &text)
-                        .await;
+                Control::Send(message, tx) => {
+                    let sent = self.server.accept_message(&self.session_id, &message).await;
                     if let Ok(id) = &sent {
-                        self.recipient_reads(to, id.clone());
+                        self.recipient_reads(message.to, id.clone());
                     }
                     let _ = tx.send(sent);
                 }

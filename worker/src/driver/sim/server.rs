@@ -20,7 +20,7 @@ use shared::{Error, Result, db::DB_NOW_MS};
 use tokio::sync::{mpsc, oneshot};
 use tokio_postgres::NoTls;
 
-use super::super::DriverError;
+use super::super::{DriverError, Outgoing};
 
 /// Logins per statement.
 const BATCH: usize = 512;
@@ -93,31 +93,42 @@ impl SimServer {
         answer.await.map_err(|_| unavailable())?
     }
 
-    /// The device sends `text` to `recipient`: recorded as received by the recipient's phone,
-    /// answering WhatsApp's id of the message. Numbers starting with 999 are not on
-    /// WhatsApp: a send to one fails, as a real one would.
+    /// The device sends a message: recorded as received by the recipient's phone (its
+    /// content, and WhatsApp's ids of the messages it quotes or reacts to), answering
+    /// WhatsApp's id of the message. Numbers starting with 999 are not on WhatsApp: a send
+    /// to one fails, as a real one would.
     pub async fn accept_message(
         &self,
         device: &str,
-        recipient: &str,
-        text: &str,
+        message: &Outgoing,
     ) -> Result<String, DriverError> {
+        let recipient = &message.to;
         if recipient.starts_with("999") {
             return Err(DriverError::Refused(format!(
                 "{recipient} is not on WhatsApp (the simulator's numbers starting with 999 are not)"
             )));
         }
         let id = format!("SIM{}", ulid::Ulid::new());
+        let mut content = serde_json::to_value(&message.content).unwrap_or_default();
+        if let Some(quoted) = &message.reply_to {
+            content["quotes"] = quoted.wa_id.clone().into();
+        }
+        if let Some(target) = &message.reacts_to {
+            content["reactsTo"] = target.wa_id.clone().into();
+        }
         let recorded = async {
             let client = self.db.get().await?;
             let stmt = client
                 .prepare_cached(&format!(
-                    "INSERT INTO sim_messages (id, device, recipient, text, at) \
-                     VALUES ($1, $2, $3, $4, {DB_NOW_MS})"
+                    "INSERT INTO sim_messages (id, device, recipient, text, content, at) \
+                     VALUES ($1, $2, $3, $4, $5, {DB_NOW_MS})"
                 ))
                 .await?;
             client
-                .execute(&stmt, &[&id, &device, &recipient, &text])
+                .execute(
+                    &stmt,
+                    &[&id, &device, recipient, &message.content.text(), &content],
+                )
                 .await?;
             Ok::<_, Error>(())
         };

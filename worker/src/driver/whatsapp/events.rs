@@ -3,7 +3,7 @@
 
 use serde_json::{Value, json};
 use shared::session::StatusReason;
-use wacore::{proto_helpers::MessageExt, types::presence::ReceiptType};
+use wacore::types::presence::ReceiptType;
 use whatsapp_rust::types::events::{ConnectFailureReason, Event};
 
 use crate::driver::{DriverEvent, Inbound, Paired};
@@ -23,12 +23,11 @@ pub fn map_all(event: &Event, now_ms: i64) -> Vec<DriverEvent> {
             .iter()
             .filter(|m| !m.info.source.is_from_me)
             .filter_map(|m| {
-                let text = m.message.text_content()?;
                 Some(DriverEvent::Message(Box::new(Inbound {
                     id: m.info.id.to_string(),
                     from: m.info.source.sender.to_non_ad_string(),
                     chat: m.info.source.chat.to_non_ad_string(),
-                    text: text.to_owned(),
+                    content: super::content::from_wa(&m.message)?,
                     timestamp: m.info.timestamp.timestamp_millis(),
                 })))
             })
@@ -341,7 +340,7 @@ mod tests {
                 id: "A1".into(),
                 from: "6281100000002@s.whatsapp.net".into(),
                 chat: "6281100000002@s.whatsapp.net".into(),
-                text: "hi".into(),
+                content: shared::message::Content::Text { text: "hi".into() },
                 timestamp: NOW,
             }))]
         );

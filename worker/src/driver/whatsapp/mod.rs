@@ -21,6 +21,7 @@
 //! Logout unlinks the device and wipes its keys; stop disconnects and keeps them; a new
 //! pairing starts from none.
 
+pub mod content;
 pub mod events;
 pub mod phones;
 pub mod store;
@@ -31,7 +32,7 @@ use std::{sync::Arc, time::Duration};
 use async_trait::async_trait;
 use deadpool_postgres::Pool;
 use serde_json::json;
-use shared::{db::now_ms, sealed::Keyring, session::StatusReason};
+use shared::{db::now_ms, message::Content, sealed::Keyring, session::StatusReason};
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use whatsapp_rust::{
@@ -41,6 +42,7 @@ use whatsapp_rust::{
     pair_code::PairCodeOptions,
     transport::TokioWebSocketTransportFactory,
     types::events::{Event, EventHandler},
+    waproto::whatsapp as wa,
 };
 
 use super::{Connection, Credentials, Driver, DriverError, DriverEvent, SimAction};
@@ -340,19 +342,39 @@ impl Connection for WhatsAppConnection {
         }
     }
 
-    async fn send_text(&mut self, to: &str, text: &str) -> Result<String, DriverError> {
-        use wacore::proto_helpers::MessageBuilderExt;
+    async fn send(&mut self, message: &super::Outgoing) -> Result<String, DriverError> {
         let client = self.client()?;
-        let jid = parse_jid(to)?;
+        let jid = parse_jid(&message.to)?;
         if !client.is_logged_in() {
             return Err(DriverError::Connection(
                 "the session is not connected to WhatsApp".into(),
             ));
         }
-        client
-            .send_message(jid, whatsapp_rust::waproto::whatsapp::Message::text(text))
-            .await
-            .map(|sent| sent.message_id)
+        let sent = match (&message.content, &message.reacts_to) {
+            (Content::Reaction { reaction }, Some(target)) => {
+                let key = wa::MessageKey {
+                    remote_jid: Some(target.chat.clone()),
+                    from_me: Some(target.from_me),
+                    id: Some(target.wa_id.clone()),
+                    ..Default::default()
+                };
+                client.send_reaction(jid, key, &reaction.emoji).await
+            }
+            (Content::Reaction { .. }, None) => {
+                return Err(DriverError::Refused(
+                    "a reaction needs the message it is on".into(),
+                ));
+            }
+            (content, _) => {
+                let own = client
+                    .pn()
+                    .map(|j| j.to_non_ad_string())
+                    .unwrap_or_default();
+                let wa_message = content::to_wa(content, message.reply_to.as_ref(), &own);
+                client.send_message(jid, wa_message).await
+            }
+        };
+        sent.map(|sent| sent.message_id)
             .map_err(|e| DriverError::Connection(format!("WhatsApp did not take the message: {e}")))
     }
 
