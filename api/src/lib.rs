@@ -6,6 +6,7 @@
 
 pub mod auth;
 pub mod bus;
+pub mod command_client;
 pub mod config;
 pub mod console;
 pub mod dispatcher;

@@ -12,7 +12,7 @@ use shared::{
 };
 use tokio_util::sync::CancellationToken;
 
-use crate::{Config, build_state, routes::commands};
+use crate::{Config, build_state, command_client};
 
 pub async fn send(cfg: Config, session_id: &str, command: Command) -> Result<CommandOutput> {
     let shutdown = CancellationToken::new();
@@ -33,5 +33,5 @@ pub async fn send(cfg: Config, session_id: &str, command: Command) -> Result<Com
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    commands::run(&state, &operator, session_id, command).await
+    command_client::run(&state, &operator, session_id, command).await
 }

@@ -265,7 +265,7 @@ pub async fn send(
         (message, session.gateway_id)
     };
     if state.fleet.is_live(&gateway_id).await {
-        let sent = super::commands::notify(
+        let sent = crate::command_client::notify(
             &state,
             &caller,
             &session_id,

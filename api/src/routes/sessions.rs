@@ -276,7 +276,7 @@ pub async fn update(
     // Tell the owning worker; Postgres is the truth, so a worker that is down reads the new
     // settings when it next starts the session.
     if state.fleet.is_live(&updated.gateway_id).await {
-        let sent = super::commands::notify(
+        let sent = crate::command_client::notify(
             &state,
             &caller,
             &id,
@@ -309,7 +309,7 @@ pub async fn delete(
     };
     if state.fleet.is_live(&current.gateway_id).await {
         // The worker stops the connection, unlinks the device and removes the row.
-        let output = super::commands::run(&state, &caller, &id, Command::Delete).await?;
+        let output = crate::command_client::run(&state, &caller, &id, Command::Delete).await?;
         state.session_gateways.remove(&id);
         return match output {
             CommandOutput::Deleted => Ok(StatusCode::NO_CONTENT),
