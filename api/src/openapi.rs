@@ -36,7 +36,7 @@ use crate::routes::{commands, events, gateways, messages, sessions, webhooks};
         shared::webhook::Webhook, shared::webhook::WebhookWithSecret, shared::webhook::Delivery,
         shared::webhook::DeliveryStatus, shared::webhook::Attempt,
     )),
-    modifiers(&BearerAuth, &Authenticated, &RateLimited),
+    modifiers(&BearerAuth, &Authenticated, &RateLimited, &UniqueOperationIds),
     security(("bearer" = [])),
 )]
 pub struct ApiDoc;
@@ -123,6 +123,24 @@ impl Modify for Authenticated {
                 "403",
                 "Forbidden: the credential lacks the capability this operation needs",
             );
+        }
+    }
+}
+
+/// Operation ids must be unique in a document, and utoipa names each operation after its
+/// handler: `get` of sessions, messages, webhooks and commands alike. A tool that keys
+/// operations by id mistakes one for another (a fuzzer followed a message's `Location` to
+/// `GET /webhooks/{webhook}`). Each is prefixed with its tag, the handler's module:
+/// `messages_get`.
+struct UniqueOperationIds;
+
+impl Modify for UniqueOperationIds {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        for op in operations(openapi) {
+            let tag = op.tags.as_ref().and_then(|t| t.first()).cloned();
+            if let (Some(tag), Some(id)) = (tag, op.operation_id.as_mut()) {
+                *id = format!("{tag}_{id}");
+            }
         }
     }
 }

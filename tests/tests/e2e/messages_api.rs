@@ -680,4 +680,17 @@ async fn the_openapi_document_describes_the_messages_api() {
     for name in ["Location", "ContactCard", "Reaction", "MessageStatus"] {
         assert!(schemas[name].is_object(), "{name}");
     }
+    // Every operation has an id of its own (tools key operations by it).
+    let mut ids: Vec<&str> = doc["paths"]
+        .as_object()
+        .expect("paths")
+        .values()
+        .flat_map(|item| item.as_object().expect("path item").values())
+        .filter_map(|op| op["operationId"].as_str())
+        .collect();
+    let all = ids.len();
+    ids.sort_unstable();
+    ids.dedup();
+    assert_eq!(ids.len(), all, "duplicate operation ids: {ids:?}");
+    assert!(ids.contains(&"messages_get"), "{ids:?}");
 }
