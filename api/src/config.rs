@@ -70,6 +70,15 @@ pub struct Config {
     #[arg(long, env = "SESSION_CACHE_TTL_MS", default_value_t = 5_000)]
     pub session_cache_ttl_ms: u64,
 
+    /// Numbers one session may check against WhatsApp in any hour (`contacts:check`; answers
+    /// from the cache do not count), across the fleet: checking numbers in bulk gets them
+    /// banned.
+    #[arg(long, env = "CONTACT_CHECKS_PER_HOUR", default_value_t = 200)]
+    pub contact_checks_per_hour: i64,
+    /// How long a `contacts:check` answer is reused, in seconds.
+    #[arg(long, env = "CONTACT_CHECK_CACHE_SECS", default_value_t = 86_400)]
+    pub contact_check_cache_secs: i64,
+
     /// How long a command may take, end to end, before the caller gets 504.
     #[arg(long, env = "COMMAND_TIMEOUT_MS", default_value_t = 10_000)]
     pub command_timeout_ms: u64,

@@ -24,7 +24,10 @@ pub mod ttl_cache;
 
 use std::{sync::Arc, time::Duration};
 
-use axum::{Router, routing::get};
+use axum::{
+    Router,
+    routing::{get, post},
+};
 use deadpool_postgres::Pool;
 use shared::{Error, Result};
 use tokio::net::TcpListener;
@@ -193,6 +196,10 @@ pub fn router(state: AppState) -> Router {
         )
         .route("/api/v1/sessions/{session}/qr", get(commands::qr))
         .route("/api/v1/sessions/{session}/commands", get(commands::recent))
+        .route(
+            "/api/v1/sessions/{session}/contacts:check",
+            post(contacts::check),
+        )
         .route(
             "/api/v1/sessions/{session}/messages",
             get(messages::list).post(messages::send),

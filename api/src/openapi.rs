@@ -11,7 +11,7 @@ use utoipa::{
     },
 };
 
-use crate::routes::{commands, events, gateways, messages, sessions, webhooks};
+use crate::routes::{commands, contacts, events, gateways, messages, sessions, webhooks};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -24,6 +24,7 @@ use crate::routes::{commands, events, gateways, messages, sessions, webhooks};
         commands::start, commands::stop, commands::restart, commands::logout,
         commands::request_pairing_code, commands::qr, commands::recent, commands::get,
         messages::send, messages::list, messages::get,
+        contacts::check,
         events::stream, gateways::list,
         webhooks::create, webhooks::list, webhooks::get, webhooks::update, webhooks::delete,
         webhooks::rotate_secret, webhooks::test, webhooks::replay, webhooks::deliveries,

@@ -29,16 +29,19 @@ pub enum MessageStatus {
     Delivered,
     Read,
     Failed,
+    /// A message that reached the session (`direction: in`).
+    Received,
 }
 
 impl MessageStatus {
-    pub const ALL: [MessageStatus; 6] = [
+    pub const ALL: [MessageStatus; 7] = [
         MessageStatus::Queued,
         MessageStatus::Sending,
         MessageStatus::Sent,
         MessageStatus::Delivered,
         MessageStatus::Read,
         MessageStatus::Failed,
+        MessageStatus::Received,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -49,6 +52,7 @@ impl MessageStatus {
             MessageStatus::Delivered => "delivered",
             MessageStatus::Read => "read",
             MessageStatus::Failed => "failed",
+            MessageStatus::Received => "received",
         }
     }
 
@@ -256,15 +260,44 @@ impl Reaction {
     }
 }
 
-/// An outgoing message as the API shows it.
+/// Whether the session sent a message or received it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Direction {
+    Out,
+    In,
+}
+
+impl Direction {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Direction::Out => "out",
+            Direction::In => "in",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        [Direction::Out, Direction::In]
+            .into_iter()
+            .find(|d| d.as_str() == s)
+    }
+}
+
+/// A message as the API shows it: one the session sends (`direction: out`), or one it
+/// received (`direction: in`, with `from`; its `status` is `received`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Message {
     /// ULID.
     pub id: String,
     pub session_id: String,
-    /// The recipient's JID (`<digits>@s.whatsapp.net` for a phone number).
+    pub direction: Direction,
+    /// The recipient's JID (`<digits>@s.whatsapp.net` for a phone number); of a message
+    /// received, the session's own.
     pub to: String,
+    /// Of a message received: the sender's JID.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from: Option<String>,
     #[serde(flatten)]
     pub content: Content,
     /// Our id of the message this one quotes.

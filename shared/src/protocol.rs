@@ -47,6 +47,9 @@ pub enum Command {
     /// Messages of the session were queued in Postgres: the worker sends what its rate
     /// limits allow (a notice; nobody waits for an answer).
     SendMessages,
+    /// Which of these numbers (digits) are on WhatsApp, asked through the session's
+    /// connection.
+    CheckNumbers { numbers: Vec<String> },
 }
 
 impl Command {
@@ -80,6 +83,7 @@ impl Command {
             Command::SimDrop => "sim_drop",
             Command::SimMessage { .. } => "sim_message",
             Command::SendMessages => "send_messages",
+            Command::CheckNumbers { .. } => "check_numbers",
         }
     }
 }
@@ -109,6 +113,10 @@ pub enum CommandOutput {
     },
     PairingCode {
         code: String,
+    },
+    /// What WhatsApp said of each number of a `CheckNumbers`.
+    Numbers {
+        numbers: Vec<crate::contacts::NumberCheck>,
     },
     Deleted,
 }

@@ -6,7 +6,8 @@
 //! (or `failed`), announcing each step as a `message.status` event. When the session's gateway
 //! is live its worker gets a `send_messages` notice; that is only a nudge, so a notice that
 //! cannot be sent is logged and the request still succeeds: Postgres is the truth, and a worker
-//! reads the queue whenever it (re)starts the session.
+//! reads the queue whenever it (re)starts the session. Messages the session received are
+//! resources too (`direction: in`), stored by its worker; they are read here, never sent.
 //!
 //! Back-pressure: a session whose queue already holds an hour of sending (`ratePerHour`)
 //! refuses more with 429 and `Retry-After`, rather than accept messages that would go out hours
@@ -182,8 +183,10 @@ pub struct ListQuery {
     /// `nextPageToken` of the previous page.
     pub page_token: Option<String>,
     /// Only messages in this status (`queued`, `sending`, `sent`, `delivered`, `read`,
-    /// `failed`).
+    /// `failed`; `received` for those that reached the session).
     pub status: Option<String>,
+    /// `out` (the default): the messages the session sends; `in`: those it received.
+    pub direction: Option<String>,
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -348,7 +351,8 @@ fn queue_full(backlog: i64, rate_per_hour: i32) -> Error {
     .with_detail("retryAfterSeconds", retry_after)
 }
 
-/// The session's outgoing messages, oldest first.
+/// The session's messages, oldest first: those it sends, or (`direction=in`) those it
+/// received.
 #[utoipa::path(get, path = "/api/v1/sessions/{session}/messages", tag = "messages",
     params(("session" = String, Path, description = "The session id (ULID)"), ListQuery),
     responses((status = 200, body = MessagePage), (status = "4XX", body = shared::error::ErrorEnvelope)))]
@@ -369,6 +373,15 @@ pub async fn list(
                 .ok_or_else(|| Error::invalid_field("status", format!("unknown status '{s}'")))
         })
         .transpose()?;
+    let direction = match q.direction.as_deref() {
+        None => message::Direction::Out,
+        Some(d) => message::Direction::parse(d).ok_or_else(|| {
+            Error::invalid_field(
+                "direction",
+                format!("direction must be out or in, not '{d}'"),
+            )
+        })?,
+    };
     let client = state.db.get().await?;
     // Another organization's session is not found, rather than an empty list.
     store::sessions::gateway(&client, &caller.organization_id, &session_id)
@@ -379,6 +392,7 @@ pub async fn list(
         &caller.organization_id,
         &session_id,
         &store::messages::ListFilter {
+            direction,
             status,
             after_id: page.after.as_deref(),
             limit: page.limit(),

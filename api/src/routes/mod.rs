@@ -1,6 +1,7 @@
 //! The HTTP routes, one file per resource, and the cursor pagination their lists share.
 
 pub mod commands;
+pub mod contacts;
 pub mod events;
 pub mod gateways;
 pub mod messages;

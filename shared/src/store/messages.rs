@@ -6,18 +6,31 @@ use deadpool_postgres::GenericClient;
 use tokio_postgres::Row;
 
 use crate::error::Result;
-use crate::message::{Content, Message, MessageStatus};
+use crate::message::{Content, Direction, Message, MessageStatus};
 
 /// The columns [`from_row`] reads, in order.
+/// The last is the session's own JID: where a message it received went.
 pub const COLUMNS: &str = "id, session_id, peer, text, status, created_at, sent_at, \
-     delivered_at, read_at, error, content, reply_to";
+     delivered_at, read_at, error, content, reply_to, direction, \
+     (SELECT own.wa_jid FROM sessions own WHERE own.id = messages.session_id)";
 
 pub fn from_row(row: &Row) -> Message {
     let status: &str = row.get(4);
+    let direction = Direction::parse(row.get(12)).unwrap_or(Direction::Out);
+    let peer: String = row.get(2);
+    let (to, from) = match direction {
+        Direction::Out => (peer, None),
+        Direction::In => (
+            row.get::<_, Option<String>>(13).unwrap_or_default(),
+            Some(peer),
+        ),
+    };
     Message {
         id: row.get(0),
         session_id: row.get(1),
-        to: row.get(2),
+        direction,
+        to,
+        from,
         content: Content::from_columns(row.get(10), row.get(3)),
         reply_to: row.get(11),
         // The CHECK constraint keeps `status` to the known values.
@@ -106,7 +119,7 @@ pub async fn get(
 ) -> Result<Option<Message>> {
     let sql = format!(
         "SELECT {COLUMNS} FROM messages WHERE organization_id = $1 AND session_id = $2 \
-         AND id = $3 AND direction = 'out'"
+         AND id = $3"
     );
     let stmt = db.prepare_cached(&sql).await?;
     Ok(db
@@ -117,13 +130,14 @@ pub async fn get(
 }
 
 pub struct ListFilter<'a> {
+    pub direction: Direction,
     pub status: Option<MessageStatus>,
     /// Exclusive lower bound on the id (the cursor).
     pub after_id: Option<&'a str>,
     pub limit: i64,
 }
 
-/// One page of the session's outgoing messages in id (creation) order.
+/// One page of the session's messages of one direction in id (creation) order.
 pub async fn list(
     db: &impl GenericClient,
     org: &str,
@@ -132,13 +146,24 @@ pub async fn list(
 ) -> Result<Vec<Message>> {
     let sql = format!(
         "SELECT {COLUMNS} FROM messages WHERE organization_id = $1 AND session_id = $2 \
-         AND direction = 'out' AND ($3::text IS NULL OR status = $3) \
+         AND direction = $6 AND ($3::text IS NULL OR status = $3) \
          AND ($4::text IS NULL OR id > $4) ORDER BY id LIMIT $5"
     );
     let stmt = db.prepare_cached(&sql).await?;
     let status = f.status.map(MessageStatus::as_str);
+    let direction = f.direction.as_str();
     let rows = db
-        .query(&stmt, &[&org, &session_id, &status, &f.after_id, &f.limit])
+        .query(
+            &stmt,
+            &[
+                &org,
+                &session_id,
+                &status,
+                &f.after_id,
+                &f.limit,
+                &direction,
+            ],
+        )
         .await?;
     Ok(rows.iter().map(from_row).collect())
 }

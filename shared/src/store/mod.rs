@@ -6,6 +6,7 @@
 
 pub mod api_keys;
 pub mod commands;
+pub mod contacts;
 pub mod deliveries;
 pub mod events;
 pub mod gateways;

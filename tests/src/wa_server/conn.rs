@@ -515,17 +515,30 @@ fn app_state(id: &str, sync: Option<&Node>) -> Node {
 }
 
 /// Each user asked about, with its devices (the phone, and the devices linked to it with the
-/// account's signed list of them) and no LID: PN addressing.
+/// account's signed list of them) and no LID: PN addressing. A user asked by phone number
+/// (`<contact>+…</contact>`: is it on WhatsApp?) is answered [`contact`]'s way.
 fn usync(shared: &Shared, id: &str, usync: Option<&Node>) -> Node {
     let devices_asked = usync
         .and_then(|u| u.get_optional_child("query"))
         .and_then(|q| q.get_optional_child("devices"))
         .is_some();
     let mut state = shared.state();
-    let users = usync
+    let listed = usync
         .and_then(|u| u.get_optional_child("list"))
         .and_then(Node::children)
-        .unwrap_or_default()
+        .unwrap_or_default();
+    let by_number = listed
+        .iter()
+        .filter_map(|u| match &u.get_optional_child("contact")?.content {
+            Some(wacore_binary::NodeContent::String(n)) => Some(super::digits(n)),
+            Some(wacore_binary::NodeContent::Bytes(n)) => {
+                Some(super::digits(&String::from_utf8_lossy(n)))
+            }
+            _ => None,
+        })
+        .map(|number| contact(&mut state, &number))
+        .collect::<Vec<_>>();
+    let users = listed
         .iter()
         .filter_map(|u| attr(u, "jid"))
         .map(|jid| {
@@ -566,11 +579,34 @@ fn usync(shared: &Shared, id: &str, usync: Option<&Node>) -> Node {
                 .build()
         })
         .collect::<Vec<_>>();
+    let users = by_number.into_iter().chain(users).collect::<Vec<_>>();
     result(id)
         .children([NodeBuilder::new("usync")
             .children([NodeBuilder::new("list").children(users).build()])
             .build()])
         .build()
+}
+
+/// Whether a number is on WhatsApp, with its LID: every number is here (asking makes its
+/// account) except, as in the simulator, those starting with 999.
+fn contact(state: &mut super::State, number: &str) -> Node {
+    let user = NodeBuilder::new("user").attr("jid", format!("{number}@s.whatsapp.net"));
+    if number.starts_with("999") {
+        return user
+            .children([NodeBuilder::new("contact").attr("type", "out").build()])
+            .build();
+    }
+    let account = state
+        .accounts
+        .entry(number.to_owned())
+        .or_insert_with(|| Account::new(number));
+    user.children([
+        NodeBuilder::new("contact").attr("type", "in").build(),
+        NodeBuilder::new("lid")
+            .attr("val", format!("{}@lid", account.lid))
+            .build(),
+    ])
+    .build()
 }
 
 /// The account's list of linked devices' key indexes, signed by its account key.

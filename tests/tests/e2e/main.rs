@@ -4,6 +4,7 @@
 mod auth;
 mod commands;
 mod console;
+mod contacts;
 mod events;
 mod failover;
 mod fleet;

@@ -250,6 +250,39 @@ async fn a_contacts_message_reaches_the_stream_and_is_marked_read_with_auto_read
         "{event}"
     );
     assert!(event["timestamp"].is_i64(), "{event}");
+
+    // The message is a resource too: by the event's id, and in the list of those received.
+    let path = format!("/api/v1/sessions/{id}/messages");
+    let one = api
+        .get(
+            &format!("{path}/{}", event["messageId"].as_str().expect("id")),
+            &key,
+        )
+        .await;
+    let m = one.assert_status(200);
+    assert_eq!(m["direction"], "in", "{m}");
+    assert_eq!(m["status"], "received", "{m}");
+    assert_eq!(m["from"], "6281100000002@s.whatsapp.net", "{m}");
+    assert_eq!(
+        m["to"], "628110000000@s.whatsapp.net",
+        "the session's own number: {m}"
+    );
+    assert_eq!(
+        (&m["type"], &m["text"]),
+        (&json!("text"), &json!("hi there"))
+    );
+    assert!(m["readAt"].is_i64(), "marked read: {m}");
+    let received = api.get(&format!("{path}?direction=in"), &key).await;
+    assert_eq!(received.assert_status(200)["messages"], json!([m]));
+    let sent = api.get(&path, &key).await;
+    assert_eq!(
+        sent.assert_status(200)["messages"],
+        json!([]),
+        "sent ones by default"
+    );
+    api.get(&format!("{path}?direction=sideways"), &key)
+        .await
+        .assert_error(400, "invalid_argument");
 }
 
 /// What the simulated WhatsApp recorded of a message: its content, with WhatsApp's ids of

@@ -602,10 +602,30 @@ async fn locations_contacts_replies_and_reactions_go_both_ways_through_the_real_
         .send(PHONE, &shared_place)
         .expect("the contact shares a place");
     let (inbound, content) = stored_message(&env, &s.id, &wa_in).await;
+    let place = json!({"latitude": -6.175392, "longitude": 106.827153, "name": "Monas"});
+    assert_eq!(content, json!({"type": "location", "location": place}));
+    let shown = s
+        .api
+        .get(
+            &format!("/api/v1/sessions/{}/messages/{inbound}", s.id),
+            &s.key,
+        )
+        .await;
+    let shown = shown.assert_status(200);
     assert_eq!(
-        content,
-        json!({"type": "location", "location":
-            {"latitude": -6.175392, "longitude": 106.827153, "name": "Monas"}})
+        (
+            &shown["direction"],
+            &shown["from"],
+            &shown["type"],
+            &shown["location"]
+        ),
+        (
+            &json!("in"),
+            &json!(format!("{CONTACT}@s.whatsapp.net")),
+            &json!("location"),
+            &place
+        ),
+        "{shown}"
     );
 
     // The session answers it: a quote, a card, a reaction on it and a place of its own.
@@ -680,6 +700,35 @@ async fn locations_contacts_replies_and_reactions_go_both_ways_through_the_real_
         "{got:?}"
     );
     assert_eq!(undecryptable(&server), vec![], "every copy decrypted");
+}
+
+#[tokio::test]
+async fn numbers_are_checked_against_whatsapp_through_the_real_driver() {
+    let env = TestEnv::new().await;
+    let server = WaServer::start().await;
+    let phone = server.phone(PHONE);
+    let s = linked(&env, &server, &phone).await;
+    let r = s
+        .api
+        .post(
+            &format!("/api/v1/sessions/{}/contacts:check", s.id),
+            &s.key,
+            Some(&json!({"numbers": [format!("+{CONTACT}"), "+999 555 0000"]})),
+        )
+        .await;
+    // The contact's LID is the one its account has on the server.
+    let lid = format!(
+        "{}@lid",
+        100_000_000_000_000u64 + CONTACT.parse::<u64>().unwrap_or(0)
+    );
+    assert_eq!(
+        r.assert_status(200)["contacts"],
+        json!([
+            {"number": CONTACT, "onWhatsApp": true,
+                "jid": format!("{CONTACT}@s.whatsapp.net"), "lid": lid},
+            {"number": "9995550000", "onWhatsApp": false, "jid": null, "lid": null},
+        ])
+    );
 }
 
 /// Working on `gateway`, connected there after `since`.

@@ -15,7 +15,7 @@ pub mod sim;
 pub mod whatsapp;
 
 use async_trait::async_trait;
-use shared::{message::Content, session::StatusReason};
+use shared::{contacts::NumberCheck, message::Content, session::StatusReason};
 use tokio::sync::mpsc;
 
 /// A linked device's keys, opaque above the driver.
@@ -149,6 +149,13 @@ pub trait Connection: Send {
     async fn close(&mut self);
     /// Sends a message; answers WhatsApp's id of it, which its receipts name.
     async fn send(&mut self, _message: &Outgoing) -> Result<String, DriverError> {
+        Err(DriverError::Unsupported)
+    }
+    /// Which of these numbers (digits with their country code) are on WhatsApp.
+    async fn check_numbers(
+        &mut self,
+        _numbers: &[String],
+    ) -> Result<Vec<NumberCheck>, DriverError> {
         Err(DriverError::Unsupported)
     }
     /// Shows "typing…" in the chat with `to`.

@@ -222,6 +222,26 @@ impl Actor {
                 })
                 .await
             }
+            Command::CheckNumbers { numbers } => {
+                let working = self.row.status == SessionStatus::Working;
+                let Some(conn) = self.conn.as_mut().filter(|_| working) else {
+                    return Effects::error(
+                        ErrorCode::Conflict,
+                        "the session is not connected to WhatsApp; numbers are checked \
+                         through a working session",
+                    );
+                };
+                match conn.check_numbers(numbers).await {
+                    Ok(numbers) => Effects {
+                        answer: Answer::Output(CommandOutput::Numbers { numbers }),
+                        ..Effects::row()
+                    },
+                    Err(e) => Effects {
+                        answer: Answer::Error(driver_error(e)),
+                        ..Effects::row()
+                    },
+                }
+            }
             Command::SimUnlink => self.simulate(SimAction::Unlink).await,
             Command::SimConflict => self.simulate(SimAction::Conflict).await,
             Command::SimDrop => self.simulate(SimAction::Drop).await,

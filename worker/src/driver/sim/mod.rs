@@ -37,7 +37,7 @@ use async_trait::async_trait;
 use base64::Engine;
 use serde_json::json;
 use sha2::{Digest, Sha256};
-use shared::{db::now_ms, session::StatusReason};
+use shared::{contacts::NumberCheck, db::now_ms, session::StatusReason};
 use tokio::sync::{mpsc, oneshot};
 
 use self::server::SimServer;
@@ -110,6 +110,8 @@ enum Control {
     MarkRead(Answer<()>),
     /// A contact sends the number a text (from, text).
     Inbound(String, String, Answer<()>),
+    /// Which numbers are on WhatsApp.
+    Check(Vec<String>, Answer<Vec<NumberCheck>>),
     /// The server says another connection of the device replaced this one.
     Replaced,
 }
@@ -240,6 +242,11 @@ impl Connection for SimConnection {
         self.ask(|tx| Control::Send(message, tx)).await
     }
 
+    async fn check_numbers(&mut self, numbers: &[String]) -> Result<Vec<NumberCheck>, DriverError> {
+        let numbers = numbers.to_vec();
+        self.ask(|tx| Control::Check(numbers, tx)).await
+    }
+
     async fn typing(&mut self, _to: &str) -> Result<(), DriverError> {
         self.ask(Control::Typing).await
     }
@@ -257,6 +264,18 @@ struct Phone {
     events: mpsc::UnboundedSender<DriverEvent>,
     control: mpsc::UnboundedReceiver<Control>,
     server: Arc<SimServer>,
+}
+
+/// What the simulated WhatsApp says of a number: like the sends, numbers starting with 999
+/// are not on WhatsApp; the others are, with a LID of `1<number>`.
+fn number_check(number: &str) -> NumberCheck {
+    let on = !number.starts_with("999");
+    NumberCheck {
+        number: number.to_owned(),
+        on_whatsapp: on,
+        jid: on.then(|| format!("{number}@s.whatsapp.net")),
+        lid: on.then(|| format!("1{number}@lid")),
+    }
 }
 
 fn refuse<T>(tx: Answer<T>, why: &str) {
@@ -343,6 +362,7 @@ impl Phone {
             | Control::Logout(tx) => refuse(tx, "the session is still connecting"),
             Control::PairCode(_, tx) => refuse(tx, "the session is already paired"),
             Control::Send(_, tx) => refuse(tx, "the session is not connected"),
+            Control::Check(_, tx) => refuse(tx, "the session is not connected"),
             Control::Typing(tx) | Control::MarkRead(tx) | Control::Inbound(_, _, tx) => {
                 refuse(tx, "the session is not connected")
             }
@@ -411,6 +431,7 @@ impl Phone {
                         refuse(tx, "the session is not paired")
                     }
                     Some(Control::Send(_, tx)) => refuse(tx, "the session is not paired"),
+                    Some(Control::Check(_, tx)) => refuse(tx, "the session is not paired"),
                     Some(
                         Control::Typing(tx) | Control::MarkRead(tx) | Control::Inbound(_, _, tx),
                     ) => refuse(tx, "the session is not paired"),
@@ -497,6 +518,9 @@ impl Phone {
                 }
                 Control::Typing(tx) | Control::MarkRead(tx) => {
                     let _ = tx.send(Ok(()));
+                }
+                Control::Check(numbers, tx) => {
+                    let _ = tx.send(Ok(numbers.iter().map(|n| number_check(n)).collect()));
                 }
                 Control::Inbound(from, text, tx) => {
                     let _ = tx.send(Ok(()));

@@ -32,7 +32,9 @@ use std::{sync::Arc, time::Duration};
 use async_trait::async_trait;
 use deadpool_postgres::Pool;
 use serde_json::json;
-use shared::{db::now_ms, message::Content, sealed::Keyring, session::StatusReason};
+use shared::{
+    contacts::NumberCheck, db::now_ms, message::Content, sealed::Keyring, session::StatusReason,
+};
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use whatsapp_rust::{
@@ -376,6 +378,42 @@ impl Connection for WhatsAppConnection {
         };
         sent.map(|sent| sent.message_id)
             .map_err(|e| DriverError::Connection(format!("WhatsApp did not take the message: {e}")))
+    }
+
+    async fn check_numbers(&mut self, numbers: &[String]) -> Result<Vec<NumberCheck>, DriverError> {
+        let client = self.client()?;
+        if !client.is_logged_in() {
+            return Err(DriverError::Connection(
+                "the session is not connected to WhatsApp".into(),
+            ));
+        }
+        let jids: Vec<whatsapp_rust::Jid> = numbers
+            .iter()
+            .map(|n| parse_jid(&format!("{n}@s.whatsapp.net")))
+            .collect::<Result<_, _>>()?;
+        let answers = client
+            .contacts()
+            .is_on_whatsapp(&jids)
+            .await
+            .map_err(|e| DriverError::Connection(format!("WhatsApp did not answer: {e}")))?;
+        // One answer per number asked, in the order asked; one WhatsApp left out is not on it.
+        Ok(numbers
+            .iter()
+            .map(|n| {
+                let answer = answers
+                    .iter()
+                    .find(|a| a.jid.user == *n || a.pn_jid.as_ref().is_some_and(|p| p.user == *n))
+                    .filter(|a| a.is_registered);
+                NumberCheck {
+                    number: n.clone(),
+                    on_whatsapp: answer.is_some(),
+                    jid: answer.map(|_| format!("{n}@s.whatsapp.net")),
+                    lid: answer
+                        .and_then(|a| a.lid.as_ref())
+                        .map(|l| l.to_non_ad_string()),
+                }
+            })
+            .collect())
     }
 
     async fn typing(&mut self, to: &str) -> Result<(), DriverError> {
