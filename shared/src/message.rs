@@ -82,9 +82,6 @@ pub enum Content {
     },
 }
 
-/// The types of [`Content`], as `type` names them.
-pub const CONTENT_TYPES: [&str; 4] = ["text", "location", "contact", "reaction"];
-
 /// A point on the map, with an optional name and address.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
@@ -130,16 +127,6 @@ pub struct Reaction {
 }
 
 impl Content {
-    /// The content's `type`.
-    pub fn kind(&self) -> &'static str {
-        match self {
-            Content::Text { .. } => "text",
-            Content::Location { .. } => "location",
-            Content::Contact { .. } => "contact",
-            Content::Reaction { .. } => "reaction",
-        }
-    }
-
     /// The text of a text message; "" for the other types.
     pub fn text(&self) -> &str {
         match self {

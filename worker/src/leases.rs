@@ -37,12 +37,17 @@ const PAGE: i64 = 2_000;
 const CHECK_CHUNK: usize = 10_000;
 
 /// Claims the running sessions of this gateway (`whose` decides which) and starts their
-/// actors; answers how many actors were started. Sessions with a running actor are left to
-/// it: claiming them would void the lease it holds.
+/// actors; answers how many actors were started. Claiming every session (`Whose::Any`)
+/// leaves out those with a running actor: it would void the lease that actor holds. Taking
+/// the unheld ones cannot reach them (a claimed session has its holder), so the periodic
+/// adoption sends no list.
 pub async fn claim(ctx: &Ctx, registry: &Registry, whose: Whose) -> Result<usize> {
     let mut after = String::new();
     let mut started = 0;
-    let running = registry.running();
+    let running = match whose {
+        Whose::Any => registry.running(),
+        Whose::Unheld => Vec::new(),
+    };
     loop {
         let page = {
             let client = ctx.db.get().await?;

@@ -9,10 +9,12 @@ use crate::error::Result;
 use crate::message::{Content, Direction, Message, MessageStatus};
 
 /// The columns [`from_row`] reads, in order.
-/// The last is the session's own JID: where a message it received went.
+/// The last is, for a message received, the session's own JID (where it went); looked up
+/// for those only, so reading the queue costs no extra lookup.
 pub const COLUMNS: &str = "id, session_id, peer, text, status, created_at, sent_at, \
      delivered_at, read_at, error, content, reply_to, direction, \
-     (SELECT own.wa_jid FROM sessions own WHERE own.id = messages.session_id)";
+     CASE WHEN direction = 'in' THEN \
+         (SELECT own.wa_jid FROM sessions own WHERE own.id = messages.session_id) END";
 
 pub fn from_row(row: &Row) -> Message {
     let status: &str = row.get(4);

@@ -28,14 +28,11 @@ pub fn to_wa(content: &Content, reply_to: Option<&MessageRef>, own_jid: &str) ->
             &to_wa(&quoted.content, None, own_jid),
         )
     });
-    let field = || {
-        context
-            .clone()
-            .map_or_else(MessageField::none, MessageField::some)
-    };
+    let field =
+        |context: Option<ContextInfo>| context.map_or_else(MessageField::none, MessageField::some);
     match content {
-        Content::Text { text } => match &context {
-            Some(context) => wa::Message::text_with_context(text, context.clone()),
+        Content::Text { text } => match context {
+            Some(context) => wa::Message::text_with_context(text, context),
             None => wa::Message::text(text),
         },
         Content::Location { location } => wa::Message {
@@ -44,7 +41,7 @@ pub fn to_wa(content: &Content, reply_to: Option<&MessageRef>, own_jid: &str) ->
                 degrees_longitude: Some(location.longitude),
                 name: location.name.clone(),
                 address: location.address.clone(),
-                context_info: field(),
+                context_info: field(context),
                 ..Default::default()
             }),
             ..Default::default()
@@ -53,7 +50,7 @@ pub fn to_wa(content: &Content, reply_to: Option<&MessageRef>, own_jid: &str) ->
             contact_message: MessageField::some(wa::message::ContactMessage {
                 display_name: Some(contact.display_name()),
                 vcard: Some(contact.vcard.clone()),
-                context_info: field(),
+                context_info: field(context),
                 ..Default::default()
             }),
             ..Default::default()
@@ -96,21 +93,18 @@ pub fn from_wa(message: &wa::Message) -> Option<Content> {
 /// The message a received one quotes: WhatsApp's id of it.
 pub fn quoted_id(message: &wa::Message) -> Option<String> {
     let base = message.get_base_message();
-    let context: Option<&ContextInfo> = base
-        .extended_text_message
-        .as_option()
-        .and_then(|m| m.context_info.as_option())
-        .or_else(|| {
-            base.location_message
-                .as_option()
-                .and_then(|m| m.context_info.as_option())
-        })
-        .or_else(|| {
-            base.contact_message
-                .as_option()
-                .and_then(|m| m.context_info.as_option())
-        });
-    context?.stanza_id.clone()
+    let contexts = [
+        base.extended_text_message
+            .as_option()
+            .map(|m| &m.context_info),
+        base.location_message.as_option().map(|m| &m.context_info),
+        base.contact_message.as_option().map(|m| &m.context_info),
+    ];
+    let context = contexts
+        .into_iter()
+        .flatten()
+        .find_map(MessageField::as_option)?;
+    context.stanza_id.clone()
 }
 
 #[cfg(test)]
