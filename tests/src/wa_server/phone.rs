@@ -12,7 +12,10 @@ use wacore::{
     libsignal::protocol::KeyPair,
 };
 use wacore_binary::{Node, builder::NodeBuilder};
-use waproto::{buffa::Message as _, whatsapp as wa};
+use waproto::{
+    buffa::{Message as _, MessageField},
+    whatsapp as wa,
+};
 
 use super::{Account, Companion, Outbound, ReceiptSeen, Received, Shared, conn::SERVER, signal};
 
@@ -315,6 +318,8 @@ impl Phone {
                     inbox: vec![],
                 },
             );
+        // What it gets when it logs in, before anything else.
+        self.share_app_state_keys(device)?;
         // Paired: the device restarts its stream and logs in.
         let restart = NodeBuilder::new("stream:error").attr("code", "515").build();
         let _ = stream.out.send(Outbound::End(restart));
@@ -406,57 +411,96 @@ impl Phone {
     /// (a device that does not acknowledge it gets it again when it logs in). Answers the
     /// message id.
     pub fn send(&self, to: &str, message: &wa::Message) -> Result<String, String> {
-        use wacore::messages::MessageUtils;
-        let id = message_id();
-        let plaintext = MessageUtils::encode_and_pad(message);
-        let mut guard = self.shared.state();
-        let state = &mut *guard;
         if to == self.number {
             return Err("a phone does not message itself".into());
         }
+        let id = message_id();
+        let mut guard = self.shared.state();
+        let state = &mut *guard;
         let mut me = state
             .accounts
             .remove(&self.number)
             .expect("the phone's account");
-        let sent = (|| {
-            let target = state
-                .accounts
-                .get_mut(to)
-                .ok_or_else(|| format!("{to} is not on WhatsApp here"))?;
-            if target.companions.is_empty() {
-                return Err(format!("{to} has no linked device"));
+        let sent = match state.accounts.get_mut(to) {
+            None => Err(format!("{to} is not on WhatsApp here")),
+            Some(target) if target.companions.is_empty() => {
+                Err(format!("{to} has no linked device"))
             }
-            for (device, companion) in &mut target.companions {
-                let (kind, sealed) = me.peer.encrypt(
-                    &signal::address(to, *device),
-                    || {
-                        let pre_key =
-                            (!companion.pre_keys.is_empty()).then(|| companion.pre_keys.remove(0));
-                        signal::companion_bundle(*device, &companion.registration, pre_key.as_ref())
-                    },
-                    &plaintext,
-                )?;
-                let stanza = NodeBuilder::new("message")
-                    .attr("from", format!("{}@s.whatsapp.net", self.number))
-                    .attr("id", id.clone())
-                    .attr("t", (shared::db::now_ms() / 1000).to_string())
-                    .attr("type", "text")
-                    .attr("notify", me.name.clone())
-                    .children([NodeBuilder::new("enc")
-                        .attr("v", "2")
-                        .attr("type", kind)
-                        .bytes(sealed)
-                        .build()])
-                    .build();
-                if let Some(stream) = state.live.get(&(to.to_owned(), *device)) {
-                    let _ = stream.out.send(Outbound::Send(stanza.clone()));
-                }
-                companion.inbox.push((id.clone(), stanza));
-            }
-            Ok(())
-        })();
+            Some(target) => target
+                .companions
+                .iter_mut()
+                .try_for_each(|(device, companion)| {
+                    let stanza = seal(
+                        &mut me.peer,
+                        &self.number,
+                        &me.name,
+                        to,
+                        *device,
+                        companion,
+                        &id,
+                        message,
+                    )?;
+                    deliver(&state.live, to, *device, companion, &id, stanza);
+                    Ok(())
+                }),
+        };
         state.accounts.insert(self.number.clone(), me);
         sent.map(|()| id)
+    }
+
+    /// What a phone sends a device it just linked, as WhatsApp's phones do: the keys of the
+    /// account's app state (contacts, chats' settings), which the device waits for before it
+    /// counts itself connected. Sent from the phone's own number, so the device trusts it.
+    fn share_app_state_keys(&self, device: u16) -> Result<(), String> {
+        let key_id: [u8; 6] = rand010::random();
+        let share = wa::Message {
+            protocol_message: MessageField::some(wa::message::ProtocolMessage {
+                r#type: Some(wa::message::protocol_message::Type::AppStateSyncKeyShare),
+                app_state_sync_key_share: MessageField::some(wa::message::AppStateSyncKeyShare {
+                    keys: vec![wa::message::AppStateSyncKey {
+                        key_id: MessageField::some(wa::message::AppStateSyncKeyId {
+                            key_id: Some(key_id.to_vec()),
+                        }),
+                        key_data: MessageField::some(wa::message::AppStateSyncKeyData {
+                            key_data: Some(rand010::random::<[u8; 32]>().to_vec()),
+                            fingerprint: MessageField::some(
+                                wa::message::AppStateSyncKeyFingerprint {
+                                    raw_id: Some(rand010::random()),
+                                    current_index: Some(0),
+                                    device_indexes: vec![0],
+                                },
+                            ),
+                            timestamp: Some(shared::db::now_ms()),
+                        }),
+                    }],
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let id = message_id();
+        let mut guard = self.shared.state();
+        let state = &mut *guard;
+        let me = state
+            .accounts
+            .get_mut(&self.number)
+            .expect("the phone's account");
+        let companion = me
+            .companions
+            .get_mut(&device)
+            .ok_or("the device is not linked")?;
+        let stanza = seal(
+            &mut me.peer,
+            &self.number,
+            &me.name,
+            &self.number,
+            device,
+            companion,
+            &id,
+            &share,
+        )?;
+        deliver(&state.live, &self.number, device, companion, &id, stanza);
+        Ok(())
     }
 
     /// Reads what `from` sent: a read receipt for each message, to `from`'s devices.
@@ -520,6 +564,59 @@ impl Phone {
 }
 
 /// An id in the shape WhatsApp's phones use.
+/// `message`, encrypted by the phone of `from` for `device` of the number `to`, as the
+/// `<message>` stanza that device gets.
+#[allow(clippy::too_many_arguments)]
+fn seal(
+    peer: &mut signal::Peer,
+    from: &str,
+    name: &str,
+    to: &str,
+    device: u16,
+    companion: &mut Companion,
+    id: &str,
+    message: &wa::Message,
+) -> Result<Node, String> {
+    use wacore::messages::MessageUtils;
+    let plaintext = MessageUtils::encode_and_pad(message);
+    let (kind, sealed) = peer.encrypt(
+        &signal::address(to, device),
+        || {
+            let pre_key = (!companion.pre_keys.is_empty()).then(|| companion.pre_keys.remove(0));
+            signal::companion_bundle(device, &companion.registration, pre_key.as_ref())
+        },
+        &plaintext,
+    )?;
+    Ok(NodeBuilder::new("message")
+        .attr("from", format!("{from}@s.whatsapp.net"))
+        .attr("id", id.to_owned())
+        .attr("t", (shared::db::now_ms() / 1000).to_string())
+        .attr("type", "text")
+        .attr("notify", name.to_owned())
+        .children([NodeBuilder::new("enc")
+            .attr("v", "2")
+            .attr("type", kind)
+            .bytes(sealed)
+            .build()])
+        .build())
+}
+
+/// Sends a stanza to `to`'s `device` if it is connected, and keeps it in the device's inbox
+/// until the device acknowledges it.
+fn deliver(
+    live: &std::collections::HashMap<(String, u16), super::Stream>,
+    to: &str,
+    device: u16,
+    companion: &mut Companion,
+    id: &str,
+    stanza: Node,
+) {
+    if let Some(stream) = live.get(&(to.to_owned(), device)) {
+        let _ = stream.out.send(Outbound::Send(stanza.clone()));
+    }
+    companion.inbox.push((id.to_owned(), stanza));
+}
+
 fn message_id() -> String {
     let n: u128 = rand010::random();
     format!("3EB0{:020X}", n >> 48)
