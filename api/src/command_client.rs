@@ -133,17 +133,16 @@ pub async fn run(
 async fn send(state: &AppState, env: &mut CommandEnvelope) -> Result<Outcome> {
     if !state.fleet.is_live(&env.gateway_id).await {
         let before = env.gateway_id.clone();
-        let lease_left_ms = follow(state, env).await?;
+        let route = follow(state, env).await?;
         if env.gateway_id == before || !state.fleet.is_live(&env.gateway_id).await {
-            return Err(dead_gateway(env, lease_left_ms));
+            return Err(dead_gateway(env, &route));
         }
     }
     state.bus.call(env).await
 }
 
-/// Re-reads the session's owner and readdresses the command to it; answers how long the
-/// owner's lease on the session still holds (ms).
-async fn follow(state: &AppState, env: &mut CommandEnvelope) -> Result<i64> {
+/// Re-reads the session's owner and readdresses the command to it; answers the route read.
+async fn follow(state: &AppState, env: &mut CommandEnvelope) -> Result<store::sessions::Route> {
     let client = state.db.get().await?;
     let route = store::sessions::route(&client, &env.organization_id, &env.session_id)
         .await?
@@ -152,21 +151,31 @@ async fn follow(state: &AppState, env: &mut CommandEnvelope) -> Result<i64> {
         env.session_id.clone(),
         (env.organization_id.clone(), route.gateway_id.clone()),
     );
-    env.gateway_id = route.gateway_id;
-    Ok(route.lease_left_ms)
+    env.gateway_id.clone_from(&route.gateway_id);
+    Ok(route)
 }
 
 /// 503 for a session whose gateway has no live worker, with `Retry-After`: the lease's time
-/// left (failover moves the session only after it) plus a moment for the move itself.
-fn dead_gateway(env: &CommandEnvelope, lease_left_ms: i64) -> Error {
-    let retry_after = (lease_left_ms + 999) / 1000 + 2;
-    Error::unavailable(format!(
-        "gateway {} has no live worker; its sessions move to a live gateway of its region \
-         once their leases expire",
-        env.gateway_id
-    ))
-    .with_detail("gatewayId", env.gateway_id.as_str())
-    .with_detail("retryAfterSeconds", retry_after)
+/// left (failover moves the session only after it; a restarting gateway's next process takes
+/// it back before) plus a moment for the move itself.
+fn dead_gateway(env: &CommandEnvelope, route: &store::sessions::Route) -> Error {
+    let retry_after = (route.lease_left_ms + 999) / 1000 + 2;
+    let message = if route.restarting {
+        format!(
+            "gateway {} is restarting; its sessions are back when its next process starts, or \
+             move to a live gateway of its region if it does not come back within {retry_after} s",
+            env.gateway_id
+        )
+    } else {
+        format!(
+            "gateway {} has no live worker; its sessions move to a live gateway of its region \
+             once their leases expire",
+            env.gateway_id
+        )
+    };
+    Error::unavailable(message)
+        .with_detail("gatewayId", env.gateway_id.as_str())
+        .with_detail("retryAfterSeconds", retry_after)
 }
 
 /// Sends a notice without waiting for its reply; the worker records it when it runs it.

@@ -205,15 +205,22 @@ impl Fleet {
 }
 
 /// What `fleet_gateway_state` says of a gateway: its state as the fleet sees it, or
-/// `stopped` when its worker exited cleanly (scaled down, stopped by an SRE), which no alert
-/// should take for a crash.
-const PUBLISHED_STATES: [&str; 5] = ["active", "draining", "cordoned", "dead", "stopped"];
+/// `stopped` when its worker exited cleanly (scaled down, stopped by an SRE) and its restart
+/// hold is over, which no alert should take for a crash.
+const PUBLISHED_STATES: [&str; 7] = [
+    "active",
+    "draining",
+    "decommissioning",
+    "cordoned",
+    "restarting",
+    "dead",
+    "stopped",
+];
 
 fn published_state(g: &Gateway, now: i64, liveness_ms: i64) -> &'static str {
-    if g.heartbeat_at == 0 {
-        "stopped"
-    } else {
-        g.effective_state(now, liveness_ms).as_str()
+    match g.effective_state(now, liveness_ms) {
+        GatewayState::Dead if g.heartbeat_at == 0 => "stopped",
+        state => state.as_str(),
     }
 }
 
@@ -254,11 +261,12 @@ mod tests {
             started_at: 0,
             heartbeat_at,
             note: None,
+            restart_hold_until: None,
         }
     }
 
     #[test]
-    fn a_clean_exit_is_stopped_and_a_lapsed_heartbeat_is_dead() {
+    fn a_clean_exit_is_restarting_within_its_hold_then_stopped_and_a_lapsed_heartbeat_is_dead() {
         let now = 100_000;
         let state = |g: &Gateway| published_state(g, now, 10_000);
         assert_eq!(state(&gateway(GatewayState::Active, now - 1_000)), "active");
@@ -268,9 +276,17 @@ mod tests {
         );
         assert_eq!(state(&gateway(GatewayState::Active, now - 20_000)), "dead");
         assert_eq!(state(&gateway(GatewayState::Active, 0)), "stopped");
+        let held = |until| Gateway {
+            restart_hold_until: Some(until),
+            ..gateway(GatewayState::Active, 0)
+        };
+        assert_eq!(state(&held(now + 1)), "restarting");
+        assert_eq!(state(&held(now)), "stopped");
         for g in [
             gateway(GatewayState::Cordoned, now),
+            gateway(GatewayState::Decommissioning, now),
             gateway(GatewayState::Dead, now),
+            held(now + 1),
         ] {
             assert!(PUBLISHED_STATES.contains(&state(&g)));
         }

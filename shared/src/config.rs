@@ -39,6 +39,16 @@ impl AmqpConfig {
     pub fn topology(&self) -> crate::topology::Topology {
         crate::topology::Topology::new(self.amqp_prefix.clone())
     }
+
+    /// Deletes a removed gateway's command queue, on a connection of its own; answers how
+    /// many commands it dropped.
+    pub async fn delete_gateway_queue(&self, gateway_id: &str) -> lapin::Result<u32> {
+        let conn = crate::topology::connect(&self.amqp_url, "gateway-removal").await?;
+        let ch = conn.create_channel().await?;
+        let dropped = self.topology().delete_gateway_queue(&ch, gateway_id).await;
+        let _ = conn.close(200, "removed".into()).await;
+        dropped
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]

@@ -2,7 +2,9 @@
 //! and tested on its own.
 //!
 //! A gateway is `active` (takes new sessions), `draining` (its sessions are moving to peers),
-//! `cordoned` (keeps its sessions, takes no new ones) or `dead` (its heartbeat lapsed; shown,
+//! `decommissioning` (draining, then removed with its queue once empty), `cordoned` (keeps its
+//! sessions, takes no new ones), `restarting` (its worker stopped to restart and holds its
+//! sessions for its next process; shown, not stored) or `dead` (its heartbeat lapsed; shown,
 //! not stored). Placement — of a new session, of a drained one, of a dead gateway's — puts
 //! each session on the least-loaded candidate by load ÷ capacity, never past capacity.
 
@@ -14,7 +16,9 @@ use utoipa::ToSchema;
 pub enum GatewayState {
     Active,
     Draining,
+    Decommissioning,
     Cordoned,
+    Restarting,
     Dead,
 }
 
@@ -23,16 +27,25 @@ impl GatewayState {
         match self {
             GatewayState::Active => "active",
             GatewayState::Draining => "draining",
+            GatewayState::Decommissioning => "decommissioning",
             GatewayState::Cordoned => "cordoned",
+            GatewayState::Restarting => "restarting",
             GatewayState::Dead => "dead",
         }
+    }
+
+    /// Whether its sessions are to move to its peers.
+    pub fn drains(self) -> bool {
+        matches!(self, GatewayState::Draining | GatewayState::Decommissioning)
     }
 
     pub fn parse(s: &str) -> Option<Self> {
         [
             GatewayState::Active,
             GatewayState::Draining,
+            GatewayState::Decommissioning,
             GatewayState::Cordoned,
+            GatewayState::Restarting,
             GatewayState::Dead,
         ]
         .into_iter()

@@ -23,7 +23,7 @@ use std::{
 
 use lapin::{
     Channel, ExchangeKind,
-    options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions},
+    options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions},
     types::{AMQPValue, FieldTable},
 };
 
@@ -111,6 +111,16 @@ impl Topology {
             gateway_id.into(),
             QueueBindOptions::default(),
             FieldTable::default(),
+        )
+        .await
+    }
+
+    /// Deletes a removed gateway's command queue (what it still held was for sessions that
+    /// moved away: their commands are swept as overdue). Answers how many it dropped.
+    pub async fn delete_gateway_queue(&self, ch: &Channel, gateway_id: &str) -> lapin::Result<u32> {
+        ch.queue_delete(
+            self.command_queue(gateway_id).as_str().into(),
+            QueueDeleteOptions::default(),
         )
         .await
     }

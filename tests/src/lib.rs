@@ -210,6 +210,7 @@ impl TestEnv {
         cfg.gateway_id = gateway_id.to_owned();
         cfg.heartbeat_interval_ms = 300;
         cfg.shutdown_grace_ms = 3_000;
+        cfg.restart_hold_ms = 2_000;
         cfg.sim_qr_first_ttl_ms = 2_000;
         cfg.sim_qr_next_ttl_ms = 1_000;
         cfg.sim_connect_delay_ms = 20;
@@ -444,6 +445,8 @@ pub const FAST_FLEET: &[(&str, &str)] = &[
     ("ADOPT_INTERVAL_MS", "100"),
     ("REAPER_INTERVAL_MS", "200"),
     ("DRAIN_GRACE_MS", "10000"),
+    // A stopped worker's sessions wait as long as a killed one's lease.
+    ("RESTART_HOLD_MS", "2000"),
     ("SIM_KEEPALIVE_MS", "600"),
 ];
 
@@ -462,6 +465,7 @@ pub fn fast_fleet(cfg: &mut worker::Config) {
     cfg.adopt_interval_ms = ms("ADOPT_INTERVAL_MS");
     cfg.reaper_interval_ms = ms("REAPER_INTERVAL_MS");
     cfg.drain_grace_ms = ms("DRAIN_GRACE_MS");
+    cfg.restart_hold_ms = ms("RESTART_HOLD_MS");
     cfg.sim_keepalive_ms = ms("SIM_KEEPALIVE_MS");
 }
 
@@ -741,6 +745,15 @@ impl Resp {
             self.body
         );
         assert!(err["details"].is_object(), "details of {:?}", self.body);
+    }
+
+    /// The `Retry-After` header, in seconds.
+    #[track_caller]
+    pub fn retry_after(&self) -> u64 {
+        self.headers
+            .get("retry-after")
+            .and_then(|v| v.to_str().ok()?.parse().ok())
+            .unwrap_or_else(|| panic!("a Retry-After in seconds: {:?}", self.headers))
     }
 
     #[track_caller]

@@ -68,10 +68,16 @@ pub struct Config {
     /// Sessions handed to peers at once during a drain.
     #[arg(long, env = "DRAIN_PARALLELISM", default_value_t = 32)]
     pub drain_parallelism: usize,
-    /// On SIGTERM with live peers in the region, how long the worker may spend moving its
-    /// sessions to them before it exits (keep it under the orchestrator's grace period).
+    /// On SIGTERM of a gateway being drained or decommissioned, how long the worker may spend
+    /// moving its sessions to its peers before it exits (keep it under the orchestrator's
+    /// grace period).
     #[arg(long, env = "DRAIN_GRACE_MS", default_value_t = 60_000)]
     pub drain_grace_ms: u64,
+    /// On SIGTERM of any other gateway (a restart: a rollout, a node's maintenance), how long
+    /// its sessions wait for the gateway's next process before failover moves them to peers.
+    /// 0 moves them at once.
+    #[arg(long, env = "RESTART_HOLD_MS", default_value_t = 30_000)]
+    pub restart_hold_ms: u64,
     /// Where to serve `/metrics` and `/healthz` (off when unset).
     #[arg(long, env = "WORKER_METRICS_LISTEN")]
     pub metrics_listen: Option<SocketAddr>,

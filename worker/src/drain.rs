@@ -1,8 +1,9 @@
 //! Drain: move every session of this gateway to the least-loaded active peers of its region.
 //!
-//! A worker drains when an SRE marks its gateway `draining` (`gatewayctl gateways drain`,
-//! seen on the next heartbeat) and when it gets SIGTERM while live peers exist, so a rolling
-//! deploy moves numbers instead of dropping them.
+//! A worker drains when an SRE marks its gateway `draining` or `decommissioning`
+//! (`gatewayctl gateways drain|decommission`, seen on the next heartbeat, and again within
+//! `DRAIN_GRACE_MS` when SIGTERM comes before the drain ended). A plain SIGTERM (a rollout's
+//! restart) moves nothing: the gateway's next process takes its sessions back (`lib.rs`).
 //!
 //! A session its actor holds is handed over by that actor: it closes the connection, then
 //! makes the peer the owner, with no holder, in one fenced write, so the peer (which

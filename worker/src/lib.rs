@@ -62,9 +62,10 @@ pub struct Ctx {
     pub typing_max: Duration,
 }
 
-/// Runs the worker until `shutdown` is cancelled. Then, when live peers exist in its region,
-/// it first moves its sessions to them (a drain, within `DRAIN_GRACE_MS`); either way it
-/// finishes in-flight commands and releases its leases before it returns. It fails at once,
+/// Runs the worker until `shutdown` is cancelled. Then it finishes in-flight commands, closes
+/// its connections and hands its sessions back to its own gateway for its next process (a
+/// restart moves nothing); only a gateway an SRE drains or decommissions first moves them to
+/// its peers (within `DRAIN_GRACE_MS`), and a decommissioned one that ends empty is removed. It fails at once,
 /// before it registers, on anything it cannot start with (a schema older than it needs, the
 /// metrics port in use, the driver's settings), and later when another process takes its
 /// gateway over.
@@ -200,7 +201,15 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<()> {
         // process without a lease it keeps, which ends it as well.
         kept = &mut keeper => !matches!(kept, Ok(leases::Kept::Stopped)),
     };
-    if !taken_over {
+    // What the gateway is to do as this process stops: move its sessions to its peers when an
+    // SRE drains or decommissions it, else keep them for its next process (a restart).
+    let state = if taken_over {
+        None
+    } else {
+        stored_state(&db, &cfg.gateway_id).await
+    };
+    let drains = state.is_some_and(GatewayState::drains);
+    if drains {
         // The consumer keeps running while sessions move: a command for one that moved is
         // answered "moved", and the api sends it on.
         drain_before_exit(&drain, &cfg).await;
@@ -221,25 +230,65 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<()> {
             cfg.gateway_id
         )));
     }
-    if let Ok(client) = db.get().await {
-        // Nobody drives its sessions any more: a peer may take them over without waiting.
-        if let Err(e) = store::leases::release(&client, &cfg.gateway_id, &instance).await {
-            tracing::warn!(error = %e, "could not release the lease; it expires by itself");
-        }
-        // Tell the fleet at once that nobody serves this gateway now; a drain to exit ends.
-        let _ = gateways::signed_off(&client, &cfg.gateway_id, &instance).await;
-    }
+    sign_off(&db, &cfg, &instance, state).await;
     tracing::info!(gateway_id = %cfg.gateway_id, "worker stopped");
     Ok(())
 }
 
-/// On SIGTERM: when live peers exist in the region, mark the gateway draining and move its
-/// sessions to them within `DRAIN_GRACE_MS`. That drain is this process's own: the gateway's
-/// next process (or this one's sign-off) puts back the state it had
-/// (`gateways::drain_to_exit`), even if this process is killed mid-way.
+/// The gateway's state as an SRE set it, if Postgres answers.
+async fn stored_state(db: &Pool, gateway_id: &str) -> Option<GatewayState> {
+    let client = db.get().await.ok()?;
+    gateways::heartbeat(&client, gateway_id)
+        .await
+        .ok()
+        .flatten()
+}
+
+/// The last act of a process that stops: a decommissioned gateway that owns nothing any more
+/// is removed with its queue; any other hands its sessions back to itself, held for its next
+/// process for `RESTART_HOLD_MS` (a restart moves nothing), or at once to failover when it
+/// drains (what could not move before the exit goes to peers without waiting).
+async fn sign_off(db: &Pool, cfg: &Config, instance: &str, state: Option<GatewayState>) {
+    let Ok(client) = db.get().await else {
+        tracing::warn!("cannot sign off: Postgres is away; the lease expires by itself");
+        return;
+    };
+    let id = &cfg.gateway_id;
+    if state == Some(GatewayState::Decommissioning) {
+        match gateways::remove_decommissioned(&client, id, Some(instance)).await {
+            Ok(true) => {
+                match cfg.amqp.delete_gateway_queue(id).await {
+                    Ok(dropped) => tracing::info!(dropped, "gateway decommissioned and removed"),
+                    Err(e) => tracing::warn!(error = %e,
+                        "gateway removed; its command queue could not be deleted"),
+                }
+                return;
+            }
+            Ok(false) => {
+                tracing::warn!("decommissioned gateway still owns sessions; they fail over")
+            }
+            Err(e) => tracing::warn!(error = %e, "could not remove the decommissioned gateway"),
+        }
+    }
+    let hold_ms = if state.is_some_and(GatewayState::drains) {
+        0
+    } else {
+        cfg.restart_hold_ms as i64
+    };
+    match gateways::signed_off(&client, id, instance, hold_ms).await {
+        Ok(()) if hold_ms > 0 => {
+            tracing::info!(hold_ms, "sessions held for this gateway's next process")
+        }
+        Ok(()) => {}
+        Err(e) => tracing::warn!(error = %e, "could not sign off; the lease expires by itself"),
+    }
+}
+
+/// On SIGTERM of a gateway an SRE drains or decommissions: move what is left to the region's
+/// peers within `DRAIN_GRACE_MS`, while any peer can take sessions (when the whole region
+/// stops at once, each worker soon sees only draining peers, and waiting out the grace period
+/// would help none).
 async fn drain_before_exit(drain: &Drain, cfg: &Config) {
-    // Drain while a peer can take sessions: when the whole region stops at once, each worker
-    // soon sees only draining peers, and waiting out the grace period would help none.
     let peers_left = || async {
         match drain.ctx.db.get().await {
             Ok(client) => gateways::peers(
@@ -253,18 +302,6 @@ async fn drain_before_exit(drain: &Drain, cfg: &Config) {
             Err(_) => false,
         }
     };
-    if !peers_left().await {
-        tracing::info!("no live peer in the region; sessions wait for this gateway to return");
-        return;
-    }
-    let marked = async {
-        let client = drain.ctx.db.get().await?;
-        gateways::drain_to_exit(&client, &cfg.gateway_id).await
-    };
-    if let Err(e) = marked.await {
-        tracing::warn!(error = %e, "cannot drain before exiting");
-        return;
-    }
     tracing::info!("draining to peers before exiting");
     let until = tokio::time::Instant::now() + Duration::from_millis(cfg.drain_grace_ms);
     match drain.run(Some(until), peers_left).await {
@@ -275,7 +312,7 @@ async fn drain_before_exit(drain: &Drain, cfg: &Config) {
 }
 
 /// Heartbeats; every fifth beat also publishes session counts. A gateway an SRE marked
-/// `draining` is drained from here, one drain at a time, until it owns nothing.
+/// `draining` or `decommissioning` is drained from here, one drain at a time, until it owns nothing.
 async fn heartbeat(
     db: Pool,
     gateway_id: String,
@@ -300,7 +337,7 @@ async fn heartbeat(
         };
         match beat.await {
             Ok(state) => {
-                draining.send_replace(state == Some(GatewayState::Draining));
+                draining.send_replace(state.is_some_and(GatewayState::drains));
             }
             Err(e) => tracing::warn!(error = %e, "heartbeat failed"),
         }

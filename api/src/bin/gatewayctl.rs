@@ -159,6 +159,29 @@ enum GatewayCmd {
         #[arg(long, default_value_t = 600)]
         timeout_secs: u64,
     },
+    /// Remove the gateway for good (a scale-down): drain it like `drain`, then, once it owns
+    /// no session, remove its row and its command queue — at once when no worker runs it,
+    /// else when its worker stops. A restart of its worker meanwhile keeps it decommissioning.
+    Decommission {
+        id: String,
+        /// Give up waiting after this many seconds (the drain goes on).
+        #[arg(long, default_value_t = 600)]
+        timeout_secs: u64,
+    },
+    /// What a gateway pod's preStop hook runs on Kubernetes: when the StatefulSet no longer
+    /// counts the pod's ordinal (a scale-down removes the highest), decommission the gateway
+    /// and wait for it to drain; any other stop (a rollout, a node's drain) is a restart,
+    /// which moves nothing. Reads the StatefulSet with the pod's service account.
+    PreStop {
+        id: String,
+        /// The StatefulSet whose pod this is (by default the pod's name without its ordinal:
+        /// `gw-sg` for `gw-sg-3`).
+        #[arg(long)]
+        statefulset: Option<String>,
+        /// Give up waiting after this many seconds (keep it under the pod's grace period).
+        #[arg(long, default_value_t = 600)]
+        timeout_secs: u64,
+    },
     /// Keep the gateway's sessions, but place no new ones on it.
     Cordon { id: String },
     /// Make the gateway active again (ends a drain or a cordon).
@@ -353,7 +376,141 @@ async fn fleet(cfg: &api::Config, cmd: GatewayCmd) -> Result<()> {
             set(id.clone(), GatewayState::Draining).await?;
             drain_progress(&db, cfg, &id, Duration::from_secs(timeout_secs)).await
         }
+        GatewayCmd::Decommission { id, timeout_secs } => {
+            set(id.clone(), GatewayState::Decommissioning).await?;
+            drain_progress(&db, cfg, &id, Duration::from_secs(timeout_secs)).await?;
+            remove_if_unserved(&db, cfg, &id).await
+        }
+        GatewayCmd::PreStop {
+            id,
+            statefulset,
+            timeout_secs,
+        } => {
+            let statefulset = statefulset
+                .or_else(|| id.rsplit_once('-').map(|(name, _)| name.to_owned()))
+                .ok_or_else(|| Error::invalid(format!("{id} is not a StatefulSet pod's name")))?;
+            let (start, replicas) = kubernetes::desired_ordinals(&statefulset).await?;
+            if kubernetes::kept(&id, start, replicas)? {
+                println!("{id} stays in {statefulset} ({replicas} replicas): a restart");
+                return Ok(());
+            }
+            println!("{id} is beyond {statefulset}'s {replicas} replicas: decommissioning");
+            set(id.clone(), GatewayState::Decommissioning).await?;
+            drain_progress(&db, cfg, &id, Duration::from_secs(timeout_secs)).await
+        }
     }
+}
+
+/// The little of the Kubernetes API a gateway pod's preStop needs: how many pods its
+/// StatefulSet wants now.
+mod kubernetes {
+    use shared::{Error, Result};
+
+    const ACCOUNT: &str = "/var/run/secrets/kubernetes.io/serviceaccount";
+
+    /// The StatefulSet's first ordinal and desired replicas, read with the pod's service
+    /// account (its token, its namespace and the cluster's CA, as Kubernetes mounts them).
+    pub async fn desired_ordinals(statefulset: &str) -> Result<(u64, u64)> {
+        let unavailable = |what: &str, e: &dyn std::fmt::Display| {
+            Error::unavailable(format!(
+                "cannot read StatefulSet {statefulset}: {what}: {e}"
+            ))
+        };
+        let read = |file: &str| {
+            std::fs::read(format!("{ACCOUNT}/{file}"))
+                .map_err(|e| unavailable(&format!("{ACCOUNT}/{file}"), &e))
+        };
+        let (token, namespace, ca) = (read("token")?, read("namespace")?, read("ca.crt")?);
+        let host = std::env::var("KUBERNETES_SERVICE_HOST")
+            .map_err(|e| unavailable("KUBERNETES_SERVICE_HOST", &e))?;
+        let port = std::env::var("KUBERNETES_SERVICE_PORT").unwrap_or_else(|_| "443".into());
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let ca = reqwest::Certificate::from_pem(&ca).map_err(|e| unavailable("ca.crt", &e))?;
+        let http = reqwest::Client::builder()
+            .tls_certs_only([ca])
+            .timeout(std::time::Duration::from_secs(10))
+            .build()
+            .map_err(|e| unavailable("client", &e))?;
+        let url = format!(
+            "https://{host}:{port}/apis/apps/v1/namespaces/{}/statefulsets/{statefulset}",
+            String::from_utf8_lossy(&namespace).trim()
+        );
+        let sts: serde_json::Value = http
+            .get(&url)
+            .bearer_auth(String::from_utf8_lossy(&token).trim())
+            .send()
+            .await
+            .and_then(reqwest::Response::error_for_status)
+            .map_err(|e| unavailable(&url, &e))?
+            .json()
+            .await
+            .map_err(|e| unavailable(&url, &e))?;
+        let spec = &sts["spec"];
+        Ok((
+            spec["ordinals"]["start"].as_u64().unwrap_or(0),
+            spec["replicas"].as_u64().unwrap_or(1),
+        ))
+    }
+
+    /// Whether the gateway's pod (`gw-sg-3`: ordinal 3) is among the `replicas` pods counted
+    /// from `start`.
+    pub fn kept(gateway_id: &str, start: u64, replicas: u64) -> Result<bool> {
+        let ordinal: u64 = gateway_id
+            .rsplit('-')
+            .next()
+            .and_then(|n| n.parse().ok())
+            .ok_or_else(|| {
+                Error::invalid(format!("{gateway_id} is not a StatefulSet pod's name"))
+            })?;
+        Ok(ordinal < start + replicas)
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::kept;
+
+        #[test]
+        fn a_scale_down_removes_the_highest_ordinals_only() {
+            // gw-sg-1 … gw-sg-3, scaled from 3 to 2: gw-sg-3 goes, the others restart.
+            let kept = |id, start, replicas| kept(id, start, replicas).ok();
+            assert_eq!(kept("gw-sg-1", 1, 2), Some(true));
+            assert_eq!(kept("gw-sg-2", 1, 2), Some(true));
+            assert_eq!(kept("gw-sg-3", 1, 2), Some(false));
+            assert_eq!(kept("gw-sg-1", 1, 0), Some(false), "scaled to zero");
+            assert_eq!(kept("gw-eu-west-0", 0, 1), Some(true));
+            assert_eq!(kept("local", 1, 2), None);
+        }
+    }
+}
+
+/// Removes a drained, decommissioned gateway with its queue when no worker runs it; a live
+/// worker removes its own gateway when it stops.
+async fn remove_if_unserved(
+    db: &deadpool_postgres::Pool,
+    cfg: &api::Config,
+    id: &str,
+) -> Result<()> {
+    let client = db.get().await?;
+    let (gateways, now) = store::gateways::list(&client).await?;
+    if gateways
+        .iter()
+        .any(|g| g.id == id && g.is_live(now, cfg.gateway_liveness_ms as i64))
+    {
+        println!("{id} is empty; its worker removes it when it stops");
+        return Ok(());
+    }
+    if !store::gateways::remove_decommissioned(&client, id, None).await? {
+        return Err(Error::conflict(format!(
+            "{id} was not removed: it owns sessions again or is not decommissioning any more"
+        )));
+    }
+    let dropped = cfg
+        .amqp
+        .delete_gateway_queue(id)
+        .await
+        .map_err(|e| Error::unavailable(format!("{id} removed, but not its queue: {e}")))?;
+    println!("{id} is removed, with its command queue ({dropped} command(s) dropped)");
+    Ok(())
 }
 
 async fn print_gateways(db: &deadpool_postgres::Pool, cfg: &api::Config) -> Result<()> {

@@ -58,7 +58,7 @@ pub async fn list(
                 let session_count = counts.get(&g.id).copied().filter(|n| *n > 0)?;
                 Some(GatewayView {
                     session_count,
-                    live: state != GatewayState::Dead,
+                    live: !matches!(state, GatewayState::Dead | GatewayState::Restarting),
                     state,
                     last_heartbeat_at: g.heartbeat_at,
                     heartbeat_age_ms: age,

@@ -19,7 +19,7 @@ use crate::{
 pub struct Gateway {
     pub id: String,
     pub region: String,
-    /// The state an SRE (or a draining worker) set: `active`, `draining` or `cordoned`.
+    /// The state an SRE set: `active`, `draining`, `decommissioning` or `cordoned`.
     pub state: GatewayState,
     pub capacity: i32,
     pub version: String,
@@ -28,6 +28,9 @@ pub struct Gateway {
     pub heartbeat_at: i64,
     /// What a drain could not do, for the SRE.
     pub note: Option<String>,
+    /// Until when (epoch ms) its sessions wait for its next process, after its worker stopped
+    /// to restart: no peer takes them before.
+    pub restart_hold_until: Option<i64>,
 }
 
 impl Gateway {
@@ -36,10 +39,13 @@ impl Gateway {
         self.state != GatewayState::Dead && now_ms - self.heartbeat_at <= liveness_ms
     }
 
-    /// The state as the fleet sees it: `dead` once the heartbeat lapsed, else the stored one.
+    /// The state as the fleet sees it: `restarting` while a stopped worker's sessions wait for
+    /// its next process, `dead` once the heartbeat lapsed, else the stored one.
     pub fn effective_state(&self, now_ms: i64, liveness_ms: i64) -> GatewayState {
         if self.is_live(now_ms, liveness_ms) {
             self.state
+        } else if self.restart_hold_until.is_some_and(|t| t > now_ms) {
+            GatewayState::Restarting
         } else {
             GatewayState::Dead
         }
@@ -58,9 +64,9 @@ pub struct Registration<'a> {
 }
 
 /// Registers (or re-registers) a gateway as heartbeating now, its lease held by this
-/// process. A gateway an SRE drained or cordoned stays so across restarts of its worker; one
-/// that an earlier process drained only to exit ([`drain_to_exit`]) comes back as it was
-/// before; anything else comes back `active`.
+/// process. A gateway an SRE drained, decommissioned or cordoned stays so across restarts of
+/// its worker; anything else comes back `active` (`drain_restore` is what workers before
+/// restart-in-place left behind when they drained to exit: its state comes back).
 pub async fn register(db: &impl GenericClient, r: &Registration<'_>) -> Result<()> {
     let stmt = db
         .prepare_cached(&format!(
@@ -72,7 +78,7 @@ pub async fn register(db: &impl GenericClient, r: &Registration<'_>) -> Result<(
              started_at = EXCLUDED.started_at, heartbeat_at = EXCLUDED.heartbeat_at, \
              instance = EXCLUDED.instance, lease_expires_at = EXCLUDED.lease_expires_at, \
              state = CASE WHEN gateways.drain_restore IS NOT NULL THEN gateways.drain_restore \
-             WHEN gateways.state IN ('draining', 'cordoned') THEN gateways.state \
+             WHEN gateways.state IN ('draining', 'decommissioning', 'cordoned') THEN gateways.state \
              ELSE 'active' END, drain_restore = NULL"
         ))
         .await?;
@@ -104,34 +110,43 @@ pub async fn heartbeat(db: &impl GenericClient, id: &str) -> Result<Option<Gatew
         .and_then(|r| GatewayState::parse(r.get(0))))
 }
 
-/// A clean exit of process `instance`: nobody serves the gateway from now on (it shows `dead`
-/// at once), and a drain it started to exit ends with it. A no-op when another process has
-/// taken the gateway over since.
-pub async fn signed_off(db: &impl GenericClient, id: &str, instance: &str) -> Result<()> {
+/// A clean exit of process `instance`: nobody serves the gateway from now on, and its
+/// sessions wait `hold_ms` for the gateway's next process (a restart) before failover may
+/// move them (at once with 0). A no-op when another process has taken the gateway over since.
+pub async fn signed_off(
+    db: &impl GenericClient,
+    id: &str,
+    instance: &str,
+    hold_ms: i64,
+) -> Result<()> {
     let stmt = db
-        .prepare_cached(
-            "UPDATE gateways SET heartbeat_at = 0, state = COALESCE(drain_restore, state), \
-             drain_restore = NULL WHERE id = $1 AND instance = $2",
-        )
+        .prepare_cached(&format!(
+            "UPDATE gateways SET heartbeat_at = 0, \
+             lease_expires_at = CASE WHEN $3::bigint > 0 THEN {DB_NOW_MS} + $3::bigint END, \
+             state = COALESCE(drain_restore, state), drain_restore = NULL \
+             WHERE id = $1 AND instance = $2"
+        ))
         .await?;
-    db.execute(&stmt, &[&id, &instance]).await?;
+    db.execute(&stmt, &[&id, &instance, &hold_ms]).await?;
     Ok(())
 }
 
-/// Marks the gateway `draining` for as long as its current process lives (a worker draining
-/// to exit): [`register`] and [`signed_off`] put back the state it had. A gateway already
-/// draining (an SRE's drain) is left as it is.
-pub async fn drain_to_exit(db: &impl GenericClient, id: &str) -> Result<()> {
-    // The right-hand sides read the row as it was before this update.
+/// Removes a decommissioned gateway that owns no session any more (its worker's last act, or
+/// gatewayctl's when no worker runs it): `false` when it is not decommissioning, still owns a
+/// session, or (with `instance`) another process has taken it over.
+pub async fn remove_decommissioned(
+    db: &impl GenericClient,
+    id: &str,
+    instance: Option<&str>,
+) -> Result<bool> {
     let stmt = db
         .prepare_cached(
-            "UPDATE gateways SET state = 'draining', drain_restore = CASE state \
-             WHEN 'draining' THEN drain_restore WHEN 'cordoned' THEN 'cordoned' \
-             ELSE 'active' END WHERE id = $1",
+            "DELETE FROM gateways WHERE id = $1 AND state = 'decommissioning' \
+             AND ($2::text IS NULL OR instance = $2) \
+             AND NOT EXISTS (SELECT 1 FROM sessions WHERE gateway_id = $1)",
         )
         .await?;
-    db.execute(&stmt, &[&id]).await?;
-    Ok(())
+    Ok(db.execute(&stmt, &[&id, &instance]).await? == 1)
 }
 
 /// An SRE's change of state: it persists across the worker's restarts.
@@ -152,8 +167,8 @@ pub async fn set_note(db: &impl GenericClient, id: &str, note: Option<&str>) -> 
     Ok(())
 }
 
-const COLUMNS: &str =
-    "g.id, g.region, g.state, g.capacity, g.version, g.started_at, g.heartbeat_at, g.note";
+const COLUMNS: &str = "g.id, g.region, g.state, g.capacity, g.version, g.started_at, \
+     g.heartbeat_at, g.note, CASE WHEN g.heartbeat_at = 0 THEN g.lease_expires_at END";
 
 fn from_row(r: &tokio_postgres::Row) -> Gateway {
     Gateway {
@@ -165,6 +180,7 @@ fn from_row(r: &tokio_postgres::Row) -> Gateway {
         started_at: r.get(5),
         heartbeat_at: r.get(6),
         note: r.get(7),
+        restart_hold_until: r.get(8),
     }
 }
 
@@ -177,7 +193,7 @@ pub async fn list(db: &impl GenericClient) -> Result<(Vec<Gateway>, i64)> {
         ))
         .await?;
     let rows = db.query(&stmt, &[]).await?;
-    let now = rows.first().map_or(0, |r| r.get(8));
+    let now = rows.first().map_or(0, |r| r.get(9));
     let gateways = rows
         .iter()
         .filter(|r| r.get::<_, Option<String>>(0).is_some())

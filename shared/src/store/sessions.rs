@@ -103,17 +103,21 @@ pub async fn gateway(db: &impl GenericClient, org: &str, id: &str) -> Result<Opt
 }
 
 /// Where a session's commands go now, read fresh: its owner, how long the owner's lease on
-/// it still holds (ms, on the database's clock; 0 when unheld or expired).
+/// it still holds (ms, on the database's clock; 0 when unheld or expired; a restarting
+/// owner's hold covers every session it owns), and whether that is a restart's hold (the owner's worker stopped to restart, and its next process takes the
+/// session back).
 pub struct Route {
     pub gateway_id: String,
     pub lease_left_ms: i64,
+    pub restarting: bool,
 }
 
 pub async fn route(db: &impl GenericClient, org: &str, id: &str) -> Result<Option<Route>> {
     let stmt = db
         .prepare_cached(&format!(
-            "SELECT s.gateway_id, CASE WHEN s.lease_holder = g.instance \
-             THEN GREATEST(COALESCE(g.lease_expires_at - {DB_NOW_MS}, 0), 0) ELSE 0 END \
+            "SELECT s.gateway_id, CASE WHEN s.lease_holder = g.instance OR g.heartbeat_at = 0 \
+             THEN GREATEST(COALESCE(g.lease_expires_at - {DB_NOW_MS}, 0), 0) ELSE 0 END, \
+             COALESCE(g.heartbeat_at = 0 AND g.lease_expires_at > {DB_NOW_MS}, false) \
              FROM sessions s LEFT JOIN gateways g ON g.id = s.gateway_id \
              WHERE s.organization_id = $1 AND s.id = $2"
         ))
@@ -121,6 +125,7 @@ pub async fn route(db: &impl GenericClient, org: &str, id: &str) -> Result<Optio
     Ok(db.query_opt(&stmt, &[&org, &id]).await?.map(|r| Route {
         gateway_id: r.get(0),
         lease_left_ms: r.get(1),
+        restarting: r.get(2),
     }))
 }
 

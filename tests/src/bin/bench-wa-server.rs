@@ -9,8 +9,8 @@
 //!   resident memory and live tokio tasks (`worker_runtime_tasks`) per session, against an
 //!   empty worker of the same build. The simulator's figures come from the same steps on the
 //!   `worker` binary with as many simulated sessions.
-//! - **drain**: a peer of the region started, the worker sent SIGTERM: the time until every
-//!   session works on the peer.
+//! - **drain**: a peer of the region started, the gateway decommissioned (as a scale-down's
+//!   preStop does) and its worker sent SIGTERM: the time until every session works on the peer.
 //! - **messages**: `BENCH_MESSAGES` texts through the API to the peer, spread over the
 //!   sessions (rate limits raised, no "typing…"), each to one of 50 contacts: the rate at
 //!   which they end `sent` (WhatsApp took them: the real driver encrypts each, after fetching
@@ -183,6 +183,13 @@ async fn measure(
     env.wait_gateway_live(&peer).await;
     let since = shared::db::now_ms();
     let started = Instant::now();
+    shared::store::gateways::set_state(
+        &env.db.get().await.expect("db"),
+        gateway,
+        shared::fleet::GatewayState::Decommissioning,
+    )
+    .await
+    .expect("decommission");
     second.worker.sigterm();
     let drain = until_working(env, &[&peer], since, started, LIMIT).await;
     let messages_per_sec = messages(env).await;
@@ -305,7 +312,7 @@ async fn main() {
         "",
     );
     row(
-        "drain to a peer (SIGTERM, all working there)",
+        "drain to a peer (decommission + SIGTERM, all working there)",
         real.drain.as_secs_f64(),
         sim.drain.as_secs_f64(),
         "s",

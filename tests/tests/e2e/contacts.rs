@@ -66,12 +66,7 @@ async fn numbers_are_checked_through_a_working_session_cached_and_held_to_its_ra
         )
         .await;
     over.assert_error(429, "rate_limited");
-    let retry: u64 = over
-        .headers
-        .get("retry-after")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse().ok())
-        .expect("Retry-After");
+    let retry = over.retry_after();
     assert!((3_500..=3_600).contains(&retry), "{retry}");
     // More than the hour allows at all is a bad request, not a wait.
     let numbers: Vec<String> = (1..=5).map(|i| format!("628110000001{i}")).collect();

@@ -1,5 +1,5 @@
-//! Failover: workers that die (`kill -9`), freeze (SIGSTOP, then SIGCONT) or are told to
-//! stop (SIGTERM, a rolling deploy), as real processes, and what the fleet does about it —
+//! Failover: workers that die (`kill -9`), freeze (SIGSTOP, then SIGCONT), are told to stop
+//! (SIGTERM: a rollout's restart, which moves nothing) or are decommissioned, as real processes, and what the fleet does about it —
 //! with the simulated WhatsApp's record to show no number was ever connected twice.
 
 use std::time::Duration;
@@ -123,33 +123,104 @@ async fn rows_and_events(env: &TestEnv) -> (Vec<(String, String, String, i64)>, 
     (rows, last_event)
 }
 
-#[tokio::test]
-async fn a_worker_told_to_stop_moves_its_sessions_to_its_peers_before_it_exits() {
-    let env = TestEnv::new().await;
-    let (a, b) = (env.gateway_id("sg"), env.gateway_id("sg"));
-    env.paired_sessions("org_a", &a, 100, 4).await;
-    let before = pairings(&env.placed().await);
-    let wa = resumed_process(&env, &a, &[]).await;
-    let _wb = env.start_worker(&b, fast_fleet).await;
+/// The gateway as the fleet sees it now.
+async fn fleet_state(env: &TestEnv, gateway_id: &str) -> Option<shared::fleet::GatewayState> {
+    let (gateways, now) = shared::store::gateways::list(&env.db.get().await.expect("db"))
+        .await
+        .expect("list");
+    gateways
+        .iter()
+        .find(|g| g.id == gateway_id)
+        .map(|g| g.effective_state(now, 1_000))
+}
 
-    let stopped_at = shared::db::now_ms();
+/// A gateway `a` of 20 paired sessions (4 stopped) whose worker process, held `hold_ms` on a
+/// restart, is told to stop while a live peer `b` has room; answers `a`, `b`, the sessions'
+/// pairings before and the peer.
+type Pairings = Vec<(String, Option<String>, Option<String>)>;
+
+async fn restart_with_a_peer(
+    env: &TestEnv,
+    hold_ms: u64,
+) -> (String, String, Pairings, tests::Worker) {
+    let (a, b) = (env.gateway_id("sg"), env.gateway_id("sg"));
+    env.paired_sessions("org_a", &a, 20, 4).await;
+    let before = pairings(&env.placed().await);
+    let wa = resumed_process(env, &a, &[("RESTART_HOLD_MS", hold_ms.to_string())]).await;
+    let wb = env.start_worker(&b, fast_fleet).await;
     let log = wa.log.clone();
     assert!(wa.terminate(), "exits cleanly; log in {}", log.display());
-    // Already moved when the process is gone: nothing waited for a lease to expire.
-    env.all_sessions(Duration::from_secs(5), "moved before the exit", |p| {
+    (a, b, before, wb)
+}
+
+/// Every number kept its pairing and was never connected twice.
+async fn nothing_repaired_nor_connected_twice(env: &TestEnv, before: &Pairings) {
+    assert_eq!(pairings(&env.placed().await), *before, "no re-pairing");
+    assert_eq!(env.sim_conflicts().await, NEVER, "never two connections");
+}
+
+#[tokio::test]
+async fn a_restarted_worker_keeps_its_sessions_no_peer_takes_them_and_its_next_process_does() {
+    let env = TestEnv::new().await;
+    let (a, _b, before, _wb) = restart_with_a_peer(&env, 20_000).await;
+    assert_eq!(
+        fleet_state(&env, &a).await,
+        Some(shared::fleet::GatewayState::Restarting)
+    );
+    // Longer than a killed worker's lease (2 s) and the reaper's round: a failover would
+    // have moved them by now. A restart moves nothing.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let placed = env.placed().await;
+    assert!(
+        placed.iter().all(|p| p.gateway_id == a),
+        "no peer took a session during the hold: {placed:?}"
+    );
+    // A command meanwhile is told the gateway restarts, and when to try again.
+    let api = env.start_api(|c| c.gateway_liveness_ms = 1_000).await;
+    let key = env.api_key("org_a", &["read", "manage"]).await;
+    let r = api
+        .post(
+            &format!("/api/v1/sessions/{}:stop", placed[0].id),
+            &key,
+            None,
+        )
+        .await;
+    r.assert_error(503, "gateway_unavailable");
+    let message = r.body["error"]["message"].as_str().unwrap_or_default();
+    assert!(message.contains("is restarting"), "{}", r.body);
+    let retry_after = r.retry_after();
+    assert!(
+        (10..=22).contains(&retry_after),
+        "about the hold's 16 s left: {retry_after}"
+    );
+
+    let restarted_at = shared::db::now_ms();
+    let _next = WorkerProcess::spawn(&env, &a, &[]);
+    env.all_sessions(Duration::from_secs(20), "back on their own gateway", |p| {
+        working_on(p, &[&a], restarted_at)
+    })
+    .await;
+    nothing_repaired_nor_connected_twice(&env, &before).await;
+    assert_eq!(
+        fleet_state(&env, &a).await,
+        Some(shared::fleet::GatewayState::Active)
+    );
+}
+
+#[tokio::test]
+async fn a_worker_that_does_not_come_back_within_its_hold_is_failed_over() {
+    let env = TestEnv::new().await;
+    let stopped_at = shared::db::now_ms();
+    let (a, b, before, _wb) = restart_with_a_peer(&env, 1_500).await;
+    env.all_sessions(Duration::from_secs(15), "failed over to the peer", |p| {
         working_on(p, &[&b], stopped_at)
     })
     .await;
-    assert_eq!(pairings(&env.placed().await), before, "no re-pairing");
-    assert_eq!(env.sim_conflicts().await, NEVER, "never two connections");
-    // It comes back `active` on its next start: it drained only to exit.
-    let gateways = shared::store::gateways::list(&env.db.get().await.expect("db"))
-        .await
-        .expect("list")
-        .0;
-    let ga = gateways.iter().find(|g| g.id == a).expect("gateway a");
-    assert_eq!(ga.state, shared::fleet::GatewayState::Active);
-    assert_eq!(ga.heartbeat_at, 0, "signed off");
+    nothing_repaired_nor_connected_twice(&env, &before).await;
+    assert_eq!(
+        fleet_state(&env, &a).await,
+        Some(shared::fleet::GatewayState::Dead)
+    );
 }
 
 #[tokio::test]
@@ -406,34 +477,65 @@ async fn a_fenced_worker_reclaims_its_sessions_while_commands_keep_arriving() {
     .await;
 }
 
+/// Whether the broker has the gateway's command queue (a passive declare).
+async fn has_queue(env: &TestEnv, gateway_id: &str) -> bool {
+    let (_conn, ch, topology) = env.amqp().await;
+    ch.queue_declare(
+        topology.command_queue(gateway_id).as_str().into(),
+        lapin::options::QueueDeclareOptions {
+            passive: true,
+            ..Default::default()
+        },
+        Default::default(),
+    )
+    .await
+    .is_ok()
+}
+
 #[tokio::test]
-async fn a_drain_to_exit_cut_short_by_kill_9_does_not_outlive_its_process() {
+async fn a_decommissioned_gateway_drains_to_its_peers_and_is_removed_with_its_queue() {
     let env = TestEnv::new().await;
-    let (a, full) = (env.gateway_id("sg"), env.gateway_id("sg"));
-    env.paired_sessions("org_a", &a, 20, 0).await;
-    let mut first = resumed_process(&env, &a, &[]).await;
-    // A live peer with no room: the drain to exit can move nothing and runs its grace out.
-    let _peer = env
-        .start_worker(&full, |c| {
-            fast_fleet(c);
-            c.capacity = 0;
-        })
-        .await;
-    first.sigterm();
-    tests::eventually(Duration::from_secs(10), || async {
-        gateway_row(&env, &a).await.1 == "draining"
+    let (a, b) = (env.gateway_id("sg"), env.gateway_id("sg"));
+    env.paired_sessions("org_a", &a, 20, 4).await;
+    let before = pairings(&env.placed().await);
+    let wa = resumed_process(&env, &a, &[]).await;
+    let _wb = env.start_worker(&b, fast_fleet).await;
+
+    let marked_at = shared::db::now_ms();
+    let (ok, out) = crate::fleet::gatewayctl(&env, &["gateways", "decommission", &a]).await;
+    assert!(ok, "{out}");
+    assert!(
+        out.contains(&format!("{a} is drained"))
+            && out.contains("its worker removes it when it stops"),
+        "{out}"
+    );
+    env.all_sessions(Duration::from_secs(10), "on the peer", |p| {
+        working_on(p, &[&b], marked_at)
     })
     .await;
-    first.kill_9();
+    assert!(has_queue(&env, &a).await, "kept while its worker runs");
 
-    // Its next process takes the gateway back as it was: active, its sessions its own.
-    let started = shared::db::now_ms();
-    let _next = WorkerProcess::spawn(&env, &a, &[]);
-    env.all_sessions(
-        Duration::from_secs(20),
-        "working on their own gateway",
-        |p| working_on(p, &[&a], started),
-    )
-    .await;
-    assert_eq!(gateway_row(&env, &a).await.1, "active");
+    assert!(wa.terminate(), "exits cleanly");
+    assert_eq!(fleet_state(&env, &a).await, None, "its row is gone");
+    assert!(!has_queue(&env, &a).await, "its command queue is gone");
+    nothing_repaired_nor_connected_twice(&env, &before).await;
+
+    // A gateway no worker runs any more (stopped, empty) is removed by the command itself.
+    let c = env.gateway_id("sg");
+    env.fake_gateway(&c, 3).await;
+    {
+        let (_conn, ch, topology) = env.amqp().await;
+        topology
+            .declare_gateway_queue(&ch, &c)
+            .await
+            .expect("queue");
+    }
+    let db = env.db.get().await.expect("db");
+    shared::store::gateways::signed_off(&db, &c, "fake", 0)
+        .await
+        .expect("sign off");
+    let (ok, out) = crate::fleet::gatewayctl(&env, &["gateways", "decommission", &c]).await;
+    assert!(ok && out.contains(&format!("{c} is removed")), "{out}");
+    assert_eq!(fleet_state(&env, &c).await, None);
+    assert!(!has_queue(&env, &c).await);
 }

@@ -208,11 +208,7 @@ async fn a_session_of_a_dead_gateway_answers_503_with_retry_after_while_its_leas
         .post(&format!("/api/v1/sessions/{id}:stop"), &key, None)
         .await;
     r.assert_error(503, "gateway_unavailable");
-    let retry_after: u64 = r.headers["retry-after"]
-        .to_str()
-        .expect("ascii")
-        .parse()
-        .expect("seconds");
+    let retry_after = r.retry_after();
     assert!(
         (20..=33).contains(&retry_after),
         "about the lease's 30 s left: {retry_after}"
@@ -348,7 +344,7 @@ async fn the_desired_state_follows_what_the_owner_asked_for() {
 }
 
 /// Runs `gatewayctl` as an SRE would, against the test's database; (success, output).
-async fn gatewayctl(env: &TestEnv, args: &[&str]) -> (bool, String) {
+pub(crate) async fn gatewayctl(env: &TestEnv, args: &[&str]) -> (bool, String) {
     gatewayctl_with(env, &[], args).await
 }
 
@@ -455,7 +451,7 @@ async fn the_api_publishes_each_gateways_heartbeat_age_capacity_and_state_for_al
     env.fake_gateway(&crashed, 5).await;
     env.fake_gateway(&stopped, 3).await;
     let db = env.db.get().await.expect("db");
-    store::gateways::signed_off(&db, &stopped, "fake")
+    store::gateways::signed_off(&db, &stopped, "fake", 0)
         .await
         .expect("sign off");
     let api = env.start_api(|_| {}).await;

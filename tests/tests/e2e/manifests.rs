@@ -177,7 +177,7 @@ fn literal_env(docs: &[Value], container: &Value, pod_name: &str) -> BTreeMap<St
 }
 
 #[test]
-fn a_region_is_a_statefulset_whose_pods_are_its_gateways_and_outlast_their_drain() {
+fn a_region_is_a_statefulset_whose_pods_are_its_gateways_and_only_a_scale_down_drains() {
     for region in REGIONS {
         let docs = documents(&render(region));
         let sts = find(&docs, "StatefulSet", &format!("gw-{region}"));
@@ -208,13 +208,48 @@ fn a_region_is_a_statefulset_whose_pods_are_its_gateways_and_outlast_their_drain
             .as_u64()
             .expect("grace")
             * 1000;
+        // A stop is a restart unless the StatefulSet no longer counts the pod: the preStop
+        // decommissions those (gatewayctl, with the pod's account allowed to read the
+        // StatefulSet), and the grace period outlasts its drain, the rest of the drain on
+        // SIGTERM and the shutdown.
+        let pre_stop = worker["lifecycle"]["preStop"]["exec"]["command"]
+            .as_array()
+            .expect("a preStop command")
+            .iter()
+            .filter_map(|a| a.as_str())
+            .collect::<Vec<_>>()
+            .join(" ");
         assert!(
-            grace_ms > cfg.drain_grace_ms + cfg.shutdown_grace_ms,
-            "terminationGracePeriodSeconds ({grace_ms} ms) must outlast the drain ({} ms) and \
-             the shutdown ({} ms)",
+            pre_stop.contains("gatewayctl gateways pre-stop \"$GATEWAY_ID\""),
+            "{pre_stop}"
+        );
+        let pre_stop_ms = pre_stop
+            .split("--timeout-secs ")
+            .nth(1)
+            .and_then(|t| t.split_whitespace().next()?.parse::<u64>().ok())
+            .expect("the preStop's timeout")
+            * 1000;
+        assert!(
+            grace_ms > pre_stop_ms + cfg.drain_grace_ms + cfg.shutdown_grace_ms,
+            "terminationGracePeriodSeconds ({grace_ms} ms) must outlast the preStop's drain \
+             ({pre_stop_ms} ms), the drain on SIGTERM ({} ms) and the shutdown ({} ms)",
             cfg.drain_grace_ms,
             cfg.shutdown_grace_ms
         );
+        assert!(cfg.restart_hold_ms > 0, "a restart moves nothing");
+        let account = pod["serviceAccountName"]
+            .as_str()
+            .expect("a service account");
+        assert_eq!(pod["automountServiceAccountToken"], true);
+        let binding = find(&docs, "RoleBinding", "gateway-worker-pre-stop");
+        assert_eq!(binding["subjects"][0]["name"], account);
+        let role = find(
+            &docs,
+            "Role",
+            binding["roleRef"]["name"].as_str().expect("role"),
+        );
+        assert_eq!(role["rules"][0]["resources"][0], "statefulsets", "{role}");
+        assert_eq!(role["rules"][0]["verbs"], serde_json::json!(["get"]));
 
         // Probes ask the worker's own endpoint, which it serves where WORKER_METRICS_LISTEN says.
         let listen = cfg.metrics_listen.expect("WORKER_METRICS_LISTEN is set");
