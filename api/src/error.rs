@@ -43,6 +43,9 @@ impl From<deadpool_postgres::PoolError> for ApiError {
     }
 }
 
+/// `Retry-After` of a 503 that names no time of its own.
+const DEFAULT_RETRY_AFTER_SECS: u64 = 5;
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let Error { body, source } = self.0;
@@ -63,7 +66,12 @@ impl IntoResponse for ApiError {
         let limit = detail("limit").filter(|_| body.code == ErrorCode::RateLimited);
         let mut response = (status, Json(ErrorEnvelope { error: body })).into_response();
         let headers = response.headers_mut();
-        if let Some(secs) = retry_after {
+        // Every 503 says when to try again: its own estimate, else a few seconds (a database
+        // or broker that went away, which a load balancer must not turn into a 502).
+        let retry_after_header = retry_after.or_else(|| {
+            (status == StatusCode::SERVICE_UNAVAILABLE).then_some(DEFAULT_RETRY_AFTER_SECS)
+        });
+        if let Some(secs) = retry_after_header {
             headers.insert(header::RETRY_AFTER, HeaderValue::from(secs));
         }
         if let (Some(limit), Some(reset)) = (limit, retry_after) {

@@ -225,10 +225,12 @@ impl TestEnv {
             let r = api
                 .request(reqwest::Method::GET, "/readyz", None, None)
                 .await;
-            if r.status != 200 && std::env::var_os("TEST_DEBUG").is_some() {
+            // Ready to serve, and reaching Postgres and RabbitMQ (not `degraded`).
+            let ready = r.status == 200 && r.body["status"] == "ready";
+            if !ready && std::env::var_os("TEST_DEBUG").is_some() {
                 eprintln!("readyz: {} {}", r.status, r.body);
             }
-            r.status == 200
+            ready
         })
         .await;
         api

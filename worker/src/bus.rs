@@ -61,6 +61,11 @@ impl Outbox {
         lost
     }
 
+    /// Whether this worker is connected to the broker now (consuming, and able to publish).
+    pub fn is_connected(&self) -> bool {
+        self.channel().is_some_and(|ch| ch.status().connected())
+    }
+
     fn channel(&self) -> Option<Channel> {
         self.channel
             .read()

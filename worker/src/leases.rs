@@ -27,6 +27,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{
     Ctx,
+    health::Health,
     registry::Registry,
     store::leases::{self, Whose},
 };
@@ -97,10 +98,12 @@ pub enum Kept {
 
 /// Renews, checks and adopts until `stop`, or until another process takes the gateway over.
 /// While fenced (renewals failing), it keeps its schedule: it waits, it does not spin.
+/// Each turn is reported to `health` (the worker's liveness and readiness).
 pub async fn keep(
     ctx: Arc<Ctx>,
     registry: Registry,
     adopt_every: Duration,
+    health: Arc<Health>,
     stop: CancellationToken,
 ) -> Kept {
     let ttl = ctx.lease_ttl;
@@ -181,6 +184,7 @@ pub async fn keep(
             }
             next_adoption = Instant::now() + adopt_every;
         }
+        health.keeper_turned(!fenced);
     }
 }
 

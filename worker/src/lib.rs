@@ -8,7 +8,7 @@
 //!
 //! The fleet, by file: `leases.rs` (claim in bulk at start-up, renew in bulk, adopt sessions
 //! moved here), `drain.rs` (move this gateway's sessions to its peers), `reaper.rs` (the
-//! region's elected failover).
+//! region's elected failover), `health.rs` (what its liveness and readiness probes answer).
 //!
 //! [`run`] takes a shutdown token; the binaries only call [`process::main`] (configuration,
 //! logging, signals), and tests start workers in-process the same way.
@@ -17,6 +17,7 @@ pub mod bus;
 pub mod config;
 pub mod drain;
 pub mod driver;
+pub mod health;
 pub mod leases;
 pub mod process;
 pub mod reaper;
@@ -33,7 +34,10 @@ use tokio_util::sync::CancellationToken;
 
 pub use config::Config;
 
-use crate::{bus::Outbox, drain::Drain, driver::Driver, registry::Registry, store::leases::Whose};
+use crate::{
+    bus::Outbox, drain::Drain, driver::Driver, health::Health, registry::Registry,
+    store::leases::Whose,
+};
 
 /// What every session actor shares.
 pub struct Ctx {
@@ -156,10 +160,12 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<()> {
         drain.clone(),
         background.clone(),
     ));
+    let health = Health::new(cfg.lease_ttl());
     let mut keeper = tokio::spawn(leases::keep(
         ctx.clone(),
         registry.clone(),
         Duration::from_millis(cfg.adopt_interval_ms),
+        health.clone(),
         background.clone(),
     ));
     duties.spawn(
@@ -174,7 +180,12 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<()> {
         .run(background.clone()),
     );
     if let Some(listener) = metrics_listener {
-        duties.spawn(serve_metrics(listener, background.clone()));
+        let probes = Probes {
+            health,
+            db: db.clone(),
+            outbox: outbox.clone(),
+        };
+        duties.spawn(serve_metrics(listener, probes, background.clone()));
     }
 
     let consuming = CancellationToken::new();
@@ -376,10 +387,27 @@ async fn heartbeat(
     }
 }
 
-async fn serve_metrics(listener: tokio::net::TcpListener, stop: CancellationToken) {
-    use axum::{Router, routing::get};
+/// What the probes read (`health.rs`).
+#[derive(Clone)]
+struct Probes {
+    health: Arc<Health>,
+    db: Pool,
+    outbox: Outbox,
+}
+
+async fn serve_metrics(listener: tokio::net::TcpListener, probes: Probes, stop: CancellationToken) {
+    use axum::{Router, extract::State, routing::get};
     let app = Router::new()
-        .route("/healthz", get(|| async { "ok" }))
+        .route(
+            "/healthz",
+            get(|State(p): State<Probes>| async move { p.health.liveness() }),
+        )
+        .route(
+            "/readyz",
+            get(
+                |State(p): State<Probes>| async move { p.health.readiness(&p.db, &p.outbox).await },
+            ),
+        )
         .route(
             "/metrics",
             get(|| async {
@@ -390,7 +418,8 @@ async fn serve_metrics(listener: tokio::net::TcpListener, stop: CancellationToke
                 metrics::gauge!("worker_runtime_tasks").set(tasks as f64);
                 shared::telemetry::prometheus().render()
             }),
-        );
+        )
+        .with_state(probes);
     let _ = axum::serve(listener, app)
         .with_graceful_shutdown(stop.cancelled_owned())
         .await;

@@ -10,8 +10,9 @@ use axum::{
     response::{IntoResponse, Response},
 };
 use serde_json::{Value, json};
-use shared::Error;
 use tokio_util::sync::CancellationToken;
+
+use shared::Error;
 
 use crate::{AppState, error::ApiResult};
 
@@ -20,8 +21,11 @@ pub async fn healthz() -> Json<Value> {
     Json(json!({"status": "ok"}))
 }
 
-/// Postgres and RabbitMQ are reachable; 503 `gateway_unavailable` saying which is not.
-pub async fn readyz(State(state): State<AppState>) -> ApiResult<Json<Value>> {
+/// Readiness: this replica serves. Postgres and RabbitMQ are reported (`degraded` when one is
+/// unreachable) but never fail it: they are shared by every replica, so failing readiness on
+/// them would take the whole tier out of its Service at once, and callers would get the
+/// ingress's 502 instead of this api's own 503 with `Retry-After`.
+pub async fn readyz(State(state): State<AppState>) -> Json<Value> {
     let db_ok = tokio::time::timeout(Duration::from_secs(2), async {
         let client = state.db.get().await.ok()?;
         client.simple_query("SELECT 1").await.ok()
@@ -31,16 +35,12 @@ pub async fn readyz(State(state): State<AppState>) -> ApiResult<Json<Value>> {
     .flatten()
     .is_some();
     let broker_ok = state.bus.is_connected();
-    if db_ok && broker_ok {
-        return Ok(Json(
-            json!({"status": "ready", "database": "ok", "broker": "ok"}),
-        ));
-    }
     let word = |ok: bool| if ok { "ok" } else { "unreachable" };
-    Err(Error::unavailable("not ready")
-        .with_detail("database", word(db_ok))
-        .with_detail("broker", word(broker_ok))
-        .into())
+    Json(json!({
+        "status": if db_ok && broker_ok { "ready" } else { "degraded" },
+        "database": word(db_ok),
+        "broker": word(broker_ok),
+    }))
 }
 
 /// Prometheus text format.

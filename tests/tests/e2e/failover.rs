@@ -439,6 +439,53 @@ async fn a_worker_fenced_by_a_postgres_outage_waits_without_spinning_and_comes_b
     .await;
 }
 
+/// A worker's probe: its status and JSON body.
+async fn probe(port: u16, path: &str) -> (u16, serde_json::Value) {
+    match reqwest::get(format!("http://127.0.0.1:{port}{path}")).await {
+        Ok(r) => (r.status().as_u16(), r.json().await.unwrap_or_default()),
+        Err(_) => (0, serde_json::Value::Null),
+    }
+}
+
+#[tokio::test]
+async fn a_workers_readiness_follows_its_lease_and_postgres_while_its_liveness_stays_up() {
+    let env = TestEnv::new().await;
+    let a = env.gateway_id("sg");
+    env.paired_sessions("org_a", &a, 3, 0).await;
+    let proxy = tests::proxy::Proxy::to_url(&env.database_url).await;
+    let port = free_port();
+    let _worker = resumed_process(
+        &env,
+        &a,
+        &[
+            ("DATABASE_URL", proxy.url_through(&env.database_url)),
+            ("WORKER_METRICS_LISTEN", format!("127.0.0.1:{port}")),
+        ],
+    )
+    .await;
+    let (status, body) = probe(port, "/readyz").await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        (&body["lease"], &body["broker"], &body["database"]),
+        (&"held".into(), &"consuming".into(), &"ok".into())
+    );
+
+    proxy.cut();
+    tests::eventually(Duration::from_secs(10), || async {
+        let (status, body) = probe(port, "/readyz").await;
+        status == 503 && body["lease"] == "fenced" && body["database"] == "unreachable"
+    })
+    .await;
+    // An outage is no reason to restart: a new process would not bring Postgres back.
+    assert_eq!(probe(port, "/healthz").await.0, 200);
+
+    proxy.restore();
+    tests::eventually(Duration::from_secs(20), || async {
+        probe(port, "/readyz").await.0 == 200
+    })
+    .await;
+}
+
 /// A fenced worker reclaims its sessions once Postgres is back, even while commands keep
 /// starting actors of their own: those used to keep it from ever reclaiming the rest.
 #[tokio::test]

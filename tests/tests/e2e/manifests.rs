@@ -259,9 +259,13 @@ fn a_region_is_a_statefulset_whose_pods_are_its_gateways_and_only_a_scale_down_d
             .iter()
             .find(|p| p["containerPort"].as_u64() == Some(u64::from(listen.port())))
             .expect("the metrics port is a container port");
-        for probe in ["startupProbe", "readinessProbe", "livenessProbe"] {
+        for (probe, path) in [
+            ("startupProbe", "/healthz"),
+            ("readinessProbe", "/readyz"),
+            ("livenessProbe", "/healthz"),
+        ] {
             let get = &worker[probe]["httpGet"];
-            assert_eq!(get["path"], "/healthz", "{probe}");
+            assert_eq!(get["path"], path, "{probe}");
             assert_eq!(get["port"], port["name"], "{probe}");
         }
         assert!(

@@ -43,17 +43,30 @@ async fn health_and_readiness_answer_without_credentials_and_metrics_only_on_the
 }
 
 #[tokio::test]
-async fn readiness_fails_with_the_envelope_while_the_broker_is_unreachable() {
+async fn readiness_stays_up_through_a_shared_outage_and_callers_get_the_apis_own_503() {
     let env = TestEnv::new().await;
     let api = env
         .launch_api(|c| c.amqp.amqp_url = "amqp://guest:guest@127.0.0.1:1/%2f".into())
         .await;
+    // The broker every replica shares is away: taking this one out of the Service would take
+    // them all, and callers would get the ingress's 502.
     let r = api
         .request(reqwest::Method::GET, "/readyz", None, None)
         .await;
+    let body = r.assert_status(200);
+    assert_eq!(body["status"], "degraded", "{body}");
+    assert_eq!(body["broker"], "unreachable", "{body}");
+    assert_eq!(body["database"], "ok", "{body}");
+    // What a caller gets instead: the envelope's 503, with when to try again.
+    let key = env.api_key("org_a", &["read", "manage"]).await;
+    let gw = env.gateway_id("sg");
+    env.fake_gateway(&gw, 5).await;
+    let id = api.session_on(&key, &gw).await;
+    let r = api
+        .post(&format!("/api/v1/sessions/{id}:start"), &key, None)
+        .await;
     r.assert_error(503, "gateway_unavailable");
-    assert_eq!(r.body["error"]["details"]["broker"], "unreachable");
-    assert_eq!(r.body["error"]["details"]["database"], "ok");
+    assert!(r.retry_after() >= 1, "{:?}", r.headers);
 }
 
 #[tokio::test]
