@@ -145,34 +145,13 @@ pub async fn warn_if_reads_device_keys(pool: &Pool) -> bool {
 /// it during a rollout. A database out of reach is not a verdict; the caller goes on and
 /// meets it as any other outage.
 pub async fn check_schema(pool: &Pool) -> Result<()> {
-    let client = match pool.get().await {
-        Ok(c) => c,
+    let missing = match missing_migrations(pool).await {
+        Ok(missing) => missing,
         Err(e) => {
             tracing::warn!(error = %e, "could not check the database schema; going on");
             return Ok(());
         }
     };
-    let applied: std::collections::HashSet<i64> = match client
-        .query("SELECT version::bigint FROM refinery_schema_history", &[])
-        .await
-    {
-        Ok(rows) => rows.iter().map(|r| r.get(0)).collect(),
-        // No history table: nothing was ever applied.
-        Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::UNDEFINED_TABLE) => {
-            Default::default()
-        }
-        Err(e) => {
-            tracing::warn!(error = %e, "could not check the database schema; going on");
-            return Ok(());
-        }
-    };
-    let runner = embedded::migrations::runner();
-    let missing: Vec<String> = runner
-        .get_migrations()
-        .iter()
-        .filter(|m| !applied.contains(&i64::from(m.version())))
-        .map(|m| format!("V{}__{}", m.version(), m.name()))
-        .collect();
     match missing.as_slice() {
         [] => Ok(()),
         [first, rest @ ..] => Err(Error::invalid(format!(
@@ -185,6 +164,30 @@ pub async fn check_schema(pool: &Pool) -> Result<()> {
             }
         ))),
     }
+}
+
+/// The migrations this build embeds that the database has not applied (`V12__name`), in
+/// order; an error when the database cannot be asked.
+pub async fn missing_migrations(pool: &Pool) -> Result<Vec<String>> {
+    let client = pool.get().await?;
+    let applied: std::collections::HashSet<i64> = match client
+        .query("SELECT version::bigint FROM refinery_schema_history", &[])
+        .await
+    {
+        Ok(rows) => rows.iter().map(|r| r.get(0)).collect(),
+        // No history table: nothing was ever applied.
+        Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::UNDEFINED_TABLE) => {
+            Default::default()
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let runner = embedded::migrations::runner();
+    Ok(runner
+        .get_migrations()
+        .iter()
+        .filter(|m| !applied.contains(&i64::from(m.version())))
+        .map(|m| format!("V{}__{}", m.version(), m.name()))
+        .collect())
 }
 
 /// The database's clock in epoch milliseconds, as SQL. Leases and heartbeats are written and

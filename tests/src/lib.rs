@@ -617,7 +617,8 @@ fn with_login(url: &str, user: &str, password: &str) -> String {
     parsed.to_string()
 }
 
-fn with_dbname(url: &str, name: &str) -> String {
+/// `url` (a `postgres://…/db?…` URL) naming database `name` instead.
+pub fn with_dbname(url: &str, name: &str) -> String {
     match url.rsplit_once('/') {
         Some((base, tail)) => match tail.split_once('?') {
             Some((_, query)) => format!("{base}/{name}?{query}"),

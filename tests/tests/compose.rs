@@ -126,6 +126,48 @@ impl Fleet {
         assert!(ok, "docker network {verb} {network} {container}");
     }
 
+    /// `migrate` (`gatewayctl migrate`) ended before any api or worker container started:
+    /// compose's `service_completed_successfully` is how a new version's processes meet a
+    /// schema they need (and they refuse an older one).
+    fn migrated_before_the_fleet_started(&self) {
+        let state = |service: &str, field: &str| {
+            let id = self.compose(&["ps", "-a", "-q", service]);
+            let out = Command::new("docker")
+                .args([
+                    "inspect",
+                    "-f",
+                    &format!("{{{{.State.{field}}}}}"),
+                    id.trim(),
+                ])
+                .output()
+                .expect("docker inspect");
+            // RFC 3339 in UTC, its fraction's trailing zeros cut: padded back to 9 digits,
+            // so the pair orders as the times do.
+            let at = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+            let (seconds, fraction) = at.split_once('.').unwrap_or((&at, "0Z"));
+            let fraction = fraction.trim_end_matches('Z');
+            (seconds.to_owned(), format!("{fraction:0<9}"))
+        };
+        let migrated = state("migrate", "FinishedAt");
+        assert!(
+            migrated.0.starts_with("20"),
+            "migrate finished: {migrated:?}"
+        );
+        for service in [
+            "api-1",
+            "api-2",
+            "worker-sg-1",
+            "worker-sg-2",
+            "worker-eu-1",
+        ] {
+            let started = state(service, "StartedAt");
+            assert!(
+                started > migrated,
+                "{service} started {started:?}, before migrate finished {migrated:?}"
+            );
+        }
+    }
+
     /// No password or cookie ships with the repository: the broker and the database refuse
     /// `gateway:gateway`, and take the fleet's own passwords, which `up` made.
     fn refuses_shared_defaults(&self) {
@@ -442,6 +484,7 @@ async fn compose_fleet_pairs_a_number_and_survives_a_broker_node_stopping() {
     }
     let _ = rustls::crypto::ring::default_provider().install_default();
     let fleet = Fleet::up();
+    fleet.migrated_before_the_fleet_started();
     fleet.refuses_shared_defaults();
     let key = fleet
         .ctl(&[
@@ -570,24 +613,51 @@ async fn compose_fleet_pairs_a_number_and_survives_a_broker_node_stopping() {
     api.logout_and_delete(&id).await;
 
     // Region lab: a number on the real driver (the local WhatsApp protocol server), linked by
-    // the server's simulated phone through `ctl sim scan`, moved to the region's other worker
-    // when its own restarts, and talking both ways before and after, without re-pairing.
+    // the server's simulated phone through `ctl sim scan`. Its worker restarts: the number
+    // stays on its gateway and logs in again from its keys (a restart moves nothing). Then
+    // an SRE drains the gateway: it moves to the region's other worker. It talks both ways
+    // before and after each, without re-pairing.
     let (number, contact) = ("6281600000001", "6281600000002");
     let id = api.pair(&fleet, "gw-lab-1", number).await;
-    api.send(&id, contact, "before the move").await;
+    api.send(&id, contact, "before the restart").await;
     tests::eventually(Duration::from_secs(30), || async {
-        fleet.phone_received(contact, number).await == ["before the move"]
+        fleet.phone_received(contact, number).await == ["before the restart"]
     })
     .await;
     api.answers.clear();
     let restarted = Instant::now();
+    let restarted_ms = shared::db::now_ms();
     fleet.compose(&["restart", "worker-lab-1"]);
+    let back = api
+        .session_when(&id, Duration::from_secs(90), |s| {
+            s["gatewayId"] == "gw-lab-1"
+                && s["status"] == "working"
+                && s["lastConnectedAt"].as_i64() > Some(restarted_ms)
+        })
+        .await;
+    let restart_took = restarted.elapsed();
+    assert_eq!(back["waJid"], format!("{number}@s.whatsapp.net"), "{back}");
+    assert_eq!(
+        fleet.count("SELECT count(*) FROM sessions WHERE gateway_id = 'gw-lab-2'"),
+        0,
+        "nothing moved to the peer"
+    );
+    api.send(&id, contact, "after the restart").await;
+    tests::eventually(Duration::from_secs(30), || async {
+        fleet.phone_received(contact, number).await == ["before the restart", "after the restart"]
+    })
+    .await;
+
+    let drained = Instant::now();
+    let out = fleet.ctl(&["gateways", "drain", "gw-lab-1"]);
+    assert!(out.contains("gw-lab-1 is drained"), "{out}");
     let moved = api
         .session_when(&id, Duration::from_secs(90), |s| {
             s["gatewayId"] == "gw-lab-2" && s["status"] == "working"
         })
         .await;
-    let move_took = restarted.elapsed();
+    let move_took = drained.elapsed();
+    fleet.ctl(&["gateways", "uncordon", "gw-lab-1"]);
     assert_eq!(
         moved["waJid"],
         format!("{number}@s.whatsapp.net"),
@@ -595,7 +665,8 @@ async fn compose_fleet_pairs_a_number_and_survives_a_broker_node_stopping() {
     );
     api.send(&id, contact, "after the move").await;
     tests::eventually(Duration::from_secs(30), || async {
-        fleet.phone_received(contact, number).await == ["before the move", "after the move"]
+        fleet.phone_received(contact, number).await
+            == ["before the restart", "after the restart", "after the move"]
     })
     .await;
     fleet.ctl(&[
@@ -616,9 +687,10 @@ async fn compose_fleet_pairs_a_number_and_survives_a_broker_node_stopping() {
     })
     .await;
     eprintln!(
-        "[compose] region lab: a real-protocol number working on gw-lab-2 {:.1} s after \
-         `restart worker-lab-1`; both messages decrypted by the contact, its answer received; \
-         answers {:?}",
+        "[compose] region lab: a real-protocol number working again on gw-lab-1 {:.1} s after \
+         `restart worker-lab-1` (nothing moved), on gw-lab-2 {:.1} s after `gateways drain`; \
+         every message decrypted by the contact, its answer received; answers {:?}",
+        restart_took.as_secs_f64(),
         move_took.as_secs_f64(),
         api.answers
     );

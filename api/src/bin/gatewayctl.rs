@@ -34,6 +34,14 @@ enum Cmd {
         #[arg(long, env = "DATABASE_API_ROLE")]
         api_role: Option<String>,
     },
+    /// Wait until the database has every migration this build needs: how a new version's pods
+    /// (an init container) start only after its migrate Job, instead of crash-looping on a
+    /// schema that is still older than they need.
+    SchemaWait {
+        /// Give up after this many seconds.
+        #[arg(long, default_value_t = 600)]
+        timeout_secs: u64,
+    },
     /// Create or revoke API keys.
     #[command(subcommand)]
     Apikey(ApiKeyCmd),
@@ -221,6 +229,32 @@ async fn run(cli: Cli) -> Result<()> {
             if let Some(role) = api_role {
                 shared::db::grant_api_role(&cfg.db.database_url, &role).await?;
                 println!("granted role {role} every table but the WhatsApp key store's");
+            }
+        }
+        Cmd::SchemaWait { timeout_secs } => {
+            let db = shared::db::pool(&cfg.db.database_url, 1)?;
+            let started = std::time::Instant::now();
+            let mut said = None;
+            loop {
+                let why = match shared::db::missing_migrations(&db).await {
+                    Ok(missing) if missing.is_empty() => {
+                        println!("the database schema has every migration this build needs");
+                        return Ok(());
+                    }
+                    Ok(missing) => format!(
+                        "waiting for `gatewayctl migrate`: {} not applied",
+                        missing.join(", ")
+                    ),
+                    Err(e) => format!("waiting for the database: {}", e.body.message),
+                };
+                if started.elapsed() > Duration::from_secs(timeout_secs) {
+                    return Err(Error::unavailable(format!("after {timeout_secs} s: {why}")));
+                }
+                if said.as_ref() != Some(&why) {
+                    println!("{why}");
+                    said = Some(why);
+                }
+                tokio::time::sleep(Duration::from_secs(2)).await;
             }
         }
         Cmd::Apikey(ApiKeyCmd::Create {
@@ -519,7 +553,7 @@ async fn print_gateways(db: &deadpool_postgres::Pool, cfg: &api::Config) -> Resu
     let load: HashMap<String, store::gateways::Load> =
         store::gateways::load(&client).await?.into_iter().collect();
     println!(
-        "{:<20} {:<8} {:<9} {:>8} {:>8} {:>8} {:<10} {:>10}",
+        "{:<20} {:<8} {:<15} {:>8} {:>8} {:>8} {:<10} {:>10}",
         "ID", "REGION", "STATE", "CAPACITY", "SESSIONS", "LIVE", "VERSION", "HEARTBEAT"
     );
     for g in gateways {
@@ -530,7 +564,7 @@ async fn print_gateways(db: &deadpool_postgres::Pool, cfg: &api::Config) -> Resu
             format!("{:.1}s ago", (now - g.heartbeat_at) as f64 / 1000.0)
         };
         println!(
-            "{:<20} {:<8} {:<9} {:>8} {:>8} {:>8} {:<10} {:>10}",
+            "{:<20} {:<8} {:<15} {:>8} {:>8} {:>8} {:<10} {:>10}",
             g.id,
             g.region,
             g.effective_state(now, cfg.gateway_liveness_ms as i64)

@@ -284,9 +284,13 @@ fn a_region_is_a_statefulset_whose_pods_are_its_gateways_and_only_a_scale_down_d
         let hpa = find(&docs, "HorizontalPodAutoscaler", "gateway-api");
         assert_eq!(hpa["apiVersion"], "autoscaling/v2");
         assert_eq!(hpa["spec"]["scaleTargetRef"]["name"], "gateway-api");
-        let api = find(&docs, "Deployment", "gateway-api");
-        assert!(api["spec"]["replicas"].is_null(), "the HPA owns the count");
-        let api = &api["spec"]["template"]["spec"]["containers"][0];
+        let api_deployment = find(&docs, "Deployment", "gateway-api");
+        assert!(
+            api_deployment["spec"]["replicas"].is_null(),
+            "the HPA owns the count"
+        );
+        let api_pod = &api_deployment["spec"]["template"]["spec"];
+        let api = &api_pod["containers"][0];
         assert_eq!(api["readinessProbe"]["httpGet"]["path"], "/readyz");
         assert_eq!(api["livenessProbe"]["httpGet"]["path"], "/healthz");
         let job = find(&docs, "Job", "gateway-migrate");
@@ -294,6 +298,24 @@ fn a_region_is_a_statefulset_whose_pods_are_its_gateways_and_only_a_scale_down_d
             job["spec"]["template"]["spec"]["containers"][0]["command"],
             serde_json::json!(["gatewayctl", "migrate"])
         );
+        // The migrate Job runs before the new version's pods: each waits in an init container
+        // for the schema it needs, reading it as its own container does.
+        for (pod, main) in [(api_pod, api), (pod, worker)] {
+            let init = &pod["initContainers"][0];
+            assert_eq!(
+                init["command"],
+                serde_json::json!(["gatewayctl", "schema-wait", "--timeout-secs", "600"])
+            );
+            assert_eq!(init["image"], main["image"]);
+            let database_url = |c: &serde_json::Value| {
+                c["env"]
+                    .as_array()
+                    .and_then(|e| e.iter().find(|v| v["name"] == "DATABASE_URL"))
+                    .map(|v| v["valueFrom"].clone())
+            };
+            assert_eq!(database_url(init), database_url(main));
+            assert!(database_url(init).is_some());
+        }
     }
 }
 

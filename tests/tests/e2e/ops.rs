@@ -174,6 +174,53 @@ async fn a_process_refuses_a_schema_older_than_it_needs_naming_the_migration() {
     assert!(e.to_string().contains(&name), "{e}");
 }
 
+/// How a new version's pods start after its migrate Job: `gatewayctl schema-wait` (their init
+/// container) waits, naming what is missing, until `gatewayctl migrate` has run.
+#[tokio::test]
+async fn schema_wait_holds_a_new_version_until_its_migrations_are_applied() {
+    let env = TestEnv::new().await;
+    // A database no version has migrated yet.
+    let empty = format!("gw_empty_{}", tests::unique());
+    let db = env.db.get().await.expect("db");
+    db.batch_execute(&format!("CREATE DATABASE {empty}"))
+        .await
+        .expect("an empty database");
+    let url = tests::with_dbname(&env.database_url, &empty);
+    let ctl = |args: &[&str]| {
+        let mut cmd = tokio::process::Command::new(tests::process::binary("gatewayctl"));
+        cmd.args(args)
+            .env("DATABASE_URL", &url)
+            .env("LOG_FORMAT", "text")
+            .stdout(std::process::Stdio::piped())
+            .kill_on_drop(true);
+        cmd
+    };
+    let mut waiting = ctl(&["schema-wait", "--timeout-secs", "60"])
+        .spawn()
+        .expect("schema-wait");
+    let mut out = tokio::io::BufReader::new(waiting.stdout.take().expect("stdout"));
+    let mut first = String::new();
+    tokio::io::AsyncBufReadExt::read_line(&mut out, &mut first)
+        .await
+        .expect("a line");
+    assert!(
+        first.contains("V1__initial") && first.contains("gatewayctl migrate"),
+        "{first}"
+    );
+    assert!(waiting.try_wait().expect("status").is_none(), "it waits");
+
+    let migrated = ctl(&["migrate"]).output().await.expect("migrate");
+    assert!(migrated.status.success(), "{migrated:?}");
+    let status = tokio::time::timeout(std::time::Duration::from_secs(10), waiting.wait())
+        .await
+        .expect("schema-wait returns once migrated")
+        .expect("status");
+    assert!(status.success());
+    let _ = db
+        .batch_execute(&format!("DROP DATABASE {empty} WITH (FORCE)"))
+        .await;
+}
+
 #[tokio::test]
 async fn a_process_runs_on_a_schema_newer_than_it_knows() {
     let env = TestEnv::new().await;
