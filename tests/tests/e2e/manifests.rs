@@ -799,7 +799,8 @@ fn unknown_metrics(exprs: &[(String, String)]) -> Vec<String> {
     exprs
         .iter()
         .flat_map(|(what, e)| metric_names(e).into_iter().map(move |m| (what.clone(), m)))
-        .filter(|(_, m)| !known.contains(m) && !m.starts_with("rabbitmq_"))
+        // `up` is Prometheus' own, one per scrape target.
+        .filter(|(_, m)| !known.contains(m) && !m.starts_with("rabbitmq_") && m != "up")
         .map(|(what, m)| format!("{what}: {m}"))
         .collect()
 }
@@ -877,6 +878,10 @@ fn the_alert_rules_pass_promtool_and_their_unit_tests_and_read_only_emitted_metr
         "GatewayCommandsTimingOut",
         "GatewayDeadLettersRising",
         "GatewayRegionNoSpareCapacity",
+        "GatewayApiDown",
+        "GatewayWorkersUnscraped",
+        "GatewayBrokerDown",
+        "GatewayScrapeTargetDown",
     ] {
         assert!(exprs.iter().any(|(n, _)| n == alert), "no alert {alert}");
     }
@@ -1022,6 +1027,53 @@ fn every_alert_links_a_runbook_section_that_exists() {
         assert!(
             anchors.iter().any(|a| a == anchor),
             "{name}: no section #{anchor} in the runbook ({anchors:?})"
+        );
+    }
+}
+
+/// The Prometheus Operator's resources (deploy/k8s/monitoring): a PodMonitor per tier that
+/// finds the rendered pods, on a port they have, with the job names the rules use, and a
+/// PrometheusRule carrying exactly the rules promtool tests.
+#[test]
+fn the_operators_monitors_scrape_both_tiers_and_carry_the_tested_rules() {
+    let dir = repo().join("deploy/k8s/monitoring");
+    let docs = documents(&succeeded(
+        "kubectl kustomize deploy/k8s/monitoring",
+        &run("kubectl", &["kustomize", dir.to_str().expect("path")], None),
+    ));
+    let rule = find(&docs, "PrometheusRule", "gateway-fleet");
+    assert_eq!(
+        rule["spec"],
+        rules(),
+        "prometheusrule.yaml is stale: run deploy/k8s/monitoring/prometheusrule.sh"
+    );
+    let region = documents(&render("sg"));
+    for (monitor, workload, kind, job) in [
+        ("gateway-api", "gateway-api", "Deployment", "api"),
+        ("gateway-worker", "gw-sg", "StatefulSet", "worker"),
+    ] {
+        let monitor = find(&docs, "PodMonitor", monitor);
+        let template = &find(&region, kind, workload)["spec"]["template"];
+        let labels = template["metadata"]["labels"]
+            .as_object()
+            .expect("pod labels");
+        for (k, v) in monitor["spec"]["selector"]["matchLabels"]
+            .as_object()
+            .expect("selector")
+        {
+            assert_eq!(labels.get(k), Some(v), "{workload}'s pods match on {k}");
+        }
+        let job_label = monitor["spec"]["jobLabel"].as_str().expect("jobLabel");
+        assert_eq!(labels[job_label], job, "the rules' job name");
+        let port = monitor["spec"]["podMetricsEndpoints"][0]["port"]
+            .as_str()
+            .expect("port");
+        let ports = template["spec"]["containers"][0]["ports"]
+            .as_array()
+            .expect("ports");
+        assert!(
+            ports.iter().any(|p| p["name"] == port),
+            "{workload} has a port {port}"
         );
     }
 }
