@@ -6,21 +6,18 @@
 //! `session_actor/` (one match arm per command in `commands.rs`) → `driver/` (WhatsApp, or
 //! its simulation) → `store/` (the fenced write of the outcome).
 //!
-//! The fleet, by file: `leases.rs` (claim in bulk at start-up, renew in bulk, adopt sessions
-//! moved here), `drain.rs` (move this gateway's sessions to its peers), `reaper.rs` (the
-//! region's elected failover), `health.rs` (what its liveness and readiness probes answer).
+//! The fleet, by file, in `fleet/` (its `mod.rs` lists them); what every session actor shares
+//! in `ctx.rs`.
 //!
 //! [`run`] takes a shutdown token; the binaries only call [`process::main`] (configuration,
 //! logging, signals), and tests start workers in-process the same way.
 
 pub mod bus;
 pub mod config;
-pub mod drain;
+pub mod ctx;
 pub mod driver;
-pub mod health;
-pub mod leases;
+pub mod fleet;
 pub mod process;
-pub mod reaper;
 pub mod registry;
 pub mod session_actor;
 pub mod store;
@@ -29,42 +26,19 @@ use std::{sync::Arc, time::Duration};
 
 use deadpool_postgres::Pool;
 use shared::{Error, Result, fleet::GatewayState, store::gateways};
-use tokio::sync::{Semaphore, watch};
+use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
 pub use config::Config;
 
 use crate::{
-    bus::Outbox, drain::Drain, driver::Driver, health::Health, registry::Registry,
+    bus::Outbox,
+    ctx::Ctx,
+    driver::Driver,
+    fleet::{drain::Drain, exit, health::Health, heartbeat, leases, reaper},
+    registry::Registry,
     store::leases::Whose,
 };
-
-/// What every session actor shares.
-pub struct Ctx {
-    pub db: Pool,
-    /// The gateway lease's own connection: its renewal never waits behind the sessions'
-    /// traffic (the real driver's key store can hold every pooled connection during a cold
-    /// start, which fenced the whole worker when the renewal queued behind it).
-    pub lease_db: Pool,
-    /// Group commit for the single-statement writes every command ends with.
-    pub writer: shared::db::GroupCommit,
-    /// Group commit for messages' status changes and their events.
-    pub statuses: store::messages::StatusWriter,
-    pub driver: Arc<dyn Driver>,
-    pub outbox: Outbox,
-    pub gateway_id: String,
-    /// This worker process: the holder its claims name, and whose lease on the gateway
-    /// covers them.
-    pub instance: String,
-    pub lease_ttl: Duration,
-    /// Bounds the connections being set up at once (a cold start, a failover).
-    pub connects: Arc<Semaphore>,
-    /// The length of the sessions' rate "minute" (`MESSAGE_RATE_MINUTE_MS`).
-    pub rate_minute_ms: i64,
-    /// "typing…" before a send: this long per character, at most `typing_max`.
-    pub typing_per_char: Duration,
-    pub typing_max: Duration,
-}
 
 /// Runs the worker until `shutdown` is cancelled. Then it finishes in-flight commands, closes
 /// its connections and hands its sessions back to its own gateway for its next process (a
@@ -153,7 +127,7 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<()> {
     // Background duties stop with `background`, after the consumer has drained.
     let background = CancellationToken::new();
     let mut duties = tokio::task::JoinSet::new();
-    duties.spawn(heartbeat(
+    duties.spawn(heartbeat::run(
         db.clone(),
         cfg.gateway_id.clone(),
         Duration::from_millis(cfg.heartbeat_interval_ms),
@@ -217,13 +191,13 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<()> {
     let state = if taken_over {
         None
     } else {
-        stored_state(&db, &cfg.gateway_id).await
+        exit::stored_state(&db, &cfg.gateway_id).await
     };
     let drains = state.is_some_and(GatewayState::drains);
     if drains {
         // The consumer keeps running while sessions move: a command for one that moved is
         // answered "moved", and the api sends it on.
-        drain_before_exit(&drain, &cfg).await;
+        exit::drain_before_exit(&drain, &cfg).await;
     }
     consuming.cancel();
     let _ = consumer.await;
@@ -241,153 +215,12 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<()> {
             cfg.gateway_id
         )));
     }
-    sign_off(&db, &cfg, &instance, state).await;
+    exit::sign_off(&db, &cfg, &instance, state).await;
     tracing::info!(gateway_id = %cfg.gateway_id, "worker stopped");
     Ok(())
 }
 
-/// The gateway's state as an SRE set it, if Postgres answers.
-async fn stored_state(db: &Pool, gateway_id: &str) -> Option<GatewayState> {
-    let client = db.get().await.ok()?;
-    gateways::heartbeat(&client, gateway_id)
-        .await
-        .ok()
-        .flatten()
-}
-
-/// The last act of a process that stops: a decommissioned gateway that owns nothing any more
-/// is removed with its queue; any other hands its sessions back to itself, held for its next
-/// process for `RESTART_HOLD_MS` (a restart moves nothing), or at once to failover when it
-/// drains (what could not move before the exit goes to peers without waiting).
-async fn sign_off(db: &Pool, cfg: &Config, instance: &str, state: Option<GatewayState>) {
-    let Ok(client) = db.get().await else {
-        tracing::warn!("cannot sign off: Postgres is away; the lease expires by itself");
-        return;
-    };
-    let id = &cfg.gateway_id;
-    if state == Some(GatewayState::Decommissioning) {
-        match gateways::remove_decommissioned(&client, id, Some(instance)).await {
-            Ok(true) => {
-                match cfg.amqp.delete_gateway_queue(id).await {
-                    Ok(dropped) => tracing::info!(dropped, "gateway decommissioned and removed"),
-                    Err(e) => tracing::warn!(error = %e,
-                        "gateway removed; its command queue could not be deleted"),
-                }
-                return;
-            }
-            Ok(false) => {
-                tracing::warn!("decommissioned gateway still owns sessions; they fail over")
-            }
-            Err(e) => tracing::warn!(error = %e, "could not remove the decommissioned gateway"),
-        }
-    }
-    let hold_ms = if state.is_some_and(GatewayState::drains) {
-        0
-    } else {
-        cfg.restart_hold_ms as i64
-    };
-    match gateways::signed_off(&client, id, instance, hold_ms).await {
-        Ok(()) if hold_ms > 0 => {
-            tracing::info!(hold_ms, "sessions held for this gateway's next process")
-        }
-        Ok(()) => {}
-        Err(e) => tracing::warn!(error = %e, "could not sign off; the lease expires by itself"),
-    }
-}
-
-/// On SIGTERM of a gateway an SRE drains or decommissions: move what is left to the region's
-/// peers within `DRAIN_GRACE_MS`, while any peer can take sessions (when the whole region
-/// stops at once, each worker soon sees only draining peers, and waiting out the grace period
-/// would help none).
-async fn drain_before_exit(drain: &Drain, cfg: &Config) {
-    let peers_left = || async {
-        match drain.ctx.db.get().await {
-            Ok(client) => gateways::peers(
-                &client,
-                &drain.region,
-                &cfg.gateway_id,
-                cfg.gateway_liveness_ms as i64,
-            )
-            .await
-            .is_ok_and(|p| !p.is_empty()),
-            Err(_) => false,
-        }
-    };
-    tracing::info!("draining to peers before exiting");
-    let until = tokio::time::Instant::now() + Duration::from_millis(cfg.drain_grace_ms);
-    match drain.run(Some(until), peers_left).await {
-        Ok(0) => {}
-        Ok(left) => tracing::warn!(sessions = left, "exiting with sessions not moved"),
-        Err(e) => tracing::warn!(error = %e, "drain before exit failed"),
-    }
-}
-
-/// Heartbeats; every fifth beat also publishes session counts. A gateway an SRE marked
-/// `draining` or `decommissioning` is drained from here, one drain at a time, until it owns nothing.
-async fn heartbeat(
-    db: Pool,
-    gateway_id: String,
-    every: Duration,
-    drain: Arc<Drain>,
-    stop: CancellationToken,
-) {
-    let mut tick = tokio::time::interval(every);
-    let mut round: u64 = 0;
-    // Whether the gateway is to drain, as the last heartbeat read it (the drain goes on while
-    // it says so), and the drain under way.
-    let (draining, still) = watch::channel(false);
-    let mut under_way: Option<tokio::task::JoinHandle<()>> = None;
-    loop {
-        tokio::select! {
-            _ = stop.cancelled() => return,
-            _ = tick.tick() => {}
-        }
-        let beat = async {
-            let client = db.get().await?;
-            gateways::heartbeat(&client, &gateway_id).await
-        };
-        match beat.await {
-            Ok(state) => {
-                draining.send_replace(state.is_some_and(GatewayState::drains));
-            }
-            Err(e) => tracing::warn!(error = %e, "heartbeat failed"),
-        }
-        if *draining.borrow() && under_way.as_ref().is_none_or(|t| t.is_finished()) {
-            let (drain, still) = (drain.clone(), still.clone());
-            under_way = Some(tokio::spawn(async move {
-                let still_draining = || {
-                    let draining = *still.borrow();
-                    async move { draining }
-                };
-                if let Err(e) = drain.run(None, still_draining).await {
-                    tracing::warn!(error = %e, "drain failed; retrying on the next heartbeat");
-                }
-            }));
-        }
-        // Sessions by status, for dashboards; every fifth beat is plenty.
-        if round.is_multiple_of(5)
-            && let Ok(counts) = store::count_by_status(&db, &gateway_id).await
-        {
-            for status in shared::session::SessionStatus::ALL {
-                let n = counts
-                    .iter()
-                    .find(|(s, _)| s == status.as_str())
-                    .map_or(0, |(_, n)| *n);
-                metrics::gauge!("worker_sessions", "gateway" => gateway_id.clone(), "status" => status.as_str())
-                    .set(n as f64);
-            }
-            if let Ok((depth, oldest_ms)) = store::messages::queue_depth(&db, &gateway_id).await {
-                metrics::gauge!("worker_message_queue_depth", "gateway" => gateway_id.clone())
-                    .set(depth as f64);
-                metrics::gauge!("worker_message_queue_oldest_seconds", "gateway" => gateway_id.clone())
-                    .set(oldest_ms as f64 / 1000.0);
-            }
-        }
-        round += 1;
-    }
-}
-
-/// What the probes read (`health.rs`).
+/// What the probes read (`fleet/health.rs`).
 #[derive(Clone)]
 struct Probes {
     health: Arc<Health>,

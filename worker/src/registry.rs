@@ -7,7 +7,7 @@
 //! starts a fresh one.
 //!
 //! Each actor's [`Lease`] (the epoch it claimed) is shared with the lease keeper
-//! (`leases.rs`), which checks them all in one read each tick and cancels the ones it finds
+//! (`fleet/leases.rs`), which checks them all in one read each tick and cancels the ones it finds
 //! lost: the actor then closes its connection at once and writes nothing more. Shutdown drops every inbox and waits (up to a
 //! grace period) for the actors to finish what they hold.
 
@@ -27,7 +27,7 @@ use tokio::{
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    Ctx,
+    ctx::Ctx,
     session_actor::{self, Job, Msg},
     store::leases::Claimed,
 };

@@ -20,7 +20,7 @@ use shared::{
 
 use super::{Actor, Answer, Effects, Flow, Job, back_off};
 use crate::{
-    Ctx,
+    ctx::Ctx,
     store::{self, Change, Done},
 };
 

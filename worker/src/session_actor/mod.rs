@@ -35,7 +35,7 @@ use shared::{
 use tokio::sync::{OwnedSemaphorePermit, mpsc, oneshot};
 
 use crate::{
-    Ctx,
+    ctx::Ctx,
     driver::{Connection, Credentials, DriverError, DriverEvent},
     registry::Lease,
     store::{

@@ -3,7 +3,7 @@
 //! - **At start-up** it takes its gateway's lease (registration) and claims every session of
 //!   the gateway whose owner wants it running, a page of statements for all of them (not one
 //!   per session), and starts their actors, which reconnect them with bounded concurrency
-//!   ([`Ctx::connects`](crate::Ctx)).
+//!   ([`Ctx::connects`](crate::ctx::Ctx)).
 //! - **Every third of the lease TTL** it renews the gateway's lease — one single-row
 //!   statement, the expiry of every session it holds — and checks, reading only, that each
 //!   session it holds is still its own; the actor of a lost one (another worker claimed it,
@@ -26,8 +26,8 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    Ctx,
-    health::Health,
+    ctx::Ctx,
+    fleet::health::Health,
     registry::Registry,
     store::leases::{self, Whose},
 };

@@ -3,7 +3,7 @@
 //! A worker drains when an SRE marks its gateway `draining` or `decommissioning`
 //! (`gatewayctl gateways drain|decommission`, seen on the next heartbeat, and again within
 //! `DRAIN_GRACE_MS` when SIGTERM comes before the drain ended). A plain SIGTERM (a rollout's
-//! restart) moves nothing: the gateway's next process takes its sessions back (`lib.rs`).
+//! restart) moves nothing: the gateway's next process takes its sessions back (`exit.rs`).
 //!
 //! A session its actor holds is handed over by that actor: it closes the connection, then
 //! makes the peer the owner, with no holder, in one fenced write, so the peer (which
@@ -22,7 +22,7 @@ use shared::{
 };
 use tokio::{sync::Semaphore, task::JoinSet, time::Instant};
 
-use crate::{Ctx, registry::Registry, store::leases};
+use crate::{ctx::Ctx, registry::Registry, store::leases};
 
 /// Sessions placed per round.
 const ROUND: i64 = 1_000;
