@@ -93,9 +93,77 @@ pub fn spread(n: usize, candidates: &mut [Candidate]) -> Vec<usize> {
     placed
 }
 
+/// Scale-up's plan: while the fullest candidate's load (÷ capacity) exceeds the emptiest's
+/// by more than `tolerance` (a fraction of capacity), one session moves from the one to the
+/// other; at most `budget` moves. Answers (from, to) candidate indices, one per session;
+/// the candidates' loads count the moves.
+pub fn rebalance(
+    candidates: &mut [Candidate],
+    tolerance: f64,
+    budget: usize,
+) -> Vec<(usize, usize)> {
+    let ratio = |c: &Candidate| c.load as f64 / c.capacity.max(1) as f64;
+    let mut moves = Vec::new();
+    while moves.len() < budget {
+        let by_ratio = |a: &&Candidate, b: &&Candidate| ratio(a).total_cmp(&ratio(b));
+        let (Some(full), Some(empty)) = (
+            (0..candidates.len()).max_by(|&a, &b| by_ratio(&&candidates[a], &&candidates[b])),
+            least_loaded(candidates),
+        ) else {
+            break;
+        };
+        let (f, e) = (&candidates[full], &candidates[empty]);
+        // Moved, the pair must still differ by more than the tolerance the other way round
+        // too, or the move would only swap which one is fuller.
+        let after = (f.load - 1) as f64 / f.capacity.max(1) as f64
+            - (e.load + 1) as f64 / e.capacity.max(1) as f64;
+        if full == empty || ratio(f) - ratio(e) <= tolerance || after < -tolerance || f.load == 0 {
+            break;
+        }
+        candidates[full].load -= 1;
+        candidates[empty].load += 1;
+        moves.push((full, empty));
+    }
+    moves
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_new_gateway_takes_sessions_from_the_fullest_until_within_tolerance() {
+        let mut cands = [c("a", 100, 80), c("b", 100, 60), c("c", 100, 0)];
+        let moves = rebalance(&mut cands, 0.1, usize::MAX);
+        let loads: Vec<i64> = cands.iter().map(|c| c.load).collect();
+        assert_eq!(loads.iter().sum::<i64>(), 140, "nothing lost or made up");
+        assert!(
+            loads.iter().max().unwrap_or(&0) - loads.iter().min().unwrap_or(&0) <= 10,
+            "{loads:?}"
+        );
+        assert!(
+            moves.iter().all(|&(_, to)| to == 2),
+            "only to the new one: {moves:?}"
+        );
+        assert_eq!(
+            loads,
+            [50, 50, 40],
+            "the fullest first, until within 10 of 100"
+        );
+        assert_eq!(moves.len(), 40, "no more moves than needed");
+        // A balanced region, one within the tolerance, and a budget: nothing more moves.
+        assert!(rebalance(&mut cands, 0.1, usize::MAX).is_empty());
+        let mut close = [c("a", 100, 55), c("b", 100, 50)];
+        assert!(rebalance(&mut close, 0.1, usize::MAX).is_empty());
+        let mut far = [c("a", 100, 90), c("b", 100, 0)];
+        assert_eq!(rebalance(&mut far, 0.1, 7).len(), 7);
+        // By capacity: 50 of 100 is as full as 5 of 10.
+        let mut sizes = [c("big", 100, 50), c("small", 10, 5)];
+        assert!(rebalance(&mut sizes, 0.1, usize::MAX).is_empty());
+        // A full emptiest takes none.
+        let mut full = [c("a", 10, 10), c("b", 1, 1)];
+        assert!(rebalance(&mut full, 0.0, usize::MAX).is_empty());
+    }
 
     fn c(id: &str, capacity: i64, load: i64) -> Candidate {
         Candidate {

@@ -211,6 +211,7 @@ impl TestEnv {
         cfg.heartbeat_interval_ms = 300;
         cfg.shutdown_grace_ms = 3_000;
         cfg.restart_hold_ms = 2_000;
+        cfg.rebalance_moves_per_sec = 0.0;
         cfg.sim_qr_first_ttl_ms = 2_000;
         cfg.sim_qr_next_ttl_ms = 1_000;
         cfg.sim_connect_delay_ms = 20;
@@ -449,6 +450,8 @@ pub const FAST_FLEET: &[(&str, &str)] = &[
     ("DRAIN_GRACE_MS", "10000"),
     // A stopped worker's sessions wait as long as a killed one's lease.
     ("RESTART_HOLD_MS", "2000"),
+    // Tests place sessions where they mean them to be; the rebalancing tests turn it on.
+    ("REBALANCE_MOVES_PER_SEC", "0"),
     ("SIM_KEEPALIVE_MS", "600"),
 ];
 
@@ -468,6 +471,7 @@ pub fn fast_fleet(cfg: &mut worker::Config) {
     cfg.reaper_interval_ms = ms("REAPER_INTERVAL_MS");
     cfg.drain_grace_ms = ms("DRAIN_GRACE_MS");
     cfg.restart_hold_ms = ms("RESTART_HOLD_MS");
+    cfg.rebalance_moves_per_sec = ms("REBALANCE_MOVES_PER_SEC") as f64;
     cfg.sim_keepalive_ms = ms("SIM_KEEPALIVE_MS");
 }
 

@@ -62,6 +62,16 @@ pub struct Config {
     /// How often the region's reaper (one elected worker) looks for dead gateways.
     #[arg(long, env = "REAPER_INTERVAL_MS", default_value_t = 1_000)]
     pub reaper_interval_ms: u64,
+    /// Scale-up: the region's reaper moves sessions from its fullest active gateway to its
+    /// emptiest while their loads (a fraction of capacity) differ by more than this.
+    #[arg(long, env = "REBALANCE_TOLERANCE", default_value_t = 0.1)]
+    pub rebalance_tolerance: f64,
+    /// At most this many rebalancing moves a second in the region (0: never rebalance).
+    #[arg(long, env = "REBALANCE_MOVES_PER_SEC", default_value_t = 2.0)]
+    pub rebalance_moves_per_sec: f64,
+    /// A session moved (a rebalance, a drain, a failover) is not rebalanced again within this.
+    #[arg(long, env = "REBALANCE_WINDOW_MS", default_value_t = 3_600_000)]
+    pub rebalance_window_ms: u64,
     /// Connections being set up at once (a cold start of thousands of sessions, a failover).
     #[arg(long, env = "CONNECT_CONCURRENCY", default_value_t = 512)]
     pub connect_concurrency: usize,

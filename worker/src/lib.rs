@@ -150,6 +150,16 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<()> {
             every: Duration::from_millis(cfg.reaper_interval_ms),
             retention_ms: cfg.message_retention_ms(),
             prune_every: Duration::from_millis(cfg.prune_interval_ms),
+            rebalance: (cfg.rebalance_moves_per_sec > 0.0).then(|| reaper::Rebalance {
+                settings: shared::store::rebalance::Settings {
+                    tolerance: cfg.rebalance_tolerance,
+                    window_ms: cfg.rebalance_window_ms as i64,
+                },
+                moves_per_round: (cfg.rebalance_moves_per_sec * cfg.reaper_interval_ms as f64
+                    / 1000.0)
+                    .ceil()
+                    .max(1.0) as i64,
+            }),
         }
         .run(background.clone()),
     );

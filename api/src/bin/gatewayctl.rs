@@ -155,7 +155,8 @@ enum SimCmd {
 
 #[derive(Subcommand)]
 enum GatewayCmd {
-    /// Every gateway: state, region, capacity, load, live sessions, version, heartbeat age.
+    /// Every gateway: state, region, capacity, load, live sessions, version, heartbeat age,
+    /// and sessions a rebalance marked to move away.
     List,
     /// Move every session of the gateway to the least-loaded active peers of its region (its
     /// worker does it: each number is disconnected before its new owner connects it, with no
@@ -189,6 +190,23 @@ enum GatewayCmd {
         /// Give up waiting after this many seconds (keep it under the pod's grace period).
         #[arg(long, default_value_t = 600)]
         timeout_secs: u64,
+    },
+    /// Show (`--dry-run`) or start now the moves that even out the region's active
+    /// gateways: idle sessions of the fullest, to the emptiest, until their loads are within
+    /// the tolerance. Their owners hand them over (no re-pairing); the region's reaper does
+    /// the same by itself, at REBALANCE_MOVES_PER_SEC.
+    Rebalance {
+        #[arg(long)]
+        region: String,
+        /// Show the plan; mark nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// How far apart the loads may be, as a fraction of capacity.
+        #[arg(long, default_value_t = 0.1)]
+        tolerance: f64,
+        /// Sessions moved within this many seconds are left where they are.
+        #[arg(long, default_value_t = 3600)]
+        window_secs: i64,
     },
     /// Keep the gateway's sessions, but place no new ones on it.
     Cordon { id: String },
@@ -415,6 +433,37 @@ async fn fleet(cfg: &api::Config, cmd: GatewayCmd) -> Result<()> {
             drain_progress(&db, cfg, &id, Duration::from_secs(timeout_secs)).await?;
             remove_if_unserved(&db, cfg, &id).await
         }
+        GatewayCmd::Rebalance {
+            region,
+            dry_run,
+            tolerance,
+            window_secs,
+        } => {
+            let settings = store::rebalance::Settings {
+                tolerance,
+                window_ms: window_secs * 1000,
+            };
+            let liveness = cfg.gateway_liveness_ms as i64;
+            let client = db.get().await?;
+            let moves =
+                store::rebalance::run(&client, &region, liveness, settings, i64::MAX, dry_run)
+                    .await?;
+            if moves.is_empty() {
+                println!("region {region} is balanced (within {tolerance} of capacity)");
+            }
+            for m in moves {
+                if dry_run {
+                    println!("{} -> {}: {} session(s)", m.from, m.to, m.planned);
+                } else {
+                    println!(
+                        "{} -> {}: {} session(s) marked to move (of {} planned; busy or recently \
+                         moved ones stay)",
+                        m.from, m.to, m.marked, m.planned
+                    );
+                }
+            }
+            Ok(())
+        }
         GatewayCmd::PreStop {
             id,
             statefulset,
@@ -553,8 +602,8 @@ async fn print_gateways(db: &deadpool_postgres::Pool, cfg: &api::Config) -> Resu
     let load: HashMap<String, store::gateways::Load> =
         store::gateways::load(&client).await?.into_iter().collect();
     println!(
-        "{:<20} {:<8} {:<15} {:>8} {:>8} {:>8} {:<10} {:>10}",
-        "ID", "REGION", "STATE", "CAPACITY", "SESSIONS", "LIVE", "VERSION", "HEARTBEAT"
+        "{:<20} {:<8} {:<15} {:>8} {:>8} {:>8} {:<10} {:>10} {:>7}",
+        "ID", "REGION", "STATE", "CAPACITY", "SESSIONS", "LIVE", "VERSION", "HEARTBEAT", "MOVING"
     );
     for g in gateways {
         let l = load.get(&g.id).copied().unwrap_or_default();
@@ -564,7 +613,7 @@ async fn print_gateways(db: &deadpool_postgres::Pool, cfg: &api::Config) -> Resu
             format!("{:.1}s ago", (now - g.heartbeat_at) as f64 / 1000.0)
         };
         println!(
-            "{:<20} {:<8} {:<15} {:>8} {:>8} {:>8} {:<10} {:>10}",
+            "{:<20} {:<8} {:<15} {:>8} {:>8} {:>8} {:<10} {:>10} {:>7}",
             g.id,
             g.region,
             g.effective_state(now, cfg.gateway_liveness_ms as i64)
@@ -573,7 +622,8 @@ async fn print_gateways(db: &deadpool_postgres::Pool, cfg: &api::Config) -> Resu
             l.sessions,
             l.leased,
             g.version,
-            ago
+            ago,
+            l.moving
         );
         if let Some(note) = g.note {
             println!("  note: {note}");

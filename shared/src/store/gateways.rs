@@ -207,6 +207,8 @@ pub async fn list(db: &impl GenericClient) -> Result<(Vec<Gateway>, i64)> {
 pub struct Load {
     pub sessions: i64,
     pub leased: i64,
+    /// Marked by a rebalance to move to another gateway, not handed over yet.
+    pub moving: i64,
 }
 
 /// The load of every gateway that owns a session (of every organization).
@@ -214,7 +216,7 @@ pub async fn load(db: &impl GenericClient) -> Result<Vec<(String, Load)>> {
     let stmt = db
         .prepare_cached(&format!(
             "SELECT s.gateway_id, count(*), count(*) FILTER (WHERE s.lease_holder = g.instance \
-             AND g.lease_expires_at > {DB_NOW_MS}) \
+             AND g.lease_expires_at > {DB_NOW_MS}), count(*) FILTER (WHERE s.move_to IS NOT NULL) \
              FROM sessions s LEFT JOIN gateways g ON g.id = s.gateway_id GROUP BY s.gateway_id"
         ))
         .await?;
@@ -228,6 +230,7 @@ pub async fn load(db: &impl GenericClient) -> Result<Vec<(String, Load)>> {
                 Load {
                     sessions: r.get(1),
                     leased: r.get(2),
+                    moving: r.get(3),
                 },
             )
         })

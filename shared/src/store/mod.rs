@@ -12,6 +12,7 @@ pub mod events;
 pub mod gateways;
 pub mod messages;
 pub mod quotas;
+pub mod rebalance;
 pub mod sessions;
 pub mod wa_keys;
 pub mod webhooks;

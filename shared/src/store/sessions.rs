@@ -247,3 +247,30 @@ pub async fn get_for_operator(db: &impl GenericClient, id: &str) -> Result<Optio
     let stmt = db.prepare_cached(&sql).await?;
     Ok(db.query_opt(&stmt, &[&id]).await?.as_ref().map(from_row))
 }
+
+/// Marks up to `n` sessions of gateway `from` to move to `to` (a rebalance; their owner hands
+/// them over): idle ones only (no message queued or being sent), none moved within
+/// `window_ms`, none already marked. Answers how many it marked.
+pub async fn mark_moves(
+    db: &impl GenericClient,
+    from: &str,
+    to: &str,
+    n: i64,
+    window_ms: i64,
+) -> Result<u64> {
+    // The candidates are chosen once, materialized: a plan that ran the sub-select per outer
+    // row (fresh statistics) took seconds and marked more than `n`.
+    let stmt = db
+        .prepare_cached(&format!(
+            "WITH pick AS MATERIALIZED (SELECT s.id FROM sessions s WHERE s.gateway_id = $1 \
+               AND s.move_to IS NULL \
+               AND (s.moved_at IS NULL OR s.moved_at < {DB_NOW_MS} - $4) \
+               AND NOT EXISTS (SELECT 1 FROM messages m WHERE m.session_id = s.id \
+                 AND m.status IN ('queued', 'sending')) \
+               ORDER BY s.id LIMIT $3 FOR UPDATE SKIP LOCKED) \
+             UPDATE sessions SET move_to = $2 WHERE id IN (SELECT id FROM pick) \
+             AND gateway_id = $1"
+        ))
+        .await?;
+    Ok(db.execute(&stmt, &[&from, &to, &n, &window_ms]).await?)
+}

@@ -506,3 +506,121 @@ async fn the_api_publishes_each_gateways_heartbeat_age_capacity_and_state_for_al
         "labelled by region"
     );
 }
+
+/// Sessions on each of `gateways`, in that order.
+fn counts_on(placed: &[Placed], gateways: &[&str]) -> Vec<usize> {
+    gateways
+        .iter()
+        .map(|g| placed.iter().filter(|p| p.gateway_id == *g).count())
+        .collect()
+}
+
+#[tokio::test]
+async fn a_new_gateway_takes_its_share_of_the_region_with_no_repairing() {
+    let env = TestEnv::new().await;
+    let (a, b) = (env.gateway_id("sg"), env.gateway_id("sg"));
+    env.paired_sessions("org_a", &a, 40, 4).await;
+    let before = pairings(&env.placed().await);
+    // Capacity 50 each: 40 on one and none on the other are 80 points of capacity apart.
+    let rebalancing = |c: &mut worker::Config| {
+        fast_fleet(c);
+        c.capacity = 50;
+        c.rebalance_tolerance = 0.1;
+        c.rebalance_moves_per_sec = 20.0;
+    };
+    let _wa = resumed_worker(&env, &a, Duration::from_secs(10), rebalancing).await;
+    let added_at = shared::db::now_ms();
+    let _wb = env.start_worker(&b, rebalancing).await;
+
+    // Within 10 % of capacity (5 sessions) of each other: 22 and 18, every running one
+    // working where it is, the moved ones connected by their new owner.
+    tests::eventually(Duration::from_secs(20), || async {
+        counts_on(&env.placed().await, &[&a, &b]) == [22, 18]
+    })
+    .await;
+    env.all_sessions(Duration::from_secs(20), "working where they are", |p| {
+        working_on(p, &[&a], 0) || working_on(p, &[&b], added_at)
+    })
+    .await;
+    let placed = env.placed().await;
+    assert_eq!(pairings(&placed), before, "no re-pairing");
+    assert_eq!(env.sim_conflicts().await, Vec::<String>::new());
+    // Balanced: nothing more moves.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(counts_on(&env.placed().await, &[&a, &b]), [22, 18]);
+}
+
+#[tokio::test]
+async fn gatewayctl_shows_a_rebalance_and_moves_only_idle_sessions_not_moved_lately() {
+    let env = TestEnv::new().await;
+    let (a, b) = (env.gateway_id("sg"), env.gateway_id("sg"));
+    env.fake_gateway(&a, 50).await;
+    env.fake_gateway(&b, 50).await;
+    let ids = env.paired_sessions("org_a", &a, 40, 0).await;
+    let (ok, out) = gatewayctl(
+        &env,
+        &["gateways", "rebalance", "--region", "sg", "--dry-run"],
+    )
+    .await;
+    assert!(ok, "{out}");
+    assert!(out.contains(&format!("{a} -> {b}: 18 session(s)")), "{out}");
+    let marked = "SELECT count(*) FROM sessions WHERE move_to IS NOT NULL";
+    let db = env.db.get().await.expect("db");
+    let count = |n: tokio_postgres::Row| n.get::<_, i64>(0);
+    assert_eq!(
+        count(db.query_one(marked, &[]).await.expect("count")),
+        0,
+        "a dry run marks nothing"
+    );
+
+    // One session has a message waiting to go, one moved a minute ago: both stay.
+    db.execute(
+        "INSERT INTO messages (id, organization_id, session_id, peer, text, status, created_at) \
+         VALUES ('01BUSY', 'org_a', $1, '1@s.whatsapp.net', 'x', 'queued', 0)",
+        &[&ids[0]],
+    )
+    .await
+    .expect("a queued message");
+    db.execute(
+        "UPDATE sessions SET moved_at = (extract(epoch from now()) * 1000)::bigint - 60000 \
+         WHERE id = $1",
+        &[&ids[1]],
+    )
+    .await
+    .expect("moved lately");
+    let (ok, out) = gatewayctl(&env, &["gateways", "rebalance", "--region", "sg"]).await;
+    assert!(ok, "{out}");
+    assert!(
+        out.contains("18 session(s) marked to move (of 18 planned"),
+        "{out}"
+    );
+    let chosen: Vec<String> = db
+        .query(
+            "SELECT id FROM sessions WHERE move_to = $1 ORDER BY id",
+            &[&b],
+        )
+        .await
+        .expect("marked")
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(chosen.len(), 18);
+    assert!(
+        !chosen.contains(&ids[0]) && !chosen.contains(&ids[1]),
+        "{chosen:?}"
+    );
+    // Marked moves count where they go: the region is balanced as planned.
+    let (ok, out) = gatewayctl(
+        &env,
+        &["gateways", "rebalance", "--region", "sg", "--dry-run"],
+    )
+    .await;
+    assert!(ok && out.contains("is balanced"), "{out}");
+    let (ok, out) = gatewayctl(&env, &["gateways", "list"]).await;
+    assert!(ok, "{out}");
+    let row = out.lines().find(|l| l.starts_with(&a)).unwrap_or_default();
+    assert!(
+        row.trim_end().ends_with(" 18"),
+        "MOVING shows the marks: {out}"
+    );
+}

@@ -1,5 +1,8 @@
 //! Drain: move every session of this gateway to the least-loaded active peers of its region.
 //!
+//! The same hand-over moves the sessions a rebalance marked (`hand_over_marked`, each
+//! heartbeat): the region's reaper picks them and their targets, their owner moves them.
+//!
 //! A worker drains when an SRE marks its gateway `draining` or `decommissioning`
 //! (`gatewayctl gateways drain|decommission`, seen on the next heartbeat, and again within
 //! `DRAIN_GRACE_MS` when SIGTERM comes before the drain ended). A plain SIGTERM (a rollout's
@@ -120,18 +123,32 @@ impl Drain {
                 ids[placed.len()..].to_vec(),
             );
         }
+        let moves: Vec<(String, String)> = ids
+            .iter()
+            .zip(&placed)
+            .map(|(id, &peer)| (id.clone(), peers[peer].id.clone()))
+            .collect();
+        self.hand_over(moves, &mut round).await?;
+        round.remaining = {
+            let client = self.ctx.db.get().await?;
+            leases::count_owned(&client, me).await? as usize
+        };
+        Ok(round)
+    }
+
+    /// Moves each session to its peer: those an actor holds are handed over by their actor
+    /// (`DRAIN_PARALLELISM` at a time), the others change owner. Counts them in `round`.
+    async fn hand_over(&self, moves: Vec<(String, String)>, round: &mut Round) -> Result<()> {
         let mut unheld = Vec::new();
         let mut handoffs = JoinSet::new();
         let slots = Arc::new(Semaphore::new(self.parallelism.max(1)));
-        for (id, &peer) in ids.iter().zip(&placed) {
-            let to = peers[peer].id.clone();
-            if !self.registry.holds(id) {
-                unheld.push((id.clone(), to));
+        for (id, to) in moves {
+            if !self.registry.holds(&id) {
+                unheld.push((id, to));
                 continue;
             }
             let registry = self.registry.clone();
             let slots = slots.clone();
-            let id = id.clone();
             handoffs.spawn(async move {
                 let _slot = slots.acquire_owned().await;
                 let result = registry.hand_off(&id, &to).await;
@@ -152,13 +169,44 @@ impl Drain {
             let mover = leases::Mover::Owner {
                 instance: &self.ctx.instance,
             };
+            let me = &self.ctx.gateway_id;
             round.moved += leases::reassign(&client, me, &unheld, mover).await?.len();
         }
-        round.remaining = {
+        Ok(())
+    }
+
+    /// Hands over the sessions a rebalance marked to move (`fleet/reaper.rs` marks them), to
+    /// targets that can still take them; the marks of the others are dropped. Answers how
+    /// many moved.
+    pub async fn hand_over_marked(&self) -> Result<usize> {
+        let me = &self.ctx.gateway_id;
+        let (marked, peers) = {
             let client = self.ctx.db.get().await?;
-            leases::count_owned(&client, me).await? as usize
+            let marked = leases::marked(&client, me, ROUND).await?;
+            if marked.is_empty() {
+                return Ok(0);
+            }
+            let peers = gateways::peers(&client, &self.region, me, self.liveness_ms).await?;
+            (marked, peers)
         };
-        Ok(round)
+        let (moves, stale): (Vec<_>, Vec<_>) = marked
+            .into_iter()
+            .partition(|(_, to)| peers.iter().any(|p| &p.id == to && p.load < p.capacity));
+        if !stale.is_empty() {
+            let ids: Vec<String> = stale.into_iter().map(|(id, _)| id).collect();
+            leases::unmark(&self.ctx.db.get().await?, me, &ids).await?;
+        }
+        let mut round = Round {
+            moved: 0,
+            remaining: 0,
+            failures: BTreeMap::new(),
+        };
+        self.hand_over(moves, &mut round).await?;
+        if round.moved > 0 {
+            metrics::counter!("worker_sessions_rebalanced_total").increment(round.moved as u64);
+            tracing::info!(moved = round.moved, "rebalance: sessions handed over");
+        }
+        Ok(round.moved)
     }
 }
 

@@ -10,7 +10,8 @@ use tokio_util::sync::CancellationToken;
 use crate::{fleet::drain::Drain, store};
 
 /// Heartbeats; every fifth beat also publishes session counts. A gateway an SRE marked
-/// `draining` or `decommissioning` is drained from here, one drain at a time, until it owns nothing.
+/// `draining` or `decommissioning` is drained from here, one drain at a time, until it owns
+/// nothing; any other hands over the sessions a rebalance marked, a batch at a time.
 pub async fn run(
     db: Pool,
     gateway_id: String,
@@ -48,6 +49,13 @@ pub async fn run(
                 };
                 if let Err(e) = drain.run(None, still_draining).await {
                     tracing::warn!(error = %e, "drain failed; retrying on the next heartbeat");
+                }
+            }));
+        } else if under_way.as_ref().is_none_or(|t| t.is_finished()) {
+            let drain = drain.clone();
+            under_way = Some(tokio::spawn(async move {
+                if let Err(e) = drain.hand_over_marked().await {
+                    tracing::warn!(error = %e, "rebalance hand-over failed; retrying on the next heartbeat");
                 }
             }));
         }

@@ -8,6 +8,11 @@
 //! has been silent for longer than the gateway liveness, which releases the lock, while a
 //! working leader queries every `REAPER_INTERVAL_MS` and is never that idle.
 //!
+//! It also rebalances the region (scale-up): while its active gateways' loads differ by more
+//! than `REBALANCE_TOLERANCE`, it marks idle sessions of the fullest to move to the emptiest,
+//! `REBALANCE_MOVES_PER_SEC` at most; each owner hands its marked sessions over
+//! (`drain.rs`), so a number is never connected twice nor re-paired.
+//!
 //! The reaper finds the region's gateways whose heartbeat lapsed and moves their sessions
 //! once the dead worker's lease on its gateway expired — never before — to the region's
 //! active, live gateways by load and capacity. It only changes the owner; each new owner
@@ -36,6 +41,16 @@ pub struct Reaper {
     /// (by each region's reaper: deleting what another already deleted costs nothing).
     pub retention_ms: i64,
     pub prune_every: Duration,
+    /// Scale-up rebalancing, when on.
+    pub rebalance: Option<Rebalance>,
+}
+
+/// How the reaper rebalances its region each round.
+pub struct Rebalance {
+    pub settings: shared::store::rebalance::Settings,
+    /// Sessions it may mark to move per round (`REBALANCE_MOVES_PER_SEC` × the interval),
+    /// less those still waiting for their owner.
+    pub moves_per_round: i64,
 }
 
 /// Rows deleted per pruning statement: short transactions, no long locks.
@@ -59,6 +74,11 @@ impl Reaper {
                 tracing::warn!(error = %e, "reaper round failed");
                 leader = None;
                 continue;
+            }
+            if let Some(rebalance) = &self.rebalance
+                && let Err(e) = self.rebalance(client, rebalance).await
+            {
+                tracing::warn!(error = %e, "rebalancing round failed");
             }
             if pruned_at.is_none_or(|at| at.elapsed() >= self.prune_every) {
                 pruned_at = Some(tokio::time::Instant::now());
@@ -115,6 +135,24 @@ impl Reaper {
                     break;
                 }
             }
+        }
+        Ok(())
+    }
+
+    /// Marks sessions of the region's fullest gateways to move to its emptiest, within the
+    /// round's budget; their owners hand them over on their next heartbeat.
+    async fn rebalance(&self, client: &impl GenericClient, r: &Rebalance) -> Result<()> {
+        let moves = shared::store::rebalance::run(
+            client,
+            &self.region,
+            self.liveness_ms,
+            r.settings,
+            r.moves_per_round,
+            false,
+        )
+        .await?;
+        for m in moves.iter().filter(|m| m.marked > 0) {
+            tracing::info!(from = %m.from, to = %m.to, sessions = m.marked, "rebalance: sessions marked to move");
         }
         Ok(())
     }

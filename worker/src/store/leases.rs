@@ -185,10 +185,10 @@ pub async fn hand_off(
     to: &str,
 ) -> Result<bool> {
     let stmt = db
-        .prepare_cached(
-            "UPDATE sessions SET gateway_id = $4, lease_holder = NULL \
-             WHERE id = $1 AND lease_epoch = $2 AND gateway_id = $3",
-        )
+        .prepare_cached(&format!(
+            "UPDATE sessions SET gateway_id = $4, lease_holder = NULL, move_to = NULL, \
+             moved_at = {DB_NOW_MS} WHERE id = $1 AND lease_epoch = $2 AND gateway_id = $3"
+        ))
         .await?;
     Ok(db
         .execute(&stmt, &[&session_id, &epoch, &from, &to])
@@ -246,7 +246,8 @@ pub async fn reassign(
         .prepare_cached(&format!(
             "WITH free AS MATERIALIZED \
                (SELECT id FROM sessions WHERE id = ANY($1) FOR UPDATE SKIP LOCKED) \
-             UPDATE sessions s SET gateway_id = m.owner, lease_holder = NULL \
+             UPDATE sessions s SET gateway_id = m.owner, lease_holder = NULL, move_to = NULL, \
+             moved_at = {DB_NOW_MS} \
              FROM unnest($1::text[], $2::text[]) AS m(id, owner) \
              WHERE s.id = m.id AND s.gateway_id = $3 AND s.id IN (SELECT id FROM free) \
              AND ($4::text IS NULL OR s.lease_holder IS DISTINCT FROM $4) \
@@ -267,4 +268,34 @@ pub async fn reassign(
         .iter()
         .map(|r| r.get(0))
         .collect())
+}
+
+/// Sessions of this gateway a rebalance marked to move, with where to: up to `limit`.
+pub async fn marked(
+    db: &impl GenericClient,
+    gateway_id: &str,
+    limit: i64,
+) -> Result<Vec<(String, String)>> {
+    let stmt = db
+        .prepare_cached(
+            "SELECT id, move_to FROM sessions WHERE gateway_id = $1 AND move_to IS NOT NULL \
+             ORDER BY id LIMIT $2",
+        )
+        .await?;
+    Ok(db
+        .query(&stmt, &[&gateway_id, &limit])
+        .await?
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect())
+}
+
+/// Drops the marks of sessions that cannot move where they were marked to (the target is not
+/// an active, live gateway any more); a later rebalance may mark them again.
+pub async fn unmark(db: &impl GenericClient, gateway_id: &str, ids: &[String]) -> Result<()> {
+    let stmt = db
+        .prepare_cached("UPDATE sessions SET move_to = NULL WHERE gateway_id = $1 AND id = ANY($2)")
+        .await?;
+    db.execute(&stmt, &[&gateway_id, &ids]).await?;
+    Ok(())
 }
