@@ -151,3 +151,21 @@ async fn a_delivery_claim_leases_at_most_its_limit_under_any_plan() {
         .get(0);
     assert_eq!(leased, LIMIT, "deliveries leased beyond the limit");
 }
+
+#[tokio::test]
+async fn a_rebalance_marks_at_most_what_it_asks_under_any_plan() {
+    let env = TestEnv::new().await;
+    let (from, to) = (env.gateway_id("sg"), env.gateway_id("sg"));
+    env.paired_sessions("org_a", &from, ROWS, 0).await;
+    let client = nested_loops_only(&env).await;
+    let marked = shared::store::sessions::mark_moves(&client, &from, &to, LIMIT, 60_000)
+        .await
+        .expect("mark");
+    assert_eq!(marked as i64, LIMIT);
+    let rows: i64 = client
+        .query_one("SELECT count(*) FROM sessions WHERE move_to = $1", &[&to])
+        .await
+        .expect("count")
+        .get(0);
+    assert_eq!(rows, LIMIT, "rows marked beyond the limit");
+}
