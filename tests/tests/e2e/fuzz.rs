@@ -108,5 +108,13 @@ async fn schemathesis_finds_nothing_the_document_does_not_say() {
         .iter()
         .map(|r| r.get(0))
         .collect();
+    if gateways.is_empty() {
+        // No session made and no command sent: say what the fleet looked like (a gateway the
+        // api saw dead takes no command, and a session on it is deleted without one).
+        let (fleet, now) = shared::store::gateways::list(&env.db.get().await.expect("db"))
+            .await
+            .expect("gateways");
+        panic!("the fuzzer made no session and sent no command; gateways at {now}: {fleet:?}");
+    }
     assert_eq!(gateways, [gw], "the gateways the fuzzer's sessions were on");
 }
