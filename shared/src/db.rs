@@ -196,6 +196,17 @@ pub async fn missing_migrations(pool: &Pool) -> Result<Vec<String>> {
 /// which is never later than the database's.
 pub const DB_NOW_MS: &str = "(extract(epoch from clock_timestamp()) * 1000)::bigint";
 
+/// Whether Postgres answers a query through `pool` within 2 s: what the readiness probes ask.
+pub async fn answers(pool: &Pool) -> bool {
+    tokio::time::timeout(std::time::Duration::from_secs(2), async {
+        pool.get().await.ok()?.simple_query("SELECT 1").await.ok()
+    })
+    .await
+    .ok()
+    .flatten()
+    .is_some()
+}
+
 /// Epoch milliseconds now.
 pub fn now_ms() -> i64 {
     std::time::SystemTime::now()

@@ -1,8 +1,6 @@
 //! Operability endpoints outside `/api/v1`: liveness, readiness and the development JWKS on
 //! the API's port; metrics on a listener of their own.
 
-use std::time::Duration;
-
 use axum::{
     Json,
     extract::State,
@@ -26,14 +24,7 @@ pub async fn healthz() -> Json<Value> {
 /// them would take the whole tier out of its Service at once, and callers would get the
 /// ingress's 502 instead of this api's own 503 with `Retry-After`.
 pub async fn readyz(State(state): State<AppState>) -> Json<Value> {
-    let db_ok = tokio::time::timeout(Duration::from_secs(2), async {
-        let client = state.db.get().await.ok()?;
-        client.simple_query("SELECT 1").await.ok()
-    })
-    .await
-    .ok()
-    .flatten()
-    .is_some();
+    let db_ok = shared::db::answers(&state.db).await;
     let broker_ok = state.bus.is_connected();
     let word = |ok: bool| if ok { "ok" } else { "unreachable" };
     Json(json!({

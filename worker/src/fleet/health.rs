@@ -75,13 +75,7 @@ impl Health {
     }
 
     pub async fn readiness(&self, db: &Pool, outbox: &Outbox) -> (StatusCode, Json<Value>) {
-        let database = tokio::time::timeout(Duration::from_secs(2), async {
-            db.get().await.ok()?.simple_query("SELECT 1").await.ok()
-        })
-        .await
-        .ok()
-        .flatten()
-        .is_some();
+        let database = shared::db::answers(db).await;
         let broker = outbox.is_connected();
         let lease = self.lease_held.load(Ordering::Relaxed);
         let ready = database && broker && lease;
