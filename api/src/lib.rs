@@ -90,6 +90,7 @@ pub async fn build_state(cfg: Config, shutdown: CancellationToken) -> Result<App
     let db = shared::db::pool(&cfg.db.database_url, cfg.db.database_pool_size)?;
     // Before anything starts: a schema older than this build is refused.
     shared::db::check_schema(&db).await?;
+    shared::topology::check_tls(&cfg.amqp.amqp_url, "api-tls-check").await?;
     shared::db::warn_if_reads_device_keys(&db).await;
     let jwt = match &cfg.auth_jwks_url {
         Some(url) => Some(auth::JwtVerifier::new(auth::JwtConfig {

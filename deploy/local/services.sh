@@ -104,6 +104,7 @@ ensure_rabbitmq() {
     if ! command -v rabbitmq-server >/dev/null && [ ! -x /usr/lib/rabbitmq/bin/rabbitmq-server ]; then
       apt_install rabbitmq-server
     fi
+    ensure_rabbitmq_tls_config || true
     log "starting RabbitMQ"
     # No init system in containers: start the broker detached, as the rabbitmq user.
     if [ "$(id -u)" = 0 ]; then
@@ -120,9 +121,117 @@ ensure_rabbitmq() {
   log "RabbitMQ is up on $AMQP_HOST:$AMQP_PORT"
 }
 
+# TLS on both servers, with a CA made here (local servers only): Postgres takes TLS on its
+# one port (and refuses the role $PG_TLS_ROLE without it), RabbitMQ gets a TLS listener on
+# $AMQPS_PORT beside the plain one. The tests' TLS cases use it (tests/tests/e2e/tls.rs);
+# GATEWAY_TLS=1 runs everything over it (verify-full to Postgres, amqps:// to RabbitMQ).
+TLS_DIR=${TLS_DIR:-/var/lib/wa-gateway-tls}
+AMQPS_PORT=${AMQPS_PORT:-5671}
+PG_TLS_ROLE=${PG_TLS_ROLE:-gateway_tls}
+
+make_test_ca() {
+  if [ ! -s "$TLS_DIR/server.pem" ]; then
+    command -v openssl >/dev/null || apt_install openssl
+    log "making a test CA and a server certificate for localhost in $TLS_DIR"
+    "$(dirname "${BASH_SOURCE[0]}")/../tls/make-ca" "$TLS_DIR" localhost 127.0.0.1 >/dev/null ||
+      die "could not make the test CA"
+    chmod 755 "$TLS_DIR"
+  fi
+  # Each server reads its own copy of the key, owned by its user.
+  local who
+  for who in postgres rabbitmq; do
+    [ -s "$TLS_DIR/$who/server.key" ] && continue
+    mkdir -p "$TLS_DIR/$who"
+    cp "$TLS_DIR/server.pem" "$TLS_DIR/server.key" "$TLS_DIR/ca.pem" "$TLS_DIR/$who/"
+    chmod 600 "$TLS_DIR/$who/server.key"
+    if id "$who" >/dev/null 2>&1; then chown -R "$who" "$TLS_DIR/$who"; fi
+  done
+}
+
+pg_tls_ok() {
+  PGPASSWORD=$PG_PASSWORD psql "host=localhost port=$PG_PORT user=$PG_ROLE dbname=$PG_DATABASE \
+    sslmode=verify-full sslrootcert=$TLS_DIR/ca.pem" -qtAc 'SELECT 1' >/dev/null 2>&1
+}
+
+ensure_postgres_tls() {
+  [ "$PG_HOST" = 127.0.0.1 ] || [ "$PG_HOST" = localhost ] || return 0
+  [ "$(id -u)" = 0 ] || return 0
+  make_test_ca
+  if ! pg_tls_ok; then
+    log "turning TLS on in PostgreSQL (the test CA's certificate)"
+    as_postgres psql -p "$PG_PORT" -qtAc "ALTER SYSTEM SET ssl = on" >/dev/null &&
+      as_postgres psql -p "$PG_PORT" -qtAc "ALTER SYSTEM SET ssl_cert_file = '$TLS_DIR/postgres/server.pem'" >/dev/null &&
+      as_postgres psql -p "$PG_PORT" -qtAc "ALTER SYSTEM SET ssl_key_file = '$TLS_DIR/postgres/server.key'" >/dev/null &&
+      as_postgres psql -p "$PG_PORT" -qtAc "SELECT pg_reload_conf()" >/dev/null || die "could not turn TLS on in PostgreSQL"
+    local i
+    for ((i = 0; i < 50; i++)); do pg_tls_ok && break; sleep 0.1; done
+    pg_tls_ok || die "PostgreSQL did not take the test CA's certificate: see /var/log/postgresql/"
+  fi
+  # A role that may only connect over TLS: what a server that requires TLS does to everyone.
+  local hba
+  hba=$(as_postgres psql -p "$PG_PORT" -qtAc 'SHOW hba_file')
+  if ! grep -q "^hostnossl all $PG_TLS_ROLE " "$hba"; then
+    log "PostgreSQL: role $PG_TLS_ROLE only over TLS"
+    sed -i "1i hostnossl all $PG_TLS_ROLE 0.0.0.0/0 reject\nhostnossl all $PG_TLS_ROLE ::/0 reject" "$hba"
+    as_postgres psql -p "$PG_PORT" -qtAc "SELECT pg_reload_conf()" >/dev/null
+  fi
+  as_postgres psql -p "$PG_PORT" -qtAc "DO \$\$ BEGIN
+      IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = '$PG_TLS_ROLE') THEN
+        CREATE ROLE $PG_TLS_ROLE LOGIN PASSWORD '$PG_PASSWORD';
+      END IF; END \$\$;" >/dev/null || die "could not create role $PG_TLS_ROLE"
+}
+
+# Written before the broker starts (a running one without the listener is restarted).
+RABBITMQ_TLS_CONF=/etc/rabbitmq/conf.d/20-wa-gateway-tls.conf
+ensure_rabbitmq_tls_config() {
+  [ "$AMQP_HOST" = 127.0.0.1 ] || [ "$AMQP_HOST" = localhost ] || return 1
+  [ "$(id -u)" = 0 ] || return 1
+  make_test_ca
+  id rabbitmq >/dev/null 2>&1 && chown -R rabbitmq "$TLS_DIR/rabbitmq"
+  local want
+  want="listeners.ssl.default = $AMQPS_PORT
+ssl_options.cacertfile = $TLS_DIR/rabbitmq/ca.pem
+ssl_options.certfile = $TLS_DIR/rabbitmq/server.pem
+ssl_options.keyfile = $TLS_DIR/rabbitmq/server.key
+ssl_options.verify = verify_none
+ssl_options.fail_if_no_peer_cert = false"
+  [ "$(cat "$RABBITMQ_TLS_CONF" 2>/dev/null)" = "$want" ] && return 1
+  mkdir -p "$(dirname "$RABBITMQ_TLS_CONF")"
+  printf '%s\n' "$want" >"$RABBITMQ_TLS_CONF"
+  return 0
+}
+
+# A broker already running without the TLS listener (an older set-up) is restarted once.
+amqps_ok() {
+  echo | timeout 5 openssl s_client -connect "$AMQP_HOST:$AMQPS_PORT" -CAfile "$TLS_DIR/ca.pem" \
+    -verify_return_error -verify_hostname localhost >/dev/null 2>&1
+}
+
+ensure_rabbitmq_tls() {
+  [ "$AMQP_HOST" = 127.0.0.1 ] || [ "$AMQP_HOST" = localhost ] || return 0
+  [ "$(id -u)" = 0 ] || return 0
+  port_open "$AMQP_HOST" "$AMQPS_PORT" && amqps_ok && return 0
+  ensure_rabbitmq_tls_config || [ -f "$RABBITMQ_TLS_CONF" ] || return 0
+  log "restarting RabbitMQ for its TLS listener on $AMQPS_PORT"
+  timeout 60 rabbitmqctl -q stop >/dev/null 2>&1 || true
+  local i
+  for ((i = 0; i < 100; i++)); do port_open "$AMQP_HOST" "$AMQP_PORT" || break; sleep 0.1; done
+  ensure_rabbitmq
+  wait_port "$AMQP_HOST" "$AMQPS_PORT" 30 "RabbitMQ's TLS listener"
+}
+
 ensure_services() {
   ensure_postgres
+  ensure_postgres_tls
   ensure_rabbitmq
+  ensure_rabbitmq_tls
+  if [ -s "$TLS_DIR/ca.pem" ]; then export GATEWAY_TEST_CA=$TLS_DIR/ca.pem; fi
+  if [ "${GATEWAY_TLS:-0}" = 1 ]; then
+    [ -s "$TLS_DIR/ca.pem" ] || die "GATEWAY_TLS=1 needs the local servers' test CA ($TLS_DIR/ca.pem)"
+    log "GATEWAY_TLS=1: Postgres with sslmode=verify-full, RabbitMQ over amqps://"
+    export DATABASE_URL=${DATABASE_URL:-postgres://$PG_ROLE:$PG_PASSWORD@localhost:$PG_PORT/$PG_DATABASE?sslmode=verify-full&sslrootcert=$TLS_DIR/ca.pem}
+    export AMQP_URL=${AMQP_URL:-amqps://guest:guest@localhost:$AMQPS_PORT/%2f?cacertfile=$TLS_DIR/ca.pem}
+  fi
   export DATABASE_URL=${DATABASE_URL:-postgres://$PG_ROLE:$PG_PASSWORD@$PG_HOST:$PG_PORT/$PG_DATABASE}
   export AMQP_URL=${AMQP_URL:-amqp://guest:guest@$AMQP_HOST:$AMQP_PORT/%2f}
 }

@@ -7,7 +7,6 @@
 //! storing them as `timestamptz` would mean converting on every read.
 
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
-use tokio_postgres::NoTls;
 
 use crate::error::{Error, Result};
 
@@ -15,16 +14,13 @@ mod embedded {
     refinery::embed_migrations!("migrations");
 }
 
+/// A pool on `url`, TLS as its `sslmode` says ([`crate::tls`]).
 pub fn pool(url: &str, size: usize) -> Result<Pool> {
-    let mut pg: tokio_postgres::Config = url.parse().map_err(|e| {
-        Error::invalid(format!(
-            "DATABASE_URL is not a valid connection string: {e}"
-        ))
-    })?;
-    pg.application_name("gateway");
+    let mut pg = crate::tls::Postgres::parse(url)?;
+    pg.config.application_name("gateway");
     let manager = Manager::from_config(
-        pg,
-        NoTls,
+        pg.config,
+        pg.tls,
         ManagerConfig {
             recycling_method: RecyclingMethod::Fast,
         },
@@ -40,14 +36,11 @@ pub fn pool(url: &str, size: usize) -> Result<Pool> {
 
 /// Applies every migration not yet applied; returns the versions applied now.
 pub async fn migrate(url: &str) -> Result<Vec<String>> {
-    let (mut client, connection) = tokio_postgres::connect(url, NoTls).await?;
-    let conn = tokio::spawn(connection);
+    let mut client = crate::tls::connect_postgres(url).await?;
     let report = embedded::migrations::runner()
         .run_async(&mut client)
         .await
         .map_err(Error::internal)?;
-    drop(client);
-    let _ = conn.await;
     Ok(report
         .applied_migrations()
         .iter()
@@ -73,8 +66,7 @@ pub async fn grant_api_role(url: &str, role: &str) -> Result<()> {
             "api role `{role}`: use lowercase letters, digits and `_`"
         )));
     }
-    let (client, connection) = tokio_postgres::connect(url, NoTls).await?;
-    let conn = tokio::spawn(connection);
+    let client = crate::tls::connect_postgres(url).await?;
     let exists: bool = client
         .query_one(
             "SELECT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = $1)",
@@ -109,8 +101,6 @@ pub async fn grant_api_role(url: &str, role: &str) -> Result<()> {
     client
         .batch_execute(&format!("BEGIN; {grants} COMMIT;"))
         .await?;
-    drop(client);
-    let _ = conn.await;
     Ok(())
 }
 
@@ -143,8 +133,18 @@ pub async fn warn_if_reads_device_keys(pool: &Pool) -> bool {
 /// schema newer than the build (migrations it does not know, applied for the next version) is
 /// fine: migrations are written expand-then-contract, so an older process keeps working on
 /// it during a rollout. A database out of reach is not a verdict; the caller goes on and
-/// meets it as any other outage.
+/// meets it as any other outage. A TLS handshake that fails on its merits (the wrong CA, a
+/// server without TLS under `sslmode=require`) is one.
 pub async fn check_schema(pool: &Pool) -> Result<()> {
+    // A certificate that does not verify is a verdict too: the wrong CA never heals.
+    if let Err(e) = pool.get().await
+        && crate::tls::rejected(&e)
+    {
+        return Err(Error::invalid(format!(
+            "cannot connect to Postgres over TLS: {}",
+            crate::tls::explain(&e)
+        )));
+    }
     let missing = match missing_migrations(pool).await {
         Ok(missing) => missing,
         Err(e) => {

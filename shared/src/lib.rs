@@ -14,6 +14,7 @@ pub mod sealed;
 pub mod session;
 pub mod store;
 pub mod telemetry;
+pub mod tls;
 pub mod topology;
 pub mod webhook;
 

@@ -212,9 +212,16 @@ pub async fn connect(urls: &str, name: &str) -> lapin::Result<lapin::Connection>
     for i in 0..nodes.len() {
         let at = (first + i) % nodes.len();
         let props = lapin::ConnectionProperties::default().with_connection_name(name.into());
+        let (uri, tls) = crate::tls::amqp(nodes[at])
+            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e.to_string()))?;
         match tokio::time::timeout(
             CONNECT_TIMEOUT,
-            lapin::Connection::connect(nodes[at], props),
+            lapin::Connect::connect_with_config(
+                uri.as_str(),
+                props,
+                tls,
+                lapin::runtime::default_runtime()?,
+            ),
         )
         .await
         {
@@ -238,4 +245,44 @@ pub async fn connect(urls: &str, name: &str) -> lapin::Result<lapin::Connection>
         }
     }
     Err(last_error.expect("at least one node was tried"))
+}
+
+/// At start, before a process claims anything: a broker whose TLS certificate does not verify
+/// (the wrong `cacertfile`, a plain listener behind an `amqps://` URL) stops the process with
+/// the reason, where a broker that is merely down is met later as any outage. Plain `amqp://`
+/// URLs are not probed.
+pub async fn check_tls(urls: &str, name: &str) -> crate::Result<()> {
+    if !urls.split(',').any(|u| u.trim().starts_with("amqps://")) {
+        return Ok(());
+    }
+    match connect(urls, name).await {
+        Ok(conn) => {
+            let _ = conn.close(200, "TLS checked".into()).await;
+            Ok(())
+        }
+        Err(e) if crate::tls::rejected(&e) => {
+            let trusted: Vec<String> = urls
+                .split(',')
+                .filter_map(|u| u.split_once("cacertfile=").map(|(_, ca)| ca))
+                .map(|ca| {
+                    let ca = ca.split('&').next().unwrap_or(ca);
+                    let ca = percent_encoding::percent_decode_str(ca).decode_utf8_lossy();
+                    format!("cacertfile={ca}")
+                })
+                .collect();
+            Err(crate::Error::invalid(format!(
+                "cannot connect to RabbitMQ over TLS: {} (trusting {})",
+                crate::tls::explain(&e),
+                if trusted.is_empty() {
+                    "the system's CAs".to_string()
+                } else {
+                    trusted.join(", ")
+                }
+            )))
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "could not reach the broker to check its TLS; going on");
+            Ok(())
+        }
+    }
 }

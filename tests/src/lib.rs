@@ -111,16 +111,13 @@ impl TestEnv {
         let _ = rustls::crypto::ring::default_provider().install_default();
         let admin_url = database_url();
         let name = format!("gw_test_{}", Ulid::new().to_string().to_lowercase());
-        let (client, conn) = tokio_postgres::connect(&admin_url, tokio_postgres::NoTls)
+        let client = shared::tls::connect_postgres(&admin_url)
             .await
             .expect("Postgres is not reachable: run deploy/local/test, or set DATABASE_URL");
-        tokio::spawn(conn);
         client
             .batch_execute(&format!("CREATE DATABASE {name}"))
             .await
             .expect("the database role needs CREATEDB");
-        let mut cfg: tokio_postgres::Config = admin_url.parse().expect("DATABASE_URL");
-        cfg.dbname(&name);
         let database_url = with_dbname(&admin_url, &name);
         shared::db::migrate(&database_url)
             .await
@@ -408,10 +405,9 @@ impl TestEnv {
 
     /// Drops every Postgres connection to this test's database, as a database restart would.
     pub async fn drop_database_connections(&self) {
-        let (client, conn) = tokio_postgres::connect(&self.database_url, tokio_postgres::NoTls)
+        let client = shared::tls::connect_postgres(&self.database_url)
             .await
             .expect("Postgres");
-        tokio::spawn(conn);
         client
             .execute(
                 "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \

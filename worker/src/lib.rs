@@ -44,8 +44,8 @@ use crate::{
 /// its connections and hands its sessions back to its own gateway for its next process (a
 /// restart moves nothing); only a gateway an SRE drains or decommissions first moves them to
 /// its peers (within `DRAIN_GRACE_MS`), and a decommissioned one that ends empty is removed. It fails at once,
-/// before it registers, on anything it cannot start with (a schema older than it needs, the
-/// metrics port in use, the driver's settings), and later when another process takes its
+/// before it registers, on anything it cannot start with (a schema older than it needs, a TLS
+/// certificate that does not verify, the metrics port in use, the driver's settings), and later when another process takes its
 /// gateway over.
 pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<()> {
     shared::session::validate_gateway_id(&cfg.gateway_id)
@@ -53,6 +53,7 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<()> {
     shared::telemetry::prometheus();
     let db = shared::db::pool(&cfg.db.database_url, cfg.db.database_pool_size)?;
     shared::db::check_schema(&db).await?;
+    shared::topology::check_tls(&cfg.amqp.amqp_url, "worker-tls-check").await?;
     let region = cfg.region();
     // Everything that can fail at start fails here, before the process registers: the
     // registration takes the gateway's lease, which fences whatever process holds it now.

@@ -20,6 +20,7 @@ mod quotas;
 mod resilience;
 mod sessions;
 mod sim;
+mod tls;
 mod wa_protocol;
 mod wa_store;
 mod webhooks;

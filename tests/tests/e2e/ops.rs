@@ -274,10 +274,9 @@ async fn the_api_holds_neither_the_device_keys_nor_a_role_that_reads_them() {
     );
 
     // The role every test's api runs with (as `gatewayctl migrate --api-role` grants it).
-    let (client, conn) = tokio_postgres::connect(&env.api_database_url, tokio_postgres::NoTls)
+    let client = shared::tls::connect_postgres(&env.api_database_url)
         .await
         .expect("the api's role logs in");
-    tokio::spawn(conn);
     client
         .query_one("SELECT count(*) FROM sessions", &[])
         .await

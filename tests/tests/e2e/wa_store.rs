@@ -338,9 +338,8 @@ async fn until_blocked(env: &TestEnv) {
 }
 
 async fn connect(env: &TestEnv) -> tokio_postgres::Client {
-    let (client, conn) = tokio_postgres::connect(&env.database_url, tokio_postgres::NoTls)
+    let client = shared::tls::connect_postgres(&env.database_url)
         .await
         .expect("Postgres");
-    tokio::spawn(conn);
     client
 }

@@ -18,7 +18,6 @@ use std::{sync::Arc, time::Duration};
 use deadpool_postgres::Pool;
 use shared::{Error, Result, db::DB_NOW_MS};
 use tokio::sync::{mpsc, oneshot};
-use tokio_postgres::NoTls;
 
 use super::super::{DriverError, Outgoing};
 
@@ -176,8 +175,7 @@ impl SimServer {
 
 /// A connection of its own that holds the process's advisory lock until it dies.
 async fn hold_lock(database_url: &str, key: i64) -> Result<tokio_postgres::Client> {
-    let (client, connection) = tokio_postgres::connect(database_url, NoTls).await?;
-    tokio::spawn(connection);
+    let client = shared::tls::connect_postgres(database_url).await?;
     client
         .execute("SELECT pg_advisory_lock($1)", &[&key])
         .await?;
