@@ -171,13 +171,7 @@ impl Fleet {
     /// No password or cookie ships with the repository: the broker and the database refuse
     /// `gateway:gateway`, and take the fleet's own passwords, which `up` made.
     fn refuses_shared_defaults(&self) {
-        let env = std::fs::read_to_string(self.state.join("env")).expect("the fleet's settings");
-        let setting = |name: &str| {
-            env.lines()
-                .find_map(|l| l.strip_prefix(&format!("{name}=")))
-                .unwrap_or_else(|| panic!("{name} in {env}"))
-                .to_string()
-        };
+        let setting = |name: &str| self.setting(name);
         let rabbit = |password: &str| {
             self.script(
                 "compose",
@@ -220,7 +214,7 @@ impl Fleet {
             (setting("RABBITMQ_PASSWORD"), setting("POSTGRES_PASSWORD"));
         assert!(
             rabbit_password.len() >= 24 && pg_password.len() >= 24,
-            "{env}"
+            "the fleet's passwords are its own and long"
         );
         rabbit(&rabbit_password).expect("the broker takes the fleet's password");
         postgres(&pg_password).expect("Postgres takes the fleet's password");
@@ -243,6 +237,84 @@ impl Fleet {
         eprintln!(
             "[compose] gateway:gateway refused by the broker and Postgres; the fleet's own \
              passwords taken; the api's role cannot read wa_devices"
+        );
+    }
+
+    /// One of the settings `up` wrote for the fleet (`NAME=value` in its env file).
+    fn setting(&self, name: &str) -> String {
+        let env = std::fs::read_to_string(self.state.join("env")).expect("the fleet's settings");
+        env.lines()
+            .find_map(|l| l.strip_prefix(&format!("{name}=")))
+            .unwrap_or_else(|| panic!("{name} in {env}"))
+            .to_string()
+    }
+
+    /// TLS on every hop: Postgres refuses a connection without it, the broker has no plain
+    /// listener, and every network connection the fleet's processes hold is encrypted.
+    fn encrypted_on_every_hop(&self) {
+        let password = self.setting("POSTGRES_PASSWORD");
+        let plain = self
+            .script(
+                "compose",
+                &[
+                    "exec",
+                    "-T",
+                    "postgres",
+                    "psql",
+                    &format!(
+                        "postgresql://gateway:{password}@127.0.0.1:5432/gateway?sslmode=disable"
+                    ),
+                    "-tAc",
+                    "SELECT 1",
+                ],
+            )
+            .expect_err("Postgres takes a connection without TLS");
+        assert!(plain.contains("no encryption"), "{plain}");
+        // Connections over the network (the test's own psql comes over the local socket).
+        let over_network = "FROM pg_stat_ssl s JOIN pg_stat_activity a USING (pid) \
+             WHERE a.client_addr IS NOT NULL AND a.backend_type = 'client backend'";
+        let encrypted = self.count(&format!("SELECT count(*) {over_network} AND s.ssl"));
+        let plain = self.count(&format!("SELECT count(*) {over_network} AND NOT s.ssl"));
+        assert!(
+            encrypted >= 5 && plain == 0,
+            "{encrypted} encrypted, {plain} plain"
+        );
+
+        let listeners = self.compose(&[
+            "exec",
+            "-T",
+            "rabbitmq-1",
+            "rabbitmq-diagnostics",
+            "-q",
+            "listeners",
+        ]);
+        assert!(
+            listeners.contains("amqp/ssl") && !listeners.contains("protocol: amqp,"),
+            "{listeners}"
+        );
+        let connections = self.compose(&[
+            "exec",
+            "-T",
+            "rabbitmq-1",
+            "rabbitmqctl",
+            "-q",
+            "list_connections",
+            "ssl",
+            "name",
+        ]);
+        // Below the header (`ssl name`), one line a connection: `true|false <peer> -> <node>`.
+        let all: Vec<&str> = connections
+            .lines()
+            .filter(|l| l.starts_with("true") || l.starts_with("false"))
+            .collect();
+        assert!(
+            all.len() >= 5 && all.iter().all(|l| l.starts_with("true")),
+            "{connections}"
+        );
+        eprintln!(
+            "[compose] TLS: Postgres refuses plain connections; {encrypted} database and {} \
+             broker connections, all encrypted; the broker listens for AMQPS only",
+            all.len()
         );
     }
 
@@ -486,6 +558,7 @@ async fn compose_fleet_pairs_a_number_and_survives_a_broker_node_stopping() {
     let fleet = Fleet::up();
     fleet.migrated_before_the_fleet_started();
     fleet.refuses_shared_defaults();
+    fleet.encrypted_on_every_hop();
     let key = fleet
         .ctl(&[
             "apikey",
