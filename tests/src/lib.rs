@@ -619,12 +619,18 @@ fn with_login(url: &str, user: &str, password: &str) -> String {
 
 /// `url` (a `postgres://…/db?…` URL) naming database `name` instead.
 pub fn with_dbname(url: &str, name: &str) -> String {
-    match url.rsplit_once('/') {
-        Some((base, tail)) => match tail.split_once('?') {
-            Some((_, query)) => format!("{base}/{name}?{query}"),
-            None => format!("{base}/{name}"),
-        },
-        None => url.to_owned(),
+    // The query may hold paths (`sslrootcert=/…`): the database is the path's last segment.
+    let (base, query) = match url.split_once('?') {
+        Some((base, query)) => (base, Some(query)),
+        None => (url, None),
+    };
+    let base = match base.rsplit_once('/') {
+        Some((server, _)) => format!("{server}/{name}"),
+        None => base.to_owned(),
+    };
+    match query {
+        Some(query) => format!("{base}?{query}"),
+        None => base,
     }
 }
 

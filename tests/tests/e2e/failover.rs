@@ -463,6 +463,11 @@ async fn a_workers_readiness_follows_its_lease_and_postgres_while_its_liveness_s
         ],
     )
     .await;
+    // Its sessions may work before its command consumer is up (a TLS broker takes longer).
+    tests::eventually(Duration::from_secs(10), || async {
+        probe(port, "/readyz").await.0 == 200
+    })
+    .await;
     let (status, body) = probe(port, "/readyz").await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(
