@@ -439,12 +439,13 @@ mod tests {
         let (rest, mode, root) = take_tls_params(
             "postgres://u:p%40w@h:5432/db?application_name=x&sslmode=verify-full&sslrootcert=%2Ftmp%2Fca.pem",
         )
-        .unwrap();
+        .expect("read");
         assert_eq!(rest, "postgres://u:p%40w@h:5432/db?application_name=x");
         assert_eq!(mode, Some(SslMode::VerifyFull));
         assert_eq!(root.as_deref(), Some("/tmp/ca.pem"));
 
-        let (rest, mode, root) = take_tls_params("host=h user=u sslmode=require dbname=d").unwrap();
+        let (rest, mode, root) =
+            take_tls_params("host=h user=u sslmode=require dbname=d").expect("read");
         assert_eq!(rest, "host=h user=u dbname=d");
         assert_eq!(mode, Some(SslMode::Require));
         assert_eq!(root, None);
@@ -456,27 +457,27 @@ mod tests {
     fn verifying_without_a_ca_is_refused_at_once() {
         let e = Postgres::parse("postgres://h/db?sslmode=verify-full")
             .err()
-            .unwrap();
+            .expect("read");
         assert!(e.to_string().contains("sslrootcert"), "{e}");
         let e = Postgres::parse("postgres://h/db?sslmode=verify-ca&sslrootcert=/nonexistent")
             .err()
-            .unwrap();
+            .expect("read");
         assert!(e.to_string().contains("/nonexistent"), "{e}");
         assert_eq!(
-            Postgres::parse("postgres://h/db").unwrap().mode,
+            Postgres::parse("postgres://h/db").expect("read").mode,
             SslMode::Prefer
         );
     }
 
     #[test]
     fn cacertfile_is_read_and_not_passed_on() {
-        let (rest, tls) = amqp("amqps://u:p@h:5671/%2f").unwrap();
+        let (rest, tls) = amqp("amqps://u:p@h:5671/%2f").expect("read");
         assert_eq!(rest, "amqps://u:p@h:5671/%2f");
         assert!(tls.cert_chain.is_none(), "the system's CAs");
-        let (rest, tls) = amqp("amqp://u:p@h:5672/%2f?heartbeat=10").unwrap();
+        let (rest, tls) = amqp("amqp://u:p@h:5672/%2f?heartbeat=10").expect("read");
         assert_eq!(rest, "amqp://u:p@h:5672/%2f?heartbeat=10");
         assert!(tls.cert_chain.is_none());
-        let e = amqp("amqps://h/%2f?cacertfile=/nonexistent").err().unwrap();
+        let e = amqp("amqps://h/%2f?cacertfile=/nonexistent").expect_err("refused");
         assert!(e.to_string().contains("/nonexistent"), "{e}");
     }
 }

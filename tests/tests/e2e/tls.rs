@@ -143,7 +143,9 @@ async fn postgres_speaks_tls_as_sslmode_says() {
     assert_eq!(encrypted(&require).await, Ok(true));
 
     // The wrong CA: refused, saying which file.
-    let e = encrypted(&full("localhost", &wrong)).await.unwrap_err();
+    let e = encrypted(&full("localhost", &wrong))
+        .await
+        .expect_err("refused");
     assert!(
         e.contains(&format!("not signed by a CA in sslrootcert={wrong}")),
         "{e}"
@@ -157,7 +159,9 @@ async fn postgres_speaks_tls_as_sslmode_says() {
     assert!(encrypted(&require_wrong).await.is_err());
 
     // A name the certificate does not hold: verify-full refuses, verify-ca checks the CA only.
-    let e = encrypted(&full("db.invalid", &ca)).await.unwrap_err();
+    let e = encrypted(&full("db.invalid", &ca))
+        .await
+        .expect_err("refused");
     assert!(e.contains("does not name db.invalid"), "{e}");
     let ca_only = pg_url(
         &url,
@@ -176,7 +180,7 @@ async fn postgres_speaks_tls_as_sslmode_says() {
         &[("sslmode", "disable")],
     ))
     .await
-    .unwrap_err();
+    .expect_err("refused");
     assert!(e.contains("no encryption"), "{e}");
     let tls_role = pg_url(
         &url,

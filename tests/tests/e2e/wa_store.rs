@@ -338,8 +338,7 @@ async fn until_blocked(env: &TestEnv) {
 }
 
 async fn connect(env: &TestEnv) -> tokio_postgres::Client {
-    let client = shared::tls::connect_postgres(&env.database_url)
+    shared::tls::connect_postgres(&env.database_url)
         .await
-        .expect("Postgres");
-    client
+        .expect("Postgres")
 }
