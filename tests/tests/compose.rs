@@ -2,8 +2,9 @@
 //! with the README's command: a simulated number paired and logged out through the api's
 //! published port, then the RabbitMQ node that leads the gateway's command queue stopped while
 //! commands go on, and started again; a worker cut off from the network; and in region `lab`,
-//! a number on the real driver against the local WhatsApp protocol server, moved by a restart
-//! of its worker, talking both ways before and after.
+//! a number on the real driver against the local WhatsApp protocol server, restarted in place
+//! and drained to its peer, talking both ways before and after; and region `sg` at scale:
+//! a rolling restart of 1,000 numbers, a scale-up to a third worker and its scale-down.
 //!
 //! The only test of its binary, so cargo runs it on its own (test binaries run one after the
 //! other): it starts a dozen containers, which would starve the e2e tests of the two cores.
@@ -320,12 +321,50 @@ impl Fleet {
 
     /// One number from the fleet's Postgres.
     fn count(&self, sql: &str) -> i64 {
-        let out = self.compose(&[
-            "exec", "-T", "postgres", "psql", "-U", "gateway", "-d", "gateway", "-tAc", sql,
-        ]);
+        let out = self.sql(sql);
         out.trim()
             .parse()
             .unwrap_or_else(|_| panic!("{sql}: {out}"))
+    }
+
+    /// A statement on the fleet's Postgres (over its local socket): what psql printed.
+    fn sql(&self, sql: &str) -> String {
+        self.compose(&[
+            "exec", "-T", "postgres", "psql", "-U", "gateway", "-d", "gateway", "-tAc", sql,
+        ])
+    }
+
+    /// Each session of `org`: its gateway.
+    fn placement(&self, org: &str) -> BTreeMap<String, String> {
+        self.sql(&format!(
+            "SELECT id || '|' || gateway_id FROM sessions WHERE organization_id = '{org}'"
+        ))
+        .lines()
+        .filter_map(|l| l.split_once('|'))
+        .map(|(id, gw)| (id.to_string(), gw.to_string()))
+        .collect()
+    }
+
+    /// Sessions `from..to` of `org`, paired (simulated driver) and running, alternately on
+    /// gw-sg-1 and gw-sg-2, as their workers left them; their workers adopt them.
+    fn add_paired(&self, org: &str, from: u32, to: u32) {
+        self.sql(&format!(
+            "INSERT INTO sessions (id, organization_id, label, gateway_id, phone_number, wa_jid, \
+               wa_lid, status, desired_state, created_by_user_id, created_at, updated_at, \
+               device_credentials) \
+             SELECT 'SCALE' || lpad(i::text, 21, '0'), '{org}', 'paired', \
+               CASE WHEN i % 2 = 0 THEN 'gw-sg-1' ELSE 'gw-sg-2' END, p, p || '@s.whatsapp.net', \
+               '1' || p || '@lid', 'working', 'running', 'test', t, t, \
+               jsonb_build_object('driver', 'sim', 'phoneNumber', p) \
+             FROM generate_series({from}, {to} - 1) AS i, \
+               LATERAL (SELECT '6287' || lpad(i::text, 7, '0') AS p, \
+                 (extract(epoch FROM now()) * 1000)::bigint AS t) x"
+        ));
+    }
+
+    /// The database's clock, in epoch ms (what `last_connected_at` is written in).
+    fn now_ms(&self) -> i64 {
+        self.count("SELECT (extract(epoch FROM now()) * 1000)::bigint")
     }
 
     /// This gateway's command queue as broker node `node` lists it (members, leader).
@@ -768,4 +807,165 @@ async fn compose_fleet_pairs_a_number_and_survives_a_broker_node_stopping() {
         api.answers
     );
     api.logout_and_delete(&id).await;
+
+    roll_and_scale_region_sg(&fleet).await;
+}
+
+/// Region sg at scale, as an SRE runs it: 1,000 paired numbers, its two workers restarted in
+/// turn (a rolling update: nothing moves); 1,200 numbers and a third worker (scale-up: the
+/// region rebalances, without re-pairing); the third decommissioned and stopped (scale-down:
+/// only its numbers move, spread by load; its row and queue are removed).
+async fn roll_and_scale_region_sg(fleet: &Fleet) {
+    const ORG: &str = "org_scale";
+    let connected = |since: i64| {
+        fleet.count(&format!(
+            "SELECT count(*) FROM sessions WHERE organization_id = '{ORG}' \
+             AND status = 'working' AND move_to IS NULL AND last_connected_at >= {since}"
+        ))
+    };
+    fleet.add_paired(ORG, 0, 1000);
+    let since = fleet.now_ms() - 60_000;
+    tests::eventually(Duration::from_secs(120), || async {
+        connected(since) == 1000
+    })
+    .await;
+
+    // The rolling update: each worker restarted in turn.
+    let before = fleet.placement(ORG);
+    let mut gaps = Vec::new();
+    for (service, gateway) in [("worker-sg-1", "gw-sg-1"), ("worker-sg-2", "gw-sg-2")] {
+        let stopped = fleet.now_ms();
+        fleet.compose(&["restart", service]);
+        let mine = format!(
+            "organization_id = '{ORG}' AND gateway_id = '{gateway}' AND status = 'working' \
+             AND last_connected_at >= {stopped}"
+        );
+        tests::eventually(Duration::from_secs(120), || async {
+            fleet.count(&format!("SELECT count(*) FROM sessions WHERE {mine}")) == 500
+        })
+        .await;
+        gaps.push((
+            gateway,
+            fleet.count(&format!(
+                "SELECT (percentile_disc(0.5) WITHIN GROUP (ORDER BY last_connected_at)) \
+                 - {stopped} FROM sessions WHERE {mine}"
+            )),
+            fleet.count(&format!(
+                "SELECT max(last_connected_at) - {stopped} FROM sessions WHERE {mine}"
+            )),
+        ));
+    }
+    assert_eq!(fleet.placement(ORG), before, "a restart moves nothing");
+    assert_eq!(fleet.count("SELECT count(*) FROM sim_conflicts"), 0);
+    eprintln!(
+        "[compose] rolling restart of region sg (2 × 500 numbers): 0 moved; gap from the \
+         restart to working again (p50, longest, ms): {gaps:?}"
+    );
+
+    // Scale-up to three workers with 1,200 numbers.
+    fleet.add_paired(ORG, 1000, 1200);
+    tests::eventually(Duration::from_secs(60), || async {
+        connected(since) == 1200
+    })
+    .await;
+    let before = fleet.placement(ORG);
+    let scaled_up = Instant::now();
+    fleet.compose(&["--profile", "scale", "up", "-d", "--no-deps", "worker-sg-3"]);
+    // Within REBALANCE_TOLERANCE (0.1) of the capacity (1,000): loads at most 100 apart.
+    let spread = || {
+        fleet.count(
+            "SELECT max(n) - min(n) FROM (SELECT g.id, count(s.id) AS n FROM gateways g \
+             LEFT JOIN sessions s ON s.gateway_id = g.id WHERE g.region = 'sg' GROUP BY g.id) l",
+        )
+    };
+    tests::eventually(Duration::from_secs(180), || async {
+        fleet.count("SELECT count(*) FROM gateways WHERE region = 'sg'") == 3 && spread() <= 100
+    })
+    .await;
+    let within = scaled_up.elapsed();
+    tests::eventually(Duration::from_secs(60), || async {
+        connected(since) == 1200
+    })
+    .await;
+    let after = fleet.placement(ORG);
+    let moves = before
+        .iter()
+        .filter(|(id, g)| after.get(*id) != Some(g))
+        .count();
+    // The fewest moves to the tolerance: a third gateway at ⌈(1,200 − 2 × 100) / 3⌉ = 334.
+    assert!((334..=400).contains(&moves), "{moves} moves");
+    assert!(
+        after.iter().filter(|(_, g)| *g == "gw-sg-3").count() >= 334,
+        "{after:?}"
+    );
+    assert_eq!(
+        fleet.count(&format!(
+            "SELECT count(*) FROM sessions WHERE organization_id = '{ORG}' \
+             AND wa_jid <> phone_number || '@s.whatsapp.net'"
+        )),
+        0,
+        "no number re-paired"
+    );
+    eprintln!(
+        "[compose] scale-up of region sg to 3 workers (1,200 numbers): within the tolerance \
+         in {:.1} s, all working; {moves} moves (the fewest: 334)",
+        within.as_secs_f64()
+    );
+
+    // Scale-down: the third gateway decommissioned, then its worker stopped.
+    let before = fleet.placement(ORG);
+    let leaving: Vec<&String> = before
+        .iter()
+        .filter(|(_, g)| *g == "gw-sg-3")
+        .map(|(id, _)| id)
+        .collect();
+    let scaled_down = Instant::now();
+    let out = fleet.ctl(&["gateways", "decommission", "gw-sg-3"]);
+    fleet.compose(&["stop", "worker-sg-3"]);
+    tests::eventually(Duration::from_secs(60), || async {
+        fleet.count("SELECT count(*) FROM gateways WHERE id = 'gw-sg-3'") == 0
+    })
+    .await;
+    let took = scaled_down.elapsed();
+    tests::eventually(Duration::from_secs(60), || async {
+        connected(since) == 1200
+    })
+    .await;
+    let after = fleet.placement(ORG);
+    for (id, gateway) in &before {
+        if gateway != "gw-sg-3" {
+            assert_eq!(
+                after.get(id),
+                Some(gateway),
+                "only the leaving gateway's moved: {out}"
+            );
+        }
+    }
+    let to = |gw: &str| {
+        leaving
+            .iter()
+            .filter(|id| after.get(**id).map(String::as_str) == Some(gw))
+            .count()
+    };
+    let (to_1, to_2) = (to("gw-sg-1"), to("gw-sg-2"));
+    assert_eq!(to_1 + to_2, leaving.len(), "none stranded");
+    assert!(to_1 > 0 && to_2 > 0, "spread by load: {to_1} and {to_2}");
+    let queues = fleet.compose(&[
+        "exec",
+        "-T",
+        "rabbitmq-1",
+        "rabbitmqctl",
+        "-q",
+        "list_queues",
+        "name",
+    ]);
+    assert!(!queues.contains("gw-sg-3"), "its queue is gone: {queues}");
+    assert_eq!(fleet.count("SELECT count(*) FROM sim_conflicts"), 0);
+    fleet.compose(&["--profile", "scale", "rm", "-fs", "worker-sg-3"]);
+    eprintln!(
+        "[compose] scale-down of gw-sg-3: its {} numbers moved ({to_1} to gw-sg-1, {to_2} to \
+         gw-sg-2), no other; its row and queue removed {:.1} s after `decommission`",
+        leaving.len(),
+        took.as_secs_f64()
+    );
 }
