@@ -214,3 +214,28 @@ async fn a_write_racing_a_claim_waits_for_it_and_then_fails() {
         Some(&b"before"[..])
     );
 }
+
+/// A logout retires the store before wiping it: a write the client's own tasks still make
+/// afterwards (a single statement or a transaction) is refused, so no key comes back.
+#[tokio::test]
+async fn a_retired_store_writes_nothing_after_its_wipe() {
+    let device = marked_device();
+    let env = TestEnv::new().await;
+    let (id, _, epoch) = session(&env).await;
+    let store = backend(&env.db, KEY_A, &id, epoch);
+    populate(&store, &device).await;
+    store.retire();
+    assert!(wa_store::wipe(&env.db, &id, epoch).await.expect("wipe"));
+    let a = "1555@s.whatsapp.net";
+    let single = store.put_identity(a, [9; 32]).await.expect_err("refused");
+    assert!(is_lease_lost(&single), "{single}");
+    let batch = store
+        .put_sessions_batch(&[(a.into(), b"late".to_vec().into())])
+        .await
+        .expect_err("refused");
+    assert!(is_lease_lost(&batch), "{batch}");
+    assert!(
+        rows_of(&env, &id).await.iter().all(|(_, r)| r.is_empty()),
+        "no key is left"
+    );
+}

@@ -135,23 +135,36 @@ impl Driver for WhatsAppDriver {
                 ));
             }
         }
-        let backend = store::PgBackend::new(
+        let backend = Arc::new(store::PgBackend::new(
             self.db.clone(),
             self.keyring.clone(),
             session_id.to_owned(),
             epoch,
-        );
-        self.open(Arc::new(backend), session_id, epoch, events)
+        ));
+        self.start(backend.clone(), Some(backend), session_id, epoch, events)
             .await
     }
 }
 
 impl WhatsAppDriver {
-    /// Starts a client on `backend` (ours; the benchmark also runs the crate's in-memory one
-    /// for comparison) and the deadline that watches it.
+    /// Starts a client on `backend` (the benchmark runs the crate's in-memory one beside
+    /// ours for comparison) and the deadline that watches it.
     pub async fn open(
         &self,
         backend: Arc<dyn wacore::store::traits::Backend>,
+        session_id: &str,
+        epoch: i64,
+        events: mpsc::UnboundedSender<DriverEvent>,
+    ) -> Result<Box<dyn Connection>, DriverError> {
+        self.start(backend, None, session_id, epoch, events).await
+    }
+
+    /// [`WhatsAppDriver::open`], with our store (`pg`, the same as `backend`) retired at
+    /// logout.
+    async fn start(
+        &self,
+        backend: Arc<dyn wacore::store::traits::Backend>,
+        pg: Option<Arc<store::PgBackend>>,
         session_id: &str,
         epoch: i64,
         events: mpsc::UnboundedSender<DriverEvent>,
@@ -190,6 +203,7 @@ impl WhatsAppDriver {
         ));
         Ok(Box::new(WhatsAppConnection {
             handle: Some(handle),
+            store: pg,
             db: self.db.clone(),
             session_id: session_id.to_owned(),
             epoch,
@@ -252,6 +266,8 @@ async fn deadline(
 
 struct WhatsAppConnection {
     handle: Option<BotHandle>,
+    /// The session's key store, retired at logout.
+    store: Option<Arc<store::PgBackend>>,
     db: Pool,
     session_id: String,
     epoch: i64,
@@ -335,6 +351,11 @@ impl Connection for WhatsAppConnection {
         }
         client.logout().await;
         self.close().await;
+        // The client's own tasks may still be writing (app-state sync, pre-keys): none may
+        // bring keys back once they are wiped.
+        if let Some(store) = &self.store {
+            store.retire();
+        }
         match store::wipe(&self.db, &self.session_id, self.epoch).await {
             Ok(true) => Ok(()),
             Ok(false) => Err(DriverError::Refused(

@@ -82,6 +82,8 @@ pub struct PgBackend {
     keyring: Arc<Keyring>,
     session_id: String,
     epoch: i64,
+    /// Set by [`PgBackend::retire`]: every write fails from then on.
+    retired: std::sync::atomic::AtomicBool,
 }
 
 type Param<'a> = &'a (dyn ToSql + Sync);
@@ -104,7 +106,23 @@ impl PgBackend {
             keyring,
             session_id,
             epoch,
+            retired: std::sync::atomic::AtomicBool::new(false),
         }
+    }
+
+    /// From now on every write fails with [`LeaseLost`]: the device logged out, and a write
+    /// the client still makes (a task of its own finishing after the logout) must not bring
+    /// keys back after [`wipe`], which waits for the writes already under way.
+    pub fn retire(&self) {
+        self.retired
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    fn check_retired(&self) -> Result<()> {
+        if self.retired.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(lease_lost());
+        }
+        Ok(())
     }
 
     async fn client(&self) -> Result<deadpool_postgres::Object> {
@@ -145,6 +163,7 @@ impl PgBackend {
         answer: &str,
         params: &[Param<'_>],
     ) -> Result<Row> {
+        self.check_retired()?;
         let sql = fenced(&format!("w AS ({write})"), answer);
         let client = self.client().await?;
         let stmt = client.prepare_cached(&sql).await.map_err(db)?;
@@ -163,6 +182,7 @@ impl PgBackend {
         &self,
         client: &'a mut deadpool_postgres::Object,
     ) -> Result<Transaction<'a>> {
+        self.check_retired()?;
         let tx = client.transaction().await.map_err(db)?;
         let fence = tx.prepare_cached(FENCE).await.map_err(db)?;
         if tx
@@ -207,7 +227,8 @@ impl PgBackend {
 }
 
 /// Deletes every key of the session (its linked device is gone), fenced by `epoch`; `false`
-/// when the lease is not ours (nothing was deleted).
+/// when the lease is not ours (nothing was deleted). It locks the session's row for update,
+/// so it waits for the store's writes under way (each holds a share lock on it).
 pub async fn wipe(pool: &Pool, session_id: &str, epoch: i64) -> shared::Result<bool> {
     let deletes = TABLES
         .iter()
@@ -221,7 +242,8 @@ pub async fn wipe(pool: &Pool, session_id: &str, epoch: i64) -> shared::Result<b
         .collect::<Vec<_>>()
         .join(", ");
     let client = pool.get().await?;
-    let stmt = client.prepare_cached(&fenced(&deletes, "NULL")).await?;
+    let sql = fenced(&deletes, "NULL").replacen("FOR SHARE", "FOR UPDATE", 1);
+    let stmt = client.prepare_cached(&sql).await?;
     Ok(client
         .query_one(&stmt, &[&session_id, &epoch])
         .await?
