@@ -65,7 +65,6 @@ impl SslMode {
 pub struct Postgres {
     pub config: tokio_postgres::Config,
     pub tls: MakeRustlsConnect,
-    pub mode: SslMode,
 }
 
 impl Postgres {
@@ -83,22 +82,22 @@ impl Postgres {
             SslMode::Prefer => tokio_postgres::config::SslMode::Prefer,
             _ => tokio_postgres::config::SslMode::Require,
         });
-        let check = match (mode, root) {
+        // The CA to check the certificate against, and whether the host is checked too.
+        let (ca, host) = match (mode, root) {
             (SslMode::VerifyCa | SslMode::VerifyFull, None) => {
                 return Err(Error::invalid(
                     "DATABASE_URL: sslmode=verify-ca and verify-full need sslrootcert=<CA file> \
                      (the system bundle is /etc/ssl/certs/ca-certificates.crt)",
                 ));
             }
-            (SslMode::VerifyFull, Some(ca)) => Check::Full(ca),
+            (SslMode::VerifyFull, Some(ca)) => (Some(ca), true),
             // libpq: with a root certificate named, `require` checks it as verify-ca does.
-            (SslMode::VerifyCa | SslMode::Require, Some(ca)) => Check::Chain(ca),
-            (_, _) => Check::Nothing,
+            (SslMode::VerifyCa | SslMode::Require, Some(ca)) => (Some(ca), false),
+            (_, _) => (None, false),
         };
         Ok(Self {
             config,
-            tls: MakeRustlsConnect::new(client_config(check, "sslrootcert")?),
-            mode,
+            tls: MakeRustlsConnect::new(client_config(ca.as_deref(), host)?),
         })
     }
 }
@@ -127,67 +126,45 @@ pub async fn connect_postgres(url: &str) -> Result<tokio_postgres::Client> {
 
 /// Splits `sslmode` and `sslrootcert` off a connection string; the rest is left as written.
 fn take_tls_params(url: &str) -> Result<(String, Option<SslMode>, Option<String>)> {
-    let mut mode = None;
-    let mut root = None;
-    let mut take = |key: &str, value: String| -> Result<bool> {
-        match key {
-            "sslmode" => mode = Some(SslMode::parse(&value)?),
-            "sslrootcert" => root = Some(value),
-            _ => return Ok(false),
-        }
-        Ok(true)
-    };
-    if url.starts_with("postgres://") || url.starts_with("postgresql://") {
-        let Some((base, query)) = url.split_once('?') else {
-            return Ok((url.to_string(), None, None));
-        };
-        let mut kept = Vec::new();
-        for pair in query.split('&').filter(|p| !p.is_empty()) {
-            let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
-            let value = percent_encoding::percent_decode_str(value)
-                .decode_utf8_lossy()
-                .into_owned();
-            if !take(key, value)? {
-                kept.push(pair);
-            }
-        }
-        let rest = if kept.is_empty() {
-            base.to_string()
-        } else {
-            format!("{base}?{}", kept.join("&"))
-        };
-        Ok((rest, mode, root))
+    const KEYS: &[&str] = &["sslmode", "sslrootcert"];
+    let (rest, taken) = if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        take_query(url, KEYS)
     } else {
-        let mut kept = Vec::new();
+        let (mut kept, mut taken) = (Vec::new(), Vec::new());
         for word in url.split_whitespace() {
-            let (key, value) = word.split_once('=').unwrap_or((word, ""));
-            if !take(key.trim(), value.trim_matches('\'').to_string())? {
-                kept.push(word);
+            match word.split_once('=') {
+                Some((key, value)) if KEYS.contains(&key) => {
+                    taken.push((key.to_string(), value.trim_matches('\'').to_string()));
+                }
+                _ => kept.push(word),
             }
         }
-        Ok((kept.join(" "), mode, root))
+        (kept.join(" "), taken)
+    };
+    let (mut mode, mut root) = (None, None);
+    for (key, value) in taken {
+        match key.as_str() {
+            "sslmode" => mode = Some(SslMode::parse(&value)?),
+            _ => root = Some(value),
+        }
     }
+    Ok((rest, mode, root))
 }
 
-/// The TLS settings of an `amqps://` URL: the URL without `cacertfile`, and the CA to trust
-/// beside the system's.
-pub fn amqp(url: &str) -> Result<(String, lapin::tcp::OwnedTLSConfig)> {
-    let mut tls = lapin::tcp::OwnedTLSConfig::default();
+/// Splits the parameters named `keys` off a URL's query, their values decoded; the rest of
+/// the URL is left as written.
+fn take_query(url: &str, keys: &[&str]) -> (String, Vec<(String, String)>) {
     let Some((base, query)) = url.split_once('?') else {
-        return Ok((url.to_string(), tls));
+        return (url.to_string(), Vec::new());
     };
-    let mut kept = Vec::new();
+    let (mut kept, mut taken) = (Vec::new(), Vec::new());
     for pair in query.split('&').filter(|p| !p.is_empty()) {
-        match pair.split_once('=') {
-            Some(("cacertfile", path)) => {
-                let path = percent_encoding::percent_decode_str(path).decode_utf8_lossy();
-                let pem = std::fs::read_to_string(&*path).map_err(|e| {
-                    Error::invalid(format!("AMQP_URL: cacertfile={path} cannot be read: {e}"))
-                })?;
-                roots(&pem, "cacertfile", &path)?;
-                tls.cert_chain = Some(pem);
-            }
-            _ => kept.push(pair),
+        let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+        if keys.contains(&key) {
+            let value = percent_encoding::percent_decode_str(value).decode_utf8_lossy();
+            taken.push((key.to_string(), value.into_owned()));
+        } else {
+            kept.push(pair);
         }
     }
     let rest = if kept.is_empty() {
@@ -195,7 +172,26 @@ pub fn amqp(url: &str) -> Result<(String, lapin::tcp::OwnedTLSConfig)> {
     } else {
         format!("{base}?{}", kept.join("&"))
     };
+    (rest, taken)
+}
+
+/// The TLS settings of an `amqps://` URL: the URL without `cacertfile`, and the CA to trust
+/// beside the system's.
+pub fn amqp(url: &str) -> Result<(String, lapin::tcp::OwnedTLSConfig)> {
+    let (rest, ca) = take_query(url, &["cacertfile"]);
+    let mut tls = lapin::tcp::OwnedTLSConfig::default();
+    if let Some((setting, path)) = ca.last() {
+        tls.cert_chain = Some(read_pem(setting, path)?.0);
+    }
     Ok((rest, tls))
+}
+
+/// The CA file an AMQP URL names (`cacertfile`), if it names one.
+pub fn amqp_ca(url: &str) -> Option<String> {
+    take_query(url, &["cacertfile"])
+        .1
+        .pop()
+        .map(|(_, path)| path)
 }
 
 /// `e` and what caused it, one after the other (`a: b: c`): TLS failures say why only in
@@ -241,53 +237,44 @@ pub fn rejected(e: &(dyn std::error::Error + 'static)) -> bool {
     false
 }
 
-enum Check {
-    Nothing,
-    Chain(String),
-    Full(String),
-}
-
-fn client_config(check: Check, setting: &'static str) -> Result<ClientConfig> {
+/// A client configuration that checks the server's certificate against the CA file `ca`
+/// (with the host when `host`), or, without `ca`, encrypts only (as libpq does).
+fn client_config(ca: Option<&str>, host: bool) -> Result<ClientConfig> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let builder = ClientConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
         .map_err(Error::internal)?;
-    let verifier: Arc<dyn ServerCertVerifier> = match check {
-        Check::Nothing => Arc::new(Unchecked(provider)),
-        Check::Chain(path) | Check::Full(path) if path.is_empty() => {
-            return Err(Error::invalid(format!("{setting} is empty")));
-        }
-        Check::Chain(path) => Arc::new(Explained {
-            inner: webpki(&path, setting, provider)?,
-            ca: format!("{setting}={path}"),
-            names: false,
-        }),
-        Check::Full(path) => Arc::new(Explained {
-            inner: webpki(&path, setting, provider)?,
-            ca: format!("{setting}={path}"),
-            names: true,
-        }),
+    let chain = match ca {
+        Some(path) => Some(
+            WebPkiServerVerifier::builder_with_provider(
+                Arc::new(read_pem("sslrootcert", path)?.1),
+                provider.clone(),
+            )
+            .build()
+            .map_err(|e| Error::invalid(format!("sslrootcert={path}: {e}")))?,
+        ),
+        None => None,
+    };
+    let verifier = Verifier {
+        chain,
+        algorithms: provider.signature_verification_algorithms,
+        ca: format!("sslrootcert={}", ca.unwrap_or_default()),
+        host,
     };
     Ok(builder
         .dangerous()
-        .with_custom_certificate_verifier(verifier)
+        .with_custom_certificate_verifier(Arc::new(verifier))
         .with_no_client_auth())
 }
 
-fn webpki(
-    path: &str,
-    setting: &str,
-    provider: Arc<rustls::crypto::CryptoProvider>,
-) -> Result<Arc<WebPkiServerVerifier>> {
+/// The PEM file `setting` names at `path`, and the certificates it holds; an error naming
+/// the file when it cannot be read or holds none.
+fn read_pem(setting: &str, path: &str) -> Result<(String, RootCertStore)> {
+    if path.is_empty() {
+        return Err(Error::invalid(format!("{setting} is empty")));
+    }
     let pem = std::fs::read_to_string(path)
         .map_err(|e| Error::invalid(format!("{setting}={path} cannot be read: {e}")))?;
-    WebPkiServerVerifier::builder_with_provider(Arc::new(roots(&pem, setting, path)?), provider)
-        .build()
-        .map_err(|e| Error::invalid(format!("{setting}={path}: {e}")))
-}
-
-/// The certificates of a PEM file; an error naming the file when it holds none.
-fn roots(pem: &str, setting: &str, path: &str) -> Result<RootCertStore> {
     let mut store = RootCertStore::empty();
     for cert in CertificateDer::pem_slice_iter(pem.as_bytes()) {
         let cert = cert.map_err(|e| Error::invalid(format!("{setting}={path} is not PEM: {e}")))?;
@@ -300,73 +287,27 @@ fn roots(pem: &str, setting: &str, path: &str) -> Result<RootCertStore> {
             "{setting}={path} holds no certificate"
         )));
     }
-    Ok(store)
+    Ok((pem, store))
 }
 
-/// Encryption without a certificate check (`prefer`, `require` without a CA): what libpq does.
-/// The handshake's signatures are still checked, so the session is bound to the key offered.
+/// The server's certificate as `sslmode` asks: unchecked without a CA (`prefer`, `require`
+/// without `sslrootcert`: encryption only, as libpq), else the WebPKI check against the CA,
+/// without the host for `verify-ca`, its failures said in the operator's terms (which CA
+/// file, which host). The handshake's signatures are always checked, so the session is bound
+/// to the key offered.
 #[derive(Debug)]
-struct Unchecked(Arc<rustls::crypto::CryptoProvider>);
-
-impl ServerCertVerifier for Unchecked {
-    fn verify_server_cert(
-        &self,
-        _end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp_response: &[u8],
-        _now: UnixTime,
-    ) -> std::result::Result<ServerCertVerified, rustls::Error> {
-        Ok(ServerCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.0.signature_verification_algorithms,
-        )
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.0.signature_verification_algorithms,
-        )
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.0.signature_verification_algorithms.supported_schemes()
-    }
-}
-
-/// The WebPKI check, with failures said in the operator's terms (which CA file, which host),
-/// and without the host check for `verify-ca`.
-#[derive(Debug)]
-struct Explained {
-    inner: Arc<WebPkiServerVerifier>,
+struct Verifier {
+    chain: Option<Arc<WebPkiServerVerifier>>,
+    algorithms: rustls::crypto::WebPkiSupportedAlgorithms,
     ca: String,
-    names: bool,
+    host: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
 struct Reason(String);
 
-impl ServerCertVerifier for Explained {
+impl ServerCertVerifier for Verifier {
     fn verify_server_cert(
         &self,
         end_entity: &CertificateDer<'_>,
@@ -375,21 +316,18 @@ impl ServerCertVerifier for Explained {
         ocsp_response: &[u8],
         now: UnixTime,
     ) -> std::result::Result<ServerCertVerified, rustls::Error> {
+        let Some(chain) = &self.chain else {
+            return Ok(ServerCertVerified::assertion());
+        };
         let explain = |reason: String| {
             rustls::Error::InvalidCertificate(CertificateError::Other(rustls::OtherError(
                 Arc::new(Reason(reason)),
             )))
         };
-        match self.inner.verify_server_cert(
-            end_entity,
-            intermediates,
-            server_name,
-            ocsp_response,
-            now,
-        ) {
+        match chain.verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now) {
             Err(rustls::Error::InvalidCertificate(
                 CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. },
-            )) if !self.names => Ok(ServerCertVerified::assertion()),
+            )) if !self.host => Ok(ServerCertVerified::assertion()),
             Err(rustls::Error::InvalidCertificate(
                 CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. },
             )) => Err(explain(format!(
@@ -413,7 +351,7 @@ impl ServerCertVerifier for Explained {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
-        self.inner.verify_tls12_signature(message, cert, dss)
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.algorithms)
     }
 
     fn verify_tls13_signature(
@@ -422,11 +360,11 @@ impl ServerCertVerifier for Explained {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
-        self.inner.verify_tls13_signature(message, cert, dss)
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algorithms)
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.inner.supported_verify_schemes()
+        self.algorithms.supported_schemes()
     }
 }
 
@@ -464,8 +402,11 @@ mod tests {
             .expect("read");
         assert!(e.to_string().contains("/nonexistent"), "{e}");
         assert_eq!(
-            Postgres::parse("postgres://h/db").expect("read").mode,
-            SslMode::Prefer
+            Postgres::parse("postgres://h/db")
+                .expect("read")
+                .config
+                .get_ssl_mode(),
+            tokio_postgres::config::SslMode::Prefer
         );
     }
 

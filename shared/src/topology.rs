@@ -263,12 +263,8 @@ pub async fn check_tls(urls: &str, name: &str) -> crate::Result<()> {
         Err(e) if crate::tls::rejected(&e) => {
             let trusted: Vec<String> = urls
                 .split(',')
-                .filter_map(|u| u.split_once("cacertfile=").map(|(_, ca)| ca))
-                .map(|ca| {
-                    let ca = ca.split('&').next().unwrap_or(ca);
-                    let ca = percent_encoding::percent_decode_str(ca).decode_utf8_lossy();
-                    format!("cacertfile={ca}")
-                })
+                .filter_map(crate::tls::amqp_ca)
+                .map(|ca| format!("cacertfile={ca}"))
                 .collect();
             Err(crate::Error::invalid(format!(
                 "cannot connect to RabbitMQ over TLS: {} (trusting {})",

@@ -91,10 +91,19 @@ type Param<'a> = &'a (dyn ToSql + Sync);
 /// Locks the session's row if the lease is still ours; `$1` is the session, `$2` the epoch.
 const FENCE: &str = "SELECT 1 FROM sessions WHERE id = $1 AND lease_epoch = $2 FOR SHARE";
 
+/// [`FENCE`], taken exclusively: [`wipe`] waits for the writes holding it shared.
+const FENCE_EXCLUSIVE: &str =
+    "SELECT 1 FROM sessions WHERE id = $1 AND lease_epoch = $2 FOR UPDATE";
+
 /// One fenced statement: the CTE `fence`, then `writes` (data-modifying CTEs that depend on
 /// it), answering whether the fence held, then `answer`'s columns.
 fn fenced(writes: &str, answer: &str) -> String {
-    format!("WITH fence AS ({FENCE}), {writes} SELECT EXISTS (SELECT 1 FROM fence), {answer}")
+    fenced_by(FENCE, writes, answer)
+}
+
+/// [`fenced`] behind the fence `fence`.
+fn fenced_by(fence: &str, writes: &str, answer: &str) -> String {
+    format!("WITH fence AS ({fence}), {writes} SELECT EXISTS (SELECT 1 FROM fence), {answer}")
 }
 
 impl PgBackend {
@@ -242,8 +251,9 @@ pub async fn wipe(pool: &Pool, session_id: &str, epoch: i64) -> shared::Result<b
         .collect::<Vec<_>>()
         .join(", ");
     let client = pool.get().await?;
-    let sql = fenced(&deletes, "NULL").replacen("FOR SHARE", "FOR UPDATE", 1);
-    let stmt = client.prepare_cached(&sql).await?;
+    let stmt = client
+        .prepare_cached(&fenced_by(FENCE_EXCLUSIVE, &deletes, "NULL"))
+        .await?;
     Ok(client
         .query_one(&stmt, &[&session_id, &epoch])
         .await?
