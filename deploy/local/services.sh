@@ -17,6 +17,9 @@ die() { printf '[services] ERROR: %s\n' "$*" >&2; exit 1; }
 
 port_open() { (exec 3<>"/dev/tcp/$1/$2") 2>/dev/null; }
 
+# Whether HOST is this machine's own server (settings are changed on those only).
+on_this_machine() { [ "$1" = 127.0.0.1 ] || [ "$1" = localhost ]; }
+
 wait_port() { # host port seconds what
   local i
   for ((i = 0; i < $3 * 10; i++)); do
@@ -85,7 +88,7 @@ ensure_postgres() {
 # DATABASE_URL elsewhere is left as it is.
 PG_MAX_CONNECTIONS=${PG_MAX_CONNECTIONS:-500}
 ensure_pg_connections() {
-  [ "$PG_HOST" = 127.0.0.1 ] || [ "$PG_HOST" = localhost ] || return 0
+  on_this_machine "$PG_HOST" || return 0
   command -v pg_lsclusters >/dev/null || return 0
   local have version
   have=$(PGPASSWORD=$PG_PASSWORD psql -h "$PG_HOST" -p "$PG_PORT" -U "$PG_ROLE" -d "$PG_DATABASE" -qtAc 'SHOW max_connections' 2>/dev/null || echo 0)
@@ -154,15 +157,14 @@ pg_tls_ok() {
 }
 
 ensure_postgres_tls() {
-  [ "$PG_HOST" = 127.0.0.1 ] || [ "$PG_HOST" = localhost ] || return 0
-  [ "$(id -u)" = 0 ] || return 0
+  on_this_machine "$PG_HOST" && [ "$(id -u)" = 0 ] || return 0
   make_test_ca
   if ! pg_tls_ok; then
     log "turning TLS on in PostgreSQL (the test CA's certificate)"
-    as_postgres psql -p "$PG_PORT" -qtAc "ALTER SYSTEM SET ssl = on" >/dev/null &&
-      as_postgres psql -p "$PG_PORT" -qtAc "ALTER SYSTEM SET ssl_cert_file = '$TLS_DIR/postgres/server.pem'" >/dev/null &&
-      as_postgres psql -p "$PG_PORT" -qtAc "ALTER SYSTEM SET ssl_key_file = '$TLS_DIR/postgres/server.key'" >/dev/null &&
-      as_postgres psql -p "$PG_PORT" -qtAc "SELECT pg_reload_conf()" >/dev/null || die "could not turn TLS on in PostgreSQL"
+    as_postgres psql -p "$PG_PORT" -qtA -c "ALTER SYSTEM SET ssl = on" \
+      -c "ALTER SYSTEM SET ssl_cert_file = '$TLS_DIR/postgres/server.pem'" \
+      -c "ALTER SYSTEM SET ssl_key_file = '$TLS_DIR/postgres/server.key'" \
+      -c "SELECT pg_reload_conf()" >/dev/null || die "could not turn TLS on in PostgreSQL"
     local i
     for ((i = 0; i < 50; i++)); do pg_tls_ok && break; sleep 0.1; done
     pg_tls_ok || die "PostgreSQL did not take the test CA's certificate: see /var/log/postgresql/"
@@ -184,8 +186,7 @@ ensure_postgres_tls() {
 # Written before the broker starts (a running one without the listener is restarted).
 RABBITMQ_TLS_CONF=/etc/rabbitmq/conf.d/20-wa-gateway-tls.conf
 ensure_rabbitmq_tls_config() {
-  [ "$AMQP_HOST" = 127.0.0.1 ] || [ "$AMQP_HOST" = localhost ] || return 1
-  [ "$(id -u)" = 0 ] || return 1
+  on_this_machine "$AMQP_HOST" && [ "$(id -u)" = 0 ] || return 1
   make_test_ca
   id rabbitmq >/dev/null 2>&1 && chown -R rabbitmq "$TLS_DIR/rabbitmq"
   local want
@@ -208,8 +209,7 @@ amqps_ok() {
 }
 
 ensure_rabbitmq_tls() {
-  [ "$AMQP_HOST" = 127.0.0.1 ] || [ "$AMQP_HOST" = localhost ] || return 0
-  [ "$(id -u)" = 0 ] || return 0
+  on_this_machine "$AMQP_HOST" && [ "$(id -u)" = 0 ] || return 0
   port_open "$AMQP_HOST" "$AMQPS_PORT" && amqps_ok && return 0
   ensure_rabbitmq_tls_config || [ -f "$RABBITMQ_TLS_CONF" ] || return 0
   log "restarting RabbitMQ for its TLS listener on $AMQPS_PORT"
