@@ -172,7 +172,6 @@ impl Fleet {
     /// No password or cookie ships with the repository: the broker and the database refuse
     /// `gateway:gateway`, and take the fleet's own passwords, which `up` made.
     fn refuses_shared_defaults(&self) {
-        let setting = |name: &str| self.setting(name);
         let rabbit = |password: &str| {
             self.script(
                 "compose",
@@ -211,17 +210,19 @@ impl Fleet {
             postgres("gateway").is_err(),
             "Postgres takes gateway:gateway"
         );
-        let (rabbit_password, pg_password) =
-            (setting("RABBITMQ_PASSWORD"), setting("POSTGRES_PASSWORD"));
+        let (rabbit_password, pg_password) = (
+            self.setting("RABBITMQ_PASSWORD"),
+            self.setting("POSTGRES_PASSWORD"),
+        );
         assert!(
             rabbit_password.len() >= 24 && pg_password.len() >= 24,
             "the fleet's passwords are its own and long"
         );
         rabbit(&rabbit_password).expect("the broker takes the fleet's password");
         postgres(&pg_password).expect("Postgres takes the fleet's password");
-        assert_ne!(setting("ERLANG_COOKIE"), "gateway-fleet-cookie");
+        assert_ne!(self.setting("ERLANG_COOKIE"), "gateway-fleet-cookie");
         // The api's role reads sessions, not the WhatsApp key store.
-        let api_password = setting("POSTGRES_API_PASSWORD");
+        let api_password = self.setting("POSTGRES_API_PASSWORD");
         psql(
             "gateway_api",
             &api_password,
