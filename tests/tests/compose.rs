@@ -86,6 +86,16 @@ impl Fleet {
         }
     }
 
+    /// `deploy/compose/compose args…` started, not waited for.
+    fn compose_in_background(&self, args: &[&str]) -> std::process::Child {
+        Command::new(self.repo.join("deploy/compose/compose"))
+            .args(args)
+            .env("STATE_DIR", &self.state)
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("the compose script runs")
+    }
+
     fn compose(&self, args: &[&str]) -> String {
         self.script("compose", args)
             .unwrap_or_else(|e| panic!("{e}"))
@@ -328,6 +338,38 @@ impl Fleet {
             .unwrap_or_else(|_| panic!("{sql}: {out}"))
     }
 
+    /// No number was ever connected from two workers at once (the simulated WhatsApp's
+    /// `sim_conflicts`). Otherwise the failure shows each conflict and what every worker
+    /// logged about its number and about its simulated server's process.
+    fn no_conflicts(&self, when: &str) {
+        let rows = self.sql(
+            "SELECT device, replaced_process, replaced_connection, by_process, by_connection, \
+             at FROM sim_conflicts ORDER BY id",
+        );
+        if rows.trim().is_empty() {
+            return;
+        }
+        let mut needles: Vec<&str> = vec!["the simulated server knows this worker"];
+        needles.extend(rows.lines().filter_map(|r| r.split('|').next()));
+        let mut logs = String::new();
+        for worker in ["worker-sg-1", "worker-sg-2", "worker-sg-3", "worker-eu-1"] {
+            let out = self
+                .script("compose", &["logs", "--no-color", worker])
+                .unwrap_or_else(|e| e);
+            for line in out
+                .lines()
+                .filter(|l| needles.iter().any(|n| l.contains(n)))
+            {
+                logs.push_str(line);
+                logs.push('\n');
+            }
+        }
+        panic!(
+            "{when}: a number was connected from two workers at once \
+             (device|replaced process|connection|by process|connection|at):\n{rows}\n{logs}"
+        );
+    }
+
     /// A statement on the fleet's Postgres (over its local socket): what psql printed.
     fn sql(&self, sql: &str) -> String {
         self.compose(&[
@@ -347,13 +389,14 @@ impl Fleet {
     }
 
     /// Sessions `from..to` of `org`, paired (simulated driver) and running, alternately on
-    /// gw-sg-1 and gw-sg-2, as their workers left them; their workers adopt them.
+    /// gw-sg-1 and gw-sg-2, as their workers left them; their workers adopt them. Their ids
+    /// are ULIDs (the API reads no other), of a time no real one has.
     fn add_paired(&self, org: &str, from: u32, to: u32) {
         self.sql(&format!(
             "INSERT INTO sessions (id, organization_id, label, gateway_id, phone_number, wa_jid, \
                wa_lid, status, desired_state, created_by_user_id, created_at, updated_at, \
                device_credentials) \
-             SELECT 'SCALE' || lpad(i::text, 21, '0'), '{org}', 'paired', \
+             SELECT '7ZZZZZZZZZ' || lpad(i::text, 16, '0'), '{org}', 'paired', \
                CASE WHEN i % 2 = 0 THEN 'gw-sg-1' ELSE 'gw-sg-2' END, p, p || '@s.whatsapp.net', \
                '1' || p || '@lid', 'working', 'running', 'test', t, t, \
                jsonb_build_object('driver', 'sim', 'phoneNumber', p) \
@@ -440,6 +483,30 @@ struct Client {
 }
 
 impl Client {
+    /// A client with a new API key of `org` (read, manage).
+    fn new(fleet: &Fleet, org: &str) -> Client {
+        let key = fleet
+            .ctl(&[
+                "apikey",
+                "create",
+                "--org",
+                org,
+                "--capabilities",
+                "read,manage",
+            ])
+            .lines()
+            .last()
+            .expect("the key")
+            .trim()
+            .to_string();
+        Client {
+            http: reqwest::Client::new(),
+            base: fleet.api.clone(),
+            key,
+            answers: BTreeMap::new(),
+        }
+    }
+
     /// One request, retried while the fleet answers 503/504 (a fault that lasts), for at most
     /// 60 s; any 5xx but those fails the test.
     async fn call(
@@ -599,26 +666,7 @@ async fn compose_fleet_pairs_a_number_and_survives_a_broker_node_stopping() {
     fleet.migrated_before_the_fleet_started();
     fleet.refuses_shared_defaults();
     fleet.encrypted_on_every_hop();
-    let key = fleet
-        .ctl(&[
-            "apikey",
-            "create",
-            "--org",
-            "org_compose",
-            "--capabilities",
-            "read,manage",
-        ])
-        .lines()
-        .last()
-        .expect("the key")
-        .trim()
-        .to_string();
-    let mut api = Client {
-        http: reqwest::Client::new(),
-        base: fleet.api.clone(),
-        key,
-        answers: BTreeMap::new(),
-    };
+    let mut api = Client::new(&fleet, "org_compose");
 
     // Through the load balancer to both replicas, to a worker of each region.
     api.pair_and_logout(&fleet, "gw-sg-1", "6281200000001")
@@ -626,6 +674,7 @@ async fn compose_fleet_pairs_a_number_and_survives_a_broker_node_stopping() {
     api.pair_and_logout(&fleet, "gw-eu-1", "6281200000002")
         .await;
     eprintln!("[compose] healthy fleet: answers {:?}", api.answers);
+    fleet.no_conflicts("the healthy fleet");
 
     // Stop the node leading gw-sg-1's command queue: a new leader is elected among the other
     // two, and the api and the worker connected to the stopped node go on with another.
@@ -663,6 +712,8 @@ async fn compose_fleet_pairs_a_number_and_survives_a_broker_node_stopping() {
         api.answers
     );
 
+    fleet.no_conflicts("a broker node stopped");
+
     // The node comes back and rejoins; commands go on.
     fleet.compose(&["start", &node]);
     api.answers.clear();
@@ -672,6 +723,7 @@ async fn compose_fleet_pairs_a_number_and_survives_a_broker_node_stopping() {
         "[compose] after {node} came back: answers {:?}",
         api.answers
     );
+    fleet.no_conflicts("the broker node back");
 
     // gw-sg-1's worker cut off from the network (the broker and Postgres) while it drives a
     // number: the process lives on, stops driving before its lease could expire, the region's
@@ -710,11 +762,7 @@ async fn compose_fleet_pairs_a_number_and_survives_a_broker_node_stopping() {
         .await;
     assert_eq!(status, 200, "{out}");
     assert_eq!(out["gatewayId"], "gw-sg-2", "{out}");
-    assert_eq!(
-        fleet.count("SELECT count(*) FROM sim_conflicts"),
-        0,
-        "no number was connected from two workers at once"
-    );
+    fleet.no_conflicts("gw-sg-1 cut off and back");
     eprintln!(
         "[compose] gw-sg-1 cut off: its number working on gw-sg-2 {:.1} s after the cut; \
          gw-sg-1 heartbeating again {:.1} s after it was reconnected; answers {:?}; \
@@ -831,12 +879,34 @@ async fn roll_and_scale_region_sg(fleet: &Fleet) {
     })
     .await;
 
-    // The rolling update: each worker restarted in turn.
+    // The rolling update: each worker restarted in turn, while 20 of its numbers send.
+    let mut api = Client::new(fleet, ORG);
     let before = fleet.placement(ORG);
     let mut gaps = Vec::new();
+    let mut sent = 0;
     for (service, gateway) in [("worker-sg-1", "gw-sg-1"), ("worker-sg-2", "gw-sg-2")] {
+        let senders: Vec<&String> = before
+            .iter()
+            .filter(|(_, gw)| *gw == gateway)
+            .map(|(id, _)| id)
+            .take(20)
+            .collect();
         let stopped = fleet.now_ms();
-        fleet.compose(&["restart", service]);
+        let mut restart = fleet.compose_in_background(&["restart", service]);
+        loop {
+            let done = restart.try_wait().expect("the restart runs").is_some();
+            let id = senders[sent % senders.len()];
+            api.send(id, "6281999000001", &format!("roll {sent}")).await;
+            sent += 1;
+            if done {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert!(
+            restart.wait().is_ok_and(|s| s.success()),
+            "{service} restarted"
+        );
         let mine = format!(
             "organization_id = '{ORG}' AND gateway_id = '{gateway}' AND status = 'working' \
              AND last_connected_at >= {stopped}"
@@ -857,10 +927,36 @@ async fn roll_and_scale_region_sg(fleet: &Fleet) {
         ));
     }
     assert_eq!(fleet.placement(ORG), before, "a restart moves nothing");
-    assert_eq!(fleet.count("SELECT count(*) FROM sim_conflicts"), 0);
+    fleet.no_conflicts("the rolling restart of region sg");
+    // Every message accepted during the roll reached its contact, and only once.
+    tests::eventually(Duration::from_secs(120), || async {
+        fleet.count(&format!(
+            "SELECT count(*) FROM messages WHERE organization_id = '{ORG}' \
+             AND status IN ('sent', 'delivered', 'read')"
+        )) == sent as i64
+    })
+    .await;
+    assert_eq!(
+        fleet.count(
+            "SELECT count(*) FROM sim_messages WHERE recipient = '6281999000001@s.whatsapp.net' \
+             AND text LIKE 'roll %'"
+        ),
+        sent as i64,
+        "each message of the roll reached the contact once"
+    );
+    assert_eq!(
+        fleet.count(
+            "SELECT count(DISTINCT text) FROM sim_messages WHERE recipient = '6281999000001@s.whatsapp.net' \
+             AND text LIKE 'roll %'"
+        ),
+        sent as i64,
+        "each message of the roll reached the contact once"
+    );
     eprintln!(
         "[compose] rolling restart of region sg (2 × 500 numbers): 0 moved; gap from the \
-         restart to working again (p50, longest, ms): {gaps:?}"
+         restart to working again (p50, longest, ms): {gaps:?}; {sent} messages sent during \
+         the restarts, each delivered once; answers {:?}",
+        api.answers
     );
 
     // Scale-up to three workers with 1,200 numbers.
@@ -961,7 +1057,7 @@ async fn roll_and_scale_region_sg(fleet: &Fleet) {
         "name",
     ]);
     assert!(!queues.contains("gw-sg-3"), "its queue is gone: {queues}");
-    assert_eq!(fleet.count("SELECT count(*) FROM sim_conflicts"), 0);
+    fleet.no_conflicts("the scale-up and scale-down of region sg");
     fleet.compose(&["--profile", "scale", "rm", "-fs", "worker-sg-3"]);
     eprintln!(
         "[compose] scale-down of gw-sg-3: its {} numbers moved ({to_1} to gw-sg-1, {to_2} to \

@@ -50,6 +50,8 @@ impl SimServer {
     ) -> Result<Arc<SimServer>> {
         let db = shared::db::pool(database_url, 2)?;
         let process = ulid::Ulid::new().to_string();
+        // Names this process in `sim_conflicts`, so a conflict can be traced to its worker.
+        tracing::info!(process = %process, "the simulated server knows this worker as {process}");
         // Positive and under 2^62, so the lock's two 32-bit halves read back unambiguously.
         let lock_key = (rand::random::<u64>() >> 2) as i64;
         let lock = hold_lock(database_url, lock_key).await?;
