@@ -207,7 +207,9 @@ pub fn router(state: AppState) -> Router {
         )
         .route(
             "/api/v1/sessions/{session}/messages/{message}",
-            get(messages::get),
+            get(messages::get)
+                .patch(messages::edit)
+                .post(messages::action),
         )
         .route(
             "/api/v1/webhooks",

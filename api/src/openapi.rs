@@ -23,7 +23,7 @@ use crate::routes::{commands, contacts, events, gateways, messages, sessions, we
         sessions::create, sessions::list, sessions::get, sessions::update, sessions::delete,
         commands::start, commands::stop, commands::restart, commands::logout,
         commands::request_pairing_code, commands::qr, commands::recent, commands::get,
-        messages::send, messages::list, messages::get,
+        messages::send, messages::list, messages::get, messages::edit, messages::revoke,
         contacts::check,
         events::stream, gateways::list,
         webhooks::create, webhooks::list, webhooks::get, webhooks::update, webhooks::delete,

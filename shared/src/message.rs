@@ -80,6 +80,16 @@ pub enum Content {
     Reaction {
         reaction: Reaction,
     },
+    /// A new text for a text message the session sent. Queued by
+    /// `PATCH …/messages/{message}`, not by `POST …/messages`.
+    Edit {
+        edit: Edit,
+    },
+    /// A message the session sent, deleted for everyone. Queued by
+    /// `POST …/messages/{message}:revoke`, not by `POST …/messages`.
+    Revoke {
+        revoke: Revoke,
+    },
 }
 
 /// A point on the map, with an optional name and address.
@@ -126,20 +136,115 @@ pub struct Reaction {
     pub emoji: String,
 }
 
+/// The new text of a message the session sent.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Edit {
+    /// Our id of the message edited.
+    pub message_id: String,
+    /// 1–4096 characters.
+    pub text: String,
+}
+
+/// A message the session sent, deleted for everyone.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Revoke {
+    /// Our id of the message deleted.
+    pub message_id: String,
+}
+
+/// How long after it was sent WhatsApp lets a message be edited.
+pub const EDIT_WINDOW_MS: i64 = 15 * 60_000;
+/// How long after it was sent WhatsApp lets a message be deleted for everyone.
+pub const REVOKE_WINDOW_MS: i64 = 60 * 3_600_000;
+
 impl Content {
-    /// The text of a text message; "" for the other types.
+    /// The text of a text message (and the new text of an edit); "" for the other types.
     pub fn text(&self) -> &str {
         match self {
             Content::Text { text } => text,
+            Content::Edit { edit } => &edit.text,
             _ => "",
         }
     }
 
-    /// The message another one of the session refers to, by our id (a reaction's).
+    /// The message another one of the session refers to, by our id: the one a reaction is
+    /// on, the one an edit or a revoke changes.
     pub fn refers_to(&self) -> Option<&str> {
         match self {
             Content::Reaction { reaction } => Some(&reaction.message_id),
+            Content::Edit { edit } => Some(&edit.message_id),
+            Content::Revoke { revoke } => Some(&revoke.message_id),
             _ => None,
+        }
+    }
+
+    /// Points a reaction, an edit or a revoke at our message `id`.
+    pub fn set_refers_to(&mut self, id: String) {
+        match self {
+            Content::Reaction { reaction } => reaction.message_id = id,
+            Content::Edit { edit } => edit.message_id = id,
+            Content::Revoke { revoke } => revoke.message_id = id,
+            _ => {}
+        }
+    }
+
+    /// An edit or a revoke: an action on a message already sent, queued by an endpoint of
+    /// its own rather than sent as a message.
+    pub fn is_action(&self) -> bool {
+        matches!(self, Content::Edit { .. } | Content::Revoke { .. })
+    }
+
+    /// Whether `self`, a message the session sent at `sent_at` (`None`: not yet), may still
+    /// take `action` at `now`; the reason when not.
+    pub fn check_action(
+        &self,
+        action: &Content,
+        sent_at: Option<i64>,
+        now: i64,
+    ) -> std::result::Result<(), String> {
+        let (allowed, window, verb) = match action {
+            Content::Edit { .. } => (
+                matches!(self, Content::Text { .. }),
+                EDIT_WINDOW_MS,
+                "edited",
+            ),
+            Content::Revoke { .. } => (
+                matches!(
+                    self,
+                    Content::Text { .. } | Content::Location { .. } | Content::Contact { .. }
+                ),
+                REVOKE_WINDOW_MS,
+                "deleted",
+            ),
+            _ => return Err("only an edit or a revoke acts on a message".into()),
+        };
+        if !allowed {
+            return Err(format!("a {} message cannot be {verb}", self.kind()));
+        }
+        match sent_at {
+            Some(at) if now - at > window => Err(format!(
+                "WhatsApp lets a message be {verb} for {} after it was sent",
+                if window % 3_600_000 == 0 {
+                    format!("{} hours", window / 3_600_000)
+                } else {
+                    format!("{} minutes", window / 60_000)
+                }
+            )),
+            _ => Ok(()),
+        }
+    }
+
+    /// The `type` callers see.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Content::Text { .. } => "text",
+            Content::Location { .. } => "location",
+            Content::Contact { .. } => "contact",
+            Content::Reaction { .. } => "reaction",
+            Content::Edit { .. } => "edit",
+            Content::Revoke { .. } => "revoke",
         }
     }
 
@@ -150,6 +255,13 @@ impl Content {
             Content::Location { location } => location.validate(),
             Content::Contact { contact } => contact.validate(),
             Content::Reaction { reaction } => reaction.validate(),
+            Content::Edit { edit } => {
+                validate_message_id("edit.messageId", &edit.message_id)?;
+                validate_text(&edit.text)
+            }
+            Content::Revoke { revoke } => {
+                validate_message_id("revoke.messageId", &revoke.message_id)
+            }
         }
     }
 
@@ -229,14 +341,19 @@ impl ContactCard {
     }
 }
 
+fn validate_message_id(field: &str, id: &str) -> Result<()> {
+    if ulid::Ulid::from_string(id).is_err() {
+        return Err(Error::invalid_field(
+            field,
+            format!("{field} must be the id of a message of this session"),
+        ));
+    }
+    Ok(())
+}
+
 impl Reaction {
     fn validate(&self) -> Result<()> {
-        if ulid::Ulid::from_string(&self.message_id).is_err() {
-            return Err(Error::invalid_field(
-                "reaction.messageId",
-                "reaction.messageId must be the id of a message of this session",
-            ));
-        }
+        validate_message_id("reaction.messageId", &self.message_id)?;
         if self.emoji.chars().count() > 32 || self.emoji.chars().any(char::is_control) {
             return Err(Error::invalid_field(
                 "reaction.emoji",
@@ -298,6 +415,12 @@ pub struct Message {
     pub read_at: Option<i64>,
     /// Why it failed, when it did.
     pub error: Option<String>,
+    /// When its sender last edited it (its content is the new one), epoch milliseconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub edited_at: Option<i64>,
+    /// When its sender deleted it for everyone, epoch milliseconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revoked_at: Option<i64>,
 }
 
 /// A recipient as callers write it (a phone number with its country code, with or without

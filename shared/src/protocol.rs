@@ -42,8 +42,14 @@ pub enum Command {
     SimConflict,
     /// Simulated network: the connection drops.
     SimDrop,
-    /// Simulated contact: `from` sends the session a text.
-    SimMessage { from: String, text: String },
+    /// Simulated contact: `from` sends the session a text, or, in `content`, another type:
+    /// a reaction to, an edit of or a revoke of a message of the chat (by our id).
+    SimMessage {
+        from: String,
+        text: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        content: Option<crate::message::Content>,
+    },
     /// Messages of the session were queued in Postgres: the worker sends what its rate
     /// limits allow (a notice; nobody waits for an answer).
     SendMessages,
@@ -171,6 +177,35 @@ pub enum EventKind {
         /// When it was sent, epoch milliseconds.
         timestamp: i64,
     },
+    /// A contact reacted to a message of the chat (an empty `emoji` takes it back).
+    #[serde(rename = "message.reaction", rename_all = "camelCase")]
+    MessageReaction {
+        /// Our id of the message reacted to.
+        message_id: String,
+        /// The contact's JID.
+        from: String,
+        emoji: String,
+        /// When it was sent, epoch milliseconds.
+        timestamp: i64,
+    },
+    /// A contact edited a message it sent the session: the stored message has the new text.
+    #[serde(rename = "message.edited", rename_all = "camelCase")]
+    MessageEdited {
+        /// Our id of the message edited.
+        message_id: String,
+        from: String,
+        /// The new text.
+        text: String,
+        timestamp: i64,
+    },
+    /// A contact deleted a message it sent the session for everyone.
+    #[serde(rename = "message.revoked", rename_all = "camelCase")]
+    MessageRevoked {
+        /// Our id of the message deleted.
+        message_id: String,
+        from: String,
+        timestamp: i64,
+    },
     /// An outgoing message changed status.
     #[serde(rename = "message.status", rename_all = "camelCase")]
     MessageStatus {
@@ -199,6 +234,9 @@ impl EventKind {
         "session.deleted",
         "message.status",
         "message.received",
+        "message.reaction",
+        "message.edited",
+        "message.revoked",
         "webhook.disabled",
     ];
 
@@ -210,6 +248,9 @@ impl EventKind {
             EventKind::Deleted => "session.deleted",
             EventKind::MessageStatus { .. } => "message.status",
             EventKind::MessageReceived { .. } => "message.received",
+            EventKind::MessageReaction { .. } => "message.reaction",
+            EventKind::MessageEdited { .. } => "message.edited",
+            EventKind::MessageRevoked { .. } => "message.revoked",
             EventKind::WebhookDisabled { .. } => "webhook.disabled",
         }
     }
@@ -226,7 +267,10 @@ impl EventKind {
             EventKind::Status { .. }
             | EventKind::Deleted
             | EventKind::MessageStatus { .. }
-            | EventKind::MessageReceived { .. } => Capability::Read,
+            | EventKind::MessageReceived { .. }
+            | EventKind::MessageReaction { .. }
+            | EventKind::MessageEdited { .. }
+            | EventKind::MessageRevoked { .. } => Capability::Read,
         }
     }
 }

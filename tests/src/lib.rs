@@ -550,6 +550,21 @@ impl TestEnv {
         }
     }
 
+    /// WhatsApp's id of a message the session sent (or received): it must have one.
+    pub async fn wa_message_id(&self, message_id: &str) -> String {
+        self.db
+            .get()
+            .await
+            .expect("db")
+            .query_one(
+                "SELECT wa_message_id FROM messages WHERE id = $1",
+                &[&message_id],
+            )
+            .await
+            .expect("the message")
+            .get(0)
+    }
+
     /// The devices the simulated WhatsApp saw connected twice at once (`conflict`), from its
     /// server-side record shared by every worker.
     pub async fn sim_conflicts(&self) -> Vec<String> {

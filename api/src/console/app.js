@@ -185,7 +185,9 @@ function summary(m) {
       ' (' + m.location.latitude + ', ' + m.location.longitude + ')';
     case 'contact': return '👤 ' + (m.contact.name || 'contact card');
     case 'reaction': return (m.reaction.emoji || 'reaction removed') + ' on ' + m.reaction.messageId;
-    default: return m.text;
+    case 'edit': return '✎ ' + m.edit.messageId + ' → ' + m.edit.text;
+    case 'revoke': return '🗑 deleted ' + m.revoke.messageId + ' for everyone';
+    default: return m.text + (m.revokedAt ? ' (deleted for everyone)' : m.editedAt ? ' (edited)' : '');
   }
 }
 
@@ -198,6 +200,9 @@ function describe(ev) {
     case 'session.deleted': return 'session deleted';
     case 'message.status': return 'message ' + ev.messageId + ' ' + ev.status + (ev.error ? ': ' + ev.error : '');
     case 'message.received': return 'message from ' + ev.from + ': ' + summary(ev.content || ev);
+    case 'message.reaction': return ev.from + ' reacted ' + (ev.emoji || '(removed)') + ' to ' + ev.messageId;
+    case 'message.edited': return ev.from + ' edited ' + ev.messageId + ': ' + ev.text;
+    case 'message.revoked': return ev.from + ' deleted ' + ev.messageId + ' for everyone';
     default: return ev.type;
   }
 }
@@ -619,7 +624,8 @@ async function gatewaysPage(signal) {
 // ---------------------------------------------------------------- webhooks
 
 const EVENT_TYPES = ['session.status', 'auth.qr', 'auth.pair_code', 'session.deleted',
-  'message.status', 'message.received', 'webhook.disabled'];
+  'message.status', 'message.received', 'message.reaction', 'message.edited', 'message.revoked',
+  'webhook.disabled'];
 
 async function webhooksPage(signal) {
   const slot = h('div', { id: 'error-slot' });

@@ -14,7 +14,8 @@ use crate::message::{Content, Direction, Message, MessageStatus};
 pub const COLUMNS: &str = "id, session_id, peer, text, status, created_at, sent_at, \
      delivered_at, read_at, error, content, reply_to, direction, \
      CASE WHEN direction = 'in' THEN \
-         (SELECT own.wa_jid FROM sessions own WHERE own.id = messages.session_id) END";
+         (SELECT own.wa_jid FROM sessions own WHERE own.id = messages.session_id) END, \
+     edited_at, revoked_at";
 
 pub fn from_row(row: &Row) -> Message {
     let status: &str = row.get(4);
@@ -42,6 +43,8 @@ pub fn from_row(row: &Row) -> Message {
         delivered_at: row.get(7),
         read_at: row.get(8),
         error: row.get(9),
+        edited_at: row.get(14),
+        revoked_at: row.get(15),
     }
 }
 

@@ -107,6 +107,23 @@ impl Received {
         let r = self.message.reaction_message.as_option()?;
         Some((r.key.id.clone()?, r.text.clone().unwrap_or_default()))
     }
+
+    /// Of an edit: WhatsApp's id of the message edited, and its new text.
+    pub fn edit(&self) -> Option<(String, String)> {
+        use waproto::whatsapp::message::protocol_message::Type;
+        let p = self.message.protocol_message.as_option()?;
+        (p.r#type == Some(Type::MessageEdit)).then_some(())?;
+        let text = worker::driver::whatsapp::content::from_wa(p.edited_message.as_option()?)?;
+        Some((p.key.id.clone()?, text.text().to_owned()))
+    }
+
+    /// Of a delete for everyone: WhatsApp's id of the message deleted.
+    pub fn revoke(&self) -> Option<String> {
+        use waproto::whatsapp::message::protocol_message::Type;
+        let p = self.message.protocol_message.as_option()?;
+        (p.r#type == Some(Type::Revoke)).then_some(())?;
+        p.key.id.clone()
+    }
 }
 
 /// A receipt a phone got for a message it sent: `kind` is `delivered`, `read`, ….

@@ -216,6 +216,7 @@ async fn a_contacts_message_reaches_the_stream_and_is_marked_read_with_auto_read
         Command::SimMessage {
             from: "6281100000002@s.whatsapp.net".into(),
             text: "hi there".into(),
+            content: None,
         },
     )
     .await
@@ -358,19 +359,6 @@ async fn every_type_goes_out_as_it_was_sent_and_replies_and_reactions_name_their
         "{why}"
     );
 
-    let wa_id = |mid: String| {
-        let env = &env;
-        async move {
-            env.db
-                .get()
-                .await
-                .expect("db")
-                .query_one("SELECT wa_message_id FROM messages WHERE id = $1", &[&mid])
-                .await
-                .expect("sent")
-                .get::<_, String>(0)
-        }
-    };
     assert_eq!(
         recorded(&env, &id, &place).await,
         json!({"type": "location", "location": location})
@@ -381,12 +369,308 @@ async fn every_type_goes_out_as_it_was_sent_and_replies_and_reactions_name_their
     );
     assert_eq!(
         recorded(&env, &id, &reply).await,
-        json!({"type": "text", "text": "here", "quotes": wa_id(first).await})
+        json!({"type": "text", "text": "here", "quotes": env.wa_message_id(&first).await})
     );
     assert_eq!(
         recorded(&env, &id, &reaction).await,
         json!({"type": "reaction", "reaction": {"messageId": place, "emoji": "📍"},
-            "reactsTo": wa_id(place.clone()).await})
+            "reactsTo": env.wa_message_id(&place).await})
+    );
+}
+
+/// A message as the API shows it, once `pred` holds for it.
+async fn message_when(
+    api: &Api,
+    key: &str,
+    session: &str,
+    id: &str,
+    what: &str,
+    pred: impl Fn(&Value) -> bool,
+) -> Value {
+    let path = format!("/api/v1/sessions/{session}/messages/{id}");
+    let until = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let m = api.get(&path, key).await.assert_status(200).clone();
+        if pred(&m) {
+            return m;
+        }
+        assert!(std::time::Instant::now() < until, "{what}: {m}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_sent_message_is_edited_then_deleted_for_everyone_in_turn() {
+    let env = TestEnv::new().await;
+    let (_, _w, api, key, id) = working_session(&env, 60).await;
+    let sent =
+        |m: &Value| ["sent", "delivered", "read"].contains(&m["status"].as_str().unwrap_or(""));
+    let first = send(&api, &key, &id, "see you at 5").await;
+    let path = format!("/api/v1/sessions/{id}/messages/{first}");
+
+    // Queued right behind it: the edit goes out after the message, never before.
+    let edit = api
+        .patch(&path, &key, &json!({"text": "see you at 6"}))
+        .await;
+    let edit = edit.assert_status(202);
+    assert_eq!(edit["type"], "edit", "{edit}");
+    assert_eq!(
+        edit["edit"],
+        json!({"messageId": first, "text": "see you at 6"}),
+        "{edit}"
+    );
+    assert_eq!(
+        edit["to"], "6281100000001@s.whatsapp.net",
+        "the chat of the message: {edit}"
+    );
+    let edit_id = edit["id"].as_str().expect("id").to_owned();
+    message_when(&api, &key, &id, &edit_id, "the edit sent", sent).await;
+    let edited = message_when(&api, &key, &id, &first, "the message edited", |m| {
+        m["editedAt"].is_i64()
+    })
+    .await;
+    assert_eq!(edited["text"], "see you at 6", "{edited}");
+    let original = env.wa_message_id(&first).await;
+    assert_eq!(
+        recorded(&env, &id, &edit_id).await,
+        json!({"type": "edit", "edit": {"messageId": first, "text": "see you at 6"},
+            "edits": original}),
+        "the contact's phone got the edit of the message it has"
+    );
+
+    let revoke = api.post(&format!("{path}:revoke"), &key, None).await;
+    let revoke = revoke.assert_status(202);
+    assert_eq!(revoke["revoke"], json!({"messageId": first}), "{revoke}");
+    let revoke_id = revoke["id"].as_str().expect("id").to_owned();
+    message_when(&api, &key, &id, &revoke_id, "the revoke sent", sent).await;
+    let gone = message_when(&api, &key, &id, &first, "the message deleted", |m| {
+        m["revokedAt"].is_i64()
+    })
+    .await;
+    assert!(gone["editedAt"].is_i64(), "{gone}");
+    assert_eq!(
+        recorded(&env, &id, &revoke_id).await,
+        json!({"type": "revoke", "revoke": {"messageId": first}, "revokes": original})
+    );
+
+    // What cannot be done is refused, saying why; nothing is queued.
+    let refused = |r: tests::Resp, why: &str| {
+        r.assert_error(409, "conflict");
+        assert!(
+            r.body["error"]["message"]
+                .as_str()
+                .is_some_and(|m| m.contains(why)),
+            "{why}: {}",
+            r.body
+        );
+    };
+    refused(
+        api.post(&format!("{path}:revoke"), &key, None).await,
+        "deleted for everyone",
+    );
+    refused(
+        api.patch(&path, &key, &json!({"text": "again"})).await,
+        "deleted for everyone",
+    );
+    let place = api
+        .post(
+            &format!("/api/v1/sessions/{id}/messages"),
+            &key,
+            Some(&json!({"to": "+62 811 0000 0001", "type": "location",
+                "location": {"latitude": 1.0, "longitude": 2.0}})),
+        )
+        .await;
+    let place = place.assert_status(202)["id"]
+        .as_str()
+        .expect("id")
+        .to_owned();
+    refused(
+        api.patch(
+            &format!("/api/v1/sessions/{id}/messages/{place}"),
+            &key,
+            &json!({"text": "x"}),
+        )
+        .await,
+        "a location message cannot be edited",
+    );
+    let late = send(&api, &key, &id, "too late to change").await;
+    message_when(&api, &key, &id, &late, "sent", sent).await;
+    env.db
+        .get()
+        .await
+        .expect("db")
+        .execute(
+            "UPDATE messages SET sent_at = sent_at - 16 * 60000 WHERE id = $1",
+            &[&late],
+        )
+        .await
+        .expect("aged");
+    refused(
+        api.patch(
+            &format!("/api/v1/sessions/{id}/messages/{late}"),
+            &key,
+            &json!({"text": "x"}),
+        )
+        .await,
+        "15 minutes",
+    );
+    // Still within the 60 hours of a delete for everyone.
+    api.post(
+        &format!("/api/v1/sessions/{id}/messages/{late}:revoke"),
+        &key,
+        None,
+    )
+    .await
+    .assert_status(202);
+    api.patch(
+        &format!("/api/v1/sessions/{id}/messages/01ARZ3NDEKTSV4RRFFQ69G5FAV"),
+        &key,
+        &json!({"text": "x"}),
+    )
+    .await
+    .assert_error(404, "not_found");
+    api.patch(&path, &key, &json!({"text": ""}))
+        .await
+        .assert_error(400, "invalid_argument");
+    api.patch(&path, &key, &json!({"text": "x", "extra": 1}))
+        .await
+        .assert_error(400, "invalid_argument");
+    api.post(&format!("{path}:unsend"), &key, None)
+        .await
+        .assert_error(404, "not_found");
+    api.post(
+        &format!("/api/v1/sessions/{id}/messages"),
+        &key,
+        Some(&json!({"to": "+62 811 0000 0001", "type": "edit",
+            "edit": {"messageId": first, "text": "x"}})),
+    )
+    .await
+    .assert_error(400, "invalid_argument");
+}
+
+#[tokio::test]
+async fn a_contacts_reaction_edit_and_delete_arrive_as_events_and_change_the_message() {
+    let env = TestEnv::new().await;
+    let (_, _w, api, key, id) = working_session(&env, 60).await;
+    let contact = "6281100000002@s.whatsapp.net";
+    let from_contact = |content: Option<Value>, text: &str| Command::SimMessage {
+        from: contact.into(),
+        text: text.into(),
+        content: content.map(|c| serde_json::from_value(c).expect("content")),
+    };
+    env.sim(&id, from_contact(None, "meet at the station?"))
+        .await
+        .expect("the contact sends a message");
+    let client = env.db.get().await.expect("db");
+    let event = |kind: &'static str| {
+        let (client, id) = (&client, &id);
+        async move {
+            let until = std::time::Instant::now() + Duration::from_secs(5);
+            loop {
+                let found = client
+                    .query_opt(
+                        "SELECT payload FROM events WHERE session_id = $1 AND type = $2 \
+                         ORDER BY id DESC LIMIT 1",
+                        &[id, &kind],
+                    )
+                    .await
+                    .expect("query");
+                if let Some(row) = found {
+                    return row.get::<_, Value>(0);
+                }
+                assert!(std::time::Instant::now() < until, "no {kind} event");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    };
+    let received = event("message.received").await;
+    let theirs = received["messageId"].as_str().expect("id").to_owned();
+    let ours = send(&api, &key, &id, "yes, at 5").await;
+    let sent =
+        |m: &Value| ["sent", "delivered", "read"].contains(&m["status"].as_str().unwrap_or(""));
+    message_when(&api, &key, &id, &ours, "sent", sent).await;
+
+    env.sim(
+        &id,
+        from_contact(
+            Some(json!({"type": "reaction", "reaction": {"messageId": ours, "emoji": "👍"}})),
+            "",
+        ),
+    )
+    .await
+    .expect("the contact reacts");
+    let reaction = event("message.reaction").await;
+    assert_eq!(
+        (
+            &reaction["messageId"],
+            &reaction["emoji"],
+            &reaction["from"]
+        ),
+        (&json!(ours), &json!("👍"), &json!(contact)),
+        "{reaction}"
+    );
+
+    env.sim(
+        &id,
+        from_contact(
+            Some(json!({"type": "edit",
+                "edit": {"messageId": theirs, "text": "meet at the airport?"}})),
+            "meet at the airport?",
+        ),
+    )
+    .await
+    .expect("the contact edits its message");
+    let edited = event("message.edited").await;
+    assert_eq!(
+        (&edited["messageId"], &edited["text"], &edited["from"]),
+        (
+            &json!(theirs),
+            &json!("meet at the airport?"),
+            &json!(contact)
+        ),
+        "{edited}"
+    );
+    let m = message_when(&api, &key, &id, &theirs, "edited", |m| {
+        m["editedAt"].is_i64()
+    })
+    .await;
+    assert_eq!(m["text"], "meet at the airport?", "{m}");
+
+    env.sim(
+        &id,
+        from_contact(
+            Some(json!({"type": "revoke", "revoke": {"messageId": theirs}})),
+            "",
+        ),
+    )
+    .await
+    .expect("the contact deletes its message");
+    let revoked = event("message.revoked").await;
+    assert_eq!(
+        (&revoked["messageId"], &revoked["from"]),
+        (&json!(theirs), &json!(contact)),
+        "{revoked}"
+    );
+    message_when(&api, &key, &id, &theirs, "deleted", |m| {
+        m["revokedAt"].is_i64()
+    })
+    .await;
+
+    // Only its sender changes a message: the session cannot edit the contact's.
+    let r = api
+        .patch(
+            &format!("/api/v1/sessions/{id}/messages/{theirs}"),
+            &key,
+            &json!({"text": "x"}),
+        )
+        .await;
+    r.assert_error(409, "conflict");
+    // A contact's reaction to what the session never stored is not passed on: nothing to
+    // name. (Our own message reacted to by the contact was; it is unchanged.)
+    let mine = message_when(&api, &key, &id, &ours, "unchanged", |_| true).await;
+    assert!(
+        mine.get("editedAt").is_none() && mine.get("revokedAt").is_none(),
+        "{mine}"
     );
 }
 

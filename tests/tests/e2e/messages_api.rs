@@ -618,7 +618,10 @@ async fn the_openapi_document_describes_the_messages_api() {
         "{}",
         list["post"]["responses"]
     );
-    assert!(doc["paths"]["/api/v1/sessions/{session}/messages/{message}"]["get"].is_object());
+    let one = &doc["paths"]["/api/v1/sessions/{session}/messages/{message}"];
+    assert!(one["get"].is_object() && one["patch"].is_object(), "{one}");
+    let revoke = &doc["paths"]["/api/v1/sessions/{session}/messages/{message}:revoke"];
+    assert!(revoke["post"]["responses"]["409"].is_object(), "{revoke}");
     let schemas = &doc["components"]["schemas"];
     // A message is its content (a `oneOf` by type) and the rest.
     let message = &schemas["Message"]["allOf"];
@@ -657,9 +660,13 @@ async fn the_openapi_document_describes_the_messages_api() {
     let all = ["text", "location", "contact", "reaction"]
         .map(String::from)
         .to_vec();
-    assert_eq!(types(&schemas["Content"]["oneOf"]), all);
-    // What a caller sends: the same types, each closed to other fields; only a text may
-    // leave `type` out.
+    let actions = ["edit", "revoke"].map(String::from).to_vec();
+    assert_eq!(
+        types(&schemas["Content"]["oneOf"]),
+        [all.clone(), actions].concat()
+    );
+    // What a caller sends: the same types but the edits and revokes (their own routes),
+    // each closed to other fields; only a text may leave `type` out.
     let send = &schemas["SendMessage"]["oneOf"];
     assert_eq!(types(send), all);
     for variant in send.as_array().expect("oneOf") {

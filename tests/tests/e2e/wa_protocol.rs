@@ -702,6 +702,152 @@ async fn locations_contacts_replies_and_reactions_go_both_ways_through_the_real_
     assert_eq!(undecryptable(&server), vec![], "every copy decrypted");
 }
 
+/// The newest event of `kind` of the session, once there is one.
+async fn newest_event(env: &TestEnv, session_id: &str, kind: &str) -> Value {
+    let client = env.db.get().await.expect("db");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let row = client
+            .query_opt(
+                "SELECT payload FROM events WHERE session_id = $1 AND type = $2 \
+                 ORDER BY id DESC LIMIT 1",
+                &[&session_id, &kind],
+            )
+            .await
+            .expect("query");
+        if let Some(row) = row {
+            return row.get(0);
+        }
+        assert!(tokio::time::Instant::now() < deadline, "no {kind} event");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test]
+async fn edits_deletes_and_reactions_go_both_ways_through_the_real_driver() {
+    use wa::message::{ProtocolMessage, ReactionMessage, protocol_message::Type};
+    use waproto::{buffa::MessageField, whatsapp as wa};
+    let env = TestEnv::new().await;
+    let server = WaServer::start().await;
+    let phone = server.phone(PHONE);
+    let contact = server.phone(CONTACT);
+    let s = linked(&env, &server, &phone).await;
+    let done = |m: &Value| {
+        ["sent", "delivered", "read", "failed"].contains(&m["status"].as_str().unwrap_or(""))
+    };
+
+    // The session edits a text it sent, then deletes it for everyone: the contact's phone
+    // gets both, naming the message it has.
+    let ours = s
+        .send_message(&json!({"to": CONTACT, "text": "see you at 5"}))
+        .await;
+    let m = s.wait_message(&ours, "sent", done).await;
+    assert_ne!(m["status"], "failed", "{m}");
+    let wa_ours = env.wa_message_id(&ours).await;
+    let path = format!("/api/v1/sessions/{}/messages/{ours}", s.id);
+    let edit = s
+        .api
+        .patch(&path, &s.key, &json!({"text": "see you at 6"}))
+        .await;
+    let edit = edit.assert_status(202)["id"]
+        .as_str()
+        .expect("id")
+        .to_owned();
+    let m = s.wait_message(&edit, "the edit sent", done).await;
+    assert_ne!(m["status"], "failed", "{m}");
+    let m = s
+        .wait_message(&ours, "edited", |m| m["editedAt"].is_i64())
+        .await;
+    assert_eq!(m["text"], "see you at 6", "{m}");
+    let revoke = s.api.post(&format!("{path}:revoke"), &s.key, None).await;
+    let revoke = revoke.assert_status(202)["id"]
+        .as_str()
+        .expect("id")
+        .to_owned();
+    let m = s.wait_message(&revoke, "the revoke sent", done).await;
+    assert_ne!(m["status"], "failed", "{m}");
+    s.wait_message(&ours, "deleted", |m| m["revokedAt"].is_i64())
+        .await;
+    tests::eventually(Duration::from_secs(20), || async {
+        let got = contact.received();
+        got.iter()
+            .any(|r| r.edit() == Some((wa_ours.clone(), "see you at 6".into())))
+            && got
+                .iter()
+                .any(|r| r.revoke().as_deref() == Some(wa_ours.as_str()))
+    })
+    .await;
+
+    // The contact reacts to the session's message, then edits and deletes one of its own:
+    // each arrives as its event, naming our id of the message.
+    let wa_theirs = contact
+        .send_text(PHONE, "meet at the station?")
+        .expect("the contact writes");
+    let (theirs, _) = stored_message(&env, &s.id, &wa_theirs).await;
+    let key = |id: &str, from_me: bool| {
+        MessageField::some(wa::MessageKey {
+            remote_jid: Some(format!("{PHONE}@s.whatsapp.net")),
+            from_me: Some(from_me),
+            id: Some(id.to_owned()),
+            ..Default::default()
+        })
+    };
+    let reaction = wa::Message {
+        reaction_message: MessageField::some(ReactionMessage {
+            key: key(&wa_ours, false),
+            text: Some("👍".into()),
+            sender_timestamp_ms: Some(shared::db::now_ms()),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    contact.send(PHONE, &reaction).expect("the contact reacts");
+    let event = newest_event(&env, &s.id, "message.reaction").await;
+    assert_eq!(
+        (&event["messageId"], &event["emoji"]),
+        (&json!(ours), &json!("👍")),
+        "{event}"
+    );
+    let protocol = |r#type, edited_message| wa::Message {
+        protocol_message: MessageField::some(ProtocolMessage {
+            key: key(&wa_theirs, true),
+            r#type: Some(r#type),
+            edited_message,
+            timestamp_ms: Some(shared::db::now_ms()),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    use wacore::proto_helpers::MessageBuilderExt;
+    let edited = protocol(
+        Type::MessageEdit,
+        MessageField::some(wa::Message::text("meet at the airport?")),
+    );
+    contact.send(PHONE, &edited).expect("the contact edits");
+    let event = newest_event(&env, &s.id, "message.edited").await;
+    assert_eq!(
+        (&event["messageId"], &event["text"], &event["from"]),
+        (
+            &json!(theirs),
+            &json!("meet at the airport?"),
+            &json!(format!("{CONTACT}@s.whatsapp.net"))
+        ),
+        "{event}"
+    );
+    let m = s
+        .wait_message(&theirs, "edited", |m| m["editedAt"].is_i64())
+        .await;
+    assert_eq!(m["text"], "meet at the airport?", "{m}");
+    contact
+        .send(PHONE, &protocol(Type::Revoke, MessageField::none()))
+        .expect("the contact deletes");
+    let event = newest_event(&env, &s.id, "message.revoked").await;
+    assert_eq!(event["messageId"], json!(theirs), "{event}");
+    s.wait_message(&theirs, "deleted", |m| m["revokedAt"].is_i64())
+        .await;
+    assert_eq!(undecryptable(&server), vec![], "every copy decrypted");
+}
+
 #[tokio::test]
 async fn numbers_are_checked_against_whatsapp_through_the_real_driver() {
     let env = TestEnv::new().await;

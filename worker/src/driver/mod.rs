@@ -53,14 +53,19 @@ pub enum DriverEvent {
     Message(Box<Inbound>),
 }
 
-/// A message that reached the number.
+/// A message that reached the number: one to show, or a contact's reaction to, edit of or
+/// delete of a message of the chat.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Inbound {
     /// WhatsApp's id of the message.
     pub id: String,
     pub from: String,
     pub chat: String,
+    /// What it says. A reaction's, an edit's or a revoke's `messageId` is left empty by the
+    /// driver: the worker fills it in with our id of the message `refers_to` names.
     pub content: Content,
+    /// WhatsApp's id of the message a reaction, an edit or a revoke is on.
+    pub refers_to: Option<String>,
     /// Epoch milliseconds.
     pub timestamp: i64,
 }
@@ -73,8 +78,8 @@ pub struct Outgoing {
     pub content: Content,
     /// The message it quotes.
     pub reply_to: Option<MessageRef>,
-    /// The message a reaction is on.
-    pub reacts_to: Option<MessageRef>,
+    /// The message a reaction is on, or that an edit or a revoke changes.
+    pub refers_to: Option<MessageRef>,
 }
 
 /// A message of the session as WhatsApp knows it.
@@ -118,10 +123,12 @@ pub enum SimAction {
     Unlink,
     Conflict,
     Drop,
-    /// A contact sends the number a text.
+    /// A contact sends the number a message (a text, or a reaction to, an edit of or a
+    /// delete of a message of the chat, `refers_to` naming it).
     Message {
         from: String,
-        text: String,
+        content: Content,
+        refers_to: Option<MessageRef>,
     },
 }
 
@@ -147,8 +154,9 @@ pub trait Connection: Send {
     async fn logout(&mut self) -> Result<(), DriverError>;
     /// Disconnects, keeping the pairing.
     async fn close(&mut self);
-    /// Sends a message; answers WhatsApp's id of it, which its receipts name.
-    async fn send(&mut self, _message: &Outgoing) -> Result<String, DriverError> {
+    /// Sends a message; answers WhatsApp's id of it, which its receipts name (`None` when
+    /// WhatsApp's client does not tell it: a revoke).
+    async fn send(&mut self, _message: &Outgoing) -> Result<Option<String>, DriverError> {
         Err(DriverError::Unsupported)
     }
     /// Which of these numbers (digits with their country code) are on WhatsApp.

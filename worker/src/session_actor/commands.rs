@@ -8,6 +8,7 @@ use serde_json::Value;
 use shared::{
     ErrorCode,
     db::now_ms,
+    message::Content,
     protocol::{Command, CommandOutput, EventKind, Outcome},
     session::{SessionStatus, StatusReason},
 };
@@ -17,7 +18,7 @@ use super::{
 };
 use crate::{
     driver::SimAction,
-    store::{self, Change, Pairing},
+    store::{self, Change, Pairing, messages},
 };
 
 impl Actor {
@@ -245,10 +246,31 @@ impl Actor {
             Command::SimUnlink => self.simulate(SimAction::Unlink).await,
             Command::SimConflict => self.simulate(SimAction::Conflict).await,
             Command::SimDrop => self.simulate(SimAction::Drop).await,
-            Command::SimMessage { from, text } => {
+            Command::SimMessage {
+                from,
+                text,
+                content,
+            } => {
+                let content = content
+                    .clone()
+                    .unwrap_or_else(|| Content::Text { text: text.clone() });
+                let refers_to = match content.refers_to() {
+                    None => None,
+                    Some(id) => match messages::reference(&self.ctx.db, &self.row.id, id).await {
+                        Ok(Some(r)) => Some(r),
+                        Ok(None) => {
+                            return Effects::error(
+                                ErrorCode::InvalidArgument,
+                                format!("the session has no message {id} that WhatsApp knows"),
+                            );
+                        }
+                        Err(e) => return Effects::error(e.code(), e.body.message),
+                    },
+                };
                 self.simulate(SimAction::Message {
                     from: from.clone(),
-                    text: text.clone(),
+                    content,
+                    refers_to,
                 })
                 .await
             }

@@ -13,7 +13,7 @@ use std::{collections::VecDeque, time::Duration};
 
 use shared::{
     db::now_ms,
-    message::{Message, MessageStatus},
+    message::{Content, Message, MessageStatus},
     protocol::EventKind,
     session::SessionStatus,
 };
@@ -180,7 +180,7 @@ impl Actor {
                 from: &[MessageStatus::Sending],
                 to: MessageStatus::Sent,
                 error: None,
-                wa_message_id: Some(wa_id),
+                wa_message_id: wa_id,
             },
             Err(e) => Change {
                 from: &[MessageStatus::Sending],
@@ -196,15 +196,20 @@ impl Actor {
         flow
     }
 
-    /// A queued message as the driver sends it: the messages it quotes or reacts to looked
-    /// up by WhatsApp's ids. `Err(why)` inside when one of them has none (it failed, or was
-    /// never sent): the message cannot go out.
+    /// A queued message as the driver sends it: the messages it quotes, reacts to, edits or
+    /// revokes looked up by WhatsApp's ids. `Err(why)` inside when one of them has none (it
+    /// failed, or was never sent): the message cannot go out.
     async fn outgoing(&mut self, m: &Message) -> shared::Result<Result<Outgoing, String>> {
         let db = &self.ctx.db;
         let mut resolved = [None, None];
+        let verb = match m.content {
+            Content::Edit { .. } => "edits",
+            Content::Revoke { .. } => "deletes",
+            _ => "reacts to",
+        };
         for (slot, (id, what)) in resolved.iter_mut().zip([
             (m.reply_to.as_deref(), "quotes"),
-            (m.content.refers_to(), "reacts to"),
+            (m.content.refers_to(), verb),
         ]) {
             let Some(id) = id else { continue };
             match messages::reference(db, &self.row.id, id).await? {
@@ -216,12 +221,12 @@ impl Actor {
                 }
             }
         }
-        let [reply_to, reacts_to] = resolved;
+        let [reply_to, refers_to] = resolved;
         Ok(Ok(Outgoing {
             to: m.to.clone(),
             content: m.content.clone(),
             reply_to,
-            reacts_to,
+            refers_to,
         }))
     }
 
@@ -246,9 +251,28 @@ impl Actor {
             .await
     }
 
-    /// A message reached the number: stored, streamed, and marked read with `autoRead`.
-    pub(super) async fn on_inbound(&mut self, m: Inbound) -> Flow {
+    /// A message reached the number: stored, streamed, and marked read with `autoRead`. A
+    /// reaction, an edit or a revoke of a message the session never stored is dropped.
+    pub(super) async fn on_inbound(&mut self, mut m: Inbound) -> Flow {
         let mut backoff = Duration::from_millis(100);
+        if let Some(wa_id) = m.refers_to.clone() {
+            let target = loop {
+                match messages::by_wa_id(&self.ctx.db, &self.row.id, &wa_id).await {
+                    Ok(target) => break target,
+                    Err(e) => {
+                        tracing::warn!(session_id = %self.row.id, error = %e, "could not look up the message a received one refers to; retrying");
+                        if !back_off(&self.lease.clone(), &mut backoff).await {
+                            return self.lost();
+                        }
+                    }
+                }
+            };
+            let Some(target) = target else {
+                tracing::debug!(session_id = %self.row.id, wa_id, kind = m.content.kind(), "a contact acted on a message the session never stored");
+                return Flow::Continue;
+            };
+            m.content.set_refers_to(target);
+        }
         let event = loop {
             match messages::insert_inbound(&self.ctx.db, &self.row, self.epoch, &m, now_ms()).await
             {
@@ -268,6 +292,7 @@ impl Actor {
         metrics::counter!("worker_messages_received_total").increment(1);
         self.ctx.outbox.events(std::slice::from_ref(&event)).await;
         if self.row.auto_read
+            && m.refers_to.is_none()
             && let Some(conn) = self.conn.as_mut()
         {
             match conn.mark_read(&m).await {

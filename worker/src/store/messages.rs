@@ -175,8 +175,15 @@ async fn write_batch(db: &Pool, batch: &[Queued]) -> Result<Vec<Option<Vec<Event
              WHERE session_id = $1 AND status = ANY($2) AND direction = 'out' \
              AND CASE $7::text WHEN 'id' THEN id = $8 WHEN 'wa' THEN wa_message_id = $8 \
                  ELSE true END \
-             RETURNING id",
+             RETURNING id, content",
         )
+        .await?;
+    // An edit or a revoke the session sent changes its target once WhatsApp took it.
+    let act = tx
+        .prepare_cached(&format!(
+            "UPDATE messages SET {ACTED} WHERE session_id = $1 AND id = $2 \
+             AND direction = 'out'"
+        ))
         .await?;
     let mut changed: Vec<Option<Vec<String>>> = Vec::with_capacity(batch.len());
     for q in batch {
@@ -209,6 +216,19 @@ async fn write_batch(db: &Pool, batch: &[Queued]) -> Result<Vec<Option<Vec<Event
                 ],
             )
             .await?;
+        if q.change.to == MessageStatus::Sent {
+            for row in &rows {
+                let content: Option<serde_json::Value> = row.get(1);
+                let target = content.as_ref().and_then(|c| {
+                    let kind = c["type"].as_str()?;
+                    matches!(kind, "edit" | "revoke").then(|| c[kind]["messageId"].as_str())?
+                });
+                if let Some(target) = target {
+                    tx.execute(&act, &[&q.session_id, &target, &content, &q.now])
+                        .await?;
+                }
+            }
+        }
         let mut ids: Vec<String> = rows.iter().map(|r| r.get(0)).collect();
         ids.sort();
         changed.push(Some(ids));
@@ -289,17 +309,97 @@ pub async fn insert_inbound(
     if inserted.is_none() {
         return Ok(Some(None));
     }
-    let kind = EventKind::MessageReceived {
-        message_id: id,
-        from: m.from.clone(),
-        chat: m.chat.clone(),
-        text: m.content.text().to_owned(),
-        content: Some(m.content.clone()),
-        timestamp: m.timestamp,
+    let (from, timestamp) = (m.from.clone(), m.timestamp);
+    let kind = match &m.content {
+        Content::Reaction { reaction } => EventKind::MessageReaction {
+            message_id: reaction.message_id.clone(),
+            from,
+            emoji: reaction.emoji.clone(),
+            timestamp,
+        },
+        // Only its sender edits or deletes a message: the contact's own, received here.
+        Content::Edit { edit } => {
+            apply_action(&tx, &session.id, &edit.message_id, &m.content, &m.from, now).await?;
+            EventKind::MessageEdited {
+                message_id: edit.message_id.clone(),
+                from,
+                text: edit.text.clone(),
+                timestamp,
+            }
+        }
+        Content::Revoke { revoke } => {
+            apply_action(
+                &tx,
+                &session.id,
+                &revoke.message_id,
+                &m.content,
+                &m.from,
+                now,
+            )
+            .await?;
+            EventKind::MessageRevoked {
+                message_id: revoke.message_id.clone(),
+                from,
+                timestamp,
+            }
+        }
+        _ => EventKind::MessageReceived {
+            message_id: id,
+            from,
+            chat: m.chat.clone(),
+            text: m.content.text().to_owned(),
+            content: Some(m.content.clone()),
+            timestamp,
+        },
     };
     let event = events::append(&tx, &session.organization_id, &session.id, kind, now).await?;
     tx.commit().await?;
     Ok(Some(Some(event)))
+}
+
+/// An edit or a revoke by a contact, applied to the message `target` it sent the session:
+/// its new text and `edited_at`, or `revoked_at`. One by anyone else changes nothing.
+async fn apply_action(
+    tx: &deadpool_postgres::Transaction<'_>,
+    session_id: &str,
+    target: &str,
+    action: &Content,
+    sender: &str,
+    now: i64,
+) -> Result<()> {
+    let stmt = tx
+        .prepare_cached(&format!(
+            "UPDATE messages SET {ACTED} WHERE session_id = $1 AND id = $2 \
+             AND direction = 'in' AND peer = $5"
+        ))
+        .await?;
+    let action = serde_json::to_value(action).map_err(shared::Error::internal)?;
+    tx.execute(&stmt, &[&session_id, &target, &action, &now, &sender])
+        .await?;
+    Ok(())
+}
+
+/// What an edit or a revoke (`$3`, its content) does to the message it is on, at `$4`.
+const ACTED: &str = "\
+    content = CASE WHEN $3::jsonb->>'type' = 'edit' \
+        THEN jsonb_build_object('type', 'text', 'text', $3::jsonb->'edit'->>'text') ELSE content END, \
+    text = CASE WHEN $3::jsonb->>'type' = 'edit' THEN $3::jsonb->'edit'->>'text' ELSE text END, \
+    edited_at = CASE WHEN $3::jsonb->>'type' = 'edit' THEN $4 ELSE edited_at END, \
+    revoked_at = CASE WHEN $3::jsonb->>'type' = 'revoke' THEN $4 ELSE revoked_at END";
+
+/// Our id of the session's message that WhatsApp knows by `wa_id` (sent or received).
+pub async fn by_wa_id(db: &Pool, session_id: &str, wa_id: &str) -> Result<Option<String>> {
+    let client = db.get().await?;
+    let stmt = client
+        .prepare_cached(
+            "SELECT id FROM messages WHERE session_id = $1 AND wa_message_id = $2 \
+             ORDER BY id LIMIT 1",
+        )
+        .await?;
+    Ok(client
+        .query_opt(&stmt, &[&session_id, &wa_id])
+        .await?
+        .map(|r| r.get(0)))
 }
 
 /// One of the session's messages as WhatsApp knows it (sent, or received); `None` when it

@@ -143,15 +143,28 @@ enum SimCmd {
         #[arg(long)]
         session: String,
     },
-    /// A contact sends the session's number a text.
+    /// A contact sends the session's number a text (`--text`), reacts to a message of the
+    /// chat (`--reaction EMOJI --to-message ID`), edits a text it sent (`--text T --edit ID`)
+    /// or deletes one for everyone (`--revoke ID`). IDs are the gateway's message ids.
     Message {
         #[arg(long)]
         session: String,
         /// The contact's phone number.
         #[arg(long)]
         from: String,
+        #[arg(long, required_unless_present_any = ["reaction", "revoke"])]
+        text: Option<String>,
+        /// An emoji ("" takes a reaction back), on the message `--to-message` names.
+        #[arg(long, requires = "to_message", conflicts_with_all = ["text", "edit", "revoke"])]
+        reaction: Option<String>,
         #[arg(long)]
-        text: String,
+        to_message: Option<String>,
+        /// The message (one the contact sent) that `--text` replaces.
+        #[arg(long, requires = "text", conflicts_with = "revoke")]
+        edit: Option<String>,
+        /// The message (one the contact sent) deleted for everyone.
+        #[arg(long, conflicts_with = "text")]
+        revoke: Option<String>,
     },
 }
 
@@ -294,13 +307,32 @@ async fn run(cli: Cli) -> Result<()> {
                     session,
                     from,
                     text,
+                    reaction,
+                    to_message,
+                    edit,
+                    revoke,
                 } => {
-                    shared::message::validate_text(&text)?;
+                    use shared::message::{self, Content};
+                    let content = match (text, reaction, to_message, edit, revoke) {
+                        (_, Some(emoji), Some(message_id), ..) => Content::Reaction {
+                            reaction: message::Reaction { message_id, emoji },
+                        },
+                        (Some(text), _, _, Some(message_id), _) => Content::Edit {
+                            edit: message::Edit { message_id, text },
+                        },
+                        (_, _, _, _, Some(message_id)) => Content::Revoke {
+                            revoke: message::Revoke { message_id },
+                        },
+                        (Some(text), ..) => Content::Text { text },
+                        _ => return Err(Error::invalid("say what the contact sends")),
+                    };
+                    content.validate()?;
                     (
                         session,
                         Command::SimMessage {
-                            from: shared::message::normalize_recipient(&from)?,
-                            text,
+                            from: message::normalize_recipient(&from)?,
+                            text: content.text().to_owned(),
+                            content: Some(content).filter(|c| !matches!(c, Content::Text { .. })),
                         },
                     )
                 }

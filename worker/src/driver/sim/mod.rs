@@ -108,8 +108,8 @@ enum Control {
     /// Show "typing…", or mark a message read: the simulated contact takes note.
     Typing(Answer<()>),
     MarkRead(Answer<()>),
-    /// A contact sends the number a text (from, text).
-    Inbound(String, String, Answer<()>),
+    /// A contact sends the number a message.
+    Inbound(Box<super::Inbound>, Answer<()>),
     /// Which numbers are on WhatsApp.
     Check(Vec<String>, Answer<Vec<NumberCheck>>),
     /// The server says another connection of the device replaced this one.
@@ -231,15 +231,27 @@ impl Connection for SimConnection {
             SimAction::Unlink => self.ask(Control::Unlink).await,
             SimAction::Conflict => self.ask(Control::Conflict).await,
             SimAction::Drop => self.ask(Control::Drop).await,
-            SimAction::Message { from, text } => {
-                self.ask(|tx| Control::Inbound(from, text, tx)).await
+            SimAction::Message {
+                from,
+                content,
+                refers_to,
+            } => {
+                let inbound = Box::new(super::Inbound {
+                    id: format!("SIMIN{}", ulid::Ulid::new()),
+                    chat: from.clone(),
+                    from,
+                    content,
+                    refers_to: refers_to.map(|r| r.wa_id),
+                    timestamp: now_ms(),
+                });
+                self.ask(|tx| Control::Inbound(inbound, tx)).await
             }
         }
     }
 
-    async fn send(&mut self, message: &super::Outgoing) -> Result<String, DriverError> {
+    async fn send(&mut self, message: &super::Outgoing) -> Result<Option<String>, DriverError> {
         let message = Box::new(message.clone());
-        self.ask(|tx| Control::Send(message, tx)).await
+        self.ask(|tx| Control::Send(message, tx)).await.map(Some)
     }
 
     async fn check_numbers(&mut self, numbers: &[String]) -> Result<Vec<NumberCheck>, DriverError> {
@@ -363,7 +375,7 @@ impl Phone {
             Control::PairCode(_, tx) => refuse(tx, "the session is already paired"),
             Control::Send(_, tx) => refuse(tx, "the session is not connected"),
             Control::Check(_, tx) => refuse(tx, "the session is not connected"),
-            Control::Typing(tx) | Control::MarkRead(tx) | Control::Inbound(_, _, tx) => {
+            Control::Typing(tx) | Control::MarkRead(tx) | Control::Inbound(_, tx) => {
                 refuse(tx, "the session is not connected")
             }
             Control::Replaced => self.replaced(),
@@ -432,9 +444,9 @@ impl Phone {
                     }
                     Some(Control::Send(_, tx)) => refuse(tx, "the session is not paired"),
                     Some(Control::Check(_, tx)) => refuse(tx, "the session is not paired"),
-                    Some(
-                        Control::Typing(tx) | Control::MarkRead(tx) | Control::Inbound(_, _, tx),
-                    ) => refuse(tx, "the session is not paired"),
+                    Some(Control::Typing(tx) | Control::MarkRead(tx) | Control::Inbound(_, tx)) => {
+                        refuse(tx, "the session is not paired")
+                    }
                     Some(Control::Replaced) => {}
                 }
             }
@@ -522,15 +534,9 @@ impl Phone {
                 Control::Check(numbers, tx) => {
                     let _ = tx.send(Ok(numbers.iter().map(|n| number_check(n)).collect()));
                 }
-                Control::Inbound(from, text, tx) => {
+                Control::Inbound(inbound, tx) => {
                     let _ = tx.send(Ok(()));
-                    self.emit(DriverEvent::Message(Box::new(super::Inbound {
-                        id: format!("SIMIN{}", ulid::Ulid::new()),
-                        chat: from.clone(),
-                        from,
-                        content: shared::message::Content::Text { text },
-                        timestamp: now_ms(),
-                    })));
+                    self.emit(DriverEvent::Message(inbound));
                 }
                 Control::Send(message, tx) => {
                     let sent = self.server.accept_message(&self.session_id, &message).await;

@@ -16,7 +16,7 @@
 use std::{sync::Arc, time::Duration};
 
 use deadpool_postgres::Pool;
-use shared::{Error, Result, db::DB_NOW_MS};
+use shared::{Error, Result, db::DB_NOW_MS, message::Content};
 use tokio::sync::{mpsc, oneshot};
 
 use super::super::{DriverError, Outgoing};
@@ -95,7 +95,8 @@ impl SimServer {
     }
 
     /// The device sends a message: recorded as received by the recipient's phone (its
-    /// content, and WhatsApp's ids of the messages it quotes or reacts to), answering
+    /// content, and WhatsApp's ids of the messages it quotes, reacts to, edits or revokes
+    /// as `quotes`, `reactsTo`, `edits`, `revokes`), answering
     /// WhatsApp's id of the message. Numbers starting with 999 are not on WhatsApp: a send
     /// to one fails, as a real one would.
     pub async fn accept_message(
@@ -114,8 +115,13 @@ impl SimServer {
         if let Some(quoted) = &message.reply_to {
             content["quotes"] = quoted.wa_id.clone().into();
         }
-        if let Some(target) = &message.reacts_to {
-            content["reactsTo"] = target.wa_id.clone().into();
+        if let Some(target) = &message.refers_to {
+            let key = match message.content {
+                Content::Edit { .. } => "edits",
+                Content::Revoke { .. } => "revokes",
+                _ => "reactsTo",
+            };
+            content[key] = target.wa_id.clone().into();
         }
         let recorded = async {
             let client = self.db.get().await?;

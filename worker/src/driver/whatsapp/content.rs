@@ -1,10 +1,10 @@
 //! Our [`Content`] in WhatsApp's protobuf and back: what the driver sends, and what it
 //! understands of what it receives. Pure functions, unit-tested both ways.
 //!
-//! Reactions are not built here: the crate's `send_reaction` builds and sends them (it knows
-//! which groups need them encrypted).
+//! Reactions, edits and revokes are not built here: the crate's `send_reaction`,
+//! `edit_message` and `revoke_message` build and send them (they know which groups need what).
 
-use shared::message::{ContactCard, Content, Location};
+use shared::message::{ContactCard, Content, Edit, Location, Reaction, Revoke};
 use wacore::proto_helpers::{MessageBuilderExt, MessageExt, build_quote_context};
 use whatsapp_rust::waproto::{
     buffa::MessageField,
@@ -55,9 +55,50 @@ pub fn to_wa(content: &Content, reply_to: Option<&MessageRef>, own_jid: &str) ->
             }),
             ..Default::default()
         },
-        // Only quoted (a reaction is sent by `send_reaction`): what a quote of it shows.
+        // Only quoted (a reaction is sent by `send_reaction`, an edit by `edit_message`, a
+        // revoke by `revoke_message`): what a quote of it shows.
         Content::Reaction { reaction } => wa::Message::text(&reaction.emoji),
+        Content::Edit { edit } => wa::Message::text(&edit.text),
+        Content::Revoke { .. } => wa::Message::default(),
     }
+}
+
+/// What a received message says, and, for a reaction, an edit or a revoke, WhatsApp's id
+/// of the message it is on (its `messageId` is left empty: the worker fills in ours).
+/// `None` for a type we do not know.
+pub fn received(message: &wa::Message) -> Option<(Content, Option<String>)> {
+    use wa::message::protocol_message::Type;
+    let base = message.get_base_message();
+    if let Some(r) = base.reaction_message.as_option() {
+        let target = r.key.as_option()?.id.clone()?;
+        let reaction = Reaction {
+            message_id: String::new(),
+            emoji: r.text.clone().unwrap_or_default(),
+        };
+        return Some((Content::Reaction { reaction }, Some(target)));
+    }
+    if let Some(p) = base.protocol_message.as_option() {
+        let target = p.key.as_option()?.id.clone()?;
+        let content = match p.r#type {
+            Some(Type::Revoke) => Content::Revoke {
+                revoke: Revoke {
+                    message_id: String::new(),
+                },
+            },
+            Some(Type::MessageEdit) => {
+                let text = from_wa(p.edited_message.as_option()?)?.text().to_owned();
+                Content::Edit {
+                    edit: Edit {
+                        message_id: String::new(),
+                        text,
+                    },
+                }
+            }
+            _ => return None,
+        };
+        return Some((content, Some(target)));
+    }
+    from_wa(message).map(|c| (c, None))
 }
 
 /// What a received message says, when it is of a type we know; `None` otherwise (it is
@@ -183,6 +224,95 @@ mod tests {
         assert_eq!(
             context.quoted_message.conversation.as_deref(),
             Some("the question")
+        );
+    }
+
+    #[test]
+    fn a_contacts_reaction_edit_and_revoke_name_the_message_they_are_on() {
+        use wa::message::{ProtocolMessage, ReactionMessage, protocol_message::Type};
+        let key = || {
+            MessageField::some(wa::MessageKey {
+                remote_jid: Some(PEER.into()),
+                from_me: Some(false),
+                id: Some("3EB0TARGET".into()),
+                ..Default::default()
+            })
+        };
+        let reaction = wa::Message {
+            reaction_message: MessageField::some(ReactionMessage {
+                key: key(),
+                text: Some("👍".into()),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let protocol = |r#type, edited_message| wa::Message {
+            protocol_message: MessageField::some(ProtocolMessage {
+                key: key(),
+                r#type: Some(r#type),
+                edited_message,
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let edit = protocol(
+            Type::MessageEdit,
+            MessageField::some(wa::Message::text("the new text")),
+        );
+        let revoke = protocol(Type::Revoke, MessageField::none());
+        let target = Some("3EB0TARGET".to_owned());
+        assert_eq!(
+            received(&reaction),
+            Some((
+                Content::Reaction {
+                    reaction: Reaction {
+                        message_id: String::new(),
+                        emoji: "👍".into()
+                    }
+                },
+                target.clone()
+            ))
+        );
+        assert_eq!(
+            received(&edit),
+            Some((
+                Content::Edit {
+                    edit: Edit {
+                        message_id: String::new(),
+                        text: "the new text".into()
+                    }
+                },
+                target.clone()
+            ))
+        );
+        assert_eq!(
+            received(&revoke),
+            Some((
+                Content::Revoke {
+                    revoke: Revoke {
+                        message_id: String::new()
+                    }
+                },
+                target
+            ))
+        );
+        // Other protocol messages (history sync, app-state keys, …) are not messages.
+        assert_eq!(
+            received(&protocol(
+                Type::HistorySyncNotification,
+                MessageField::none()
+            )),
+            None
+        );
+        let text = wa::Message::text("plain");
+        assert_eq!(
+            received(&text),
+            Some((
+                Content::Text {
+                    text: "plain".into()
+                },
+                None
+            ))
         );
     }
 

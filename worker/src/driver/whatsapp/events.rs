@@ -23,11 +23,13 @@ pub fn map_all(event: &Event, now_ms: i64) -> Vec<DriverEvent> {
             .iter()
             .filter(|m| !m.info.source.is_from_me)
             .filter_map(|m| {
+                let (content, refers_to) = super::content::received(&m.message)?;
                 Some(DriverEvent::Message(Box::new(Inbound {
                     id: m.info.id.to_string(),
                     from: m.info.source.sender.to_non_ad_string(),
                     chat: m.info.source.chat.to_non_ad_string(),
-                    content: super::content::from_wa(&m.message)?,
+                    content,
+                    refers_to,
                     timestamp: m.info.timestamp.timestamp_millis(),
                 })))
             })
@@ -341,6 +343,7 @@ mod tests {
                 from: "6281100000002@s.whatsapp.net".into(),
                 chat: "6281100000002@s.whatsapp.net".into(),
                 content: shared::message::Content::Text { text: "hi".into() },
+                refers_to: None,
                 timestamp: NOW,
             }))]
         );

@@ -38,7 +38,7 @@ use shared::{
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use whatsapp_rust::{
-    TokioRuntime,
+    RevokeType, TokioRuntime,
     bot::{Bot, BotHandle},
     http::UreqHttpClient,
     pair_code::PairCodeOptions,
@@ -365,7 +365,7 @@ impl Connection for WhatsAppConnection {
         }
     }
 
-    async fn send(&mut self, message: &super::Outgoing) -> Result<String, DriverError> {
+    async fn send(&mut self, message: &super::Outgoing) -> Result<Option<String>, DriverError> {
         let client = self.client()?;
         let jid = parse_jid(&message.to)?;
         if !client.is_logged_in() {
@@ -373,32 +373,56 @@ impl Connection for WhatsAppConnection {
                 "the session is not connected to WhatsApp".into(),
             ));
         }
-        let sent = match (&message.content, &message.reacts_to) {
-            (Content::Reaction { reaction }, Some(target)) => {
+        let refused =
+            |e: String| DriverError::Connection(format!("WhatsApp did not take the message: {e}"));
+        let own = client
+            .pn()
+            .map(|j| j.to_non_ad_string())
+            .unwrap_or_default();
+        let target = || {
+            message.refers_to.as_ref().ok_or_else(|| {
+                DriverError::Refused(format!(
+                    "a {} needs the message it is on",
+                    message.content.kind()
+                ))
+            })
+        };
+        match &message.content {
+            Content::Reaction { reaction } => {
+                let target = target()?;
                 let key = wa::MessageKey {
                     remote_jid: Some(target.chat.clone()),
                     from_me: Some(target.from_me),
                     id: Some(target.wa_id.clone()),
                     ..Default::default()
                 };
-                client.send_reaction(jid, key, &reaction.emoji).await
+                let sent = client.send_reaction(jid, key, &reaction.emoji).await;
+                sent.map(|s| Some(s.message_id))
+                    .map_err(|e| refused(e.to_string()))
             }
-            (Content::Reaction { .. }, None) => {
-                return Err(DriverError::Refused(
-                    "a reaction needs the message it is on".into(),
-                ));
+            // WhatsApp's client answers the original's id for an edit, and nothing for a
+            // revoke: the stanza's own id is not told, and no receipt names it here.
+            Content::Edit { edit } => {
+                let text = Content::Text {
+                    text: edit.text.clone(),
+                };
+                let new = content::to_wa(&text, None, &own);
+                let sent = client.edit_message(jid, target()?.wa_id.clone(), new).await;
+                sent.map(|_| None).map_err(|e| refused(e.to_string()))
             }
-            (content, _) => {
-                let own = client
-                    .pn()
-                    .map(|j| j.to_non_ad_string())
-                    .unwrap_or_default();
+            Content::Revoke { .. } => {
+                let sent = client
+                    .revoke_message(jid, target()?.wa_id.clone(), RevokeType::Sender)
+                    .await;
+                sent.map(|_| None).map_err(|e| refused(e.to_string()))
+            }
+            content => {
                 let wa_message = content::to_wa(content, message.reply_to.as_ref(), &own);
-                client.send_message(jid, wa_message).await
+                let sent = client.send_message(jid, wa_message).await;
+                sent.map(|s| Some(s.message_id))
+                    .map_err(|e| refused(e.to_string()))
             }
-        };
-        sent.map(|sent| sent.message_id)
-            .map_err(|e| DriverError::Connection(format!("WhatsApp did not take the message: {e}")))
+        }
     }
 
     async fn check_numbers(&mut self, numbers: &[String]) -> Result<Vec<NumberCheck>, DriverError> {

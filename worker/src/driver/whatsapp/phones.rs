@@ -70,7 +70,14 @@ impl Phones<'_> {
             SimAction::Unlink => self.device_action("unlink").await,
             SimAction::Conflict => self.device_action("replace").await,
             SimAction::Drop => self.device_action("drop").await,
-            SimAction::Message { from, text } => {
+            SimAction::Message { from, content, .. } => {
+                let shared::message::Content::Text { text } = content else {
+                    return Err(DriverError::Refused(
+                        "the protocol server's contacts send texts through this; other types \
+                         are sent by the tests' simulated phones"
+                            .into(),
+                    ));
+                };
                 let device = self.linked()?;
                 self.post(
                     &format!("phones/{}/messages", digits(&from)),
