@@ -185,6 +185,7 @@ function summary(m) {
       ' (' + m.location.latitude + ', ' + m.location.longitude + ')';
     case 'contact': return '👤 ' + (m.contact.name || 'contact card');
     case 'reaction': return (m.reaction.emoji || 'reaction removed') + ' on ' + m.reaction.messageId;
+    case 'poll': return '📊 ' + m.poll.name + ' (' + m.poll.options.join(' / ') + ')';
     case 'edit': return '✎ ' + m.edit.messageId + ' → ' + m.edit.text;
     case 'revoke': return '🗑 deleted ' + m.revoke.messageId + ' for everyone';
     default: return m.text + (m.revokedAt ? ' (deleted for everyone)' : m.editedAt ? ' (edited)' : '');

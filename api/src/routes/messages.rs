@@ -161,6 +161,7 @@ impl utoipa::PartialSchema for SendMessage {
             .item(of_type("location", schema_ref("Location")))
             .item(of_type("contact", schema_ref("ContactCard")))
             .item(of_type("reaction", schema_ref("Reaction")))
+            .item(of_type("poll", schema_ref("Poll")))
             .into()
     }
 }
@@ -171,6 +172,7 @@ impl ToSchema for SendMessage {
         schemas.push(("Location".into(), message::Location::schema()));
         schemas.push(("ContactCard".into(), message::ContactCard::schema()));
         schemas.push(("Reaction".into(), message::Reaction::schema()));
+        schemas.push(("Poll".into(), message::Poll::schema()));
     }
 }
 
@@ -199,7 +201,7 @@ pub struct MessagePage {
     pub next_page_token: Option<String>,
 }
 
-/// Queues a message (a text, a location, a contact card, a reaction); the session's worker
+/// Queues a message (a text, a location, a contact card, a reaction, a poll); the session's worker
 /// sends it within the session's rate limits.
 #[utoipa::path(post, path = "/api/v1/sessions/{session}/messages", tag = "messages",
     params(("session" = String, Path, description = "The session id (ULID)")),

@@ -326,6 +326,8 @@ async fn every_type_goes_out_as_it_was_sent_and_replies_and_reactions_name_their
     let reaction = post(json!({"to": to, "type": "reaction",
         "reaction": {"messageId": place, "emoji": "📍"}}))
     .await;
+    let question = json!({"name": "Lunch?", "options": ["noodles", "rice"], "selectableCount": 1});
+    let poll = post(json!({"to": to, "type": "poll", "poll": question})).await;
     // A reply to a message that never went out cannot quote it: it fails, saying why.
     let refused = post(json!({"to": "+999 1234 5678", "text": "nobody"})).await;
     let orphan = post(json!({"to": to, "text": "re: nobody", "replyTo": refused})).await;
@@ -349,7 +351,7 @@ async fn every_type_goes_out_as_it_was_sent_and_replies_and_reactions_name_their
             .map(|m| (m["status"].clone(), m["error"].clone()))
             .expect("listed")
     };
-    for mid in [&first, &place, &contact, &reply, &reaction] {
+    for mid in [&first, &place, &contact, &reply, &reaction, &poll] {
         assert_ne!(status(mid).0, "failed", "{all:?}");
     }
     let (orphan_status, why) = status(&orphan);
@@ -366,6 +368,10 @@ async fn every_type_goes_out_as_it_was_sent_and_replies_and_reactions_name_their
     assert_eq!(
         recorded(&env, &id, &contact).await,
         json!({"type": "contact", "contact": card})
+    );
+    assert_eq!(
+        recorded(&env, &id, &poll).await,
+        json!({"type": "poll", "poll": question})
     );
     assert_eq!(
         recorded(&env, &id, &reply).await,

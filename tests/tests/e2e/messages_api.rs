@@ -175,6 +175,11 @@ async fn every_type_is_queued_in_its_own_shape_and_bad_content_is_refused_with_t
             "reaction",
         ),
         (
+            json!({"to": to, "type": "poll", "poll": {"name": "Lunch?",
+                "options": ["noodles", "rice"], "selectableCount": 2}}),
+            "poll",
+        ),
+        (
             json!({"to": to, "text": "quoting", "replyTo": text_id}),
             "text",
         ),
@@ -233,6 +238,23 @@ async fn every_type_is_queued_in_its_own_shape_and_bad_content_is_refused_with_t
             "replyTo",
         ),
         (json!({"to": to, "text": "a\u{0}b"}), "text"),
+        (
+            json!({"to": to, "type": "poll", "poll": {"name": "?", "options": ["only one"]}}),
+            "poll.options",
+        ),
+        (
+            json!({"to": to, "type": "poll", "poll": {"name": "?", "options": ["a", "a"]}}),
+            "poll.options",
+        ),
+        (
+            json!({"to": to, "type": "poll",
+                "poll": {"name": "?", "options": ["a", "b"], "selectableCount": 3}}),
+            "poll.selectableCount",
+        ),
+        (
+            json!({"to": to, "type": "poll", "poll": {"name": " ", "options": ["a", "b"]}}),
+            "poll.name",
+        ),
     ] {
         let r = api.post(&path, &key, Some(&body)).await;
         r.assert_error(400, "invalid_argument");
@@ -657,7 +679,7 @@ async fn the_openapi_document_describes_the_messages_api() {
             })
             .collect()
     };
-    let all = ["text", "location", "contact", "reaction"]
+    let all = ["text", "location", "contact", "reaction", "poll"]
         .map(String::from)
         .to_vec();
     let actions = ["edit", "revoke"].map(String::from).to_vec();
@@ -679,7 +701,13 @@ async fn the_openapi_document_describes_the_messages_api() {
             "{variant}"
         );
     }
-    for name in ["Location", "ContactCard", "Reaction", "MessageStatus"] {
+    for name in [
+        "Location",
+        "ContactCard",
+        "Reaction",
+        "Poll",
+        "MessageStatus",
+    ] {
         assert!(schemas[name].is_object(), "{name}");
     }
     // Every operation has an id of its own (tools key operations by it).

@@ -579,8 +579,8 @@ async fn stored_message(env: &TestEnv, session_id: &str, wa_id: &str) -> (String
 }
 
 #[tokio::test]
-async fn locations_contacts_replies_and_reactions_go_both_ways_through_the_real_driver() {
-    use shared::message::{ContactCard, Content, Location};
+async fn locations_contacts_replies_reactions_and_polls_go_both_ways_through_the_real_driver() {
+    use shared::message::{ContactCard, Content, Location, Poll};
     use waproto::whatsapp as wa;
     let env = TestEnv::new().await;
     let server = WaServer::start().await;
@@ -637,6 +637,8 @@ async fn locations_contacts_replies_and_reactions_go_both_ways_through_the_real_
             "reaction": {"messageId": inbound, "emoji": "👍"}}),
         json!({"to": CONTACT, "type": "location",
             "location": {"latitude": 1.5, "longitude": 2.25, "address": "Here"}}),
+        json!({"to": CONTACT, "type": "poll",
+            "poll": {"name": "Which gate?", "options": ["A", "B", "C"], "selectableCount": 2}}),
     ];
     let mut ids = Vec::new();
     for body in &sent {
@@ -657,7 +659,7 @@ async fn locations_contacts_replies_and_reactions_go_both_ways_through_the_real_
             .iter()
             .filter(|r| r.from == PHONE)
             .count()
-            == 4
+            == 5
     })
     .await;
     let got = contact.received();
@@ -698,6 +700,49 @@ async fn locations_contacts_replies_and_reactions_go_both_ways_through_the_real_
                 },
             })),
         "{got:?}"
+    );
+    let gates = Poll {
+        name: "Which gate?".into(),
+        options: vec!["A".into(), "B".into(), "C".into()],
+        selectable_count: 2,
+    };
+    assert!(
+        got.iter().any(|r| r.content()
+            == Some(Content::Poll {
+                poll: gates.clone()
+            })),
+        "{got:?}"
+    );
+
+    // The contact asks back with a poll of its own: received as one.
+    let lunch = Poll {
+        name: "Lunch?".into(),
+        options: vec!["noodles".into(), "rice".into()],
+        selectable_count: 1,
+    };
+    let ask = wa::Message {
+        poll_creation_message_v3: waproto::buffa::MessageField::some(
+            wa::message::PollCreationMessage {
+                name: Some(lunch.name.clone()),
+                options: lunch
+                    .options
+                    .iter()
+                    .map(|o| wa::message::poll_creation_message::Option {
+                        option_name: Some(o.clone()),
+                        ..Default::default()
+                    })
+                    .collect(),
+                selectable_options_count: Some(1),
+                ..Default::default()
+            },
+        ),
+        ..Default::default()
+    };
+    let wa_poll = contact.send(PHONE, &ask).expect("the contact asks");
+    let (_, content) = stored_message(&env, &s.id, &wa_poll).await;
+    assert_eq!(
+        content,
+        serde_json::to_value(Content::Poll { poll: lunch }).expect("json")
     );
     assert_eq!(undecryptable(&server), vec![], "every copy decrypted");
 }

@@ -1,10 +1,11 @@
 //! Our [`Content`] in WhatsApp's protobuf and back: what the driver sends, and what it
 //! understands of what it receives. Pure functions, unit-tested both ways.
 //!
-//! Reactions, edits and revokes are not built here: the crate's `send_reaction`,
-//! `edit_message` and `revoke_message` build and send them (they know which groups need what).
+//! Reactions, polls, edits and revokes are not built here: the crate's `send_reaction`,
+//! `polls().create`, `edit_message` and `revoke_message` build and send them (they know
+//! which groups need what, and a poll's vote secret).
 
-use shared::message::{ContactCard, Content, Edit, Location, Reaction, Revoke};
+use shared::message::{ContactCard, Content, Edit, Location, Poll, Reaction, Revoke};
 use wacore::proto_helpers::{MessageBuilderExt, MessageExt, build_quote_context};
 use whatsapp_rust::waproto::{
     buffa::MessageField,
@@ -58,6 +59,8 @@ pub fn to_wa(content: &Content, reply_to: Option<&MessageRef>, own_jid: &str) ->
         // Only quoted (a reaction is sent by `send_reaction`, an edit by `edit_message`, a
         // revoke by `revoke_message`): what a quote of it shows.
         Content::Reaction { reaction } => wa::Message::text(&reaction.emoji),
+        // Only quoted (a poll is sent by `polls().create`, which keeps its vote secret).
+        Content::Poll { poll } => wa::Message::text(&poll.name),
         Content::Edit { edit } => wa::Message::text(&edit.text),
         Content::Revoke { .. } => wa::Message::default(),
     }
@@ -125,6 +128,27 @@ pub fn from_wa(message: &wa::Message) -> Option<Content> {
             contact: ContactCard {
                 vcard: c.vcard.clone()?,
                 name: c.display_name.clone(),
+            },
+        });
+    }
+    // Single-choice polls come as v3, others as v1 (WhatsApp Web's choice, the crate's too).
+    let poll = [
+        &base.poll_creation_message_v3,
+        &base.poll_creation_message,
+        &base.poll_creation_message_v2,
+    ]
+    .into_iter()
+    .find_map(MessageField::as_option);
+    if let Some(p) = poll {
+        return Some(Content::Poll {
+            poll: Poll {
+                name: p.name.clone()?,
+                options: p
+                    .options
+                    .iter()
+                    .filter_map(|o| o.option_name.clone())
+                    .collect(),
+                selectable_count: p.selectable_options_count.unwrap_or(0).max(1),
             },
         });
     }

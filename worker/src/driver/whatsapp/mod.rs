@@ -400,6 +400,15 @@ impl Connection for WhatsAppConnection {
                 sent.map(|s| Some(s.message_id))
                     .map_err(|e| refused(e.to_string()))
             }
+            // The vote secret it makes is not kept: votes are not read yet (issue 21).
+            Content::Poll { poll } => {
+                let sent = client
+                    .polls()
+                    .create(jid, &poll.name, &poll.options, poll.selectable_count)
+                    .await;
+                sent.map(|(s, _secret)| Some(s.message_id))
+                    .map_err(|e| refused(e.to_string()))
+            }
             // WhatsApp's client answers the original's id for an edit, and nothing for a
             // revoke: the stanza's own id is not told, and no receipt names it here.
             Content::Edit { edit } => {
