@@ -754,6 +754,79 @@ async fn a_drained_sessions_queue_moves_with_it_and_keeps_its_rate() {
 }
 
 #[tokio::test]
+async fn a_type_this_worker_does_not_know_waits_for_a_newer_one_and_is_never_sent_as_text() {
+    let env = TestEnv::new().await;
+    let (_, _w, api, key, id) = working_session(&env, 60).await;
+    // As a newer api would queue a type this build does not have (a rolling update).
+    let future = ulid::Ulid::new().to_string();
+    let db = env.db.get().await.expect("db");
+    db.execute(
+        "INSERT INTO messages (id, organization_id, session_id, peer, text, content, status, \
+         created_at) VALUES ($1, 'org_a', $2, '6281100000001@s.whatsapp.net', '', \
+         '{\"type\": \"hologram\", \"hologram\": {\"frames\": 3}}', 'queued', $3)",
+        &[&future, &id, &shared::db::now_ms()],
+    )
+    .await
+    .expect("queued");
+    let after = send(&api, &key, &id, "after the hologram").await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let sent = |id: String| {
+        let db = &db;
+        async move {
+            db.query_one(
+                "SELECT count(*) FROM sim_messages s JOIN messages m ON m.wa_message_id = s.id \
+                 WHERE m.id = $1",
+                &[&id],
+            )
+            .await
+            .expect("count")
+            .get::<_, i64>(0)
+        }
+    };
+    let status = |id: String| {
+        let db = &db;
+        async move {
+            db.query_one("SELECT status FROM messages WHERE id = $1", &[&id])
+                .await
+                .expect("status")
+                .get::<_, String>(0)
+        }
+    };
+    assert_eq!(
+        status(future.clone()).await,
+        "queued",
+        "left for a newer worker"
+    );
+    assert_eq!(
+        status(after.clone()).await,
+        "queued",
+        "the queue keeps its order"
+    );
+    let device: i64 = db
+        .query_one(
+            "SELECT count(*) FROM sim_messages WHERE device = $1",
+            &[&id],
+        )
+        .await
+        .expect("count")
+        .get(0);
+    assert_eq!(device, 0, "nothing went out, no empty text");
+    // A worker that knows the type (here: the row as this build reads it) sends both, in order.
+    db.execute(
+        "UPDATE messages SET content = '{\"type\": \"text\", \"text\": \"hologram\"}', \
+         text = 'hologram' WHERE id = $1",
+        &[&future],
+    )
+    .await
+    .expect("known now");
+    wait_messages(&api, &key, &id, Duration::from_secs(15), "both sent", |m| {
+        m.iter().all(|m| m["sentAt"].is_i64())
+    })
+    .await;
+    assert_eq!((sent(future).await, sent(after).await), (1, 1));
+}
+
+#[tokio::test]
 async fn stopping_a_session_fails_its_queue_and_a_send_cut_short_is_never_repeated() {
     let env = TestEnv::new().await;
     let (gw, worker, api, key, id) = working_session(&env, 1).await;

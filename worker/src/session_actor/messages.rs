@@ -96,7 +96,15 @@ impl Actor {
             return Flow::Continue;
         }
         let message = match messages::next_queued(&self.ctx.db, &self.row.id).await {
-            Ok(Some(m)) => m,
+            Ok(Some(Ok(m))) => m,
+            Ok(Some(Err(kind))) => {
+                // In order or not at all: the queue waits for a worker that knows the type
+                // (the next process of this gateway, in a rolling update).
+                tracing::warn!(session_id = %self.row.id, kind, "the next message is of a type this worker does not know; leaving it to a newer worker");
+                metrics::counter!("worker_message_unknown_type_waits_total").increment(1);
+                self.pump_in(5_000);
+                return Flow::Continue;
+            }
             Ok(None) => return Flow::Continue,
             Err(e) => {
                 tracing::warn!(session_id = %self.row.id, error = %e, "cannot read the message queue; retrying");

@@ -35,8 +35,13 @@ async fn fenced<'a>(
     Ok(Some(tx))
 }
 
-/// The oldest queued message of the session.
-pub async fn next_queued(db: &Pool, session_id: &str) -> Result<Option<Message>> {
+/// The oldest queued message of the session: `Err(type)` inside when its content is of a
+/// type this build does not know (queued by a newer api during a rolling update). Read as
+/// a text it would go out as the `text` column, empty: it is left to a newer worker.
+pub async fn next_queued(
+    db: &Pool,
+    session_id: &str,
+) -> Result<Option<std::result::Result<Message, String>>> {
     let client = db.get().await?;
     let sql = format!(
         "SELECT {} FROM messages WHERE session_id = $1 AND status = 'queued' \
@@ -44,11 +49,17 @@ pub async fn next_queued(db: &Pool, session_id: &str) -> Result<Option<Message>>
         messages::COLUMNS
     );
     let stmt = client.prepare_cached(&sql).await?;
-    Ok(client
-        .query_opt(&stmt, &[&session_id])
-        .await?
-        .as_ref()
-        .map(messages::from_row))
+    let Some(row) = client.query_opt(&stmt, &[&session_id]).await? else {
+        return Ok(None);
+    };
+    let content: Option<serde_json::Value> = row.get("content");
+    if let Some(content) = content
+        && serde_json::from_value::<Content>(content.clone()).is_err()
+    {
+        let kind = content["type"].as_str().unwrap_or("?").to_owned();
+        return Ok(Some(Err(kind)));
+    }
+    Ok(Some(Ok(messages::from_row(&row))))
 }
 
 /// When the session's send attempts since `since` began, oldest first: what its rate
