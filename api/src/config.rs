@@ -79,6 +79,11 @@ pub struct Config {
     #[arg(long, env = "CONTACT_CHECK_CACHE_SECS", default_value_t = 86_400)]
     pub contact_check_cache_secs: i64,
 
+    /// How long an uploaded file is kept (`POST /api/v1/media`): a message must name it
+    /// before; the region's reaper deletes it after.
+    #[arg(long, env = "MEDIA_RETENTION_HOURS", default_value_t = 24)]
+    pub media_retention_hours: i64,
+
     /// How long a command may take, end to end, before the caller gets 504.
     #[arg(long, env = "COMMAND_TIMEOUT_MS", default_value_t = 10_000)]
     pub command_timeout_ms: u64,

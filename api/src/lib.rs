@@ -211,6 +211,7 @@ pub fn router(state: AppState) -> Router {
                 .patch(messages::edit)
                 .post(messages::action),
         )
+        .route("/api/v1/media", post(media::upload))
         .route(
             "/api/v1/webhooks",
             get(webhooks::list).post(webhooks::create),

@@ -11,7 +11,7 @@ use utoipa::{
     },
 };
 
-use crate::routes::{commands, contacts, events, gateways, messages, sessions, webhooks};
+use crate::routes::{commands, contacts, events, gateways, media, messages, sessions, webhooks};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -24,7 +24,7 @@ use crate::routes::{commands, contacts, events, gateways, messages, sessions, we
         commands::start, commands::stop, commands::restart, commands::logout,
         commands::request_pairing_code, commands::qr, commands::recent, commands::get,
         messages::send, messages::list, messages::get, messages::edit, messages::revoke,
-        contacts::check,
+        contacts::check, media::upload,
         events::stream, gateways::list,
         webhooks::create, webhooks::list, webhooks::get, webhooks::update, webhooks::delete,
         webhooks::rotate_secret, webhooks::test, webhooks::replay, webhooks::deliveries,
@@ -33,7 +33,7 @@ use crate::routes::{commands, contacts, events, gateways, messages, sessions, we
         shared::session::Session, shared::session::SessionStatus, shared::session::StatusReason,
         shared::error::ErrorEnvelope, shared::error::ErrorBody, shared::error::ErrorCode,
         shared::store::commands::CommandRecord,
-        shared::message::Message, shared::message::MessageStatus,
+        shared::message::Message, shared::message::MessageStatus, shared::media::Media,
         shared::webhook::Webhook, shared::webhook::WebhookWithSecret, shared::webhook::Delivery,
         shared::webhook::DeliveryStatus, shared::webhook::Attempt,
     )),

@@ -8,6 +8,7 @@ pub mod db;
 pub mod devtoken;
 pub mod error;
 pub mod fleet;
+pub mod media;
 pub mod message;
 pub mod protocol;
 pub mod sealed;

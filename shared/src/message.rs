@@ -83,6 +83,30 @@ pub enum Content {
     Poll {
         poll: Poll,
     },
+    /// A JPEG or PNG of up to 5 MB, with an optional caption.
+    Image {
+        image: MediaContent,
+    },
+    /// An MP4 or 3GPP video of up to 16 MB, with an optional caption.
+    Video {
+        video: MediaContent,
+    },
+    /// An audio file of up to 16 MB (AAC, MP4, MP3, AMR, OGG).
+    Audio {
+        audio: MediaContent,
+    },
+    /// A push-to-talk voice note: OGG with Opus inside, up to 16 MB.
+    Voice {
+        voice: MediaContent,
+    },
+    /// Any file of up to 100 MB, with its file name and an optional caption.
+    Document {
+        document: MediaContent,
+    },
+    /// A WebP sticker of up to 500 KB.
+    Sticker {
+        sticker: MediaContent,
+    },
     /// A new text for a text message the session sent. Queued by
     /// `PATCH …/messages/{message}`, not by `POST …/messages`.
     Edit {
@@ -137,6 +161,85 @@ pub struct Reaction {
     /// One emoji, or empty.
     #[schema(max_length = 32)]
     pub emoji: String,
+}
+
+/// The file a message carries: one uploaded with `POST /api/v1/media`, by its id. What the
+/// file is, its size and SHA-256 are filled in from the upload (what a caller says of them
+/// is not taken).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct MediaContent {
+    /// The `id` that `POST /api/v1/media` answered.
+    pub media_id: String,
+    /// Image, video and document only: up to 1024 characters.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(max_length = 1024)]
+    pub caption: Option<String>,
+    /// Document only: the name the recipient sees, up to 255 characters.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(max_length = 255)]
+    pub file_name: Option<String>,
+    /// What the file is (from its bytes).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(read_only)]
+    pub mime_type: Option<String>,
+    /// Bytes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(read_only)]
+    pub size: Option<i64>,
+    /// Lowercase hex SHA-256 of the bytes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(read_only)]
+    pub sha256: Option<String>,
+}
+
+/// The longest caption, in characters.
+pub const CAPTION_MAX_CHARS: usize = 1_024;
+/// The longest file name, in characters.
+pub const FILE_NAME_MAX_CHARS: usize = 255;
+
+impl MediaContent {
+    fn validate(&self, kind: crate::media::Kind) -> Result<()> {
+        use crate::media::Kind;
+        let field = |f: &str| format!("{}.{f}", kind.as_str());
+        validate_message_id(&field("mediaId"), &self.media_id)?;
+        if let Some(caption) = &self.caption {
+            if !matches!(kind, Kind::Image | Kind::Video | Kind::Document) {
+                return Err(Error::invalid_field(
+                    &field("caption"),
+                    format!("a {} has no caption", kind.as_str()),
+                ));
+            }
+            if caption.chars().count() > CAPTION_MAX_CHARS || caption.contains('\0') {
+                return Err(Error::invalid_field(
+                    &field("caption"),
+                    format!("a caption is at most {CAPTION_MAX_CHARS} characters, without NUL"),
+                ));
+            }
+        }
+        if let Some(name) = &self.file_name {
+            if kind != Kind::Document {
+                return Err(Error::invalid_field(
+                    &field("fileName"),
+                    "only a document has a file name",
+                ));
+            }
+            if name.trim().is_empty()
+                || name.chars().count() > FILE_NAME_MAX_CHARS
+                || name
+                    .chars()
+                    .any(|c| c.is_control() || c == '/' || c == '\\')
+            {
+                return Err(Error::invalid_field(
+                    &field("fileName"),
+                    format!(
+                        "a file name is 1 to {FILE_NAME_MAX_CHARS} characters, without / \\ or control characters"
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
 }
 
 /// A question with 2–12 options, of which a contact may choose up to `selectableCount`.
@@ -234,12 +337,16 @@ pub const EDIT_WINDOW_MS: i64 = 15 * 60_000;
 pub const REVOKE_WINDOW_MS: i64 = 60 * 3_600_000;
 
 impl Content {
-    /// The text of a text message (and the new text of an edit); "" for the other types.
+    /// The text of a text message (the new text of an edit, a file's caption); "" for the
+    /// other types.
     pub fn text(&self) -> &str {
         match self {
             Content::Text { text } => text,
             Content::Edit { edit } => &edit.text,
-            _ => "",
+            _ => self
+                .media()
+                .and_then(|(_, m)| m.caption.as_deref())
+                .unwrap_or(""),
         }
     }
 
@@ -250,6 +357,33 @@ impl Content {
             Content::Reaction { reaction } => Some(&reaction.message_id),
             Content::Edit { edit } => Some(&edit.message_id),
             Content::Revoke { revoke } => Some(&revoke.message_id),
+            _ => None,
+        }
+    }
+
+    /// The file it carries, and the kind of message it goes as.
+    pub fn media(&self) -> Option<(crate::media::Kind, &MediaContent)> {
+        use crate::media::Kind;
+        Some(match self {
+            Content::Image { image } => (Kind::Image, image),
+            Content::Video { video } => (Kind::Video, video),
+            Content::Audio { audio } => (Kind::Audio, audio),
+            Content::Voice { voice } => (Kind::Voice, voice),
+            Content::Document { document } => (Kind::Document, document),
+            Content::Sticker { sticker } => (Kind::Sticker, sticker),
+            _ => return None,
+        })
+    }
+
+    /// The file it carries, to fill in.
+    pub fn media_mut(&mut self) -> Option<&mut MediaContent> {
+        match self {
+            Content::Image { image: m }
+            | Content::Video { video: m }
+            | Content::Audio { audio: m }
+            | Content::Voice { voice: m }
+            | Content::Document { document: m }
+            | Content::Sticker { sticker: m } => Some(m),
             _ => None,
         }
     }
@@ -291,7 +425,7 @@ impl Content {
                         | Content::Location { .. }
                         | Content::Contact { .. }
                         | Content::Poll { .. }
-                ),
+                ) || self.media().is_some(),
                 REVOKE_WINDOW_MS,
                 "deleted",
             ),
@@ -321,6 +455,12 @@ impl Content {
             Content::Contact { .. } => "contact",
             Content::Reaction { .. } => "reaction",
             Content::Poll { .. } => "poll",
+            Content::Image { .. } => "image",
+            Content::Video { .. } => "video",
+            Content::Audio { .. } => "audio",
+            Content::Voice { .. } => "voice",
+            Content::Document { .. } => "document",
+            Content::Sticker { .. } => "sticker",
             Content::Edit { .. } => "edit",
             Content::Revoke { .. } => "revoke",
         }
@@ -334,6 +474,15 @@ impl Content {
             Content::Contact { contact } => contact.validate(),
             Content::Reaction { reaction } => reaction.validate(),
             Content::Poll { poll } => poll.validate(),
+            Content::Image { .. }
+            | Content::Video { .. }
+            | Content::Audio { .. }
+            | Content::Voice { .. }
+            | Content::Document { .. }
+            | Content::Sticker { .. } => match self.media() {
+                Some((kind, m)) => m.validate(kind),
+                None => Ok(()),
+            },
             Content::Edit { edit } => {
                 validate_message_id("edit.messageId", &edit.message_id)?;
                 validate_text(&edit.text)

@@ -807,6 +807,19 @@ impl Api {
         .await
     }
 
+    /// `POST /api/v1/media` with `bytes` as the body and `content_type` (none when `None`).
+    pub async fn upload(&self, token: &str, content_type: Option<&str>, bytes: Vec<u8>) -> Resp {
+        let mut req = self
+            .http
+            .post(format!("{}/api/v1/media", self.base))
+            .bearer_auth(token)
+            .body(bytes);
+        if let Some(t) = content_type {
+            req = req.header("content-type", t);
+        }
+        into_resp(req.send().await.expect("request")).await
+    }
+
     /// `GET path` with exactly this `Authorization` header (or none).
     pub async fn get_with_authorization(&self, path: &str, authorization: Option<&str>) -> Resp {
         send(

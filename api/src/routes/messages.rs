@@ -162,6 +162,12 @@ impl utoipa::PartialSchema for SendMessage {
             .item(of_type("contact", schema_ref("ContactCard")))
             .item(of_type("reaction", schema_ref("Reaction")))
             .item(of_type("poll", schema_ref("Poll")))
+            .item(of_type("image", schema_ref("MediaContent")))
+            .item(of_type("video", schema_ref("MediaContent")))
+            .item(of_type("audio", schema_ref("MediaContent")))
+            .item(of_type("voice", schema_ref("MediaContent")))
+            .item(of_type("document", schema_ref("MediaContent")))
+            .item(of_type("sticker", schema_ref("MediaContent")))
             .into()
     }
 }
@@ -173,6 +179,7 @@ impl ToSchema for SendMessage {
         schemas.push(("ContactCard".into(), message::ContactCard::schema()));
         schemas.push(("Reaction".into(), message::Reaction::schema()));
         schemas.push(("Poll".into(), message::Poll::schema()));
+        schemas.push(("MediaContent".into(), message::MediaContent::schema()));
     }
 }
 
@@ -201,7 +208,7 @@ pub struct MessagePage {
     pub next_page_token: Option<String>,
 }
 
-/// Queues a message (a text, a location, a contact card, a reaction, a poll); the session's worker
+/// Queues a message (a text, a location, a contact card, a reaction, a poll, a file); the session's worker
 /// sends it within the session's rate limits.
 #[utoipa::path(post, path = "/api/v1/sessions/{session}/messages", tag = "messages",
     params(("session" = String, Path, description = "The session id (ULID)")),
@@ -249,6 +256,8 @@ pub async fn send(
         .await?
         .ok_or_else(Error::session_not_found)?;
     check_references(&client, &session_id, &to, &body).await?;
+    let mut content = body.content.clone();
+    attach_media(&client, &caller.organization_id, &mut content).await?;
     if let Some(key) = key {
         let first = store::messages::by_idempotency_key(&client, &session_id, key).await?;
         if let Some(first) = first {
@@ -260,7 +269,7 @@ pub async fn send(
         organization_id: &caller.organization_id,
         session_id: &session_id,
         to: &to,
-        content: &body.content,
+        content: &content,
         reply_to: body.reply_to.as_deref(),
         idempotency_key: key,
         now: now_ms(),
@@ -465,6 +474,38 @@ async fn check_references(
             )),
             Some(_) => Ok(()),
         }?;
+    }
+    Ok(())
+}
+
+/// The file a message carries is one the organization uploaded and still has, of a type
+/// and size its kind of message takes; its type, size and SHA-256 go into the content.
+async fn attach_media(
+    client: &impl deadpool_postgres::GenericClient,
+    org: &str,
+    content: &mut message::Content,
+) -> shared::Result<()> {
+    let Some((kind, m)) = content.media() else {
+        return Ok(());
+    };
+    let field = format!("{}.mediaId", kind.as_str());
+    let file = store::media::get(client, org, &m.media_id, now_ms())
+        .await?
+        .ok_or_else(|| {
+            Error::invalid_field(
+                &field,
+                format!(
+                    "no file {} was uploaded by this organization (or it expired): upload \
+                     it with POST /api/v1/media",
+                    m.media_id
+                ),
+            )
+        })?;
+    kind.accepts(&field, &file.mime_type, file.size as u64)?;
+    if let Some(m) = content.media_mut() {
+        m.mime_type = Some(file.mime_type);
+        m.size = Some(file.size);
+        m.sha256 = Some(file.sha256);
     }
     Ok(())
 }

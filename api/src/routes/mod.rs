@@ -4,6 +4,7 @@ pub mod commands;
 pub mod contacts;
 pub mod events;
 pub mod gateways;
+pub mod media;
 pub mod messages;
 pub mod ops;
 pub mod pagination;

@@ -10,6 +10,7 @@ pub mod contacts;
 pub mod deliveries;
 pub mod events;
 pub mod gateways;
+pub mod media;
 pub mod messages;
 pub mod quotas;
 pub mod rebalance;

@@ -11,6 +11,7 @@ mod fleet;
 mod fuzz;
 mod limits;
 mod manifests;
+mod media;
 mod messages;
 mod messages_api;
 mod ops;

@@ -24,7 +24,7 @@ fn quick_rates(c: &mut worker::Config) {
 }
 
 /// A paired session of `org_a` working on a fresh worker, with the given rate per minute.
-async fn working_session(
+pub(super) async fn working_session(
     env: &TestEnv,
     per_min: i32,
 ) -> (String, tests::Worker, Api, String, String) {
@@ -288,7 +288,7 @@ async fn a_contacts_message_reaches_the_stream_and_is_marked_read_with_auto_read
 
 /// What the simulated WhatsApp recorded of a message: its content, with WhatsApp's ids of
 /// what it quotes (`quotes`) or reacts to (`reactsTo`).
-async fn recorded(env: &TestEnv, session: &str, id: &str) -> Value {
+pub(super) async fn recorded(env: &TestEnv, session: &str, id: &str) -> Value {
     env.db
         .get()
         .await
@@ -385,7 +385,7 @@ async fn every_type_goes_out_as_it_was_sent_and_replies_and_reactions_name_their
 }
 
 /// A message as the API shows it, once `pred` holds for it.
-async fn message_when(
+pub(super) async fn message_when(
     api: &Api,
     key: &str,
     session: &str,

@@ -679,9 +679,12 @@ async fn the_openapi_document_describes_the_messages_api() {
             })
             .collect()
     };
-    let all = ["text", "location", "contact", "reaction", "poll"]
-        .map(String::from)
-        .to_vec();
+    let all = [
+        "text", "location", "contact", "reaction", "poll", "image", "video", "audio", "voice",
+        "document", "sticker",
+    ]
+    .map(String::from)
+    .to_vec();
     let actions = ["edit", "revoke"].map(String::from).to_vec();
     assert_eq!(
         types(&schemas["Content"]["oneOf"]),
@@ -706,6 +709,8 @@ async fn the_openapi_document_describes_the_messages_api() {
         "ContactCard",
         "Reaction",
         "Poll",
+        "MediaContent",
+        "Media",
         "MessageStatus",
     ] {
         assert!(schemas[name].is_object(), "{name}");

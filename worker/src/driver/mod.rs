@@ -80,6 +80,8 @@ pub struct Outgoing {
     pub reply_to: Option<MessageRef>,
     /// The message a reaction is on, or that an edit or a revoke changes.
     pub refers_to: Option<MessageRef>,
+    /// The bytes of the file it carries (an image, a document, …), from the media store.
+    pub media: Option<Vec<u8>>,
 }
 
 /// A message of the session as WhatsApp knows it.
@@ -127,8 +129,8 @@ pub enum SimAction {
     /// delete of a message of the chat, `refers_to` naming it).
     Message {
         from: String,
-        content: Content,
-        refers_to: Option<MessageRef>,
+        content: Box<Content>,
+        refers_to: Option<Box<MessageRef>>,
     },
 }
 

@@ -114,7 +114,8 @@ impl Reaper {
     }
 
     /// Deletes messages (but never one still waiting or being sent), events and finished
-    /// webhook deliveries older than the retention, oldest first, a batch at a time.
+    /// webhook deliveries older than the retention, oldest first, a batch at a time; and
+    /// uploaded files past their expiry.
     async fn prune(&self, client: &impl GenericClient) -> Result<()> {
         let cutoff = shared::db::now_ms() - self.retention_ms;
         for sql in [
@@ -134,6 +135,15 @@ impl Reaper {
                 if (n as i64) < PRUNE_BATCH {
                     break;
                 }
+            }
+        }
+        // Uploaded files past their own expiry (MEDIA_RETENTION_HOURS), unless a message
+        // waiting to be sent still carries one.
+        loop {
+            let n = shared::store::media::prune(client, shared::db::now_ms(), PRUNE_BATCH).await?;
+            metrics::counter!("worker_media_pruned_total").increment(n);
+            if (n as i64) < PRUNE_BATCH {
+                break;
             }
         }
         Ok(())

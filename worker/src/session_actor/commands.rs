@@ -269,8 +269,8 @@ impl Actor {
                 };
                 self.simulate(SimAction::Message {
                     from: from.clone(),
-                    content,
-                    refers_to,
+                    content: Box::new(content),
+                    refers_to: refers_to.map(Box::new),
                 })
                 .await
             }

@@ -230,11 +230,26 @@ impl Actor {
             }
         }
         let [reply_to, refers_to] = resolved;
+        let media = match m.content.media() {
+            None => None,
+            Some((_, file)) => {
+                let client = db.get().await?;
+                let bytes = shared::store::media::read(&client, &file.media_id).await?;
+                if bytes.is_empty() {
+                    return Ok(Err(format!(
+                        "the file it carries ({}) is gone: it expired before its turn",
+                        file.media_id
+                    )));
+                }
+                Some(bytes)
+            }
+        };
         Ok(Ok(Outgoing {
             to: m.to.clone(),
             content: m.content.clone(),
             reply_to,
             refers_to,
+            media,
         }))
     }
 

@@ -240,7 +240,7 @@ impl Connection for SimConnection {
                     id: format!("SIMIN{}", ulid::Ulid::new()),
                     chat: from.clone(),
                     from,
-                    content,
+                    content: *content,
                     refers_to: refers_to.map(|r| r.wa_id),
                     timestamp: now_ms(),
                 });

@@ -115,6 +115,14 @@ impl SimServer {
         if let Some(quoted) = &message.reply_to {
             content["quotes"] = quoted.wa_id.clone().into();
         }
+        // What the phone got of a file: its SHA-256 and size, from the bytes themselves.
+        if let Some(bytes) = &message.media {
+            use sha2::Digest;
+            content["received"] = serde_json::json!({
+                "sha256": shared::hex(&sha2::Sha256::digest(bytes)),
+                "size": bytes.len(),
+            });
+        }
         if let Some(target) = &message.refers_to {
             let key = match message.content {
                 Content::Edit { .. } => "edits",

@@ -61,6 +61,13 @@ pub fn to_wa(content: &Content, reply_to: Option<&MessageRef>, own_jid: &str) ->
         Content::Reaction { reaction } => wa::Message::text(&reaction.emoji),
         // Only quoted (a poll is sent by `polls().create`, which keeps its vote secret).
         Content::Poll { poll } => wa::Message::text(&poll.name),
+        // Files are not sent by this driver yet; a quote of one shows its caption.
+        Content::Image { .. }
+        | Content::Video { .. }
+        | Content::Audio { .. }
+        | Content::Voice { .. }
+        | Content::Document { .. }
+        | Content::Sticker { .. } => wa::Message::text(content.text()),
         Content::Edit { edit } => wa::Message::text(&edit.text),
         Content::Revoke { .. } => wa::Message::default(),
     }

@@ -425,6 +425,11 @@ impl Connection for WhatsAppConnection {
                     .await;
                 sent.map(|_| None).map_err(|e| refused(e.to_string()))
             }
+            content if content.media().is_some() => Err(DriverError::Refused(format!(
+                "this driver does not send a {} yet (issue 21: the upload to WhatsApp's media \
+                 hosts is to come); the simulator does",
+                content.kind()
+            ))),
             content => {
                 let wa_message = content::to_wa(content, message.reply_to.as_ref(), &own);
                 let sent = client.send_message(jid, wa_message).await;

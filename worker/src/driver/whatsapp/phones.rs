@@ -71,7 +71,7 @@ impl Phones<'_> {
             SimAction::Conflict => self.device_action("replace").await,
             SimAction::Drop => self.device_action("drop").await,
             SimAction::Message { from, content, .. } => {
-                let shared::message::Content::Text { text } = content else {
+                let shared::message::Content::Text { text } = *content else {
                     return Err(DriverError::Refused(
                         "the protocol server's contacts send texts through this; other types \
                          are sent by the tests' simulated phones"

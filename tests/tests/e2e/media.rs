@@ -1,0 +1,309 @@
+//! Files (issue 21): uploaded through `POST /api/v1/media` into the Postgres media store,
+//! sniffed from their bytes, and sent as images, documents, … through the simulator, which
+//! records the SHA-256 of the bytes it got, so delivery is checked byte for byte. Bad input
+//! is refused in the error envelope and leaves nothing stored.
+
+use serde_json::{Value, json};
+use sha2::{Digest, Sha256};
+use tests::{Api, TestEnv};
+
+use super::messages::{message_when, recorded, working_session};
+
+/// A PNG's signature and header, then `len` bytes of noise: what sniffing reads as a PNG.
+fn png(len: usize) -> Vec<u8> {
+    let mut bytes = b"\x89PNG\r\n\x1a\n\0\0\0\rIHDR\0\0\0\x10\0\0\0\x10\x08\x06\0\0\0".to_vec();
+    bytes.extend((0..len).map(|i| (i * 7 + i / 251) as u8));
+    bytes
+}
+
+/// A PDF's header, then `len` bytes.
+fn pdf(len: usize) -> Vec<u8> {
+    let mut bytes = b"%PDF-1.7\n%\xe2\xe3\xcf\xd3\n".to_vec();
+    bytes.extend((0..len).map(|i| (i % 253) as u8));
+    bytes
+}
+
+fn sha256(bytes: &[u8]) -> String {
+    shared::hex(&Sha256::digest(bytes))
+}
+
+async fn uploaded(api: &Api, key: &str, content_type: &str, bytes: Vec<u8>) -> Value {
+    let r = api.upload(key, Some(content_type), bytes).await;
+    r.assert_status(201).clone()
+}
+
+async fn stored_media(env: &TestEnv) -> (i64, i64) {
+    let row = env
+        .db
+        .get()
+        .await
+        .expect("db")
+        .query_one(
+            "SELECT (SELECT count(*) FROM media), (SELECT count(*) FROM media_chunks)",
+            &[],
+        )
+        .await
+        .expect("counts");
+    (row.get(0), row.get(1))
+}
+
+#[tokio::test]
+async fn an_image_and_a_document_reach_the_contact_byte_for_byte() {
+    let env = TestEnv::new().await;
+    let (_, _w, api, key, id) = working_session(&env, 60).await;
+    let image = png(300_000);
+    let up = uploaded(&api, &key, "image/png", image.clone()).await;
+    assert_eq!(
+        (&up["mimeType"], &up["size"], &up["sha256"]),
+        (
+            &json!("image/png"),
+            &json!(image.len()),
+            &json!(sha256(&image))
+        ),
+        "{up}"
+    );
+    assert!(up["expiresAt"].as_i64() > up["createdAt"].as_i64(), "{up}");
+    // Several chunks (1 MiB each), declared only as "some bytes": sniffed as a PDF.
+    let document = pdf(2_500_000);
+    let doc = uploaded(&api, &key, "application/octet-stream", document.clone()).await;
+    assert_eq!(doc["mimeType"], "application/pdf", "{doc}");
+
+    let path = format!("/api/v1/sessions/{id}/messages");
+    let mut sent = Vec::new();
+    for (body, bytes) in [
+        (
+            json!({"to": "+62 811 0000 0001", "type": "image",
+                "image": {"mediaId": up["id"], "caption": "your parcel"}}),
+            &image,
+        ),
+        (
+            json!({"to": "+62 811 0000 0001", "type": "document",
+                "document": {"mediaId": doc["id"], "fileName": "invoice-0042.pdf"}}),
+            &document,
+        ),
+    ] {
+        let r = api.post(&path, &key, Some(&body)).await;
+        let m = r.assert_status(202).clone();
+        let kind = body["type"].as_str().expect("type").to_owned();
+        // Shown with what the file is, from the upload.
+        assert_eq!(m[&kind]["sha256"], json!(sha256(bytes)), "{m}");
+        assert_eq!(m[&kind]["size"], json!(bytes.len()), "{m}");
+        sent.push((m["id"].as_str().expect("id").to_owned(), kind, bytes));
+    }
+    for (mid, kind, bytes) in sent {
+        message_when(&api, &key, &id, &mid, "sent", |m| {
+            ["sent", "delivered", "read"].contains(&m["status"].as_str().unwrap_or(""))
+        })
+        .await;
+        let got = recorded(&env, &id, &mid).await;
+        assert_eq!(
+            got["received"],
+            json!({"sha256": sha256(bytes), "size": bytes.len()}),
+            "the contact's phone got every byte of the {kind}: {got}"
+        );
+    }
+    let got = recorded(&env, &id, &message_id_of(&env, &id, "image").await).await;
+    assert_eq!(got["image"]["caption"], "your parcel", "{got}");
+}
+
+async fn message_id_of(env: &TestEnv, session: &str, kind: &str) -> String {
+    env.db
+        .get()
+        .await
+        .expect("db")
+        .query_one(
+            "SELECT id FROM messages WHERE session_id = $1 AND content->>'type' = $2",
+            &[&session, &kind],
+        )
+        .await
+        .expect("the message")
+        .get(0)
+}
+
+#[tokio::test]
+async fn bad_files_are_refused_clearly_and_leave_nothing_behind() {
+    let env = TestEnv::new().await;
+    let (_, _w, api, key, id) = working_session(&env, 60).await;
+    let before = stored_media(&env).await;
+
+    // A PDF that says it is a PNG; a body of 2 GB by its Content-Length; an empty body;
+    // bytes that are not the image they claim; none of it is stored.
+    let r = api.upload(&key, Some("image/png"), pdf(1_500_000)).await;
+    r.assert_error(415, "unsupported_media_type");
+    assert!(
+        r.body["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("application/pdf")),
+        "{}",
+        r.body
+    );
+    // Raw HTTP: a client library refuses to send a body shorter than it says.
+    let huge = {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let addr = api.base.trim_start_matches("http://").to_owned();
+        let mut conn = tokio::net::TcpStream::connect(&addr)
+            .await
+            .expect("connect");
+        let head = format!(
+            "POST /api/v1/media HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {key}\r\n\
+             Content-Type: video/mp4\r\nContent-Length: {}\r\n\r\n",
+            2u64 << 30
+        );
+        conn.write_all(head.as_bytes()).await.expect("write");
+        conn.write_all(&[0u8; 4096]).await.expect("write");
+        let mut answer = vec![0u8; 4096];
+        let n = conn.read(&mut answer).await.expect("read");
+        String::from_utf8_lossy(&answer[..n]).into_owned()
+    };
+    assert!(huge.starts_with("HTTP/1.1 413"), "{huge}");
+    assert!(huge.contains("payload_too_large"), "{huge}");
+    api.upload(&key, Some("image/png"), Vec::new())
+        .await
+        .assert_error(400, "invalid_argument");
+    api.upload(&key, Some("image/jpeg"), b"just words".to_vec())
+        .await
+        .assert_error(415, "unsupported_media_type");
+    assert_eq!(stored_media(&env).await, before, "nothing half-stored");
+
+    // What a kind of message takes: WhatsApp's types and sizes, with the field named.
+    let big = uploaded(&api, &key, "image/png", png(6 * 1024 * 1024)).await;
+    let song = uploaded(
+        &api,
+        &key,
+        "audio/mpeg",
+        b"ID3\x03\0\0\0\0\0\x21".repeat(50),
+    )
+    .await;
+    let path = format!("/api/v1/sessions/{id}/messages");
+    let to = "+62 811 0000 0001";
+    let refused = |body: Value, status: u16, code: &'static str, field: &'static str| {
+        let (api, key, path) = (&api, &key, &path);
+        async move {
+            let r = api.post(path, key, Some(&body)).await;
+            r.assert_error(status, code);
+            assert_eq!(
+                r.body["error"]["details"]["field"], field,
+                "{body}: {}",
+                r.body
+            );
+        }
+    };
+    refused(
+        json!({"to": to, "type": "image", "image": {"mediaId": big["id"]}}),
+        413,
+        "payload_too_large",
+        "image.mediaId",
+    )
+    .await;
+    refused(
+        json!({"to": to, "type": "voice", "voice": {"mediaId": song["id"]}}),
+        400,
+        "invalid_argument",
+        "voice.mediaId",
+    )
+    .await;
+    refused(
+        json!({"to": to, "type": "audio", "audio": {"mediaId": song["id"], "caption": "x"}}),
+        400,
+        "invalid_argument",
+        "audio.caption",
+    )
+    .await;
+    refused(
+        json!({"to": to, "type": "image", "image": {"mediaId": big["id"], "fileName": "a.png"}}),
+        400,
+        "invalid_argument",
+        "image.fileName",
+    )
+    .await;
+    refused(
+        json!({"to": to, "type": "image", "image": {"mediaId": ulid::Ulid::new().to_string()}}),
+        400,
+        "invalid_argument",
+        "image.mediaId",
+    )
+    .await;
+    // Another organization's file is not found either.
+    let other = env.api_key("org_b", &["read", "manage"]).await;
+    let theirs = uploaded(&api, &other, "image/png", png(1_000)).await;
+    refused(
+        json!({"to": to, "type": "image", "image": {"mediaId": theirs["id"]}}),
+        400,
+        "invalid_argument",
+        "image.mediaId",
+    )
+    .await;
+    // The same large image goes as a document (up to 100 MB).
+    let r = api
+        .post(
+            &path,
+            &key,
+            Some(&json!({"to": to, "type": "document", "document": {"mediaId": big["id"]}})),
+        )
+        .await;
+    r.assert_status(202);
+    // A caller without `manage` uploads nothing.
+    let reader = env.api_key("org_a", &["read"]).await;
+    api.upload(&reader, Some("image/png"), png(10))
+        .await
+        .assert_error(403, "forbidden");
+}
+
+#[tokio::test]
+async fn expired_files_are_pruned_unless_a_waiting_message_carries_them() {
+    let env = TestEnv::new().await;
+    let api = env.start_api(|_| {}).await;
+    let key = env.api_key("org_a", &["read", "manage"]).await;
+    let gone = uploaded(&api, &key, "image/png", png(100)).await;
+    let kept = uploaded(&api, &key, "image/png", png(200)).await;
+    let fresh = uploaded(&api, &key, "image/png", png(300)).await;
+    let db = env.db.get().await.expect("db");
+    let session = env
+        .paired_sessions("org_a", "gw-none", 1, 0)
+        .await
+        .remove(0);
+    db.execute(
+        "UPDATE media SET expires_at = 1 WHERE id = ANY($1)",
+        &[&vec![gone["id"].as_str(), kept["id"].as_str()]],
+    )
+    .await
+    .expect("expired");
+    db.execute(
+        "INSERT INTO messages (id, organization_id, session_id, peer, text, content, status, \
+         created_at) VALUES ($1, 'org_a', $2, '6281100000001@s.whatsapp.net', '', $3, \
+         'queued', 1)",
+        &[
+            &ulid::Ulid::new().to_string(),
+            &session,
+            &json!({"type": "image", "image": {"mediaId": kept["id"]}}),
+        ],
+    )
+    .await
+    .expect("queued");
+    let pruned = shared::store::media::prune(&db, shared::db::now_ms(), 100)
+        .await
+        .expect("pruned");
+    assert_eq!(pruned, 1);
+    let left: Vec<String> = db
+        .query("SELECT id FROM media ORDER BY id", &[])
+        .await
+        .expect("left")
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let mut want = vec![
+        kept["id"].as_str().expect("id").to_owned(),
+        fresh["id"].as_str().expect("id").to_owned(),
+    ];
+    want.sort();
+    assert_eq!(left, want);
+    let chunks: i64 = db
+        .query_one(
+            "SELECT count(*) FROM media_chunks WHERE media_id = $1",
+            &[&gone["id"].as_str()],
+        )
+        .await
+        .expect("chunks")
+        .get(0);
+    assert_eq!(chunks, 0, "its bytes went with it");
+}
