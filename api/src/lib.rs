@@ -213,6 +213,10 @@ pub fn router(state: AppState) -> Router {
         )
         .route("/api/v1/media", post(media::upload))
         .route(
+            "/api/v1/sessions/{session}/messages/{message}/media",
+            get(media::download),
+        )
+        .route(
             "/api/v1/webhooks",
             get(webhooks::list).post(webhooks::create),
         )

@@ -24,7 +24,7 @@ use crate::routes::{commands, contacts, events, gateways, media, messages, sessi
         commands::start, commands::stop, commands::restart, commands::logout,
         commands::request_pairing_code, commands::qr, commands::recent, commands::get,
         messages::send, messages::list, messages::get, messages::edit, messages::revoke,
-        contacts::check, media::upload,
+        contacts::check, media::upload, media::download,
         events::stream, gateways::list,
         webhooks::create, webhooks::list, webhooks::get, webhooks::update, webhooks::delete,
         webhooks::rotate_secret, webhooks::test, webhooks::replay, webhooks::deliveries,

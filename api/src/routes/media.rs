@@ -1,4 +1,5 @@
-//! `POST /media`: a file uploaded for messages to carry (issue 21).
+//! `POST /media`: a file uploaded for messages to carry (issue 21); and
+//! `GET /sessions/{session}/messages/{message}/media`: the file a message carries.
 //!
 //! The body is the file, streamed: it is hashed and written to the media store
 //! (`shared/src/store/media.rs`) a chunk at a time inside one transaction, so memory stays at
@@ -10,7 +11,7 @@
 use axum::{
     Json,
     body::Body,
-    extract::State,
+    extract::{Path, State},
     http::{HeaderMap, StatusCode, header},
     response::{IntoResponse, Response},
 };
@@ -18,13 +19,18 @@ use futures::StreamExt;
 use sha2::{Digest, Sha256};
 use shared::{
     Error, ErrorCode,
+    auth::Capability,
     db::now_ms,
     media::{self, CHUNK_BYTES, Media, SNIFF_BYTES, UPLOAD_MAX_BYTES},
     store,
 };
 use ulid::Ulid;
 
-use crate::{AppState, auth::Manager, error::ApiResult};
+use crate::{
+    AppState,
+    auth::{Caller, Manager},
+    error::ApiResult,
+};
 
 /// Stores the request body as a file of the caller's organization: 201 with its id, what it
 /// is, its size and SHA-256.
@@ -125,4 +131,172 @@ pub async fn upload(
     metrics::counter!("api_media_uploaded_bytes_total", "organization" => caller.organization_id.clone())
         .increment(size);
     Ok((StatusCode::CREATED, Json(media)).into_response())
+}
+
+/// The file a message of the session carries (sent or received), streamed a chunk at a time:
+/// the whole file, or with `Range: bytes=…` (one range) the part asked for (206). `ETag` is
+/// the file's SHA-256.
+#[utoipa::path(get, path = "/api/v1/sessions/{session}/messages/{message}/media", tag = "media",
+    params(("session" = String, Path, description = "The session id (ULID)"),
+        ("message" = String, Path, description = "The message id (ULID)"),
+        ("Range" = Option<String>, Header, description = "One range of bytes: `bytes=0-1023`, `bytes=1024-`, `bytes=-512`")),
+    responses(
+        (status = 200, description = "The file", content_type = "application/octet-stream"),
+        (status = 206, description = "The range asked for", content_type = "application/octet-stream"),
+        (status = 404, description = "No such message, it carries no file, or the file was deleted",
+            body = shared::error::ErrorEnvelope),
+        (status = 416, description = "The range starts past the end of the file",
+            body = shared::error::ErrorEnvelope),
+        (status = "4XX", body = shared::error::ErrorEnvelope),
+        (status = "5XX", body = shared::error::ErrorEnvelope)))]
+pub async fn download(
+    State(state): State<AppState>,
+    Caller(caller): Caller,
+    Path((session_id, message_id)): Path<(String, String)>,
+    headers: HeaderMap,
+) -> ApiResult<Response> {
+    caller.require(Capability::Read)?;
+    let not_found = |what: &str| Error::not_found(what.to_owned());
+    shared::session::parse_session_id(&session_id).map_err(|_| not_found("message not found"))?;
+    Ulid::from_string(&message_id).map_err(|_| not_found("message not found"))?;
+    let client = state.db.get().await?;
+    let message = store::messages::get(&client, &caller.organization_id, &session_id, &message_id)
+        .await?
+        .ok_or_else(|| not_found("message not found"))?;
+    let Some((kind, carried)) = message.content.media() else {
+        return Err(not_found(&format!("message {message_id} carries no file")).into());
+    };
+    let file = store::media::get(
+        &client,
+        &caller.organization_id,
+        &carried.media_id,
+        now_ms(),
+    )
+    .await?
+    .ok_or_else(|| {
+        not_found(&format!(
+            "the file of message {message_id} was deleted: files are kept \
+                 MEDIA_RETENTION_HOURS after their upload"
+        ))
+    })?;
+    drop(client);
+    let size = file.size as u64;
+    let range = headers
+        .get(header::RANGE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| parse_range(v, size));
+    let (status, start, end) = match range {
+        None => (StatusCode::OK, 0, size),
+        Some(Ok((start, end))) => (StatusCode::PARTIAL_CONTENT, start, end),
+        Some(Err(())) => {
+            return Err(Error::new(
+                ErrorCode::RangeNotSatisfiable,
+                format!("the file is {size} bytes: the range starts past its end"),
+            )
+            .with_detail("size", size)
+            .into());
+        }
+    };
+    // The chunks that hold [start, end), read one at a time as the client takes them.
+    let (db, id) = (state.db.clone(), file.id.clone());
+    let chunk = CHUNK_BYTES as u64;
+    let stream = futures::stream::try_unfold(start, move |at| {
+        let (db, id) = (db.clone(), id.clone());
+        async move {
+            if at >= end {
+                return Ok(None);
+            }
+            let seq = (at / chunk) as i32;
+            let client = db.get().await.map_err(std::io::Error::other)?;
+            let data = store::media::chunk(&client, &id, seq)
+                .await
+                .map_err(std::io::Error::other)?
+                .ok_or_else(|| std::io::Error::other("a chunk of the file is missing"))?;
+            let from = (at - seq as u64 * chunk) as usize;
+            let to = data.len().min(from + (end - at) as usize);
+            let piece = axum::body::Bytes::from(data).slice(from..to);
+            let next = at + piece.len() as u64;
+            Ok::<_, std::io::Error>(Some((piece, next)))
+        }
+    });
+    let mut response = Response::new(Body::from_stream(stream));
+    *response.status_mut() = status;
+    let h = response.headers_mut();
+    let value = |s: String| header::HeaderValue::from_str(&s).map_err(Error::internal);
+    h.insert(header::CONTENT_TYPE, value(file.mime_type.clone())?);
+    h.insert(header::CONTENT_LENGTH, value((end - start).to_string())?);
+    h.insert(
+        header::ACCEPT_RANGES,
+        header::HeaderValue::from_static("bytes"),
+    );
+    h.insert(header::ETAG, value(format!("\"{}\"", file.sha256))?);
+    if status == StatusCode::PARTIAL_CONTENT {
+        h.insert(
+            header::CONTENT_RANGE,
+            value(format!("bytes {start}-{}/{size}", end - 1))?,
+        );
+    }
+    if let Some(name) = carried
+        .file_name
+        .as_deref()
+        .filter(|_| kind == media::Kind::Document)
+    {
+        // The name as given (validated: no control characters, no path), quoted.
+        let quoted = name.replace('\\', "\\\\").replace('"', "\\\"");
+        if let Ok(v) = value(format!("attachment; filename=\"{quoted}\"")) {
+            h.insert(header::CONTENT_DISPOSITION, v);
+        }
+    }
+    Ok(response)
+}
+
+/// One `bytes=` range of a file of `size` bytes, as [start, end): `None` for a header this
+/// does not serve (several ranges, another unit, malformed: the whole file is sent, as HTTP
+/// allows), `Some(Err)` for a range that starts past the end.
+fn parse_range(header: &str, size: u64) -> Option<Result<(u64, u64), ()>> {
+    let spec = header.trim().strip_prefix("bytes=")?;
+    if spec.contains(',') {
+        return None;
+    }
+    let (first, last) = spec.split_once('-')?;
+    let (first, last) = (first.trim(), last.trim());
+    if first.is_empty() {
+        // The last `n` bytes.
+        let n: u64 = last.parse().ok()?;
+        if n == 0 {
+            return Some(Err(()));
+        }
+        return Some(Ok((size.saturating_sub(n), size)));
+    }
+    let start: u64 = first.parse().ok()?;
+    let end = match last {
+        "" => size,
+        last => last.parse::<u64>().ok()?.checked_add(1)?.min(size),
+    };
+    if start >= size {
+        return Some(Err(()));
+    }
+    if end <= start {
+        return None;
+    }
+    Some(Ok((start, end)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_range;
+
+    #[test]
+    fn ranges_are_read_as_http_says() {
+        assert_eq!(parse_range("bytes=0-9", 100), Some(Ok((0, 10))));
+        assert_eq!(parse_range("bytes=90-", 100), Some(Ok((90, 100))));
+        assert_eq!(parse_range("bytes=90-500", 100), Some(Ok((90, 100))));
+        assert_eq!(parse_range("bytes=-10", 100), Some(Ok((90, 100))));
+        assert_eq!(parse_range("bytes=-500", 100), Some(Ok((0, 100))));
+        assert_eq!(parse_range("bytes=100-", 100), Some(Err(())));
+        assert_eq!(parse_range("bytes=0-1,5-6", 100), None);
+        assert_eq!(parse_range("items=0-1", 100), None);
+        assert_eq!(parse_range("bytes=9-3", 100), None);
+        assert_eq!(parse_range("bytes=x-", 100), None);
+    }
 }

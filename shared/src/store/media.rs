@@ -80,6 +80,14 @@ pub async fn read(db: &impl GenericClient, id: &str) -> Result<Vec<u8>> {
     Ok(bytes)
 }
 
+/// Chunk `seq` of a file (`None` past its last).
+pub async fn chunk(db: &impl GenericClient, id: &str, seq: i32) -> Result<Option<Vec<u8>>> {
+    let stmt = db
+        .prepare_cached("SELECT data FROM media_chunks WHERE media_id = $1 AND seq = $2")
+        .await?;
+    Ok(db.query_opt(&stmt, &[&id, &seq]).await?.map(|r| r.get(0)))
+}
+
 /// Deletes up to `limit` files expired by `now` (their chunks with them), but none that a
 /// message still waiting to be sent carries; how many.
 pub async fn prune(db: &impl GenericClient, now: i64, limit: i64) -> Result<u64> {

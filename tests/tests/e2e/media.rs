@@ -307,3 +307,110 @@ async fn expired_files_are_pruned_unless_a_waiting_message_carries_them() {
         .get(0);
     assert_eq!(chunks, 0, "its bytes went with it");
 }
+
+#[tokio::test]
+async fn a_messages_file_is_read_back_whole_or_by_range() {
+    let env = TestEnv::new().await;
+    let (_, _w, api, key, id) = working_session(&env, 60).await;
+    let document = pdf(2_500_000);
+    let doc = uploaded(&api, &key, "application/pdf", document.clone()).await;
+    let path = format!("/api/v1/sessions/{id}/messages");
+    let r = api
+        .post(
+            &path,
+            &key,
+            Some(&json!({"to": "+62 811 0000 0001", "type": "document",
+                "document": {"mediaId": doc["id"], "fileName": "invoice \"42\".pdf"}})),
+        )
+        .await;
+    let mid = r.assert_status(202)["id"].as_str().expect("id").to_owned();
+    let text = super::messages::send(&api, &key, &id, "no file here").await;
+    // Read with `read` alone.
+    let reader = env.api_key("org_a", &["read"]).await;
+    let get = |range: Option<&'static str>, message: String| {
+        let (api, reader, id) = (&api, &reader, &id);
+        async move {
+            let mut req = api
+                .http
+                .get(format!(
+                    "{}/api/v1/sessions/{id}/messages/{message}/media",
+                    api.base
+                ))
+                .bearer_auth(reader);
+            if let Some(range) = range {
+                req = req.header("range", range);
+            }
+            req.send().await.expect("request")
+        }
+    };
+    let whole = get(None, mid.clone()).await;
+    assert_eq!(whole.status(), 200);
+    let h = whole.headers().clone();
+    assert_eq!(h["content-type"], "application/pdf");
+    assert_eq!(h["accept-ranges"], "bytes");
+    assert_eq!(h["etag"], format!("\"{}\"", sha256(&document)).as_str());
+    assert_eq!(
+        h["content-disposition"],
+        "attachment; filename=\"invoice \\\"42\\\".pdf\""
+    );
+    assert_eq!(
+        whole.bytes().await.expect("body").as_ref(),
+        document.as_slice()
+    );
+
+    // A range across the first chunk's end (1 MiB), the tail, and one past the end.
+    let part = get(Some("bytes=1048570-1048589"), mid.clone()).await;
+    assert_eq!(part.status(), 206);
+    assert_eq!(
+        part.headers()["content-range"],
+        format!("bytes 1048570-1048589/{}", document.len()).as_str()
+    );
+    assert_eq!(
+        part.bytes().await.expect("body").as_ref(),
+        &document[1_048_570..1_048_590]
+    );
+    let tail = get(Some("bytes=-7"), mid.clone()).await;
+    assert_eq!(tail.status(), 206);
+    assert_eq!(
+        tail.bytes().await.expect("body").as_ref(),
+        &document[document.len() - 7..]
+    );
+    let past = get(Some("bytes=99999999-"), mid.clone()).await;
+    assert_eq!(past.status(), 416);
+    let body: Value = past.json().await.expect("json");
+    assert_eq!(body["error"]["code"], "range_not_satisfiable", "{body}");
+
+    // No file, no message, another organization's: 404 in the envelope.
+    for (message, key) in [
+        (text, reader.clone()),
+        (ulid::Ulid::new().to_string(), reader.clone()),
+        (mid.clone(), env.api_key("org_b", &["read"]).await),
+    ] {
+        let r = api
+            .get(
+                &format!("/api/v1/sessions/{id}/messages/{message}/media"),
+                &key,
+            )
+            .await;
+        r.assert_error(404, "not_found");
+    }
+    // Once the file is pruned, its message says so.
+    env.db
+        .get()
+        .await
+        .expect("db")
+        .execute("DELETE FROM media WHERE id = $1", &[&doc["id"].as_str()])
+        .await
+        .expect("deleted");
+    let r = api
+        .get(&format!("/api/v1/sessions/{id}/messages/{mid}/media"), &key)
+        .await;
+    r.assert_error(404, "not_found");
+    assert!(
+        r.body["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("MEDIA_RETENTION_HOURS")),
+        "{}",
+        r.body
+    );
+}

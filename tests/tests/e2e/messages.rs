@@ -43,7 +43,7 @@ pub(super) async fn working_session(
     (gw, worker, api, key, id)
 }
 
-async fn send(api: &Api, key: &str, id: &str, text: &str) -> String {
+pub(super) async fn send(api: &Api, key: &str, id: &str, text: &str) -> String {
     let r = api
         .post(
             &format!("/api/v1/sessions/{id}/messages"),
