@@ -4,9 +4,13 @@
 
 use std::time::Duration;
 
+use sha2::{Digest, Sha256};
 use shared::{
     Error, Result,
     auth::{Capabilities, Capability, Principal},
+    db::now_ms,
+    media::{self, Media},
+    message::MediaContent,
     protocol::{Command, CommandOutput},
     store,
 };
@@ -18,9 +22,77 @@ pub async fn send(cfg: Config, session_id: &str, command: Command) -> Result<Com
     let shutdown = CancellationToken::new();
     let _stop = shutdown.clone().drop_guard();
     let state = build_state(cfg, shutdown).await?;
+    run(&state, session_id, || Ok((command, None))).await
+}
+
+/// A simulated contact sends the session a file (`gatewayctl sim message --file`): the bytes
+/// go into the media store as WhatsApp's servers would hold them, the kind follows what they
+/// are (sniffed), and the contact's phone sends a message carrying them.
+pub async fn send_file(
+    cfg: Config,
+    session_id: &str,
+    from: String,
+    bytes: Vec<u8>,
+    caption: Option<String>,
+    file_name: Option<String>,
+) -> Result<CommandOutput> {
+    let shutdown = CancellationToken::new();
+    let _stop = shutdown.clone().drop_guard();
+    let state = build_state(cfg, shutdown).await?;
+    let head = &bytes[..bytes.len().min(media::SNIFF_BYTES)];
+    let mime_type = media::sniff(head, None).map_err(Error::invalid)?;
+    let kind = media::Kind::for_mime(&mime_type);
+    kind.accepts("file", &mime_type, bytes.len() as u64)?;
+    let retention = state.cfg.media_retention_hours * 3_600_000;
+    run(&state, session_id, move || {
+        let now = now_ms();
+        let file = Media {
+            id: ulid::Ulid::new().to_string(),
+            mime_type,
+            size: bytes.len() as i64,
+            sha256: shared::hex(&Sha256::digest(&bytes)),
+            created_at: now,
+            expires_at: now + retention,
+        };
+        let content = kind.content(MediaContent {
+            media_id: file.id.clone(),
+            caption: caption.clone(),
+            file_name: file_name.filter(|_| kind == media::Kind::Document),
+            mime_type: Some(file.mime_type.clone()),
+            size: Some(file.size),
+            sha256: Some(file.sha256.clone()),
+        });
+        content.validate()?;
+        let command = Command::SimMessage {
+            from,
+            text: caption.unwrap_or_default(),
+            content: Some(content),
+        };
+        Ok((command, Some((file, bytes))))
+    })
+    .await
+}
+
+/// A command (and the file it carries, stored first, in the session's organization).
+type Prepared = (Command, Option<(Media, Vec<u8>)>);
+
+/// Finds the session in any organization, prepares the command (storing its file in the
+/// session's organization), and sends it as `gatewayctl`.
+async fn run(
+    state: &crate::AppState,
+    session_id: &str,
+    prepare: impl FnOnce() -> Result<Prepared>,
+) -> Result<CommandOutput> {
     let session = store::sessions::get_for_operator(&state.db.get().await?, session_id)
         .await?
         .ok_or_else(Error::session_not_found)?;
+    let (command, file) = prepare()?;
+    if let Some((file, bytes)) = file {
+        let mut client = state.db.get().await?;
+        let tx = client.transaction().await?;
+        store::media::put(&tx, &session.organization_id, &file, &bytes).await?;
+        tx.commit().await?;
+    }
     let operator = Principal {
         organization_id: session.organization_id,
         subject: "gatewayctl".into(),
@@ -33,5 +105,5 @@ pub async fn send(cfg: Config, session_id: &str, command: Command) -> Result<Com
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    command_client::run(&state, &operator, session_id, command).await
+    command_client::run(state, &operator, session_id, command).await
 }

@@ -57,6 +57,31 @@ impl Kind {
         }
     }
 
+    /// The kind a file of `mime_type` goes as when nobody says (a file a contact sends).
+    pub fn for_mime(mime_type: &str) -> Kind {
+        match mime_type {
+            "image/jpeg" | "image/png" => Kind::Image,
+            "image/webp" => Kind::Sticker,
+            "video/mp4" | "video/3gpp" => Kind::Video,
+            "audio/ogg; codecs=opus" => Kind::Voice,
+            "audio/aac" | "audio/mp4" | "audio/mpeg" | "audio/amr" | "audio/ogg" => Kind::Audio,
+            _ => Kind::Document,
+        }
+    }
+
+    /// A message of this kind carrying `file`.
+    pub fn content(self, file: crate::message::MediaContent) -> crate::message::Content {
+        use crate::message::Content;
+        match self {
+            Kind::Image => Content::Image { image: file },
+            Kind::Video => Content::Video { video: file },
+            Kind::Audio => Content::Audio { audio: file },
+            Kind::Voice => Content::Voice { voice: file },
+            Kind::Document => Content::Document { document: file },
+            Kind::Sticker => Content::Sticker { sticker: file },
+        }
+    }
+
     /// WhatsApp's limit for the kind, in bytes.
     pub fn max_bytes(self) -> u64 {
         match self {

@@ -30,6 +30,8 @@ pub struct Ctx {
     pub connects: Arc<Semaphore>,
     /// The length of the sessions' rate "minute" (`MESSAGE_RATE_MINUTE_MS`).
     pub rate_minute_ms: i64,
+    /// How long messages are kept (`MESSAGE_RETENTION_DAYS`): a file received lives as long.
+    pub message_retention_ms: i64,
     /// "typing…" before a send: this long per character, at most `typing_max`.
     pub typing_per_char: Duration,
     pub typing_max: Duration,

@@ -98,6 +98,7 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<()> {
         lease_ttl: cfg.lease_ttl(),
         connects: Arc::new(Semaphore::new(cfg.connect_concurrency.max(1))),
         rate_minute_ms: i64::try_from(cfg.message_rate_minute_ms.max(1)).unwrap_or(60_000),
+        message_retention_ms: cfg.message_retention_ms(),
         typing_per_char: Duration::from_millis(cfg.typing_ms_per_char),
         typing_max: Duration::from_millis(cfg.typing_max_ms),
     });

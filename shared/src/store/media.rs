@@ -29,6 +29,19 @@ pub async fn put_chunk(db: &impl GenericClient, id: &str, seq: i32, data: &[u8])
     Ok(())
 }
 
+/// A whole file in memory, its chunks and its row (in the caller's transaction).
+pub async fn put(
+    db: &impl GenericClient,
+    organization_id: &str,
+    m: &Media,
+    bytes: &[u8],
+) -> Result<()> {
+    for (seq, chunk) in bytes.chunks(crate::media::CHUNK_BYTES).enumerate() {
+        put_chunk(db, &m.id, seq as i32, chunk).await?;
+    }
+    insert(db, organization_id, m).await
+}
+
 /// The row of a file whose chunks are written.
 pub async fn insert(db: &impl GenericClient, organization_id: &str, m: &Media) -> Result<()> {
     let stmt = db

@@ -414,3 +414,99 @@ async fn a_messages_file_is_read_back_whole_or_by_range() {
         r.body
     );
 }
+
+#[tokio::test]
+async fn a_contacts_file_is_received_kept_with_its_message_and_read_back() {
+    let env = TestEnv::new().await;
+    let (_, _w, api, key, id) = working_session(&env, 60).await;
+    let dir = std::env::temp_dir().join(format!("gw-media-{}", ulid::Ulid::new()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let photo = png(200_000);
+    let invoice = pdf(1_200_000);
+    std::fs::write(dir.join("parcel.png"), &photo).expect("write");
+    std::fs::write(dir.join("invoice.pdf"), &invoice).expect("write");
+    for (file, caption) in [
+        ("parcel.png", Some("arrived like this")),
+        ("invoice.pdf", None),
+    ] {
+        let path = dir.join(file);
+        let mut args = vec![
+            "sim",
+            "message",
+            "--session",
+            &id,
+            "--from",
+            "6281100000002",
+            "--file",
+            path.to_str().expect("path"),
+        ];
+        if let Some(c) = caption {
+            args.extend(["--caption", c]);
+        }
+        let (ok, out) = super::fleet::gatewayctl(&env, &args).await;
+        assert!(ok, "{out}");
+    }
+    let client = env.db.get().await.expect("db");
+    let until = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let events: Vec<Value> = loop {
+        let events: Vec<Value> = client
+            .query(
+                "SELECT payload FROM events WHERE session_id = $1 AND type = 'message.received' \
+                 ORDER BY id",
+                &[&id],
+            )
+            .await
+            .expect("events")
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        if events.len() == 2 {
+            break events;
+        }
+        assert!(std::time::Instant::now() < until, "{events:?}");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    };
+    let image = &events[0]["content"];
+    assert_eq!(image["type"], "image", "{image}");
+    assert_eq!(image["image"]["caption"], "arrived like this", "{image}");
+    assert_eq!(image["image"]["sha256"], json!(sha256(&photo)), "{image}");
+    assert_eq!(events[0]["text"], "arrived like this");
+    let document = &events[1]["content"];
+    assert_eq!(document["type"], "document", "{document}");
+    assert_eq!(
+        document["document"]["fileName"], "invoice.pdf",
+        "{document}"
+    );
+    assert_eq!(
+        document["document"]["mimeType"], "application/pdf",
+        "{document}"
+    );
+
+    for (event, bytes) in [(&events[0], &photo), (&events[1], &invoice)] {
+        let mid = event["messageId"].as_str().expect("id");
+        let got = api
+            .http
+            .get(format!(
+                "{}/api/v1/sessions/{id}/messages/{mid}/media",
+                api.base
+            ))
+            .bearer_auth(&key)
+            .send()
+            .await
+            .expect("request");
+        assert_eq!(got.status(), 200);
+        assert_eq!(got.bytes().await.expect("body").as_ref(), bytes.as_slice());
+    }
+    // Kept as long as its message (MESSAGE_RETENTION_DAYS), not an upload's 24 hours.
+    let media_id = image["image"]["mediaId"].as_str().expect("media id");
+    let expires: i64 = client
+        .query_one("SELECT expires_at FROM media WHERE id = $1", &[&media_id])
+        .await
+        .expect("media")
+        .get(0);
+    assert!(
+        expires > shared::db::now_ms() + 3 * 86_400_000,
+        "kept with its message"
+    );
+    std::fs::remove_dir_all(&dir).ok();
+}

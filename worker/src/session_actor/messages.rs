@@ -297,7 +297,9 @@ impl Actor {
             m.content.set_refers_to(target);
         }
         let event = loop {
-            match messages::insert_inbound(&self.ctx.db, &self.row, self.epoch, &m, now_ms()).await
+            let keep = self.ctx.message_retention_ms;
+            match messages::insert_inbound(&self.ctx.db, &self.row, self.epoch, &m, now_ms(), keep)
+                .await
             {
                 Ok(Some(event)) => break event,
                 Ok(None) => return self.lost(),

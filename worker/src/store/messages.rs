@@ -277,13 +277,15 @@ async fn write_batch(db: &Pool, batch: &[Queued]) -> Result<Vec<Option<Vec<Event
 }
 
 /// Stores a message that reached the session, with its `message.received` event; `None` when
-/// the lease is no longer `epoch`. A message WhatsApp delivers twice is stored once.
+/// the lease is no longer `epoch`. A message WhatsApp delivers twice is stored once. The file
+/// it carries, already in the media store, is kept `keep_ms` from `now`.
 pub async fn insert_inbound(
     db: &Pool,
     session: &Session,
     epoch: i64,
     m: &Inbound,
     now: i64,
+    keep_ms: i64,
 ) -> Result<Option<Option<Event>>> {
     let mut client = db.get().await?;
     let Some(tx) = fenced(&mut client, &session.id, epoch).await? else {
@@ -319,6 +321,14 @@ pub async fn insert_inbound(
         .await?;
     if inserted.is_none() {
         return Ok(Some(None));
+    }
+    // A file received is kept as long as its message (an upload only until it is sent).
+    if let Some((_, file)) = m.content.media() {
+        let keep = tx
+            .prepare_cached("UPDATE media SET expires_at = GREATEST(expires_at, $2) WHERE id = $1")
+            .await?;
+        tx.execute(&keep, &[&file.media_id, &(now + keep_ms)])
+            .await?;
     }
     let (from, timestamp) = (m.from.clone(), m.timestamp);
     let kind = match &m.content {

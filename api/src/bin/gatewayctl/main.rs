@@ -143,17 +143,25 @@ enum SimCmd {
         #[arg(long)]
         session: String,
     },
-    /// A contact sends the session's number a text (`--text`), reacts to a message of the
-    /// chat (`--reaction EMOJI --to-message ID`), edits a text it sent (`--text T --edit ID`)
-    /// or deletes one for everyone (`--revoke ID`). IDs are the gateway's message ids.
+    /// A contact sends the session's number a text (`--text`) or a file (`--file PATH
+    /// [--caption C]`), reacts to a message of the chat (`--reaction EMOJI --to-message ID`),
+    /// edits a text it sent (`--text T --edit ID`) or deletes one for everyone (`--revoke
+    /// ID`). IDs are the gateway's message ids.
     Message {
         #[arg(long)]
         session: String,
         /// The contact's phone number.
         #[arg(long)]
         from: String,
-        #[arg(long, required_unless_present_any = ["reaction", "revoke"])]
+        #[arg(long, required_unless_present_any = ["reaction", "revoke", "file"])]
         text: Option<String>,
+        /// A file the contact sends: its kind (image, video, audio, voice note, document,
+        /// sticker) follows what its bytes are.
+        #[arg(long, conflicts_with_all = ["text", "reaction", "edit", "revoke"])]
+        file: Option<std::path::PathBuf>,
+        /// The file's caption (an image, a video, a document).
+        #[arg(long, requires = "file")]
+        caption: Option<String>,
         /// An emoji ("" takes a reaction back), on the message `--to-message` names.
         #[arg(long, requires = "to_message", conflicts_with_all = ["text", "edit", "revoke"])]
         reaction: Option<String>,
@@ -306,11 +314,34 @@ async fn run(cli: Cli) -> Result<()> {
                 SimCmd::Message {
                     session,
                     from,
+                    file: Some(path),
+                    caption,
+                    ..
+                } => {
+                    let bytes = std::fs::read(&path).map_err(|e| {
+                        Error::invalid(format!("cannot read {}: {e}", path.display()))
+                    })?;
+                    let name = path.file_name().map(|n| n.to_string_lossy().into_owned());
+                    let from = shared::message::normalize_recipient(&from)?;
+                    let out =
+                        api::operator::send_file(cfg, &session, from, bytes, caption, name).await?;
+                    if let CommandOutput::Session(s) = out {
+                        println!(
+                            "{}",
+                            serde_json::to_string_pretty(&s).map_err(Error::internal)?
+                        );
+                    }
+                    return Ok(());
+                }
+                SimCmd::Message {
+                    session,
+                    from,
                     text,
                     reaction,
                     to_message,
                     edit,
                     revoke,
+                    ..
                 } => {
                     use shared::message::{self, Content};
                     let content = match (text, reaction, to_message, edit, revoke) {
