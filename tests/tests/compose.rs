@@ -674,6 +674,20 @@ async fn compose_fleet_pairs_a_number_and_survives_a_broker_node_stopping() {
     api.pair_and_logout(&fleet, "gw-eu-1", "6281200000002")
         .await;
     eprintln!("[compose] healthy fleet: answers {:?}", api.answers);
+    // A file through the load balancer, larger than nginx's default body (1 MB): streamed
+    // to the api, which answers in its own envelope.
+    let mut file = b"%PDF-1.7\n".to_vec();
+    file.resize(3 << 20, b'x');
+    let uploaded = api
+        .http
+        .post(format!("{}/api/v1/media", api.base))
+        .bearer_auth(&api.key)
+        .header("content-type", "application/pdf")
+        .body(file)
+        .send()
+        .await
+        .expect("the upload");
+    assert_eq!(uploaded.status(), 201, "{:?}", uploaded.text().await);
     fleet.no_conflicts("the healthy fleet");
 
     // Stop the node leading gw-sg-1's command queue: a new leader is elected among the other
