@@ -165,6 +165,18 @@ impl TestEnv {
         id
     }
 
+    /// Gateway ids as a StatefulSet's pods have them, one region's, each ending in its
+    /// ordinal (`gw-sg…-1`, `gw-sg…-2`).
+    pub fn gateway_pods<const N: usize>(&self, region: &str, ordinals: [u32; N]) -> [String; N] {
+        let region = format!("{region}{}", unique());
+        let ids = ordinals.map(|n| format!("gw-{region}-{n}"));
+        self.gateways
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .extend(ids.iter().cloned());
+        ids
+    }
+
     pub fn api_config(&self) -> api::Config {
         let mut cfg = api::Config::parse_from(["api"]);
         cfg.db.database_url = self.api_database_url.clone();

@@ -188,6 +188,11 @@ function summary(m) {
     case 'poll': return '📊 ' + m.poll.name + ' (' + m.poll.options.join(' / ') + ')';
     case 'edit': return '✎ ' + m.edit.messageId + ' → ' + m.edit.text;
     case 'revoke': return '🗑 deleted ' + m.revoke.messageId + ' for everyone';
+    case 'image': case 'video': case 'audio': case 'voice': case 'document': case 'sticker': {
+      const f = m[m.type];
+      return '📎 ' + m.type + ' ' + [f.fileName, f.caption].filter(Boolean).join(': ') +
+        (f.size ? ' (' + Math.ceil(f.size / 1024) + ' KB)' : '') + (m.revokedAt ? ' (deleted for everyone)' : '');
+    }
     default: return m.text + (m.revokedAt ? ' (deleted for everyone)' : m.editedAt ? ' (edited)' : '');
   }
 }

@@ -2,7 +2,7 @@
 //! followed by the commands sent to them — and placement that respects region, state and
 //! capacity. Workers that die or freeze are `failover.rs`.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use reqwest::Method;
 use serde_json::json;
@@ -148,6 +148,159 @@ async fn a_command_sent_to_a_session_that_moved_is_followed_to_its_new_owner() {
             "each command recorded once, as run by the owner: {statuses:?}"
         );
     }
+}
+
+/// The Kubernetes API as a gateway pod's preStop reads it: a StatefulSet of `replicas` pods
+/// from ordinal `start`, over HTTPS with a CA of its own (`openssl s_server -WWW` serving the
+/// object), and a service account directory (token, namespace, CA) as Kubernetes mounts it.
+struct KubeApi {
+    server: std::process::Child,
+    dir: std::path::PathBuf,
+    port: u16,
+}
+
+impl KubeApi {
+    fn start(statefulset: &str, start: u64, replicas: u64) -> KubeApi {
+        let dir = std::env::temp_dir().join(format!("gw-kube-{}", tests::unique()));
+        let repo = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+        let made = std::process::Command::new(repo.join("deploy/tls/make-ca"))
+            .arg(dir.join("tls"))
+            .arg("127.0.0.1")
+            .output()
+            .expect("make-ca runs");
+        assert!(made.status.success(), "{made:?}");
+        let account = dir.join("account");
+        std::fs::create_dir_all(&account).expect("account");
+        std::fs::write(account.join("token"), "the-pods-token").expect("token");
+        std::fs::write(account.join("namespace"), "gateways\n").expect("namespace");
+        std::fs::copy(dir.join("tls/ca.pem"), account.join("ca.crt")).expect("ca");
+        let objects = dir.join("www/apis/apps/v1/namespaces/gateways/statefulsets");
+        std::fs::create_dir_all(&objects).expect("www");
+        std::fs::write(
+            objects.join(statefulset),
+            json!({"kind": "StatefulSet", "metadata": {"name": statefulset},
+                "spec": {"replicas": replicas, "ordinals": {"start": start}}})
+            .to_string(),
+        )
+        .expect("object");
+        let port = tests::free_port();
+        let server = std::process::Command::new("openssl")
+            .args(["s_server", "-quiet", "-WWW", "-accept"])
+            .arg(format!("127.0.0.1:{port}"))
+            .arg("-cert")
+            .arg(dir.join("tls/server.pem"))
+            .arg("-key")
+            .arg(dir.join("tls/server.key"))
+            .current_dir(dir.join("www"))
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("openssl s_server runs");
+        let until = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < until, "the Kubernetes API never listened");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        KubeApi { server, dir, port }
+    }
+
+    /// What a pod's environment says of the API and its service account.
+    fn vars(&self) -> Vec<(&'static str, Option<String>)> {
+        vec![
+            ("KUBERNETES_SERVICE_HOST", Some("127.0.0.1".into())),
+            ("KUBERNETES_SERVICE_PORT", Some(self.port.to_string())),
+            (
+                "SERVICE_ACCOUNT_DIR",
+                Some(self.dir.join("account").display().to_string()),
+            ),
+        ]
+    }
+}
+
+impl Drop for KubeApi {
+    fn drop(&mut self) {
+        let _ = self.server.kill();
+        let _ = self.server.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+#[tokio::test]
+async fn the_pre_stop_hook_restarts_the_pods_a_statefulset_keeps_and_drains_those_it_drops() {
+    let env = TestEnv::new().await;
+    // gw-…-1 and gw-…-2 of a StatefulSet scaled from 2 to 1 (ordinals from 1).
+    let [kept, dropped] = env.gateway_pods("sg", [1, 2]);
+    let ids = env.paired_sessions("org_a", &dropped, 12, 0).await;
+    let _wk = env.start_worker(&kept, fast_fleet).await;
+    let _wd = resumed_worker(&env, &dropped, Duration::from_secs(15), |_| {}).await;
+    let kube = KubeApi::start("gw-sg", 1, 1);
+    let vars = kube.vars();
+    let vars: Vec<(&str, Option<&str>)> = vars.iter().map(|(k, v)| (*k, v.as_deref())).collect();
+    let pre_stop = |id: &str| {
+        let (env, vars, id) = (&env, &vars, id.to_owned());
+        async move {
+            gatewayctl_with(
+                env,
+                vars,
+                &[
+                    "gateways",
+                    "pre-stop",
+                    &id,
+                    "--statefulset",
+                    "gw-sg",
+                    "--timeout-secs",
+                    "30",
+                ],
+            )
+            .await
+        }
+    };
+
+    // The pod the StatefulSet keeps: a restart, nothing changes.
+    let (ok, out) = pre_stop(&kept).await;
+    assert!(
+        ok && out.contains("stays in gw-sg (1 replicas): a restart"),
+        "{out}"
+    );
+    let (ok, out) = gatewayctl(&env, &["gateways", "list"]).await;
+    assert!(ok, "{out}");
+    // The pod it dropped: decommissioned, drained to the peer, before the hook returns.
+    let (ok, out) = pre_stop(&dropped).await;
+    assert!(
+        ok && out.contains("beyond gw-sg's 1 replicas: decommissioning"),
+        "{out}"
+    );
+    let client = env.db.get().await.expect("db");
+    let on_kept: i64 = client
+        .query_one(
+            "SELECT count(*) FROM sessions WHERE id = ANY($1) AND gateway_id = $2",
+            &[&ids, &kept],
+        )
+        .await
+        .expect("count")
+        .get(0);
+    assert_eq!(
+        on_kept,
+        ids.len() as i64,
+        "every session moved to the pod kept"
+    );
+    // Decommissioning until its worker stops and removes it.
+    let state: Option<String> = client
+        .query_opt("SELECT state FROM gateways WHERE id = $1", &[&dropped])
+        .await
+        .expect("gateway")
+        .map(|r| r.get(0));
+    assert!(
+        state.as_deref().is_none_or(|s| s == "decommissioning"),
+        "{state:?}"
+    );
+    // A pod that cannot reach the API fails its hook, saying why (the stop goes on as a
+    // restart: Kubernetes stops the pod anyway).
+    drop(kube);
+    let (ok, out) = pre_stop(&kept).await;
+    assert!(
+        !ok && out.contains("cannot read StatefulSet gw-sg"),
+        "{out}"
+    );
 }
 
 #[tokio::test]

@@ -3,6 +3,7 @@
 
 use shared::{Error, Result};
 
+/// Where Kubernetes mounts a pod's service account; `SERVICE_ACCOUNT_DIR` elsewhere (tests).
 const ACCOUNT: &str = "/var/run/secrets/kubernetes.io/serviceaccount";
 
 /// The StatefulSet's first ordinal and desired replicas, read with the pod's service
@@ -13,9 +14,10 @@ pub async fn desired_ordinals(statefulset: &str) -> Result<(u64, u64)> {
             "cannot read StatefulSet {statefulset}: {what}: {e}"
         ))
     };
+    let account = std::env::var("SERVICE_ACCOUNT_DIR").unwrap_or_else(|_| ACCOUNT.into());
     let read = |file: &str| {
-        std::fs::read(format!("{ACCOUNT}/{file}"))
-            .map_err(|e| unavailable(&format!("{ACCOUNT}/{file}"), &e))
+        std::fs::read(format!("{account}/{file}"))
+            .map_err(|e| unavailable(&format!("{account}/{file}"), &e))
     };
     let (token, namespace, ca) = (read("token")?, read("namespace")?, read("ca.crt")?);
     let host = std::env::var("KUBERNETES_SERVICE_HOST")
