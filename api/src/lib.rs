@@ -208,8 +208,8 @@ pub fn router(state: AppState) -> Router {
         .route(
             "/api/v1/sessions/{session}/messages/{message}",
             get(messages::get)
-                .patch(messages::edit)
-                .post(messages::action),
+                .patch(message_actions::edit)
+                .post(message_actions::action),
         )
         .route("/api/v1/media", post(media::upload))
         .route(

@@ -11,7 +11,9 @@ use utoipa::{
     },
 };
 
-use crate::routes::{commands, contacts, events, gateways, media, messages, sessions, webhooks};
+use crate::routes::{
+    commands, contacts, events, gateways, media, message_actions, messages, sessions, webhooks,
+};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -23,7 +25,7 @@ use crate::routes::{commands, contacts, events, gateways, media, messages, sessi
         sessions::create, sessions::list, sessions::get, sessions::update, sessions::delete,
         commands::start, commands::stop, commands::restart, commands::logout,
         commands::request_pairing_code, commands::qr, commands::recent, commands::get,
-        messages::send, messages::list, messages::get, messages::edit, messages::revoke,
+        messages::send, messages::list, messages::get, message_actions::edit, message_actions::revoke,
         contacts::check, media::upload, media::download,
         events::stream, gateways::list,
         webhooks::create, webhooks::list, webhooks::get, webhooks::update, webhooks::delete,

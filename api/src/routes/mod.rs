@@ -5,6 +5,7 @@ pub mod contacts;
 pub mod events;
 pub mod gateways;
 pub mod media;
+pub mod message_actions;
 pub mod messages;
 pub mod ops;
 pub mod pagination;
