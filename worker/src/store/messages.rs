@@ -186,7 +186,8 @@ async fn write_batch(db: &Pool, batch: &[Queued]) -> Result<Vec<Option<Vec<Event
              WHERE session_id = $1 AND status = ANY($2) AND direction = 'out' \
              AND CASE $7::text WHEN 'id' THEN id = $8 WHEN 'wa' THEN wa_message_id = $8 \
                  ELSE true END \
-             RETURNING id, content",
+             RETURNING id, CASE WHEN $3 = 'sent' AND content->>'type' IN ('edit', 'revoke') \
+                 THEN content END",
         )
         .await?;
     // An edit or a revoke the session sent changes its target once WhatsApp took it.
@@ -227,17 +228,15 @@ async fn write_batch(db: &Pool, batch: &[Queued]) -> Result<Vec<Option<Vec<Event
                 ],
             )
             .await?;
-        if q.change.to == MessageStatus::Sent {
-            for row in &rows {
-                let content: Option<serde_json::Value> = row.get(1);
-                let target = content.as_ref().and_then(|c| {
-                    let kind = c["type"].as_str()?;
-                    matches!(kind, "edit" | "revoke").then(|| c[kind]["messageId"].as_str())?
-                });
-                if let Some(target) = target {
-                    tx.execute(&act, &[&q.session_id, &target, &content, &q.now])
-                        .await?;
-                }
+        // Only an edit or a revoke just sent comes back with its content.
+        for row in &rows {
+            let Some(json) = row.get::<_, Option<serde_json::Value>>(1) else {
+                continue;
+            };
+            let action: Option<Content> = serde_json::from_value(json.clone()).ok();
+            if let Some(target) = action.as_ref().and_then(Content::refers_to) {
+                tx.execute(&act, &[&q.session_id, &target, &json, &q.now])
+                    .await?;
             }
         }
         let mut ids: Vec<String> = rows.iter().map(|r| r.get(0)).collect();
