@@ -36,6 +36,7 @@ pub(super) async fn serve(socket: TcpStream, shared: Arc<Shared>) {
     let stream = Stream {
         id: shared.next_id(),
         out,
+        opened: std::time::Instant::now(),
     };
     let noise::Accepted {
         client_static,
@@ -87,6 +88,14 @@ pub(super) async fn serve(socket: TcpStream, shared: Arc<Shared>) {
                 .live
                 .insert((phone.clone(), device), stream.clone());
             if let Some(old) = replaced {
+                // On stderr, for the run that shows it: which streams, how old.
+                eprintln!(
+                    "wa test server: {phone}:{device} logged in on stream {} while its stream {} \
+                     (opened {} ms before) was open: the old one is replaced",
+                    stream.id,
+                    old.id,
+                    stream.opened.duration_since(old.opened).as_millis()
+                );
                 replace(&shared, &old, &phone, device);
             }
             shared.saw(Seen::LoggedIn(format!("{phone}:{device}")));

@@ -51,6 +51,8 @@ enum Outbound {
 struct Stream {
     id: u64,
     out: mpsc::UnboundedSender<Outbound>,
+    /// When its handshake ended (for the report of a replaced stream).
+    opened: std::time::Instant,
 }
 
 /// What a device sent when it registered: the keys its Signal bundle is made of.

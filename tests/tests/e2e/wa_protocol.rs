@@ -347,6 +347,52 @@ async fn a_dropped_connection_comes_back_by_itself() {
     s.wait("working again", working).await;
 }
 
+/// `:restart`s from several clients at once, as fast as they are answered (the fault suite's
+/// load): most land while the connection before is still coming up. Each one's sockets are
+/// closed before the next connects, so WhatsApp never sees the device twice.
+#[tokio::test]
+async fn restarts_in_quick_succession_never_connect_the_device_twice() {
+    let knob = |name: &str, default: usize| {
+        std::env::var(name)
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(default)
+    };
+    let (clients, restarts) = (knob("STRESS_CLIENTS", 4), knob("STRESS_RESTARTS", 8));
+    let env = TestEnv::new().await;
+    let server = WaServer::start().await;
+    let phone = server.phone(PHONE);
+    let s = linked(&env, &server, &phone).await;
+    let before = logins(&server);
+    let path = format!("/api/v1/sessions/{}:restart", s.id);
+    let client = |_| {
+        let (api, key, path) = (&s.api, &s.key, &path);
+        async move {
+            for _ in 0..restarts {
+                let r = api.post(path, key, None).await;
+                assert!(
+                    r.status < 500 || r.status == 503,
+                    "{}: {}",
+                    r.status,
+                    r.body
+                );
+            }
+        }
+    };
+    futures::future::join_all((0..clients).map(client)).await;
+    s.wait("working after the restarts", working).await;
+    // Long enough for a socket left behind to log in after the last connection.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    s.wait("still working", working).await;
+    assert!(logins(&server) > before, "it logged in again");
+    let replaced: Vec<Seen> = server
+        .seen()
+        .into_iter()
+        .filter(|e| matches!(e, Seen::Replaced(_)))
+        .collect();
+    assert!(replaced.is_empty(), "connected twice: {replaced:?}");
+}
+
 #[tokio::test]
 async fn a_temporary_ban_fails_the_session_with_its_expiry_and_no_retries() {
     let env = TestEnv::new().await;

@@ -173,7 +173,7 @@ impl WhatsAppDriver {
         if let Some(url) = &self.cfg.ws_url {
             transport = transport.with_url(url.clone());
         }
-        let (transport, attempts) = transport::WatchedTransports::new(transport);
+        let (transport, sockets) = transport::WatchedTransports::new(transport);
         let (up, up_rx) = watch::channel(false);
         let shown = phones::Shown::default();
         let bot = Bot::builder()
@@ -196,7 +196,7 @@ impl WhatsAppDriver {
         tokio::spawn(deadline(
             handle.client(),
             up_rx,
-            attempts,
+            sockets.clone(),
             events,
             self.cfg.clone(),
             closed.clone(),
@@ -209,6 +209,7 @@ impl WhatsAppDriver {
             epoch,
             connect_timeout: self.cfg.connect_timeout,
             closed,
+            sockets,
             sim_control_url: self.cfg.sim_control_url.clone(),
             shown,
         }))
@@ -220,7 +221,7 @@ impl WhatsAppDriver {
 async fn deadline(
     client: Arc<whatsapp_rust::Client>,
     mut up: watch::Receiver<bool>,
-    attempts: Arc<std::sync::Mutex<transport::Attempt>>,
+    sockets: transport::Sockets,
     events: mpsc::UnboundedSender<DriverEvent>,
     cfg: WhatsAppConfig,
     closed: CancellationToken,
@@ -236,8 +237,7 @@ async fn deadline(
             Err(_) => {
                 client.disconnect().await;
                 let endpoint = cfg.ws_url.as_deref().unwrap_or("WhatsApp");
-                let last = *attempts.lock().unwrap_or_else(|e| e.into_inner());
-                let why = match last {
+                let why = match sockets.last() {
                     transport::Attempt::HandshakeRejected => {
                         ": the server is not WhatsApp's (its certificate chain is not signed by \
                          WhatsApp, so the client rejected its handshake)"
@@ -273,6 +273,8 @@ struct WhatsAppConnection {
     epoch: i64,
     connect_timeout: Duration,
     closed: CancellationToken,
+    /// Closed after the client, whatever it was doing: see `transport.rs`.
+    sockets: transport::Sockets,
     sim_control_url: Option<String>,
     shown: phones::Shown,
 }
@@ -507,13 +509,28 @@ impl Connection for WhatsAppConnection {
                 tracing::warn!(session_id = %self.session_id, "the WhatsApp client did not stop in time");
             }
         }
+        // The client closes the socket it is connected on, but not one it is still
+        // connecting on when the stop comes: close that too, before the worker connects again.
+        let open = self.sockets.open();
+        if open > 0 {
+            tracing::info!(session_id = %self.session_id, open, "closing the sockets the client left open");
+        }
+        self.sockets.close_all(SOCKET_CLOSE).await;
     }
 }
 
+/// How long a socket may take to send its WebSocket close.
+const SOCKET_CLOSE: Duration = Duration::from_secs(5);
+
 impl Drop for WhatsAppConnection {
     fn drop(&mut self) {
-        // Dropping the handle aborts the client; the deadline goes with it.
+        // Dropping the handle aborts the client; the deadline goes with it, and the sockets
+        // are closed behind it.
         self.closed.cancel();
+        let sockets = self.sockets.clone();
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(async move { sockets.close_all(SOCKET_CLOSE).await });
+        }
     }
 }
 
