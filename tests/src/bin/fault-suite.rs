@@ -242,20 +242,26 @@ fn shell(script: &str) {
     assert!(ok, "`{script}` failed");
 }
 
-/// Commands created since `since` by status, once none is pending short of its deadline plus
-/// the grace plus two sweeps (or the wait ran out): those still pending then are lost, and
-/// are printed. (Without the two sweeps, a command just past its grace would count as lost
-/// in the moment before the next sweep ends it.)
+/// Commands created in [`since`, now) by status, once none of them is pending short of its
+/// deadline plus the grace plus two sweeps: those still pending then are lost, and are
+/// printed. (Without the two sweeps, a command just past its grace would count as lost in the
+/// moment before the next sweep ends it.) The load goes on meanwhile: the commands it makes
+/// after this call are not counted, or a broker slow to come back would have commands in
+/// flight, short of their deadline, at any moment, and they would be counted lost.
 async fn settle(env: &TestEnv, since: i64) -> BTreeMap<String, i64> {
+    let until = shared::db::now_ms();
+    // Enough for every counted command to end or pass its grace.
     let deadline = Instant::now() + Duration::from_secs(90);
     loop {
         let client = env.db.get().await.expect("db");
         let rows = client
             .query(
                 "SELECT status, count(*), count(*) FILTER (WHERE status = 'pending' \
-                 AND deadline_at + $2 > $3) FROM commands WHERE created_at >= $1 GROUP BY status",
+                 AND deadline_at + $3 > $4) FROM commands \
+                 WHERE created_at >= $1 AND created_at < $2 GROUP BY status",
                 &[
                     &since,
+                    &until,
                     &(GRACE_MS + 2 * SWEEP_INTERVAL_MS),
                     &shared::db::now_ms(),
                 ],
@@ -267,8 +273,8 @@ async fn settle(env: &TestEnv, since: i64) -> BTreeMap<String, i64> {
             let lost = client
                 .query(
                     "SELECT id, kind, created_at, deadline_at FROM commands \
-                     WHERE created_at >= $1 AND status = 'pending'",
-                    &[&since],
+                     WHERE created_at >= $1 AND created_at < $2 AND status = 'pending'",
+                    &[&since, &until],
                 )
                 .await
                 .expect("commands");
