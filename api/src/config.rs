@@ -178,6 +178,15 @@ pub struct WebhookConfig {
     pub webhook_dispatcher: bool,
 }
 
+impl WebhookConfig {
+    pub fn reach(&self) -> crate::guard::Reach {
+        crate::guard::Reach {
+            allow_private: self.webhook_allow_private,
+            ..crate::guard::Reach::public_only()
+        }
+    }
+}
+
 /// What one organization may hold (`shared/src/store/quotas.rs`): past a quota, creating more
 /// answers 409 `conflict` (`details.quota`, `details.limit`), growing the backlog 429.
 #[derive(Debug, Clone, clap::Args)]

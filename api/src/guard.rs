@@ -1,19 +1,45 @@
-//! Where webhooks may go: `https://` only (unless `WEBHOOK_ALLOW_HTTP`), and never to an
-//! address in a loopback, private, shared, link-local (cloud metadata lives there), multicast
-//! or reserved range (unless `WEBHOOK_ALLOW_PRIVATE`).
+//! Where the api's outgoing requests to URLs callers name may go — webhooks
+//! (`dispatcher/`) and files fetched by URL (`media_in.rs`): never to an address in a
+//! loopback, private, shared, link-local (cloud metadata lives there), multicast or reserved
+//! range, unless the operator allows it ([`Reach`]: `WEBHOOK_ALLOW_PRIVATE`,
+//! `MEDIA_URL_ALLOW_NETS`).
 //!
-//! The address rule is applied twice: when an endpoint is registered (so a user learns at
-//! once), and when the dispatcher connects, through [`GuardedResolver`], reqwest's resolver for
-//! every name it connects to. The second check is the one that matters: a name that resolved to
-//! a public address at registration can be re-pointed at `169.254.169.254` later, and the
-//! resolver answers only the addresses that pass, so the connection is made to what was
-//! checked. URLs with an IP address in them bypass resolution and are checked before each
-//! attempt ([`check_literal`]). Redirects are never followed (the client's policy).
+//! The address rule is applied when a webhook is registered (so a user learns at once), and
+//! on every connection, through [`GuardedResolver`], reqwest's resolver for every name it
+//! connects to. The second check is the one that matters: a name that resolved to a public
+//! address at registration can be re-pointed at `169.254.169.254` later, and the resolver
+//! answers only the addresses that pass, so the connection is made to what was checked. URLs
+//! with an IP address in them bypass resolution and are checked before each attempt, and each
+//! redirect's target ([`check_literal`]).
 
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::{
+    net::{IpAddr, Ipv4Addr, SocketAddr},
+    sync::Arc,
+};
 
+use ipnet::IpNet;
 use reqwest::Url;
 use shared::{Error, Result, webhook::MAX_URL_LEN};
+
+/// The addresses a guarded client may connect to: public ones, and those the operator
+/// allows.
+#[derive(Debug, Clone, Default)]
+pub struct Reach {
+    /// Any address at all (local set-ups and tests).
+    pub allow_private: bool,
+    /// Networks allowed although not public (an internal media server, say).
+    pub allow_nets: Arc<[IpNet]>,
+}
+
+impl Reach {
+    pub fn public_only() -> Reach {
+        Reach::default()
+    }
+
+    pub fn allows(&self, ip: IpAddr) -> bool {
+        self.allow_private || !is_forbidden(ip) || self.allow_nets.iter().any(|n| n.contains(&ip))
+    }
+}
 
 /// How long registration waits for the URL's host to resolve.
 const RESOLVE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
@@ -61,7 +87,7 @@ fn forbidden_v4(ip: Ipv4Addr) -> bool {
 
 /// Checks an endpoint URL at registration: scheme, shape, and every address its host
 /// resolves to. Answers it parsed.
-pub async fn check_url(raw: &str, allow_http: bool, allow_private: bool) -> Result<Url> {
+pub async fn check_url(raw: &str, allow_http: bool, reach: &Reach) -> Result<Url> {
     let bad = |m: String| Error::invalid_field("url", m);
     if raw.len() > MAX_URL_LEN {
         return Err(bad(format!("url is longer than {MAX_URL_LEN} characters")));
@@ -96,7 +122,7 @@ pub async fn check_url(raw: &str, allow_http: bool, allow_private: bool) -> Resu
     }
     // Which address a name resolved to is the network's business, not the caller's: the
     // answer says only that it is not public.
-    if !allow_private && addrs.iter().any(|ip| is_forbidden(*ip)) {
+    if addrs.iter().any(|ip| !reach.allows(*ip)) {
         return Err(bad(
             "url points at a loopback, private, link-local or reserved address; \
              webhooks go to public addresses only"
@@ -107,32 +133,27 @@ pub async fn check_url(raw: &str, allow_http: bool, allow_private: bool) -> Resu
 }
 
 /// The connect-time check for URLs that name an IP address (reqwest resolves only names).
-pub fn check_literal(url: &Url, allow_private: bool) -> std::result::Result<(), String> {
-    if allow_private {
-        return Ok(());
-    }
+pub fn check_literal(url: &Url, reach: &Reach) -> std::result::Result<(), String> {
     let ip = match url.host() {
         Some(url::Host::Ipv4(ip)) => IpAddr::V4(ip),
         Some(url::Host::Ipv6(ip)) => IpAddr::V6(ip),
         _ => return Ok(()),
     };
-    if is_forbidden(ip) {
-        Err(format!("refused: {ip} is not a public address"))
-    } else {
+    if reach.allows(ip) {
         Ok(())
+    } else {
+        Err(format!("refused: {ip} is not a public address"))
     }
 }
 
-/// reqwest's resolver for webhook connections: the system's answer without the forbidden
+/// reqwest's resolver for guarded connections: the system's answer without the forbidden
 /// addresses; an error when none is left.
-#[derive(Debug, Clone, Copy)]
-pub struct GuardedResolver {
-    pub allow_private: bool,
-}
+#[derive(Debug, Clone)]
+pub struct GuardedResolver(pub Reach);
 
 impl reqwest::dns::Resolve for GuardedResolver {
     fn resolve(&self, name: reqwest::dns::Name) -> reqwest::dns::Resolving {
-        let allow_private = self.allow_private;
+        let reach = self.0.clone();
         let host = name.as_str().to_owned();
         Box::pin(async move {
             let found: Vec<SocketAddr> =
@@ -140,7 +161,7 @@ impl reqwest::dns::Resolve for GuardedResolver {
             let allowed: Vec<SocketAddr> = found
                 .iter()
                 .copied()
-                .filter(|a| allow_private || !is_forbidden(a.ip()))
+                .filter(|a| reach.allows(a.ip()))
                 .collect();
             if allowed.is_empty() {
                 let refused: Box<dyn std::error::Error + Send + Sync> = if found.is_empty() {
@@ -187,5 +208,19 @@ mod tests {
         for ip in ["1.1.1.1", "8.8.8.8", "2606:4700:4700::1111", "172.32.0.1"] {
             assert!(!is_forbidden(ip.parse().expect("ip")), "{ip}");
         }
+    }
+
+    #[test]
+    fn an_allowed_network_is_reached_and_only_it() {
+        let reach = Reach {
+            allow_private: false,
+            allow_nets: vec!["10.1.0.0/16".parse().expect("net")].into(),
+        };
+        assert!(reach.allows("10.1.2.3".parse().expect("ip")));
+        assert!(reach.allows("8.8.8.8".parse().expect("ip")));
+        for ip in ["10.2.0.1", "127.0.0.1", "169.254.169.254"] {
+            assert!(!reach.allows(ip.parse().expect("ip")), "{ip}");
+        }
+        assert!(!Reach::public_only().allows("10.1.2.3".parse().expect("ip")));
     }
 }

@@ -12,6 +12,7 @@ pub mod console;
 pub mod dispatcher;
 pub mod error;
 pub mod fleet;
+pub mod guard;
 pub mod limits;
 pub mod observe;
 pub mod openapi;
@@ -65,6 +66,14 @@ pub struct App {
     /// Seal webhook secrets (`WEBHOOK_SECRET_KEYS`); `None` where webhooks are not configured.
     pub webhook_keys: Option<shared::sealed::Keyring>,
     pub shutdown: CancellationToken,
+}
+
+/// An HTTP client builder for the api's outgoing requests (JWKS, webhooks, files by URL, the
+/// Kubernetes API): reqwest is built with rustls but no crypto provider of its own, so ring
+/// (as lapin uses) is installed first.
+pub fn http_client() -> reqwest::ClientBuilder {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    reqwest::Client::builder()
 }
 
 /// Serves the api on `listener` until `shutdown` is cancelled.

@@ -93,9 +93,7 @@ impl JwtVerifier {
                 )));
             }
         }
-        // reqwest is built with rustls but no crypto provider of its own; use ring, as lapin does.
-        let _ = rustls::crypto::ring::default_provider().install_default();
-        let http = reqwest::Client::builder()
+        let http = crate::http_client()
             .timeout(Duration::from_secs(5))
             .build()
             .map_err(Error::internal)?;

@@ -21,7 +21,6 @@
 //! use), when one of its attempts ends, and every `WEBHOOK_POLL_MS` (retries falling due, and
 //! events whose signal was lost).
 
-pub mod guard;
 pub mod signing;
 
 use std::{
@@ -46,7 +45,7 @@ use tokio::sync::{Notify, Semaphore};
 use tokio_util::sync::CancellationToken;
 use ulid::Ulid;
 
-use crate::{bus::Bus, config::WebhookConfig};
+use crate::{bus::Bus, config::WebhookConfig, guard};
 
 /// Beyond the attempt timeout, how long a lease lasts: an attempt that is still running when
 /// its lease lapses may be sent twice (never lost).
@@ -73,9 +72,7 @@ impl Dispatcher {
         bus: Bus,
         shutdown: CancellationToken,
     ) -> Result<()> {
-        // reqwest is built with rustls but no crypto provider of its own; use ring, as lapin does.
-        let _ = rustls::crypto::ring::default_provider().install_default();
-        let http = reqwest::Client::builder()
+        let http = crate::http_client()
             .timeout(Duration::from_millis(cfg.webhook_timeout_ms))
             .connect_timeout(Duration::from_millis(cfg.webhook_timeout_ms))
             .redirect(reqwest::redirect::Policy::none())
@@ -84,9 +81,7 @@ impl Dispatcher {
             .no_proxy()
             .pool_max_idle_per_host(cfg.webhook_per_endpoint)
             .user_agent(concat!("gateway-webhooks/", env!("CARGO_PKG_VERSION")))
-            .dns_resolver(guard::GuardedResolver {
-                allow_private: cfg.webhook_allow_private,
-            })
+            .dns_resolver(guard::GuardedResolver(cfg.reach()))
             .build()
             .map_err(Error::internal)?;
         let d = Arc::new(Dispatcher {
@@ -276,7 +271,7 @@ impl Dispatcher {
             Ok(u) => u,
             Err(_) => return Sent::not_sent("the endpoint's url does not parse"),
         };
-        if let Err(refused) = guard::check_literal(&url, self.cfg.webhook_allow_private) {
+        if let Err(refused) = guard::check_literal(&url, &self.cfg.reach()) {
             return Sent::refused(refused);
         }
         let msg_id = webhook::message_id(c.event_id, c.id);

@@ -28,8 +28,9 @@ use super::pagination::Page;
 use crate::{
     AppState,
     auth::Manager,
-    dispatcher::{guard, signing},
+    dispatcher::signing,
     error::{ApiJson, ApiQuery, ApiResult},
+    guard,
 };
 
 /// Events replayed by one `:replay` call at most; call again with a later `since` for more.
@@ -172,7 +173,7 @@ fn not_found() -> Error {
 
 async fn check_url(state: &AppState, url: &str) -> ApiResult<String> {
     let cfg = &state.cfg.webhooks;
-    let url = guard::check_url(url, cfg.webhook_allow_http, cfg.webhook_allow_private).await?;
+    let url = guard::check_url(url, cfg.webhook_allow_http, &cfg.reach()).await?;
     Ok(url.to_string())
 }
 

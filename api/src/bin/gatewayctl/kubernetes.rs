@@ -23,9 +23,8 @@ pub async fn desired_ordinals(statefulset: &str) -> Result<(u64, u64)> {
     let host = std::env::var("KUBERNETES_SERVICE_HOST")
         .map_err(|e| unavailable("KUBERNETES_SERVICE_HOST", &e))?;
     let port = std::env::var("KUBERNETES_SERVICE_PORT").unwrap_or_else(|_| "443".into());
-    let _ = rustls::crypto::ring::default_provider().install_default();
     let ca = reqwest::Certificate::from_pem(&ca).map_err(|e| unavailable("ca.crt", &e))?;
-    let http = reqwest::Client::builder()
+    let http = api::http_client()
         .tls_certs_only([ca])
         .timeout(std::time::Duration::from_secs(10))
         .build()
