@@ -79,10 +79,8 @@ pub struct Config {
     #[arg(long, env = "CONTACT_CHECK_CACHE_SECS", default_value_t = 86_400)]
     pub contact_check_cache_secs: i64,
 
-    /// How long an uploaded file is kept (`POST /api/v1/media`): a message must name it
-    /// before; the region's reaper deletes it after.
-    #[arg(long, env = "MEDIA_RETENTION_HOURS", default_value_t = 24)]
-    pub media_retention_hours: i64,
+    #[command(flatten)]
+    pub media: MediaConfig,
 
     /// How long a command may take, end to end, before the caller gets 504.
     #[arg(long, env = "COMMAND_TIMEOUT_MS", default_value_t = 10_000)]
@@ -129,6 +127,39 @@ pub struct Config {
 impl Config {
     pub fn command_timeout(&self) -> Duration {
         Duration::from_millis(self.command_timeout_ms)
+    }
+}
+
+/// Files messages carry (`POST /api/v1/media`, or fetched from a message's `url`).
+#[derive(Debug, Clone, clap::Args)]
+pub struct MediaConfig {
+    /// How long a file is kept: a message must name an uploaded one before; the region's
+    /// reaper deletes it after.
+    #[arg(long, env = "MEDIA_RETENTION_HOURS", default_value_t = 24)]
+    pub media_retention_hours: i64,
+    /// How long fetching a message's `url` may take, the whole body included.
+    #[arg(long, env = "MEDIA_URL_TIMEOUT_MS", default_value_t = 30_000)]
+    pub media_url_timeout_ms: u64,
+    /// Fetch `http://` URLs too (local clusters and tests; else `https://` only).
+    #[arg(long, env = "MEDIA_URL_ALLOW_HTTP", default_value_t = false, action = clap::ArgAction::Set)]
+    pub media_url_allow_http: bool,
+    /// Networks (CIDRs, comma-separated) a `url` may point into although they are not public,
+    /// such as an internal media server. Loopback, private, link-local (cloud metadata) and
+    /// reserved addresses are refused otherwise, redirects' targets included.
+    #[arg(long, env = "MEDIA_URL_ALLOW_NETS", value_delimiter = ',')]
+    pub media_url_allow_nets: Vec<ipnet::IpNet>,
+}
+
+impl MediaConfig {
+    pub fn retention_ms(&self) -> i64 {
+        self.media_retention_hours * 3_600_000
+    }
+
+    pub fn reach(&self) -> crate::guard::Reach {
+        crate::guard::Reach {
+            allow_private: false,
+            allow_nets: self.media_url_allow_nets.clone().into(),
+        }
     }
 }
 

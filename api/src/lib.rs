@@ -14,6 +14,7 @@ pub mod error;
 pub mod fleet;
 pub mod guard;
 pub mod limits;
+pub mod media_in;
 pub mod observe;
 pub mod openapi;
 pub mod operator;
@@ -63,6 +64,8 @@ pub struct App {
     pub fleet: Fleet,
     pub cfg: Arc<Config>,
     pub dev_jwks: Option<Arc<serde_json::Value>>,
+    /// Fetches the files messages name by `url`.
+    pub media_fetcher: media_in::Fetcher,
     /// Seal webhook secrets (`WEBHOOK_SECRET_KEYS`); `None` where webhooks are not configured.
     pub webhook_keys: Option<shared::sealed::Keyring>,
     pub shutdown: CancellationToken,
@@ -183,6 +186,7 @@ pub async fn build_state(cfg: Config, shutdown: CancellationToken) -> Result<App
         bus,
         fleet,
         dev_jwks,
+        media_fetcher: media_in::Fetcher::new(&cfg.media)?,
         webhook_keys,
         shutdown,
         cfg: Arc::new(cfg),

@@ -43,7 +43,7 @@ pub async fn send_file(
     let mime_type = media::sniff(head, None).map_err(Error::invalid)?;
     let kind = media::Kind::for_mime(&mime_type);
     kind.accepts("file", &mime_type, bytes.len() as u64)?;
-    let retention = state.cfg.media_retention_hours * 3_600_000;
+    let retention = state.cfg.media.retention_ms();
     run(&state, session_id, move || {
         let now = now_ms();
         let file = Media {
@@ -56,6 +56,7 @@ pub async fn send_file(
         };
         let content = kind.content(MediaContent {
             media_id: file.id.clone(),
+            url: None,
             caption: caption.clone(),
             file_name: file_name.filter(|_| kind == media::Kind::Document),
             mime_type: Some(file.mime_type.clone()),

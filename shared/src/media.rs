@@ -124,20 +124,30 @@ impl Kind {
             ));
         }
         if size > self.max_bytes() {
-            return Err(Error::new(
-                ErrorCode::PayloadTooLarge,
-                format!(
-                    "WhatsApp takes a {} of at most {}; this file is {}",
-                    self.as_str(),
-                    human(self.max_bytes()),
-                    human(size)
-                ),
-            )
-            .with_detail("field", field)
-            .with_detail("maxBytes", self.max_bytes())
-            .with_detail("size", size));
+            return Err(self.too_large(field, Some(size)));
         }
         Ok(())
+    }
+
+    /// 413: a file over the kind's limit (its size, when known).
+    pub fn too_large(self, field: &str, size: Option<u64>) -> Error {
+        let this = size.map_or("this file is larger".to_owned(), |size| {
+            format!("this file is {}", human(size))
+        });
+        let e = Error::new(
+            ErrorCode::PayloadTooLarge,
+            format!(
+                "WhatsApp takes a {} of at most {}; {this}",
+                self.as_str(),
+                human(self.max_bytes()),
+            ),
+        )
+        .with_detail("field", field)
+        .with_detail("maxBytes", self.max_bytes());
+        match size {
+            Some(size) => e.with_detail("size", size),
+            None => e,
+        }
     }
 }
 

@@ -207,6 +207,12 @@ impl TestEnv {
         wh.webhook_poll_ms = 100;
         wh.webhook_timeout_ms = 3_000;
         wh.webhook_retry_schedule_ms = vec![200, 400];
+        // Files by URL from the tests' local servers, which listen on 127.0.0.2
+        // (`MEDIA_SERVER_IP`): every other private address stays refused, as in production.
+        let media = &mut cfg.media;
+        media.media_url_allow_http = true;
+        media.media_url_allow_nets = vec![ipnet::IpNet::from(MEDIA_SERVER_IP)];
+        media.media_url_timeout_ms = 5_000;
         cfg
     }
 
@@ -1018,6 +1024,11 @@ where
 /// A free port on loopback for a server that binds it itself later (a process, the api's
 /// metrics). Taken below the kernel's ephemeral range (32768 and up), so that no `bind(0)`
 /// elsewhere in the run can be handed the same port between this check and that bind.
+/// Where the tests' file servers listen: a loopback address of its own, the only private one
+/// the tests' api may fetch files from.
+pub const MEDIA_SERVER_IP: std::net::IpAddr =
+    std::net::IpAddr::V4(std::net::Ipv4Addr::new(127, 0, 0, 2));
+
 pub fn free_port() -> u16 {
     static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
     loop {

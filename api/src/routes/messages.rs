@@ -47,6 +47,7 @@ use crate::{
     AppState,
     auth::{Caller, Manager},
     error::{ApiJson, ApiQuery, ApiResult},
+    media_in,
 };
 
 /// Body of `POST /sessions/{session}/messages`: the recipient, the content (a `type`, `text`
@@ -251,19 +252,19 @@ pub async fn send(
     if let Some(key) = key {
         message::validate_idempotency_key(key)?;
     }
-    let client = state.db.get().await?;
+    let mut client = state.db.get().await?;
     let session = store::sessions::get(&client, &caller.organization_id, &session_id)
         .await?
         .ok_or_else(Error::session_not_found)?;
     check_references(&client, &session_id, &to, &body).await?;
-    let mut content = body.content.clone();
-    attach_media(&client, &caller.organization_id, &mut content).await?;
     if let Some(key) = key {
         let first = store::messages::by_idempotency_key(&client, &session_id, key).await?;
         if let Some(first) = first {
             return Ok(accepted(first));
         }
     }
+    let mut content = body.content.clone();
+    attach_media(&state, &mut client, &caller.organization_id, &mut content).await?;
     let new = NewMessage {
         id: &Ulid::new().to_string(),
         organization_id: &caller.organization_id,
@@ -348,18 +349,47 @@ async fn check_references(
     Ok(())
 }
 
-/// The file a message carries is one the organization uploaded and still has, of a type
-/// and size its kind of message takes; its type, size and SHA-256 go into the content.
+/// The file a message carries is one the organization uploaded and still has, or the one its
+/// `url` answers (fetched now, stored as the organization's), of a type and size its kind of
+/// message takes; its id, type, size and SHA-256 go into the content.
 async fn attach_media(
-    client: &impl deadpool_postgres::GenericClient,
+    state: &AppState,
+    client: &mut deadpool_postgres::Object,
     org: &str,
     content: &mut message::Content,
 ) -> shared::Result<()> {
     let Some((kind, m)) = content.media() else {
         return Ok(());
     };
+    if let Some(url) = m.url.clone() {
+        let field = format!("{}.url", kind.as_str());
+        let too_large = || kind.too_large(&field, None);
+        let file = state
+            .media_fetcher
+            .fetch(
+                client,
+                org,
+                state.cfg.media.retention_ms(),
+                &field,
+                &url,
+                media_in::Limits {
+                    max_bytes: kind.max_bytes(),
+                    too_large: &too_large,
+                    accepts: &|mime_type, size| kind.accepts(&field, mime_type, size),
+                },
+            )
+            .await?;
+        if let Some(m) = content.media_mut() {
+            m.url = None;
+            m.media_id = file.id;
+            m.mime_type = Some(file.mime_type);
+            m.size = Some(file.size);
+            m.sha256 = Some(file.sha256);
+        }
+        return Ok(());
+    }
     let field = format!("{}.mediaId", kind.as_str());
-    let file = store::media::get(client, org, &m.media_id, now_ms())
+    let file = store::media::get(&*client, org, &m.media_id, now_ms())
         .await?
         .ok_or_else(|| {
             Error::invalid_field(

@@ -115,14 +115,21 @@ pub struct Reaction {
     pub emoji: String,
 }
 
-/// The file a message carries: one uploaded with `POST /api/v1/media`, by its id. What the
-/// file is, its size and SHA-256 are filled in from the upload (what a caller says of them
-/// is not taken).
+/// The file a message carries: one uploaded with `POST /api/v1/media`, by its id, or one at a
+/// `url`, fetched once when the message is accepted (the message then names it by its
+/// `mediaId`). What the file is, its size and SHA-256 are filled in from its bytes (what a
+/// caller says of them is not taken).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct MediaContent {
-    /// The `id` that `POST /api/v1/media` answered.
+    /// The `id` that `POST /api/v1/media` answered. Either this or `url`.
+    #[serde(default)]
     pub media_id: String,
+    /// Where to fetch the file: `https://`, a public address, at most 5 redirects, within the
+    /// time the api allows (30 s by default). Either this or `mediaId`; not kept.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(max_length = 2048, write_only)]
+    pub url: Option<String>,
     /// Image, video and document only: up to 1024 characters.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schema(max_length = 1024)]
@@ -154,7 +161,19 @@ impl MediaContent {
     fn validate(&self, kind: crate::media::Kind) -> Result<()> {
         use crate::media::Kind;
         let field = |f: &str| format!("{}.{f}", kind.as_str());
-        validate_message_id(&field("mediaId"), &self.media_id)?;
+        match (&self.url, self.media_id.is_empty()) {
+            (None, false) => validate_message_id(&field("mediaId"), &self.media_id)?,
+            (Some(_), true) => {}
+            (None, true) | (Some(_), false) => {
+                return Err(Error::invalid_field(
+                    &field("mediaId"),
+                    format!(
+                        "a {} names its file by mediaId (an upload's id) or by url, one of them",
+                        kind.as_str()
+                    ),
+                ));
+            }
+        }
         if let Some(caption) = &self.caption {
             if !matches!(kind, Kind::Image | Kind::Video | Kind::Document) {
                 return Err(Error::invalid_field(

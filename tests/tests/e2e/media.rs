@@ -510,3 +510,235 @@ async fn a_contacts_file_is_received_kept_with_its_message_and_read_back() {
     );
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// A file server on `MEDIA_SERVER_IP` (the only private address the tests' api may fetch
+/// from): a PNG, redirects to it and to where a URL must not lead, and files that are wrong
+/// in every way a URL's can be. Counts the PNG's fetches.
+struct FileServer {
+    base: String,
+    port: u16,
+    png: Vec<u8>,
+    fetched: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl FileServer {
+    async fn start() -> FileServer {
+        use axum::{body::Body, http::header, response::IntoResponse, routing::get};
+        use std::sync::atomic::Ordering;
+        let listener = tokio::net::TcpListener::bind((tests::MEDIA_SERVER_IP, 0))
+            .await
+            .expect("bind 127.0.0.2");
+        let port = listener.local_addr().expect("addr").port();
+        let image = png(200_000);
+        let fetched = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let redirect = |to: String| move || async move { axum::response::Redirect::temporary(&to) };
+        let (served, count) = (image.clone(), fetched.clone());
+        let zeros =
+            || futures::stream::repeat_with(|| Ok::<_, std::io::Error>(vec![0u8; 64 * 1024]));
+        let app = axum::Router::new()
+            .route(
+                "/parcel.png",
+                get(move || {
+                    count.fetch_add(1, Ordering::SeqCst);
+                    let body = served.clone();
+                    async move { ([(header::CONTENT_TYPE, "image/png")], body) }
+                }),
+            )
+            .route(
+                "/to/parcel",
+                get(redirect(format!("http://127.0.0.2:{port}/parcel.png"))),
+            )
+            .route(
+                "/to/loopback",
+                get(redirect(format!("http://127.0.0.1:{port}/parcel.png"))),
+            )
+            .route(
+                "/to/localhost",
+                get(redirect(format!("http://localhost:{port}/parcel.png"))),
+            )
+            .route(
+                "/to/metadata",
+                get(redirect("http://169.254.169.254/latest/meta-data/".into())),
+            )
+            .route(
+                "/huge.mp4",
+                get(move || async move {
+                    (
+                        [
+                            (header::CONTENT_TYPE, "video/mp4".to_owned()),
+                            (header::CONTENT_LENGTH, (2u64 << 30).to_string()),
+                        ],
+                        Body::from_stream(zeros()),
+                    )
+                        .into_response()
+                }),
+            )
+            .route(
+                "/endless.png",
+                get(move || async move {
+                    let head = futures::stream::once(async { Ok(png(0)) });
+                    let body = futures::StreamExt::chain(head, zeros());
+                    (
+                        [(header::CONTENT_TYPE, "image/png")],
+                        Body::from_stream(body),
+                    )
+                }),
+            )
+            .route(
+                "/liar.png",
+                get(|| async { ([(header::CONTENT_TYPE, "image/png")], pdf(10_000)) }),
+            )
+            .route(
+                "/invoice.pdf",
+                get(|| async { ([(header::CONTENT_TYPE, "application/pdf")], pdf(10_000)) }),
+            )
+            .route(
+                "/slow.png",
+                get(|| async {
+                    tokio::time::sleep(std::time::Duration::from_secs(30)).await;
+                    png(10)
+                }),
+            );
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        FileServer {
+            base: format!("http://127.0.0.2:{port}"),
+            port,
+            png: image,
+            fetched,
+        }
+    }
+
+    fn fetches(&self) -> usize {
+        self.fetched.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+#[tokio::test]
+async fn a_file_named_by_url_is_fetched_once_and_sent_and_bad_urls_are_refused() {
+    let env = TestEnv::new().await;
+    let (_, _w, api, key, id) = working_session(&env, 60).await;
+    let files = FileServer::start().await;
+    let path = format!("/api/v1/sessions/{id}/messages");
+    let to = "+62 811 0000 0001";
+    let before = stored_media(&env).await;
+
+    // Refused, each with the field named, and nothing stored: where a URL must not lead
+    // (straight or by a redirect), what it must not answer, and what is not a URL to fetch.
+    for (url, status, code, says) in [
+        (
+            "/to/loopback",
+            400,
+            "invalid_argument",
+            "not a public address",
+        ),
+        (
+            "/to/metadata",
+            400,
+            "invalid_argument",
+            "not a public address",
+        ),
+        ("/to/localhost", 400, "invalid_argument", "not public"),
+        ("/missing.png", 400, "invalid_argument", "404"),
+        ("/huge.mp4", 413, "payload_too_large", "at most 5 MB"),
+        ("/endless.png", 413, "payload_too_large", "at most 5 MB"),
+        (
+            "/liar.png",
+            415,
+            "unsupported_media_type",
+            "application/pdf",
+        ),
+        ("/invoice.pdf", 400, "invalid_argument", "JPEG or PNG"),
+        ("/slow.png", 400, "invalid_argument", "could not be fetched"),
+    ] {
+        let url = format!("{}{url}", files.base);
+        let body = json!({"to": to, "type": "image", "image": {"url": url}});
+        let r = api.post(&path, &key, Some(&body)).await;
+        r.assert_error(status, code);
+        let message = r.body["error"]["message"].as_str().unwrap_or_default();
+        assert!(message.contains(says), "{url}: {}", r.body);
+        assert_eq!(
+            r.body["error"]["details"]["field"], "image.url",
+            "{url}: {}",
+            r.body
+        );
+    }
+    for url in [
+        format!("http://127.0.0.1:{}/parcel.png", files.port),
+        "http://169.254.169.254/latest/meta-data/".to_owned(),
+        "ftp://127.0.0.2/parcel.png".to_owned(),
+        format!("http://user:secret@127.0.0.2:{}/parcel.png", files.port),
+        "not a url".to_owned(),
+    ] {
+        let body = json!({"to": to, "type": "image", "image": {"url": url}});
+        let r = api.post(&path, &key, Some(&body)).await;
+        r.assert_error(400, "invalid_argument");
+        assert_eq!(
+            r.body["error"]["details"]["field"], "image.url",
+            "{url}: {}",
+            r.body
+        );
+    }
+    // Both a mediaId and a url, or neither: one of them.
+    for image in [
+        json!({"url": format!("{}/parcel.png", files.base), "mediaId": ulid::Ulid::new().to_string()}),
+        json!({"caption": "x"}),
+    ] {
+        let body = json!({"to": to, "type": "image", "image": image});
+        api.post(&path, &key, Some(&body))
+            .await
+            .assert_error(400, "invalid_argument");
+    }
+    assert_eq!(
+        stored_media(&env).await,
+        before,
+        "nothing stored of a refused url"
+    );
+    assert_eq!(files.fetches(), 0);
+
+    // Through an allowed redirect, once (a retry with the same key fetches nothing), sent
+    // byte for byte, the message naming the stored file rather than the URL.
+    let body = json!({"to": to, "type": "image", "idempotencyKey": "parcel-1",
+        "image": {"url": format!("{}/to/parcel", files.base), "caption": "your parcel"}});
+    let m = api
+        .post(&path, &key, Some(&body))
+        .await
+        .assert_status(202)
+        .clone();
+    let again = api
+        .post(&path, &key, Some(&body))
+        .await
+        .assert_status(202)
+        .clone();
+    assert_eq!(again["id"], m["id"]);
+    assert_eq!(files.fetches(), 1, "fetched once");
+    assert_eq!(m["image"]["sha256"], json!(sha256(&files.png)), "{m}");
+    assert_eq!(m["image"]["mimeType"], "image/png", "{m}");
+    assert!(
+        m["image"]["mediaId"].is_string() && m["image"]["url"].is_null(),
+        "{m}"
+    );
+    let mid = m["id"].as_str().expect("id");
+    message_when(&api, &key, &id, mid, "sent", |m| {
+        ["sent", "delivered", "read"].contains(&m["status"].as_str().unwrap_or(""))
+    })
+    .await;
+    let got = recorded(&env, &id, mid).await;
+    assert_eq!(
+        got["received"],
+        json!({"sha256": sha256(&files.png), "size": files.png.len()}),
+        "{got}"
+    );
+    let back = api
+        .http
+        .get(format!("{}{path}/{mid}/media", api.base))
+        .bearer_auth(&key)
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(back.status(), 200);
+    assert_eq!(
+        back.bytes().await.expect("body").as_ref(),
+        files.png.as_slice(),
+        "read back byte for byte"
+    );
+}
