@@ -21,12 +21,14 @@ class ApiError extends Error {
 async function api(method, path, body, opts = {}) {
   const headers = { Authorization: 'Bearer ' + (opts.token || token() || '') };
   if (opts.accept) headers.Accept = opts.accept;
-  if (body !== undefined) headers['Content-Type'] = 'application/json';
+  // A File or Blob goes as it is, with its own type (an upload); anything else as JSON.
+  const raw = body instanceof Blob;
+  if (body !== undefined) headers['Content-Type'] = raw ? (body.type || 'application/octet-stream') : 'application/json';
   let r;
   try {
     r = await fetch('/api/v1' + path, {
       method, headers, cache: 'no-store', signal: opts.signal,
-      body: body === undefined ? undefined : JSON.stringify(body),
+      body: body === undefined ? undefined : raw ? body : JSON.stringify(body),
     });
   } catch (e) {
     if (e.name === 'AbortError') throw e;
@@ -563,38 +565,88 @@ function sessionForm(signal, id) {
 
 // ---------------------------------------------------------------- messages
 
+const FILE_KINDS = ['image', 'video', 'audio', 'voice', 'document', 'sticker'];
+
+/** A message's file: shown (an image) or saved (anything else), read with the caller's token. */
+function fileButton(signal, id, m, slot) {
+  if (!FILE_KINDS.includes(m.type)) return null;
+  const f = m[m.type];
+  const holder = h('span', { class: 'file' });
+  const open = h('button', { type: 'button', class: 'secondary small', 'data-message': m.id, onclick: async () => {
+    try {
+      const blob = await api('GET', sessionPath(id) + '/messages/' + m.id + '/media', undefined, { signal, blob: true });
+      const url = URL.createObjectURL(blob);
+      if (m.type === 'image' || m.type === 'sticker') {
+        holder.replaceChildren(h('img', { class: 'thumb', src: url, alt: f.caption || m.type }));
+      } else {
+        const a = h('a', { href: url, download: f.fileName || m.type });
+        a.click();
+      }
+    } catch (e) { fail(slot, e); }
+  } }, m.type === 'image' || m.type === 'sticker' ? 'Show' : 'Download');
+  holder.append(open);
+  return holder;
+}
+
+/** What the file picked goes out as: an image when WhatsApp shows it as one, else a document. */
+function fileKind(file) {
+  return ['image/jpeg', 'image/png'].includes(file.type) ? 'image' : 'document';
+}
+
 async function messagesPage(signal, id) {
   const slot = h('div', { id: 'error-slot' });
   const list = h('tbody', { id: 'message-list' });
+  const received = h('tbody', { id: 'received-list' });
   const to = h('input', { id: 'm-to', inputmode: 'tel', required: true, placeholder: '6281234567890' });
-  const text = h('textarea', { id: 'm-text', required: true, rows: 3 });
+  const text = h('textarea', { id: 'm-text', rows: 3 });
+  const file = h('input', { id: 'm-file', type: 'file' });
+  const row = (m, who) => h('tr', {},
+    h('td', {}, who), h('td', {}, summary(m), ' ', fileButton(signal, id, m, slot)),
+    h('td', {}, h('span', { class: 'status ' + m.status }, m.status), m.error ? h('span', { class: 'reason' }, m.error) : null),
+    h('td', { class: 'wide' }, time(m.createdAt)));
   async function load() {
     try {
-      const r = await api('GET', sessionPath(id) + '/messages?pageSize=50', undefined, { signal });
-      list.replaceChildren(...r.messages.map((m) => h('tr', {},
-        h('td', {}, m.to), h('td', {}, summary(m)),
-        h('td', {}, h('span', { class: 'status ' + m.status }, m.status), m.error ? h('span', { class: 'reason' }, m.error) : null),
-        h('td', { class: 'wide' }, time(m.createdAt)))));
+      const [out, inbound] = await Promise.all([
+        api('GET', sessionPath(id) + '/messages?pageSize=50', undefined, { signal }),
+        api('GET', sessionPath(id) + '/messages?direction=in&pageSize=50', undefined, { signal }),
+      ]);
+      list.replaceChildren(...out.messages.map((m) => row(m, m.to)));
+      received.replaceChildren(...inbound.messages.map((m) => row(m, m.from)));
     } catch (e) { fail(slot, e); }
   }
   const form = h('form', { class: 'stack', id: 'message-form' },
-    h('label', {}, 'To (phone number)', to), h('label', {}, 'Text', text),
+    h('label', {}, 'To (phone number)', to), h('label', {}, 'Text (the caption, with a file)', text),
+    h('label', {}, 'File (a JPEG or PNG goes as an image, anything else as a document)', file),
     h('div', { class: 'actions' }, h('button', { type: 'submit', id: 'send' }, 'Send')));
   form.addEventListener('submit', async (e) => {
     e.preventDefault();
     slot.replaceChildren();
+    const picked = file.files[0];
+    if (!picked && !text.value.trim()) { fail(slot, new Error('Write a text or pick a file.')); return; }
     try {
-      await api('POST', sessionPath(id) + '/messages', { to: to.value.trim(), text: text.value }, { signal });
+      let body = { to: to.value.trim(), text: text.value };
+      if (picked) {
+        const stored = await api('POST', '/media', picked, { signal });
+        const kind = fileKind(picked);
+        const content = { mediaId: stored.id };
+        if (text.value.trim()) content.caption = text.value;
+        if (kind === 'document') content.fileName = picked.name;
+        body = { to: to.value.trim(), type: kind, [kind]: content };
+      }
+      await api('POST', sessionPath(id) + '/messages', body, { signal });
       text.value = '';
+      file.value = '';
       load();
     } catch (err) { fail(slot, err); }
   });
+  const table = (who, rows) => h('div', { class: 'table-wrap' }, h('table', {},
+    h('thead', {}, h('tr', {}, h('th', {}, who), h('th', {}, 'Message'), h('th', {}, 'Status'), h('th', { class: 'wide' }, 'At'))),
+    rows));
   show(h('p', {}, h('a', { href: '#' + sessionPath(id) }, '← Session')),
     h('h1', {}, 'Messages'), slot,
     h('div', { class: 'card' }, form),
-    h('div', { class: 'table-wrap' }, h('table', {},
-      h('thead', {}, h('tr', {}, h('th', {}, 'To'), h('th', {}, 'Text'), h('th', {}, 'Status'), h('th', { class: 'wide' }, 'Queued'))),
-      list)));
+    h('h2', {}, 'Sent'), table('To', list),
+    h('h2', {}, 'Received'), table('From', received));
   await load();
   followEvents({
     signal, session: id, from: null, onLive: () => {},

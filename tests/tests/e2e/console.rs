@@ -384,6 +384,104 @@ async fn a_new_user_links_a_simulated_number_in_the_console_and_logs_it_out() {
     client.close().await.expect("close the browser");
 }
 
+/// A real PNG, `size` × `size` pixels, that the browser can draw.
+fn drawable_png(size: u32) -> Vec<u8> {
+    let img = image::RgbImage::from_fn(size, size, |x, y| {
+        image::Rgb([x as u8 * 8, y as u8 * 8, 200])
+    });
+    let mut out = std::io::Cursor::new(Vec::new());
+    img.write_to(&mut out, image::ImageFormat::Png)
+        .expect("encode a PNG");
+    out.into_inner()
+}
+
+#[tokio::test]
+async fn an_operator_sends_a_photo_and_sees_the_one_a_contact_sent() {
+    let env = TestEnv::new().await;
+    let (_, _w, api, key, id) = super::messages::working_session(&env, 60).await;
+    let dir = std::env::temp_dir().join(format!("gw-console-{}", ulid::Ulid::new()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let (ours, theirs) = (drawable_png(32), drawable_png(24));
+    std::fs::write(dir.join("parcel.png"), &ours).expect("write");
+    std::fs::write(dir.join("reply.png"), &theirs).expect("write");
+    let b = Browser::start("media").await;
+    b.sign_in(&api, &key).await;
+    b.find("#live.on").await;
+    b.client
+        .goto(&format!("{}/console#/sessions/{id}/messages", api.base))
+        .await
+        .expect("messages");
+    b.type_into("#m-to", "+62 811 0000 0001").await;
+    b.type_into("#m-text", "your parcel").await;
+    b.find("#m-file")
+        .await
+        .send_keys(dir.join("parcel.png").to_str().expect("path"))
+        .await
+        .expect("pick the file");
+    b.click("#send").await;
+    // Uploaded, then sent as an image with its caption, byte for byte.
+    let sha = |bytes: &[u8]| {
+        use sha2::Digest;
+        shared::hex(&sha2::Sha256::digest(bytes))
+    };
+    let sent = until("the photo is sent", Duration::from_secs(15), || async {
+        let r = api
+            .get(&format!("/api/v1/sessions/{id}/messages"), &key)
+            .await;
+        r.body["messages"]
+            .as_array()?
+            .iter()
+            .find(|m| m["type"] == "image" && m["status"] != "queued" && m["status"] != "sending")
+            .cloned()
+    })
+    .await;
+    assert_eq!(sent["image"]["sha256"], json!(sha(&ours)), "{sent}");
+    assert_eq!(sent["image"]["caption"], "your parcel", "{sent}");
+    assert!(
+        ["sent", "delivered", "read"].contains(&sent["status"].as_str().unwrap_or("")),
+        "{sent}"
+    );
+    b.find("#message-list button[data-message]").await;
+
+    // The contact's photo shows under Received, drawn from the bytes the api serves.
+    let path = dir.join("reply.png");
+    let args = [
+        "sim",
+        "message",
+        "--session",
+        &id,
+        "--from",
+        "6281100000002",
+        "--file",
+        path.to_str().expect("path"),
+        "--caption",
+        "arrived like this",
+    ];
+    let (ok, out) = super::fleet::gatewayctl(&env, &args).await;
+    assert!(ok, "{out}");
+    b.click("#received-list button[data-message]").await;
+    b.find("#received-list img.thumb").await;
+    let drawn = until("the photo is drawn", Duration::from_secs(10), || async {
+        let w = b
+            .run(
+                "const i = document.querySelector('#received-list img.thumb'); \
+                  return i && i.complete ? i.naturalWidth : 0",
+            )
+            .await;
+        (w.as_u64() > Some(0)).then_some(w)
+    })
+    .await;
+    assert_eq!(drawn, json!(24), "the contact's 24-pixel photo");
+    let text = b.find("#received-list").await.text().await.expect("text");
+    assert!(
+        text.contains("6281100000002") && text.contains("arrived like this"),
+        "{text}"
+    );
+    b.shot("15-media").await;
+    let client = b.client.clone();
+    client.close().await.expect("close the browser");
+}
+
 #[tokio::test]
 async fn signing_in_with_a_bad_key_shows_the_apis_error_and_keeps_nothing() {
     let env = TestEnv::new().await;
