@@ -62,6 +62,8 @@ pub async fn send_file(
             mime_type: Some(file.mime_type.clone()),
             size: Some(file.size),
             sha256: Some(file.sha256.clone()),
+            status: None,
+            error: None,
         });
         content.validate()?;
         let command = Command::SimMessage {

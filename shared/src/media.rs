@@ -73,12 +73,24 @@ impl Kind {
     pub fn content(self, file: crate::message::MediaContent) -> crate::message::Content {
         use crate::message::Content;
         match self {
-            Kind::Image => Content::Image { image: file },
-            Kind::Video => Content::Video { video: file },
-            Kind::Audio => Content::Audio { audio: file },
-            Kind::Voice => Content::Voice { voice: file },
-            Kind::Document => Content::Document { document: file },
-            Kind::Sticker => Content::Sticker { sticker: file },
+            Kind::Image => Content::Image {
+                image: Box::new(file),
+            },
+            Kind::Video => Content::Video {
+                video: Box::new(file),
+            },
+            Kind::Audio => Content::Audio {
+                audio: Box::new(file),
+            },
+            Kind::Voice => Content::Voice {
+                voice: Box::new(file),
+            },
+            Kind::Document => Content::Document {
+                document: Box::new(file),
+            },
+            Kind::Sticker => Content::Sticker {
+                sticker: Box::new(file),
+            },
         }
     }
 

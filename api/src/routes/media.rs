@@ -119,6 +119,12 @@ pub async fn download(
     let Some((kind, carried)) = message.content.media() else {
         return Err(not_found(&format!("message {message_id} carries no file")).into());
     };
+    if let Some(why) = carried.error.as_deref() {
+        return Err(not_found(&format!(
+            "the file of message {message_id} could not be fetched from WhatsApp: {why}"
+        ))
+        .into());
+    }
     let file = store::media::get(
         &client,
         &caller.organization_id,

@@ -37,27 +37,27 @@ pub enum Content {
     },
     /// A JPEG or PNG of up to 5 MB, with an optional caption.
     Image {
-        image: MediaContent,
+        image: Box<MediaContent>,
     },
     /// An MP4 or 3GPP video of up to 16 MB, with an optional caption.
     Video {
-        video: MediaContent,
+        video: Box<MediaContent>,
     },
     /// An audio file of up to 16 MB (AAC, MP4, MP3, AMR, OGG).
     Audio {
-        audio: MediaContent,
+        audio: Box<MediaContent>,
     },
     /// A push-to-talk voice note: OGG with Opus inside, up to 16 MB.
     Voice {
-        voice: MediaContent,
+        voice: Box<MediaContent>,
     },
     /// Any file of up to 100 MB, with its file name and an optional caption.
     Document {
-        document: MediaContent,
+        document: Box<MediaContent>,
     },
     /// A WebP sticker of up to 500 KB.
     Sticker {
-        sticker: MediaContent,
+        sticker: Box<MediaContent>,
     },
     /// A new text for a text message the session sent. Queued by
     /// `PATCH …/messages/{message}`, not by `POST …/messages`.
@@ -150,6 +150,21 @@ pub struct MediaContent {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schema(read_only)]
     pub sha256: Option<String>,
+    /// A received file that could not be fetched from WhatsApp: `failed`, and `error` says
+    /// why. The message is kept, without its file (no `mediaId`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(read_only)]
+    pub status: Option<MediaStatus>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(read_only)]
+    pub error: Option<String>,
+}
+
+/// What became of a received file that is not there.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum MediaStatus {
+    Failed,
 }
 
 /// The longest caption, in characters.
@@ -161,6 +176,12 @@ impl MediaContent {
     fn validate(&self, kind: crate::media::Kind) -> Result<()> {
         use crate::media::Kind;
         let field = |f: &str| format!("{}.{f}", kind.as_str());
+        if self.status.is_some() || self.error.is_some() {
+            return Err(Error::invalid_field(
+                &field("status"),
+                "status and error say what became of a received file; a message to send has neither",
+            ));
+        }
         match (&self.url, self.media_id.is_empty()) {
             (None, false) => validate_message_id(&field("mediaId"), &self.media_id)?,
             (Some(_), true) => {}
@@ -336,12 +357,12 @@ impl Content {
     pub fn media(&self) -> Option<(crate::media::Kind, &MediaContent)> {
         use crate::media::Kind;
         Some(match self {
-            Content::Image { image } => (Kind::Image, image),
-            Content::Video { video } => (Kind::Video, video),
-            Content::Audio { audio } => (Kind::Audio, audio),
-            Content::Voice { voice } => (Kind::Voice, voice),
-            Content::Document { document } => (Kind::Document, document),
-            Content::Sticker { sticker } => (Kind::Sticker, sticker),
+            Content::Image { image } => (Kind::Image, &**image),
+            Content::Video { video } => (Kind::Video, &**video),
+            Content::Audio { audio } => (Kind::Audio, &**audio),
+            Content::Voice { voice } => (Kind::Voice, &**voice),
+            Content::Document { document } => (Kind::Document, &**document),
+            Content::Sticker { sticker } => (Kind::Sticker, &**sticker),
             _ => return None,
         })
     }
@@ -354,7 +375,7 @@ impl Content {
             | Content::Audio { audio: m }
             | Content::Voice { voice: m }
             | Content::Document { document: m }
-            | Content::Sticker { sticker: m } => Some(m),
+            | Content::Sticker { sticker: m } => Some(&mut **m),
             _ => None,
         }
     }

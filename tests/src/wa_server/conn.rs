@@ -403,6 +403,24 @@ fn answer(node: &Node, shared: &Shared, device: Option<(&str, u16)>) -> Vec<Node
                 .children([NodeBuilder::new("privacy").build()])
                 .build(),
         ],
+        // Where files go (`media.rs`): this server's media host, when it serves one.
+        ("w:m", "media_conn") => {
+            let hosts = shared.media.hostname.get().map(|hostname| {
+                NodeBuilder::new("host")
+                    .attr("hostname", hostname.clone())
+                    .attr("type", "primary")
+                    .build()
+            });
+            vec![
+                result(&id)
+                    .children([NodeBuilder::new("media_conn")
+                        .attr("auth", super::media::AUTH)
+                        .attr("ttl", "3600")
+                        .children(hosts)
+                        .build()])
+                    .build(),
+            ]
+        }
         ("w:sync:app:state", _) => vec![app_state(&id, child)],
         ("usync", _) => vec![usync(shared, &id, child)],
         ("md", "link_code_companion_reg") => link_code(shared, &id, child),

@@ -6,6 +6,7 @@
 //! - here, the server: its accounts and linked devices, and the accept loop;
 //! - [`noise`]: framing and the Noise handshakes;
 //! - [`conn`]: one stream's stanzas, from pairing or login to the end;
+//! - [`media`]: the media hosts files are uploaded to and downloaded from (HTTPS);
 //! - [`phone`]: the simulated phone of an account — what its owner does with it; every
 //!   account's phone is also a contact the others write to and hear from;
 //! - [`control`]: the phones over HTTP, for other processes (the `wa-server` binary);
@@ -19,6 +20,7 @@
 
 mod conn;
 mod control;
+mod media;
 pub mod noise;
 mod phone;
 mod signal;
@@ -238,6 +240,7 @@ struct Shared {
     identity: noise::ServerIdentity,
     state: Mutex<State>,
     ids: AtomicU64,
+    media: media::Hosts,
 }
 
 impl Shared {
@@ -264,10 +267,38 @@ pub struct WaServer {
 }
 
 impl WaServer {
-    /// Listens on a free local port.
+    /// Listens on a free local port, its media hosts on another.
     pub async fn start() -> WaServer {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        WaServer::serve(listener)
+        let mut server = WaServer::serve(listener);
+        let media = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let hostname = media.local_addr().expect("address").to_string();
+        server.serve_media(media, hostname);
+        server
+    }
+
+    /// Serves the media hosts (HTTPS, [`media`]) on `listener`, named `hostname` (`host:port`
+    /// as the workers reach it) in `media_conn` answers.
+    pub fn serve_media(&mut self, listener: TcpListener, hostname: String) {
+        let _ = self.shared.media.hostname.set(hostname);
+        self.tasks
+            .push(tokio::spawn(media::serve(listener, self.shared.clone())));
+    }
+
+    /// The plain bytes of the file a received message carries, as its recipient's phone gets
+    /// them: downloaded from the media hosts and decrypted with the message's key (the
+    /// encrypted and the plain SHA-256 checked).
+    pub fn file_of(&self, received: &Received) -> Result<Vec<u8>, String> {
+        media::open(&self.shared.media, &received.message)
+    }
+
+    /// Downloads answer 404 from now on (`true`), as links do once WhatsApp's hosts dropped
+    /// the file, or serve again (`false`).
+    pub fn expire_files(&self, expired: bool) {
+        self.shared
+            .media
+            .expired
+            .store(expired, std::sync::atomic::Ordering::SeqCst);
     }
 
     /// Serves on `listener`.
@@ -277,6 +308,7 @@ impl WaServer {
             identity: noise::ServerIdentity::fixed(),
             state: Mutex::default(),
             ids: AtomicU64::new(1),
+            media: media::Hosts::default(),
         });
         let accepting = shared.clone();
         let accept = tokio::spawn(async move {

@@ -5,6 +5,8 @@
 
 use std::{sync::Arc, time::Duration};
 
+use shared::message::Content;
+
 use base64::Engine;
 use hmac::{Hmac, Mac};
 use wacore::{
@@ -405,6 +407,40 @@ impl Phone {
     pub fn send_text(&self, to: &str, text: &str) -> Result<String, String> {
         use wacore::proto_helpers::MessageBuilderExt;
         self.send(to, &wa::Message::text(text))
+    }
+
+    /// Sends `to` a file, as WhatsApp's apps do: encrypted under a fresh key, uploaded to the
+    /// media hosts, its message carrying the key (and `content`'s caption, name and type).
+    /// `content` is the file's message as our API shows it. Answers the message id.
+    pub fn send_file(&self, to: &str, content: &Content, bytes: &[u8]) -> Result<String, String> {
+        use worker::driver::whatsapp::content::{media_to_wa, media_type};
+        let (kind, _) = content.media().ok_or("not a file")?;
+        let media_type = media_type(kind);
+        let sealed = wacore::upload::encrypt_media(bytes, media_type).map_err(|e| e.to_string())?;
+        let token = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(sealed.file_enc_sha256);
+        let path =
+            self.shared
+                .media
+                .keep(media_type.mms_type(), &token, sealed.data_to_upload.into());
+        let host = self
+            .shared
+            .media
+            .hostname
+            .get()
+            .cloned()
+            .unwrap_or_default();
+        let upload = worker::driver::whatsapp::content::Uploaded {
+            url: format!("https://{host}{path}"),
+            direct_path: path,
+            media_key: sealed.media_key,
+            file_enc_sha256: sealed.file_enc_sha256,
+            file_sha256: sealed.file_sha256,
+            file_length: bytes.len() as u64,
+            media_key_timestamp: shared::db::now_ms() / 1000,
+            streaming_sidecar: sealed.streaming_sidecar,
+        };
+        let message = media_to_wa(content, upload, None, "").ok_or("not a file")?;
+        self.send(to, &message)
     }
 
     /// Sends a message to every device linked to the number `to`, encrypted by this phone

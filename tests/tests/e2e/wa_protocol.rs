@@ -278,7 +278,6 @@ async fn a_second_connection_of_the_device_fails_the_session_as_a_conflict_witho
     let server = WaServer::start().await;
     let phone = server.phone(PHONE);
     let s = linked(&env, &server, &phone).await;
-
     // The server's key reaches Postgres when the client flushes its state, which a fresh
     // pairing does in its own time (CI once read the keys before it, and the client below,
     // with no key cached, fell back to XX and refused the certificate): a restart flushes,
@@ -476,6 +475,29 @@ impl Linked {
     }
 
     /// Waits (up to 20 s) until the message `id` satisfies `pred`.
+    /// Every message of `ids` went out (none failed), and `contact` got as many from the
+    /// number.
+    async fn all_sent_and_received(&self, contact: &Phone, ids: &[String]) {
+        for id in ids {
+            let m = self
+                .wait_message(id, "sent", |m| {
+                    ["sent", "delivered", "read", "failed"]
+                        .contains(&m["status"].as_str().unwrap_or(""))
+                })
+                .await;
+            assert_ne!(m["status"], "failed", "{m}");
+        }
+        tests::eventually(Duration::from_secs(20), || async {
+            contact
+                .received()
+                .iter()
+                .filter(|r| r.from == PHONE)
+                .count()
+                == ids.len()
+        })
+        .await;
+    }
+
     async fn wait_message(&self, id: &str, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
         let path = format!("/api/v1/sessions/{}/messages/{id}", self.id);
         let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
@@ -702,24 +724,7 @@ async fn locations_contacts_replies_reactions_and_polls_go_both_ways_through_the
     for body in &sent {
         ids.push(s.send_message(body).await);
     }
-    for id in &ids {
-        let m = s
-            .wait_message(id, "sent", |m| {
-                ["sent", "delivered", "read", "failed"]
-                    .contains(&m["status"].as_str().unwrap_or(""))
-            })
-            .await;
-        assert_ne!(m["status"], "failed", "{m}");
-    }
-    tests::eventually(Duration::from_secs(20), || async {
-        contact
-            .received()
-            .iter()
-            .filter(|r| r.from == PHONE)
-            .count()
-            == 5
-    })
-    .await;
+    s.all_sent_and_received(&contact, &ids).await;
     let got = contact.received();
     let quote = got
         .iter()
@@ -806,6 +811,149 @@ async fn locations_contacts_replies_reactions_and_polls_go_both_ways_through_the
 }
 
 /// The newest event of `kind` of the session, once there is one.
+/// Files through the real driver: each is encrypted and uploaded to the server's media hosts
+/// (over HTTPS, after a `media_conn` query), and its message carries the key; the contact's
+/// phone downloads it by its direct path and opens it with that key, byte for byte.
+#[tokio::test]
+async fn files_reach_the_contact_through_whatsapps_media_hosts() {
+    use sha2::{Digest, Sha256};
+    use shared::media::Kind;
+    let env = TestEnv::new().await;
+    let server = WaServer::start().await;
+    let phone = server.phone(PHONE);
+    let contact = server.phone(CONTACT);
+    let s = linked(&env, &server, &phone).await;
+
+    let mut photo = b"\x89PNG\r\n\x1a\n\0\0\0\rIHDR\0\0\0\x10\0\0\0\x10\x08\x06\0\0\0".to_vec();
+    photo.extend((0..150_000u32).map(|i| (i * 31 % 251) as u8));
+    let mut invoice = b"%PDF-1.7\n".to_vec();
+    invoice.extend((0..70_000u32).map(|i| (i % 253) as u8));
+    let mut sent = Vec::new();
+    for (kind, mime, bytes, extra) in [
+        (
+            "image",
+            "image/png",
+            &photo,
+            json!({"caption": "your parcel"}),
+        ),
+        (
+            "document",
+            "application/pdf",
+            &invoice,
+            json!({"fileName": "invoice-42.pdf"}),
+        ),
+    ] {
+        let up = s.api.upload(&s.key, Some(mime), bytes.clone()).await;
+        let mut file = extra.clone();
+        file["mediaId"] = up.assert_status(201)["id"].clone();
+        let id = s
+            .send_message(&json!({"to": CONTACT, "type": kind, kind: file}))
+            .await;
+        sent.push((id, kind, bytes.clone(), extra));
+    }
+    let ids: Vec<String> = sent.iter().map(|(id, ..)| id.clone()).collect();
+    s.all_sent_and_received(&contact, &ids).await;
+    let got = contact.received();
+    for (_, kind, bytes, extra) in &sent {
+        let kind = match *kind {
+            "image" => Kind::Image,
+            _ => Kind::Document,
+        };
+        let r = got
+            .iter()
+            .find(|r| r.content().and_then(|c| c.media().map(|(k, _)| k)) == Some(kind))
+            .unwrap_or_else(|| panic!("the {kind:?} among {got:?}"));
+        let file = server.file_of(r).expect("the contact opens the file");
+        assert!(file == *bytes, "the {kind:?} byte for byte");
+        let content = r.content().expect("content");
+        let (_, shown) = content.media().expect("a file");
+        assert_eq!(
+            shown.sha256.as_deref(),
+            Some(shared::hex(&Sha256::digest(bytes)).as_str())
+        );
+        assert_eq!(shown.size, Some(bytes.len() as i64));
+        assert_eq!(shown.caption.as_deref(), extra["caption"].as_str());
+        assert_eq!(shown.file_name.as_deref(), extra["fileName"].as_str());
+    }
+
+    // The contact sends a photo: the worker downloads it from the media hosts, opens it with
+    // the message's key and keeps it; the API serves it byte for byte.
+    let mut reply = b"\x89PNG\r\n\x1a\n\0\0\0\rIHDR\0\0\0\x08\0\0\0\x08\x08\x06\0\0\0".to_vec();
+    reply.extend((0..90_000u32).map(|i| (i * 7 % 241) as u8));
+    let file = |caption: &str| {
+        Kind::Image.content(shared::message::MediaContent {
+            media_id: String::new(),
+            url: None,
+            caption: Some(caption.into()),
+            file_name: None,
+            mime_type: Some("image/png".into()),
+            size: None,
+            sha256: None,
+            status: None,
+            error: None,
+        })
+    };
+    let wa_in = contact
+        .send_file(PHONE, &file("arrived like this"), &reply)
+        .expect("the contact sends a photo");
+    let (inbound, content) = stored_message(&env, &s.id, &wa_in).await;
+    assert_eq!(content["type"], "image", "{content}");
+    assert_eq!(
+        content["image"]["caption"], "arrived like this",
+        "{content}"
+    );
+    assert_eq!(
+        content["image"]["sha256"],
+        json!(shared::hex(&Sha256::digest(&reply))),
+        "{content}"
+    );
+    assert_eq!(content["image"]["mimeType"], "image/png", "{content}");
+    let back = s
+        .api
+        .http
+        .get(format!(
+            "{}/api/v1/sessions/{}/messages/{inbound}/media",
+            s.api.base, s.id
+        ))
+        .bearer_auth(&s.key)
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(back.status(), 200);
+    assert!(
+        back.bytes().await.expect("body").as_ref() == reply.as_slice(),
+        "byte for byte"
+    );
+
+    // One whose link is dead is kept, its file marked failed with why; nothing else lost.
+    server.expire_files(true);
+    let wa_lost = contact
+        .send_file(PHONE, &file("gone"), &reply)
+        .expect("the contact sends another");
+    let (lost, content) = stored_message(&env, &s.id, &wa_lost).await;
+    assert_eq!(content["image"]["status"], "failed", "{content}");
+    assert!(
+        content["image"]["error"]
+            .as_str()
+            .is_some_and(|e| !e.is_empty()),
+        "{content}"
+    );
+    assert_eq!(content["image"]["caption"], "gone", "{content}");
+    let r = s
+        .api
+        .get(
+            &format!("/api/v1/sessions/{}/messages/{lost}/media", s.id),
+            &s.key,
+        )
+        .await;
+    r.assert_error(404, "not_found");
+    assert!(
+        undecryptable(&server).is_empty(),
+        "{:?}",
+        undecryptable(&server)
+    );
+}
+
 async fn newest_event(env: &TestEnv, session_id: &str, kind: &str) -> Value {
     let client = env.db.get().await.expect("db");
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);

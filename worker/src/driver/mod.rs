@@ -66,8 +66,23 @@ pub struct Inbound {
     pub content: Content,
     /// WhatsApp's id of the message a reaction, an edit or a revoke is on.
     pub refers_to: Option<String>,
+    /// Where the file it carries is, when the driver did not bring the bytes along (the
+    /// worker has the driver [`Connection::download`] it before storing the message).
+    pub file: Option<RemoteFile>,
     /// Epoch milliseconds.
     pub timestamp: i64,
+}
+
+/// A file a contact sent, on WhatsApp's media hosts, encrypted: its path there and what its
+/// message says of it (the key that opens it, the SHA-256 of both forms, its length).
+#[derive(Debug, Clone, PartialEq)]
+pub struct RemoteFile {
+    pub kind: shared::media::Kind,
+    pub direct_path: String,
+    pub media_key: Vec<u8>,
+    pub file_sha256: Vec<u8>,
+    pub file_enc_sha256: Vec<u8>,
+    pub file_length: u64,
 }
 
 /// A message to send, the messages it refers to resolved to what WhatsApp knows them by.
@@ -174,6 +189,10 @@ pub trait Connection: Send {
     }
     /// Marks a message that reached the number read.
     async fn mark_read(&mut self, _message: &Inbound) -> Result<(), DriverError> {
+        Err(DriverError::Unsupported)
+    }
+    /// The plain bytes of a file a contact sent (checked against what its message says).
+    async fn download(&mut self, _file: &RemoteFile) -> Result<Vec<u8>, DriverError> {
         Err(DriverError::Unsupported)
     }
     /// Drives the simulated phone or network (the `sim` driver only).

@@ -13,7 +13,8 @@ use std::{collections::VecDeque, time::Duration};
 
 use shared::{
     db::now_ms,
-    message::{Content, Message, MessageStatus},
+    media::{self, Media},
+    message::{Content, MediaStatus, Message, MessageStatus},
     protocol::EventKind,
     session::SessionStatus,
 };
@@ -296,6 +297,44 @@ impl Actor {
             };
             m.content.set_refers_to(target);
         }
+        if let Some(file) = m.file.take() {
+            let fetched = match self.conn.as_mut() {
+                Some(conn) => conn.download(&file).await.map_err(|e| e.to_string()),
+                None => Err("the session was not connected to WhatsApp".to_owned()),
+            };
+            let stored = match fetched {
+                Ok(bytes) => loop {
+                    let (db, org) = (&self.ctx.db, &self.row.organization_id);
+                    let keep = self.ctx.message_retention_ms;
+                    match keep_file(db, org, keep, &m.content, &bytes).await {
+                        Ok(media) => break Ok(media),
+                        Err(e) => {
+                            tracing::warn!(session_id = %self.row.id, error = %e, "could not store a received file; retrying");
+                            if !back_off(&self.lease.clone(), &mut backoff).await {
+                                return self.lost();
+                            }
+                        }
+                    }
+                },
+                Err(why) => Err(why),
+            };
+            if let Some(shown) = m.content.media_mut() {
+                match stored {
+                    Ok(media) => {
+                        shown.media_id = media.id;
+                        shown.mime_type = Some(media.mime_type);
+                        shown.size = Some(media.size);
+                        shown.sha256 = Some(media.sha256);
+                    }
+                    Err(why) => {
+                        tracing::warn!(session_id = %self.row.id, error = %why, "a received file could not be fetched");
+                        metrics::counter!("worker_received_files_failed_total").increment(1);
+                        shown.status = Some(MediaStatus::Failed);
+                        shown.error = Some(why);
+                    }
+                }
+            }
+        }
         let event = loop {
             let keep = self.ctx.message_retention_ms;
             match messages::insert_inbound(&self.ctx.db, &self.row, self.epoch, &m, now_ms(), keep)
@@ -398,6 +437,38 @@ impl Actor {
             }
         }
     }
+}
+
+/// Stores the bytes of a file a contact sent as a file of `org`, kept `keep_ms` (its message,
+/// stored next, keeps it as long as itself).
+async fn keep_file(
+    db: &deadpool_postgres::Pool,
+    org: &str,
+    keep_ms: i64,
+    content: &Content,
+    bytes: &[u8],
+) -> shared::Result<Media> {
+    use sha2::{Digest, Sha256};
+    let declared = content.media().and_then(|(_, f)| f.mime_type.clone());
+    let head = &bytes[..bytes.len().min(media::SNIFF_BYTES)];
+    let mime_type = media::sniff(head, declared.as_deref())
+        .ok()
+        .or(declared)
+        .unwrap_or_else(|| "application/octet-stream".into());
+    let now = now_ms();
+    let file = Media {
+        id: ulid::Ulid::new().to_string(),
+        mime_type,
+        size: bytes.len() as i64,
+        sha256: shared::hex(&Sha256::digest(bytes)),
+        created_at: now,
+        expires_at: now + keep_ms,
+    };
+    let mut client = db.get().await?;
+    let tx = client.transaction().await?;
+    shared::store::media::put(&tx, org, &file, bytes).await?;
+    tx.commit().await?;
+    Ok(file)
 }
 
 #[cfg(test)]

@@ -242,6 +242,8 @@ impl Connection for SimConnection {
                     from,
                     content: *content,
                     refers_to: refers_to.map(|r| r.wa_id),
+                    // The simulated contact's files are in the media store already.
+                    file: None,
                     timestamp: now_ms(),
                 });
                 self.ask(|tx| Control::Inbound(inbound, tx)).await

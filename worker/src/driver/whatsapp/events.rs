@@ -30,6 +30,7 @@ pub fn map_all(event: &Event, now_ms: i64) -> Vec<DriverEvent> {
                     chat: m.info.source.chat.to_non_ad_string(),
                     content,
                     refers_to,
+                    file: super::content::remote_file(&m.message),
                     timestamp: m.info.timestamp.timestamp_millis(),
                 })))
             })
@@ -344,6 +345,7 @@ mod tests {
                 chat: "6281100000002@s.whatsapp.net".into(),
                 content: shared::message::Content::Text { text: "hi".into() },
                 refers_to: None,
+                file: None,
                 timestamp: NOW,
             }))]
         );

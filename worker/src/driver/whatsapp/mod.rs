@@ -44,6 +44,7 @@ use whatsapp_rust::{
     pair_code::PairCodeOptions,
     transport::TokioWebSocketTransportFactory,
     types::events::{Event, EventHandler},
+    upload::UploadOptions,
     waproto::whatsapp as wa,
 };
 
@@ -427,11 +428,27 @@ impl Connection for WhatsAppConnection {
                     .await;
                 sent.map(|_| None).map_err(|e| refused(e.to_string()))
             }
-            content if content.media().is_some() => Err(DriverError::Refused(format!(
-                "this driver does not send a {} yet (issue 21: the upload to WhatsApp's media \
-                 hosts is to come); the simulator does",
-                content.kind()
-            ))),
+            // A file: encrypted and uploaded to WhatsApp's media hosts (the hosts a
+            // `media_conn` query names), then its message, carrying the key, to the contact.
+            content if let Some((kind, _)) = content.media() => {
+                let bytes = message.media.clone().ok_or_else(|| {
+                    DriverError::Refused(format!("the {} has no file to send", kind.as_str()))
+                })?;
+                let upload = client
+                    .upload(bytes, content::media_type(kind), UploadOptions::default())
+                    .await
+                    .map_err(|e| {
+                        DriverError::Connection(format!(
+                            "could not upload the file to WhatsApp's media hosts: {e}"
+                        ))
+                    })?;
+                let wa_message =
+                    content::media_to_wa(content, upload.into(), message.reply_to.as_ref(), &own)
+                        .ok_or_else(|| DriverError::Refused("not a file".into()))?;
+                let sent = client.send_message(jid, wa_message).await;
+                sent.map(|s| Some(s.message_id))
+                    .map_err(|e| refused(e.to_string()))
+            }
             content => {
                 let wa_message = content::to_wa(content, message.reply_to.as_ref(), &own);
                 let sent = client.send_message(jid, wa_message).await;
@@ -496,6 +513,14 @@ impl Connection for WhatsAppConnection {
             .mark_as_read(&chat, sender, &[message.id.as_str()])
             .await
             .map_err(|e| DriverError::Connection(format!("cannot mark read: {e}")))
+    }
+
+    async fn download(&mut self, file: &super::RemoteFile) -> Result<Vec<u8>, DriverError> {
+        let client = self.client()?;
+        client
+            .download(&content::Remote(file))
+            .await
+            .map_err(|e| DriverError::Connection(format!("could not download the file: {e}")))
     }
 
     async fn close(&mut self) {
