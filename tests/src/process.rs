@@ -291,10 +291,11 @@ pub struct WaServerProcess {
 impl WaServerProcess {
     /// Starts it and waits until its control API answers.
     pub async fn spawn() -> WaServerProcess {
-        let (chat, control) = (crate::free_port(), crate::free_port());
+        let (chat, control, media) = (crate::free_port(), crate::free_port(), crate::free_port());
         let child = Command::new(binary("wa-server"))
             .args(["--listen", &format!("127.0.0.1:{chat}")])
             .args(["--control", &format!("127.0.0.1:{control}")])
+            .args(["--media", &format!("127.0.0.1:{media}")])
             .stdout(Stdio::null())
             .spawn()
             .expect("start the wa-server binary");

@@ -8,7 +8,8 @@
 //! server is a WhatsApp that forgot every linked device (they are refused at login and end
 //! `logged_out`). Its own keys are fixed, so a device's stored server key stays valid.
 //!
-//! `cargo run -p tests --bin wa-server -- --listen 127.0.0.1:9300 --control 127.0.0.1:9301`
+//! `cargo run -p tests --bin wa-server -- --listen 127.0.0.1:9300 --control 127.0.0.1:9301
+//! --media 127.0.0.1:9302`
 
 use std::process::ExitCode;
 
@@ -28,6 +29,14 @@ struct Args {
         default_value = "127.0.0.1:9301"
     )]
     control: String,
+    /// Where WhatsApp's media hosts listen (HTTPS, a certificate made at start): files are
+    /// uploaded and downloaded there.
+    #[arg(long, env = "WA_SERVER_MEDIA_LISTEN", default_value = "127.0.0.1:9302")]
+    media: String,
+    /// The media hosts' `host:port` as workers reach them (what `media_conn` names); the
+    /// media address by default.
+    #[arg(long, env = "WA_SERVER_MEDIA_HOST")]
+    media_host: Option<String>,
     /// Every phone reads each message a device sends it this long after it arrived (0:
     /// never), as a contact with the chat open does.
     #[arg(long, env = "WA_SERVER_READ_AFTER_MS", default_value_t = 1000)]
@@ -45,14 +54,21 @@ async fn main() -> ExitCode {
             .await
             .map_err(|e| format!("cannot listen on {addr}: {e}"))
     };
-    let (chat, control) = match (bind(args.listen).await, bind(args.control).await) {
-        (Ok(chat), Ok(control)) => (chat, control),
-        (Err(e), _) | (_, Err(e)) => {
+    let media_host = args.media_host.unwrap_or_else(|| args.media.clone());
+    let bound = (
+        bind(args.listen).await,
+        bind(args.control).await,
+        bind(args.media).await,
+    );
+    let (chat, control, media) = match bound {
+        (Ok(chat), Ok(control), Ok(media)) => (chat, control, media),
+        (Err(e), _, _) | (_, Err(e), _) | (_, _, Err(e)) => {
             eprintln!("wa-server: {e}");
             return ExitCode::from(2);
         }
     };
     let mut server = WaServer::serve(chat);
+    server.serve_media(media, media_host.clone());
     if args.read_after_ms > 0 {
         server.read_after(std::time::Duration::from_millis(args.read_after_ms));
     }
@@ -65,7 +81,10 @@ async fn main() -> ExitCode {
         server.require_version((a, b, c));
     }
     let control = server.serve_control(control);
-    println!("wa-server: WhatsApp on {}, phones on {control}", server.url);
+    println!(
+        "wa-server: WhatsApp on {}, its media hosts on https://{media_host}, phones on {control}",
+        server.url
+    );
     shared::telemetry::wait_for_signal().await;
     ExitCode::SUCCESS
 }
