@@ -326,6 +326,10 @@ fn answer(node: &Node, shared: &Shared, device: Option<(&str, u16)>) -> Vec<Node
     match (node.tag.as_ref(), device) {
         ("iq", _) => {}
         ("message", Some(sender)) => return message(node, shared, sender),
+        // A file's link is dead: the sender's phone is asked to upload it again.
+        ("receipt", Some(_)) if attr(node, "type").as_deref() == Some("server-error") => {
+            return shared.media.upload_again(node).into_iter().collect();
+        }
         ("receipt", Some(device)) => {
             receipt(node, shared, device);
             return vec![];

@@ -9,9 +9,12 @@
 //! binary) accepts it.
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     net::SocketAddr,
-    sync::{Arc, Mutex, OnceLock},
+    sync::{
+        Arc, Mutex, MutexGuard, OnceLock,
+        atomic::{AtomicBool, AtomicUsize, Ordering},
+    },
 };
 
 use axum::{
@@ -29,7 +32,8 @@ use wacore::{
     download::{DownloadUtils, Downloadable},
     proto_helpers::MessageExt,
 };
-use waproto::whatsapp as wa;
+use wacore_binary::{Node, builder::NodeBuilder};
+use waproto::{buffa::Message as _, whatsapp as wa};
 
 use super::Shared;
 
@@ -43,8 +47,24 @@ pub(super) struct Hosts {
     /// `host:port` as devices reach it.
     pub hostname: OnceLock<String>,
     files: Mutex<HashMap<String, Bytes>>,
-    /// Downloads answer 404, as for links that expired.
-    pub expired: std::sync::atomic::AtomicBool,
+    /// Paths that answer 404, as links do once they expired.
+    dead: Mutex<HashSet<String>>,
+    /// Files phones sent, by message id: what they need to upload one again.
+    sent: Mutex<HashMap<String, Sent>>,
+    /// A file a phone sends from now on has a dead link from the start (its upload again is
+    /// live).
+    pub links_die: AtomicBool,
+    /// Phones no longer have the files they sent: they cannot upload one again.
+    pub phones_lost_files: AtomicBool,
+    /// Files uploaded again at a device's request.
+    pub uploaded_again: AtomicUsize,
+}
+
+/// A file a phone sent: the key its message carries, where it was kept.
+struct Sent {
+    media_key: [u8; 32],
+    kind: String,
+    token: String,
 }
 
 impl Hosts {
@@ -58,6 +78,62 @@ impl Hosts {
             .cloned()
     }
 
+    /// A phone sent message `id` with the file kept as `kind`/`token` under `media_key`.
+    pub fn sent(&self, id: &str, media_key: &[u8; 32], kind: &str, token: &str) {
+        if self.links_die.load(Ordering::SeqCst) {
+            lock(&self.dead).insert(format!("/v/t62.{kind}/{token}"));
+        }
+        let sent = Sent {
+            media_key: *media_key,
+            kind: kind.to_owned(),
+            token: token.to_owned(),
+        };
+        lock(&self.sent).insert(id.to_owned(), sent);
+    }
+
+    /// A device's `<receipt type="server-error">` for message `id` (its file's link is dead):
+    /// the sender's phone uploads it again under a new path and answers with the
+    /// `mediaretry` notification that names it, sealed under the file's key, as WhatsApp
+    /// relays it; or says it no longer has the file (`<error code="2">`).
+    pub fn upload_again(&self, receipt: &Node) -> Option<Node> {
+        let id = receipt.attrs.get("id")?.as_str().into_owned();
+        let rmr = receipt.get_optional_child("rmr")?.clone();
+        let sent = lock(&self.sent)
+            .get(&id)
+            .map(|s| (s.media_key, s.kind.clone(), s.token.clone()));
+        let notification = NodeBuilder::new("notification")
+            .attr("type", "mediaretry")
+            .attr("id", id.clone())
+            .attr("from", super::conn::SERVER)
+            .attr("t", (shared::db::now_ms() / 1000).to_string());
+        let again = match sent {
+            Some((key, kind, token)) if !self.phones_lost_files.load(Ordering::SeqCst) => {
+                let bytes = self.file(&format!("/v/t62.{kind}/{token}"))?;
+                let n = self.uploaded_again.fetch_add(1, Ordering::SeqCst) + 1;
+                Some((key, self.keep(&kind, &format!("{token}-again{n}"), bytes)))
+            }
+            _ => None,
+        };
+        let Some((key, path)) = again else {
+            let error = NodeBuilder::new("error").attr("code", "2").build();
+            return Some(notification.children([rmr, error]).build());
+        };
+        let answer = wa::MediaRetryNotification {
+            stanza_id: Some(id.clone()),
+            direct_path: Some(path),
+            result: Some(wa::media_retry_notification::ResultType::SUCCESS),
+            ..Default::default()
+        };
+        let (sealed, iv) = seal_retry(&key, &id, &answer.encode_to_vec());
+        let encrypt = NodeBuilder::new("encrypt")
+            .children([
+                NodeBuilder::new("enc_p").bytes(sealed).build(),
+                NodeBuilder::new("enc_iv").bytes(iv.to_vec()).build(),
+            ])
+            .build();
+        Some(notification.children([encrypt, rmr]).build())
+    }
+
     /// Keeps `encrypted` as the file whose encrypted SHA-256 is `token`: its direct path.
     pub fn keep(&self, kind: &str, token: &str, encrypted: Bytes) -> String {
         let path = format!("/v/t62.{kind}/{token}");
@@ -67,6 +143,25 @@ impl Hosts {
             .insert(path.clone(), encrypted);
         path
     }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// A media-retry answer sealed as the client opens it: AES-256-GCM under the key HKDF makes of
+/// the file's media key ("WhatsApp Media Retry Notification"), the message id as associated
+/// data, a random 12-byte IV.
+fn seal_retry(media_key: &[u8; 32], id: &str, plain: &[u8]) -> (Vec<u8>, [u8; 12]) {
+    let mut key = [0u8; 32];
+    hkdf::Hkdf::<sha2::Sha256>::new(None, media_key)
+        .expand(b"WhatsApp Media Retry Notification", &mut key)
+        .expect("32 bytes");
+    let iv: [u8; 12] = rand010::random();
+    let mut sealed = Vec::new();
+    wacore::libsignal::crypto::aes_256_gcm_encrypt(&key, &iv, id.as_bytes(), plain, &mut sealed)
+        .expect("AES-GCM");
+    (sealed, iv)
 }
 
 /// Serves the media hosts on `listener` (HTTPS); devices are told `hostname`.
@@ -116,14 +211,11 @@ async fn download(
     State(shared): State<Arc<Shared>>,
     Path((kind, token)): Path<(String, String)>,
 ) -> axum::response::Response {
-    if shared
-        .media
-        .expired
-        .load(std::sync::atomic::Ordering::SeqCst)
-    {
+    let path = format!("/v/{kind}/{token}");
+    if lock(&shared.media.dead).contains(&path) {
         return (StatusCode::NOT_FOUND, "expired").into_response();
     }
-    match shared.media.file(&format!("/v/{kind}/{token}")) {
+    match shared.media.file(&path) {
         Some(bytes) => bytes.into_response(),
         None => (StatusCode::NOT_FOUND, "gone").into_response(),
     }

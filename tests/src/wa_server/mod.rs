@@ -292,13 +292,31 @@ impl WaServer {
         media::open(&self.shared.media, &received.message)
     }
 
-    /// Downloads answer 404 from now on (`true`), as links do once WhatsApp's hosts dropped
-    /// the file, or serve again (`false`).
-    pub fn expire_files(&self, expired: bool) {
-        self.shared
-            .media
-            .expired
-            .store(expired, std::sync::atomic::Ordering::SeqCst);
+    /// Files phones send from now on have dead links from the start (`true`), as links are
+    /// once WhatsApp's hosts dropped the file: a device must ask the sender's phone to upload
+    /// it again (media re-upload).
+    pub fn links_die(&self, die: bool) {
+        let media = &self.shared.media;
+        media
+            .links_die
+            .store(die, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Phones no longer have the files they sent (`true`): asked to upload one again, they
+    /// answer that they cannot.
+    pub fn phones_lose_files(&self, lost: bool) {
+        let media = &self.shared.media;
+        media
+            .phones_lost_files
+            .store(lost, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// How many files phones uploaded again at a device's request.
+    pub fn uploaded_again(&self) -> usize {
+        let media = &self.shared.media;
+        media
+            .uploaded_again
+            .load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// Serves on `listener`.

@@ -440,17 +440,26 @@ impl Phone {
             streaming_sidecar: sealed.streaming_sidecar,
         };
         let message = media_to_wa(content, upload, None, "").ok_or("not a file")?;
-        self.send(to, &message)
+        // The phone keeps its copy, to upload it again when a device asks.
+        let id = message_id();
+        self.shared
+            .media
+            .sent(&id, &sealed.media_key, media_type.mms_type(), &token);
+        self.send_as(to, &message, id)
     }
 
     /// Sends a message to every device linked to the number `to`, encrypted by this phone
     /// (a device that does not acknowledge it gets it again when it logs in). Answers the
     /// message id.
     pub fn send(&self, to: &str, message: &wa::Message) -> Result<String, String> {
+        self.send_as(to, message, message_id())
+    }
+
+    /// [`Phone::send`], the message's id chosen.
+    fn send_as(&self, to: &str, message: &wa::Message, id: String) -> Result<String, String> {
         if to == self.number {
             return Err("a phone does not message itself".into());
         }
-        let id = message_id();
         let mut guard = self.shared.state();
         let state = &mut *guard;
         let mut me = state

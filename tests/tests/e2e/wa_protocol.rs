@@ -925,8 +925,22 @@ async fn files_reach_the_contact_through_whatsapps_media_hosts() {
         "byte for byte"
     );
 
-    // One whose link is dead is kept, its file marked failed with why; nothing else lost.
-    server.expire_files(true);
+    // One whose link is dead: the worker asks the contact's phone to upload it again
+    // (WhatsApp's media re-upload request) and reads it from its new path.
+    server.links_die(true);
+    let wa_again = contact
+        .send_file(PHONE, &file("sent again"), &reply)
+        .expect("the contact sends another");
+    let (_, content) = stored_message(&env, &s.id, &wa_again).await;
+    assert_eq!(
+        content["image"]["sha256"],
+        json!(shared::hex(&Sha256::digest(&reply))),
+        "{content}"
+    );
+    assert_eq!(server.uploaded_again(), 1);
+
+    // The phone no longer has it: the message is kept, its file marked failed with why.
+    server.phones_lose_files(true);
     let wa_lost = contact
         .send_file(PHONE, &file("gone"), &reply)
         .expect("the contact sends another");
@@ -935,7 +949,7 @@ async fn files_reach_the_contact_through_whatsapps_media_hosts() {
     assert!(
         content["image"]["error"]
             .as_str()
-            .is_some_and(|e| !e.is_empty()),
+            .is_some_and(|e| e.contains("no longer has it")),
         "{content}"
     );
     assert_eq!(content["image"]["caption"], "gone", "{content}");

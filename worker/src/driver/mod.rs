@@ -74,9 +74,13 @@ pub struct Inbound {
 }
 
 /// A file a contact sent, on WhatsApp's media hosts, encrypted: its path there and what its
-/// message says of it (the key that opens it, the SHA-256 of both forms, its length).
+/// message says of it (the key that opens it, the SHA-256 of both forms, its length), and the
+/// message (WhatsApp's id, its chat), by which the sender's phone is asked to upload it again
+/// when its link is dead.
 #[derive(Debug, Clone, PartialEq)]
 pub struct RemoteFile {
+    pub message_id: String,
+    pub chat: String,
     pub kind: shared::media::Kind,
     pub direct_path: String,
     pub media_key: Vec<u8>,

@@ -307,9 +307,11 @@ fn file_from_wa(base: &wa::Message) -> Option<Content> {
 
 /// Where the file a received message carries is: WhatsApp's direct path and what the message
 /// says of it. `None` for a message without a file (or one without its keys).
-pub fn remote_file(message: &wa::Message) -> Option<RemoteFile> {
+pub fn remote_file(message: &wa::Message, id: &str, chat: &str) -> Option<RemoteFile> {
     let f = FileMessage::of(message.get_base_message())?;
     Some(RemoteFile {
+        message_id: id.to_owned(),
+        chat: chat.to_owned(),
         kind: f.kind,
         direct_path: f.fetch.direct_path()?.to_owned(),
         media_key: f.fetch.media_key()?.to_vec(),
@@ -618,7 +620,7 @@ mod tests {
             assert_eq!(back.size, Some(1234));
             assert_eq!(back.sha256, Some(shared::hex(&[2; 32])));
             assert!(back.media_id.is_empty(), "the bytes are not here");
-            let remote = remote_file(&wa).expect("where it is");
+            let remote = remote_file(&wa, "3EB0", "6281100000002@s.whatsapp.net").expect("where");
             assert_eq!(
                 (remote.kind, remote.direct_path.as_str(), remote.file_length),
                 (kind, "/v/t62/abc", 1234)

@@ -38,7 +38,7 @@ use shared::{
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use whatsapp_rust::{
-    RevokeType, TokioRuntime,
+    MediaRetryResult, MediaReuploadRequest, RevokeType, TokioRuntime,
     bot::{Bot, BotHandle},
     http::UreqHttpClient,
     pair_code::PairCodeOptions,
@@ -517,10 +517,46 @@ impl Connection for WhatsAppConnection {
 
     async fn download(&mut self, file: &super::RemoteFile) -> Result<Vec<u8>, DriverError> {
         let client = self.client()?;
+        let first = match client.download(&content::Remote(file)).await {
+            Ok(bytes) => return Ok(bytes),
+            Err(e) => e,
+        };
+        // A dead link (WhatsApp's hosts keep a file for a while): the sender's phone is asked
+        // to upload it again (WhatsApp's media re-upload request), then the new path is read.
+        let failed = |why: String| {
+            DriverError::Connection(format!("could not download the file ({first}); {why}"))
+        };
+        let chat = parse_jid(&file.chat)?;
+        let asked = client
+            .media_reupload()
+            .request(&MediaReuploadRequest {
+                msg_id: &file.message_id,
+                chat_jid: &chat,
+                media_key: &file.media_key,
+                is_from_me: false,
+                participant: None,
+            })
+            .await;
+        let direct_path = match asked {
+            Ok(MediaRetryResult::Success { direct_path }) => direct_path,
+            Ok(MediaRetryResult::NotFound) => {
+                return Err(failed("the sender's phone no longer has it".into()));
+            }
+            Ok(other) => {
+                return Err(failed(format!(
+                    "the sender's phone could not upload it again ({other:?})"
+                )));
+            }
+            Err(e) => return Err(failed(format!("asking for it again failed: {e}"))),
+        };
+        let again = super::RemoteFile {
+            direct_path,
+            ..file.clone()
+        };
         client
-            .download(&content::Remote(file))
+            .download(&content::Remote(&again))
             .await
-            .map_err(|e| DriverError::Connection(format!("could not download the file: {e}")))
+            .map_err(|e| failed(format!("uploaded again, it still could not be read: {e}")))
     }
 
     async fn close(&mut self) {
