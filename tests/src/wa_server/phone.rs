@@ -413,7 +413,7 @@ impl Phone {
     /// media hosts, its message carrying the key (and `content`'s caption, name and type).
     /// `content` is the file's message as our API shows it. Answers the message id.
     pub fn send_file(&self, to: &str, content: &Content, bytes: &[u8]) -> Result<String, String> {
-        use worker::driver::whatsapp::content::{media_to_wa, media_type};
+        use worker::driver::whatsapp::files::{media_to_wa, media_type};
         let (kind, _) = content.media().ok_or("not a file")?;
         let media_type = media_type(kind);
         let sealed = wacore::upload::encrypt_media(bytes, media_type).map_err(|e| e.to_string())?;
@@ -429,7 +429,7 @@ impl Phone {
             .get()
             .cloned()
             .unwrap_or_default();
-        let upload = worker::driver::whatsapp::content::Uploaded {
+        let upload = worker::driver::whatsapp::files::Uploaded {
             url: format!("https://{host}{path}"),
             direct_path: path,
             media_key: sealed.media_key,

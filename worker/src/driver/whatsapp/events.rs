@@ -30,7 +30,7 @@ pub fn map_all(event: &Event, now_ms: i64) -> Vec<DriverEvent> {
                     chat: m.info.source.chat.to_non_ad_string(),
                     content,
                     refers_to,
-                    file: super::content::remote_file(
+                    file: super::files::remote_file(
                         &m.message,
                         &m.info.id,
                         &m.info.source.chat.to_non_ad_string(),
