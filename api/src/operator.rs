@@ -4,11 +4,9 @@
 
 use std::time::Duration;
 
-use sha2::{Digest, Sha256};
 use shared::{
     Error, Result,
     auth::{Capabilities, Capability, Principal},
-    db::now_ms,
     media::{self, Media},
     message::MediaContent,
     protocol::{Command, CommandOutput},
@@ -45,15 +43,7 @@ pub async fn send_file(
     kind.accepts("file", &mime_type, bytes.len() as u64)?;
     let retention = state.cfg.media.retention_ms();
     run(&state, session_id, move || {
-        let now = now_ms();
-        let file = Media {
-            id: ulid::Ulid::new().to_string(),
-            mime_type,
-            size: bytes.len() as i64,
-            sha256: shared::hex(&Sha256::digest(&bytes)),
-            created_at: now,
-            expires_at: now + retention,
-        };
+        let file = Media::of(&bytes, mime_type, retention);
         let content = kind.content(MediaContent {
             media_id: file.id.clone(),
             url: None,

@@ -33,6 +33,23 @@ pub struct Media {
     pub expires_at: i64,
 }
 
+impl Media {
+    /// The record of `bytes`, a file of `mime_type` made now and kept `keep_ms`: a new id,
+    /// their size and SHA-256.
+    pub fn of(bytes: &[u8], mime_type: String, keep_ms: i64) -> Media {
+        use sha2::{Digest, Sha256};
+        let now = crate::db::now_ms();
+        Media {
+            id: ulid::Ulid::new().to_string(),
+            mime_type,
+            size: bytes.len() as i64,
+            sha256: crate::hex(&Sha256::digest(bytes)),
+            created_at: now,
+            expires_at: now + keep_ms,
+        }
+    }
+}
+
 /// The kinds of message that carry a file.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {

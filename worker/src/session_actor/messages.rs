@@ -448,22 +448,13 @@ async fn keep_file(
     content: &Content,
     bytes: &[u8],
 ) -> shared::Result<Media> {
-    use sha2::{Digest, Sha256};
     let declared = content.media().and_then(|(_, f)| f.mime_type.clone());
     let head = &bytes[..bytes.len().min(media::SNIFF_BYTES)];
     let mime_type = media::sniff(head, declared.as_deref())
         .ok()
         .or(declared)
         .unwrap_or_else(|| "application/octet-stream".into());
-    let now = now_ms();
-    let file = Media {
-        id: ulid::Ulid::new().to_string(),
-        mime_type,
-        size: bytes.len() as i64,
-        sha256: shared::hex(&Sha256::digest(bytes)),
-        created_at: now,
-        expires_at: now + keep_ms,
-    };
+    let file = Media::of(bytes, mime_type, keep_ms);
     let mut client = db.get().await?;
     let tx = client.transaction().await?;
     shared::store::media::put(&tx, org, &file, bytes).await?;
