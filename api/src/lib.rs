@@ -64,6 +64,8 @@ pub struct App {
     pub fleet: Fleet,
     pub cfg: Arc<Config>,
     pub dev_jwks: Option<Arc<serde_json::Value>>,
+    /// Where files' bytes are (`MEDIA_STORE`).
+    pub media: shared::media_store::MediaStore,
     /// Fetches the files messages name by `url`.
     pub media_fetcher: media_in::Fetcher,
     /// Seal webhook secrets (`WEBHOOK_SECRET_KEYS`); `None` where webhooks are not configured.
@@ -172,6 +174,7 @@ pub async fn build_state(cfg: Config, shutdown: CancellationToken) -> Result<App
         Duration::from_millis(cfg.command_sweep_grace_ms),
         shutdown.clone(),
     );
+    let media = shared::media_store::MediaStore::postgres();
     let fleet = Fleet::start(
         db.clone(),
         Duration::from_millis(cfg.gateway_liveness_ms),
@@ -186,7 +189,8 @@ pub async fn build_state(cfg: Config, shutdown: CancellationToken) -> Result<App
         bus,
         fleet,
         dev_jwks,
-        media_fetcher: media_in::Fetcher::new(&cfg.media)?,
+        media_fetcher: media_in::Fetcher::new(&cfg.media, media.clone())?,
+        media,
         webhook_keys,
         shutdown,
         cfg: Arc::new(cfg),

@@ -2,7 +2,7 @@
 //! (`routes/media.rs`) or what a message's `url` answers (`routes/messages.rs`), stored the
 //! same way.
 //!
-//! The bytes are hashed and written to the media store (`shared/src/store/media.rs`) a chunk
+//! The bytes are hashed and written to the media store (`shared/src/media_store/`) a chunk
 //! at a time inside one transaction, so memory stays at a chunk per file whatever its size,
 //! and a file that is too large, of the wrong type or cut short rolls back with nothing
 //! stored. What the file is comes from its first bytes (`shared::media::sniff`), never from
@@ -21,7 +21,7 @@ use shared::{
     Error, ErrorCode, Result,
     db::now_ms,
     media::{self, CHUNK_BYTES, Media, SNIFF_BYTES},
-    store,
+    media_store::MediaStore,
 };
 use ulid::Ulid;
 
@@ -38,11 +38,12 @@ pub struct Limits<'a> {
     pub accepts: &'a (dyn Fn(&str, u64) -> Result<()> + Sync),
 }
 
-/// Stores `bytes` as a file of `org`, kept `retention_ms`: its record, once every byte is in
-/// and `limits` hold. `declared` is the type its sender named; a stream error is a transfer
-/// cut short.
+/// Stores `bytes` as a file of `org` in `media`, kept `retention_ms`: its record, once every
+/// byte is in and `limits` hold. `declared` is the type its sender named; a stream error is a
+/// transfer cut short.
 pub async fn store(
     db: &mut deadpool_postgres::Object,
+    media: &MediaStore,
     org: &str,
     retention_ms: i64,
     declared: Option<&str>,
@@ -51,9 +52,10 @@ pub async fn store(
 ) -> Result<Media> {
     let id = Ulid::new().to_string();
     let tx = db.transaction().await?;
+    let mut file = media.writer(&id);
     let mut bytes = std::pin::pin!(bytes);
     let (mut buf, mut head) = (Vec::with_capacity(CHUNK_BYTES), Vec::new());
-    let (mut size, mut seq, mut sha) = (0u64, 0i32, Sha256::new());
+    let (mut size, mut sha) = (0u64, Sha256::new());
     let mut mime_type = None;
     loop {
         let next = bytes.next().await;
@@ -85,8 +87,7 @@ pub async fn store(
         }
         while buf.len() >= CHUNK_BYTES || (done && !buf.is_empty()) {
             let rest = buf.split_off(buf.len().min(CHUNK_BYTES));
-            store::media::put_chunk(&tx, &id, seq, &buf).await?;
-            seq += 1;
+            file.write(&tx, &buf).await?;
             buf = rest;
         }
         if done {
@@ -96,7 +97,7 @@ pub async fn store(
     let mime_type = mime_type.unwrap_or_default();
     (limits.accepts)(&mime_type, size)?;
     let now = now_ms();
-    let media = Media {
+    let stored = Media {
         id,
         mime_type,
         size: size as i64,
@@ -104,23 +105,25 @@ pub async fn store(
         created_at: now,
         expires_at: now + retention_ms,
     };
-    store::media::insert(&tx, org, &media).await?;
+    file.finish(&tx, org, &stored).await?;
     tx.commit().await?;
     metrics::counter!("api_media_stored_bytes_total", "organization" => org.to_owned())
         .increment(size);
-    Ok(media)
+    Ok(stored)
 }
 
 /// Fetches the files messages name by `url`.
 #[derive(Clone)]
 pub struct Fetcher {
     http: reqwest::Client,
+    /// Where fetched files go.
+    media: MediaStore,
     allow_http: bool,
     reach: guard::Reach,
 }
 
 impl Fetcher {
-    pub fn new(cfg: &MediaConfig) -> Result<Fetcher> {
+    pub fn new(cfg: &MediaConfig, media: MediaStore) -> Result<Fetcher> {
         let reach = cfg.reach();
         let allow_http = cfg.media_url_allow_http;
         let redirects = reach.clone();
@@ -150,6 +153,7 @@ impl Fetcher {
             .map_err(Error::internal)?;
         Ok(Fetcher {
             http,
+            media,
             allow_http,
             reach,
         })
@@ -204,23 +208,32 @@ impl Fetcher {
         let body = response
             .bytes_stream()
             .map(|piece| piece.map_err(|e| chain(&e)));
-        store(db, org, retention_ms, declared.as_deref(), limits, body)
-            .await
-            .map_err(|e| match e.body.code {
-                ErrorCode::InvalidArgument
-                | ErrorCode::UnsupportedMediaType
-                | ErrorCode::PayloadTooLarge
-                    if !e.body.details.contains_key("field") =>
-                {
-                    let message = format!("{field}: {}", e.body.message);
-                    Error {
-                        body: shared::error::ErrorBody { message, ..e.body },
-                        ..e
-                    }
-                    .with_detail("field", field)
+        let media = &self.media;
+        store(
+            db,
+            media,
+            org,
+            retention_ms,
+            declared.as_deref(),
+            limits,
+            body,
+        )
+        .await
+        .map_err(|e| match e.body.code {
+            ErrorCode::InvalidArgument
+            | ErrorCode::UnsupportedMediaType
+            | ErrorCode::PayloadTooLarge
+                if !e.body.details.contains_key("field") =>
+            {
+                let message = format!("{field}: {}", e.body.message);
+                Error {
+                    body: shared::error::ErrorBody { message, ..e.body },
+                    ..e
                 }
-                _ => e,
-            })
+                .with_detail("field", field)
+            }
+            _ => e,
+        })
     }
 }
 

@@ -83,7 +83,9 @@ async fn run(
     if let Some((file, bytes)) = file {
         let mut client = state.db.get().await?;
         let tx = client.transaction().await?;
-        store::media::put(&tx, &session.organization_id, &file, &bytes).await?;
+        (state.media)
+            .put(&tx, &session.organization_id, &file, &bytes)
+            .await?;
         tx.commit().await?;
     }
     let operator = Principal {

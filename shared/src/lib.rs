@@ -9,6 +9,7 @@ pub mod devtoken;
 pub mod error;
 pub mod fleet;
 pub mod media;
+pub mod media_store;
 pub mod message;
 pub mod protocol;
 pub mod sealed;

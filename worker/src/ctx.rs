@@ -20,6 +20,8 @@ pub struct Ctx {
     /// Group commit for messages' status changes and their events.
     pub statuses: store::messages::StatusWriter,
     pub driver: Arc<dyn Driver>,
+    /// Where files' bytes are: those messages carry out, those contacts send.
+    pub media: shared::media_store::MediaStore,
     pub outbox: Outbox,
     pub gateway_id: String,
     /// This worker process: the holder its claims name, and whose lease on the gateway

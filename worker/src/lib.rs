@@ -67,6 +67,7 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<()> {
         shared::telemetry::bind_metrics_listener(cfg.metrics_listen, "WORKER_METRICS_LISTEN")
             .await?;
     let reaper_db = shared::db::pool(&cfg.db.database_url, 1)?;
+    let media = shared::media_store::MediaStore::postgres();
     let lease_db = shared::db::pool(&cfg.db.database_url, 1)?;
 
     let instance = ulid::Ulid::new().to_string();
@@ -92,6 +93,7 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<()> {
         db: db.clone(),
         lease_db,
         driver,
+        media: media.clone(),
         outbox: outbox.clone(),
         gateway_id: cfg.gateway_id.clone(),
         instance: instance.clone(),
@@ -147,6 +149,7 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<()> {
     duties.spawn(
         reaper::Reaper {
             db: reaper_db,
+            media,
             region: region.clone(),
             liveness_ms: cfg.gateway_liveness_ms as i64,
             every: Duration::from_millis(cfg.reaper_interval_ms),

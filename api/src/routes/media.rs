@@ -16,7 +16,7 @@ use shared::{
     Error, ErrorCode,
     auth::Capability,
     db::now_ms,
-    media::{self, CHUNK_BYTES, Media, UPLOAD_MAX_BYTES},
+    media::{self, Media, UPLOAD_MAX_BYTES},
     store,
 };
 use ulid::Ulid;
@@ -71,6 +71,7 @@ pub async fn upload(
     let mut client = state.db.get().await?;
     let media = media_in::store(
         &mut client,
+        &state.media,
         &caller.organization_id,
         state.cfg.media.retention_ms(),
         declared.as_deref(),
@@ -125,7 +126,7 @@ pub async fn download(
         ))
         .into());
     }
-    let file = store::media::get(
+    let (file, at) = store::media::get(
         &client,
         &caller.organization_id,
         &carried.media_id,
@@ -156,29 +157,11 @@ pub async fn download(
             .into());
         }
     };
-    // The chunks that hold [start, end), read one at a time as the client takes them.
-    let (db, id) = (state.db.clone(), file.id.clone());
-    let chunk = CHUNK_BYTES as u64;
-    let stream = futures::stream::try_unfold(start, move |at| {
-        let (db, id) = (db.clone(), id.clone());
-        async move {
-            if at >= end {
-                return Ok(None);
-            }
-            let seq = (at / chunk) as i32;
-            let client = db.get().await.map_err(std::io::Error::other)?;
-            let data = store::media::chunk(&client, &id, seq)
-                .await
-                .map_err(std::io::Error::other)?
-                .ok_or_else(|| std::io::Error::other("a chunk of the file is missing"))?;
-            let from = (at - seq as u64 * chunk) as usize;
-            let to = data.len().min(from + (end - at) as usize);
-            let piece = axum::body::Bytes::from(data).slice(from..to);
-            let next = at + piece.len() as u64;
-            Ok::<_, std::io::Error>(Some((piece, next)))
-        }
-    });
-    let mut response = Response::new(Body::from_stream(stream));
+    // Read a piece at a time as the client takes them.
+    let pieces = state
+        .media
+        .read_range(state.db.clone(), at, &file.id, start, end)?;
+    let mut response = Response::new(Body::from_stream(pieces));
     *response.status_mut() = status;
     let h = response.headers_mut();
     let value = |s: String| header::HeaderValue::from_str(&s).map_err(Error::internal);

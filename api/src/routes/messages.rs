@@ -389,7 +389,7 @@ async fn attach_media(
         return Ok(());
     }
     let field = format!("{}.mediaId", kind.as_str());
-    let file = store::media::get(&*client, org, &m.media_id, now_ms())
+    let (file, _) = store::media::get(&*client, org, &m.media_id, now_ms())
         .await?
         .ok_or_else(|| {
             Error::invalid_field(

@@ -1,11 +1,12 @@
-//! The `media` and `media_chunks` tables: the Postgres media store, which every api replica
-//! and worker of the fleet reads. An upload's chunks and its row are written in the
-//! caller's transaction, so a refused or broken upload leaves nothing behind.
+//! The `media` and `media_chunks` tables: every file's row, whichever store holds its bytes,
+//! and the bytes of those the Postgres store holds (`media_store/`, which every api replica
+//! and worker goes through). An upload's chunks and its row are written in the caller's
+//! transaction, so a refused or broken upload leaves nothing behind.
 
 use deadpool_postgres::GenericClient;
 use tokio_postgres::Row;
 
-use crate::{error::Result, media::Media};
+use crate::{error::Result, media::Media, media_store::Location};
 
 const COLUMNS: &str = "id, mime_type, size, sha256, created_at, expires_at";
 
@@ -29,25 +30,17 @@ pub async fn put_chunk(db: &impl GenericClient, id: &str, seq: i32, data: &[u8])
     Ok(())
 }
 
-/// A whole file in memory, its chunks and its row (in the caller's transaction).
-pub async fn put(
+/// The row of a file whose bytes are written, in the store `at`.
+pub async fn insert(
     db: &impl GenericClient,
     organization_id: &str,
     m: &Media,
-    bytes: &[u8],
+    at: Location,
 ) -> Result<()> {
-    for (seq, chunk) in bytes.chunks(crate::media::CHUNK_BYTES).enumerate() {
-        put_chunk(db, &m.id, seq as i32, chunk).await?;
-    }
-    insert(db, organization_id, m).await
-}
-
-/// The row of a file whose chunks are written.
-pub async fn insert(db: &impl GenericClient, organization_id: &str, m: &Media) -> Result<()> {
     let stmt = db
         .prepare_cached(
             "INSERT INTO media (id, organization_id, mime_type, size, sha256, created_at, \
-             expires_at) VALUES ($1, $2, $3, $4, $5, $6, $7)",
+             expires_at, store) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
         )
         .await?;
     db.execute(
@@ -60,25 +53,41 @@ pub async fn insert(db: &impl GenericClient, organization_id: &str, m: &Media) -
             &m.sha256,
             &m.created_at,
             &m.expires_at,
+            &at.as_str(),
         ],
     )
     .await?;
     Ok(())
 }
 
-/// A file of the organization, unless it expired by `now`.
-pub async fn get(db: &impl GenericClient, org: &str, id: &str, now: i64) -> Result<Option<Media>> {
+/// A file of the organization, unless it expired by `now`, and where its bytes are.
+pub async fn get(
+    db: &impl GenericClient,
+    org: &str,
+    id: &str,
+    now: i64,
+) -> Result<Option<(Media, Location)>> {
     let stmt = db
         .prepare_cached(&format!(
-            "SELECT {COLUMNS} FROM media WHERE organization_id = $1 AND id = $2 \
+            "SELECT {COLUMNS}, store FROM media WHERE organization_id = $1 AND id = $2 \
              AND expires_at > $3"
         ))
         .await?;
-    Ok(db
-        .query_opt(&stmt, &[&org, &id, &now])
+    db.query_opt(&stmt, &[&org, &id, &now])
         .await?
-        .as_ref()
-        .map(from_row))
+        .map(|r| Ok((from_row(&r), r.get::<_, &str>(6).parse()?)))
+        .transpose()
+}
+
+/// Where the bytes of file `id` are (`None`: it is gone).
+pub async fn location(db: &impl GenericClient, id: &str) -> Result<Option<Location>> {
+    let stmt = db
+        .prepare_cached("SELECT store FROM media WHERE id = $1")
+        .await?;
+    db.query_opt(&stmt, &[&id])
+        .await?
+        .map(|r| r.get::<_, &str>(0).parse())
+        .transpose()
 }
 
 /// The bytes of a file, in order.
@@ -101,16 +110,32 @@ pub async fn chunk(db: &impl GenericClient, id: &str, seq: i32) -> Result<Option
     Ok(db.query_opt(&stmt, &[&id, &seq]).await?.map(|r| r.get(0)))
 }
 
-/// Deletes up to `limit` files expired by `now` (their chunks with them), but none that a
-/// message still waiting to be sent carries; how many.
-pub async fn prune(db: &impl GenericClient, now: i64, limit: i64) -> Result<u64> {
+/// Up to `limit` files expired by `now`, but none that a message still waiting to be sent
+/// carries, and where their bytes are.
+pub async fn expired(
+    db: &impl GenericClient,
+    now: i64,
+    limit: i64,
+) -> Result<Vec<(String, Location)>> {
     let stmt = db
         .prepare_cached(
-            "DELETE FROM media WHERE id IN (SELECT f.id FROM media f WHERE f.expires_at <= $1 \
+            "SELECT f.id, f.store FROM media f WHERE f.expires_at <= $1 \
              AND NOT EXISTS (SELECT 1 FROM messages m WHERE m.status IN ('queued', 'sending') \
                AND m.content -> (m.content ->> 'type') ->> 'mediaId' = f.id) \
-             ORDER BY f.expires_at LIMIT $2)",
+             ORDER BY f.expires_at LIMIT $2",
         )
         .await?;
-    Ok(db.execute(&stmt, &[&now, &limit]).await?)
+    db.query(&stmt, &[&now, &limit])
+        .await?
+        .iter()
+        .map(|r| Ok((r.get(0), r.get::<_, &str>(1).parse()?)))
+        .collect()
+}
+
+/// Deletes the rows of files (and their chunks); how many.
+pub async fn delete(db: &impl GenericClient, ids: &[&str]) -> Result<u64> {
+    let stmt = db
+        .prepare_cached("DELETE FROM media WHERE id = ANY($1)")
+        .await?;
+    Ok(db.execute(&stmt, &[&ids]).await?)
 }

@@ -280,7 +280,8 @@ async fn expired_files_are_pruned_unless_a_waiting_message_carries_them() {
     )
     .await
     .expect("queued");
-    let pruned = shared::store::media::prune(&db, shared::db::now_ms(), 100)
+    let pruned = shared::media_store::MediaStore::postgres()
+        .prune(&db, shared::db::now_ms(), 100)
         .await
         .expect("pruned");
     assert_eq!(pruned, 1);

@@ -34,6 +34,8 @@ const BATCH: i64 = 5_000;
 pub struct Reaper {
     /// A pool of one: the connection that holds the lock while this worker leads.
     pub db: Pool,
+    /// Whose expired files it deletes.
+    pub media: shared::media_store::MediaStore,
     pub region: String,
     pub liveness_ms: i64,
     pub every: Duration,
@@ -140,7 +142,10 @@ impl Reaper {
         // Uploaded files past their own expiry (MEDIA_RETENTION_HOURS), unless a message
         // waiting to be sent still carries one.
         loop {
-            let n = shared::store::media::prune(client, shared::db::now_ms(), PRUNE_BATCH).await?;
+            let n = self
+                .media
+                .prune(client, shared::db::now_ms(), PRUNE_BATCH)
+                .await?;
             metrics::counter!("worker_media_pruned_total").increment(n);
             if (n as i64) < PRUNE_BATCH {
                 break;

@@ -21,6 +21,7 @@ use shared::{
 
 use super::{Actor, Flow, back_off};
 use crate::{
+    ctx::Ctx,
     driver::{Inbound, Outgoing},
     store::messages::{self, Change, Which},
 };
@@ -235,13 +236,12 @@ impl Actor {
             None => None,
             Some((_, file)) => {
                 let client = db.get().await?;
-                let bytes = shared::store::media::read(&client, &file.media_id).await?;
-                if bytes.is_empty() {
+                let Some(bytes) = self.ctx.media.read(&client, &file.media_id).await? else {
                     return Ok(Err(format!(
                         "the file it carries ({}) is gone: it expired before its turn",
                         file.media_id
                     )));
-                }
+                };
                 Some(bytes)
             }
         };
@@ -304,9 +304,9 @@ impl Actor {
             };
             let stored = match fetched {
                 Ok(bytes) => loop {
-                    let (db, org) = (&self.ctx.db, &self.row.organization_id);
+                    let org = &self.row.organization_id;
                     let keep = self.ctx.message_retention_ms;
-                    match keep_file(db, org, keep, &m.content, &bytes).await {
+                    match keep_file(&self.ctx, org, keep, &m.content, &bytes).await {
                         Ok(media) => break Ok(media),
                         Err(e) => {
                             tracing::warn!(session_id = %self.row.id, error = %e, "could not store a received file; retrying");
@@ -442,7 +442,7 @@ impl Actor {
 /// Stores the bytes of a file a contact sent as a file of `org`, kept `keep_ms` (its message,
 /// stored next, keeps it as long as itself).
 async fn keep_file(
-    db: &deadpool_postgres::Pool,
+    ctx: &Ctx,
     org: &str,
     keep_ms: i64,
     content: &Content,
@@ -455,9 +455,9 @@ async fn keep_file(
         .or(declared)
         .unwrap_or_else(|| "application/octet-stream".into());
     let file = Media::of(bytes, mime_type, keep_ms);
-    let mut client = db.get().await?;
+    let mut client = ctx.db.get().await?;
     let tx = client.transaction().await?;
-    shared::store::media::put(&tx, org, &file, bytes).await?;
+    ctx.media.put(&tx, org, &file, bytes).await?;
     tx.commit().await?;
     Ok(file)
 }
