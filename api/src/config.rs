@@ -81,6 +81,8 @@ pub struct Config {
 
     #[command(flatten)]
     pub media: MediaConfig,
+    #[command(flatten)]
+    pub media_store: shared::config::MediaStoreConfig,
 
     /// How long a command may take, end to end, before the caller gets 504.
     #[arg(long, env = "COMMAND_TIMEOUT_MS", default_value_t = 10_000)]

@@ -174,7 +174,7 @@ pub async fn build_state(cfg: Config, shutdown: CancellationToken) -> Result<App
         Duration::from_millis(cfg.command_sweep_grace_ms),
         shutdown.clone(),
     );
-    let media = shared::media_store::MediaStore::postgres();
+    let media = shared::media_store::MediaStore::new(&cfg.media_store)?;
     let fleet = Fleet::start(
         db.clone(),
         Duration::from_millis(cfg.gateway_liveness_ms),

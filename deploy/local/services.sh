@@ -220,6 +220,56 @@ ensure_rabbitmq_tls() {
   wait_port "$AMQP_HOST" "$AMQPS_PORT" 30 "RabbitMQ's TLS listener"
 }
 
+# The S3-compatible media store of the tests (and of `MEDIA_STORE=s3 deploy/local/up`):
+# Garage, a self-hosted S3 server, built from crates.io (no S3 server is in Debian's packages
+# and no registry serves images here; ~9 min on two cores, once per machine). One node, one
+# bucket, one key, made by `garage server --single-node --default-bucket` itself.
+S3_PORT=${S3_PORT:-3900}
+S3_DIR=${S3_DIR:-/var/lib/wa-gateway-s3}
+GARAGE_VERSION=2.5.0
+export MEDIA_S3_TEST_ENDPOINT=${MEDIA_S3_TEST_ENDPOINT:-http://127.0.0.1:$S3_PORT}
+export MEDIA_S3_TEST_BUCKET=${MEDIA_S3_TEST_BUCKET:-gw-media}
+# Test credentials of a store on loopback (Garage's formats: GK + 24 hex, 64 hex).
+export MEDIA_S3_TEST_ACCESS_KEY_ID=${MEDIA_S3_TEST_ACCESS_KEY_ID:-GK0a1b2c3d4e5f60718293a4b5}
+export MEDIA_S3_TEST_SECRET_ACCESS_KEY=${MEDIA_S3_TEST_SECRET_ACCESS_KEY:-5e1f0c7a9b2d4e6f8a0b1c2d3e4f5a6b7c8d9e0f1a2b3c4d5e6f7a8b9c0d1e2f}
+
+ensure_garage() {
+  if ! garage --version 2>/dev/null | grep -q ":$GARAGE_VERSION "; then
+    log "building Garage $GARAGE_VERSION from crates.io (the tests' S3 server; minutes, once)"
+    cargo install --quiet --locked garage --version "$GARAGE_VERSION" \
+      --no-default-features --features lmdb,bundled-libs --root "${GARAGE_ROOT:-/usr/local}" ||
+      die "could not build Garage from crates.io"
+  fi
+}
+
+ensure_s3() {
+  if port_open 127.0.0.1 "$S3_PORT"; then return 0; fi
+  ensure_garage
+  mkdir -p "$S3_DIR/meta" "$S3_DIR/data"
+  chmod 700 "$S3_DIR"
+  [ -s "$S3_DIR/rpc_secret" ] || (umask 077 && od -An -tx1 -N32 /dev/urandom | tr -d ' \n' >"$S3_DIR/rpc_secret")
+  cat >"$S3_DIR/garage.toml" <<CONF
+metadata_dir = "$S3_DIR/meta"
+data_dir = "$S3_DIR/data"
+db_engine = "lmdb"
+replication_factor = 1
+rpc_bind_addr = "127.0.0.1:$((S3_PORT + 1))"
+rpc_public_addr = "127.0.0.1:$((S3_PORT + 1))"
+rpc_secret_file = "$S3_DIR/rpc_secret"
+
+[s3_api]
+s3_region = "garage"
+api_bind_addr = "127.0.0.1:$S3_PORT"
+root_domain = ".s3.localhost"
+CONF
+  log "starting Garage on 127.0.0.1:$S3_PORT (bucket $MEDIA_S3_TEST_BUCKET)"
+  GARAGE_DEFAULT_ACCESS_KEY=$MEDIA_S3_TEST_ACCESS_KEY_ID GARAGE_DEFAULT_SECRET_KEY=$MEDIA_S3_TEST_SECRET_ACCESS_KEY \
+    GARAGE_DEFAULT_BUCKET=$MEDIA_S3_TEST_BUCKET RUST_LOG=warn \
+    setsid garage -c "$S3_DIR/garage.toml" server --single-node --default-bucket \
+    >>"$S3_DIR/garage.log" 2>&1 </dev/null &
+  wait_port 127.0.0.1 "$S3_PORT" 30 "Garage"
+}
+
 ensure_services() {
   ensure_postgres
   ensure_postgres_tls

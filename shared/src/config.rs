@@ -66,3 +66,45 @@ pub struct LogConfig {
     #[arg(long, env = "RUST_LOG", default_value = "info")]
     pub log_filter: String,
 }
+
+/// Where files' bytes live (`shared/src/media_store/`): every api replica and worker of a
+/// region must name the same store.
+#[derive(Clone, Args)]
+pub struct MediaStoreConfig {
+    /// `postgres` (the default: no other service) or `s3` (an S3-compatible bucket, for
+    /// fleets whose files outgrow their database). Files stored before a change stay where
+    /// they are and are read from there.
+    #[arg(long, env = "MEDIA_STORE", value_enum, default_value = "postgres")]
+    pub media_store: crate::media_store::Location,
+    /// The S3 endpoint of a self-hosted store (Garage, MinIO, Ceph), such as
+    /// `http://127.0.0.1:3900`; unset, AWS's own for `MEDIA_S3_REGION`.
+    #[arg(long, env = "MEDIA_S3_ENDPOINT")]
+    pub media_s3_endpoint: Option<String>,
+    /// Take an `http://` endpoint (a store on the same host or network only).
+    #[arg(long, env = "MEDIA_S3_ALLOW_HTTP", default_value_t = false, action = clap::ArgAction::Set)]
+    pub media_s3_allow_http: bool,
+    #[arg(long, env = "MEDIA_S3_BUCKET")]
+    pub media_s3_bucket: Option<String>,
+    #[arg(long, env = "MEDIA_S3_REGION", default_value = "us-east-1")]
+    pub media_s3_region: String,
+    #[arg(long, env = "MEDIA_S3_ACCESS_KEY_ID")]
+    pub media_s3_access_key_id: Option<String>,
+    #[arg(long, env = "MEDIA_S3_SECRET_ACCESS_KEY", hide_env_values = true)]
+    pub media_s3_secret_access_key: Option<String>,
+    /// Prefix of every object's name (several fleets, or test runs, sharing a bucket).
+    #[arg(long, env = "MEDIA_S3_PREFIX", default_value = "media/")]
+    pub media_s3_prefix: String,
+}
+
+impl std::fmt::Debug for MediaStoreConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MediaStoreConfig")
+            .field("media_store", &self.media_store)
+            .field("media_s3_endpoint", &self.media_s3_endpoint)
+            .field("media_s3_bucket", &self.media_s3_bucket)
+            .field("media_s3_region", &self.media_s3_region)
+            .field("media_s3_access_key_id", &self.media_s3_access_key_id)
+            .field("media_s3_prefix", &self.media_s3_prefix)
+            .finish_non_exhaustive()
+    }
+}

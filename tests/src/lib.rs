@@ -216,6 +216,29 @@ impl TestEnv {
         cfg
     }
 
+    /// The S3-compatible media store of the tests (the Garage node `deploy/local/test` starts:
+    /// `MEDIA_S3_TEST_*`), under a prefix of this test's own.
+    pub fn s3_media(&self) -> shared::config::MediaStoreConfig {
+        let var =
+            |name: &str, default: &str| std::env::var(name).unwrap_or_else(|_| default.to_owned());
+        let mut cfg = api::Config::parse_from(["api"]).media_store;
+        cfg.media_store = shared::media_store::Location::S3;
+        cfg.media_s3_endpoint = Some(var("MEDIA_S3_TEST_ENDPOINT", "http://127.0.0.1:3900"));
+        cfg.media_s3_allow_http = true;
+        cfg.media_s3_bucket = Some(var("MEDIA_S3_TEST_BUCKET", "gw-media"));
+        cfg.media_s3_region = "garage".into();
+        cfg.media_s3_access_key_id = Some(var(
+            "MEDIA_S3_TEST_ACCESS_KEY_ID",
+            "GK0a1b2c3d4e5f60718293a4b5",
+        ));
+        cfg.media_s3_secret_access_key = Some(var(
+            "MEDIA_S3_TEST_SECRET_ACCESS_KEY",
+            "5e1f0c7a9b2d4e6f8a0b1c2d3e4f5a6b7c8d9e0f1a2b3c4d5e6f7a8b9c0d1e2f",
+        ));
+        cfg.media_s3_prefix = format!("{}/", self.amqp_prefix);
+        cfg
+    }
+
     pub fn worker_config(&self, gateway_id: &str) -> worker::Config {
         let mut cfg = worker::Config::parse_from(["worker"]);
         cfg.db.database_url = self.database_url.clone();

@@ -30,6 +30,8 @@ pub struct Config {
     pub amqp: AmqpConfig,
     #[command(flatten)]
     pub log: LogConfig,
+    #[command(flatten)]
+    pub media_store: shared::config::MediaStoreConfig,
 
     /// This worker's gateway id (`gw-<region>-<n>`); one process per id.
     #[arg(long, env = "GATEWAY_ID", default_value = "gw-local-1")]

@@ -67,7 +67,7 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<()> {
         shared::telemetry::bind_metrics_listener(cfg.metrics_listen, "WORKER_METRICS_LISTEN")
             .await?;
     let reaper_db = shared::db::pool(&cfg.db.database_url, 1)?;
-    let media = shared::media_store::MediaStore::postgres();
+    let media = shared::media_store::MediaStore::new(&cfg.media_store)?;
     let lease_db = shared::db::pool(&cfg.db.database_url, 1)?;
 
     let instance = ulid::Ulid::new().to_string();

@@ -160,7 +160,8 @@ pub async fn download(
     // Read a piece at a time as the client takes them.
     let pieces = state
         .media
-        .read_range(state.db.clone(), at, &file.id, start, end)?;
+        .read_range(state.db.clone(), at, &file.id, start, end)
+        .await?;
     let mut response = Response::new(Body::from_stream(pieces));
     *response.status_mut() = status;
     let h = response.headers_mut();

@@ -1,33 +1,42 @@
 //! Where the bytes of files live. A file's row (`media`, `store/media.rs`) is in Postgres
-//! whatever the store, and names where its bytes are (`media.store`):
+//! whatever the store, and names where its bytes are (`media.store`), so a fleet that changes
+//! `MEDIA_STORE` still reads what it stored before:
 //! - `postgres` (the default, no other service): 1 MiB chunks in `media_chunks`, written in
-//!   the transaction that writes the row.
+//!   the transaction that writes the row;
+//! - `s3`: one object per file in an S3-compatible bucket (`s3.rs`), for fleets whose files
+//!   outgrow their database. Its row is written once the object is complete; an upload that
+//!   is refused or cut short is aborted, so no half-written object is left behind.
 //!
-//! Read a piece at a time, as a client takes them (`read_range`), or whole (`read`, for a
-//! file the worker sends).
+//! Both are read a piece at a time, as a client takes them (`read_range`), or whole (`read`,
+//! for a file the worker sends).
 
-use std::{pin::Pin, str::FromStr};
+mod s3;
+
+use std::{pin::Pin, str::FromStr, sync::Arc};
 
 use bytes::Bytes;
 use deadpool_postgres::GenericClient;
 use futures::{Stream, StreamExt};
 
 use crate::{
+    config::MediaStoreConfig,
     error::{Error, Result},
     media::{CHUNK_BYTES, Media},
     store,
 };
 
-/// Where a file's bytes are: the value of its row's `store` column.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Where a file's bytes are: the value of its row's `store` column (and `MEDIA_STORE`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Location {
     Postgres,
+    S3,
 }
 
 impl Location {
     pub fn as_str(self) -> &'static str {
         match self {
             Location::Postgres => "postgres",
+            Location::S3 => "s3",
         }
     }
 }
@@ -38,6 +47,7 @@ impl FromStr for Location {
     fn from_str(s: &str) -> Result<Location> {
         match s {
             "postgres" => Ok(Location::Postgres),
+            "s3" => Ok(Location::S3),
             other => Err(Error::internal(format!("a file stored in {other:?}"))),
         }
     }
@@ -45,15 +55,25 @@ impl FromStr for Location {
 
 /// The fleet's media store: where new files go, and how any file is read back.
 #[derive(Clone)]
-pub struct MediaStore {}
+pub struct MediaStore {
+    s3: Option<Arc<s3::Bucket>>,
+}
 
 /// A piece of a file as it streams out.
 pub type Pieces = Pin<Box<dyn Stream<Item = std::io::Result<Bytes>> + Send>>;
 
 impl MediaStore {
+    pub fn new(cfg: &MediaStoreConfig) -> Result<MediaStore> {
+        let s3 = match cfg.media_store {
+            Location::Postgres => None,
+            Location::S3 => Some(Arc::new(s3::Bucket::new(cfg)?)),
+        };
+        Ok(MediaStore { s3 })
+    }
+
     /// The default store: Postgres.
     pub fn postgres() -> MediaStore {
-        MediaStore {}
+        MediaStore { s3: None }
     }
 
     /// A new file `id`, written a chunk at a time.
@@ -61,6 +81,7 @@ impl MediaStore {
         Writer {
             id: id.to_owned(),
             seq: 0,
+            s3: self.s3.as_ref().map(|b| b.writer(id)),
         }
     }
 
@@ -87,11 +108,13 @@ impl MediaStore {
                 let bytes = store::media::read(db, id).await?;
                 Ok((!bytes.is_empty()).then_some(bytes))
             }
+            Some(Location::S3) => self.bucket()?.read(id).await,
         }
     }
 
-    /// Bytes [start, end) of file `id` (stored at `at`), read as the stream is polled.
-    pub fn read_range(
+    /// Bytes [start, end) of file `id` (stored at `at`), read as the stream is polled (an S3
+    /// store is asked here, so one that does not answer is a 503 before any byte goes out).
+    pub async fn read_range(
         &self,
         db: deadpool_postgres::Pool,
         at: Location,
@@ -101,41 +124,82 @@ impl MediaStore {
     ) -> Result<Pieces> {
         match at {
             Location::Postgres => Ok(postgres_range(db, id.to_owned(), start, end)),
+            Location::S3 => self.bucket()?.read_range(id, start, end).await,
         }
     }
 
     /// Deletes up to `limit` files expired by `now`, but none that a message still waiting to
-    /// be sent carries; how many.
+    /// be sent carries; how many. An object goes before its row: a prune cut short leaves
+    /// rows to prune again, never objects that no row names.
     pub async fn prune(&self, db: &impl GenericClient, now: i64, limit: i64) -> Result<u64> {
         let expired = store::media::expired(db, now, limit).await?;
+        let objects: Vec<&str> = expired
+            .iter()
+            .filter(|(_, at)| *at == Location::S3)
+            .map(|(id, _)| id.as_str())
+            .collect();
+        if !objects.is_empty() {
+            self.bucket()?.delete(&objects).await?;
+        }
         let ids: Vec<&str> = expired.iter().map(|(id, _)| id.as_str()).collect();
         store::media::delete(db, &ids).await
+    }
+
+    /// The ids of the files whose objects the S3 bucket holds under this store's prefix
+    /// (none in the Postgres store): to audit the bucket against the rows.
+    pub async fn object_ids(&self) -> Result<Vec<String>> {
+        match self.s3.as_deref() {
+            Some(bucket) => bucket.ids().await,
+            None => Ok(Vec::new()),
+        }
+    }
+
+    fn bucket(&self) -> Result<&s3::Bucket> {
+        self.s3.as_deref().ok_or_else(|| {
+            Error::unavailable(
+                "this file is in the S3 media store, and MEDIA_STORE is not s3 here: \
+                 set MEDIA_STORE=s3 and its MEDIA_S3_* keys",
+            )
+        })
     }
 }
 
 /// A file being written, a chunk at a time; dropped before `finish`, it leaves nothing: its
-/// chunks are in the caller's transaction.
+/// Postgres chunks are in the caller's transaction, its S3 upload is aborted.
 pub struct Writer {
     id: String,
     seq: i32,
+    s3: Option<s3::Writer>,
 }
 
 impl Writer {
     /// The next piece of the file (at most `CHUNK_BYTES`).
     pub async fn write(&mut self, tx: &impl GenericClient, chunk: &[u8]) -> Result<()> {
-        store::media::put_chunk(tx, &self.id, self.seq, chunk).await?;
-        self.seq += 1;
-        Ok(())
+        match self.s3.as_mut() {
+            Some(upload) => upload.write(chunk).await,
+            None => {
+                store::media::put_chunk(tx, &self.id, self.seq, chunk).await?;
+                self.seq += 1;
+                Ok(())
+            }
+        }
     }
 
-    /// Every byte is in: the file's row `m` goes into `tx`.
+    /// Every byte is in: the file's row `m` goes into `tx` (after its object is complete).
     pub async fn finish(
-        self,
+        mut self,
         tx: &impl GenericClient,
         organization_id: &str,
         m: &Media,
     ) -> Result<()> {
-        store::media::insert(tx, organization_id, m, Location::Postgres).await
+        let at = match self.s3.take() {
+            Some(upload) => {
+                upload.finish().await?;
+                Location::S3
+            }
+            None => Location::Postgres,
+        };
+        store::media::insert(tx, organization_id, m, at).await
     }
 }
 

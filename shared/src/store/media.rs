@@ -132,6 +132,22 @@ pub async fn expired(
         .collect()
 }
 
+/// Each organization's files: (organization, files, bytes).
+pub async fn usage(db: &impl GenericClient) -> Result<Vec<(String, i64, i64)>> {
+    let stmt = db
+        .prepare_cached(
+            "SELECT organization_id, count(*), sum(size)::bigint FROM media \
+             GROUP BY organization_id",
+        )
+        .await?;
+    Ok(db
+        .query(&stmt, &[])
+        .await?
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect())
+}
+
 /// Deletes the rows of files (and their chunks); how many.
 pub async fn delete(db: &impl GenericClient, ids: &[&str]) -> Result<u64> {
     let stmt = db

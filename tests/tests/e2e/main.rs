@@ -12,6 +12,7 @@ mod fuzz;
 mod limits;
 mod manifests;
 mod media;
+mod media_s3;
 mod messages;
 mod messages_api;
 mod ops;

@@ -10,20 +10,20 @@ use tests::{Api, TestEnv};
 use super::messages::{message_when, recorded, working_session};
 
 /// A PNG's signature and header, then `len` bytes of noise: what sniffing reads as a PNG.
-fn png(len: usize) -> Vec<u8> {
+pub(super) fn png(len: usize) -> Vec<u8> {
     let mut bytes = b"\x89PNG\r\n\x1a\n\0\0\0\rIHDR\0\0\0\x10\0\0\0\x10\x08\x06\0\0\0".to_vec();
     bytes.extend((0..len).map(|i| (i * 7 + i / 251) as u8));
     bytes
 }
 
 /// A PDF's header, then `len` bytes.
-fn pdf(len: usize) -> Vec<u8> {
+pub(super) fn pdf(len: usize) -> Vec<u8> {
     let mut bytes = b"%PDF-1.7\n%\xe2\xe3\xcf\xd3\n".to_vec();
     bytes.extend((0..len).map(|i| (i % 253) as u8));
     bytes
 }
 
-fn sha256(bytes: &[u8]) -> String {
+pub(super) fn sha256(bytes: &[u8]) -> String {
     shared::hex(&Sha256::digest(bytes))
 }
 
@@ -32,7 +32,7 @@ async fn uploaded(api: &Api, key: &str, content_type: &str, bytes: Vec<u8>) -> V
     r.assert_status(201).clone()
 }
 
-async fn stored_media(env: &TestEnv) -> (i64, i64) {
+pub(super) async fn stored_media(env: &TestEnv) -> (i64, i64) {
     let row = env
         .db
         .get()

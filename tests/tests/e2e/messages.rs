@@ -16,7 +16,7 @@ const MINUTE_MS: i64 = 2_000;
 
 const TYPING_MS_PER_CHAR: i64 = 20;
 
-fn quick_rates(c: &mut worker::Config) {
+pub(super) fn quick_rates(c: &mut worker::Config) {
     c.message_rate_minute_ms = MINUTE_MS as u64;
     c.typing_ms_per_char = TYPING_MS_PER_CHAR as u64;
     c.sim_deliver_delay_ms = 100;

@@ -20,7 +20,7 @@
 //! stopped. A region with no live gateway keeps its sessions where they are, `dead`, until
 //! one comes.
 
-use std::time::Duration;
+use std::{collections::HashSet, time::Duration};
 
 use deadpool_postgres::{GenericClient, Object, Pool};
 use shared::{Result, fleet, store::gateways};
@@ -62,6 +62,8 @@ impl Reaper {
     pub async fn run(self, stop: CancellationToken) {
         let mut leader: Option<Object> = None;
         let mut pruned_at: Option<tokio::time::Instant> = None;
+        // Organizations whose stored files this worker has reported.
+        let mut holders = HashSet::new();
         loop {
             tokio::select! {
                 _ = stop.cancelled() => return,
@@ -86,6 +88,9 @@ impl Reaper {
                 pruned_at = Some(tokio::time::Instant::now());
                 if let Err(e) = self.prune(client).await {
                     tracing::warn!(error = %e, "pruning old messages and events failed");
+                }
+                if let Err(e) = media_usage(client, &mut holders).await {
+                    tracing::warn!(error = %e, "could not measure the files stored");
                 }
             }
         }
@@ -203,4 +208,22 @@ impl Reaper {
         }
         Ok(())
     }
+}
+
+/// What each organization keeps in the media store, as gauges (`media_stored_files`,
+/// `media_stored_bytes`), set by the region's reaper after each prune; an organization whose
+/// files are all gone drops to 0. `holders` are those reported before.
+async fn media_usage(client: &impl GenericClient, holders: &mut HashSet<String>) -> Result<()> {
+    let usage = shared::store::media::usage(client).await?;
+    let now: HashSet<String> = usage.iter().map(|(org, _, _)| org.clone()).collect();
+    for gone in holders.difference(&now) {
+        metrics::gauge!("media_stored_files", "organization" => gone.clone()).set(0.0);
+        metrics::gauge!("media_stored_bytes", "organization" => gone.clone()).set(0.0);
+    }
+    for (org, files, bytes) in usage {
+        metrics::gauge!("media_stored_files", "organization" => org.clone()).set(files as f64);
+        metrics::gauge!("media_stored_bytes", "organization" => org).set(bytes as f64);
+    }
+    *holders = now;
+    Ok(())
 }
