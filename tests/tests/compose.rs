@@ -688,6 +688,44 @@ async fn compose_fleet_pairs_a_number_and_survives_a_broker_node_stopping() {
         .await
         .expect("the upload");
     assert_eq!(uploaded.status(), 201, "{:?}", uploaded.text().await);
+    let uploaded: Value = uploaded.json().await.expect("the file's record");
+    let file = uploaded["id"].as_str().expect("an id");
+    // Into the fleet's S3 store (Garage), and out of it to a contact by a worker.
+    assert_eq!(
+        fleet
+            .sql(&format!("SELECT store FROM media WHERE id = '{file}'"))
+            .trim(),
+        "s3",
+        "the compose fleet keeps files in its S3-compatible store"
+    );
+    let sender = api.pair(&fleet, "gw-sg-1", "6281200000003").await;
+    let (status, sent) = api
+        .call(
+            reqwest::Method::POST,
+            &format!("/api/v1/sessions/{sender}/messages"),
+            Some(json!({"to": "+62 811 0000 0001", "type": "document",
+                "document": {"mediaId": file, "fileName": "invoice.pdf"}})),
+        )
+        .await;
+    assert_eq!(status, 202, "{sent}");
+    let message = sent["id"].as_str().expect("an id").to_owned();
+    let until = Instant::now() + Duration::from_secs(60);
+    loop {
+        let (_, m) = api
+            .call(
+                reqwest::Method::GET,
+                &format!("/api/v1/sessions/{sender}/messages/{message}"),
+                None,
+            )
+            .await;
+        if ["sent", "delivered", "read"].contains(&m["status"].as_str().unwrap_or("")) {
+            break;
+        }
+        assert_ne!(m["status"], "failed", "{m}");
+        assert!(Instant::now() < until, "the document was not sent: {m}");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    api.logout_and_delete(&sender).await;
     fleet.no_conflicts("the healthy fleet");
 
     // Stop the node leading gw-sg-1's command queue: a new leader is elected among the other
