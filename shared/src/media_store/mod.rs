@@ -62,6 +62,21 @@ pub struct MediaStore {
 /// A piece of a file as it streams out.
 pub type Pieces = Pin<Box<dyn Stream<Item = std::io::Result<Bytes>> + Send>>;
 
+/// A stored file's bytes, as they stream out of the store.
+pub struct FileStream {
+    /// How many bytes the stream holds.
+    pub size: u64,
+    pub pieces: Pieces,
+}
+
+impl std::fmt::Debug for FileStream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FileStream")
+            .field("size", &self.size)
+            .finish_non_exhaustive()
+    }
+}
+
 impl MediaStore {
     pub fn new(cfg: &MediaStoreConfig) -> Result<MediaStore> {
         let s3 = match cfg.media_store {
@@ -100,9 +115,22 @@ impl MediaStore {
         w.finish(tx, organization_id, m).await
     }
 
+    /// The bytes of file `id` as they stream out of the store, a piece at a time (`None`:
+    /// it is gone, expired and pruned). An S3 store is asked here, so one that does not
+    /// answer is an error before anything is read.
+    pub async fn open(&self, db: &deadpool_postgres::Pool, id: &str) -> Result<Option<FileStream>> {
+        let stored = store::media::stored(&db.get().await?, id).await?;
+        let Some((at, size)) = stored else {
+            return Ok(None);
+        };
+        let size = u64::try_from(size).unwrap_or(0);
+        let pieces = self.read_range(db.clone(), at, id, 0, size).await?;
+        Ok(Some(FileStream { size, pieces }))
+    }
+
     /// The bytes of file `id` in memory; `None` when it is gone (expired and pruned).
     pub async fn read(&self, db: &impl GenericClient, id: &str) -> Result<Option<Vec<u8>>> {
-        match store::media::location(db, id).await? {
+        match store::media::stored(db, id).await?.map(|(at, _)| at) {
             None => Ok(None),
             Some(Location::Postgres) => {
                 let bytes = store::media::read(db, id).await?;

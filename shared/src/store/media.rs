@@ -79,14 +79,14 @@ pub async fn get(
         .transpose()
 }
 
-/// Where the bytes of file `id` are (`None`: it is gone).
-pub async fn location(db: &impl GenericClient, id: &str) -> Result<Option<Location>> {
+/// Where the bytes of file `id` are, and how many (`None`: it is gone).
+pub async fn stored(db: &impl GenericClient, id: &str) -> Result<Option<(Location, i64)>> {
     let stmt = db
-        .prepare_cached("SELECT store FROM media WHERE id = $1")
+        .prepare_cached("SELECT store, size FROM media WHERE id = $1")
         .await?;
     db.query_opt(&stmt, &[&id])
         .await?
-        .map(|r| r.get::<_, &str>(0).parse())
+        .map(|r| Ok((r.get::<_, &str>(0).parse()?, r.get(1))))
         .transpose()
 }
 

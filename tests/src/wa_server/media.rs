@@ -185,6 +185,8 @@ pub(super) async fn serve(listener: TcpListener, shared: Arc<Shared>) {
     let router = Router::new()
         .route("/mms/{kind}/{token}", post(upload))
         .route("/v/{kind}/{token}", get(download))
+        // WhatsApp's hosts take a document of 100 MB and more (axum's default is 2 MB).
+        .layer(axum::extract::DefaultBodyLimit::max(200 << 20))
         .with_state(shared);
     let _ = axum::serve(TlsListener { rx, addr }, router).await;
 }

@@ -826,8 +826,10 @@ async fn files_reach_the_contact_through_whatsapps_media_hosts() {
 
     let mut photo = b"\x89PNG\r\n\x1a\n\0\0\0\rIHDR\0\0\0\x10\0\0\0\x10\x08\x06\0\0\0".to_vec();
     photo.extend((0..150_000u32).map(|i| (i * 31 % 251) as u8));
+    // 7 MB: several chunks of the media store, encrypted as they stream out, and over the
+    // 5 MiB from which WhatsApp's uploads ask the host where to resume.
     let mut invoice = b"%PDF-1.7\n".to_vec();
-    invoice.extend((0..70_000u32).map(|i| (i % 253) as u8));
+    invoice.extend((0..7_000_000u32).map(|i| (i % 253) as u8));
     let mut sent = Vec::new();
     for (kind, mime, bytes, extra) in [
         (

@@ -90,7 +90,7 @@ pub struct RemoteFile {
 }
 
 /// A message to send, the messages it refers to resolved to what WhatsApp knows them by.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug)]
 pub struct Outgoing {
     /// The recipient's JID (or a group's).
     pub to: String,
@@ -99,8 +99,9 @@ pub struct Outgoing {
     pub reply_to: Option<MessageRef>,
     /// The message a reaction is on, or that an edit or a revoke changes.
     pub refers_to: Option<MessageRef>,
-    /// The bytes of the file it carries (an image, a document, …), from the media store.
-    pub media: Option<Vec<u8>>,
+    /// The bytes of the file it carries (an image, a document, …), streaming out of the
+    /// media store as the driver takes them: a send holds a piece of it, never all of it.
+    pub media: Option<shared::media_store::FileStream>,
 }
 
 /// A message of the session as WhatsApp knows it.
@@ -177,7 +178,7 @@ pub trait Connection: Send {
     async fn close(&mut self);
     /// Sends a message; answers WhatsApp's id of it, which its receipts name (`None` when
     /// WhatsApp's client does not tell it: a revoke).
-    async fn send(&mut self, _message: &Outgoing) -> Result<Option<String>, DriverError> {
+    async fn send(&mut self, _message: Outgoing) -> Result<Option<String>, DriverError> {
         Err(DriverError::Unsupported)
     }
     /// Which of these numbers (digits with their country code) are on WhatsApp.

@@ -185,7 +185,7 @@ impl Actor {
         let Some(conn) = self.conn.as_mut() else {
             return Flow::Continue;
         };
-        let outcome = match conn.send(&outgoing).await {
+        let outcome = match conn.send(outgoing).await {
             Ok(wa_id) => Change {
                 from: &[MessageStatus::Sending],
                 to: MessageStatus::Sent,
@@ -235,8 +235,7 @@ impl Actor {
         let media = match m.content.media() {
             None => None,
             Some((_, file)) => {
-                let client = db.get().await?;
-                let Some(bytes) = self.ctx.media.read(&client, &file.media_id).await? else {
+                let Some(bytes) = self.ctx.media.open(db, &file.media_id).await? else {
                     return Ok(Err(format!(
                         "the file it carries ({}) is gone: it expired before its turn",
                         file.media_id

@@ -251,8 +251,8 @@ impl Connection for SimConnection {
         }
     }
 
-    async fn send(&mut self, message: &super::Outgoing) -> Result<Option<String>, DriverError> {
-        let message = Box::new(message.clone());
+    async fn send(&mut self, message: super::Outgoing) -> Result<Option<String>, DriverError> {
+        let message = Box::new(message);
         self.ask(|tx| Control::Send(message, tx)).await.map(Some)
     }
 
@@ -540,8 +540,11 @@ impl Phone {
                     let _ = tx.send(Ok(()));
                     self.emit(DriverEvent::Message(inbound));
                 }
-                Control::Send(message, tx) => {
-                    let sent = self.server.accept_message(&self.session_id, &message).await;
+                Control::Send(mut message, tx) => {
+                    let sent = self
+                        .server
+                        .accept_message(&self.session_id, &mut message)
+                        .await;
                     if let Ok(id) = &sent {
                         self.recipient_reads(message.to, id.clone());
                     }

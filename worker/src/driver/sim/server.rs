@@ -102,7 +102,7 @@ impl SimServer {
     pub async fn accept_message(
         &self,
         device: &str,
-        message: &Outgoing,
+        message: &mut Outgoing,
     ) -> Result<String, DriverError> {
         let recipient = &message.to;
         if recipient.starts_with("999") {
@@ -115,12 +115,23 @@ impl SimServer {
         if let Some(quoted) = &message.reply_to {
             content["quotes"] = quoted.wa_id.clone().into();
         }
-        // What the phone got of a file: its SHA-256 and size, from the bytes themselves.
-        if let Some(bytes) = &message.media {
+        // What the phone got of a file: its SHA-256 and size, from the bytes themselves, as
+        // they stream in.
+        if let Some(file) = message.media.take() {
+            use futures::StreamExt;
             use sha2::Digest;
+            let (mut sha, mut size) = (sha2::Sha256::new(), 0usize);
+            let mut pieces = file.pieces;
+            while let Some(piece) = pieces.next().await {
+                let piece = piece.map_err(|e| {
+                    DriverError::Connection(format!("the file could not be read: {e}"))
+                })?;
+                sha.update(&piece);
+                size += piece.len();
+            }
             content["received"] = serde_json::json!({
-                "sha256": shared::hex(&sha2::Sha256::digest(bytes)),
-                "size": bytes.len(),
+                "sha256": shared::hex(&sha.finalize()),
+                "size": size,
             });
         }
         if let Some(target) = &message.refers_to {

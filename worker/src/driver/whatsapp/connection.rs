@@ -118,7 +118,7 @@ impl Connection for WhatsAppConnection {
         }
     }
 
-    async fn send(&mut self, message: &Outgoing) -> Result<Option<String>, DriverError> {
+    async fn send(&mut self, message: Outgoing) -> Result<Option<String>, DriverError> {
         let client = self.client()?;
         let jid = parse_jid(&message.to)?;
         if !client.is_logged_in() {
@@ -140,6 +140,10 @@ impl Connection for WhatsAppConnection {
                 ))
             })
         };
+        if message.content.media().is_some() {
+            // A file: see `files.rs`.
+            return files::send(&client, jid, message, &own).await;
+        }
         match &message.content {
             Content::Reaction { reaction } => {
                 let target = target()?;
@@ -178,8 +182,6 @@ impl Connection for WhatsAppConnection {
                     .await;
                 sent.map(|_| None).map_err(|e| refused(e.to_string()))
             }
-            // A file: see `files.rs`.
-            content if content.media().is_some() => files::send(&client, jid, message, &own).await,
             content => {
                 let wa_message = content::to_wa(content, message.reply_to.as_ref(), &own);
                 let sent = client.send_message(jid, wa_message).await;

@@ -1,14 +1,23 @@
 //! Files over WhatsApp: what the driver sends and receives when a message carries one.
 //! WhatsApp's media hosts keep the bytes, encrypted under a key of their own that only the
-//! message carries: a file goes out as an upload to the hosts a `media_conn` query names
-//! (the crate's `upload`) and then its message; a contact's file is downloaded by its
+//! message carries: a file goes out encrypted as it streams out of the media store, into a
+//! temporary file, then uploaded from there to the hosts a `media_conn` query names (the
+//! crate's `upload_stream`; memory holds a piece of the file, whatever its size), and then
+//! its message; a contact's file is downloaded by its
 //! message's direct path and keys (the crate's `download`), and a dead link is recovered
 //! with WhatsApp's media re-upload request to the sender's phone.
 
-use std::sync::Arc;
+use std::{
+    io::{Read, Seek},
+    sync::Arc,
+};
+
+use futures::StreamExt;
+use tokio::io::AsyncWriteExt;
 
 use shared::{
     media::Kind,
+    media_store::FileStream,
     message::{Content, MediaContent},
 };
 use wacore::{
@@ -17,7 +26,7 @@ use wacore::{
 };
 use whatsapp_rust::{
     MediaRetryResult, MediaReuploadRequest,
-    upload::{UploadOptions, UploadResponse},
+    upload::UploadResponse,
     waproto::{buffa::MessageField, whatsapp as wa},
 };
 
@@ -29,18 +38,19 @@ use crate::driver::{DriverError, MessageRef, Outgoing, RemoteFile};
 pub(super) async fn send(
     client: &Arc<whatsapp_rust::Client>,
     jid: whatsapp_rust::Jid,
-    message: &Outgoing,
+    mut message: Outgoing,
     own: &str,
 ) -> Result<Option<String>, DriverError> {
     let content = &message.content;
     let (kind, _) = content
         .media()
         .ok_or_else(|| DriverError::Refused("not a file".into()))?;
-    let bytes = message.media.clone().ok_or_else(|| {
+    let file = message.media.take().ok_or_else(|| {
         DriverError::Refused(format!("the {} has no file to send", kind.as_str()))
     })?;
+    let (info, ciphertext) = encrypt(file, media_type(kind)).await?;
     let upload = client
-        .upload(bytes, media_type(kind), UploadOptions::default())
+        .upload_stream(ciphertext, info, media_type(kind))
         .await
         .map_err(|e| {
             DriverError::Connection(format!(
@@ -54,6 +64,62 @@ pub(super) async fn send(
         .await
         .map(|s| Some(s.message_id))
         .map_err(|e| DriverError::Connection(format!("WhatsApp did not take the message: {e}")))
+}
+
+/// A file encrypted for WhatsApp's media hosts, in a temporary file of its own (deleted
+/// when the upload is done with it): what the upload reads, from any offset, as often as
+/// it retries.
+struct Ciphertext {
+    path: tempfile::TempPath,
+    len: u64,
+}
+
+impl wacore::upload::UploadSource for Ciphertext {
+    fn len(&self) -> u64 {
+        self.len
+    }
+
+    fn reader_from(&self, offset: u64) -> std::io::Result<Box<dyn Read + Send>> {
+        let mut file = std::fs::File::open(&self.path)?;
+        file.seek(std::io::SeekFrom::Start(offset))?;
+        Ok(Box::new(file))
+    }
+}
+
+/// Encrypts `file` as it streams out of the media store (WhatsApp's AES-CBC and HMAC under
+/// a fresh key, and the seek table of audio and video), into a temporary file.
+async fn encrypt(
+    file: FileStream,
+    media_type: MediaType,
+) -> Result<(wacore::upload::EncryptedMediaInfo, Ciphertext), DriverError> {
+    let failed = |e: &dyn std::fmt::Display| {
+        DriverError::Connection(format!("could not encrypt the file for WhatsApp: {e}"))
+    };
+    let sidecar = matches!(media_type, MediaType::Audio | MediaType::Video);
+    let mut encryptor = wacore::upload::MediaEncryptor::new_with_sidecar(media_type, sidecar)
+        .map_err(|e| failed(&e))?;
+    let (std_file, path) = tempfile::NamedTempFile::new()
+        .map_err(|e| failed(&e))?
+        .into_parts();
+    let mut out = tokio::io::BufWriter::new(tokio::fs::File::from_std(std_file));
+    let (mut pieces, mut buf, mut len) = (file.pieces, Vec::new(), 0u64);
+    while let Some(piece) = pieces.next().await {
+        let piece = piece.map_err(|e| {
+            DriverError::Connection(format!(
+                "the file could not be read from the media store: {e}"
+            ))
+        })?;
+        buf.clear();
+        encryptor.update(&piece, &mut buf);
+        out.write_all(&buf).await.map_err(|e| failed(&e))?;
+        len += buf.len() as u64;
+    }
+    buf.clear();
+    let info = encryptor.finalize(&mut buf).map_err(|e| failed(&e))?;
+    out.write_all(&buf).await.map_err(|e| failed(&e))?;
+    out.flush().await.map_err(|e| failed(&e))?;
+    len += buf.len() as u64;
+    Ok((info, Ciphertext { path, len }))
 }
 
 /// The plain bytes of a file a contact sent; a dead link is asked for again.
