@@ -19,7 +19,6 @@ use futures::{Stream, StreamExt};
 use sha2::{Digest, Sha256};
 use shared::{
     Error, ErrorCode, Result,
-    db::now_ms,
     media::{self, CHUNK_BYTES, Media, SNIFF_BYTES},
     media_store::MediaStore,
 };
@@ -96,15 +95,7 @@ pub async fn store(
     }
     let mime_type = mime_type.unwrap_or_default();
     (limits.accepts)(&mime_type, size)?;
-    let now = now_ms();
-    let stored = Media {
-        id,
-        mime_type,
-        size: size as i64,
-        sha256: shared::hex(&sha.finalize()),
-        created_at: now,
-        expires_at: now + retention_ms,
-    };
+    let stored = Media::new(id, mime_type, size, &sha.finalize(), retention_ms);
     file.finish(&tx, org, &stored).await?;
     tx.commit().await?;
     metrics::counter!("api_media_stored_bytes_total", "organization" => org.to_owned())

@@ -34,19 +34,32 @@ pub struct Media {
 }
 
 impl Media {
+    /// The record of file `id` of `mime_type`, `size` bytes whose SHA-256 is `sha256`,
+    /// stored now and kept `keep_ms`.
+    pub fn new(id: String, mime_type: String, size: u64, sha256: &[u8], keep_ms: i64) -> Media {
+        let now = crate::db::now_ms();
+        Media {
+            id,
+            mime_type,
+            size: i64::try_from(size).unwrap_or(i64::MAX),
+            sha256: crate::hex(sha256),
+            created_at: now,
+            expires_at: now + keep_ms,
+        }
+    }
+
     /// The record of `bytes`, a file of `mime_type` made now and kept `keep_ms`: a new id,
     /// their size and SHA-256.
     pub fn of(bytes: &[u8], mime_type: String, keep_ms: i64) -> Media {
         use sha2::{Digest, Sha256};
-        let now = crate::db::now_ms();
-        Media {
-            id: ulid::Ulid::new().to_string(),
+        let id = ulid::Ulid::new().to_string();
+        Media::new(
+            id,
             mime_type,
-            size: bytes.len() as i64,
-            sha256: crate::hex(&Sha256::digest(bytes)),
-            created_at: now,
-            expires_at: now + keep_ms,
-        }
+            bytes.len() as u64,
+            &Sha256::digest(bytes),
+            keep_ms,
+        )
     }
 }
 

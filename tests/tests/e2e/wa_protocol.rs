@@ -879,9 +879,10 @@ async fn files_reach_the_contact_through_whatsapps_media_hosts() {
     }
 
     // The contact sends a photo: the worker downloads it from the media hosts, opens it with
-    // the message's key and keeps it; the API serves it byte for byte.
+    // the message's key into a temporary file and keeps it, a chunk at a time (3 MB: three
+    // chunks of the store); the API serves it byte for byte.
     let mut reply = b"\x89PNG\r\n\x1a\n\0\0\0\rIHDR\0\0\0\x08\0\0\0\x08\x08\x06\0\0\0".to_vec();
-    reply.extend((0..90_000u32).map(|i| (i * 7 % 241) as u8));
+    reply.extend((0..3_000_000u32).map(|i| (i * 7 % 241) as u8));
     let file = |caption: &str| {
         Kind::Image.content(shared::message::MediaContent {
             media_id: String::new(),

@@ -89,6 +89,14 @@ pub struct RemoteFile {
     pub file_length: u64,
 }
 
+/// A file a contact sent, its plain bytes in a temporary file of its own (gone with it, so
+/// memory never holds the file), and how many there are.
+#[derive(Debug)]
+pub struct Received {
+    pub file: std::fs::File,
+    pub size: u64,
+}
+
 /// A message to send, the messages it refers to resolved to what WhatsApp knows them by.
 #[derive(Debug)]
 pub struct Outgoing {
@@ -196,8 +204,8 @@ pub trait Connection: Send {
     async fn mark_read(&mut self, _message: &Inbound) -> Result<(), DriverError> {
         Err(DriverError::Unsupported)
     }
-    /// The plain bytes of a file a contact sent (checked against what its message says).
-    async fn download(&mut self, _file: &RemoteFile) -> Result<Vec<u8>, DriverError> {
+    /// A file a contact sent, downloaded and opened (its MAC checked) into a temporary file.
+    async fn download(&mut self, _file: &RemoteFile) -> Result<Received, DriverError> {
         Err(DriverError::Unsupported)
     }
     /// Drives the simulated phone or network (the `sim` driver only).

@@ -22,7 +22,7 @@ use shared::{
 use super::{Actor, Flow, back_off};
 use crate::{
     ctx::Ctx,
-    driver::{Inbound, Outgoing},
+    driver::{Inbound, Outgoing, Received, RemoteFile},
     store::messages::{self, Change, Which},
 };
 
@@ -302,11 +302,12 @@ impl Actor {
                 None => Err("the session was not connected to WhatsApp".to_owned()),
             };
             let stored = match fetched {
-                Ok(bytes) => loop {
+                Ok(mut received) => loop {
                     let org = &self.row.organization_id;
                     let keep = self.ctx.message_retention_ms;
-                    match keep_file(&self.ctx, org, keep, &m.content, &bytes).await {
-                        Ok(media) => break Ok(media),
+                    let kept = keep_file(&self.ctx, org, keep, &m.content, &file, &mut received);
+                    match kept.await {
+                        Ok(kept) => break kept,
                         Err(e) => {
                             tracing::warn!(session_id = %self.row.id, error = %e, "could not store a received file; retrying");
                             if !back_off(&self.lease.clone(), &mut backoff).await {
@@ -438,27 +439,72 @@ impl Actor {
     }
 }
 
-/// Stores the bytes of a file a contact sent as a file of `org`, kept `keep_ms` (its message,
-/// stored next, keeps it as long as itself).
+/// Stores a file a contact sent (`file`, downloaded into `received`) as a file of `org`, kept
+/// `keep_ms` (its message, stored next, keeps it as long as itself), a chunk at a time.
+/// `Ok(Err(why))`: its bytes are not those its message names (their SHA-256), and nothing
+/// is stored.
 async fn keep_file(
     ctx: &Ctx,
     org: &str,
     keep_ms: i64,
     content: &Content,
-    bytes: &[u8],
-) -> shared::Result<Media> {
+    file: &RemoteFile,
+    received: &mut Received,
+) -> shared::Result<Result<Media, String>> {
+    use sha2::{Digest, Sha256};
+    use tokio::io::{AsyncReadExt, AsyncSeekExt};
+    let local = |e: std::io::Error| {
+        shared::Error::internal(format!("the downloaded file could not be read: {e}"))
+    };
     let declared = content.media().and_then(|(_, f)| f.mime_type.clone());
-    let head = &bytes[..bytes.len().min(media::SNIFF_BYTES)];
-    let mime_type = media::sniff(head, declared.as_deref())
-        .ok()
-        .or(declared)
-        .unwrap_or_else(|| "application/octet-stream".into());
-    let file = Media::of(bytes, mime_type, keep_ms);
+    let mut reader = tokio::fs::File::from_std(received.file.try_clone().map_err(local)?);
+    reader.rewind().await.map_err(local)?;
+    let id = ulid::Ulid::new().to_string();
     let mut client = ctx.db.get().await?;
     let tx = client.transaction().await?;
-    ctx.media.put(&tx, org, &file, bytes).await?;
+    let mut writer = ctx.media.writer(&id);
+    let (mut sha, mut size, mut mime_type) = (Sha256::new(), 0u64, None);
+    let mut chunk = vec![0u8; media::CHUNK_BYTES];
+    loop {
+        // A whole chunk (the store's unit), or what is left.
+        let mut filled = 0;
+        while filled < chunk.len() {
+            match reader.read(&mut chunk[filled..]).await.map_err(local)? {
+                0 => break,
+                n => filled += n,
+            }
+        }
+        if filled == 0 {
+            break;
+        }
+        let piece = &chunk[..filled];
+        if mime_type.is_none() {
+            let head = &piece[..piece.len().min(media::SNIFF_BYTES)];
+            mime_type = Some(
+                media::sniff(head, declared.as_deref())
+                    .ok()
+                    .or(declared.clone())
+                    .unwrap_or_else(|| "application/octet-stream".into()),
+            );
+        }
+        sha.update(piece);
+        size += filled as u64;
+        writer.write(&tx, piece).await?;
+    }
+    let sha = sha.finalize();
+    if size == 0 {
+        return Ok(Err("the file is empty".into()));
+    }
+    if !file.file_sha256.is_empty() && file.file_sha256[..] != sha[..] {
+        return Ok(Err(
+            "its bytes are not the file its message names (SHA-256 differs)".into(),
+        ));
+    }
+    let mime_type = mime_type.unwrap_or_else(|| "application/octet-stream".into());
+    let stored = Media::new(id, mime_type, size, &sha, keep_ms);
+    writer.finish(&tx, org, &stored).await?;
     tx.commit().await?;
-    Ok(file)
+    Ok(Ok(stored))
 }
 
 #[cfg(test)]

@@ -13,7 +13,7 @@ use whatsapp_rust::{
 };
 
 use super::{content, files, parse_jid, phones, store, store_error, transport};
-use crate::driver::{Connection, DriverError, Inbound, Outgoing, RemoteFile, SimAction};
+use crate::driver::{Connection, DriverError, Inbound, Outgoing, Received, RemoteFile, SimAction};
 
 pub(super) struct WhatsAppConnection {
     pub(super) handle: Option<BotHandle>,
@@ -248,7 +248,7 @@ impl Connection for WhatsAppConnection {
             .map_err(|e| DriverError::Connection(format!("cannot mark read: {e}")))
     }
 
-    async fn download(&mut self, file: &RemoteFile) -> Result<Vec<u8>, DriverError> {
+    async fn download(&mut self, file: &RemoteFile) -> Result<Received, DriverError> {
         files::download(&self.client()?, file).await
     }
 

@@ -31,7 +31,7 @@ use whatsapp_rust::{
 };
 
 use super::{content, parse_jid};
-use crate::driver::{DriverError, MessageRef, Outgoing, RemoteFile};
+use crate::driver::{DriverError, MessageRef, Outgoing, Received, RemoteFile};
 
 /// Uploads the file `message` carries, then sends the message that names it: WhatsApp's id
 /// of it.
@@ -122,13 +122,14 @@ async fn encrypt(
     Ok((info, Ciphertext { path, len }))
 }
 
-/// The plain bytes of a file a contact sent; a dead link is asked for again.
+/// A file a contact sent, decrypted as it streams in (its MAC checked) into a temporary
+/// file; a dead link is asked for again.
 pub(super) async fn download(
     client: &Arc<whatsapp_rust::Client>,
     file: &RemoteFile,
-) -> Result<Vec<u8>, DriverError> {
-    let first = match client.download(&Remote(file)).await {
-        Ok(bytes) => return Ok(bytes),
+) -> Result<Received, DriverError> {
+    let first = match fetch(client, file).await {
+        Ok(received) => return Ok(received),
         Err(e) => e,
     };
     // A dead link (WhatsApp's hosts keep a file for a while): the sender's phone is asked
@@ -163,10 +164,18 @@ pub(super) async fn download(
         direct_path,
         ..file.clone()
     };
-    client
-        .download(&Remote(&again))
+    fetch(client, &again)
         .await
         .map_err(|e| failed(format!("uploaded again, it still could not be read: {e}")))
+}
+
+/// Downloads `file` from its direct path into a temporary file, rewound.
+async fn fetch(client: &Arc<whatsapp_rust::Client>, file: &RemoteFile) -> anyhow::Result<Received> {
+    let sink = tempfile::tempfile()?;
+    let mut sink = client.download_to_writer(&Remote(file), sink).await?;
+    let size = sink.seek(std::io::SeekFrom::End(0))?;
+    sink.rewind()?;
+    Ok(Received { file: sink, size })
 }
 
 /// How WhatsApp's media hosts file a kind of file (its keys are derived by it).
