@@ -85,23 +85,35 @@ fn forbidden_v4(ip: Ipv4Addr) -> bool {
         || a >= 240 // reserved
 }
 
-/// Checks an endpoint URL at registration: scheme, shape, and every address its host
-/// resolves to. Answers it parsed.
+/// What any URL the api fetches must look like, whatever it points at: at most
+/// `MAX_URL_LEN` long, `https://` (or `http://` with `allow_http`), no credentials. Answers it
+/// parsed, or why not (for people).
+pub fn check_shape(raw: &str, allow_http: bool) -> std::result::Result<Url, String> {
+    if raw.len() > MAX_URL_LEN {
+        return Err(format!("a url is at most {MAX_URL_LEN} characters"));
+    }
+    let url = Url::parse(raw).map_err(|e| format!("not a valid URL: {e}"))?;
+    check_scheme(&url, allow_http)?;
+    if !url.username().is_empty() || url.password().is_some() {
+        return Err("a url must not carry credentials".into());
+    }
+    Ok(url)
+}
+
+/// `https://`, or `http://` with `allow_http` (a redirect's target is held to it too).
+pub fn check_scheme(url: &Url, allow_http: bool) -> std::result::Result<(), String> {
+    match url.scheme() {
+        "https" => Ok(()),
+        "http" if allow_http => Ok(()),
+        other => Err(format!("a url must use https://, not {other}://")),
+    }
+}
+
+/// Checks an endpoint URL at registration: its shape, and every address its host resolves
+/// to. Answers it parsed.
 pub async fn check_url(raw: &str, allow_http: bool, reach: &Reach) -> Result<Url> {
     let bad = |m: String| Error::invalid_field("url", m);
-    if raw.len() > MAX_URL_LEN {
-        return Err(bad(format!("url is longer than {MAX_URL_LEN} characters")));
-    }
-    let url = Url::parse(raw).map_err(|e| bad(format!("url is not a valid URL: {e}")))?;
-    match url.scheme() {
-        "https" => {}
-        "http" if allow_http => {}
-        "http" => return Err(bad("url must use https://".into())),
-        other => return Err(bad(format!("url must use https://, not {other}://"))),
-    }
-    if !url.username().is_empty() || url.password().is_some() {
-        return Err(bad("url must not carry credentials".into()));
-    }
+    let url = check_shape(raw, allow_http).map_err(|why| bad(format!("url: {why}")))?;
     let port = url.port_or_known_default().unwrap_or(443);
     let addrs: Vec<IpAddr> = match url.host() {
         None => return Err(bad("url has no host".into())),

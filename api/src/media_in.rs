@@ -125,7 +125,7 @@ impl Fetcher {
                 if attempt.previous().len() > MAX_REDIRECTS {
                     return attempt.error(format!("more than {MAX_REDIRECTS} redirects"));
                 }
-                match scheme_allowed(attempt.url(), allow_http)
+                match guard::check_scheme(attempt.url(), allow_http)
                     .and_then(|()| guard::check_literal(attempt.url(), &redirects))
                 {
                     Ok(()) => attempt.follow(),
@@ -163,17 +163,7 @@ impl Fetcher {
         limits: Limits<'_>,
     ) -> Result<Media> {
         let bad = |why: String| Error::invalid_field(field, format!("{field}: {why}"));
-        if url.len() > shared::webhook::MAX_URL_LEN {
-            return Err(bad(format!(
-                "a url is at most {} characters",
-                shared::webhook::MAX_URL_LEN
-            )));
-        }
-        let parsed = reqwest::Url::parse(url).map_err(|e| bad(format!("not a valid URL: {e}")))?;
-        scheme_allowed(&parsed, self.allow_http).map_err(bad)?;
-        if !parsed.username().is_empty() || parsed.password().is_some() {
-            return Err(bad("a url must not carry credentials".into()));
-        }
+        let parsed = guard::check_shape(url, self.allow_http).map_err(bad)?;
         guard::check_literal(&parsed, &self.reach).map_err(bad)?;
         let response = self
             .http
@@ -225,14 +215,6 @@ impl Fetcher {
             }
             _ => e,
         })
-    }
-}
-
-fn scheme_allowed(url: &reqwest::Url, allow_http: bool) -> std::result::Result<(), String> {
-    match url.scheme() {
-        "https" => Ok(()),
-        "http" if allow_http => Ok(()),
-        other => Err(format!("a url must use https://, not {other}://")),
     }
 }
 
