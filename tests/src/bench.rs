@@ -98,23 +98,42 @@ pub fn median(mut xs: Vec<f64>) -> f64 {
 
 /// An api as the product is configured by default, not with the tests' short cache lifetimes.
 pub async fn default_api(env: &crate::TestEnv) -> crate::Api {
+    default_api_with(env, |_| {}).await
+}
+
+/// [`default_api`], then `tweak`.
+pub async fn default_api_with(
+    env: &crate::TestEnv,
+    tweak: impl FnOnce(&mut api::Config),
+) -> crate::Api {
     use clap::Parser;
     let defaults = api::Config::parse_from(["api"]);
     env.start_api(|c| {
         c.api_key_cache_ttl_ms = defaults.api_key_cache_ttl_ms;
         c.fleet_refresh_ms = defaults.fleet_refresh_ms;
         c.session_cache_ttl_ms = defaults.session_cache_ttl_ms;
+        tweak(c);
     })
     .await
 }
 
 /// A worker for `gateway_id` with the product's default pool size and heartbeat.
 pub async fn default_worker(env: &crate::TestEnv, gateway_id: &str) -> crate::Worker {
+    default_worker_with(env, gateway_id, |_| {}).await
+}
+
+/// [`default_worker`], then `tweak`.
+pub async fn default_worker_with(
+    env: &crate::TestEnv,
+    gateway_id: &str,
+    tweak: impl FnOnce(&mut worker::Config),
+) -> crate::Worker {
     use clap::Parser;
     let defaults = worker::Config::parse_from(["worker"]);
     env.start_worker(gateway_id, |c| {
         c.db.database_pool_size = defaults.db.database_pool_size;
         c.heartbeat_interval_ms = defaults.heartbeat_interval_ms;
+        tweak(c);
     })
     .await
 }

@@ -10,7 +10,9 @@
 //! p50 for a logout.
 //!
 //! Run with the services up: `cargo run --release -p tests --bin bench-messages`.
-//! `BENCH_ROUNDS` (3) and `BENCH_SECS` (4) change the rounds.
+//! `BENCH_ROUNDS` (3) and `BENCH_SECS` (4) change the rounds; `BENCH_ORGS` (1) spreads the
+//! sending sessions over that many organizations (each organization's events commit one
+//! transaction at a time, under its event lock: `shared/src/store/events.rs`).
 
 use std::{sync::Arc, time::Duration};
 
@@ -33,21 +35,22 @@ type Op = Arc<
 fn post(
     http: reqwest::Client,
     base: String,
-    key: String,
+    keys: Arc<Vec<String>>,
     ids: Arc<Vec<String>>,
     path: &'static str,
     body: Option<serde_json::Value>,
 ) -> Op {
     Arc::new(move |i| {
-        let (http, base, key, ids, body) = (
+        let (http, base, keys, ids, body) = (
             http.clone(),
             base.clone(),
-            key.clone(),
+            keys.clone(),
             ids.clone(),
             body.clone(),
         );
         Box::pin(async move {
             let id = &ids[i % ids.len()];
+            let key = &keys[i % ids.len()];
             let mut req = http
                 .post(format!("{base}/api/v1/sessions/{id}{path}"))
                 .bearer_auth(key);
@@ -80,7 +83,22 @@ async fn main() {
     let (rounds, secs) = plan();
     let env = TestEnv::new().await;
     let gw = env.gateway_id("bench");
-    let ids = env.paired_sessions("org_bench", &gw, SESSIONS, 0).await;
+    let orgs: usize = std::env::var("BENCH_ORGS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1)
+        .clamp(1, SESSIONS);
+    let mut ids = Vec::with_capacity(SESSIONS);
+    let mut keys = Vec::with_capacity(SESSIONS);
+    for o in 0..orgs {
+        let org = format!("org_bench{o}");
+        let n = SESSIONS / orgs + usize::from(o < SESSIONS % orgs);
+        let key = env.api_key(&org, &["read", "manage"]).await;
+        for id in env.paired_sessions(&org, &gw, n, 0).await {
+            ids.push(id);
+            keys.push(key.clone());
+        }
+    }
     {
         let client = env.db.get().await.expect("db");
         client
@@ -94,8 +112,8 @@ async fn main() {
     }
     let _worker = default_worker(&env, &gw).await;
     let api = default_api(&env).await;
-    let key = env.api_key("org_bench", &["read", "manage"]).await;
-    let ids = Arc::new(ids);
+    let key = env.api_key("org_bench0", &["read", "manage"]).await;
+    let (ids, keys) = (Arc::new(ids), Arc::new(keys));
     // The baseline's own sessions, unpaired: a logout runs the whole command path and leaves
     // them as they were, while the paired ones keep sending.
     let unpaired = new_sessions(&api, &key, &gw, SESSIONS).await;
@@ -106,7 +124,7 @@ async fn main() {
     let message = post(
         http.clone(),
         api.base.clone(),
-        key.clone(),
+        keys.clone(),
         ids.clone(),
         "/messages",
         Some(json!({"to": "+62 811 0000 0001", "text": "bench"})),
@@ -114,7 +132,7 @@ async fn main() {
     let logout = post(
         http.clone(),
         api.base.clone(),
-        key.clone(),
+        Arc::new(vec![key.clone(); SESSIONS]),
         Arc::new(unpaired),
         ":logout",
         None,
