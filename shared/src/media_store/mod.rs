@@ -177,9 +177,39 @@ impl MediaStore {
     /// (none in the Postgres store): to audit the bucket against the rows.
     pub async fn object_ids(&self) -> Result<Vec<String>> {
         match self.s3.as_deref() {
-            Some(bucket) => bucket.ids().await,
+            Some(bucket) => Ok(bucket.ids().await?.into_iter().map(|(id, _)| id).collect()),
             None => Ok(Vec::new()),
         }
+    }
+
+    /// Deletes the bucket's objects that no file's row names, written before `before` (epoch
+    /// ms): an upload whose object was complete but whose row never committed (its
+    /// transaction failed, or its process died between the two). How many.
+    pub async fn sweep_orphans(&self, db: &impl GenericClient, before: i64) -> Result<u64> {
+        let Some(bucket) = self.s3.as_deref() else {
+            return Ok(0);
+        };
+        let old: Vec<String> = bucket
+            .ids()
+            .await?
+            .into_iter()
+            .filter(|(_, written)| *written < before)
+            .map(|(id, _)| id)
+            .collect();
+        let mut swept = 0;
+        for batch in old.chunks(1_000) {
+            let ids: Vec<&str> = batch.iter().map(String::as_str).collect();
+            let known = store::media::existing(db, &ids).await?;
+            let orphans: Vec<&str> = ids
+                .into_iter()
+                .filter(|id| !known.iter().any(|k| k == id))
+                .collect();
+            if !orphans.is_empty() {
+                bucket.delete(&orphans).await?;
+                swept += orphans.len() as u64;
+            }
+        }
+        Ok(swept)
     }
 
     fn bucket(&self) -> Result<&s3::Bucket> {

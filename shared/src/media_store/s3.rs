@@ -126,12 +126,15 @@ impl Bucket {
         Ok(got.into_stream().map_err(std::io::Error::other).boxed())
     }
 
-    /// The ids of the objects under the prefix.
-    pub async fn ids(&self) -> Result<Vec<String>> {
+    /// The ids of the objects under the prefix, and when each was written (epoch ms).
+    pub async fn ids(&self) -> Result<Vec<(String, i64)>> {
         let prefix = Path::from(self.prefix.as_str());
         self.store
             .list(Some(&prefix))
-            .map_ok(|meta| meta.location.filename().unwrap_or_default().to_owned())
+            .map_ok(|meta| {
+                let id = meta.location.filename().unwrap_or_default().to_owned();
+                (id, meta.last_modified.timestamp_millis())
+            })
             .try_collect()
             .await
             .map_err(unreachable)

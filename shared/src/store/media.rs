@@ -148,6 +148,19 @@ pub async fn usage(db: &impl GenericClient) -> Result<Vec<(String, i64, i64)>> {
         .collect())
 }
 
+/// Which of these files have a row.
+pub async fn existing(db: &impl GenericClient, ids: &[&str]) -> Result<Vec<String>> {
+    let stmt = db
+        .prepare_cached("SELECT id FROM media WHERE id = ANY($1)")
+        .await?;
+    Ok(db
+        .query(&stmt, &[&ids])
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect())
+}
+
 /// Deletes the rows of files (and their chunks); how many.
 pub async fn delete(db: &impl GenericClient, ids: &[&str]) -> Result<u64> {
     let stmt = db

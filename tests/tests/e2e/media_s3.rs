@@ -195,6 +195,25 @@ async fn an_upload_refused_or_cut_short_leaves_no_object_in_the_s3_store() {
         .assert_status(201);
     assert_eq!(bucket.object_ids().await.expect("list").len(), 1);
 
+    // An object whose row never committed (its transaction failed after the upload was
+    // complete): the sweep deletes it, and only it.
+    let orphan = shared::media::Media::of(&png(2_000), "image/png".into(), 60_000);
+    {
+        let mut client = env.db.get().await.expect("db");
+        let tx = client.transaction().await.expect("tx");
+        bucket
+            .put(&tx, &org, &orphan, &png(2_000))
+            .await
+            .expect("stored");
+        tx.rollback().await.expect("rolled back");
+    }
+    assert_eq!(bucket.object_ids().await.expect("list").len(), 2);
+    let db = env.db.get().await.expect("db");
+    let later = shared::db::now_ms() + 60_000;
+    assert_eq!(bucket.sweep_orphans(&db, later).await.expect("swept"), 1);
+    let left = bucket.object_ids().await.expect("list");
+    assert!(left.len() == 1 && left[0] != orphan.id, "{left:?}");
+
     // The region's reaper reports what each organization keeps.
     let _w = env
         .start_worker(&env.gateway_id("sg"), |c| {

@@ -57,6 +57,8 @@ pub struct Rebalance {
 
 /// Rows deleted per pruning statement: short transactions, no long locks.
 const PRUNE_BATCH: i64 = 5_000;
+/// How old an object no file's row names must be before the reaper deletes it.
+const ORPHAN_GRACE_MS: i64 = 3_600_000;
 
 impl Reaper {
     pub async fn run(self, stop: CancellationToken) {
@@ -156,6 +158,11 @@ impl Reaper {
                 break;
             }
         }
+        // Objects no row names: uploads whose row never committed. An upload's row follows
+        // its object's completion at once; an hour's grace keeps any in flight safe.
+        let before = shared::db::now_ms() - ORPHAN_GRACE_MS;
+        let swept = self.media.sweep_orphans(client, before).await?;
+        metrics::counter!("worker_media_orphans_swept_total").increment(swept);
         Ok(())
     }
 
