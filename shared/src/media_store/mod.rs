@@ -7,8 +7,8 @@
 //!   outgrow their database. Its row is written once the object is complete; an upload that
 //!   is refused or cut short is aborted, so no half-written object is left behind.
 //!
-//! Both are read a piece at a time, as a client takes them (`read_range`), or whole (`read`,
-//! for a file the worker sends).
+//! Both are read a piece at a time, as a client or a driver takes them (`read_range`,
+//! `open`); `read` gathers a whole file (tests and benchmarks).
 
 mod s3;
 
@@ -16,7 +16,7 @@ use std::{pin::Pin, str::FromStr, sync::Arc};
 
 use bytes::Bytes;
 use deadpool_postgres::GenericClient;
-use futures::{Stream, StreamExt};
+use futures::{Stream, StreamExt, TryStreamExt};
 
 use crate::{
     config::MediaStoreConfig,
@@ -129,15 +129,16 @@ impl MediaStore {
     }
 
     /// The bytes of file `id` in memory; `None` when it is gone (expired and pruned).
-    pub async fn read(&self, db: &impl GenericClient, id: &str) -> Result<Option<Vec<u8>>> {
-        match store::media::stored(db, id).await?.map(|(at, _)| at) {
-            None => Ok(None),
-            Some(Location::Postgres) => {
-                let bytes = store::media::read(db, id).await?;
-                Ok((!bytes.is_empty()).then_some(bytes))
-            }
-            Some(Location::S3) => self.bucket()?.read(id).await,
-        }
+    pub async fn read(&self, db: &deadpool_postgres::Pool, id: &str) -> Result<Option<Vec<u8>>> {
+        let Some(file) = self.open(db, id).await? else {
+            return Ok(None);
+        };
+        let bytes: Vec<Bytes> = file
+            .pieces
+            .try_collect()
+            .await
+            .map_err(|e| Error::unavailable(format!("the file could not be read: {e}")))?;
+        Ok(Some(bytes.concat()))
     }
 
     /// Bytes [start, end) of file `id` (stored at `at`), read as the stream is polled (an S3

@@ -97,15 +97,6 @@ impl Bucket {
         }
     }
 
-    /// A whole file; `None` when there is no such object.
-    pub async fn read(&self, id: &str) -> Result<Option<Vec<u8>>> {
-        match self.store.get(&self.path(id)).await {
-            Ok(got) => Ok(Some(got.bytes().await.map_err(unreachable)?.to_vec())),
-            Err(object_store::Error::NotFound { .. }) => Ok(None),
-            Err(e) => Err(unreachable(e)),
-        }
-    }
-
     /// Bytes [start, end) of a file. The request is made here, so a store that does not
     /// answer is an error before anything is sent; the body streams as it is polled.
     pub async fn read_range(&self, id: &str, start: u64, end: u64) -> Result<Pieces> {

@@ -90,18 +90,6 @@ pub async fn stored(db: &impl GenericClient, id: &str) -> Result<Option<(Locatio
         .transpose()
 }
 
-/// The bytes of a file, in order.
-pub async fn read(db: &impl GenericClient, id: &str) -> Result<Vec<u8>> {
-    let stmt = db
-        .prepare_cached("SELECT data FROM media_chunks WHERE media_id = $1 ORDER BY seq")
-        .await?;
-    let mut bytes = Vec::new();
-    for row in db.query(&stmt, &[&id]).await? {
-        bytes.extend_from_slice(row.get::<_, &[u8]>(0));
-    }
-    Ok(bytes)
-}
-
 /// Chunk `seq` of a file (`None` past its last).
 pub async fn chunk(db: &impl GenericClient, id: &str, seq: i32) -> Result<Option<Vec<u8>>> {
     let stmt = db

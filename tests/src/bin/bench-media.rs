@@ -137,7 +137,8 @@ async fn main() {
                 .await
                 .map_err(|e| e.to_string())?;
             tx.commit().await.map_err(|e| e.to_string())?;
-            match store.read(&client, &file.id).await {
+            drop(client);
+            match store.read(&pool, &file.id).await {
                 Ok(Some(bytes)) if bytes.len() == image.len() => Ok(()),
                 other => Err(format!(
                     "read back: {:?}",

@@ -72,8 +72,7 @@ async fn files_live_in_the_s3_store_are_sent_read_back_and_pruned_from_there() {
         let file = up["id"].as_str().expect("id").to_owned();
         assert_eq!(up["sha256"], json!(sha256(bytes)), "{up}");
         assert_eq!(store_of(&env, &file).await, "s3");
-        let client = env.db.get().await.expect("db");
-        let object = bucket.read(&client, &file).await.expect("read");
+        let object = bucket.read(&env.db, &file).await.expect("read");
         assert!(
             object.as_deref() == Some(bytes.as_slice()),
             "the {kind} is an object in the bucket, byte for byte"
