@@ -1,5 +1,6 @@
 //! Media: what a file is (sniffed from its bytes, never taken from the caller's word) and
-//! what WhatsApp takes of each kind of message. The store is `store::media`.
+//! what WhatsApp takes of each kind of message. Files are kept by `media_store/` (their rows:
+//! `store/media.rs`).
 
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
