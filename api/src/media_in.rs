@@ -189,32 +189,24 @@ impl Fetcher {
         let body = response
             .bytes_stream()
             .map(|piece| piece.map_err(|e| chain(&e)));
-        let media = &self.media;
-        store(
-            db,
-            media,
-            org,
-            retention_ms,
-            declared.as_deref(),
-            limits,
-            body,
-        )
-        .await
-        .map_err(|e| match e.body.code {
-            ErrorCode::InvalidArgument
-            | ErrorCode::UnsupportedMediaType
-            | ErrorCode::PayloadTooLarge
-                if !e.body.details.contains_key("field") =>
-            {
-                let message = format!("{field}: {}", e.body.message);
-                Error {
-                    body: shared::error::ErrorBody { message, ..e.body },
-                    ..e
+        let (media, declared) = (&self.media, declared.as_deref());
+        store(db, media, org, retention_ms, declared, limits, body)
+            .await
+            .map_err(|e| match e.body.code {
+                ErrorCode::InvalidArgument
+                | ErrorCode::UnsupportedMediaType
+                | ErrorCode::PayloadTooLarge
+                    if !e.body.details.contains_key("field") =>
+                {
+                    let message = format!("{field}: {}", e.body.message);
+                    Error {
+                        body: shared::error::ErrorBody { message, ..e.body },
+                        ..e
+                    }
+                    .with_detail("field", field)
                 }
-                .with_detail("field", field)
-            }
-            _ => e,
-        })
+                _ => e,
+            })
     }
 }
 

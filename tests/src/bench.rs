@@ -151,6 +151,51 @@ pub async fn success(r: reqwest::Response) -> Result<(), String> {
     Ok(())
 }
 
+/// How many messages there are, how many of them are out, and when the last went (ms).
+pub async fn messages_sent(env: &crate::TestEnv) -> (i64, i64, i64) {
+    let row = env
+        .db
+        .get()
+        .await
+        .expect("db")
+        .query_one(
+            "SELECT count(*), count(sent_at), COALESCE(max(sent_at), 0) FROM messages",
+            &[],
+        )
+        .await
+        .expect("count");
+    (row.get(0), row.get(1), row.get(2))
+}
+
+/// Every session's limits above any benchmark's load (1,000 messages a minute), and no
+/// "typing…": the worker, not the rates, is what a benchmark measures.
+pub async fn unlimited_sessions(env: &crate::TestEnv) {
+    env.db
+        .get()
+        .await
+        .expect("db")
+        .execute(
+            "UPDATE sessions SET rate_per_min = 1000, rate_per_hour = 60000, \
+             presence_typing = false",
+            &[],
+        )
+        .await
+        .expect("limits");
+}
+
+/// The media store `BENCH_MEDIA_STORE` names: `postgres` (the default) or `s3` (the tests'
+/// Garage node, under this run's prefix).
+pub fn media_store_from_env(env: &crate::TestEnv) -> shared::config::MediaStoreConfig {
+    use shared::media_store::Location;
+    let mut store = env.s3_media();
+    store.media_store = match std::env::var("BENCH_MEDIA_STORE").as_deref() {
+        Ok("s3") => Location::S3,
+        Ok("postgres") | Err(_) => Location::Postgres,
+        Ok(other) => panic!("BENCH_MEDIA_STORE={other}: postgres or s3"),
+    };
+    store
+}
+
 /// `n` new (unpaired) sessions on `gateway_id`, created through the api; their ids.
 pub async fn new_sessions(api: &crate::Api, key: &str, gateway_id: &str, n: usize) -> Vec<String> {
     let mut ids = Vec::with_capacity(n);

@@ -17,7 +17,11 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 use shared::media_store::Location;
-use tests::{TestEnv, bench::until_working, process::WorkerProcess};
+use tests::{
+    TestEnv,
+    bench::{media_store_from_env, unlimited_sessions, until_working},
+    process::WorkerProcess,
+};
 
 const SESSIONS: usize = 50;
 const VIDEO_BYTES: usize = 16 * 1024 * 1024 - 4096;
@@ -36,24 +40,11 @@ fn mb(bytes: u64) -> f64 {
 #[tokio::main]
 async fn main() {
     let env = TestEnv::new().await;
-    let s3 = matches!(std::env::var("BENCH_MEDIA_STORE").as_deref(), Ok("s3"));
-    let mut store = env.s3_media();
-    if !s3 {
-        store.media_store = Location::Postgres;
-    }
+    let store = media_store_from_env(&env);
+    let s3 = store.media_store == Location::S3;
     let gw = env.gateway_id("bench");
     let ids = env.paired_sessions("org_bench", &gw, SESSIONS, 0).await;
-    env.db
-        .get()
-        .await
-        .expect("db")
-        .execute(
-            "UPDATE sessions SET rate_per_min = 1000, rate_per_hour = 60000, \
-             presence_typing = false",
-            &[],
-        )
-        .await
-        .expect("limits");
+    unlimited_sessions(&env).await;
     let mut settings = vec![
         ("DATABASE_POOL_SIZE", "16".to_owned()),
         ("MEDIA_STORE", store.media_store.as_str().to_owned()),
@@ -100,7 +91,6 @@ async fn main() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let sending = Instant::now();
-    let mut messages = Vec::new();
     for id in &ids {
         let body = json!({"to": "+62 811 0000 0001", "type": "video", "video": {"mediaId": file}});
         let r = api
@@ -110,7 +100,7 @@ async fn main() {
                 Some(&body),
             )
             .await;
-        messages.push(r.assert_status(202)["id"].as_str().expect("id").to_owned());
+        r.assert_status(202);
     }
     let mut peak = idle;
     let db = env.db.get().await.expect("db");

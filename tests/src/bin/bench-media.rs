@@ -17,13 +17,13 @@
 use std::{sync::Arc, time::Duration};
 
 use serde_json::{Value, json};
-use shared::{
-    media::Media,
-    media_store::{Location, MediaStore},
-};
+use shared::{media::Media, media_store::MediaStore};
 use tests::{
     TestEnv,
-    bench::{default_api_with, default_worker_with, load, median, plan},
+    bench::{
+        default_api_with, default_worker_with, load, media_store_from_env, median, messages_sent,
+        plan, unlimited_sessions,
+    },
 };
 
 const SESSIONS: usize = 16;
@@ -37,46 +37,15 @@ fn png(len: usize) -> Vec<u8> {
     bytes
 }
 
-/// How many files messages carry, how many of them are out, and when the last went (ms).
-async fn sent(env: &TestEnv) -> (i64, i64, i64) {
-    let row = env
-        .db
-        .get()
-        .await
-        .expect("db")
-        .query_one(
-            "SELECT count(*), count(sent_at), COALESCE(max(sent_at), 0) FROM messages",
-            &[],
-        )
-        .await
-        .expect("count");
-    (row.get(0), row.get(1), row.get(2))
-}
-
 #[tokio::main]
 async fn main() {
     let (rounds, secs) = plan();
     let env = TestEnv::new().await;
-    let mut store_cfg = env.s3_media();
-    store_cfg.media_store = match std::env::var("BENCH_MEDIA_STORE").as_deref() {
-        Ok("s3") => Location::S3,
-        Ok("postgres") | Err(_) => Location::Postgres,
-        Ok(other) => panic!("BENCH_MEDIA_STORE={other}: postgres or s3"),
-    };
+    let store_cfg = media_store_from_env(&env);
     let store = MediaStore::new(&store_cfg).expect("the media store");
     let gw = env.gateway_id("bench");
     let ids = env.paired_sessions("org_bench", &gw, SESSIONS, 0).await;
-    env.db
-        .get()
-        .await
-        .expect("db")
-        .execute(
-            "UPDATE sessions SET rate_per_min = 1000, rate_per_hour = 60000, \
-             presence_typing = false",
-            &[],
-        )
-        .await
-        .expect("limits");
+    unlimited_sessions(&env).await;
     let _worker = default_worker_with(&env, &gw, |c| c.media_store = store_cfg.clone()).await;
     let api = default_api_with(&env, |c| c.media_store = store_cfg.clone()).await;
     let key = env.api_key("org_bench", &["read", "manage"]).await;
@@ -156,12 +125,12 @@ async fn main() {
     );
     let mut ratios = Vec::new();
     for round in 0..=rounds {
-        let (before, _, _) = sent(&env).await;
+        let (before, _, _) = messages_sent(&env).await;
         let started = shared::db::now_ms();
         let p = product.clone();
         let accepted = load(CONCURRENCY, secs, move |i| p(i)).await;
         let (total, last) = loop {
-            let (all, out, last) = sent(&env).await;
+            let (all, out, last) = messages_sent(&env).await;
             if out == all {
                 break (all - before, last);
             }

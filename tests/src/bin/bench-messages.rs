@@ -19,7 +19,10 @@ use std::{sync::Arc, time::Duration};
 use serde_json::json;
 use tests::{
     TestEnv,
-    bench::{Round, default_api, default_worker, load, median, ms, new_sessions, plan, success},
+    bench::{
+        Round, default_api, default_worker, load, median, messages_sent, ms, new_sessions, plan,
+        success, unlimited_sessions,
+    },
 };
 
 const SESSIONS: usize = 64;
@@ -62,22 +65,6 @@ fn post(
     })
 }
 
-/// How many of the messages accepted so far are out, and when the last went (ms).
-async fn sent(env: &TestEnv) -> (i64, i64, i64) {
-    let row = env
-        .db
-        .get()
-        .await
-        .expect("db")
-        .query_one(
-            "SELECT count(*), count(sent_at), COALESCE(max(sent_at), 0) FROM messages",
-            &[],
-        )
-        .await
-        .expect("count");
-    (row.get(0), row.get(1), row.get(2))
-}
-
 #[tokio::main]
 async fn main() {
     let (rounds, secs) = plan();
@@ -99,17 +86,7 @@ async fn main() {
             keys.push(key.clone());
         }
     }
-    {
-        let client = env.db.get().await.expect("db");
-        client
-            .execute(
-                "UPDATE sessions SET rate_per_min = 1000, rate_per_hour = 60000, \
-                 presence_typing = false",
-                &[],
-            )
-            .await
-            .expect("limits");
-    }
+    unlimited_sessions(&env).await;
     let _worker = default_worker(&env, &gw).await;
     let api = default_api(&env).await;
     let key = env.api_key("org_bench0", &["read", "manage"]).await;
@@ -144,11 +121,11 @@ async fn main() {
     let (mut rate_ratios, mut p50_ratios) = (vec![], vec![]);
     for round in 1..=rounds {
         // Messages: accepted during the round, then until the last of them is sent.
-        let (before, _, _) = sent(&env).await;
+        let (before, _, _) = messages_sent(&env).await;
         let started = shared::db::now_ms();
         let accepted: Round = run(message.clone(), secs).await;
         let total = loop {
-            let (all, out, last) = sent(&env).await;
+            let (all, out, last) = messages_sent(&env).await;
             if out == all {
                 break (all - before, last);
             }
