@@ -3,6 +3,8 @@
 //! its `message.status` event, fenced by the session's lease, group-committed
 //! ([`StatusWriter`]).
 
+use std::collections::{HashMap, HashSet};
+
 use deadpool_postgres::{GenericClient, Pool};
 
 use crate::driver::{Inbound, MessageRef};
@@ -166,30 +168,78 @@ impl StatusWriter {
     }
 }
 
-/// One transaction for a batch of changes: each change's messages, or `None` where the
-/// lease moved on, and their events.
+/// A round of changes, at most one per session, applied in one statement: `$1` the changes'
+/// places in the batch, then per change the session, the `from` statuses (comma-separated),
+/// the new status, the error, WhatsApp's id, when, and the key `{matching}` compares.
+/// Returns each changed message with its change's place, and the content of an edit or a
+/// revoke just sent.
+fn update_round(matching: &str) -> String {
+    format!(
+        "UPDATE messages m SET status = c.status, error = COALESCE(c.error, m.error), \
+         wa_message_id = COALESCE(c.wa_id, m.wa_message_id), \
+         attempted_at = CASE WHEN c.status = 'sending' THEN c.at ELSE m.attempted_at END, \
+         sent_at = CASE WHEN c.status = 'sent' THEN c.at ELSE m.sent_at END, \
+         delivered_at = CASE WHEN c.status = 'delivered' THEN c.at \
+             WHEN c.status = 'read' THEN COALESCE(m.delivered_at, c.at) ELSE m.delivered_at END, \
+         read_at = CASE WHEN c.status = 'read' THEN c.at ELSE m.read_at END \
+         FROM unnest($1::int[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], \
+             $7::bigint[], $8::text[]) AS c(i, session_id, from_statuses, status, error, wa_id, \
+             at, key) \
+         WHERE {matching} AND m.direction = 'out' \
+         AND m.status = ANY(string_to_array(c.from_statuses, ',')) \
+         RETURNING c.i, m.id, CASE WHEN c.status = 'sent' \
+             AND m.content->>'type' IN ('edit', 'revoke') THEN m.content END"
+    )
+}
+
+/// How [`update_round`] finds a change's messages, for each kind of [`Which`].
+const BY_ID: &str = "m.id = c.key AND m.session_id = c.session_id";
+const BY_WA_ID: &str = "m.session_id = c.session_id AND m.wa_message_id = c.key";
+const ALL: &str = "m.session_id = c.session_id";
+
+/// One transaction for a batch of changes, in a handful of statements whatever its size:
+/// each change's messages, or `None` where the lease moved on, and their events.
 async fn write_batch(db: &Pool, batch: &[Queued]) -> Result<Vec<Option<Vec<Event>>>> {
     let mut client = db.get().await?;
     let tx = client.transaction().await?;
+    // The sessions whose lease is still the change's epoch, share-locked (a claim waits).
     let fence = tx
-        .prepare_cached("SELECT 1 FROM sessions WHERE id = $1 AND lease_epoch = $2 FOR SHARE")
-        .await?;
-    let update = tx
         .prepare_cached(
-            "UPDATE messages SET status = $3, error = COALESCE($4, error), \
-             wa_message_id = COALESCE($5, wa_message_id), \
-             attempted_at = CASE WHEN $3 = 'sending' THEN $6 ELSE attempted_at END, \
-             sent_at = CASE WHEN $3 = 'sent' THEN $6 ELSE sent_at END, \
-             delivered_at = CASE WHEN $3 = 'delivered' THEN $6 \
-                 WHEN $3 = 'read' THEN COALESCE(delivered_at, $6) ELSE delivered_at END, \
-             read_at = CASE WHEN $3 = 'read' THEN $6 ELSE read_at END \
-             WHERE session_id = $1 AND status = ANY($2) AND direction = 'out' \
-             AND CASE $7::text WHEN 'id' THEN id = $8 WHEN 'wa' THEN wa_message_id = $8 \
-                 ELSE true END \
-             RETURNING id, CASE WHEN $3 = 'sent' AND content->>'type' IN ('edit', 'revoke') \
-                 THEN content END",
+            "SELECT s.id, s.lease_epoch FROM sessions s \
+             JOIN unnest($1::text[], $2::bigint[]) AS f(id, epoch) \
+             ON s.id = f.id AND s.lease_epoch = f.epoch FOR SHARE OF s",
         )
         .await?;
+    let sessions: Vec<&str> = batch.iter().map(|q| q.session_id.as_str()).collect();
+    let epochs: Vec<i64> = batch.iter().map(|q| q.epoch).collect();
+    let live: HashSet<(String, i64)> = tx
+        .query(&fence, &[&sessions, &epochs])
+        .await?
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    let mut changed: Vec<Option<Vec<String>>> = batch
+        .iter()
+        .map(|q| {
+            live.contains(&(q.session_id.clone(), q.epoch))
+                .then(Vec::new)
+        })
+        .collect();
+    // An UPDATE … FROM changes a row once: a session's second change in the batch goes in
+    // the next round, so its changes apply in the order they came.
+    let mut rounds: Vec<Vec<usize>> = vec![];
+    let mut taken: HashMap<&str, usize> = HashMap::new();
+    for (i, q) in batch.iter().enumerate() {
+        if changed[i].is_none() {
+            continue;
+        }
+        let round = taken.entry(q.session_id.as_str()).or_insert(0);
+        if rounds.len() <= *round {
+            rounds.push(vec![]);
+        }
+        rounds[*round].push(i);
+        *round += 1;
+    }
     // An edit or a revoke the session sent changes its target once WhatsApp took it.
     let act = tx
         .prepare_cached(&format!(
@@ -197,82 +247,98 @@ async fn write_batch(db: &Pool, batch: &[Queued]) -> Result<Vec<Option<Vec<Event
              AND direction = 'out'"
         ))
         .await?;
-    let mut changed: Vec<Option<Vec<String>>> = Vec::with_capacity(batch.len());
-    for q in batch {
-        if tx
-            .query_opt(&fence, &[&q.session_id, &q.epoch])
-            .await?
-            .is_none()
-        {
-            changed.push(None);
-            continue;
-        }
-        let from: Vec<&str> = q.change.from.iter().map(|s| s.as_str()).collect();
-        let (mode, key) = match &q.which {
-            Which::Id(id) => ("id", Some(id.as_str())),
-            Which::WaId(id) => ("wa", Some(id.as_str())),
-            Which::All => ("all", None),
-        };
-        let rows = tx
-            .query(
-                &update,
-                &[
-                    &q.session_id,
-                    &from,
-                    &q.change.to.as_str(),
-                    &q.change.error,
-                    &q.change.wa_message_id,
-                    &q.now,
-                    &mode,
-                    &key,
-                ],
-            )
-            .await?;
-        // Only an edit or a revoke just sent comes back with its content.
-        for row in &rows {
-            let Some(json) = row.get::<_, Option<serde_json::Value>>(1) else {
+    for round in rounds {
+        for matching in [BY_ID, BY_WA_ID, ALL] {
+            let these: Vec<usize> = round
+                .iter()
+                .copied()
+                .filter(|&i| {
+                    let by = match batch[i].which {
+                        Which::Id(_) => BY_ID,
+                        Which::WaId(_) => BY_WA_ID,
+                        Which::All => ALL,
+                    };
+                    by == matching
+                })
+                .collect();
+            if these.is_empty() {
                 continue;
-            };
-            let action: Option<Content> = serde_json::from_value(json.clone()).ok();
-            if let Some(target) = action.as_ref().and_then(Content::refers_to) {
-                tx.execute(&act, &[&q.session_id, &target, &json, &q.now])
-                    .await?;
+            }
+            let stmt = tx.prepare_cached(&update_round(matching)).await?;
+            let params = round_params(batch, &these)?;
+            let rows = tx.query(&stmt, &shared::db::param_refs(&params)).await?;
+            for row in &rows {
+                let (i, id): (i32, String) = (row.get(0), row.get(1));
+                let q = &batch[usize::try_from(i).map_err(shared::Error::internal)?];
+                if let Some(json) = row.get::<_, Option<serde_json::Value>>(2) {
+                    let action: Option<Content> = serde_json::from_value(json.clone()).ok();
+                    if let Some(target) = action.as_ref().and_then(Content::refers_to) {
+                        tx.execute(&act, &[&q.session_id, &target, &json, &q.now])
+                            .await?;
+                    }
+                }
+                if let Some(ids) = &mut changed[i as usize] {
+                    ids.push(id);
+                }
             }
         }
-        let mut ids: Vec<String> = rows.iter().map(|r| r.get(0)).collect();
-        ids.sort();
-        changed.push(Some(ids));
     }
-    // The events last, an organization at a time in one order (two batches never wait on
-    // each other's locks in a cycle).
-    let mut orgs: Vec<&str> = batch.iter().map(|q| q.organization_id.as_str()).collect();
-    orgs.sort_unstable();
-    orgs.dedup();
-    let mut appended: Vec<Option<Vec<Event>>> = changed
-        .iter()
-        .map(|c| c.as_ref().map(|ids| Vec::with_capacity(ids.len())))
-        .collect();
-    for org in orgs {
-        for (i, q) in batch.iter().enumerate() {
-            let (Some(ids), Some(out)) = (&changed[i], &mut appended[i]) else {
-                continue;
-            };
-            if q.organization_id != org {
-                continue;
-            }
-            for id in ids {
-                let kind = EventKind::MessageStatus {
+    let mut new = vec![];
+    for (q, ids) in batch.iter().zip(&mut changed) {
+        let Some(ids) = ids else { continue };
+        ids.sort();
+        for id in ids.iter() {
+            new.push(events::NewEvent {
+                organization_id: &q.organization_id,
+                session_id: &q.session_id,
+                kind: EventKind::MessageStatus {
                     message_id: id.clone(),
                     status: q.change.to,
                     error: q.change.error.clone(),
-                };
-                out.push(events::append(&tx, org, &q.session_id, kind, q.now).await?);
-            }
+                },
+                at: q.now,
+            });
         }
     }
+    let mut appended = events::append_all(&tx, new).await?.into_iter();
     tx.commit().await?;
     metrics::histogram!("worker_message_status_batch_size").record(batch.len() as f64);
-    Ok(appended)
+    Ok(changed
+        .into_iter()
+        .map(|ids| ids.map(|ids| appended.by_ref().take(ids.len()).collect()))
+        .collect())
+}
+
+/// The parameters of [`update_round`] for the changes of `batch` at `these`.
+fn round_params(batch: &[Queued], these: &[usize]) -> Result<shared::db::Params> {
+    let mut places = Vec::with_capacity(these.len());
+    let (mut sessions, mut from, mut to, mut errors, mut wa_ids, mut at, mut keys) =
+        (vec![], vec![], vec![], vec![], vec![], vec![], vec![]);
+    for &i in these {
+        let q = &batch[i];
+        places.push(i32::try_from(i).map_err(shared::Error::internal)?);
+        sessions.push(q.session_id.clone());
+        let statuses: Vec<&str> = q.change.from.iter().map(|s| s.as_str()).collect();
+        from.push(statuses.join(","));
+        to.push(q.change.to.as_str().to_owned());
+        errors.push(q.change.error.clone());
+        wa_ids.push(q.change.wa_message_id.clone());
+        at.push(q.now);
+        keys.push(match &q.which {
+            Which::Id(id) | Which::WaId(id) => Some(id.clone()),
+            Which::All => None,
+        });
+    }
+    Ok(vec![
+        Box::new(places),
+        Box::new(sessions),
+        Box::new(from),
+        Box::new(to),
+        Box::new(errors),
+        Box::new(wa_ids),
+        Box::new(at),
+        Box::new(keys),
+    ])
 }
 
 /// Stores a message that reached the session, with its `message.received` event; `None` when
