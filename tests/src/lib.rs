@@ -695,6 +695,7 @@ pub fn with_dbname(url: &str, name: &str) -> String {
 pub fn worker_runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
+        .thread_name("worker-rt")
         .enable_all()
         .build()
         .expect("runtime")

@@ -14,15 +14,15 @@
 //! `cargo run --release -p tests --bin bench-media`. `BENCH_ROUNDS` (3) and `BENCH_SECS` (4)
 //! change the rounds.
 
-use std::{sync::Arc, time::Duration};
+use std::sync::Arc;
 
 use serde_json::{Value, json};
 use shared::{media::Media, media_store::MediaStore};
 use tests::{
     TestEnv,
     bench::{
-        default_api_with, default_worker_with, load, media_store_from_env, median, messages_sent,
-        plan, unlimited_sessions,
+        all_sent, default_api_with, default_worker_with, load, media_store_from_env, median, plan,
+        unlimited_sessions,
     },
 };
 
@@ -125,17 +125,10 @@ async fn main() {
     );
     let mut ratios = Vec::new();
     for round in 0..=rounds {
-        let (before, _, _) = messages_sent(&env).await;
         let started = shared::db::now_ms();
         let p = product.clone();
         let accepted = load(CONCURRENCY, secs, move |i| p(i)).await;
-        let (total, last) = loop {
-            let (all, out, last) = messages_sent(&env).await;
-            if out == all {
-                break (all - before, last);
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        };
+        let (total, last) = all_sent(&env, started).await;
         let images = total as f64 / ((last - started).max(1) as f64 / 1000.0);
         let b = baseline.clone();
         let bare = load(CONCURRENCY, secs, move |i| b(i)).await;

@@ -20,7 +20,7 @@ use serde_json::json;
 use tests::{
     TestEnv,
     bench::{
-        Round, default_api, default_worker, load, median, messages_sent, ms, new_sessions, plan,
+        Round, all_sent, default_api, default_worker, load, median, ms, new_sessions, plan,
         success, unlimited_sessions,
     },
 };
@@ -121,16 +121,9 @@ async fn main() {
     let (mut rate_ratios, mut p50_ratios) = (vec![], vec![]);
     for round in 1..=rounds {
         // Messages: accepted during the round, then until the last of them is sent.
-        let (before, _, _) = messages_sent(&env).await;
         let started = shared::db::now_ms();
         let accepted: Round = run(message.clone(), secs).await;
-        let total = loop {
-            let (all, out, last) = messages_sent(&env).await;
-            if out == all {
-                break (all - before, last);
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        };
+        let total = all_sent(&env, started).await;
         let msg_rate = total.0 as f64 / ((total.1 - started).max(1) as f64 / 1000.0);
         let logouts: Round = run(logout.clone(), secs).await;
         println!(
