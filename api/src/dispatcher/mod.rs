@@ -19,7 +19,9 @@
 //!
 //! The dispatcher wakes when an event is published on the bus (the same signal the SSE streams
 //! use), when one of its attempts ends, and every `WEBHOOK_POLL_MS` (retries falling due, and
-//! events whose signal was lost).
+//! events whose signal was lost). Those wakes are at least [`WAKE_GAP`] apart: a fleet's
+//! events come by the thousand a second, few with deliveries, and each woken claim is a
+//! query; one claim leases every delivery that came due meanwhile.
 
 pub mod signing;
 
@@ -50,6 +52,9 @@ use crate::{bus::Bus, config::WebhookConfig, guard};
 /// Beyond the attempt timeout, how long a lease lasts: an attempt that is still running when
 /// its lease lapses may be sent twice (never lost).
 const LEASE_MARGIN: Duration = Duration::from_secs(5);
+/// The least time between two claims that wakes start (a claim that filled every free slot
+/// goes on at once).
+const WAKE_GAP: Duration = Duration::from_millis(5);
 /// How often the backlog gauges are refreshed.
 const METRICS_EVERY: Duration = Duration::from_secs(5);
 
@@ -118,6 +123,7 @@ impl Dispatcher {
         let poll = Duration::from_millis(self.cfg.webhook_poll_ms.max(10));
         let lease = Duration::from_millis(self.cfg.webhook_timeout_ms) + LEASE_MARGIN;
         loop {
+            let claimed_at = tokio::time::Instant::now();
             let free = self.slots.available_permits();
             let mut full = false;
             if free > 0 {
@@ -150,7 +156,9 @@ impl Dispatcher {
             }
             tokio::select! {
                 _ = shutdown.cancelled() => return,
-                _ = self.wake.notified() => {}
+                _ = self.wake.notified() => {
+                    tokio::time::sleep_until(claimed_at + WAKE_GAP).await;
+                }
                 _ = tokio::time::sleep(poll) => {}
             }
         }
