@@ -3,7 +3,7 @@
 //! its `message.status` event, fenced by the session's lease, group-committed
 //! ([`StatusWriter`]).
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 
 use deadpool_postgres::{GenericClient, Pool};
 
@@ -168,36 +168,28 @@ impl StatusWriter {
     }
 }
 
-/// A round of changes, at most one per session, applied in one statement: `$1` the changes'
-/// places in the batch, then per change the session, the `from` statuses (comma-separated),
-/// the new status, the error, WhatsApp's id, when, and the key `{matching}` compares.
-/// Returns each changed message with its change's place, and the content of an edit or a
-/// revoke just sent.
-fn update_round(matching: &str) -> String {
+/// A change's UPDATE, finding its messages by `{matching}` (our id, WhatsApp's, or every one
+/// of the session in a `from` status): `$1` the session, `$2` the `from` statuses, `$3` the
+/// new status, `$4` the error, `$5` WhatsApp's id, `$6` when, `$7` the key `{matching}` may
+/// compare. Returns each message changed, with the content of an edit or a revoke just sent.
+/// A statement per way of matching, each an index lookup by its parameters (one statement
+/// that picked its way by a parameter could not use an index, once its plan was cached).
+fn update_sql(matching: &str) -> String {
     format!(
-        "UPDATE messages m SET status = c.status, error = COALESCE(c.error, m.error), \
-         wa_message_id = COALESCE(c.wa_id, m.wa_message_id), \
-         attempted_at = CASE WHEN c.status = 'sending' THEN c.at ELSE m.attempted_at END, \
-         sent_at = CASE WHEN c.status = 'sent' THEN c.at ELSE m.sent_at END, \
-         delivered_at = CASE WHEN c.status = 'delivered' THEN c.at \
-             WHEN c.status = 'read' THEN COALESCE(m.delivered_at, c.at) ELSE m.delivered_at END, \
-         read_at = CASE WHEN c.status = 'read' THEN c.at ELSE m.read_at END \
-         FROM unnest($1::int[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], \
-             $7::bigint[], $8::text[]) AS c(i, session_id, from_statuses, status, error, wa_id, \
-             at, key) \
-         WHERE {matching} AND m.direction = 'out' \
-         AND m.status = ANY(string_to_array(c.from_statuses, ',')) \
-         RETURNING c.i, m.id, CASE WHEN c.status = 'sent' \
-             AND m.content->>'type' IN ('edit', 'revoke') THEN m.content END"
+        "UPDATE messages SET status = $3, error = COALESCE($4, error), \
+         wa_message_id = COALESCE($5, wa_message_id), \
+         attempted_at = CASE WHEN $3 = 'sending' THEN $6 ELSE attempted_at END, \
+         sent_at = CASE WHEN $3 = 'sent' THEN $6 ELSE sent_at END, \
+         delivered_at = CASE WHEN $3 = 'delivered' THEN $6 \
+             WHEN $3 = 'read' THEN COALESCE(delivered_at, $6) ELSE delivered_at END, \
+         read_at = CASE WHEN $3 = 'read' THEN $6 ELSE read_at END \
+         WHERE {matching} AND status = ANY($2) AND direction = 'out' \
+         RETURNING id, CASE WHEN $3 = 'sent' AND content->>'type' IN ('edit', 'revoke') \
+             THEN content END"
     )
 }
 
-/// How [`update_round`] finds a change's messages, for each kind of [`Which`].
-const BY_ID: &str = "m.id = c.key AND m.session_id = c.session_id";
-const BY_WA_ID: &str = "m.session_id = c.session_id AND m.wa_message_id = c.key";
-const ALL: &str = "m.session_id = c.session_id";
-
-/// One transaction for a batch of changes, in a handful of statements whatever its size:
+/// One transaction for a batch of changes, in a handful of round trips whatever its size:
 /// each change's messages, or `None` where the lease moved on, and their events.
 async fn write_batch(db: &Pool, batch: &[Queued]) -> Result<Vec<Option<Vec<Event>>>> {
     let mut client = db.get().await?;
@@ -225,21 +217,44 @@ async fn write_batch(db: &Pool, batch: &[Queued]) -> Result<Vec<Option<Vec<Event
                 .then(Vec::new)
         })
         .collect();
-    // An UPDATE … FROM changes a row once: a session's second change in the batch goes in
-    // the next round, so its changes apply in the order they came.
-    let mut rounds: Vec<Vec<usize>> = vec![];
-    let mut taken: HashMap<&str, usize> = HashMap::new();
-    for (i, q) in batch.iter().enumerate() {
-        if changed[i].is_none() {
-            continue;
+    let by_id = tx
+        .prepare_cached(&update_sql("id = $7 AND session_id = $1"))
+        .await?;
+    let by_wa_id = tx
+        .prepare_cached(&update_sql("session_id = $1 AND wa_message_id = $7"))
+        .await?;
+    let all = tx.prepare_cached(&update_sql("session_id = $1")).await?;
+    // Pipelined: every update sent at once, run one after the other in the batch's order
+    // (a session's changes apply in the order they came), answered in one round trip.
+    let updates = batch
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| changed[*i].is_some());
+    let updates = updates.map(|(i, q)| {
+        let from: Vec<&str> = q.change.from.iter().map(|s| s.as_str()).collect();
+        let (stmt, key) = match &q.which {
+            Which::Id(id) => (&by_id, Some(id)),
+            Which::WaId(id) => (&by_wa_id, Some(id)),
+            Which::All => (&all, None),
+        };
+        let tx = &tx;
+        async move {
+            let to = q.change.to.as_str();
+            let mut params: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = vec![
+                &q.session_id,
+                &from,
+                &to,
+                &q.change.error,
+                &q.change.wa_message_id,
+                &q.now,
+            ];
+            if let Some(key) = &key {
+                params.push(key);
+            }
+            tx.query(stmt, &params).await.map(|rows| (i, rows))
         }
-        let round = taken.entry(q.session_id.as_str()).or_insert(0);
-        if rounds.len() <= *round {
-            rounds.push(vec![]);
-        }
-        rounds[*round].push(i);
-        *round += 1;
-    }
+    });
+    let updated = futures::future::try_join_all(updates).await?;
     // An edit or a revoke the session sent changes its target once WhatsApp took it.
     let act = tx
         .prepare_cached(&format!(
@@ -247,40 +262,19 @@ async fn write_batch(db: &Pool, batch: &[Queued]) -> Result<Vec<Option<Vec<Event
              AND direction = 'out'"
         ))
         .await?;
-    for round in rounds {
-        for matching in [BY_ID, BY_WA_ID, ALL] {
-            let these: Vec<usize> = round
-                .iter()
-                .copied()
-                .filter(|&i| {
-                    let by = match batch[i].which {
-                        Which::Id(_) => BY_ID,
-                        Which::WaId(_) => BY_WA_ID,
-                        Which::All => ALL,
-                    };
-                    by == matching
-                })
-                .collect();
-            if these.is_empty() {
-                continue;
-            }
-            let stmt = tx.prepare_cached(&update_round(matching)).await?;
-            let params = round_params(batch, &these)?;
-            let rows = tx.query(&stmt, &shared::db::param_refs(&params)).await?;
-            for row in &rows {
-                let (i, id): (i32, String) = (row.get(0), row.get(1));
-                let q = &batch[usize::try_from(i).map_err(shared::Error::internal)?];
-                if let Some(json) = row.get::<_, Option<serde_json::Value>>(2) {
-                    let action: Option<Content> = serde_json::from_value(json.clone()).ok();
-                    if let Some(target) = action.as_ref().and_then(Content::refers_to) {
-                        tx.execute(&act, &[&q.session_id, &target, &json, &q.now])
-                            .await?;
-                    }
-                }
-                if let Some(ids) = &mut changed[i as usize] {
-                    ids.push(id);
+    for (i, rows) in updated {
+        let q = &batch[i];
+        for row in &rows {
+            if let Some(json) = row.get::<_, Option<serde_json::Value>>(1) {
+                let action: Option<Content> = serde_json::from_value(json.clone()).ok();
+                if let Some(target) = action.as_ref().and_then(Content::refers_to) {
+                    tx.execute(&act, &[&q.session_id, &target, &json, &q.now])
+                        .await?;
                 }
             }
+        }
+        if let Some(ids) = &mut changed[i] {
+            ids.extend(rows.iter().map(|r| r.get::<_, String>(0)));
         }
     }
     let mut new = vec![];
@@ -307,38 +301,6 @@ async fn write_batch(db: &Pool, batch: &[Queued]) -> Result<Vec<Option<Vec<Event
         .into_iter()
         .map(|ids| ids.map(|ids| appended.by_ref().take(ids.len()).collect()))
         .collect())
-}
-
-/// The parameters of [`update_round`] for the changes of `batch` at `these`.
-fn round_params(batch: &[Queued], these: &[usize]) -> Result<shared::db::Params> {
-    let mut places = Vec::with_capacity(these.len());
-    let (mut sessions, mut from, mut to, mut errors, mut wa_ids, mut at, mut keys) =
-        (vec![], vec![], vec![], vec![], vec![], vec![], vec![]);
-    for &i in these {
-        let q = &batch[i];
-        places.push(i32::try_from(i).map_err(shared::Error::internal)?);
-        sessions.push(q.session_id.clone());
-        let statuses: Vec<&str> = q.change.from.iter().map(|s| s.as_str()).collect();
-        from.push(statuses.join(","));
-        to.push(q.change.to.as_str().to_owned());
-        errors.push(q.change.error.clone());
-        wa_ids.push(q.change.wa_message_id.clone());
-        at.push(q.now);
-        keys.push(match &q.which {
-            Which::Id(id) | Which::WaId(id) => Some(id.clone()),
-            Which::All => None,
-        });
-    }
-    Ok(vec![
-        Box::new(places),
-        Box::new(sessions),
-        Box::new(from),
-        Box::new(to),
-        Box::new(errors),
-        Box::new(wa_ids),
-        Box::new(at),
-        Box::new(keys),
-    ])
 }
 
 /// Stores a message that reached the session, with its `message.received` event; `None` when
