@@ -61,6 +61,11 @@ pub struct Config {
     /// How often the worker looks for sessions moved to it that it does not hold yet.
     #[arg(long, env = "ADOPT_INTERVAL_MS", default_value_t = 500)]
     pub adopt_interval_ms: u64,
+    /// How often the worker looks for its sessions' messages queued longer than this with no
+    /// sender awake (their notice lost to a broker fault, or never sent: a message behind
+    /// another gets none), and wakes their senders.
+    #[arg(long, env = "QUEUE_LOOK_MS", default_value_t = 5_000)]
+    pub queue_look_ms: u64,
     /// How often the region's reaper (one elected worker) looks for dead gateways.
     #[arg(long, env = "REAPER_INTERVAL_MS", default_value_t = 1_000)]
     pub reaper_interval_ms: u64,

@@ -143,6 +143,7 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<()> {
         ctx.clone(),
         registry.clone(),
         Duration::from_millis(cfg.adopt_interval_ms),
+        Duration::from_millis(cfg.queue_look_ms),
         health.clone(),
         background.clone(),
     ));

@@ -169,6 +169,17 @@ impl Registry {
         }
     }
 
+    /// Wakes the senders of these sessions' actors, those this worker runs (none is started):
+    /// how many were woken.
+    pub fn wake_senders(&self, sessions: &[String]) -> usize {
+        let actors = self.actors();
+        sessions
+            .iter()
+            .filter_map(|id| actors.get(id))
+            .filter(|h| h.inbox.try_send(Msg::WakeSender).is_ok())
+            .count()
+    }
+
     /// The leases held now: (session id, epoch) of every live actor that has claimed one.
     /// Forgets actors that ended.
     pub fn held(&self) -> Vec<(String, i64)> {

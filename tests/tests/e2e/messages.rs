@@ -21,6 +21,7 @@ pub(super) fn quick_rates(c: &mut worker::Config) {
     c.typing_ms_per_char = TYPING_MS_PER_CHAR as u64;
     c.sim_deliver_delay_ms = 100;
     c.sim_read_delay_ms = 300;
+    c.queue_look_ms = 1_000;
 }
 
 /// A paired session of `org_a` working on a fresh worker, with the given rate per minute.
@@ -756,8 +757,9 @@ async fn a_drained_sessions_queue_moves_with_it_and_keeps_its_rate() {
 #[tokio::test]
 async fn a_type_this_worker_does_not_know_waits_for_a_newer_one_and_is_never_sent_as_text() {
     let env = TestEnv::new().await;
-    let (_, _w, api, key, id) = working_session(&env, 60).await;
-    // As a newer api would queue a type this build does not have (a rolling update).
+    let (gw, _w, api, key, id) = working_session(&env, 60).await;
+    // As a newer api would queue a type this build does not have (a rolling update), and
+    // tell the worker.
     let future = ulid::Ulid::new().to_string();
     let db = env.db.get().await.expect("db");
     db.execute(
@@ -768,6 +770,25 @@ async fn a_type_this_worker_does_not_know_waits_for_a_newer_one_and_is_never_sen
     )
     .await
     .expect("queued");
+    let notice = shared::protocol::CommandEnvelope {
+        id: ulid::Ulid::new(),
+        organization_id: "org_a".into(),
+        session_id: id.clone(),
+        gateway_id: gw.clone(),
+        requested_by: "a newer api".into(),
+        deadline_ms: shared::db::now_ms() + 10_000,
+        command: Command::SendMessages,
+    };
+    let (_conn, ch, topology) = env.amqp().await;
+    ch.basic_publish(
+        topology.command_exchange().as_str().into(),
+        gw.as_str().into(),
+        lapin::options::BasicPublishOptions::default(),
+        &serde_json::to_vec(&notice).expect("json"),
+        lapin::BasicProperties::default().with_delivery_mode(2),
+    )
+    .await
+    .expect("publish");
     let after = send(&api, &key, &id, "after the hologram").await;
     tokio::time::sleep(Duration::from_secs(2)).await;
     let sent = |id: String| {
@@ -824,6 +845,42 @@ async fn a_type_this_worker_does_not_know_waits_for_a_newer_one_and_is_never_sen
     })
     .await;
     assert_eq!((sent(future).await, sent(after).await), (1, 1));
+}
+
+#[tokio::test]
+async fn a_message_whose_worker_was_never_told_is_sent_all_the_same() {
+    let env = TestEnv::new().await;
+    let (_, _w, api, key, id) = working_session(&env, 60).await;
+    // The sender woken by the session's start and its new settings has found the queue empty.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Queued as the api queues one whose notice a broker fault lost: a row, no notice.
+    let lost = ulid::Ulid::new().to_string();
+    env.db
+        .get()
+        .await
+        .expect("db")
+        .execute(
+            "INSERT INTO messages (id, organization_id, session_id, peer, text, content, \
+             status, created_at) VALUES ($1, 'org_a', $2, '6281100000001@s.whatsapp.net', \
+             'no notice', '{\"type\": \"text\", \"text\": \"no notice\"}', 'queued', $3)",
+            &[&lost, &id, &shared::db::now_ms()],
+        )
+        .await
+        .expect("queued");
+    // And one behind it through the api, which sees a message queued ahead and tells nobody.
+    let behind = send(&api, &key, &id, "behind it").await;
+    wait_messages(&api, &key, &id, Duration::from_secs(10), "both sent", |m| {
+        m.len() == 2 && m.iter().all(|m| m["sentAt"].is_i64())
+    })
+    .await;
+    let m = messages(&api, &key, &id).await;
+    let sent_at = |id: &str| {
+        m.iter()
+            .find(|m| m["id"] == id)
+            .and_then(|m| m["sentAt"].as_i64())
+            .expect("sent")
+    };
+    assert!(sent_at(&lost) <= sent_at(&behind), "in order: {m:#?}");
 }
 
 #[tokio::test]

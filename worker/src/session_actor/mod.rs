@@ -92,6 +92,8 @@ pub enum Msg {
         to: String,
         done: oneshot::Sender<Result<(), String>>,
     },
+    /// Look at the session's queue (it has held a message a while).
+    WakeSender,
 }
 
 /// What a command asks to answer once its effects are written.
@@ -224,6 +226,12 @@ pub async fn run(
             msg = inbox.recv() => match msg {
                 Some(Msg::Job(job)) => Box::pin(actor.on_job(*job)).await,
                 Some(Msg::HandOff { to, done }) => Box::pin(actor.hand_off(&to, done)).await,
+                Some(Msg::WakeSender) => {
+                    if actor.send_at.is_none() {
+                        actor.pump_soon();
+                    }
+                    Flow::Continue
+                }
                 None => Flow::Stop,
             },
             event = next_event(&mut actor.conn_events) => match event {
@@ -245,6 +253,7 @@ pub async fn run(
             Msg::HandOff { done, .. } => {
                 let _ = done.send(Err("the session's actor ended".into()));
             }
+            Msg::WakeSender => {}
         }
     }
 }
@@ -267,6 +276,7 @@ impl Refusal {
                 let _ = done.send(Err("this worker does not hold the session".into()));
                 return;
             }
+            Msg::WakeSender => return,
         };
         match self {
             Refusal::Gone => {

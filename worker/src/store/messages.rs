@@ -64,6 +64,23 @@ pub async fn next_queued(
     Ok(Some(Ok(messages::from_row(&row))))
 }
 
+/// The gateway's sessions with a message queued before `before` (ms).
+pub async fn waiting_sessions(db: &Pool, gateway_id: &str, before: i64) -> Result<Vec<String>> {
+    let client = db.get().await?;
+    let stmt = client
+        .prepare_cached(
+            "SELECT DISTINCT m.session_id FROM messages m JOIN sessions s ON s.id = m.session_id \
+             WHERE m.status = 'queued' AND m.created_at < $2 AND s.gateway_id = $1",
+        )
+        .await?;
+    Ok(client
+        .query(&stmt, &[&gateway_id, &before])
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect())
+}
+
 /// When the session's send attempts since `since` began, oldest first: what its rate
 /// windows count, whichever worker made them.
 pub async fn attempts_since(db: &Pool, session_id: &str, since: i64) -> Result<Vec<i64>> {
