@@ -4,9 +4,11 @@
 //! `messages` table is each session's queue) and answers 202; the session's worker sends it
 //! within the session's rate limits and moves it through `sending`, `sent`, `delivered`, `read`
 //! (or `failed`), announcing each step as a `message.status` event. When the session's gateway
-//! is live its worker gets a `send_messages` notice; that is only a nudge, so a notice that
-//! cannot be sent is logged and the request still succeeds: Postgres is the truth, and a worker
-//! reads the queue whenever it (re)starts the session. Messages the session received are
+//! is live and the message found its session's queue empty, its worker gets a `send_messages`
+//! notice (behind a queued message it needs none: the worker goes through the queue until it
+//! is empty); that is only a nudge, so a notice that cannot be sent is logged and the request
+//! still succeeds: Postgres is the truth, and a worker reads the queue whenever it (re)starts
+//! the session. Messages the session received are
 //! resources too (`direction: in`), stored by its worker; they are read here, never sent.
 //!
 //! Back-pressure: a session whose queue already holds an hour of sending (`ratePerHour`)
@@ -294,8 +296,19 @@ pub(super) async fn queue(
     }
     // `false`: a concurrent request with the same key got there first; answer its message.
     let (message, inserted) = store::messages::insert(&client, new).await?;
-    drop(client);
     if !inserted {
+        return Ok(accepted(message));
+    }
+    // The worker sends a session's queue in order until it is empty (or the session stops,
+    // and then reads it again when it starts). So a message that, once committed, is behind
+    // one still queued will be sent without a word: only one that found the queue empty
+    // needs its worker told. Asked after the commit, never before: a worker that emptied
+    // the queue in between would not have seen this one. If the question fails, the worker
+    // is told.
+    let behind = store::messages::queued_before(&client, new.session_id, new.id).await;
+    drop(client);
+    if matches!(behind, Ok(true)) {
+        metrics::counter!("api_message_notices_spared_total").increment(1);
         return Ok(accepted(message));
     }
     if state.fleet.is_live(&session.gateway_id).await {

@@ -184,6 +184,18 @@ pub async fn peer(db: &impl GenericClient, session_id: &str, id: &str) -> Result
         .map(|r| r.get(0)))
 }
 
+/// Whether a message of the session older than `id` is still queued. Asked once `id` has
+/// committed: its worker then sends that one, and goes on through the queue to `id`.
+pub async fn queued_before(db: &impl GenericClient, session_id: &str, id: &str) -> Result<bool> {
+    let stmt = db
+        .prepare_cached(
+            "SELECT EXISTS (SELECT 1 FROM messages WHERE session_id = $1 AND status = 'queued' \
+             AND id < $2)",
+        )
+        .await?;
+    Ok(db.query_one(&stmt, &[&session_id, &id]).await?.get(0))
+}
+
 /// How many messages of the session wait to be sent.
 pub async fn backlog(db: &impl GenericClient, session_id: &str) -> Result<i64> {
     let stmt = db

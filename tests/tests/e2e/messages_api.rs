@@ -598,6 +598,17 @@ async fn the_owning_worker_is_told_when_a_message_is_queued() {
         .assert_status(202);
     let more = tokio::time::timeout(Duration::from_millis(500), consumer.next()).await;
     assert!(more.is_err(), "no second notice: {more:?}");
+    // Nor does a message queued behind one still waiting: the worker told of the first goes
+    // through the queue until it is empty.
+    let behind = json!({"to": "6281234567890", "text": "behind it"});
+    api.post(&messages(&session), &key, Some(&behind))
+        .await
+        .assert_status(202);
+    let more = tokio::time::timeout(Duration::from_millis(500), consumer.next()).await;
+    assert!(
+        more.is_err(),
+        "no notice for a message behind another: {more:?}"
+    );
 }
 
 #[tokio::test]
