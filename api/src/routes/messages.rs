@@ -13,8 +13,9 @@
 //!
 //! Back-pressure: a session whose queue already holds an hour of sending (`ratePerHour`)
 //! refuses more with 429 and `Retry-After`, rather than accept messages that would go out hours
-//! late. The count and the insert are two statements, so concurrent requests can overshoot the
-//! bound by their number: it bounds the queue, it is not a quota. With an `idempotencyKey` a
+//! late. The insert counts the queue in its own statement, but concurrent requests each count
+//! before the others commit, so they can overshoot the bound by their number: it bounds the
+//! queue, it is not a quota. With an `idempotencyKey` a
 //! retry is safe: it is answered the message first accepted under the key (202), and never
 //! counts against the queue.
 
@@ -33,7 +34,10 @@ use shared::{
     message::{self, Message, MessageStatus},
     protocol::Command,
     session,
-    store::{self, messages::NewMessage},
+    store::{
+        self,
+        messages::{NewMessage, Queued},
+    },
 };
 use ulid::Ulid;
 use utoipa::{
@@ -290,15 +294,15 @@ pub(super) async fn queue(
     session: &session::Session,
     new: &NewMessage<'_>,
 ) -> ApiResult<Response> {
-    let backlog = store::messages::backlog(&client, new.session_id).await?;
-    if backlog >= i64::from(session.rate_per_hour) {
-        return Err(queue_full(backlog, session.rate_per_hour).into());
-    }
-    // `false`: a concurrent request with the same key got there first; answer its message.
-    let (message, inserted) = store::messages::insert(&client, new).await?;
-    if !inserted {
-        return Ok(accepted(message));
-    }
+    let message = match store::messages::insert(&client, new, session.rate_per_hour.into()).await? {
+        Queued::New(message) => message,
+        // A concurrent request with the same key got there first; answer its message.
+        Queued::Earlier(message) => return Ok(accepted(message)),
+        Queued::Full => {
+            let backlog = store::messages::backlog(&client, new.session_id).await?;
+            return Err(queue_full(backlog, session.rate_per_hour).into());
+        }
+    };
     // The worker sends a session's queue in order until it is empty (or the session stops,
     // and then reads it again when it starts). So a message that, once committed, is behind
     // one still queued will be sent without a word: only one that found the queue empty

@@ -59,14 +59,30 @@ pub struct NewMessage<'a> {
     pub now: i64,
 }
 
-/// Queues a message; with an idempotency key already used for the session, answers the
-/// message first accepted under it instead (`false`: not new). `text` keeps a text's text
-/// (and "" for the other types), so a process that knows only texts still reads every row.
-pub async fn insert(db: &impl GenericClient, m: &NewMessage<'_>) -> Result<(Message, bool)> {
+/// What [`insert`] did.
+pub enum Queued {
+    /// Queued: the new message.
+    New(Message),
+    /// The message first accepted under the same idempotency key; nothing queued.
+    Earlier(Message),
+    /// The session's queue already held `max_queued` messages; nothing queued.
+    Full,
+}
+
+/// Queues a message unless the session's queue already holds `max_queued`, counted in the
+/// same statement; with an idempotency key already used for the session, answers the
+/// message first accepted under it instead. `text` keeps a text's text (and "" for the other
+/// types), so a process that knows only texts still reads every row.
+pub async fn insert(
+    db: &impl GenericClient,
+    m: &NewMessage<'_>,
+    max_queued: i64,
+) -> Result<Queued> {
     let sql = format!(
         "INSERT INTO messages (id, organization_id, session_id, peer, text, content, reply_to, \
          status, idempotency_key, created_at) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, 'queued', $8, $9) \
+         SELECT $1, $2, $3, $4, $5, $6, $7, 'queued', $8, $9 \
+         WHERE (SELECT count(*) FROM messages WHERE session_id = $3 AND status = 'queued') < $10 \
          ON CONFLICT (session_id, idempotency_key) DO NOTHING RETURNING {COLUMNS}"
     );
     let stmt = db.prepare_cached(&sql).await?;
@@ -84,19 +100,18 @@ pub async fn insert(db: &impl GenericClient, m: &NewMessage<'_>) -> Result<(Mess
                 &m.reply_to,
                 &m.idempotency_key,
                 &m.now,
+                &max_queued,
             ],
         )
         .await?;
     if let Some(row) = inserted {
-        return Ok((from_row(&row), true));
+        return Ok(Queued::New(from_row(&row)));
     }
-    let sql =
-        format!("SELECT {COLUMNS} FROM messages WHERE session_id = $1 AND idempotency_key = $2");
-    let stmt = db.prepare_cached(&sql).await?;
-    let row = db
-        .query_one(&stmt, &[&m.session_id, &m.idempotency_key])
-        .await?;
-    Ok((from_row(&row), false))
+    let earlier = match m.idempotency_key {
+        Some(key) => by_idempotency_key(db, m.session_id, key).await?,
+        None => None,
+    };
+    Ok(earlier.map_or(Queued::Full, Queued::Earlier))
 }
 
 /// The message first accepted for the session under an idempotency key, if any.
