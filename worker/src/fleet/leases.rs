@@ -207,8 +207,10 @@ async fn look_at_queues(ctx: &Ctx, registry: &Registry, waited: Duration) {
     let before = shared::db::now_ms() - i64::try_from(waited.as_millis()).unwrap_or(i64::MAX);
     match store::messages::waiting_sessions(&ctx.db, &ctx.gateway_id, before).await {
         Ok(sessions) => {
+            // Sessions with a message waiting past the look's age: a notice lost, or a queue
+            // held back by its rates.
             let woken = registry.wake_senders(&sessions);
-            metrics::counter!("worker_queue_looks_woken_total").increment(woken as u64);
+            metrics::counter!("worker_queue_look_sessions_total").increment(woken as u64);
         }
         Err(e) => tracing::warn!(error = %e, "could not look at the sessions' queues"),
     }
