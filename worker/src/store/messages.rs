@@ -125,9 +125,10 @@ pub struct Change {
 /// organization's lock until its transaction commits (the ids of a stream commit in order:
 /// `shared::store::events`). One transaction per change made the lock, held across a WAL
 /// flush, the limit of a busy organization: on bench-messages, 14 of 16 busy Postgres
-/// sessions waited on it. Here the changes of many sessions share a transaction: their
-/// fences and updates first, then their events, an organization at a time, so the lock is
-/// taken once per batch and held for the appends and one commit.
+/// sessions waited on it. Here the changes of many sessions share a transaction: one fence
+/// for all their sessions, their updates pipelined, then all their events
+/// (`events::append_all`: the organizations' locks in one order, then the appends), so each
+/// lock is taken once per batch and held for the appends and one commit.
 #[derive(Clone)]
 pub struct StatusWriter {
     queue: tokio::sync::mpsc::Sender<Queued>,
