@@ -145,7 +145,7 @@ async fn act(
         .check_action(&action, target.sent_at, now_ms())
         .map_err(refuse)?;
     let new = NewMessage {
-        id: &Ulid::new().to_string(),
+        id: &message::new_id(),
         organization_id: &caller.organization_id,
         session_id,
         to: &target.to,

@@ -272,7 +272,7 @@ pub async fn send(
     let mut content = body.content.clone();
     attach_media(&state, &mut client, &caller.organization_id, &mut content).await?;
     let new = NewMessage {
-        id: &Ulid::new().to_string(),
+        id: &message::new_id(),
         organization_id: &caller.organization_id,
         session_id: &session_id,
         to: &to,

@@ -119,6 +119,16 @@ pub struct Message {
     pub revoked_at: Option<i64>,
 }
 
+/// A new message's id: a ULID later than every one this process made before. A session's
+/// queue goes out in id order, and two plain `Ulid::new()` of the same millisecond order at
+/// random: messages a client sent one after the other could go out swapped.
+pub fn new_id() -> String {
+    static IDS: std::sync::Mutex<ulid::Generator> = std::sync::Mutex::new(ulid::Generator::new());
+    let next = IDS.lock().unwrap_or_else(|p| p.into_inner()).generate();
+    // Only 2^80 ids in one millisecond overflow it.
+    next.unwrap_or_else(|_| ulid::Ulid::new()).to_string()
+}
+
 /// A recipient as callers write it (a phone number with its country code, with or without
 /// `+`, spaces or dashes; or a JID), as WhatsApp addresses it.
 pub fn normalize_recipient(to: &str) -> Result<String> {
@@ -188,6 +198,12 @@ pub fn validate_idempotency_key(key: &str) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ids_made_one_after_the_other_sort_in_that_order() {
+        let ids: Vec<String> = (0..10_000).map(|_| new_id()).collect();
+        assert!(ids.windows(2).all(|w| w[0] < w[1]));
+    }
 
     #[test]
     fn recipients_become_jids() {

@@ -346,7 +346,8 @@ pub async fn insert_inbound(
              RETURNING id",
         )
         .await?;
-    let id = ulid::Ulid::new().to_string();
+    // In the order they arrive, like those the api queues.
+    let id = shared::message::new_id();
     let content = serde_json::to_value(&m.content).map_err(shared::Error::internal)?;
     let inserted = tx
         .query_opt(
