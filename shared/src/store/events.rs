@@ -16,11 +16,22 @@ use deadpool_postgres::GenericClient;
 use crate::error::{Error, Result};
 use crate::protocol::{Event, EventKind};
 
+/// The organization `$org`'s event lock, taken until the transaction ends: the one key that
+/// [`LOCK_AND_DRAW`] and [`lock_organization`] both take, so they exclude each other.
+macro_rules! organization_lock {
+    ($org:literal) => {
+        concat!("pg_advisory_xact_lock(hashtext('events:' || ", $org, "))")
+    };
+}
+
 /// Takes the organizations' event locks, in the order given (sorted: two transactions never
 /// wait on each other in a cycle), then draws `$2` ids from the sequence under them.
-const LOCK_AND_DRAW: &str = "WITH locked AS MATERIALIZED (SELECT \
-         count(pg_advisory_xact_lock(hashtext('events:' || o))) FROM unnest($1::text[]) AS o) \
-     SELECT nextval('events_id_seq') FROM locked, generate_series(1, $2::int)";
+const LOCK_AND_DRAW: &str = concat!(
+    "WITH locked AS MATERIALIZED (SELECT count(",
+    organization_lock!("o"),
+    ") FROM unnest($1::text[]) AS o) \
+     SELECT nextval('events_id_seq') FROM locked, generate_series(1, $2::int)"
+);
 
 /// Stores events with the ids drawn for them and queues their deliveries to the
 /// organizations' endpoints that want them: enabled, for every session or the event's,
@@ -123,7 +134,7 @@ pub async fn append_all(tx: &impl GenericClient, new: Vec<NewEvent<'_>>) -> Resu
 /// it commits in the order the lock was taken.
 pub async fn lock_organization(tx: &impl GenericClient, org: &str) -> Result<()> {
     let lock = tx
-        .prepare_cached("SELECT pg_advisory_xact_lock(hashtext('events:' || $1))")
+        .prepare_cached(concat!("SELECT ", organization_lock!("$1")))
         .await?;
     tx.execute(&lock, &[&org]).await?;
     Ok(())

@@ -3,8 +3,6 @@
 //! its `message.status` event, fenced by the session's lease, group-committed
 //! ([`StatusWriter`]).
 
-use std::collections::HashSet;
-
 use deadpool_postgres::{GenericClient, Pool};
 
 use crate::driver::{Inbound, MessageRef};
@@ -186,25 +184,29 @@ impl StatusWriter {
     }
 }
 
-/// A change's UPDATE, finding its messages by `{matching}` (our id, WhatsApp's, or every one
+/// A change's UPDATE, finding its messages by `$matching` (our id, WhatsApp's, or every one
 /// of the session in a `from` status): `$1` the session, `$2` the `from` statuses, `$3` the
-/// new status, `$4` the error, `$5` WhatsApp's id, `$6` when, `$7` the key `{matching}` may
+/// new status, `$4` the error, `$5` WhatsApp's id, `$6` when, `$7` the key `$matching` may
 /// compare. Returns each message changed, with the content of an edit or a revoke just sent.
 /// A statement per way of matching, each an index lookup by its parameters (one statement
 /// that picked its way by a parameter could not use an index, once its plan was cached).
-fn update_sql(matching: &str) -> String {
-    format!(
-        "UPDATE messages SET status = $3, error = COALESCE($4, error), \
-         wa_message_id = COALESCE($5, wa_message_id), \
-         attempted_at = CASE WHEN $3 = 'sending' THEN $6 ELSE attempted_at END, \
-         sent_at = CASE WHEN $3 = 'sent' THEN $6 ELSE sent_at END, \
-         delivered_at = CASE WHEN $3 = 'delivered' THEN $6 \
-             WHEN $3 = 'read' THEN COALESCE(delivered_at, $6) ELSE delivered_at END, \
-         read_at = CASE WHEN $3 = 'read' THEN $6 ELSE read_at END \
-         WHERE {matching} AND status = ANY($2) AND direction = 'out' \
-         RETURNING id, CASE WHEN $3 = 'sent' AND content->>'type' IN ('edit', 'revoke') \
-             THEN content END"
-    )
+macro_rules! update_sql {
+    ($matching:literal) => {
+        concat!(
+            "UPDATE messages SET status = $3, error = COALESCE($4, error), \
+             wa_message_id = COALESCE($5, wa_message_id), \
+             attempted_at = CASE WHEN $3 = 'sending' THEN $6 ELSE attempted_at END, \
+             sent_at = CASE WHEN $3 = 'sent' THEN $6 ELSE sent_at END, \
+             delivered_at = CASE WHEN $3 = 'delivered' THEN $6 \
+                 WHEN $3 = 'read' THEN COALESCE(delivered_at, $6) ELSE delivered_at END, \
+             read_at = CASE WHEN $3 = 'read' THEN $6 ELSE read_at END \
+             WHERE ",
+            $matching,
+            " AND status = ANY($2) AND direction = 'out' \
+             RETURNING id, CASE WHEN $3 = 'sent' AND content->>'type' IN ('edit', 'revoke') \
+                 THEN content END"
+        )
+    };
 }
 
 /// One transaction for a batch of changes, in a handful of round trips whatever its size:
@@ -212,36 +214,29 @@ fn update_sql(matching: &str) -> String {
 async fn write_batch(db: &Pool, batch: &[Queued]) -> Result<Vec<Option<Vec<Event>>>> {
     let mut client = db.get().await?;
     let tx = client.transaction().await?;
-    // The sessions whose lease is still the change's epoch, share-locked (a claim waits).
+    // The changes whose session's lease is still their epoch (by their place in the batch),
+    // the sessions share-locked (a claim waits).
     let fence = tx
         .prepare_cached(
-            "SELECT s.id, s.lease_epoch FROM sessions s \
-             JOIN unnest($1::text[], $2::bigint[]) AS f(id, epoch) \
+            "SELECT f.place FROM sessions s \
+             JOIN unnest($1::text[], $2::bigint[]) WITH ORDINALITY AS f(id, epoch, place) \
              ON s.id = f.id AND s.lease_epoch = f.epoch FOR SHARE OF s",
         )
         .await?;
     let sessions: Vec<&str> = batch.iter().map(|q| q.session_id.as_str()).collect();
     let epochs: Vec<i64> = batch.iter().map(|q| q.epoch).collect();
-    let live: HashSet<(String, i64)> = tx
-        .query(&fence, &[&sessions, &epochs])
-        .await?
-        .iter()
-        .map(|r| (r.get(0), r.get(1)))
-        .collect();
-    let mut changed: Vec<Option<Vec<String>>> = batch
-        .iter()
-        .map(|q| {
-            live.contains(&(q.session_id.clone(), q.epoch))
-                .then(Vec::new)
-        })
-        .collect();
+    let mut changed: Vec<Option<Vec<String>>> = vec![None; batch.len()];
+    for row in tx.query(&fence, &[&sessions, &epochs]).await? {
+        let place = usize::try_from(row.get::<_, i64>(0) - 1).map_err(shared::Error::internal)?;
+        changed[place] = Some(vec![]);
+    }
     let by_id = tx
-        .prepare_cached(&update_sql("id = $7 AND session_id = $1"))
+        .prepare_cached(update_sql!("id = $7 AND session_id = $1"))
         .await?;
     let by_wa_id = tx
-        .prepare_cached(&update_sql("session_id = $1 AND wa_message_id = $7"))
+        .prepare_cached(update_sql!("session_id = $1 AND wa_message_id = $7"))
         .await?;
-    let all = tx.prepare_cached(&update_sql("session_id = $1")).await?;
+    let all = tx.prepare_cached(update_sql!("session_id = $1")).await?;
     // Pipelined: every update sent at once, run one after the other in the batch's order
     // (a session's changes apply in the order they came), answered in one round trip.
     let updates = batch
