@@ -143,8 +143,13 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<()> {
         ctx.clone(),
         registry.clone(),
         Duration::from_millis(cfg.adopt_interval_ms),
-        Duration::from_millis(cfg.queue_look_ms),
         health.clone(),
+        background.clone(),
+    ));
+    duties.spawn(fleet::queue_look::run(
+        ctx.clone(),
+        registry.clone(),
+        Duration::from_millis(cfg.queue_look_ms),
         background.clone(),
     ));
     duties.spawn(

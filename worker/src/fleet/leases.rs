@@ -29,10 +29,7 @@ use crate::{
     ctx::Ctx,
     fleet::health::Health,
     registry::Registry,
-    store::{
-        self,
-        leases::{self, Whose},
-    },
+    store::leases::{self, Whose},
 };
 
 /// Sessions claimed per statement.
@@ -106,7 +103,6 @@ pub async fn keep(
     ctx: Arc<Ctx>,
     registry: Registry,
     adopt_every: Duration,
-    look_every: Duration,
     health: Arc<Health>,
     stop: CancellationToken,
 ) -> Kept {
@@ -118,10 +114,9 @@ pub async fn keep(
     let mut fenced = false;
     let mut next_renewal = Instant::now() + every;
     let mut next_adoption = Instant::now() + adopt_every;
-    let mut next_look = Instant::now() + look_every;
     loop {
         let fence_at = valid_until - margin;
-        let mut wake = next_renewal.min(next_adoption).min(next_look);
+        let mut wake = next_renewal.min(next_adoption);
         if !fenced {
             wake = wake.min(fence_at);
         }
@@ -189,30 +184,7 @@ pub async fn keep(
             }
             next_adoption = Instant::now() + adopt_every;
         }
-        if now >= next_look {
-            if !fenced {
-                look_at_queues(&ctx, &registry, look_every).await;
-            }
-            next_look = Instant::now() + look_every;
-        }
         health.keeper_turned(!fenced);
-    }
-}
-
-/// Wakes the senders of this gateway's sessions whose queues have held a message longer than
-/// `waited`: a notice is only a nudge, and one can be lost (a broker fault) or never sent (a
-/// message behind another needs none while that one's sender is awake), so the queue is
-/// also looked at from here. A sender that is waiting on its rates looks and waits again.
-async fn look_at_queues(ctx: &Ctx, registry: &Registry, waited: Duration) {
-    let before = shared::db::now_ms() - i64::try_from(waited.as_millis()).unwrap_or(i64::MAX);
-    match store::messages::waiting_sessions(&ctx.db, &ctx.gateway_id, before).await {
-        Ok(sessions) => {
-            // Sessions with a message waiting past the look's age: a notice lost, or a queue
-            // held back by its rates.
-            let woken = registry.wake_senders(&sessions);
-            metrics::counter!("worker_queue_look_sessions_total").increment(woken as u64);
-        }
-        Err(e) => tracing::warn!(error = %e, "could not look at the sessions' queues"),
     }
 }
 

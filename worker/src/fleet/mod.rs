@@ -10,4 +10,5 @@ pub mod exit;
 pub mod health;
 pub mod heartbeat;
 pub mod leases;
+pub mod queue_look;
 pub mod reaper;
