@@ -82,7 +82,7 @@ pub async fn insert(
         "INSERT INTO messages (id, organization_id, session_id, peer, text, content, reply_to, \
          status, idempotency_key, created_at) \
          SELECT $1, $2, $3, $4, $5, $6, $7, 'queued', $8, $9 \
-         WHERE (SELECT count(*) FROM messages WHERE session_id = $3 AND status = 'queued') < $10 \
+         WHERE (SELECT count(*) FROM messages WHERE session_id = $3 AND queued) < $10 \
          ON CONFLICT (session_id, idempotency_key) DO NOTHING RETURNING {COLUMNS}"
     );
     let stmt = db.prepare_cached(&sql).await?;
@@ -204,8 +204,7 @@ pub async fn peer(db: &impl GenericClient, session_id: &str, id: &str) -> Result
 pub async fn queued_before(db: &impl GenericClient, session_id: &str, id: &str) -> Result<bool> {
     let stmt = db
         .prepare_cached(
-            "SELECT EXISTS (SELECT 1 FROM messages WHERE session_id = $1 AND status = 'queued' \
-             AND id < $2)",
+            "SELECT EXISTS (SELECT 1 FROM messages WHERE session_id = $1 AND queued AND id < $2)",
         )
         .await?;
     Ok(db.query_one(&stmt, &[&session_id, &id]).await?.get(0))
@@ -214,7 +213,7 @@ pub async fn queued_before(db: &impl GenericClient, session_id: &str, id: &str) 
 /// How many messages of the session wait to be sent.
 pub async fn backlog(db: &impl GenericClient, session_id: &str) -> Result<i64> {
     let stmt = db
-        .prepare_cached("SELECT count(*) FROM messages WHERE session_id = $1 AND status = 'queued'")
+        .prepare_cached("SELECT count(*) FROM messages WHERE session_id = $1 AND queued")
         .await?;
     Ok(db.query_one(&stmt, &[&session_id]).await?.get(0))
 }

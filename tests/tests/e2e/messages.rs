@@ -682,6 +682,54 @@ async fn a_contacts_reaction_edit_and_delete_arrive_as_events_and_change_the_mes
 }
 
 #[tokio::test]
+async fn delivered_and_read_change_no_index_of_the_messages() {
+    let env = TestEnv::new().await;
+    let client = env.db.get().await.expect("db");
+    // No index refers to a column those two changes write: PostgreSQL then updates the row
+    // within its page (HOT) and writes no index entry.
+    let indexed: Vec<String> = client
+        .query(
+            "SELECT DISTINCT a.attname::text FROM pg_index i \
+             JOIN pg_attribute a ON a.attrelid = i.indrelid \
+             WHERE i.indrelid = 'messages'::regclass AND a.attnum > 0 \
+               AND (a.attnum = ANY(i.indkey) \
+                 OR pg_get_expr(i.indpred, i.indrelid) ~ ('\\m' || a.attname || '\\M') \
+                 OR pg_get_expr(i.indexprs, i.indrelid) ~ ('\\m' || a.attname || '\\M'))",
+            &[],
+        )
+        .await
+        .expect("indexed columns")
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    for written in ["status", "delivered_at", "read_at"] {
+        assert!(!indexed.iter().any(|c| c == written), "{written}: {indexed:?}");
+    }
+    // And so it goes: each message's two changes after `sent` are HOT.
+    let (_, _w, api, key, id) = working_session(&env, 60).await;
+    let n = 5;
+    for i in 0..n {
+        send(&api, &key, &id, &format!("m{i}")).await;
+    }
+    wait_messages(&api, &key, &id, Duration::from_secs(10), "all read", |m| {
+        m.len() == n && m.iter().all(|m| m["status"] == "read")
+    })
+    .await;
+    eventually(Duration::from_secs(30), || async {
+        let hot: i64 = client
+            .query_one(
+                "SELECT n_tup_hot_upd FROM pg_stat_user_tables WHERE relname = 'messages'",
+                &[],
+            )
+            .await
+            .expect("stats")
+            .get(0);
+        hot >= 2 * n as i64
+    })
+    .await;
+}
+
+#[tokio::test]
 async fn the_limits_hold_across_a_worker_restart_mid_queue() {
     let env = TestEnv::new().await;
     let (gw, worker, api, key, id) = working_session(&env, 3).await;

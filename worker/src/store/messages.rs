@@ -44,8 +44,7 @@ pub async fn next_queued(
 ) -> Result<Option<std::result::Result<Message, String>>> {
     let client = db.get().await?;
     let sql = format!(
-        "SELECT {} FROM messages WHERE session_id = $1 AND status = 'queued' \
-         ORDER BY id LIMIT 1",
+        "SELECT {} FROM messages WHERE session_id = $1 AND queued ORDER BY id LIMIT 1",
         messages::COLUMNS
     );
     let stmt = client.prepare_cached(&sql).await?;
@@ -68,7 +67,7 @@ pub async fn waiting_sessions(db: &Pool, gateway_id: &str, before: i64) -> Resul
     let stmt = client
         .prepare_cached(
             "SELECT DISTINCT m.session_id FROM messages m JOIN sessions s ON s.id = m.session_id \
-             WHERE m.status = 'queued' AND m.created_at < $2 AND s.gateway_id = $1",
+             WHERE m.queued AND m.created_at < $2 AND s.gateway_id = $1",
         )
         .await?;
     Ok(client
@@ -505,7 +504,7 @@ pub async fn queue_depth(db: &Pool, gateway_id: &str) -> Result<(i64, i64)> {
         .prepare_cached(
             "SELECT count(*), COALESCE($2 - min(m.created_at), 0) FROM messages m \
              JOIN sessions s ON s.id = m.session_id \
-             WHERE s.gateway_id = $1 AND m.status = 'queued'",
+             WHERE s.gateway_id = $1 AND m.queued",
         )
         .await?;
     let row = client
