@@ -188,6 +188,18 @@ pub enum EventKind {
         /// When it was sent, epoch milliseconds.
         timestamp: i64,
     },
+    /// A contact voted on a poll of the chat (no options: it took its vote back).
+    #[serde(rename = "message.poll_vote", rename_all = "camelCase")]
+    MessagePollVote {
+        /// Our id of the poll.
+        message_id: String,
+        /// The contact's JID.
+        from: String,
+        /// The options it chose, in the poll's order.
+        options: Vec<String>,
+        /// When it was sent, epoch milliseconds.
+        timestamp: i64,
+    },
     /// A contact edited a message it sent the session: the stored message has the new text.
     #[serde(rename = "message.edited", rename_all = "camelCase")]
     MessageEdited {
@@ -235,6 +247,7 @@ impl EventKind {
         "message.status",
         "message.received",
         "message.reaction",
+        "message.poll_vote",
         "message.edited",
         "message.revoked",
         "webhook.disabled",
@@ -249,6 +262,7 @@ impl EventKind {
             EventKind::MessageStatus { .. } => "message.status",
             EventKind::MessageReceived { .. } => "message.received",
             EventKind::MessageReaction { .. } => "message.reaction",
+            EventKind::MessagePollVote { .. } => "message.poll_vote",
             EventKind::MessageEdited { .. } => "message.edited",
             EventKind::MessageRevoked { .. } => "message.revoked",
             EventKind::WebhookDisabled { .. } => "webhook.disabled",
@@ -269,6 +283,7 @@ impl EventKind {
             | EventKind::MessageStatus { .. }
             | EventKind::MessageReceived { .. }
             | EventKind::MessageReaction { .. }
+            | EventKind::MessagePollVote { .. }
             | EventKind::MessageEdited { .. }
             | EventKind::MessageRevoked { .. } => Capability::Read,
         }

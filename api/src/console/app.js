@@ -188,6 +188,7 @@ function summary(m) {
     case 'contact': return '👤 ' + (m.contact.name || 'contact card');
     case 'reaction': return (m.reaction.emoji || 'reaction removed') + ' on ' + m.reaction.messageId;
     case 'poll': return '📊 ' + m.poll.name + ' (' + m.poll.options.join(' / ') + ')';
+    case 'poll_vote': return '🗳 ' + (m.poll_vote.options.join(', ') || 'vote taken back') + ' on ' + m.poll_vote.messageId;
     case 'edit': return '✎ ' + m.edit.messageId + ' → ' + m.edit.text;
     case 'revoke': return '🗑 deleted ' + m.revoke.messageId + ' for everyone';
     case 'image': case 'video': case 'audio': case 'voice': case 'document': case 'sticker': {
@@ -209,6 +210,8 @@ function describe(ev) {
     case 'message.status': return 'message ' + ev.messageId + ' ' + ev.status + (ev.error ? ': ' + ev.error : '');
     case 'message.received': return 'message from ' + ev.from + ': ' + summary(ev.content || ev);
     case 'message.reaction': return ev.from + ' reacted ' + (ev.emoji || '(removed)') + ' to ' + ev.messageId;
+    case 'message.poll_vote':
+      return ev.from + ' voted ' + (ev.options.length ? ev.options.join(', ') : '(vote taken back)') + ' on ' + ev.messageId;
     case 'message.edited': return ev.from + ' edited ' + ev.messageId + ': ' + ev.text;
     case 'message.revoked': return ev.from + ' deleted ' + ev.messageId + ' for everyone';
     default: return ev.type;
@@ -682,8 +685,8 @@ async function gatewaysPage(signal) {
 // ---------------------------------------------------------------- webhooks
 
 const EVENT_TYPES = ['session.status', 'auth.qr', 'auth.pair_code', 'session.deleted',
-  'message.status', 'message.received', 'message.reaction', 'message.edited', 'message.revoked',
-  'webhook.disabled'];
+  'message.status', 'message.received', 'message.reaction', 'message.poll_vote', 'message.edited',
+  'message.revoked', 'webhook.disabled'];
 
 async function webhooksPage(signal) {
   const slot = h('div', { id: 'error-slot' });

@@ -245,6 +245,13 @@ pub async fn send(
         )
         .into());
     }
+    if matches!(body.content, message::Content::PollVote { .. }) {
+        return Err(Error::invalid_field(
+            "type",
+            "a poll_vote is what a contact sends on a poll: it is received, not sent",
+        )
+        .into());
+    }
     body.content.validate()?;
     if let Some(id) = &body.reply_to {
         Ulid::from_string(id).map_err(|_| {

@@ -35,6 +35,11 @@ pub enum Content {
     Poll {
         poll: Poll,
     },
+    /// A contact's vote on a poll of the chat: the options it chose now (none: it took its
+    /// vote back). Received only.
+    PollVote {
+        poll_vote: PollVote,
+    },
     /// A JPEG or PNG of up to 5 MB, with an optional caption.
     Image {
         image: Box<MediaContent>,
@@ -234,6 +239,38 @@ impl MediaContent {
     }
 }
 
+/// A vote on a poll: the poll, by our id, and the options chosen, in the poll's order.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct PollVote {
+    /// Our id of the poll voted on.
+    pub message_id: String,
+    /// The names of the options chosen; empty when the vote was taken back.
+    #[schema(max_items = 12)]
+    pub options: Vec<String>,
+}
+
+impl PollVote {
+    fn validate(&self) -> Result<()> {
+        validate_message_id("poll_vote.messageId", &self.message_id)?;
+        if self.options.len() > POLL_MAX_OPTIONS
+            || self
+                .options
+                .iter()
+                .any(|o| o.chars().count() > POLL_OPTION_MAX_CHARS || o.contains('\0'))
+        {
+            return Err(Error::invalid_field(
+                "poll_vote.options",
+                format!(
+                    "a vote names at most {POLL_MAX_OPTIONS} options of at most \
+                     {POLL_OPTION_MAX_CHARS} characters"
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
+
 /// A question with 2–12 options, of which a contact may choose up to `selectableCount`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
@@ -342,11 +379,12 @@ impl Content {
         }
     }
 
-    /// The message another one of the session refers to, by our id: the one a reaction is
-    /// on, the one an edit or a revoke changes.
+    /// The message another one of the session refers to, by our id: the one a reaction or
+    /// a vote is on, the one an edit or a revoke changes.
     pub fn refers_to(&self) -> Option<&str> {
         match self {
             Content::Reaction { reaction } => Some(&reaction.message_id),
+            Content::PollVote { poll_vote } => Some(&poll_vote.message_id),
             Content::Edit { edit } => Some(&edit.message_id),
             Content::Revoke { revoke } => Some(&revoke.message_id),
             _ => None,
@@ -380,10 +418,11 @@ impl Content {
         }
     }
 
-    /// Points a reaction, an edit or a revoke at our message `id`.
+    /// Points a reaction, a vote, an edit or a revoke at our message `id`.
     pub fn set_refers_to(&mut self, id: String) {
         match self {
             Content::Reaction { reaction } => reaction.message_id = id,
+            Content::PollVote { poll_vote } => poll_vote.message_id = id,
             Content::Edit { edit } => edit.message_id = id,
             Content::Revoke { revoke } => revoke.message_id = id,
             _ => {}
@@ -447,6 +486,7 @@ impl Content {
             Content::Contact { .. } => "contact",
             Content::Reaction { .. } => "reaction",
             Content::Poll { .. } => "poll",
+            Content::PollVote { .. } => "poll_vote",
             Content::Image { .. } => "image",
             Content::Video { .. } => "video",
             Content::Audio { .. } => "audio",
@@ -466,6 +506,7 @@ impl Content {
             Content::Contact { contact } => contact.validate(),
             Content::Reaction { reaction } => reaction.validate(),
             Content::Poll { poll } => poll.validate(),
+            Content::PollVote { poll_vote } => poll_vote.validate(),
             Content::Image { .. }
             | Content::Video { .. }
             | Content::Audio { .. }

@@ -121,6 +121,44 @@ impl Received {
         Some((p.key.id.clone()?, text.text().to_owned()))
     }
 
+    /// A vote on this poll by `voter` (a JID), sealed with the poll's secret as WhatsApp's
+    /// apps seal one: each option by the SHA-256 of its name; `creator` is the JID that sent
+    /// the poll. `None` when it is not a poll with a secret.
+    pub fn vote(
+        &self,
+        creator: &str,
+        voter: &str,
+        options: &[&str],
+    ) -> Option<waproto::whatsapp::Message> {
+        use waproto::{buffa::MessageField, whatsapp as wa};
+        let context = self.message.message_context_info.as_option()?;
+        let secret = context.message_secret.clone()?;
+        let chosen: Vec<Vec<u8>> = options
+            .iter()
+            .map(|o| wacore::poll::compute_option_hash(o).to_vec())
+            .collect();
+        let (payload, iv) =
+            wacore::poll::encrypt_poll_vote_with_secret(&chosen, &secret, &self.id, creator, voter)
+                .ok()?;
+        Some(wa::Message {
+            poll_update_message: MessageField::some(wa::message::PollUpdateMessage {
+                poll_creation_message_key: MessageField::some(wa::MessageKey {
+                    remote_jid: Some(creator.to_owned()),
+                    from_me: Some(false),
+                    id: Some(self.id.clone()),
+                    participant: None,
+                }),
+                vote: MessageField::some(wa::message::PollEncValue {
+                    enc_payload: Some(payload),
+                    enc_iv: Some(iv.to_vec()),
+                }),
+                sender_timestamp_ms: Some(shared::db::now_ms()),
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+    }
+
     /// Of a delete for everyone: WhatsApp's id of the message deleted.
     pub fn revoke(&self) -> Option<String> {
         use waproto::whatsapp::message::protocol_message::Type;

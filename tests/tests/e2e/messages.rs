@@ -681,6 +681,103 @@ async fn a_contacts_reaction_edit_and_delete_arrive_as_events_and_change_the_mes
     );
 }
 
+/// The payloads of the session's events of `kind`, oldest first, once there are `n`.
+async fn events_of(env: &TestEnv, session: &str, kind: &str, n: usize) -> Vec<Value> {
+    let client = env.db.get().await.expect("db");
+    let until = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let rows = client
+            .query(
+                "SELECT payload FROM events WHERE session_id = $1 AND type = $2 ORDER BY id",
+                &[&session, &kind],
+            )
+            .await
+            .expect("query");
+        if rows.len() >= n {
+            return rows.iter().map(|r| r.get(0)).collect();
+        }
+        assert!(
+            std::time::Instant::now() < until,
+            "{} of {n} {kind} events",
+            rows.len()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_contacts_votes_on_a_poll_arrive_naming_the_options_chosen() {
+    let env = TestEnv::new().await;
+    let (_, _w, api, key, id) = working_session(&env, 60).await;
+    let contact = "6281100000001@s.whatsapp.net";
+    let path = format!("/api/v1/sessions/{id}/messages");
+    let question = json!({"name": "Lunch?", "options": ["noodles", "rice", "soup"],
+        "selectableCount": 2});
+    let r = api
+        .post(
+            &path,
+            &key,
+            Some(&json!({"to": contact, "type": "poll", "poll": question})),
+        )
+        .await;
+    let poll = r.assert_status(202)["id"].as_str().expect("id").to_owned();
+    let sent =
+        |m: &Value| ["sent", "delivered", "read"].contains(&m["status"].as_str().unwrap_or(""));
+    message_when(&api, &key, &id, &poll, "sent", sent).await;
+    let vote = |options: Value| Command::SimMessage {
+        from: contact.into(),
+        text: String::new(),
+        content: Some(
+            serde_json::from_value(json!({"type": "poll_vote",
+                "poll_vote": {"messageId": poll, "options": options}}))
+            .expect("content"),
+        ),
+    };
+
+    // Chosen in any order, named in the poll's; then changed; then taken back.
+    for (n, (chosen, named)) in [
+        (json!(["soup", "rice"]), json!(["rice", "soup"])),
+        (json!(["noodles"]), json!(["noodles"])),
+        (json!([]), json!([])),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        env.sim(&id, vote(chosen)).await.expect("the contact votes");
+        let votes = events_of(&env, &id, "message.poll_vote", n + 1).await;
+        let last = &votes[n];
+        assert_eq!(
+            (&last["messageId"], &last["from"], &last["options"]),
+            (&json!(poll), &json!(contact), &named),
+            "{last}"
+        );
+    }
+    // Each vote is a message received too, listed with the others.
+    let r = api.get(&format!("{path}?direction=in"), &key).await;
+    let votes: Vec<&Value> = r.assert_status(200)["messages"]
+        .as_array()
+        .expect("messages")
+        .iter()
+        .filter(|m| m["type"] == "poll_vote")
+        .collect();
+    assert_eq!(votes.len(), 3, "{votes:?}");
+    assert_eq!(votes[0]["poll_vote"]["messageId"], json!(poll));
+
+    // A vote on what is not a poll is refused before it reaches the simulated phone.
+    let text = send(&api, &key, &id, "not a poll").await;
+    message_when(&api, &key, &id, &text, "sent", sent).await;
+    let on_text = Command::SimMessage {
+        from: contact.into(),
+        text: String::new(),
+        content: Some(
+            serde_json::from_value(json!({"type": "poll_vote",
+                "poll_vote": {"messageId": text, "options": ["rice"]}}))
+            .expect("content"),
+        ),
+    };
+    assert!(env.sim(&id, on_text).await.is_err(), "a vote on a text");
+}
+
 #[tokio::test]
 async fn delivered_and_read_change_no_index_of_the_messages() {
     let env = TestEnv::new().await;

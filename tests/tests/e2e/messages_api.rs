@@ -255,6 +255,11 @@ async fn every_type_is_queued_in_its_own_shape_and_bad_content_is_refused_with_t
             json!({"to": to, "type": "poll", "poll": {"name": " ", "options": ["a", "b"]}}),
             "poll.name",
         ),
+        (
+            json!({"to": to, "type": "poll_vote",
+                "poll_vote": {"messageId": unknown, "options": ["a"]}}),
+            "type",
+        ),
     ] {
         let r = api.post(&path, &key, Some(&body)).await;
         r.assert_error(400, "invalid_argument");
@@ -697,12 +702,12 @@ async fn the_openapi_document_describes_the_messages_api() {
     .map(String::from)
     .to_vec();
     let actions = ["edit", "revoke"].map(String::from).to_vec();
-    assert_eq!(
-        types(&schemas["Content"]["oneOf"]),
-        [all.clone(), actions].concat()
-    );
-    // What a caller sends: the same types but the edits and revokes (their own routes),
-    // each closed to other fields; only a text may leave `type` out.
+    let mut shown = types(&schemas["Content"]["oneOf"]);
+    // A contact's vote, received only.
+    assert_eq!(shown.remove(5), "poll_vote");
+    assert_eq!(shown, [all.clone(), actions].concat());
+    // What a caller sends: the same types but the edits and revokes (their own routes) and
+    // the votes, each closed to other fields; only a text may leave `type` out.
     let send = &schemas["SendMessage"]["oneOf"];
     assert_eq!(types(send), all);
     for variant in send.as_array().expect("oneOf") {

@@ -777,6 +777,38 @@ async fn locations_contacts_replies_reactions_and_polls_go_both_ways_through_the
         "{got:?}"
     );
 
+    // The contact votes on it, sealed with the poll's secret; the session opens the vote
+    // and names the options, in the poll's order. Then it changes its vote, then takes it
+    // back.
+    let poll = got
+        .iter()
+        .find(|r| r.content().is_some_and(|c| c.kind() == "poll"))
+        .expect("the poll");
+    let (session_jid, contact_jid) = (
+        format!("{PHONE}@s.whatsapp.net"),
+        format!("{CONTACT}@s.whatsapp.net"),
+    );
+    for (chosen, named) in [
+        (&["C", "A"][..], json!(["A", "C"])),
+        (&["B"][..], json!(["B"])),
+        (&[][..], json!([])),
+    ] {
+        let vote = poll
+            .vote(&session_jid, &contact_jid, chosen)
+            .expect("a sealed vote");
+        contact.send(PHONE, &vote).expect("the contact votes");
+        tests::eventually(Duration::from_secs(20), || async {
+            let voted = newest_event(&env, &s.id, "message.poll_vote").await;
+            assert_eq!(
+                (&voted["messageId"], &voted["from"]),
+                (&json!(ids[4]), &json!(contact_jid)),
+                "{voted}"
+            );
+            voted["options"] == named
+        })
+        .await;
+    }
+
     // The contact asks back with a poll of its own: received as one.
     let lunch = Poll {
         name: "Lunch?".into(),
@@ -810,7 +842,6 @@ async fn locations_contacts_replies_reactions_and_polls_go_both_ways_through_the
     assert_eq!(undecryptable(&server), vec![], "every copy decrypted");
 }
 
-/// The newest event of `kind` of the session, once there is one.
 /// Files through the real driver: each is encrypted and uploaded to the server's media hosts
 /// (over HTTPS, after a `media_conn` query), and its message carries the key; the contact's
 /// phone downloads it by its direct path and opens it with that key, byte for byte.
@@ -971,6 +1002,7 @@ async fn files_reach_the_contact_through_whatsapps_media_hosts() {
     );
 }
 
+/// The newest event of `kind` of the session, once there is one.
 async fn newest_event(env: &TestEnv, session_id: &str, kind: &str) -> Value {
     let client = env.db.get().await.expect("db");
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);

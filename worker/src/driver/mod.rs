@@ -69,8 +69,21 @@ pub struct Inbound {
     /// Where the file it carries is, when the driver did not bring the bytes along (the
     /// worker has the driver [`Connection::download`] it before storing the message).
     pub file: Option<RemoteFile>,
+    /// Of a vote on a poll: the options chosen, as WhatsApp carries them (the worker has
+    /// the driver [`Connection::open_ballot`] it, then names them from the poll).
+    pub ballot: Option<Ballot>,
     /// Epoch milliseconds.
     pub timestamp: i64,
+}
+
+/// A contact's vote on a poll as WhatsApp carries it: the options chosen, each by the
+/// SHA-256 of its name.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Ballot {
+    /// In the clear (the simulated contacts' votes).
+    Open(Vec<[u8; 32]>),
+    /// Sealed with the poll's secret (AES-GCM: the payload with its tag, and the IV).
+    Sealed { payload: Vec<u8>, iv: Vec<u8> },
 }
 
 /// A file a contact sent, on WhatsApp's media hosts, encrypted: its path there and what its
@@ -207,6 +220,19 @@ pub trait Connection: Send {
     /// A file a contact sent, downloaded and opened (its MAC checked) into a temporary file.
     async fn download(&mut self, _file: &RemoteFile) -> Result<Received, DriverError> {
         Err(DriverError::Unsupported)
+    }
+    /// The options `voter` chose on `poll`, each by the SHA-256 of its name: a sealed vote
+    /// opened with the poll's secret.
+    async fn open_ballot(
+        &mut self,
+        _poll: &MessageRef,
+        _voter: &str,
+        ballot: Ballot,
+    ) -> Result<Vec<[u8; 32]>, DriverError> {
+        match ballot {
+            Ballot::Open(chosen) => Ok(chosen),
+            Ballot::Sealed { .. } => Err(DriverError::Unsupported),
+        }
     }
     /// Drives the simulated phone or network (the `sim` driver only).
     async fn simulate(&mut self, _action: SimAction) -> Result<(), DriverError> {

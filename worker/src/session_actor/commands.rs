@@ -257,6 +257,15 @@ impl Actor {
                 let refers_to = match content.refers_to() {
                     None => None,
                     Some(id) => match messages::reference(&self.ctx.db, &self.row.id, id).await {
+                        Ok(Some(r))
+                            if matches!(content, Content::PollVote { .. })
+                                && !matches!(r.content, Content::Poll { .. }) =>
+                        {
+                            return Effects::error(
+                                ErrorCode::InvalidArgument,
+                                format!("message {id} is not a poll: there is nothing to vote on"),
+                            );
+                        }
                         Ok(Some(r)) => Some(r),
                         Ok(None) => {
                             return Effects::error(

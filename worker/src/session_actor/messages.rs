@@ -11,6 +11,7 @@
 
 use std::{collections::VecDeque, time::Duration};
 
+use sha2::{Digest, Sha256};
 use shared::{
     db::now_ms,
     media::{self, Media},
@@ -19,10 +20,10 @@ use shared::{
     session::SessionStatus,
 };
 
-use super::{Actor, Flow, back_off};
+use super::{Actor, Flow, back_off, retrying};
 use crate::{
     ctx::Ctx,
-    driver::{Inbound, Outgoing, Received, RemoteFile},
+    driver::{Ballot, Inbound, Outgoing, Received, RemoteFile},
     store::messages::{self, Change, Which},
 };
 
@@ -279,22 +280,35 @@ impl Actor {
     pub(super) async fn on_inbound(&mut self, mut m: Inbound) -> Flow {
         let mut backoff = Duration::from_millis(100);
         if let Some(wa_id) = m.refers_to.clone() {
-            let target = loop {
-                match messages::by_wa_id(&self.ctx.db, &self.row.id, &wa_id).await {
-                    Ok(target) => break target,
-                    Err(e) => {
-                        tracing::warn!(session_id = %self.row.id, error = %e, "could not look up the message a received one refers to; retrying");
-                        if !back_off(&self.lease.clone(), &mut backoff).await {
-                            return self.lost();
-                        }
-                    }
-                }
+            let (db, session) = (&self.ctx.db, &self.row.id);
+            let found = retrying(
+                &self.lease,
+                session,
+                "look up the message a received one refers to",
+                || messages::by_wa_id(db, session, &wa_id),
+            );
+            let Some(target) = found.await else {
+                return self.lost();
             };
             let Some(target) = target else {
                 tracing::debug!(session_id = %self.row.id, wa_id, kind = m.content.kind(), "a contact acted on a message the session never stored");
                 return Flow::Continue;
             };
             m.content.set_refers_to(target);
+        }
+        if let Some(ballot) = m.ballot.take() {
+            let Some(named) = self.name_choices(&m, ballot).await else {
+                return self.lost();
+            };
+            match (named, &mut m.content) {
+                (Ok(options), Content::PollVote { poll_vote }) => poll_vote.options = options,
+                (Ok(_), _) => {}
+                (Err(why), _) => {
+                    tracing::warn!(session_id = %self.row.id, error = %why, "a contact's vote is dropped");
+                    metrics::counter!("worker_poll_votes_dropped_total").increment(1);
+                    return Flow::Continue;
+                }
+            }
         }
         if let Some(file) = m.file.take() {
             let fetched = match self.conn.as_mut() {
@@ -374,6 +388,56 @@ impl Actor {
             }
         }
         Flow::Continue
+    }
+
+    /// The options of the poll a contact's vote is on that it chose, in the poll's order:
+    /// `Err(why)` when it is not on a poll of the session or cannot be opened (the vote is
+    /// dropped); `None` when the lease was lost.
+    async fn name_choices(
+        &mut self,
+        vote: &Inbound,
+        ballot: Ballot,
+    ) -> Option<Result<Vec<String>, String>> {
+        let Some(poll_id) = vote.content.refers_to().filter(|id| !id.is_empty()) else {
+            return Some(Err("it names no poll".into()));
+        };
+        let (db, session) = (&self.ctx.db, &self.row.id);
+        let poll = retrying(
+            &self.lease,
+            session,
+            "look up the poll a vote is on",
+            || messages::reference(db, session, poll_id),
+        );
+        let Some(poll) = poll.await? else {
+            return Some(Err(format!(
+                "the session has no poll {poll_id} that WhatsApp knows"
+            )));
+        };
+        let Content::Poll { poll: question } = &poll.content else {
+            return Some(Err(format!("message {poll_id} is not a poll")));
+        };
+        let Some(conn) = self.conn.as_mut() else {
+            return Some(Err("the session is not connected".into()));
+        };
+        let mut chosen = match conn.open_ballot(&poll, &vote.from, ballot).await {
+            Ok(chosen) => chosen,
+            Err(e) => return Some(Err(e.to_string())),
+        };
+        chosen.sort_unstable();
+        chosen.dedup();
+        let named: Vec<String> = question
+            .options
+            .iter()
+            .filter(|o| chosen.contains(&Sha256::digest(o.as_bytes()).into()))
+            .cloned()
+            .collect();
+        if named.len() < chosen.len() {
+            return Some(Err(format!(
+                "it chose {} option(s) poll {poll_id} does not have",
+                chosen.len() - named.len()
+            )));
+        }
+        Some(Ok(named))
     }
 
     /// Fails every queued message of the session (it was stopped or logged out).

@@ -499,6 +499,31 @@ impl Actor {
     }
 }
 
+/// Runs `op` until it answers, backing off between tries (the database away): `None` when
+/// the lease was lost meanwhile.
+async fn retrying<T, Fut>(
+    lease: &Lease,
+    session_id: &str,
+    what: &str,
+    mut op: impl FnMut() -> Fut,
+) -> Option<T>
+where
+    Fut: Future<Output = shared::Result<T>>,
+{
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        match op().await {
+            Ok(answer) => return Some(answer),
+            Err(e) => {
+                tracing::warn!(session_id, error = %e, "could not {what}; retrying");
+                if !back_off(lease, &mut backoff).await {
+                    return None;
+                }
+            }
+        }
+    }
+}
+
 /// Waits before retrying a write; `false` when the lease was lost meanwhile.
 async fn back_off(lease: &Lease, backoff: &mut Duration) -> bool {
     let wait = *backoff;

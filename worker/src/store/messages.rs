@@ -378,6 +378,12 @@ pub async fn insert_inbound(
             emoji: reaction.emoji.clone(),
             timestamp,
         },
+        Content::PollVote { poll_vote } => EventKind::MessagePollVote {
+            message_id: poll_vote.message_id.clone(),
+            from,
+            options: poll_vote.options.clone(),
+            timestamp,
+        },
         // Only its sender edits or deletes a message: the contact's own, received here.
         Content::Edit { edit } => {
             apply_action(&tx, &session.id, &edit.message_id, &m.content, &m.from, now).await?;

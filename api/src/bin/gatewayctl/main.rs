@@ -145,7 +145,8 @@ enum SimCmd {
     },
     /// A contact sends the session's number a text (`--text`) or a file (`--file PATH
     /// [--caption C]`), reacts to a message of the chat (`--reaction EMOJI --to-message ID`),
-    /// edits a text it sent (`--text T --edit ID`) or deletes one for everyone (`--revoke
+    /// votes on a poll (`--vote OPTION … --to-message ID`; `--vote ""` alone takes the vote
+    /// back), edits a text it sent (`--text T --edit ID`) or deletes one for everyone (`--revoke
     /// ID`). IDs are the gateway's message ids.
     Message {
         #[arg(long)]
@@ -153,7 +154,7 @@ enum SimCmd {
         /// The contact's phone number.
         #[arg(long)]
         from: String,
-        #[arg(long, required_unless_present_any = ["reaction", "revoke", "file"])]
+        #[arg(long, required_unless_present_any = ["reaction", "vote", "revoke", "file"])]
         text: Option<String>,
         /// A file the contact sends: its kind (image, video, audio, voice note, document,
         /// sticker) follows what its bytes are.
@@ -165,6 +166,9 @@ enum SimCmd {
         /// An emoji ("" takes a reaction back), on the message `--to-message` names.
         #[arg(long, requires = "to_message", conflicts_with_all = ["text", "edit", "revoke"])]
         reaction: Option<String>,
+        /// An option of the poll `--to-message` names, chosen (repeat it for each).
+        #[arg(long, requires = "to_message", conflicts_with_all = ["text", "reaction", "edit", "revoke"])]
+        vote: Vec<String>,
         #[arg(long)]
         to_message: Option<String>,
         /// The message (one the contact sent) that `--text` replaces.
@@ -338,6 +342,7 @@ async fn run(cli: Cli) -> Result<()> {
                     from,
                     text,
                     reaction,
+                    vote,
                     to_message,
                     edit,
                     revoke,
@@ -347,6 +352,12 @@ async fn run(cli: Cli) -> Result<()> {
                     let content = match (text, reaction, to_message, edit, revoke) {
                         (_, Some(emoji), Some(message_id), ..) => Content::Reaction {
                             reaction: message::Reaction { message_id, emoji },
+                        },
+                        (_, _, Some(message_id), ..) if !vote.is_empty() => Content::PollVote {
+                            poll_vote: message::PollVote {
+                                message_id,
+                                options: vote.into_iter().filter(|o| !o.is_empty()).collect(),
+                            },
                         },
                         (Some(text), _, _, Some(message_id), _) => Content::Edit {
                             edit: message::Edit { message_id, text },

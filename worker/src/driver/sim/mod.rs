@@ -37,7 +37,7 @@ use async_trait::async_trait;
 use base64::Engine;
 use serde_json::json;
 use sha2::{Digest, Sha256};
-use shared::{contacts::NumberCheck, db::now_ms, session::StatusReason};
+use shared::{contacts::NumberCheck, db::now_ms, message::Content, session::StatusReason};
 use tokio::sync::{mpsc, oneshot};
 
 use self::server::SimServer;
@@ -236,6 +236,17 @@ impl Connection for SimConnection {
                 content,
                 refers_to,
             } => {
+                // A simulated contact votes in the clear, naming its options as a vote does.
+                let ballot = match &*content {
+                    Content::PollVote { poll_vote } => Some(super::Ballot::Open(
+                        poll_vote
+                            .options
+                            .iter()
+                            .map(|o| Sha256::digest(o.as_bytes()).into())
+                            .collect(),
+                    )),
+                    _ => None,
+                };
                 let inbound = Box::new(super::Inbound {
                     id: format!("SIMIN{}", ulid::Ulid::new()),
                     chat: from.clone(),
@@ -244,6 +255,7 @@ impl Connection for SimConnection {
                     refers_to: refers_to.map(|r| r.wa_id),
                     // The simulated contact's files are in the media store already.
                     file: None,
+                    ballot,
                     timestamp: now_ms(),
                 });
                 self.ask(|tx| Control::Inbound(inbound, tx)).await

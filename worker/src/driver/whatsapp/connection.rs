@@ -12,8 +12,10 @@ use whatsapp_rust::{
     RevokeType, bot::BotHandle, pair_code::PairCodeOptions, waproto::whatsapp as wa,
 };
 
-use super::{content, files, parse_jid, phones, store, store_error, transport};
-use crate::driver::{Connection, DriverError, Inbound, Outgoing, Received, RemoteFile, SimAction};
+use super::{content, files, parse_jid, phones, store, store_error, transport, votes};
+use crate::driver::{
+    Ballot, Connection, DriverError, Inbound, MessageRef, Outgoing, Received, RemoteFile, SimAction,
+};
 
 pub(super) struct WhatsAppConnection {
     pub(super) handle: Option<BotHandle>,
@@ -157,7 +159,7 @@ impl Connection for WhatsAppConnection {
                 sent.map(|s| Some(s.message_id))
                     .map_err(|e| refused(e.to_string()))
             }
-            // The vote secret it makes is not kept: votes are not read yet (issue 21).
+            // The crate keeps the secret it makes in the key store: votes are opened with it.
             Content::Poll { poll } => {
                 let sent = client
                     .polls()
@@ -250,6 +252,24 @@ impl Connection for WhatsAppConnection {
 
     async fn download(&mut self, file: &RemoteFile) -> Result<Received, DriverError> {
         files::download(&self.client()?, file).await
+    }
+
+    async fn open_ballot(
+        &mut self,
+        poll: &MessageRef,
+        voter: &str,
+        ballot: Ballot,
+    ) -> Result<Vec<[u8; 32]>, DriverError> {
+        match ballot {
+            Ballot::Open(chosen) => Ok(chosen),
+            Ballot::Sealed { payload, iv } => {
+                let store = self
+                    .store
+                    .clone()
+                    .ok_or_else(|| DriverError::Connection("the connection is closed".into()))?;
+                votes::open(&*self.client()?, &store, poll, voter, &payload, &iv).await
+            }
+        }
     }
 
     async fn close(&mut self) {

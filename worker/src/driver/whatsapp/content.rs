@@ -6,7 +6,7 @@
 //! `edit_message` and `revoke_message` build and send them (they know which groups need
 //! what, and a poll's vote secret).
 
-use shared::message::{ContactCard, Content, Edit, Location, Poll, Reaction, Revoke};
+use shared::message::{ContactCard, Content, Edit, Location, Poll, PollVote, Reaction, Revoke};
 use wacore::proto_helpers::{MessageBuilderExt, MessageExt, build_quote_context};
 use whatsapp_rust::waproto::{
     buffa::MessageField,
@@ -59,6 +59,8 @@ pub fn to_wa(content: &Content, reply_to: Option<&MessageRef>, own_jid: &str) ->
         | Content::Document { .. }
         | Content::Sticker { .. } => wa::Message::text(content.text()),
         Content::Edit { edit } => wa::Message::text(&edit.text),
+        // Only quoted (a vote is received, never sent): the options it chose.
+        Content::PollVote { poll_vote } => wa::Message::text(poll_vote.options.join(", ")),
         Content::Revoke { .. } => wa::Message::default(),
     }
 }
@@ -92,6 +94,16 @@ pub fn received(message: &wa::Message) -> Option<(Content, Option<String>)> {
             emoji: r.text.clone().unwrap_or_default(),
         };
         return Some((Content::Reaction { reaction }, Some(target)));
+    }
+    if let Some(u) = base.poll_update_message.as_option() {
+        // The options it names are sealed: opened by the worker through the driver
+        // (`votes.rs`), then named from the poll.
+        let target = u.poll_creation_message_key.as_option()?.id.clone()?;
+        let vote = PollVote {
+            message_id: String::new(),
+            options: vec![],
+        };
+        return Some((Content::PollVote { poll_vote: vote }, Some(target)));
     }
     if let Some(p) = base.protocol_message.as_option() {
         let target = p.key.as_option()?.id.clone()?;

@@ -35,6 +35,7 @@ pub fn map_all(event: &Event, now_ms: i64) -> Vec<DriverEvent> {
                         &m.info.id,
                         &m.info.source.chat.to_non_ad_string(),
                     ),
+                    ballot: super::votes::sealed(&m.message),
                     timestamp: m.info.timestamp.timestamp_millis(),
                 })))
             })
@@ -350,6 +351,7 @@ mod tests {
                 content: shared::message::Content::Text { text: "hi".into() },
                 refers_to: None,
                 file: None,
+                ballot: None,
                 timestamp: NOW,
             }))]
         );

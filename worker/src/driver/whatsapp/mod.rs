@@ -31,6 +31,7 @@ pub mod files;
 pub mod phones;
 pub mod store;
 pub mod transport;
+pub mod votes;
 
 use std::{sync::Arc, time::Duration};
 
