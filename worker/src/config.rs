@@ -144,6 +144,10 @@ pub struct Config {
     /// How often the region's reaper prunes them.
     #[arg(long, env = "PRUNE_INTERVAL_MS", default_value_t = 60_000)]
     pub prune_interval_ms: u64,
+    /// How long a file's download from (a contact's file: its message is then kept with the
+    /// file `failed`), or upload to, WhatsApp's media hosts may take.
+    #[arg(long, env = "MEDIA_TRANSFER_TIMEOUT_MS", default_value_t = 600_000)]
+    pub media_transfer_timeout_ms: u64,
 
     /// The keys that seal the WhatsApp driver's device keys in Postgres: `id:base64key`
     /// (32 bytes, `openssl rand -base64 32`), comma-separated; the first seals, all open.

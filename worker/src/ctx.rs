@@ -34,6 +34,8 @@ pub struct Ctx {
     pub rate_minute_ms: i64,
     /// How long messages are kept (`MESSAGE_RETENTION_DAYS`): a file received lives as long.
     pub message_retention_ms: i64,
+    /// How long a file a contact sent may take to download (`MEDIA_TRANSFER_TIMEOUT_MS`).
+    pub media_transfer_timeout: Duration,
     /// "typing…" before a send: this long per character, at most `typing_max`.
     pub typing_per_char: Duration,
     pub typing_max: Duration,

@@ -101,6 +101,7 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<()> {
         connects: Arc::new(Semaphore::new(cfg.connect_concurrency.max(1))),
         rate_minute_ms: i64::try_from(cfg.message_rate_minute_ms.max(1)).unwrap_or(60_000),
         message_retention_ms: cfg.message_retention_ms(),
+        media_transfer_timeout: Duration::from_millis(cfg.media_transfer_timeout_ms),
         typing_per_char: Duration::from_millis(cfg.typing_ms_per_char),
         typing_max: Duration::from_millis(cfg.typing_max_ms),
     });
@@ -297,6 +298,7 @@ fn whatsapp_driver(cfg: &Config, db: &Pool) -> Result<Arc<dyn Driver>> {
             ws_url: cfg.wa_ws_url.clone(),
             version,
             connect_timeout: Duration::from_millis(cfg.wa_connect_timeout_ms),
+            media_transfer_timeout: Duration::from_millis(cfg.media_transfer_timeout_ms),
             sim_control_url: cfg.wa_sim_control_url.clone(),
         },
     )))

@@ -117,6 +117,7 @@ async fn child(variant: &str, n: usize) {
             version: (2, 3000, 1042742319),
             // Longer than the handshake's own 20 s: the clients stay up while measured.
             connect_timeout: Duration::from_secs(120),
+            media_transfer_timeout: Duration::from_secs(600),
             sim_control_url: None,
         },
     );

@@ -56,6 +56,8 @@ pub(super) struct Hosts {
     pub links_die: AtomicBool,
     /// Phones no longer have the files they sent: they cannot upload one again.
     pub phones_lost_files: AtomicBool,
+    /// Downloads get no answer, ever, as from a host that stopped mid-way.
+    pub downloads_stall: AtomicBool,
     /// Files uploaded again at a device's request.
     pub uploaded_again: AtomicUsize,
 }
@@ -214,6 +216,9 @@ async fn download(
     Path((kind, token)): Path<(String, String)>,
 ) -> axum::response::Response {
     let path = format!("/v/{kind}/{token}");
+    if shared.media.downloads_stall.load(Ordering::SeqCst) {
+        std::future::pending::<()>().await;
+    }
     if lock(&shared.media.dead).contains(&path) {
         return (StatusCode::NOT_FOUND, "expired").into_response();
     }

@@ -340,6 +340,14 @@ impl WaServer {
             .store(die, std::sync::atomic::Ordering::SeqCst);
     }
 
+    /// Downloads from the media hosts get no answer (`true`), ever.
+    pub fn downloads_stall(&self, stall: bool) {
+        let media = &self.shared.media;
+        media
+            .downloads_stall
+            .store(stall, std::sync::atomic::Ordering::SeqCst);
+    }
+
     /// Phones no longer have the files they sent (`true`): asked to upload one again, they
     /// answer that they cannot.
     pub fn phones_lose_files(&self, lost: bool) {

@@ -800,7 +800,10 @@ async fn delivered_and_read_change_no_index_of_the_messages() {
         .map(|r| r.get(0))
         .collect();
     for written in ["status", "delivered_at", "read_at"] {
-        assert!(!indexed.iter().any(|c| c == written), "{written}: {indexed:?}");
+        assert!(
+            !indexed.iter().any(|c| c == written),
+            "{written}: {indexed:?}"
+        );
     }
     // And so it goes: each message's two changes after `sent` are HOT.
     let (_, _w, api, key, id) = working_session(&env, 60).await;

@@ -32,7 +32,14 @@ fn real_driver_settings(url: &str) -> Vec<(&'static str, String)> {
 
 /// A test-server worker process for a new gateway, with an api and a manager key.
 async fn stage(env: &TestEnv, server: &WaServer) -> (String, WorkerProcess, Api, String) {
-    let (gw, worker) = test_worker(env, server).await;
+    stage_with(env, &real_driver_settings(&server.url)).await
+}
+
+async fn stage_with(
+    env: &TestEnv,
+    settings: &[(&str, String)],
+) -> (String, WorkerProcess, Api, String) {
+    let (gw, worker) = test_worker_with(env, settings).await;
     let api = env.start_api(|_| {}).await;
     let key = env.api_key("org_a", &["read", "manage"]).await;
     (gw, worker, api, key)
@@ -184,7 +191,11 @@ struct Linked {
 }
 
 async fn linked(env: &TestEnv, server: &WaServer, phone: &Phone) -> Linked {
-    let (gw, worker, api, key) = stage(env, server).await;
+    linked_with(env, phone, &real_driver_settings(&server.url)).await
+}
+
+async fn linked_with(env: &TestEnv, phone: &Phone, settings: &[(&str, String)]) -> Linked {
+    let (gw, worker, api, key) = stage_with(env, settings).await;
     let id = api.session_on(&key, &gw).await;
     let device = phone
         .link_session(&api, &key, &id, PAIRED_AND_CONNECTED)
@@ -300,6 +311,7 @@ async fn a_second_connection_of_the_device_fails_the_session_as_a_conflict_witho
             ws_url: Some(server.url.clone()),
             version: parse_version("2.3000.1042742319").expect("version"),
             connect_timeout: Duration::from_secs(10),
+            media_transfer_timeout: Duration::from_secs(600),
             sim_control_url: None,
         },
     );
@@ -1000,6 +1012,63 @@ async fn files_reach_the_contact_through_whatsapps_media_hosts() {
         "{:?}",
         undecryptable(&server)
     );
+}
+
+/// A file whose download hangs holds nothing up: the session receives and sends meanwhile,
+/// and the file's message is kept, in the order it came, with its file failed once
+/// `MEDIA_TRANSFER_TIMEOUT_MS` ran out.
+#[tokio::test]
+async fn a_download_that_hangs_holds_nothing_up_and_fails_in_time() {
+    use shared::media::Kind;
+    let env = TestEnv::new().await;
+    let server = WaServer::start().await;
+    let phone = server.phone(PHONE);
+    let contact = server.phone(CONTACT);
+    let mut settings = real_driver_settings(&server.url);
+    settings.push(("MEDIA_TRANSFER_TIMEOUT_MS", "5000".into()));
+    let s = linked_with(&env, &phone, &settings).await;
+
+    server.downloads_stall(true);
+    let mut photo = b"\x89PNG\r\n\x1a\n\0\0\0\rIHDR\0\0\0\x08\0\0\0\x08\x08\x06\0\0\0".to_vec();
+    photo.extend((0..20_000u32).map(|i| (i % 241) as u8));
+    let image = Kind::Image.content(shared::message::MediaContent {
+        media_id: String::new(),
+        url: None,
+        caption: Some("stuck".into()),
+        file_name: None,
+        mime_type: Some("image/png".into()),
+        size: None,
+        sha256: None,
+        status: None,
+        error: None,
+    });
+    let sent_at = std::time::Instant::now();
+    let wa_file = contact
+        .send_file(PHONE, &image, &photo)
+        .expect("the contact sends a photo");
+    let wa_text = contact
+        .send_text(PHONE, "did you get it?")
+        .expect("the contact writes");
+    let (text, _) = stored_message(&env, &s.id, &wa_text).await;
+    let id = s
+        .send_message(&json!({"to": CONTACT, "text": "looking"}))
+        .await;
+    s.all_sent_and_received(&contact, std::slice::from_ref(&id))
+        .await;
+    let (file, content) = stored_message(&env, &s.id, &wa_file).await;
+    assert!(
+        sent_at.elapsed() >= Duration::from_secs(5),
+        "stored before its download ran out of time: {content}"
+    );
+    assert_eq!(content["image"]["status"], "failed", "{content}");
+    assert!(
+        content["image"]["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("took longer than 5 s")),
+        "{content}"
+    );
+    assert_eq!(content["image"]["caption"], "stuck", "{content}");
+    assert!(file < text, "listed in the order they came: {file} {text}");
 }
 
 /// The newest event of `kind` of the session, once there is one.

@@ -102,6 +102,9 @@ pub struct RemoteFile {
     pub file_length: u64,
 }
 
+/// A download of a file a contact sent ([`Connection::download`]).
+pub type Download = futures::future::BoxFuture<'static, Result<Received, DriverError>>;
+
 /// A file a contact sent, its plain bytes in a temporary file of its own (gone with it, so
 /// memory never holds the file), and how many there are.
 #[derive(Debug)]
@@ -217,9 +220,11 @@ pub trait Connection: Send {
     async fn mark_read(&mut self, _message: &Inbound) -> Result<(), DriverError> {
         Err(DriverError::Unsupported)
     }
-    /// A file a contact sent, downloaded and opened (its MAC checked) into a temporary file.
-    async fn download(&mut self, _file: &RemoteFile) -> Result<Received, DriverError> {
-        Err(DriverError::Unsupported)
+    /// A file a contact sent, downloaded and opened (its MAC checked) into a temporary file:
+    /// a download that holds what it needs of the connection, so the session goes on while
+    /// it runs.
+    fn download(&self, _file: RemoteFile) -> Download {
+        Box::pin(async { Err(DriverError::Unsupported) })
     }
     /// The options `voter` chose on `poll`, each by the SHA-256 of its name: a sealed vote
     /// opened with the poll's secret.

@@ -11,19 +11,15 @@
 
 use std::{collections::VecDeque, time::Duration};
 
-use sha2::{Digest, Sha256};
 use shared::{
     db::now_ms,
-    media::{self, Media},
-    message::{Content, MediaStatus, Message, MessageStatus},
-    protocol::EventKind,
+    message::{Content, Message, MessageStatus},
     session::SessionStatus,
 };
 
-use super::{Actor, Flow, back_off, retrying};
+use super::{Actor, Flow, back_off};
 use crate::{
-    ctx::Ctx,
-    driver::{Ballot, Inbound, Outgoing, Received, RemoteFile},
+    driver::Outgoing,
     store::messages::{self, Change, Which},
 };
 
@@ -275,171 +271,6 @@ impl Actor {
             .await
     }
 
-    /// A message reached the number: stored, streamed, and marked read with `autoRead`. A
-    /// reaction, an edit or a revoke of a message the session never stored is dropped.
-    pub(super) async fn on_inbound(&mut self, mut m: Inbound) -> Flow {
-        let mut backoff = Duration::from_millis(100);
-        if let Some(wa_id) = m.refers_to.clone() {
-            let (db, session) = (&self.ctx.db, &self.row.id);
-            let found = retrying(
-                &self.lease,
-                session,
-                "look up the message a received one refers to",
-                || messages::by_wa_id(db, session, &wa_id),
-            );
-            let Some(target) = found.await else {
-                return self.lost();
-            };
-            let Some(target) = target else {
-                tracing::debug!(session_id = %self.row.id, wa_id, kind = m.content.kind(), "a contact acted on a message the session never stored");
-                return Flow::Continue;
-            };
-            m.content.set_refers_to(target);
-        }
-        if let Some(ballot) = m.ballot.take() {
-            let Some(named) = self.name_choices(&m, ballot).await else {
-                return self.lost();
-            };
-            match (named, &mut m.content) {
-                (Ok(options), Content::PollVote { poll_vote }) => poll_vote.options = options,
-                (Ok(_), _) => {}
-                (Err(why), _) => {
-                    tracing::warn!(session_id = %self.row.id, error = %why, "a contact's vote is dropped");
-                    metrics::counter!("worker_poll_votes_dropped_total").increment(1);
-                    return Flow::Continue;
-                }
-            }
-        }
-        if let Some(file) = m.file.take() {
-            let fetched = match self.conn.as_mut() {
-                Some(conn) => conn.download(&file).await.map_err(|e| e.to_string()),
-                None => Err("the session was not connected to WhatsApp".to_owned()),
-            };
-            let stored = match fetched {
-                Ok(mut received) => loop {
-                    let org = &self.row.organization_id;
-                    let keep = self.ctx.message_retention_ms;
-                    let kept = keep_file(&self.ctx, org, keep, &m.content, &file, &mut received);
-                    match kept.await {
-                        Ok(kept) => break kept,
-                        Err(e) => {
-                            tracing::warn!(session_id = %self.row.id, error = %e, "could not store a received file; retrying");
-                            if !back_off(&self.lease.clone(), &mut backoff).await {
-                                return self.lost();
-                            }
-                        }
-                    }
-                },
-                Err(why) => Err(why),
-            };
-            if let Some(shown) = m.content.media_mut() {
-                match stored {
-                    Ok(media) => {
-                        shown.media_id = media.id;
-                        shown.mime_type = Some(media.mime_type);
-                        shown.size = Some(media.size);
-                        shown.sha256 = Some(media.sha256);
-                    }
-                    Err(why) => {
-                        tracing::warn!(session_id = %self.row.id, error = %why, "a received file could not be fetched");
-                        metrics::counter!("worker_received_files_failed_total").increment(1);
-                        shown.status = Some(MediaStatus::Failed);
-                        shown.error = Some(why);
-                    }
-                }
-            }
-        }
-        let event = loop {
-            let keep = self.ctx.message_retention_ms;
-            match messages::insert_inbound(&self.ctx.db, &self.row, self.epoch, &m, now_ms(), keep)
-                .await
-            {
-                Ok(Some(event)) => break event,
-                Ok(None) => return self.lost(),
-                Err(e) => {
-                    tracing::warn!(session_id = %self.row.id, error = %e, "could not store a received message; retrying");
-                    if !back_off(&self.lease.clone(), &mut backoff).await {
-                        return self.lost();
-                    }
-                }
-            }
-        };
-        let Some(event) = event else {
-            return Flow::Continue; // delivered twice
-        };
-        metrics::counter!("worker_messages_received_total").increment(1);
-        self.ctx.outbox.events(std::slice::from_ref(&event)).await;
-        if self.row.auto_read
-            && m.refers_to.is_none()
-            && let Some(conn) = self.conn.as_mut()
-        {
-            match conn.mark_read(&m).await {
-                Ok(()) => {
-                    if let EventKind::MessageReceived { message_id, .. } = &event.kind
-                        && let Err(e) =
-                            messages::mark_inbound_read(&self.ctx.db, message_id, now_ms()).await
-                    {
-                        tracing::warn!(session_id = %self.row.id, error = %e, "could not record a read receipt");
-                    }
-                }
-                Err(e) => {
-                    tracing::debug!(session_id = %self.row.id, error = %e, "cannot mark a message read")
-                }
-            }
-        }
-        Flow::Continue
-    }
-
-    /// The options of the poll a contact's vote is on that it chose, in the poll's order:
-    /// `Err(why)` when it is not on a poll of the session or cannot be opened (the vote is
-    /// dropped); `None` when the lease was lost.
-    async fn name_choices(
-        &mut self,
-        vote: &Inbound,
-        ballot: Ballot,
-    ) -> Option<Result<Vec<String>, String>> {
-        let Some(poll_id) = vote.content.refers_to().filter(|id| !id.is_empty()) else {
-            return Some(Err("it names no poll".into()));
-        };
-        let (db, session) = (&self.ctx.db, &self.row.id);
-        let poll = retrying(
-            &self.lease,
-            session,
-            "look up the poll a vote is on",
-            || messages::reference(db, session, poll_id),
-        );
-        let Some(poll) = poll.await? else {
-            return Some(Err(format!(
-                "the session has no poll {poll_id} that WhatsApp knows"
-            )));
-        };
-        let Content::Poll { poll: question } = &poll.content else {
-            return Some(Err(format!("message {poll_id} is not a poll")));
-        };
-        let Some(conn) = self.conn.as_mut() else {
-            return Some(Err("the session is not connected".into()));
-        };
-        let mut chosen = match conn.open_ballot(&poll, &vote.from, ballot).await {
-            Ok(chosen) => chosen,
-            Err(e) => return Some(Err(e.to_string())),
-        };
-        chosen.sort_unstable();
-        chosen.dedup();
-        let named: Vec<String> = question
-            .options
-            .iter()
-            .filter(|o| chosen.contains(&Sha256::digest(o.as_bytes()).into()))
-            .cloned()
-            .collect();
-        if named.len() < chosen.len() {
-            return Some(Err(format!(
-                "it chose {} option(s) poll {poll_id} does not have",
-                chosen.len() - named.len()
-            )));
-        }
-        Some(Ok(named))
-    }
-
     /// Fails every queued message of the session (it was stopped or logged out).
     pub(super) async fn fail_queued(&mut self, why: &str) -> Flow {
         self.send_at = None;
@@ -501,74 +332,6 @@ impl Actor {
             }
         }
     }
-}
-
-/// Stores a file a contact sent (`file`, downloaded into `received`) as a file of `org`, kept
-/// `keep_ms` (its message, stored next, keeps it as long as itself), a chunk at a time.
-/// `Ok(Err(why))`: its bytes are not those its message names (their SHA-256), and nothing
-/// is stored.
-async fn keep_file(
-    ctx: &Ctx,
-    org: &str,
-    keep_ms: i64,
-    content: &Content,
-    file: &RemoteFile,
-    received: &mut Received,
-) -> shared::Result<Result<Media, String>> {
-    use sha2::{Digest, Sha256};
-    use tokio::io::{AsyncReadExt, AsyncSeekExt};
-    let local = |e: std::io::Error| {
-        shared::Error::internal(format!("the downloaded file could not be read: {e}"))
-    };
-    let declared = content.media().and_then(|(_, f)| f.mime_type.clone());
-    let mut reader = tokio::fs::File::from_std(received.file.try_clone().map_err(local)?);
-    reader.rewind().await.map_err(local)?;
-    let id = ulid::Ulid::new().to_string();
-    let mut client = ctx.db.get().await?;
-    let tx = client.transaction().await?;
-    let mut writer = ctx.media.writer(&id);
-    let (mut sha, mut size, mut mime_type) = (Sha256::new(), 0u64, None);
-    let mut chunk = vec![0u8; media::CHUNK_BYTES];
-    loop {
-        // A whole chunk (the store's unit), or what is left.
-        let mut filled = 0;
-        while filled < chunk.len() {
-            match reader.read(&mut chunk[filled..]).await.map_err(local)? {
-                0 => break,
-                n => filled += n,
-            }
-        }
-        if filled == 0 {
-            break;
-        }
-        let piece = &chunk[..filled];
-        if mime_type.is_none() {
-            let head = &piece[..piece.len().min(media::SNIFF_BYTES)];
-            mime_type = Some(
-                media::sniff(head, declared.as_deref())
-                    .ok()
-                    .or(declared.clone())
-                    .unwrap_or_else(|| "application/octet-stream".into()),
-            );
-        }
-        sha.update(piece);
-        size += filled as u64;
-        writer.write(&tx, piece).await?;
-    }
-    let sha = sha.finalize();
-    if size == 0 {
-        return Ok(Err("the file is empty".into()));
-    }
-    if !file.file_sha256.is_empty() && file.file_sha256[..] != sha[..] {
-        return Ok(Err(
-            "its bytes are not the file its message names (SHA-256 differs)".into(),
-        ));
-    }
-    let mime_type = mime_type.unwrap_or_else(|| "application/octet-stream".into());
-    let stored = Media::new(id, mime_type, size, &sha, keep_ms);
-    writer.finish(&tx, org, &stored).await?;
-    tx.commit().await?;
-    Ok(Ok(stored))
 }
 
 #[cfg(test)]

@@ -6,6 +6,8 @@
 //!   handing it to a peer (drain);
 //! - [`commands`]: every command, one match arm per [`Command`](shared::protocol::Command);
 //! - [`driver_events`]: what WhatsApp (or its simulation) says on its own;
+//! - [`messages`]: sending the session's messages, and what becomes of them;
+//! - [`inbound`]: what reaches the number, files downloaded beside the actor;
 //! - [`commit`]: how both end — the session change, its events and the command's outcome
 //!   written to Postgres fenced by the lease, then the events published, the reply sent and
 //!   the delivery acked, in that order, so a crash anywhere before the ack leaves a command
@@ -18,6 +20,7 @@
 mod commands;
 mod commit;
 mod driver_events;
+mod inbound;
 mod messages;
 
 use std::{sync::Arc, time::Duration};
@@ -172,6 +175,8 @@ struct Actor {
     /// last hour (read from Postgres on first use).
     send_at: Option<tokio::time::Instant>,
     attempts: Option<std::collections::VecDeque<i64>>,
+    /// Files contacts sent, downloading beside the actor ([`inbound`]).
+    fetching: inbound::Fetching,
 }
 
 /// The first wait before connecting again after a failed connect, and the longest.
@@ -215,6 +220,7 @@ pub async fn run(
         retry_backoff: RETRY_FIRST,
         send_at: None,
         attempts: None,
+        fetching: inbound::Fetching::default(),
     };
     let lost = actor.lease.lost.clone();
     // The work of one message is boxed: an idle actor (most of a worker's tens of thousands)
@@ -243,6 +249,7 @@ pub async fn run(
             },
             _ = retry_at(actor.retry) => Box::pin(actor.retry_connect()).await,
             _ = retry_at(actor.send_at) => Box::pin(actor.pump()).await,
+            done = actor.fetching.next() => Box::pin(actor.on_fetched(done)).await,
         };
     }
     actor.disconnect().await;
@@ -364,6 +371,7 @@ impl Actor {
     /// Closes the connection, and forgets a planned retry: whoever disconnects decides what
     /// comes next.
     async fn disconnect(&mut self) {
+        self.finish_fetching().await;
         if let Some(mut conn) = self.conn.take() {
             conn.close().await;
         }

@@ -315,13 +315,14 @@ async fn write_batch(db: &Pool, batch: &[Queued]) -> Result<Vec<Option<Vec<Event
         .collect())
 }
 
-/// Stores a message that reached the session, with its `message.received` event; `None` when
-/// the lease is no longer `epoch`. A message WhatsApp delivers twice is stored once. The file
-/// it carries, already in the media store, is kept `keep_ms` from `now`.
+/// Stores a message that reached the session as `id`, with its `message.received` event;
+/// `None` when the lease is no longer `epoch`. A message WhatsApp delivers twice is stored
+/// once. The file it carries, already in the media store, is kept `keep_ms` from `now`.
 pub async fn insert_inbound(
     db: &Pool,
     session: &Session,
     epoch: i64,
+    id: &str,
     m: &Inbound,
     now: i64,
     keep_ms: i64,
@@ -340,8 +341,6 @@ pub async fn insert_inbound(
              RETURNING id",
         )
         .await?;
-    // In the order they arrive, like those the api queues.
-    let id = shared::message::new_id();
     let content = serde_json::to_value(&m.content).map_err(shared::Error::internal)?;
     let inserted = tx
         .query_opt(
@@ -411,7 +410,7 @@ pub async fn insert_inbound(
             }
         }
         _ => EventKind::MessageReceived {
-            message_id: id,
+            message_id: id.to_owned(),
             from,
             chat: m.chat.clone(),
             text: m.content.text().to_owned(),

@@ -14,7 +14,7 @@ use whatsapp_rust::{
 
 use super::{content, files, parse_jid, phones, store, store_error, transport, votes};
 use crate::driver::{
-    Ballot, Connection, DriverError, Inbound, MessageRef, Outgoing, Received, RemoteFile, SimAction,
+    Ballot, Connection, Download, DriverError, Inbound, MessageRef, Outgoing, RemoteFile, SimAction,
 };
 
 pub(super) struct WhatsAppConnection {
@@ -250,8 +250,9 @@ impl Connection for WhatsAppConnection {
             .map_err(|e| DriverError::Connection(format!("cannot mark read: {e}")))
     }
 
-    async fn download(&mut self, file: &RemoteFile) -> Result<Received, DriverError> {
-        files::download(&self.client()?, file).await
+    fn download(&self, file: RemoteFile) -> Download {
+        let client = self.client();
+        Box::pin(async move { files::download(&client?, &file).await })
     }
 
     async fn open_ballot(

@@ -59,6 +59,8 @@ pub struct WhatsAppConfig {
     pub version: (u32, u32, u32),
     /// How long a connection may take to come up before it counts as failed.
     pub connect_timeout: Duration,
+    /// How long one request to WhatsApp's media hosts may take (a file's download or upload).
+    pub media_transfer_timeout: Duration,
     /// The control API of the local protocol server's simulated phones (test build only):
     /// what `sim` commands act through.
     pub sim_control_url: Option<String>,
@@ -87,6 +89,28 @@ pub fn parse_version(s: &str) -> Result<(u32, u32, u32), String> {
         [a, b, c] => Ok((a, b, c)),
         _ => Err(format!("`{s}` is not a version like 2.3000.1042742319")),
     }
+}
+
+/// The crate's HTTP client (blocking `ureq` calls on tokio's blocking threads) as the crate
+/// builds it, but for a bound on each request: without one, a media host that stops
+/// answering holds a thread, and the file's transfer, for good. A little past the transfer's
+/// own bound, which is then what a received file's message reports.
+fn http_client(transfer_timeout: Duration) -> UreqHttpClient {
+    let timeout = transfer_timeout + Duration::from_secs(5);
+    #[allow(unused_mut)]
+    let mut config = ureq::config::Config::builder()
+        .input_buffer_size(16 * 1024)
+        .output_buffer_size(16 * 1024)
+        .max_idle_connections(3)
+        .max_idle_connections_per_host(2)
+        .timeout_global(Some(timeout));
+    // The test build's media hosts have a self-signed certificate (see Cargo.toml).
+    #[cfg(feature = "wa-test-server")]
+    {
+        use ureq::tls::TlsConfig;
+        config = config.tls_config(TlsConfig::builder().disable_verification(true).build());
+    }
+    UreqHttpClient::with_agent(config.build().into())
 }
 
 /// Forwards the crate's events, mapped, in the order it dispatches them (a raw handler runs
@@ -181,7 +205,7 @@ impl WhatsAppDriver {
         let bot = Bot::builder()
             .with_backend_arc(backend)
             .with_transport_factory(transport)
-            .with_http_client(UreqHttpClient::new())
+            .with_http_client(http_client(self.cfg.media_transfer_timeout))
             .with_runtime(TokioRuntime)
             .with_version(self.cfg.version)
             .skip_history_sync()
