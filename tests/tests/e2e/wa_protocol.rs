@@ -926,21 +926,8 @@ async fn files_reach_the_contact_through_whatsapps_media_hosts() {
     // chunks of the store); the API serves it byte for byte.
     let mut reply = b"\x89PNG\r\n\x1a\n\0\0\0\rIHDR\0\0\0\x08\0\0\0\x08\x08\x06\0\0\0".to_vec();
     reply.extend((0..3_000_000u32).map(|i| (i * 7 % 241) as u8));
-    let file = |caption: &str| {
-        Kind::Image.content(shared::message::MediaContent {
-            media_id: String::new(),
-            url: None,
-            caption: Some(caption.into()),
-            file_name: None,
-            mime_type: Some("image/png".into()),
-            size: None,
-            sha256: None,
-            status: None,
-            error: None,
-        })
-    };
     let wa_in = contact
-        .send_file(PHONE, &file("arrived like this"), &reply)
+        .send_file(PHONE, &image("arrived like this"), &reply)
         .expect("the contact sends a photo");
     let (inbound, content) = stored_message(&env, &s.id, &wa_in).await;
     assert_eq!(content["type"], "image", "{content}");
@@ -975,7 +962,7 @@ async fn files_reach_the_contact_through_whatsapps_media_hosts() {
     // (WhatsApp's media re-upload request) and reads it from its new path.
     server.links_die(true);
     let wa_again = contact
-        .send_file(PHONE, &file("sent again"), &reply)
+        .send_file(PHONE, &image("sent again"), &reply)
         .expect("the contact sends another");
     let (_, content) = stored_message(&env, &s.id, &wa_again).await;
     assert_eq!(
@@ -988,17 +975,10 @@ async fn files_reach_the_contact_through_whatsapps_media_hosts() {
     // The phone no longer has it: the message is kept, its file marked failed with why.
     server.phones_lose_files(true);
     let wa_lost = contact
-        .send_file(PHONE, &file("gone"), &reply)
+        .send_file(PHONE, &image("gone"), &reply)
         .expect("the contact sends another");
     let (lost, content) = stored_message(&env, &s.id, &wa_lost).await;
-    assert_eq!(content["image"]["status"], "failed", "{content}");
-    assert!(
-        content["image"]["error"]
-            .as_str()
-            .is_some_and(|e| e.contains("no longer has it")),
-        "{content}"
-    );
-    assert_eq!(content["image"]["caption"], "gone", "{content}");
+    assert_image_failed(&content, "no longer has it", "gone");
     let r = s
         .api
         .get(
@@ -1014,12 +994,38 @@ async fn files_reach_the_contact_through_whatsapps_media_hosts() {
     );
 }
 
+/// A PNG the contact sends, as its message says it (the worker fills in the rest).
+fn image(caption: &str) -> shared::message::Content {
+    shared::media::Kind::Image.content(shared::message::MediaContent {
+        media_id: String::new(),
+        url: None,
+        caption: Some(caption.into()),
+        file_name: None,
+        mime_type: Some("image/png".into()),
+        size: None,
+        sha256: None,
+        status: None,
+        error: None,
+    })
+}
+
+/// A received image's message kept with its caption, its file failed saying `why`.
+fn assert_image_failed(content: &Value, why: &str, caption: &str) {
+    assert_eq!(content["image"]["status"], "failed", "{content}");
+    assert!(
+        content["image"]["error"]
+            .as_str()
+            .is_some_and(|e| e.contains(why)),
+        "{content}"
+    );
+    assert_eq!(content["image"]["caption"], caption, "{content}");
+}
+
 /// A file whose download hangs holds nothing up: the session receives and sends meanwhile,
 /// and the file's message is kept, in the order it came, with its file failed once
 /// `MEDIA_TRANSFER_TIMEOUT_MS` ran out.
 #[tokio::test]
 async fn a_download_that_hangs_holds_nothing_up_and_fails_in_time() {
-    use shared::media::Kind;
     let env = TestEnv::new().await;
     let server = WaServer::start().await;
     let phone = server.phone(PHONE);
@@ -1031,20 +1037,9 @@ async fn a_download_that_hangs_holds_nothing_up_and_fails_in_time() {
     server.downloads_stall(true);
     let mut photo = b"\x89PNG\r\n\x1a\n\0\0\0\rIHDR\0\0\0\x08\0\0\0\x08\x08\x06\0\0\0".to_vec();
     photo.extend((0..20_000u32).map(|i| (i % 241) as u8));
-    let image = Kind::Image.content(shared::message::MediaContent {
-        media_id: String::new(),
-        url: None,
-        caption: Some("stuck".into()),
-        file_name: None,
-        mime_type: Some("image/png".into()),
-        size: None,
-        sha256: None,
-        status: None,
-        error: None,
-    });
     let sent_at = std::time::Instant::now();
     let wa_file = contact
-        .send_file(PHONE, &image, &photo)
+        .send_file(PHONE, &image("stuck"), &photo)
         .expect("the contact sends a photo");
     let wa_text = contact
         .send_text(PHONE, "did you get it?")
@@ -1060,14 +1055,7 @@ async fn a_download_that_hangs_holds_nothing_up_and_fails_in_time() {
         sent_at.elapsed() >= Duration::from_secs(5),
         "stored before its download ran out of time: {content}"
     );
-    assert_eq!(content["image"]["status"], "failed", "{content}");
-    assert!(
-        content["image"]["error"]
-            .as_str()
-            .is_some_and(|e| e.contains("took longer than 5 s")),
-        "{content}"
-    );
-    assert_eq!(content["image"]["caption"], "stuck", "{content}");
+    assert_image_failed(&content, "took longer than 5 s", "stuck");
     assert!(file < text, "listed in the order they came: {file} {text}");
 }
 
