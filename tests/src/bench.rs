@@ -153,26 +153,32 @@ pub async fn success(r: reqwest::Response) -> Result<(), String> {
 
 /// Waits until every message accepted since `since` (ms) is out: how many there were, and
 /// when the last went (ms). The time is read off the rows, so looking only every 100 ms
-/// costs no precision, and spares the run a scan of its growing table fifty times a second.
+/// costs no precision. While any message is still queued the look is the first entry of the
+/// queue's index; the round's rows are counted only once none is (a count of them every
+/// look took 7 ms of PostgreSQL's time each, 7 % of a core, from the run it measured).
 pub async fn all_sent(env: &crate::TestEnv, since: i64) -> (i64, i64) {
     // Ids are ULIDs, in time order: the round's messages are those from this one on.
     let first = ulid::Ulid::from_parts(u64::try_from(since).unwrap_or(0), 0).to_string();
+    let client = env.db.get().await.expect("db");
     loop {
-        let row = env
-            .db
-            .get()
+        let queued: bool = client
+            .query_one("SELECT EXISTS (SELECT 1 FROM messages WHERE queued)", &[])
             .await
-            .expect("db")
-            .query_one(
-                "SELECT count(*), count(sent_at), COALESCE(max(sent_at), 0) FROM messages \
-                 WHERE id >= $1",
-                &[&first],
-            )
-            .await
-            .expect("count");
-        let (all, out): (i64, i64) = (row.get(0), row.get(1));
-        if out == all {
-            return (all, row.get(2));
+            .expect("queued")
+            .get(0);
+        if !queued {
+            let row = client
+                .query_one(
+                    "SELECT count(*), count(sent_at), COALESCE(max(sent_at), 0) \
+                     FROM messages WHERE id >= $1",
+                    &[&first],
+                )
+                .await
+                .expect("count");
+            let (all, out): (i64, i64) = (row.get(0), row.get(1));
+            if out == all {
+                return (all, row.get(2));
+            }
         }
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }

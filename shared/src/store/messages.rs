@@ -78,12 +78,18 @@ pub async fn insert(
     m: &NewMessage<'_>,
     max_queued: i64,
 ) -> Result<Queued> {
+    // Only a message with a key can conflict: one without is spared the speculative insert
+    // `ON CONFLICT` makes.
+    let on_conflict = match m.idempotency_key {
+        Some(_) => "ON CONFLICT (session_id, idempotency_key) DO NOTHING",
+        None => "",
+    };
     let sql = format!(
         "INSERT INTO messages (id, organization_id, session_id, peer, text, content, reply_to, \
          status, idempotency_key, created_at) \
          SELECT $1, $2, $3, $4, $5, $6, $7, 'queued', $8, $9 \
          WHERE (SELECT count(*) FROM messages WHERE session_id = $3 AND queued) < $10 \
-         ON CONFLICT (session_id, idempotency_key) DO NOTHING RETURNING {COLUMNS}"
+         {on_conflict} RETURNING {COLUMNS}"
     );
     let stmt = db.prepare_cached(&sql).await?;
     let content = serde_json::to_value(m.content).map_err(crate::Error::internal)?;
