@@ -19,8 +19,9 @@ use shared::{
 
 use super::{Actor, Flow, back_off};
 use crate::{
+    ctx::Ctx,
     driver::Outgoing,
-    store::messages::{self, Change, Which},
+    store::messages::{self, Change, Which, Written},
 };
 
 /// What a message left `sending` by a worker that stopped says.
@@ -94,69 +95,10 @@ impl Actor {
             self.pump_in(at - now);
             return Flow::Continue;
         }
-        let message = match messages::next_queued(&self.ctx.db, &self.row.id).await {
-            Ok(Some(Ok(m))) => m,
-            Ok(Some(Err(kind))) => {
-                // In order or not at all: the queue waits for a worker that knows the type
-                // (the next process of this gateway, in a rolling update).
-                tracing::warn!(session_id = %self.row.id, kind, "the next message is of a type this worker does not know; leaving it to a newer worker");
-                metrics::counter!("worker_message_unknown_type_waits_total").increment(1);
-                self.pump_in(5_000);
-                return Flow::Continue;
-            }
-            Ok(None) => return Flow::Continue,
-            Err(e) => {
-                tracing::warn!(session_id = %self.row.id, error = %e, "cannot read the message queue; retrying");
-                self.pump_in(1_000);
-                return Flow::Continue;
-            }
+        let (message, outgoing) = match self.next_to_send(now).await {
+            Ok(next) => next,
+            Err(flow) => return flow,
         };
-        let outgoing = match self.outgoing(&message).await {
-            Ok(Ok(outgoing)) => outgoing,
-            Ok(Err(why)) => {
-                let refused = Change {
-                    from: &[MessageStatus::Queued],
-                    to: MessageStatus::Failed,
-                    error: Some(why),
-                    wa_message_id: None,
-                };
-                let flow = self.set_messages(Which::Id(message.id), refused).await;
-                self.pump_soon();
-                return flow;
-            }
-            Err(e) => {
-                tracing::warn!(session_id = %self.row.id, error = %e, "cannot read the messages a message refers to; retrying");
-                self.pump_in(1_000);
-                return Flow::Continue;
-            }
-        };
-        // The attempt is on record before anything goes out.
-        let sending = Change {
-            from: &[MessageStatus::Queued],
-            to: MessageStatus::Sending,
-            error: None,
-            wa_message_id: None,
-        };
-        match self
-            .write_status(Which::Id(message.id.clone()), sending, now)
-            .await
-        {
-            Ok(Some(events)) if events.is_empty() => {
-                // Failed or moved meanwhile: on to the next.
-                self.pump_soon();
-                return Flow::Continue;
-            }
-            Ok(Some(events)) => self.ctx.outbox.events(&events).await,
-            Ok(None) => return self.lost(),
-            Err(e) => {
-                tracing::warn!(session_id = %self.row.id, error = %e, "cannot record a send attempt; retrying");
-                self.pump_in(1_000);
-                return Flow::Continue;
-            }
-        }
-        if let Some(a) = self.attempts.as_mut() {
-            a.push_back(now);
-        }
         if self.row.presence_typing {
             // "typing…" for as long as a person would take to type it, within bounds.
             let chars = u64::try_from(message.content.text().chars().count()).unwrap_or(u64::MAX);
@@ -203,51 +145,110 @@ impl Actor {
         flow
     }
 
-    /// A queued message as the driver sends it: the messages it quotes, reacts to, edits or
-    /// revokes looked up by WhatsApp's ids. `Err(why)` inside when one of them has none (it
-    /// failed, or was never sent): the message cannot go out.
-    async fn outgoing(&mut self, m: &Message) -> shared::Result<Result<Outgoing, String>> {
-        let db = &self.ctx.db;
-        let mut resolved = [None, None];
-        let verb = match m.content {
-            Content::Edit { .. } => "edits",
-            Content::Revoke { .. } => "deletes",
-            _ => "reacts to",
+    /// The session's next message, claimed (`sending`: the attempt is on record before
+    /// anything goes out), as the driver sends it; `Err(flow)` when none goes now.
+    async fn next_to_send(&mut self, now: i64) -> Result<(Message, Outgoing), Flow> {
+        let claim = Change {
+            from: &[MessageStatus::Queued],
+            to: MessageStatus::Sending,
+            error: None,
+            wa_message_id: None,
         };
-        for (slot, (id, what)) in resolved.iter_mut().zip([
-            (m.reply_to.as_deref(), "quotes"),
-            (m.content.refers_to(), verb),
-        ]) {
-            let Some(id) = id else { continue };
-            match messages::reference(db, &self.row.id, id).await? {
-                Some(r) => *slot = Some(r),
-                None => {
-                    return Ok(Err(format!(
-                        "the message it {what} ({id}) was never sent or received"
-                    )));
+        // One that needs nothing read (a text, a place, a card or a poll, quoting nothing)
+        // is claimed in the status writer's batch without being read first.
+        match self.write_status(Which::Next, claim.clone(), now).await {
+            Ok(Some(written)) => {
+                self.ctx.outbox.events(&written.events).await;
+                if let Some(message) = written.claimed {
+                    self.attempted(now);
+                    return match outgoing(&self.ctx, &self.row.id, &message).await {
+                        Ok(Ok(outgoing)) => Ok((message, outgoing)),
+                        Ok(Err(why)) => Err(self.refuse(message.id, Some(why), true).await),
+                        Err(e) => Err(self.refuse(message.id, Some(e.to_string()), true).await),
+                    };
                 }
             }
+            Ok(None) => return Err(self.lost()),
+            Err(e) => {
+                tracing::warn!(session_id = %self.row.id, error = %e, "cannot claim the next message; retrying");
+                self.pump_in(1_000);
+                return Err(Flow::Continue);
+            }
         }
-        let [reply_to, refers_to] = resolved;
-        let media = match m.content.media() {
-            None => None,
-            Some((_, file)) => {
-                let Some(bytes) = self.ctx.media.open(db, &file.media_id).await? else {
-                    return Ok(Err(format!(
-                        "the file it carries ({}) is gone: it expired before its turn",
-                        file.media_id
-                    )));
-                };
-                Some(bytes)
+        // The others are read first, with what they refer to and the file they carry (they
+        // wait queued while those cannot be read), then claimed.
+        let message = match messages::next_queued(&self.ctx.db, &self.row.id).await {
+            Ok(Some(Ok(m))) => m,
+            Ok(Some(Err(kind))) => {
+                // In order or not at all: the queue waits for a worker that knows the type
+                // (the next process of this gateway, in a rolling update).
+                tracing::warn!(session_id = %self.row.id, kind, "the next message is of a type this worker does not know; leaving it to a newer worker");
+                metrics::counter!("worker_message_unknown_type_waits_total").increment(1);
+                self.pump_in(5_000);
+                return Err(Flow::Continue);
+            }
+            Ok(None) => return Err(Flow::Continue),
+            Err(e) => {
+                tracing::warn!(session_id = %self.row.id, error = %e, "cannot read the message queue; retrying");
+                self.pump_in(1_000);
+                return Err(Flow::Continue);
             }
         };
-        Ok(Ok(Outgoing {
-            to: m.to.clone(),
-            content: m.content.clone(),
-            reply_to,
-            refers_to,
-            media,
-        }))
+        let outgoing = match outgoing(&self.ctx, &self.row.id, &message).await {
+            Ok(Ok(outgoing)) => outgoing,
+            Ok(Err(why)) => return Err(self.refuse(message.id, Some(why), false).await),
+            Err(e) => {
+                tracing::warn!(session_id = %self.row.id, error = %e, "cannot read the messages a message refers to; retrying");
+                self.pump_in(1_000);
+                return Err(Flow::Continue);
+            }
+        };
+        match self
+            .write_status(Which::Id(message.id.clone()), claim, now)
+            .await
+        {
+            Ok(Some(written)) if written.events.is_empty() => {
+                // Failed or moved meanwhile: on to the next.
+                self.pump_soon();
+                Err(Flow::Continue)
+            }
+            Ok(Some(written)) => {
+                self.ctx.outbox.events(&written.events).await;
+                self.attempted(now);
+                Ok((message, outgoing))
+            }
+            Ok(None) => Err(self.lost()),
+            Err(e) => {
+                tracing::warn!(session_id = %self.row.id, error = %e, "cannot record a send attempt; retrying");
+                self.pump_in(1_000);
+                Err(Flow::Continue)
+            }
+        }
+    }
+
+    /// A send attempt began at `now`: the rate windows count it.
+    fn attempted(&mut self, now: i64) {
+        if let Some(a) = self.attempts.as_mut() {
+            a.push_back(now);
+        }
+    }
+
+    /// A message that cannot go out (`claimed`: from `sending`, else from `queued`) fails
+    /// with why; on to the next.
+    async fn refuse(&mut self, id: String, why: Option<String>, claimed: bool) -> Flow {
+        let refused = Change {
+            from: if claimed {
+                &[MessageStatus::Sending]
+            } else {
+                &[MessageStatus::Queued]
+            },
+            to: MessageStatus::Failed,
+            error: why,
+            wa_message_id: None,
+        };
+        let flow = self.set_messages(Which::Id(id), refused).await;
+        self.pump_soon();
+        flow
     }
 
     /// The recipient's phone got or read a message.
@@ -296,13 +297,13 @@ impl Actor {
     }
 
     /// Writes a status change of the session's messages with its events, under this
-    /// actor's lease: the events, or `None` when the lease is lost.
+    /// actor's lease: what it wrote, or `None` when the lease is lost.
     async fn write_status(
         &mut self,
         which: Which,
         change: Change,
         now: i64,
-    ) -> shared::Result<Option<Vec<shared::protocol::Event>>> {
+    ) -> shared::Result<Option<Written>> {
         self.ctx
             .statuses
             .set_status(&self.row, self.epoch, which, change, now)
@@ -318,8 +319,8 @@ impl Actor {
                 .write_status(which.clone(), change.clone(), now_ms())
                 .await
             {
-                Ok(Some(events)) => {
-                    self.ctx.outbox.events(&events).await;
+                Ok(Some(written)) => {
+                    self.ctx.outbox.events(&written.events).await;
                     return Flow::Continue;
                 }
                 Ok(None) => return self.lost(),
@@ -332,6 +333,57 @@ impl Actor {
             }
         }
     }
+}
+
+/// A claimed message as the driver sends it: the messages it quotes, reacts to, edits or
+/// revokes looked up by WhatsApp's ids. `Err(why)` inside when one of them has none (it
+/// failed, or was never sent): the message cannot go out.
+async fn outgoing(
+    ctx: &Ctx,
+    session_id: &str,
+    m: &Message,
+) -> shared::Result<Result<Outgoing, String>> {
+    let db = &ctx.db;
+    let mut resolved = [None, None];
+    let verb = match m.content {
+        Content::Edit { .. } => "edits",
+        Content::Revoke { .. } => "deletes",
+        _ => "reacts to",
+    };
+    for (slot, (id, what)) in resolved.iter_mut().zip([
+        (m.reply_to.as_deref(), "quotes"),
+        (m.content.refers_to(), verb),
+    ]) {
+        let Some(id) = id else { continue };
+        match messages::reference(db, session_id, id).await? {
+            Some(r) => *slot = Some(r),
+            None => {
+                return Ok(Err(format!(
+                    "the message it {what} ({id}) was never sent or received"
+                )));
+            }
+        }
+    }
+    let [reply_to, refers_to] = resolved;
+    let media = match m.content.media() {
+        None => None,
+        Some((_, file)) => {
+            let Some(bytes) = ctx.media.open(db, &file.media_id).await? else {
+                return Ok(Err(format!(
+                    "the file it carries ({}) is gone: it expired before its turn",
+                    file.media_id
+                )));
+            };
+            Some(bytes)
+        }
+    };
+    Ok(Ok(Outgoing {
+        to: m.to.clone(),
+        content: m.content.clone(),
+        reply_to,
+        refers_to,
+        media,
+    }))
 }
 
 #[cfg(test)]

@@ -105,6 +105,17 @@ pub enum Which {
     WaId(String),
     /// Every message of the session in one of the `from` statuses.
     All,
+    /// The oldest queued message of the session when it needs nothing read to go out (a
+    /// text, a place, a card or a poll, quoting nothing): claimed to send (the change is
+    /// `queued` → `sending`), and answered whole.
+    Next,
+}
+
+/// What a status change wrote: a `message.status` event for each message it changed, and
+/// the message a [`Which::Next`] claimed.
+pub struct Written {
+    pub events: Vec<Event>,
+    pub claimed: Option<Message>,
 }
 
 /// A status change: to `to`, from any of `from`, stamping what it says.
@@ -138,7 +149,7 @@ struct Queued {
     which: Which,
     change: Change,
     now: i64,
-    reply: tokio::sync::oneshot::Sender<Result<Option<Vec<Event>>>>,
+    reply: tokio::sync::oneshot::Sender<Result<Option<Written>>>,
 }
 
 impl StatusWriter {
@@ -166,7 +177,7 @@ impl StatusWriter {
         which: Which,
         change: Change,
         now: i64,
-    ) -> Result<Option<Vec<Event>>> {
+    ) -> Result<Option<Written>> {
         let stopped = || shared::Error::unavailable("the message status writer stopped");
         let (reply, answer) = tokio::sync::oneshot::channel();
         let queued = Queued {
@@ -210,7 +221,7 @@ macro_rules! update_sql {
 
 /// One transaction for a batch of changes, in a handful of round trips whatever its size:
 /// each change's messages, or `None` where the lease moved on, and their events.
-async fn write_batch(db: &Pool, batch: &[Queued]) -> Result<Vec<Option<Vec<Event>>>> {
+async fn write_batch(db: &Pool, batch: &[Queued]) -> Result<Vec<Option<Written>>> {
     let mut client = db.get().await?;
     let tx = client.transaction().await?;
     // The changes whose session's lease is still their epoch (by their place in the batch),
@@ -236,6 +247,8 @@ async fn write_batch(db: &Pool, batch: &[Queued]) -> Result<Vec<Option<Vec<Event
         .prepare_cached(update_sql!("session_id = $1 AND wa_message_id = $7"))
         .await?;
     let all = tx.prepare_cached(update_sql!("session_id = $1")).await?;
+    let next = tx.prepare_cached(&CLAIM_NEXT).await?;
+    let kinds = SELF_CONTAINED;
     // Pipelined: every update sent at once, run one after the other in the batch's order
     // (a session's changes apply in the order they came), answered in one round trip.
     let updates = batch
@@ -248,9 +261,15 @@ async fn write_batch(db: &Pool, batch: &[Queued]) -> Result<Vec<Option<Vec<Event
             Which::Id(id) => (&by_id, Some(id)),
             Which::WaId(id) => (&by_wa_id, Some(id)),
             Which::All => (&all, None),
+            Which::Next => (&next, None),
         };
         let tx = &tx;
         async move {
+            if let Which::Next = q.which {
+                let params: [&(dyn tokio_postgres::types::ToSql + Sync); 3] =
+                    [&q.session_id, &kinds, &q.now];
+                return tx.query(stmt, &params).await.map(|rows| (i, rows));
+            }
             let to = q.change.to.as_str();
             let mut params: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = vec![
                 &q.session_id,
@@ -274,8 +293,16 @@ async fn write_batch(db: &Pool, batch: &[Queued]) -> Result<Vec<Option<Vec<Event
              AND direction = 'out'"
         ))
         .await?;
+    let mut claimed: Vec<Option<Message>> = vec![None; batch.len()];
     for (i, rows) in updated {
         let q = &batch[i];
+        if let Which::Next = q.which {
+            claimed[i] = rows.first().map(messages::from_row);
+            if let (Some(ids), Some(m)) = (&mut changed[i], &claimed[i]) {
+                ids.push(m.id.clone());
+            }
+            continue;
+        }
         for row in &rows {
             if let Some(json) = row.get::<_, Option<serde_json::Value>>(1) {
                 let action: Option<Content> = serde_json::from_value(json.clone()).ok();
@@ -311,9 +338,33 @@ async fn write_batch(db: &Pool, batch: &[Queued]) -> Result<Vec<Option<Vec<Event
     metrics::histogram!("worker_message_status_batch_size").record(batch.len() as f64);
     Ok(changed
         .into_iter()
-        .map(|ids| ids.map(|ids| appended.by_ref().take(ids.len()).collect()))
+        .zip(claimed)
+        .map(|(ids, claimed)| {
+            ids.map(|ids| Written {
+                events: appended.by_ref().take(ids.len()).collect(),
+                claimed,
+            })
+        })
         .collect())
 }
+
+/// The types of message [`Which::Next`] claims: they refer to no other message and carry no
+/// file (a text is also a row without `content`, from before it).
+const SELF_CONTAINED: &[&str] = &["text", "location", "contact", "poll"];
+
+/// [`Which::Next`]'s statement: `$1` the session, `$2` [`SELF_CONTAINED`], `$3` when. The
+/// attempt it records is what the session's rate windows count.
+static CLAIM_NEXT: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    format!(
+        "UPDATE messages SET status = 'sending', attempted_at = $3 \
+         WHERE id = (SELECT id FROM messages WHERE session_id = $1 AND queued \
+             ORDER BY id LIMIT 1) \
+           AND session_id = $1 AND queued AND reply_to IS NULL \
+           AND (content IS NULL OR content->>'type' = ANY($2)) \
+         RETURNING {}",
+        messages::COLUMNS
+    )
+});
 
 /// Stores a message that reached the session as `id`, with its `message.received` event;
 /// `None` when the lease is no longer `epoch`. A message WhatsApp delivers twice is stored
