@@ -40,6 +40,18 @@ pub struct SimServer {
     db: Pool,
     process: String,
     logins: mpsc::UnboundedSender<Login>,
+    /// What recipients' phones received, group-committed ([`record_all`]).
+    records: mpsc::Sender<Record>,
+}
+
+/// A message a recipient's phone received, to record.
+struct Record {
+    id: String,
+    device: String,
+    recipient: String,
+    text: String,
+    content: serde_json::Value,
+    done: oneshot::Sender<Result<()>>,
 }
 
 impl SimServer {
@@ -57,10 +69,23 @@ impl SimServer {
         let lock = hold_lock(database_url, lock_key).await?;
         beat(&db, &process, lock_key).await?;
         let (logins, queue) = mpsc::unbounded_channel();
+        // One transaction per batch of sends: the simulated WhatsApp shares PostgreSQL with
+        // the gateway it stands in for, and a commit per message was its load, not theirs.
+        let records = shared::db::batched(db.clone(), |pool, batch: Vec<Record>| async move {
+            match record_all(&pool, &batch).await {
+                Ok(()) => {
+                    for r in batch {
+                        let _ = r.done.send(Ok(()));
+                    }
+                }
+                Err(e) => shared::db::batch_failed(&e, batch.into_iter().map(|r| r.done)),
+            }
+        });
         let server = Arc::new(SimServer {
             db,
             process,
             logins,
+            records,
         });
         tokio::spawn(login_batches(
             server.db.clone(),
@@ -142,25 +167,26 @@ impl SimServer {
             };
             content[key] = target.wa_id.clone().into();
         }
-        let recorded = async {
-            let client = self.db.get().await?;
-            let stmt = client
-                .prepare_cached(&format!(
-                    "INSERT INTO sim_messages (id, device, recipient, text, content, at) \
-                     VALUES ($1, $2, $3, $4, $5, {DB_NOW_MS})"
-                ))
-                .await?;
-            client
-                .execute(
-                    &stmt,
-                    &[&id, &device, recipient, &message.content.text(), &content],
-                )
-                .await?;
-            Ok::<_, Error>(())
+        let (done, recorded) = oneshot::channel();
+        let record = Record {
+            id: id.clone(),
+            device: device.to_owned(),
+            recipient: recipient.clone(),
+            text: message.content.text().to_owned(),
+            content,
+            done,
         };
-        recorded.await.map_err(|e| {
+        let unreachable = |e: String| {
             DriverError::Connection(format!("the simulated server is unreachable: {e}"))
-        })?;
+        };
+        self.records
+            .send(record)
+            .await
+            .map_err(|_| unreachable("it stopped".into()))?;
+        recorded
+            .await
+            .map_err(|_| unreachable("it stopped".into()))?
+            .map_err(|e| unreachable(e.to_string()))?;
         Ok(id)
     }
 
@@ -339,4 +365,32 @@ async fn login_batches(
             let _ = login.done.send(answer);
         }
     }
+}
+
+/// Records a batch of messages phones received, in one statement.
+async fn record_all(db: &Pool, batch: &[Record]) -> Result<()> {
+    let client = db.get().await?;
+    let stmt = client
+        .prepare_cached(&format!(
+            "INSERT INTO sim_messages (id, device, recipient, text, content, at) \
+             SELECT i, d, r, t, c, {DB_NOW_MS} \
+             FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::jsonb[]) \
+                 AS u(i, d, r, t, c)"
+        ))
+        .await?;
+    let column = |f: fn(&Record) -> &str| batch.iter().map(f).collect::<Vec<&str>>();
+    let contents: Vec<&serde_json::Value> = batch.iter().map(|r| &r.content).collect();
+    client
+        .execute(
+            &stmt,
+            &[
+                &column(|r| &r.id),
+                &column(|r| &r.device),
+                &column(|r| &r.recipient),
+                &column(|r| &r.text),
+                &contents,
+            ],
+        )
+        .await?;
+    Ok(())
 }
