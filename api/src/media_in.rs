@@ -16,10 +16,9 @@ use std::time::Duration;
 
 use axum::body::Bytes;
 use futures::{Stream, StreamExt};
-use sha2::{Digest, Sha256};
 use shared::{
     Error, ErrorCode, Result,
-    media::{self, CHUNK_BYTES, Media, SNIFF_BYTES},
+    media::{self, Media, SNIFF_BYTES},
     media_store::MediaStore,
 };
 use ulid::Ulid;
@@ -53,8 +52,6 @@ pub async fn store(
     let tx = db.transaction().await?;
     let mut file = media.writer(&id);
     let mut bytes = std::pin::pin!(bytes);
-    let (mut buf, mut head) = (Vec::with_capacity(CHUNK_BYTES), Vec::new());
-    let (mut size, mut sha) = (0u64, Sha256::new());
     let mut mime_type = None;
     loop {
         let next = bytes.next().await;
@@ -62,40 +59,30 @@ pub async fn store(
         if let Some(piece) = next {
             let piece =
                 piece.map_err(|e| Error::invalid(format!("the file was cut short: {e}")))?;
-            size += piece.len() as u64;
-            if size > limits.max_bytes {
+            if file.size() + piece.len() as u64 > limits.max_bytes {
                 return Err((limits.too_large)());
             }
-            sha.update(&piece);
-            if head.len() < SNIFF_BYTES {
-                let take = (SNIFF_BYTES - head.len()).min(piece.len());
-                head.extend_from_slice(&piece[..take]);
-            }
-            buf.extend_from_slice(&piece);
+            file.write(&tx, &piece).await?;
         }
-        if done && size == 0 {
+        if done && file.size() == 0 {
             return Err(Error::invalid("the file is empty"));
         }
         // What it is, as soon as enough is known: a mislabelled file is refused before
         // the rest of it is stored.
-        if mime_type.is_none() && (head.len() >= SNIFF_BYTES || done) {
-            let sniffed = media::sniff(&head, declared)
+        if mime_type.is_none() && (file.head().len() >= SNIFF_BYTES || done) {
+            let sniffed = media::sniff(file.head(), declared)
                 .map_err(|why| Error::new(ErrorCode::UnsupportedMediaType, why))?;
-            (limits.accepts)(&sniffed, size)?;
+            (limits.accepts)(&sniffed, file.size())?;
             mime_type = Some(sniffed);
-        }
-        while buf.len() >= CHUNK_BYTES || (done && !buf.is_empty()) {
-            let rest = buf.split_off(buf.len().min(CHUNK_BYTES));
-            file.write(&tx, &buf).await?;
-            buf = rest;
         }
         if done {
             break;
         }
     }
     let mime_type = mime_type.unwrap_or_default();
+    let size = file.size();
     (limits.accepts)(&mime_type, size)?;
-    let stored = Media::new(id, mime_type, size, &sha.finalize(), retention_ms);
+    let stored = file.media(mime_type, retention_ms);
     file.finish(&tx, org, &stored).await?;
     tx.commit().await?;
     metrics::counter!("api_media_stored_bytes_total", "organization" => org.to_owned())

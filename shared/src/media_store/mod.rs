@@ -17,11 +17,12 @@ use std::{pin::Pin, str::FromStr, sync::Arc};
 use bytes::Bytes;
 use deadpool_postgres::GenericClient;
 use futures::{Stream, StreamExt, TryStreamExt};
+use sha2::{Digest, Sha256};
 
 use crate::{
     config::MediaStoreConfig,
     error::{Error, Result},
-    media::{CHUNK_BYTES, Media},
+    media::{CHUNK_BYTES, Media, SNIFF_BYTES},
     store,
 };
 
@@ -97,6 +98,10 @@ impl MediaStore {
             id: id.to_owned(),
             seq: 0,
             s3: self.s3.as_ref().map(|b| b.writer(id)),
+            pending: Vec::new(),
+            head: Vec::new(),
+            size: 0,
+            sha: Sha256::new(),
         }
     }
 
@@ -109,9 +114,7 @@ impl MediaStore {
         bytes: &[u8],
     ) -> Result<()> {
         let mut w = self.writer(&m.id);
-        for chunk in bytes.chunks(CHUNK_BYTES) {
-            w.write(tx, chunk).await?;
-        }
+        w.write(tx, bytes).await?;
         w.finish(tx, organization_id, m).await
     }
 
@@ -223,17 +226,75 @@ impl MediaStore {
     }
 }
 
-/// A file being written, a chunk at a time; dropped before `finish`, it leaves nothing: its
-/// Postgres chunks are in the caller's transaction, its S3 upload is aborted.
+/// A file being written, a chunk (`CHUNK_BYTES`) at a time whatever pieces it comes in, and
+/// counted, hashed and its head kept for sniffing on the way; dropped before `finish`, it
+/// leaves nothing: its Postgres chunks are in the caller's transaction, its S3 upload is
+/// aborted.
 pub struct Writer {
     id: String,
     seq: i32,
     s3: Option<s3::Writer>,
+    /// Bytes taken and not yet written: less than a chunk.
+    pending: Vec<u8>,
+    /// The first `SNIFF_BYTES` of the file.
+    head: Vec<u8>,
+    size: u64,
+    sha: Sha256,
 }
 
 impl Writer {
-    /// The next piece of the file (at most `CHUNK_BYTES`).
-    pub async fn write(&mut self, tx: &impl GenericClient, chunk: &[u8]) -> Result<()> {
+    /// More of the file, in a piece of any length.
+    pub async fn write(&mut self, tx: &impl GenericClient, mut bytes: &[u8]) -> Result<()> {
+        self.size += bytes.len() as u64;
+        self.sha.update(bytes);
+        let take = SNIFF_BYTES.saturating_sub(self.head.len()).min(bytes.len());
+        self.head.extend_from_slice(&bytes[..take]);
+        if !self.pending.is_empty() {
+            let fill = (CHUNK_BYTES - self.pending.len()).min(bytes.len());
+            self.pending.extend_from_slice(&bytes[..fill]);
+            bytes = &bytes[fill..];
+            if self.pending.len() < CHUNK_BYTES {
+                return Ok(());
+            }
+            let chunk = std::mem::take(&mut self.pending);
+            self.put(tx, &chunk).await?;
+        }
+        while bytes.len() >= CHUNK_BYTES {
+            self.put(tx, &bytes[..CHUNK_BYTES]).await?;
+            bytes = &bytes[CHUNK_BYTES..];
+        }
+        self.pending.extend_from_slice(bytes);
+        Ok(())
+    }
+
+    /// How many bytes the file has so far.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// Its first bytes (up to `SNIFF_BYTES`): what it is.
+    pub fn head(&self) -> &[u8] {
+        &self.head
+    }
+
+    /// The SHA-256 of its bytes so far.
+    pub fn sha256(&self) -> [u8; 32] {
+        self.sha.clone().finalize().into()
+    }
+
+    /// The record of the file written so far, of `mime_type`, made now and kept `keep_ms`.
+    pub fn media(&self, mime_type: String, keep_ms: i64) -> Media {
+        Media::new(
+            self.id.clone(),
+            mime_type,
+            self.size,
+            &self.sha256(),
+            keep_ms,
+        )
+    }
+
+    /// One chunk of the file into the store.
+    async fn put(&mut self, tx: &impl GenericClient, chunk: &[u8]) -> Result<()> {
         match self.s3.as_mut() {
             Some(upload) => upload.write(chunk).await,
             None => {
@@ -244,13 +305,18 @@ impl Writer {
         }
     }
 
-    /// Every byte is in: the file's row `m` goes into `tx` (after its object is complete).
+    /// Every byte is in: the last of them written, and the file's row `m` into `tx` (after
+    /// its object is complete).
     pub async fn finish(
         mut self,
         tx: &impl GenericClient,
         organization_id: &str,
         m: &Media,
     ) -> Result<()> {
+        if !self.pending.is_empty() {
+            let rest = std::mem::take(&mut self.pending);
+            self.put(tx, &rest).await?;
+        }
         let at = match self.s3.take() {
             Some(upload) => {
                 upload.finish().await?;

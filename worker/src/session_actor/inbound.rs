@@ -315,45 +315,26 @@ async fn keep_file(
     let mut client = ctx.db.get().await?;
     let tx = client.transaction().await?;
     let mut writer = ctx.media.writer(&id);
-    let (mut sha, mut size, mut mime_type) = (Sha256::new(), 0u64, None);
-    let mut chunk = vec![0u8; media::CHUNK_BYTES];
+    let mut piece = vec![0u8; media::CHUNK_BYTES];
     loop {
-        // A whole chunk (the store's unit), or what is left.
-        let mut filled = 0;
-        while filled < chunk.len() {
-            match reader.read(&mut chunk[filled..]).await.map_err(local)? {
-                0 => break,
-                n => filled += n,
-            }
+        match reader.read(&mut piece).await.map_err(local)? {
+            0 => break,
+            n => writer.write(&tx, &piece[..n]).await?,
         }
-        if filled == 0 {
-            break;
-        }
-        let piece = &chunk[..filled];
-        if mime_type.is_none() {
-            let head = &piece[..piece.len().min(media::SNIFF_BYTES)];
-            mime_type = Some(
-                media::sniff(head, declared.as_deref())
-                    .ok()
-                    .or(declared.clone())
-                    .unwrap_or_else(|| "application/octet-stream".into()),
-            );
-        }
-        sha.update(piece);
-        size += filled as u64;
-        writer.write(&tx, piece).await?;
     }
-    let sha = sha.finalize();
-    if size == 0 {
+    if writer.size() == 0 {
         return Ok(Err("the file is empty".into()));
     }
-    if !file.file_sha256.is_empty() && file.file_sha256[..] != sha[..] {
+    if !file.file_sha256.is_empty() && file.file_sha256[..] != writer.sha256()[..] {
         return Ok(Err(
             "its bytes are not the file its message names (SHA-256 differs)".into(),
         ));
     }
-    let mime_type = mime_type.unwrap_or_else(|| "application/octet-stream".into());
-    let stored = Media::new(id, mime_type, size, &sha, keep_ms);
+    let mime_type = media::sniff(writer.head(), declared.as_deref())
+        .ok()
+        .or(declared)
+        .unwrap_or_else(|| "application/octet-stream".into());
+    let stored = writer.media(mime_type, keep_ms);
     writer.finish(&tx, org, &stored).await?;
     tx.commit().await?;
     Ok(Ok(stored))
