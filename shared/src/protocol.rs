@@ -235,6 +235,11 @@ pub enum EventKind {
         /// `gone` or `failing`.
         reason: String,
     },
+    /// An event of a kind this build does not know: written by a newer worker during a
+    /// rolling update. Read, never written: the stream passes over it, a webhook delivery
+    /// carries it as it was stored.
+    #[serde(other)]
+    Unknown,
 }
 
 impl EventKind {
@@ -266,6 +271,7 @@ impl EventKind {
             EventKind::MessageEdited { .. } => "message.edited",
             EventKind::MessageRevoked { .. } => "message.revoked",
             EventKind::WebhookDisabled { .. } => "webhook.disabled",
+            EventKind::Unknown => "unknown",
         }
     }
 
@@ -277,7 +283,8 @@ impl EventKind {
         match self {
             EventKind::Qr { .. }
             | EventKind::PairCode { .. }
-            | EventKind::WebhookDisabled { .. } => Capability::Manage,
+            | EventKind::WebhookDisabled { .. }
+            | EventKind::Unknown => Capability::Manage,
             EventKind::Status { .. }
             | EventKind::Deleted
             | EventKind::MessageStatus { .. }
@@ -329,6 +336,13 @@ mod tests {
             json,
             Some(serde_json::json!({"type": "request_pairing_code", "phone_number": "628"}))
         );
+    }
+
+    #[test]
+    fn an_event_of_a_newer_kind_reads_as_unknown() {
+        let kind: Result<EventKind, _> =
+            serde_json::from_value(serde_json::json!({"type": "message.new_kind", "x": 1}));
+        assert!(matches!(kind, Ok(EventKind::Unknown)), "{kind:?}");
     }
 
     #[test]

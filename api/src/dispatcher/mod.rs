@@ -454,10 +454,17 @@ fn body(c: &Claimed, payload: &Value) -> Result<Vec<u8>> {
         at,
         kind,
     };
+    let mut data = serde_json::to_value(&event).map_err(Error::internal)?;
+    // A kind a newer worker wrote goes out as it was stored.
+    if let (EventKind::Unknown, Some(fields), Some(stored)) =
+        (&event.kind, data.as_object_mut(), payload.as_object())
+    {
+        fields.extend(stored.clone());
+    }
     serde_json::to_vec(&json!({
         "type": c.event_type,
         "timestamp": rfc3339(at),
-        "data": event,
+        "data": data,
     }))
     .map_err(Error::internal)
 }

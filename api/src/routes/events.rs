@@ -20,7 +20,7 @@ use shared::{
     Error,
     auth::Capability,
     db::now_ms,
-    protocol::Event,
+    protocol::{Event, EventKind},
     session,
     store::{self, events},
 };
@@ -112,6 +112,10 @@ pub async fn stream(
                 let done = (batch.len() as i64) < BATCH;
                 for event in batch {
                     cursor = event.id;
+                    // A kind a newer worker wrote: passed over, not a stuck stream.
+                    if matches!(event.kind, EventKind::Unknown) {
+                        continue;
+                    }
                     if caller.capabilities.has(event.kind.required_capability()) {
                         yield Ok(to_sse(&event));
                     }

@@ -321,3 +321,36 @@ async fn a_stream_ends_at_its_login_tokens_expiry() {
         "a token still valid keeps its stream"
     );
 }
+
+/// A newer worker may write an event of a kind this api does not know (during a rolling
+/// update): the stream passes over it and goes on, rather than stopping there for good.
+#[tokio::test]
+async fn an_event_of_a_kind_this_build_does_not_know_is_passed_over() {
+    let env = TestEnv::new().await;
+    let api = env.start_api(|_| {}).await;
+    let key = env.api_key("org_a", &["read", "manage"]).await;
+    let client = env.db.get().await.expect("db");
+    let mut ids = vec![];
+    for payload in [
+        json!({"type": "session.deleted"}),
+        json!({"type": "message.from_the_future", "messageId": "x"}),
+        json!({"type": "session.deleted"}),
+    ] {
+        let row = client
+            .query_one(
+                "INSERT INTO events (organization_id, session_id, type, payload, created_at) \
+                 VALUES ('org_a', 's1', $1, $2, 1) RETURNING id",
+                &[&payload["type"].as_str(), &payload],
+            )
+            .await
+            .expect("event");
+        ids.push(row.get::<_, i64>(0));
+    }
+    let mut stream = Stream::open(&api, &key, "", Some(ids[0] - 1)).await;
+    let seen = stream.until(|e| e.id == ids[2]).await;
+    let seen: Vec<(i64, &str)> = seen.iter().map(|e| (e.id, e.event.as_str())).collect();
+    assert_eq!(
+        seen,
+        [(ids[0], "session.deleted"), (ids[2], "session.deleted")]
+    );
+}
