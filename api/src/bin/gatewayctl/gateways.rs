@@ -77,7 +77,7 @@ pub async fn run(cfg: &api::Config, cmd: GatewayCmd) -> Result<()> {
             if !store::gateways::set_state(&db.get().await?, &id, state).await? {
                 return Err(Error::not_found(format!("no gateway {id}")));
             }
-            println!("{id} is now {}", state.as_str());
+            say!("{id} is now {}", state.as_str());
             Ok(())
         }
     };
@@ -110,16 +110,19 @@ pub async fn run(cfg: &api::Config, cmd: GatewayCmd) -> Result<()> {
                 store::rebalance::run(&client, &region, liveness, settings, i64::MAX, dry_run)
                     .await?;
             if moves.is_empty() {
-                println!("region {region} is balanced (within {tolerance} of capacity)");
+                say!("region {region} is balanced (within {tolerance} of capacity)");
             }
             for m in moves {
                 if dry_run {
-                    println!("{} -> {}: {} session(s)", m.from, m.to, m.planned);
+                    say!("{} -> {}: {} session(s)", m.from, m.to, m.planned);
                 } else {
-                    println!(
+                    say!(
                         "{} -> {}: {} session(s) marked to move (of {} planned; busy or recently \
                          moved ones stay)",
-                        m.from, m.to, m.marked, m.planned
+                        m.from,
+                        m.to,
+                        m.marked,
+                        m.planned
                     );
                 }
             }
@@ -135,10 +138,10 @@ pub async fn run(cfg: &api::Config, cmd: GatewayCmd) -> Result<()> {
                 .ok_or_else(|| Error::invalid(format!("{id} is not a StatefulSet pod's name")))?;
             let (start, replicas) = kubernetes::desired_ordinals(&statefulset).await?;
             if kubernetes::kept(&id, start, replicas)? {
-                println!("{id} stays in {statefulset} ({replicas} replicas): a restart");
+                say!("{id} stays in {statefulset} ({replicas} replicas): a restart");
                 return Ok(());
             }
-            println!("{id} is beyond {statefulset}'s {replicas} replicas: decommissioning");
+            say!("{id} is beyond {statefulset}'s {replicas} replicas: decommissioning");
             set(id.clone(), GatewayState::Decommissioning).await?;
             drain_progress(&db, cfg, &id, Duration::from_secs(timeout_secs)).await
         }
@@ -158,7 +161,7 @@ async fn remove_if_unserved(
         .iter()
         .any(|g| g.id == id && g.is_live(now, cfg.gateway_liveness_ms as i64))
     {
-        println!("{id} is empty; its worker removes it when it stops");
+        say!("{id} is empty; its worker removes it when it stops");
         return Ok(());
     }
     if !store::gateways::remove_decommissioned(&client, id, None).await? {
@@ -171,7 +174,7 @@ async fn remove_if_unserved(
         .delete_gateway_queue(id)
         .await
         .map_err(|e| Error::unavailable(format!("{id} removed, but not its queue: {e}")))?;
-    println!("{id} is removed, with its command queue ({dropped} command(s) dropped)");
+    say!("{id} is removed, with its command queue ({dropped} command(s) dropped)");
     Ok(())
 }
 
@@ -180,9 +183,17 @@ async fn print_gateways(db: &deadpool_postgres::Pool, cfg: &api::Config) -> Resu
     let (gateways, now) = store::gateways::list(&client).await?;
     let load: HashMap<String, store::gateways::Load> =
         store::gateways::load(&client).await?.into_iter().collect();
-    println!(
+    say!(
         "{:<20} {:<8} {:<15} {:>8} {:>8} {:>8} {:<10} {:>10} {:>7}",
-        "ID", "REGION", "STATE", "CAPACITY", "SESSIONS", "LIVE", "VERSION", "HEARTBEAT", "MOVING"
+        "ID",
+        "REGION",
+        "STATE",
+        "CAPACITY",
+        "SESSIONS",
+        "LIVE",
+        "VERSION",
+        "HEARTBEAT",
+        "MOVING"
     );
     for g in gateways {
         let l = load.get(&g.id).copied().unwrap_or_default();
@@ -191,7 +202,7 @@ async fn print_gateways(db: &deadpool_postgres::Pool, cfg: &api::Config) -> Resu
         } else {
             format!("{:.1}s ago", (now - g.heartbeat_at) as f64 / 1000.0)
         };
-        println!(
+        say!(
             "{:<20} {:<8} {:<15} {:>8} {:>8} {:>8} {:<10} {:>10} {:>7}",
             g.id,
             g.region,
@@ -205,7 +216,7 @@ async fn print_gateways(db: &deadpool_postgres::Pool, cfg: &api::Config) -> Resu
             l.moving
         );
         if let Some(note) = g.note {
-            println!("  note: {note}");
+            say!("  note: {note}");
         }
     }
     Ok(())
@@ -233,11 +244,11 @@ async fn drain_progress(
             .find(|(gw, _)| gw == id)
             .map_or(0, |(_, l)| l.sessions);
         if left == 0 {
-            println!("{id} is drained ({:.1} s)", started.elapsed().as_secs_f64());
+            say!("{id} is drained ({:.1} s)", started.elapsed().as_secs_f64());
             return Ok(());
         }
         if last != Some(left) {
-            println!("{id}: {left} session(s) to move");
+            say!("{id}: {left} session(s) to move");
             last = Some(left);
         }
         if !g.is_live(now, cfg.gateway_liveness_ms as i64) {
@@ -256,7 +267,7 @@ async fn drain_progress(
             )));
         }
         if let Some(note) = &g.note {
-            println!("  {note}");
+            say!("  {note}");
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
     }

@@ -3,6 +3,20 @@
 
 use std::time::Duration;
 
+/// `println!` for what the tool answers, but a reader that went away (`| head`, `| grep -q`)
+/// ends it quietly, as it ends any Unix tool, rather than with a panic.
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        if let Err(e) = writeln!(std::io::stdout().lock(), $($arg)*) {
+            if e.kind() == std::io::ErrorKind::BrokenPipe {
+                std::process::exit(0);
+            }
+            panic!("cannot write the answer: {e}");
+        }
+    }};
+}
+
 mod gateways;
 mod kubernetes;
 
@@ -205,14 +219,14 @@ async fn run(cli: Cli) -> Result<()> {
         Cmd::Migrate { api_role } => {
             let applied = shared::db::migrate(&cfg.db.database_url).await?;
             if applied.is_empty() {
-                println!("database is up to date");
+                say!("database is up to date");
             }
             for m in applied {
-                println!("applied {m}");
+                say!("applied {m}");
             }
             if let Some(role) = api_role {
                 shared::db::grant_api_role(&cfg.db.database_url, &role).await?;
-                println!("granted role {role} every table but the WhatsApp key store's");
+                say!("granted role {role} every table but the WhatsApp key store's");
             }
         }
         Cmd::SchemaWait { timeout_secs } => {
@@ -222,7 +236,7 @@ async fn run(cli: Cli) -> Result<()> {
             loop {
                 let why = match shared::db::missing_migrations(&db).await {
                     Ok(missing) if missing.is_empty() => {
-                        println!("the database schema has every migration this build needs");
+                        say!("the database schema has every migration this build needs");
                         return Ok(());
                     }
                     Ok(missing) => format!(
@@ -235,7 +249,7 @@ async fn run(cli: Cli) -> Result<()> {
                     return Err(Error::unavailable(format!("after {timeout_secs} s: {why}")));
                 }
                 if said.as_ref() != Some(&why) {
-                    println!("{why}");
+                    say!("{why}");
                     said = Some(why);
                 }
                 tokio::time::sleep(Duration::from_secs(2)).await;
@@ -257,31 +271,31 @@ async fn run(cli: Cli) -> Result<()> {
             let db = shared::db::pool(&cfg.db.database_url, 1)?;
             store::api_keys::insert(&db.get().await?, &key, &org, &name, caps, expires, now)
                 .await?;
-            println!(
+            say!(
                 "created API key {} for {org} ({})",
                 key.id,
                 caps.names().join(",")
             );
-            println!("{}", key.secret);
+            say!("{}", key.secret);
         }
         Cmd::Apikey(ApiKeyCmd::Revoke { key }) => {
             let id = shared::auth::api_key_id(&key).unwrap_or(&key);
             let db = shared::db::pool(&cfg.db.database_url, 1)?;
             if store::api_keys::revoke(&db.get().await?, id, now_ms()).await? {
-                println!("revoked {id}");
+                say!("revoked {id}");
             } else {
                 return Err(Error::not_found(format!("no active API key {id}")));
             }
         }
         Cmd::DevKeygen { path } => {
             if path.exists() {
-                println!("{} exists; keeping it", path.display());
+                say!("{} exists; keeping it", path.display());
                 return Ok(());
             }
             let pem = shared::devtoken::generate_pem()?;
             std::fs::write(&path, pem)
                 .map_err(|e| Error::invalid(format!("cannot write {}: {e}", path.display())))?;
-            println!("wrote {}", path.display());
+            say!("wrote {}", path.display());
         }
         Cmd::DevToken {
             org,
@@ -302,7 +316,7 @@ async fn run(cli: Cli) -> Result<()> {
                 role_claim: &cfg.auth_role_claim,
                 ttl_secs: ttl,
             })?;
-            println!("{token}");
+            say!("{token}");
         }
         Cmd::Sim(sim) => {
             let (session, command) = match sim {
@@ -330,7 +344,7 @@ async fn run(cli: Cli) -> Result<()> {
                     let out =
                         api::operator::send_file(cfg, &session, from, bytes, caption, name).await?;
                     if let CommandOutput::Session(s) = out {
-                        println!(
+                        say!(
                             "{}",
                             serde_json::to_string_pretty(&s).map_err(Error::internal)?
                         );
@@ -381,7 +395,7 @@ async fn run(cli: Cli) -> Result<()> {
             };
             let out = api::operator::send(cfg, &session, command).await?;
             if let CommandOutput::Session(s) = out {
-                println!(
+                say!(
                     "{}",
                     serde_json::to_string_pretty(&s).map_err(Error::internal)?
                 );
@@ -406,14 +420,14 @@ async fn run(cli: Cli) -> Result<()> {
             // Every sealed column: the devices' keys and the webhooks' signing secrets.
             if let Some(keys) = devices {
                 let n = store::wa_keys::rotate(&client, &keys, batch).await?;
-                println!(
+                say!(
                     "re-sealed {n} device value(s) under key `{}`",
                     keys.current()
                 );
             }
             if let Some(keys) = webhooks {
                 let n = store::webhooks::reseal_secrets(&client, &keys, batch).await?;
-                println!(
+                say!(
                     "re-sealed {n} webhook secret(s) under key `{}`",
                     keys.current()
                 );
