@@ -1,7 +1,8 @@
 //! The message resource: what a session sends, queued in Postgres and sent by the session's
 //! worker within the session's rate limits, and what it receives. [`Content`] is the one
 //! model of what a message says, from the api through the queue and the drivers to the
-//! events (`content.rs`). Validation of what callers may send lives beside each type.
+//! events (`content.rs`; the file a message carries in `file.rs`, polls and votes in
+//! `poll.rs`). Validation of what callers may send lives beside each type.
 
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
@@ -9,7 +10,11 @@ use utoipa::ToSchema;
 use crate::error::{Error, Result};
 
 mod content;
+mod file;
+mod poll;
 pub use content::*;
+pub use file::*;
+pub use poll::*;
 
 /// The longest text a message may carry, in characters.
 pub const TEXT_MAX_CHARS: usize = 4_096;
