@@ -17,7 +17,7 @@ use shared::{
     session::SessionStatus,
 };
 
-use super::{Actor, Flow, back_off};
+use super::{Actor, Flow, retrying};
 use crate::{
     ctx::Ctx,
     driver::Outgoing,
@@ -313,24 +313,16 @@ impl Actor {
     /// Writes a status change of messages with its events and publishes them, retrying a
     /// failed write until it lands or the lease is lost.
     async fn set_messages(&mut self, which: Which, change: Change) -> Flow {
-        let mut backoff = Duration::from_millis(100);
-        loop {
-            match self
-                .write_status(which.clone(), change.clone(), now_ms())
-                .await
-            {
-                Ok(Some(written)) => {
-                    self.ctx.outbox.events(&written.events).await;
-                    return Flow::Continue;
-                }
-                Ok(None) => return self.lost(),
-                Err(e) => {
-                    tracing::warn!(session_id = %self.row.id, error = %e, "could not record a message's status; retrying");
-                    if !back_off(&self.lease.clone(), &mut backoff).await {
-                        return self.lost();
-                    }
-                }
+        let (statuses, row, epoch) = (&self.ctx.statuses, &self.row, self.epoch);
+        let written = retrying(&self.lease, &row.id, "record a message's status", || {
+            statuses.set_status(row, epoch, which.clone(), change.clone(), now_ms())
+        });
+        match written.await {
+            Some(Some(written)) => {
+                self.ctx.outbox.events(&written.events).await;
+                Flow::Continue
             }
+            Some(None) | None => self.lost(),
         }
     }
 }
