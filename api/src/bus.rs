@@ -213,24 +213,24 @@ impl Bus {
 }
 
 async fn supervise(inner: Arc<Inner>, url: String, shutdown: CancellationToken) {
-    let mut backoff = Duration::from_millis(100);
+    let mut reconnects = topology::Reconnects::new();
     loop {
-        let result = connection(&inner, &url, &shutdown).await;
+        let result = connection(&inner, &url, &shutdown, &mut reconnects).await;
         if let Ok(mut p) = inner.publisher.write() {
             *p = None;
         }
+        let wait = reconnects.wait();
         match result {
             Ok(()) => return,
             Err(e) => {
                 metrics::counter!("amqp_reconnects_total", "tier" => "api").increment(1);
-                tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "broker connection lost");
+                tracing::warn!(error = %e, retry_in_ms = wait.as_millis() as u64, "broker connection lost");
             }
         }
         tokio::select! {
             _ = shutdown.cancelled() => return,
-            _ = tokio::time::sleep(backoff) => {}
+            _ = tokio::time::sleep(wait) => {}
         }
-        backoff = (backoff * 2).min(Duration::from_secs(5));
     }
 }
 
@@ -252,7 +252,12 @@ async fn consume(
     .await
 }
 
-async fn connection(inner: &Arc<Inner>, url: &str, shutdown: &CancellationToken) -> Result<()> {
+async fn connection(
+    inner: &Arc<Inner>,
+    url: &str,
+    shutdown: &CancellationToken,
+    reconnects: &mut topology::Reconnects,
+) -> Result<()> {
     let t = &inner.topology;
     let conn = topology::connect(url, &format!("api-{}", inner.instance)).await?;
     let publish = conn.create_channel().await?;
@@ -277,6 +282,7 @@ async fn connection(inner: &Arc<Inner>, url: &str, shutdown: &CancellationToken)
     if let Ok(mut p) = inner.publisher.write() {
         *p = Some(publish.clone());
     }
+    reconnects.connected();
     tracing::info!(instance = %inner.instance, "connected to the message broker");
 
     loop {

@@ -188,6 +188,43 @@ async fn durable_exchange(ch: &Channel, name: &str, kind: ExchangeKind) -> lapin
 /// How long one node of the list may take to accept a connection before the next is tried.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// The waits between a process's attempts to reach the broker: 100 ms, doubling up to 1 s,
+/// and from 100 ms again once a connection came up. A broker restart takes seconds: a wait
+/// grown past that (or kept from an earlier outage) leaves the process answering 503, or
+/// not taking commands, for seconds after the broker is back; one attempt a second per
+/// process is nothing to a broker.
+#[derive(Debug)]
+pub struct Reconnects {
+    next: Duration,
+}
+
+impl Reconnects {
+    const FIRST: Duration = Duration::from_millis(100);
+    const MAX: Duration = Duration::from_secs(1);
+
+    pub fn new() -> Self {
+        Reconnects { next: Self::FIRST }
+    }
+
+    /// A connection is up: the next outage starts from the first wait.
+    pub fn connected(&mut self) {
+        self.next = Self::FIRST;
+    }
+
+    /// The wait before the next attempt.
+    pub fn wait(&mut self) -> Duration {
+        let wait = self.next;
+        self.next = (wait * 2).min(Self::MAX);
+        wait
+    }
+}
+
+impl Default for Reconnects {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 /// The node of the list that answered last (shared by the process's connections), so a
 /// reconnect tries it first and a process does not keep knocking on a node that is down.
 static PREFERRED_NODE: AtomicUsize = AtomicUsize::new(0);
@@ -280,5 +317,19 @@ pub async fn check_tls(urls: &str, name: &str) -> crate::Result<()> {
             tracing::warn!(error = %e, "could not reach the broker to check its TLS; going on");
             Ok(())
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reconnect_waits_double_to_a_second_and_start_over_once_connected() {
+        let mut r = Reconnects::new();
+        let waits: Vec<u64> = (0..6).map(|_| r.wait().as_millis() as u64).collect();
+        assert_eq!(waits, [100, 200, 400, 800, 1000, 1000]);
+        r.connected();
+        assert_eq!(r.wait(), Duration::from_millis(100));
     }
 }

@@ -188,24 +188,28 @@ impl Consumer {
     /// Consumes until `stop` is cancelled, reconnecting with backoff; then stops consuming and
     /// lets the actors finish what they hold (their acks need the channel) before closing.
     pub async fn run(self, registry: Registry, stop: CancellationToken, grace: Duration) {
-        let mut backoff = Duration::from_millis(100);
+        let mut reconnects = topology::Reconnects::new();
         loop {
-            match self.connection(&registry, &stop, grace).await {
+            let wait = match self
+                .connection(&registry, &stop, grace, &mut reconnects)
+                .await
+            {
                 Ok(()) => return,
                 Err(e) => {
                     self.outbox.set(None);
+                    let wait = reconnects.wait();
                     metrics::counter!("amqp_reconnects_total", "tier" => "worker").increment(1);
-                    tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "broker connection lost");
+                    tracing::warn!(error = %e, retry_in_ms = wait.as_millis() as u64, "broker connection lost");
+                    wait
                 }
-            }
+            };
             tokio::select! {
                 _ = stop.cancelled() => {
                     registry.shutdown(grace).await;
                     return;
                 }
-                _ = tokio::time::sleep(backoff) => {}
+                _ = tokio::time::sleep(wait) => {}
             }
-            backoff = (backoff * 2).min(Duration::from_secs(5));
         }
     }
 
@@ -214,6 +218,7 @@ impl Consumer {
         registry: &Registry,
         stop: &CancellationToken,
         grace: Duration,
+        reconnects: &mut topology::Reconnects,
     ) -> Result<()> {
         let conn = topology::connect(&self.url, &format!("worker-{}", self.gateway_id)).await?;
         let consume_ch = conn.create_channel().await?;
@@ -238,6 +243,7 @@ impl Consumer {
                 FieldTable::default(),
             )
             .await?;
+        reconnects.connected();
         tracing::info!(gateway_id = %self.gateway_id, "consuming commands");
         loop {
             let delivery = tokio::select! {
