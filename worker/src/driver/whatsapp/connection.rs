@@ -275,6 +275,9 @@ impl Connection for WhatsAppConnection {
 
     async fn close(&mut self) {
         self.closed.cancel();
+        // The client may be connecting again as the stop comes (its stream dropped): that
+        // socket is not opened at all.
+        self.sockets.refuse_new();
         if let Some(handle) = self.handle.take() {
             // Flushes the device's state to the store, then ends the client's tasks.
             if tokio::time::timeout(Duration::from_secs(10), handle.shutdown())

@@ -104,11 +104,17 @@ impl Sockets {
         self.0.open.lock().unwrap_or_else(|e| e.into_inner()).len()
     }
 
+    /// Opens no socket any more: a connect the client has under way fails instead of logging
+    /// in only to be closed again.
+    pub fn refuse_new(&self) {
+        self.0.closed.store(true, Ordering::SeqCst);
+    }
+
     /// Opens no socket any more and closes the open ones (a WebSocket close each, within
     /// `within`): once this returns, WhatsApp has been told that no stream of this connection
     /// goes on.
     pub async fn close_all(&self, within: Duration) {
-        self.0.closed.store(true, Ordering::SeqCst);
+        self.refuse_new();
         let open: Vec<_> = self
             .0
             .open
