@@ -19,6 +19,11 @@ use super::{
 pub const SERVER: &str = "s.whatsapp.net";
 
 pub(super) async fn serve(socket: TcpStream, shared: Arc<Shared>) {
+    // The same socket (a duplicate descriptor, non-blocking as the original), for peeking.
+    let peek = socket2::SockRef::from(&socket)
+        .try_clone()
+        .ok()
+        .map(|s| Arc::new(std::net::TcpStream::from(s)));
     let Ok((_, ws)) = tokio_websockets::ServerBuilder::new().accept(socket).await else {
         return;
     };
@@ -37,6 +42,7 @@ pub(super) async fn serve(socket: TcpStream, shared: Arc<Shared>) {
         id: shared.next_id(),
         out,
         opened: std::time::Instant::now(),
+        socket: peek,
     };
     let noise::Accepted {
         client_static,
@@ -88,15 +94,26 @@ pub(super) async fn serve(socket: TcpStream, shared: Arc<Shared>) {
                 .live
                 .insert((phone.clone(), device), stream.clone());
             if let Some(old) = replaced {
+                let let_go = old.let_go();
                 // On stderr, for the run that shows it: which streams, how old.
                 eprintln!(
                     "wa test server: {phone}:{device} logged in on stream {} while its stream {} \
-                     (opened {} ms before) was open: the old one is replaced",
+                     (opened {} ms before) was {}: the old one is replaced",
                     stream.id,
                     old.id,
-                    stream.opened.duration_since(old.opened).as_millis()
+                    stream.opened.duration_since(old.opened).as_millis(),
+                    if let_go {
+                        "closed by its client, its close not read yet"
+                    } else {
+                        "open"
+                    }
                 );
-                replace(&shared, &old, &phone, device);
+                if let_go {
+                    end_replaced(&old);
+                    shared.saw(Seen::Superseded(format!("{phone}:{device}")));
+                } else {
+                    replace(&shared, &old, &phone, device);
+                }
             }
             shared.saw(Seen::LoggedIn(format!("{phone}:{device}")));
             pump(reader, writer, rx, &shared, Some((&phone, device))).await;
@@ -111,13 +128,17 @@ pub(super) async fn serve(socket: TcpStream, shared: Arc<Shared>) {
 
 /// Ends `old`, a stream of `phone:device`, as replaced by a newer connection of the device.
 pub(super) fn replace(shared: &Shared, old: &Stream, phone: &str, device: u16) {
+    end_replaced(old);
+    shared.saw(Seen::Replaced(format!("{phone}:{device}")));
+}
+
+fn end_replaced(old: &Stream) {
     let conflict = NodeBuilder::new("stream:error")
         .children([NodeBuilder::new("conflict")
             .attr("type", "replaced")
             .build()])
         .build();
     let _ = old.out.send(Outbound::End(conflict));
-    shared.saw(Seen::Replaced(format!("{phone}:{device}")));
 }
 
 fn unix_now() -> i64 {

@@ -55,6 +55,56 @@ struct Stream {
     out: mpsc::UnboundedSender<Outbound>,
     /// When its handshake ended (for the report of a replaced stream).
     opened: std::time::Instant,
+    /// Its TCP socket, to peek at from outside the stream's task.
+    socket: Option<Arc<std::net::TcpStream>>,
+}
+
+impl Stream {
+    /// Whether its client has let it go already: the socket's end, or a WebSocket close
+    /// frame, waits in the socket, not yet read by the stream's task (busy, or not scheduled
+    /// yet). A device that closed its stream and then logged in again is not connected twice,
+    /// however late the stream's task reads the close.
+    fn let_go(&self) -> bool {
+        let Some(socket) = &self.socket else {
+            return false;
+        };
+        let mut pending = vec![0; 1 << 18];
+        match socket.peek(&mut pending) {
+            Ok(0) => true,
+            Ok(n) => holds_close(&pending[..n]),
+            Err(e) => e.kind() != std::io::ErrorKind::WouldBlock,
+        }
+    }
+}
+
+/// Whether these bytes, read from a client, hold a WebSocket close frame (RFC 6455 §5.2:
+/// every frame says its length, so the frames are walked header to header).
+fn holds_close(mut data: &[u8]) -> bool {
+    while let [first, second, rest @ ..] = data {
+        if first & 0x0f == 0x8 {
+            return true;
+        }
+        let (len, rest) = match second & 0x7f {
+            126 => match rest.split_first_chunk::<2>() {
+                Some((len, rest)) => (u64::from(u16::from_be_bytes(*len)), rest),
+                None => return false,
+            },
+            127 => match rest.split_first_chunk::<8>() {
+                Some((len, rest)) => (u64::from_be_bytes(*len), rest),
+                None => return false,
+            },
+            len => (u64::from(len), rest),
+        };
+        let mask = if second & 0x80 != 0 { 4 } else { 0 };
+        let Some(next) = usize::try_from(len)
+            .ok()
+            .and_then(|len| rest.get(mask + len..))
+        else {
+            return false;
+        };
+        data = next;
+    }
+    false
 }
 
 /// What a device sent when it registered: the keys its Signal bundle is made of.
@@ -238,6 +288,9 @@ pub enum Seen {
     CompanionRemoved(String),
     /// A stream was replaced by a newer one of the same device: `phone:device`.
     Replaced(String),
+    /// A device logged in again while the close of its previous stream was still on its way
+    /// (sent, not yet read here): `phone:device`. Not a second connection.
+    Superseded(String),
     /// A phone could not decrypt what a device sent it, and why.
     Undecryptable(String),
 }
@@ -464,5 +517,91 @@ impl Drop for WaServer {
         for task in &self.tasks {
             task.abort();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use tokio::io::AsyncWriteExt;
+
+    use super::{Stream, holds_close};
+
+    /// A client's frame: FIN, `opcode`, masked, with a payload of `len` bytes.
+    fn frame(opcode: u8, len: usize) -> Vec<u8> {
+        let mut f = vec![0x80 | opcode];
+        match len {
+            0..=125 => f.push(0x80 | len as u8),
+            126..=65535 => {
+                f.push(0x80 | 126);
+                f.extend((len as u16).to_be_bytes());
+            }
+            _ => {
+                f.push(0x80 | 127);
+                f.extend((len as u64).to_be_bytes());
+            }
+        }
+        f.extend([1, 2, 3, 4]);
+        f.extend(std::iter::repeat_n(7, len));
+        f
+    }
+
+    #[test]
+    fn a_close_is_found_behind_frames_of_every_length() {
+        for len in [0, 125, 126, 65_535, 65_536] {
+            let mut data = frame(0x2, len);
+            assert!(!holds_close(&data), "a binary frame of {len} bytes");
+            data.extend(frame(0x8, 2));
+            assert!(holds_close(&data), "a close behind {len} bytes");
+        }
+    }
+
+    #[test]
+    fn a_frame_cut_short_hides_what_follows_it() {
+        let mut data = frame(0x2, 300);
+        data.truncate(100);
+        assert!(!holds_close(&data));
+        assert!(!holds_close(&[0x82]));
+        assert!(!holds_close(&[]));
+    }
+
+    /// A fresh connection: the server's end as a stream peeked the way `conn.rs` does (and
+    /// the end itself, held open as the stream's task holds it), and the client's end.
+    async fn connected() -> (Stream, tokio::net::TcpStream, tokio::net::TcpStream) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("listen");
+        let client = tokio::net::TcpStream::connect(listener.local_addr().expect("address"))
+            .await
+            .expect("connect");
+        let (server, _) = listener.accept().await.expect("accept");
+        let peek = socket2::SockRef::from(&server)
+            .try_clone()
+            .expect("duplicate");
+        let stream = Stream {
+            id: 0,
+            out: tokio::sync::mpsc::unbounded_channel().0,
+            opened: std::time::Instant::now(),
+            socket: Some(Arc::new(std::net::TcpStream::from(peek))),
+        };
+        (stream, server, client)
+    }
+
+    #[tokio::test]
+    async fn a_stream_is_let_go_once_its_close_or_its_end_waits_unread() {
+        let (open, _server, mut client) = connected().await;
+        assert!(!open.let_go(), "nothing sent: open");
+        client.write_all(&frame(0x2, 40)).await.expect("write");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        assert!(!open.let_go(), "a stanza waiting: still open");
+        client.write_all(&frame(0x8, 2)).await.expect("write");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        assert!(open.let_go(), "its close waits behind the stanza");
+
+        let (ended, _server, client) = connected().await;
+        drop(client);
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        assert!(ended.let_go(), "the socket's end");
     }
 }
