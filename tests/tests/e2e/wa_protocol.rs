@@ -577,6 +577,49 @@ async fn a_message_reaches_the_contact_end_to_end_encrypted_and_its_receipts_com
     assert_eq!(undecryptable(&server), vec![], "every copy decrypted");
 }
 
+/// The device's key store away as a message goes out (its table of Signal sessions gone
+/// for 3 s): the crate gives up before the stanza leaves, and the worker, told nothing went
+/// out, sends the message again after a pause instead of failing it. The contact gets it
+/// once, and the message queued behind it waits its turn.
+#[tokio::test]
+async fn a_message_the_key_store_kept_from_going_out_goes_again_once_the_store_is_back() {
+    let env = TestEnv::new().await;
+    let server = WaServer::start().await;
+    let phone = server.phone(PHONE);
+    let contact = server.phone(CONTACT);
+    let s = linked(&env, &server, &phone).await;
+    let db = env.db.get().await.expect("db");
+
+    db.batch_execute("ALTER TABLE wa_signal_sessions RENAME TO wa_signal_sessions_away")
+        .await
+        .expect("the store away");
+    let first = s.send(CONTACT, "through a store outage").await;
+    let second = s.send(CONTACT, "and the one behind it").await;
+    tests::eventually(Duration::from_secs(20), || async {
+        s.worker
+            .logged()
+            .contains("nothing of the message went out")
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    db.batch_execute("ALTER TABLE wa_signal_sessions_away RENAME TO wa_signal_sessions")
+        .await
+        .expect("the store back");
+
+    s.all_sent_and_received(&contact, &[first.clone(), second])
+        .await;
+    let texts: Vec<Option<String>> = contact.received().into_iter().map(|r| r.text).collect();
+    assert_eq!(
+        texts,
+        [
+            Some("through a store outage".to_owned()),
+            Some("and the one behind it".to_owned())
+        ],
+        "once each, in order"
+    );
+    assert_eq!(undecryptable(&server), vec![], "every copy decrypted");
+}
+
 #[tokio::test]
 async fn a_contacts_message_is_received_as_an_event_and_acknowledged() {
     let env = TestEnv::new().await;

@@ -158,6 +158,10 @@ pub enum DriverError {
     Refused(String),
     #[error("connection failed: {0}")]
     Connection(String),
+    /// A send that failed before anything went out (the device's key store could not be
+    /// read or written): it may go again.
+    #[error("not sent: {0}")]
+    NotSent(String),
 }
 
 /// Test-and-demo actions on the simulated phone and network.

@@ -7,7 +7,8 @@
 //! windows count send *attempts* as recorded in Postgres, so they hold across a restart, a
 //! drain and a failover. An attempt is recorded before the send: a message whose worker died
 //! mid-send is found `sending` by the next owner and ends `failed` (`unknown`), never sent
-//! twice.
+//! twice. A send the driver says sent nothing (the device's key store away) keeps its place
+//! and goes again after a pause ([`SendAgain`]); the next message waits behind it.
 
 use std::{collections::VecDeque, time::Duration};
 
@@ -20,13 +21,25 @@ use shared::{
 use super::{Actor, Flow, retrying};
 use crate::{
     ctx::Ctx,
-    driver::Outgoing,
+    driver::{DriverError, Outgoing},
     store::messages::{self, Change, Which, Written},
 };
 
 /// What a message left `sending` by a worker that stopped says.
 pub(super) const UNKNOWN: &str =
     "unknown: the worker sending it stopped before recording the outcome; not sent again";
+
+/// A message the driver sent nothing of, for a passing fault of its own: it stays
+/// `sending` in the actor's hands and goes again, first in line.
+pub(super) struct SendAgain {
+    message: Message,
+    /// Tries after the first so far.
+    tries: u32,
+}
+
+/// How often a message that sent nothing goes again, after pauses of 1, 2, 4, 8 and 16 s
+/// (31 s in all, past a PostgreSQL restart), before it fails with why.
+const SEND_AGAIN_TRIES: u32 = 5;
 
 /// When the next attempt may start, given the earlier attempts (oldest first, all within the
 /// last hour): `None` when it may start now.
@@ -95,9 +108,15 @@ impl Actor {
             self.pump_in(at - now);
             return Flow::Continue;
         }
-        let (message, outgoing) = match self.next_to_send(now).await {
-            Ok(next) => next,
-            Err(flow) => return flow,
+        let (message, outgoing, tries) = match self.again.take() {
+            Some(again) => match self.send_again(again).await {
+                Ok(next) => next,
+                Err(flow) => return flow,
+            },
+            None => match self.next_to_send(now).await {
+                Ok((message, outgoing)) => (message, outgoing, 0),
+                Err(flow) => return flow,
+            },
         };
         if self.row.presence_typing {
             // "typing…" for as long as a person would take to type it, within bounds.
@@ -131,6 +150,17 @@ impl Actor {
                 error: None,
                 wa_message_id: wa_id,
             },
+            Err(DriverError::NotSent(why)) if tries < SEND_AGAIN_TRIES => {
+                let wait = 1_000 << tries;
+                tracing::warn!(session_id = %self.row.id, message_id = %message.id, error = %why, retry_in_ms = wait, "nothing of the message went out; sending it again");
+                metrics::counter!("worker_messages_sent_again_total").increment(1);
+                self.again = Some(SendAgain {
+                    message,
+                    tries: tries + 1,
+                });
+                self.pump_in(wait);
+                return Flow::Continue;
+            }
             Err(e) => Change {
                 from: &[MessageStatus::Sending],
                 to: MessageStatus::Failed,
@@ -143,6 +173,36 @@ impl Actor {
         let flow = self.set_messages(Which::Id(message.id), outcome).await;
         self.pump_soon();
         flow
+    }
+
+    /// A message that sent nothing, as the driver sends it again (what it refers to read
+    /// anew); `Err(flow)` when it does not go now.
+    async fn send_again(&mut self, again: SendAgain) -> Result<(Message, Outgoing, u32), Flow> {
+        match outgoing(&self.ctx, &self.row.id, &again.message).await {
+            Ok(Ok(outgoing)) => Ok((again.message, outgoing, again.tries)),
+            Ok(Err(why)) => Err(self.refuse(again.message.id, Some(why), true).await),
+            Err(e) => {
+                tracing::warn!(session_id = %self.row.id, error = %e, "cannot read the messages a message refers to; retrying");
+                self.again = Some(again);
+                self.pump_in(1_000);
+                Err(Flow::Continue)
+            }
+        }
+    }
+
+    /// The message waiting to go again, back in the queue (the actor ends, or hands the
+    /// session over): nothing of it went out, so the next owner sends it.
+    pub(super) async fn queue_again(&mut self) -> Flow {
+        let Some(again) = self.again.take() else {
+            return Flow::Continue;
+        };
+        let change = Change {
+            from: &[MessageStatus::Sending],
+            to: MessageStatus::Queued,
+            error: None,
+            wa_message_id: None,
+        };
+        self.set_messages(Which::Id(again.message.id), change).await
     }
 
     /// The session's next message, claimed (`sending`: the attempt is on record before
@@ -275,6 +335,17 @@ impl Actor {
     /// Fails every queued message of the session (it was stopped or logged out).
     pub(super) async fn fail_queued(&mut self, why: &str) -> Flow {
         self.send_at = None;
+        if let Some(again) = self.again.take() {
+            let change = Change {
+                from: &[MessageStatus::Sending],
+                to: MessageStatus::Failed,
+                error: Some(why.to_owned()),
+                wa_message_id: None,
+            };
+            if let Flow::Stop = self.set_messages(Which::Id(again.message.id), change).await {
+                return Flow::Stop;
+            }
+        }
         let change = Change {
             from: &[MessageStatus::Queued],
             to: MessageStatus::Failed,

@@ -147,7 +147,9 @@ fn driver_error(e: DriverError) -> ErrorBody {
             "this gateway's WhatsApp driver does not support that",
         ),
         DriverError::Refused(why) => body(ErrorCode::Conflict, why),
-        DriverError::Connection(why) => body(ErrorCode::GatewayUnavailable, why),
+        DriverError::Connection(why) | DriverError::NotSent(why) => {
+            body(ErrorCode::GatewayUnavailable, why)
+        }
     }
 }
 
@@ -175,6 +177,8 @@ struct Actor {
     /// last hour (read from Postgres on first use).
     send_at: Option<tokio::time::Instant>,
     attempts: Option<std::collections::VecDeque<i64>>,
+    /// A message that sent nothing, to go again before any other ([`messages`]).
+    again: Option<messages::SendAgain>,
     /// Files contacts sent, downloading beside the actor ([`inbound`]).
     fetching: inbound::Fetching,
 }
@@ -220,6 +224,7 @@ pub async fn run(
         retry_backoff: RETRY_FIRST,
         send_at: None,
         attempts: None,
+        again: None,
         fetching: inbound::Fetching::default(),
     };
     let lost = actor.lease.lost.clone();
@@ -253,6 +258,9 @@ pub async fn run(
         };
     }
     actor.disconnect().await;
+    if !actor.lease.lost.is_cancelled() {
+        actor.queue_again().await;
+    }
     inbox.close();
     while let Some(msg) = inbox.recv().await {
         match msg {
@@ -478,6 +486,10 @@ impl Actor {
     /// credentials stay in the row.
     async fn hand_off(&mut self, to: &str, done: oneshot::Sender<Result<(), String>>) -> Flow {
         self.disconnect().await;
+        if let Flow::Stop = self.queue_again().await {
+            let _ = done.send(Err("the lease was lost before the hand-off".into()));
+            return Flow::Stop;
+        }
         let mut backoff = Duration::from_millis(100);
         loop {
             let written = async {

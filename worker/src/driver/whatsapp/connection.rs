@@ -12,7 +12,7 @@ use whatsapp_rust::{
     RevokeType, bot::BotHandle, pair_code::PairCodeOptions, waproto::whatsapp as wa,
 };
 
-use super::{content, files, parse_jid, phones, store, store_error, transport, votes};
+use super::{content, files, parse_jid, phones, send_failed, store, store_error, transport, votes};
 use crate::driver::{
     Ballot, Connection, Download, DriverError, Inbound, MessageRef, Outgoing, RemoteFile, SimAction,
 };
@@ -128,8 +128,6 @@ impl Connection for WhatsAppConnection {
                 "the session is not connected to WhatsApp".into(),
             ));
         }
-        let refused =
-            |e: String| DriverError::Connection(format!("WhatsApp did not take the message: {e}"));
         let own = client
             .pn()
             .map(|j| j.to_non_ad_string())
@@ -157,7 +155,7 @@ impl Connection for WhatsAppConnection {
                 };
                 let sent = client.send_reaction(jid, key, &reaction.emoji).await;
                 sent.map(|s| Some(s.message_id))
-                    .map_err(|e| refused(e.to_string()))
+                    .map_err(|e| send_failed(&e))
             }
             // The crate keeps the secret it makes in the key store: votes are opened with it.
             Content::Poll { poll } => {
@@ -166,7 +164,7 @@ impl Connection for WhatsAppConnection {
                     .create(jid, &poll.name, &poll.options, poll.selectable_count)
                     .await;
                 sent.map(|(s, _secret)| Some(s.message_id))
-                    .map_err(|e| refused(e.to_string()))
+                    .map_err(|e| send_failed(&e))
             }
             // WhatsApp's client answers the original's id for an edit, and nothing for a
             // revoke: the stanza's own id is not told, and no receipt names it here.
@@ -176,19 +174,19 @@ impl Connection for WhatsAppConnection {
                 };
                 let new = content::to_wa(&text, None, &own);
                 let sent = client.edit_message(jid, target()?.wa_id.clone(), new).await;
-                sent.map(|_| None).map_err(|e| refused(e.to_string()))
+                sent.map(|_| None).map_err(|e| send_failed(&e))
             }
             Content::Revoke { .. } => {
                 let sent = client
                     .revoke_message(jid, target()?.wa_id.clone(), RevokeType::Sender)
                     .await;
-                sent.map(|_| None).map_err(|e| refused(e.to_string()))
+                sent.map(|_| None).map_err(|e| send_failed(&e))
             }
             content => {
                 let wa_message = content::to_wa(content, message.reply_to.as_ref(), &own);
                 let sent = client.send_message(jid, wa_message).await;
                 sent.map(|s| Some(s.message_id))
-                    .map_err(|e| refused(e.to_string()))
+                    .map_err(|e| send_failed(&e))
             }
         }
     }

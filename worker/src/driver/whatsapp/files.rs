@@ -30,7 +30,7 @@ use whatsapp_rust::{
     waproto::{buffa::MessageField, whatsapp as wa},
 };
 
-use super::{content, parse_jid};
+use super::{content, parse_jid, send_failed};
 use crate::driver::{DriverError, MessageRef, Outgoing, Received, RemoteFile};
 
 /// Uploads the file `message` carries, then sends the message that names it: WhatsApp's id
@@ -63,7 +63,7 @@ pub(super) async fn send(
         .send_message(jid, wa_message)
         .await
         .map(|s| Some(s.message_id))
-        .map_err(|e| DriverError::Connection(format!("WhatsApp did not take the message: {e}")))
+        .map_err(|e| send_failed(&e))
 }
 
 /// A file encrypted for WhatsApp's media hosts, in a temporary file of its own (deleted

@@ -141,6 +141,33 @@ pub(super) fn store_error(e: impl std::fmt::Display) -> DriverError {
     DriverError::Connection(format!("the device store is unavailable: {e}"))
 }
 
+/// What a send the crate failed comes to. The crate writes what a send changes in the
+/// device's Signal state *before* the stanza leaves, and gives up rather than send what it
+/// could not save; after the stanza left it fails no more. So a failure whose cause is the
+/// key store (ours: PostgreSQL, away) sent nothing, and the message may go again; any other
+/// (the socket, WhatsApp) may have sent it.
+pub(super) fn send_failed(e: &(dyn std::error::Error + 'static)) -> DriverError {
+    let why = format!("WhatsApp did not take the message: {e}");
+    if from_the_store(e) {
+        DriverError::NotSent(why)
+    } else {
+        DriverError::Connection(why)
+    }
+}
+
+fn from_the_store(e: &(dyn std::error::Error + 'static)) -> bool {
+    use wacore::libsignal::protocol::SignalProtocolError;
+    use whatsapp_rust::SignalMaintenanceError;
+    std::iter::successors(Some(e), |e| e.source()).any(|e| {
+        e.is::<wacore::store::error::StoreError>()
+            || matches!(
+                e.downcast_ref(),
+                Some(SignalProtocolError::BackendError(..))
+            )
+            || matches!(e.downcast_ref(), Some(SignalMaintenanceError::Storage(_)))
+    })
+}
+
 #[async_trait]
 impl Driver for WhatsAppDriver {
     async fn connect(
@@ -307,5 +334,27 @@ mod tests {
         );
         assert!(parse_version("2.3000").is_err());
         assert!(parse_version("2.x.1").is_err());
+    }
+
+    #[test]
+    fn a_send_the_key_store_failed_sent_nothing_and_one_the_socket_failed_may_have() {
+        use wacore::{libsignal::protocol::SignalProtocolError, store::error::StoreError};
+        use whatsapp_rust::{ClientError, SendError};
+        let down = || StoreError::Connection(Box::new(std::io::Error::other("db down")));
+        let not_sent = |e: SendError| matches!(send_failed(&e), DriverError::NotSent(_));
+        // As the crate reports the two seen under a PostgreSQL restart.
+        assert!(not_sent(SendError::Internal(
+            anyhow::Error::new(down()).context("Failed to flush signal cache")
+        )));
+        assert!(not_sent(SendError::Internal(
+            SignalProtocolError::BackendError("backend", Box::new(down())).into()
+        )));
+        assert!(not_sent(SendError::Internal(
+            whatsapp_rust::SignalMaintenanceError::Storage(anyhow::anyhow!("flush")).into()
+        )));
+        assert!(!not_sent(SendError::Client(ClientError::NotConnected)));
+        assert!(!not_sent(SendError::Internal(anyhow::anyhow!(
+            "socket write failed"
+        ))));
     }
 }
