@@ -229,6 +229,8 @@ S3_DIR=${S3_DIR:-/var/lib/wa-gateway-s3}
 GARAGE_VERSION=2.5.0
 export MEDIA_S3_TEST_ENDPOINT=${MEDIA_S3_TEST_ENDPOINT:-http://127.0.0.1:$S3_PORT}
 export MEDIA_S3_TEST_BUCKET=${MEDIA_S3_TEST_BUCKET:-gw-media}
+# Its configuration, for tests that ask Garage itself (a bucket of their own, its counts).
+export MEDIA_S3_TEST_GARAGE_CONFIG=${MEDIA_S3_TEST_GARAGE_CONFIG:-$S3_DIR/garage.toml}
 # Test credentials of a store on loopback (Garage's formats: GK + 24 hex, 64 hex).
 export MEDIA_S3_TEST_ACCESS_KEY_ID=${MEDIA_S3_TEST_ACCESS_KEY_ID:-GK0a1b2c3d4e5f60718293a4b5}
 export MEDIA_S3_TEST_SECRET_ACCESS_KEY=${MEDIA_S3_TEST_SECRET_ACCESS_KEY:-5e1f0c7a9b2d4e6f8a0b1c2d3e4f5a6b7c8d9e0f1a2b3c4d5e6f7a8b9c0d1e2f}

@@ -42,6 +42,36 @@ pub fn amqp_url() -> String {
 pub const UNLIMITED_RATE: u32 = 1_000_000;
 
 /// A short unique lower-case token for names.
+/// Runs Garage's command line on the tests' Garage node; its output.
+fn garage(args: &[&str]) -> String {
+    let config = std::env::var("MEDIA_S3_TEST_GARAGE_CONFIG")
+        .unwrap_or_else(|_| "/var/lib/wa-gateway-s3/garage.toml".into());
+    let out = std::process::Command::new("garage")
+        .arg("-c")
+        .arg(&config)
+        .args(args)
+        .output()
+        .expect("garage, the tests' S3 server (deploy/local/test builds it)");
+    assert!(
+        out.status.success(),
+        "garage {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The multipart uploads begun in `bucket` and neither completed nor aborted, as Garage
+/// counts them (`garage bucket info` names them only when there are some).
+pub fn unfinished_uploads(bucket: &str) -> u64 {
+    let info = garage(&["bucket", "info", bucket]);
+    info.lines()
+        .find_map(|l| {
+            let count = l.strip_prefix("Unfinished uploads:")?.trim();
+            count.split_whitespace().next()?.parse().ok()
+        })
+        .unwrap_or(0)
+}
+
 pub fn unique() -> String {
     Ulid::new().to_string()[16..].to_lowercase()
 }
@@ -236,6 +266,21 @@ impl TestEnv {
             "5e1f0c7a9b2d4e6f8a0b1c2d3e4f5a6b7c8d9e0f1a2b3c4d5e6f7a8b9c0d1e2f",
         ));
         cfg.media_s3_prefix = format!("{}/", self.amqp_prefix);
+        cfg
+    }
+
+    /// [`TestEnv::s3_media`] in a bucket of this test's own, made on the Garage node
+    /// (`MEDIA_S3_TEST_GARAGE_CONFIG`, exported by `deploy/local/test`): what Garage counts
+    /// per bucket ([`unfinished_uploads`]) is then this test's alone.
+    pub fn s3_media_own_bucket(&self) -> shared::config::MediaStoreConfig {
+        let mut cfg = self.s3_media();
+        let bucket = format!("gwt-{}", unique());
+        garage(&["bucket", "create", &bucket]);
+        let key = cfg.media_s3_access_key_id.clone().unwrap_or_default();
+        garage(&[
+            "bucket", "allow", "--read", "--write", "--owner", &bucket, "--key", &key,
+        ]);
+        cfg.media_s3_bucket = Some(bucket);
         cfg
     }
 

@@ -1,7 +1,8 @@
 //! Files in the S3-compatible media store (`MEDIA_STORE=s3`), against a real S3 server: the
 //! Garage node `deploy/local/test` starts (`ensure_s3`), each test under a prefix of its own.
 //! Uploaded files are objects there, not chunks in Postgres; the worker sends them from
-//! there; they are read back by range and pruned there. Bad input leaves no object; a store
+//! there; they are read back by range and pruned there. Bad input leaves no object and no
+//! unfinished multipart upload (Garage's count, on a bucket of the test's own); a store
 //! that cannot be reached is a 503, and messages wait for it.
 
 use std::time::Duration;
@@ -155,8 +156,16 @@ async fn files_live_in_the_s3_store_are_sent_read_back_and_pruned_from_there() {
 #[tokio::test]
 async fn an_upload_refused_or_cut_short_leaves_no_object_in_the_s3_store() {
     let env = TestEnv::new().await;
-    let s3 = env.s3_media();
+    let s3 = env.s3_media_own_bucket();
+    let bucket_name = s3.media_s3_bucket.clone().expect("bucket");
     let bucket = MediaStore::new(&s3).expect("the S3 store");
+    // An upload begun and left open beside the api's: Garage's count of unfinished ones is
+    // seen to count (1), and must be 1 again after the api's cut upload.
+    let left_open = left_open_upload(&s3).await;
+    tests::eventually(Duration::from_secs(10), || async {
+        tests::unfinished_uploads(&bucket_name) == 1
+    })
+    .await;
     let api = env.start_api(|c| c.media_store = s3.clone()).await;
     // An organization of this test's own: the usage gauges are the process's.
     let org = format!("org_{}", tests::unique());
@@ -183,9 +192,19 @@ async fn an_upload_refused_or_cut_short_leaves_no_object_in_the_s3_store() {
         conn.write_all(&pdf(12 * 1024 * 1024)).await.expect("write");
         conn.flush().await.expect("flush");
     }
-    // The api notices the cut, aborts the upload: nothing in the bucket, no row.
+    // The api notices the cut, aborts the upload: nothing in the bucket, no row, and no
+    // unfinished upload but the one this test left open.
     tests::eventually(Duration::from_secs(10), || async {
         bucket.object_ids().await.expect("list").is_empty() && stored_media(&env).await == before
+    })
+    .await;
+    tests::eventually(Duration::from_secs(10), || async {
+        tests::unfinished_uploads(&bucket_name) == 1
+    })
+    .await;
+    left_open.abort().await;
+    tests::eventually(Duration::from_secs(10), || async {
+        tests::unfinished_uploads(&bucket_name) == 0
     })
     .await;
     // And a file that is whole is stored (the store was reachable all along).
@@ -276,4 +295,35 @@ async fn the_s3_store_unreachable_is_a_503_and_messages_wait_for_it() {
         json!({"sha256": sha256(&image), "size": image.len()}),
         "sent once the store was back, byte for byte: {got}"
     );
+}
+
+/// A multipart upload begun straight on the store's bucket (one part of 5 MB), neither
+/// completed nor aborted until the test says.
+struct LeftOpen(Box<dyn object_store::MultipartUpload>);
+
+impl LeftOpen {
+    async fn abort(mut self) {
+        self.0.abort().await.expect("aborted");
+    }
+}
+
+async fn left_open_upload(s3: &MediaStoreConfig) -> LeftOpen {
+    let store = object_store::aws::AmazonS3Builder::new()
+        .with_endpoint(s3.media_s3_endpoint.clone().expect("endpoint"))
+        .with_allow_http(true)
+        .with_bucket_name(s3.media_s3_bucket.clone().expect("bucket"))
+        .with_region(s3.media_s3_region.clone())
+        .with_access_key_id(s3.media_s3_access_key_id.clone().expect("key id"))
+        .with_secret_access_key(s3.media_s3_secret_access_key.clone().expect("secret"))
+        .build()
+        .expect("the bucket");
+    let path = object_store::path::Path::from(format!("{}left-open", s3.media_s3_prefix));
+    let mut upload = object_store::ObjectStoreExt::put_multipart(&store, &path)
+        .await
+        .expect("an upload begun");
+    upload
+        .put_part(vec![0u8; 5 * 1024 * 1024].into())
+        .await
+        .expect("a part");
+    LeftOpen(upload)
 }
