@@ -193,13 +193,18 @@ impl Actor {
     /// The message waiting to go again, back in the queue (the actor ends, or hands the
     /// session over): nothing of it went out, so the next owner sends it.
     pub(super) async fn queue_again(&mut self) -> Flow {
+        self.let_go_again(MessageStatus::Queued, None).await
+    }
+
+    /// The message waiting to go again, if there is one, from `sending` to `to`.
+    async fn let_go_again(&mut self, to: MessageStatus, error: Option<String>) -> Flow {
         let Some(again) = self.again.take() else {
             return Flow::Continue;
         };
         let change = Change {
             from: &[MessageStatus::Sending],
-            to: MessageStatus::Queued,
-            error: None,
+            to,
+            error,
             wa_message_id: None,
         };
         self.set_messages(Which::Id(again.message.id), change).await
@@ -332,19 +337,13 @@ impl Actor {
             .await
     }
 
-    /// Fails every queued message of the session (it was stopped or logged out).
+    /// Fails every queued message of the session, and one waiting to go again (it was stopped
+    /// or logged out).
     pub(super) async fn fail_queued(&mut self, why: &str) -> Flow {
         self.send_at = None;
-        if let Some(again) = self.again.take() {
-            let change = Change {
-                from: &[MessageStatus::Sending],
-                to: MessageStatus::Failed,
-                error: Some(why.to_owned()),
-                wa_message_id: None,
-            };
-            if let Flow::Stop = self.set_messages(Which::Id(again.message.id), change).await {
-                return Flow::Stop;
-            }
+        let why_failed = Some(why.to_owned());
+        if let Flow::Stop = self.let_go_again(MessageStatus::Failed, why_failed).await {
+            return Flow::Stop;
         }
         let change = Change {
             from: &[MessageStatus::Queued],
