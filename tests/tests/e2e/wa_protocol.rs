@@ -577,6 +577,39 @@ async fn a_message_reaches_the_contact_end_to_end_encrypted_and_its_receipts_com
     assert_eq!(undecryptable(&server), vec![], "every copy decrypted");
 }
 
+/// The devices' key store out of the workers' reach (its table of Signal sessions renamed)
+/// until [`StoreAway::end`].
+struct StoreAway(deadpool_postgres::Object);
+
+impl StoreAway {
+    async fn start(env: &TestEnv) -> StoreAway {
+        let db = env.db.get().await.expect("db");
+        db.batch_execute("ALTER TABLE wa_signal_sessions RENAME TO wa_signal_sessions_away")
+            .await
+            .expect("the store away");
+        StoreAway(db)
+    }
+
+    async fn end(self) {
+        self.0
+            .batch_execute("ALTER TABLE wa_signal_sessions_away RENAME TO wa_signal_sessions")
+            .await
+            .expect("the store back");
+    }
+}
+
+impl Linked {
+    /// Waits until the worker says a send of this session went out in no part.
+    async fn sent_nothing_yet(&self) {
+        tests::eventually(Duration::from_secs(20), || async {
+            self.worker
+                .logged()
+                .contains("nothing of the message went out")
+        })
+        .await;
+    }
+}
+
 /// The device's key store away as a message goes out (its table of Signal sessions gone
 /// for 3 s): the crate gives up before the stanza leaves, and the worker, told nothing went
 /// out, sends the message again after a pause instead of failing it. The contact gets it
@@ -588,23 +621,13 @@ async fn a_message_the_key_store_kept_from_going_out_goes_again_once_the_store_i
     let phone = server.phone(PHONE);
     let contact = server.phone(CONTACT);
     let s = linked(&env, &server, &phone).await;
-    let db = env.db.get().await.expect("db");
 
-    db.batch_execute("ALTER TABLE wa_signal_sessions RENAME TO wa_signal_sessions_away")
-        .await
-        .expect("the store away");
+    let away = StoreAway::start(&env).await;
     let first = s.send(CONTACT, "through a store outage").await;
     let second = s.send(CONTACT, "and the one behind it").await;
-    tests::eventually(Duration::from_secs(20), || async {
-        s.worker
-            .logged()
-            .contains("nothing of the message went out")
-    })
-    .await;
+    s.sent_nothing_yet().await;
     tokio::time::sleep(Duration::from_secs(3)).await;
-    db.batch_execute("ALTER TABLE wa_signal_sessions_away RENAME TO wa_signal_sessions")
-        .await
-        .expect("the store back");
+    away.end().await;
 
     s.all_sent_and_received(&contact, &[first.clone(), second])
         .await;
@@ -618,6 +641,29 @@ async fn a_message_the_key_store_kept_from_going_out_goes_again_once_the_store_i
         "once each, in order"
     );
     assert_eq!(undecryptable(&server), vec![], "every copy decrypted");
+}
+
+/// A session stopped while a message waits to go again (the key store away): the message
+/// fails with the stop, as the queued ones do; nothing of it reaches the contact.
+#[tokio::test]
+async fn a_message_waiting_to_go_again_fails_when_the_session_is_stopped() {
+    let env = TestEnv::new().await;
+    let server = WaServer::start().await;
+    let phone = server.phone(PHONE);
+    let contact = server.phone(CONTACT);
+    let s = linked(&env, &server, &phone).await;
+
+    let away = StoreAway::start(&env).await;
+    let id = s.send(CONTACT, "never out").await;
+    s.sent_nothing_yet().await;
+    s.command("stop").await;
+    let m = s
+        .wait_message(&id, "failed", |m| m["status"] == "failed")
+        .await;
+    assert_eq!(m["error"], "the session was stopped", "{m}");
+    away.end().await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(contact.received().is_empty(), "{:?}", contact.received());
 }
 
 #[tokio::test]
