@@ -12,6 +12,8 @@
 
 mod s3;
 
+pub use s3::client as s3_client;
+
 use std::{pin::Pin, str::FromStr, sync::Arc};
 
 use bytes::Bytes;

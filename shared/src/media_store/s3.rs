@@ -31,55 +31,61 @@ pub struct Bucket {
     prefix: String,
 }
 
+/// The bucket `MEDIA_S3_*` names, as `object_store` reaches it: signed, with quick retries
+/// and short timeouts (a store that does not answer is a 503, not a wait).
+pub fn client(cfg: &MediaStoreConfig) -> Result<Arc<dyn ObjectStore>> {
+    let required = |value: &Option<String>, key: &str| {
+        value
+            .clone()
+            .filter(|v| !v.is_empty())
+            .ok_or_else(|| Error::invalid(format!("MEDIA_STORE=s3 needs {key}")))
+    };
+    let mut builder = AmazonS3Builder::new()
+        .with_bucket_name(required(&cfg.media_s3_bucket, "MEDIA_S3_BUCKET")?)
+        .with_region(&cfg.media_s3_region)
+        .with_access_key_id(required(
+            &cfg.media_s3_access_key_id,
+            "MEDIA_S3_ACCESS_KEY_ID",
+        )?)
+        .with_secret_access_key(required(
+            &cfg.media_s3_secret_access_key,
+            "MEDIA_S3_SECRET_ACCESS_KEY",
+        )?)
+        // A store that does not answer is a fault to report (503), not to wait out: a
+        // few quick retries, then the error.
+        .with_retry(RetryConfig {
+            backoff: BackoffConfig {
+                init_backoff: Duration::from_millis(100),
+                max_backoff: Duration::from_secs(1),
+                base: 2.0,
+            },
+            max_retries: 3,
+            retry_timeout: Duration::from_secs(10),
+        })
+        .with_client_options(
+            ClientOptions::new()
+                .with_connect_timeout(Duration::from_secs(3))
+                .with_timeout(Duration::from_secs(60))
+                .with_allow_http(cfg.media_s3_allow_http),
+        );
+    if let Some(endpoint) = cfg.media_s3_endpoint.as_deref().filter(|e| !e.is_empty()) {
+        // A self-hosted store (Garage, MinIO, Ceph): buckets by path, not by host name.
+        builder = builder
+            .with_endpoint(endpoint)
+            .with_virtual_hosted_style_request(false);
+    }
+    // reqwest is built without a default TLS provider; the process's is ring's.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let store = builder
+        .build()
+        .map_err(|e| Error::invalid(format!("MEDIA_STORE=s3: {e}")))?;
+    Ok(Arc::new(store))
+}
+
 impl Bucket {
     pub fn new(cfg: &MediaStoreConfig) -> Result<Bucket> {
-        let required = |value: &Option<String>, key: &str| {
-            value
-                .clone()
-                .filter(|v| !v.is_empty())
-                .ok_or_else(|| Error::invalid(format!("MEDIA_STORE=s3 needs {key}")))
-        };
-        let mut builder = AmazonS3Builder::new()
-            .with_bucket_name(required(&cfg.media_s3_bucket, "MEDIA_S3_BUCKET")?)
-            .with_region(&cfg.media_s3_region)
-            .with_access_key_id(required(
-                &cfg.media_s3_access_key_id,
-                "MEDIA_S3_ACCESS_KEY_ID",
-            )?)
-            .with_secret_access_key(required(
-                &cfg.media_s3_secret_access_key,
-                "MEDIA_S3_SECRET_ACCESS_KEY",
-            )?)
-            // A store that does not answer is a fault to report (503), not to wait out: a
-            // few quick retries, then the error.
-            .with_retry(RetryConfig {
-                backoff: BackoffConfig {
-                    init_backoff: Duration::from_millis(100),
-                    max_backoff: Duration::from_secs(1),
-                    base: 2.0,
-                },
-                max_retries: 3,
-                retry_timeout: Duration::from_secs(10),
-            })
-            .with_client_options(
-                ClientOptions::new()
-                    .with_connect_timeout(Duration::from_secs(3))
-                    .with_timeout(Duration::from_secs(60))
-                    .with_allow_http(cfg.media_s3_allow_http),
-            );
-        if let Some(endpoint) = cfg.media_s3_endpoint.as_deref().filter(|e| !e.is_empty()) {
-            // A self-hosted store (Garage, MinIO, Ceph): buckets by path, not by host name.
-            builder = builder
-                .with_endpoint(endpoint)
-                .with_virtual_hosted_style_request(false);
-        }
-        // reqwest is built without a default TLS provider; the process's is ring's.
-        let _ = rustls::crypto::ring::default_provider().install_default();
-        let store = builder
-            .build()
-            .map_err(|e| Error::invalid(format!("MEDIA_STORE=s3: {e}")))?;
         Ok(Bucket {
-            store: Arc::new(store),
+            store: client(cfg)?,
             prefix: cfg.media_s3_prefix.clone(),
         })
     }

@@ -297,7 +297,7 @@ async fn the_s3_store_unreachable_is_a_503_and_messages_wait_for_it() {
     );
 }
 
-/// A multipart upload begun straight on the store's bucket (one part of 5 MB), neither
+/// A multipart upload begun on the store's bucket past the store (one part of 5 MB), neither
 /// completed nor aborted until the test says.
 struct LeftOpen(Box<dyn object_store::MultipartUpload>);
 
@@ -308,15 +308,7 @@ impl LeftOpen {
 }
 
 async fn left_open_upload(s3: &MediaStoreConfig) -> LeftOpen {
-    let store = object_store::aws::AmazonS3Builder::new()
-        .with_endpoint(s3.media_s3_endpoint.clone().expect("endpoint"))
-        .with_allow_http(true)
-        .with_bucket_name(s3.media_s3_bucket.clone().expect("bucket"))
-        .with_region(s3.media_s3_region.clone())
-        .with_access_key_id(s3.media_s3_access_key_id.clone().expect("key id"))
-        .with_secret_access_key(s3.media_s3_secret_access_key.clone().expect("secret"))
-        .build()
-        .expect("the bucket");
+    let store = shared::media_store::s3_client(s3).expect("the bucket");
     let path = object_store::path::Path::from(format!("{}left-open", s3.media_s3_prefix));
     let mut upload = object_store::ObjectStoreExt::put_multipart(&store, &path)
         .await
